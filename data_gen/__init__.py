@@ -1,0 +1,1 @@
+"""Teacher-driven dataset generation: Self-Instruct, chain-of-thought rationales, Lion."""

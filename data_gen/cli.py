@@ -1,0 +1,18 @@
+"""``data-gen`` command line; the same subcommand-map design as ``distill.cli``."""
+
+from __future__ import annotations
+
+import sys
+
+from distill.cli import dispatch
+
+# name -> (module:function, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch("data-gen", COMMANDS, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
