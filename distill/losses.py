@@ -1,0 +1,310 @@
+"""Logit-based distillation divergences and a memory-efficient chunked kernel.
+
+Every divergence compares the teacher distribution ``p_t`` with the student distribution ``p_s`` over the next
+token, both softened by a temperature ``T``: ``p = softmax(logits / T)``. Per-token values are multiplied by
+``T**2`` (Hinton et al.) so the gradient magnitude does not shrink as ``T`` grows. All KL terms are the full KL,
+teacher-entropy term included (torchtune's ``ForwardKLLoss`` drops it; its gradient is the same, its value is not).
+
+Kinds (``m`` is a mixture distribution):
+
+- ``forward_kl``       KL(p_t || p_s)
+- ``reverse_kl``       KL(p_s || p_t)
+- ``jsd``              beta * KL(p_t || m) + (1 - beta) * KL(p_s || m), m = beta * p_t + (1 - beta) * p_s
+                       (TRL's GKD convention; beta = 0 is exactly forward KL, beta = 1 exactly reverse KL)
+- ``skew_forward_kl``  KL(p_t || skew * p_t + (1 - skew) * p_s)      (DistiLLM)
+- ``skew_reverse_kl``  KL(p_s || skew * p_s + (1 - skew) * p_t)      (DistiLLM)
+- ``tvd``              0.5 * sum |p_t - p_s|
+
+Numerics: everything is computed in fp32 from log-probabilities (``log_softmax``, ``logaddexp``), never from the
+log of a probability, so underflowing probabilities give exact zeros instead of ``0 * -inf = NaN``. Logits are
+assumed finite.
+
+:func:`chunked_divergence` computes the same per-token values from hidden states and lm_head weights, a chunk of
+tokens at a time, together with the analytic gradient with respect to the student logits, so neither model's full
+``[N, V]`` logits ever exist and backward needs no recomputation. See ``docs/losses.md``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.configuration import ConfigError
+
+KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+
+
+def _check(kind: str, temperature: float, beta: float, skew: float) -> None:
+    """Rejects unknown kinds and out-of-range coefficients (programming errors: configs validate earlier)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta: expected 0 <= beta <= 1, got {beta}")
+    if not 0.0 <= skew <= 1.0:
+        raise ValueError(f"skew: expected 0 <= skew <= 1, got {skew}")
+
+
+def _log(x: float) -> float:
+    """``log`` with ``log(0) = -inf``, so a zero-weight mixture component drops out of ``logaddexp`` exactly."""
+    return math.log(x) if x > 0 else -math.inf
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor, weight_p: float) -> Tensor:
+    """log(weight_p * p + (1 - weight_p) * q) from log-probabilities, without ever exponentiating to zero first."""
+    return torch.logaddexp(log_p + _log(weight_p), log_q + _log(1.0 - weight_p))
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) over the last dim from log-probabilities. An underflowed p contributes exactly 0."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def per_token_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    kind: str,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> Tensor:
+    """Per-token divergence ``[...]`` of logits ``[..., V]``, already multiplied by ``temperature**2``.
+
+    Differentiable by autograd with respect to both inputs; the teacher is usually passed detached.
+    """
+    _check(kind, temperature, beta, skew)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"logits: student {tuple(student_logits.shape)} != teacher {tuple(teacher_logits.shape)}")
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        value = _kl(t, s)
+    elif kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        # TRL special-cases beta in {0, 1}: the mixture formula itself tends to 0 there, not to a KL.
+        value = _kl(s, t)
+    elif kind == "jsd":
+        m = _log_mixture(t, s, beta)
+        value = beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
+    elif kind == "skew_forward_kl":
+        value = _kl(t, _log_mixture(t, s, skew))
+    elif kind == "skew_reverse_kl":
+        value = _kl(s, _log_mixture(s, t, skew))
+    else:  # tvd
+        value = 0.5 * (s.exp() - t.exp()).abs().sum(-1)
+    return value * temperature**2
+
+
+def divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    kind: str,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Mean over unmasked tokens of :func:`per_token_divergence` (0 with a live graph when no token counts).
+
+    logits ``[..., V]``; mask ``[...]`` bool, True = counted.
+    """
+    values = per_token_divergence(student_logits, teacher_logits, kind, temperature=temperature, beta=beta, skew=skew)
+    if mask is None:
+        return values.mean()
+    if mask.shape != values.shape:
+        raise ValueError(f"mask: expected shape {tuple(values.shape)}, got {tuple(mask.shape)}")
+    # where() instead of indexing keeps the shape static; clamp avoids 0/0 when everything is masked.
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
+
+
+def _value_and_grad(s: Tensor, t: Tensor, kind: str, beta: float, skew: float) -> tuple[Tensor, Tensor]:
+    """Per-row divergence and its gradient w.r.t. the (temperature-scaled) student logits ``z_s``.
+
+    ``s`` and ``t`` are fp32 log-probabilities ``[n, V]`` and are OVERWRITTEN (the chunked kernel's memory budget
+    is a handful of ``[n, V]`` tiles). With ``g`` the gradient w.r.t. ``p_s``, softmax gives
+    ``dL/dz_s = p_s * (g - <p_s, g>)``; each branch below is that identity simplified for its kind.
+    """
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if kind == "forward_kl":
+        # L = <p_t, t - s>;  dL/dz_s = p_s - p_t
+        pt = t.exp()
+        value = t.sub_(s).mul_(pt).sum(-1)
+        return value, s.exp_().sub_(pt)
+    if kind == "reverse_kl":
+        # L = <p_s, s - t>;  dL/dz_s = p_s * (s - t - L)
+        ps = s.exp()
+        d = s.sub_(t)
+        value = torch.mul(ps, d, out=t).sum(-1)
+        return value, d.sub_(value[:, None]).mul_(ps)
+    if kind == "jsd":
+        # m = beta p_t + (1-beta) p_s;  dL/dp_s = (1-beta)(s - log m)  (the 1/m terms cancel)
+        # dL/dz_s = (1-beta) p_s * (s - log m - KL(p_s || m))
+        log_m = _log_mixture(t, s, beta)
+        ps, pt = s.exp(), t.exp()
+        kl_t = t.sub_(log_m).mul_(pt).sum(-1)
+        d = s.sub_(log_m)
+        kl_s = torch.mul(ps, d, out=t).sum(-1)
+        return beta * kl_t + (1.0 - beta) * kl_s, d.sub_(kl_s[:, None]).mul_(ps).mul_(1.0 - beta)
+    if kind == "skew_forward_kl":
+        # m = a p_t + (1-a) p_s, L = <p_t, t - log m>;  dL/dp_s = -w / p_s with w = (1-a) p_s p_t / m
+        # dL/dz_s = p_s * sum(w) - w
+        log_m = _log_mixture(t, s, skew)
+        pt = t.exp()
+        d = t.sub_(log_m)
+        value = torch.mul(pt, d, out=log_m).sum(-1)
+        w = d.add_(s).add_(_log(1.0 - skew)).exp_()
+        return value, s.exp_().mul_(w.sum(-1)[:, None]).sub_(w)
+    if kind == "skew_reverse_kl":
+        # m = a p_s + (1-a) p_t, L = <p_s, s - log m>;  dL/dp_s = 1 + u with u = s - log m - a p_s / m
+        # dL/dz_s = p_s * (u - <p_s, u>)
+        log_m = _log_mixture(s, t, skew)
+        ps = s.exp()
+        d = s.sub_(log_m)
+        value = torch.mul(ps, d, out=t).sum(-1)
+        u = d.sub_(torch.add(d, _log(skew), out=log_m).exp_())
+        return value, u.sub_(torch.mul(ps, u, out=t).sum(-1)[:, None]).mul_(ps)
+    # tvd: L = 0.5 sum |p_s - p_t|;  dL/dp_s = h = 0.5 sign(p_s - p_t);  dL/dz_s = p_s * (h - <p_s, h>)
+    ps = s.exp_()
+    d = t.exp_().neg_().add_(ps)
+    value = 0.5 * d.abs().sum(-1)
+    h = d.sign_().mul_(0.5)
+    return value, h.sub_((ps * h).sum(-1)[:, None]).mul_(ps)
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Sum of per-token divergences from hidden states; gradients are computed in forward, backward only scales.
+
+    Inputs are already cropped to the shared vocabulary and restricted to the counted tokens.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        student_hidden: Tensor,
+        student_head: Tensor,
+        teacher_hidden: Tensor,
+        teacher_head: Tensor,
+        kind: str,
+        temperature: float,
+        beta: float,
+        skew: float,
+        chunk_size: int,
+    ) -> Tensor:
+        need_hidden, need_head = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n_tokens = student_hidden.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+        # fp32 accumulators: bf16 sums over many chunks would lose the small per-chunk contributions.
+        grad_hidden = torch.zeros_like(student_hidden, dtype=torch.float32) if need_hidden else None
+        grad_head = torch.zeros_like(student_head, dtype=torch.float32) if need_head else None
+        inv_t = 1.0 / temperature
+        # The teacher arrives detached and backward returns None for it: no graph is ever built on its side.
+        with torch.no_grad():
+            for start in range(0, n_tokens, chunk_size):
+                h_s = student_hidden[start : start + chunk_size]
+                # Project in the input dtype (what the model's own lm_head would do), then do the math in fp32.
+                z_s = (h_s @ student_head.t()).float()
+                z_t = (teacher_hidden[start : start + chunk_size] @ teacher_head.t()).float()
+                if temperature != 1.0:
+                    z_s.mul_(inv_t)
+                    z_t.mul_(inv_t)
+                s = z_s.sub_(torch.logsumexp(z_s, -1, keepdim=True))
+                t = z_t.sub_(torch.logsumexp(z_t, -1, keepdim=True))
+                del z_s, z_t
+                value, grad_z = _value_and_grad(s, t, kind, beta, skew)
+                total += value.sum()
+                # d(T^2 L)/d(logits) = T^2 * (1/T) * dL/dz
+                grad_z.mul_(temperature)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk_size] = grad_z.to(student_head.dtype) @ student_head
+                if grad_head is not None:
+                    grad_head.addmm_(grad_z.t(), h_s.float())
+                del s, t, grad_z
+        ctx.save_for_backward(grad_hidden, grad_head)
+        ctx.dtypes = (student_hidden.dtype, student_head.dtype)
+        return total * temperature**2
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        grad_hidden, grad_head = ctx.saved_tensors
+        hidden_dtype, head_dtype = ctx.dtypes
+        scale = grad_output.float()
+        return (
+            (grad_hidden * scale).to(hidden_dtype) if grad_hidden is not None else None,
+            (grad_head * scale).to(head_dtype) if grad_head is not None else None,
+            *(None,) * 7,
+        )
+
+
+def chunked_divergence(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head: Tensor,
+    kind: str,
+    *,
+    mask: Tensor | None = None,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    vocab_size: int | None = None,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """SUM over unmasked tokens of the per-token divergence, computed ``chunk_size`` tokens at a time.
+
+    The caller divides by the global number of counted tokens, so gradient accumulation and data parallelism
+    normalise correctly. ``student_hidden [N, Hs]`` (after the final norm), ``student_head [Vs, Hs]`` (lm_head
+    weight), ``teacher_hidden [N, Ht]``, ``teacher_head [Vt, Ht]``; ``vocab_size`` crops both heads to their first
+    ``vocab_size`` rows (padding rows). Differentiable w.r.t. ``student_hidden`` and ``student_head`` only.
+    At most one ``[chunk_size, V]`` tile per model (plus a few temporaries) exists at a time.
+    """
+    _check(kind, temperature, beta, skew)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2 or student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise ValueError(
+            f"hidden: expected [N, H] for both models, got {tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
+        )
+    if vocab_size is None:
+        if student_head.shape[0] != teacher_head.shape[0]:
+            raise ValueError(
+                f"vocab_size: heads have {student_head.shape[0]} and {teacher_head.shape[0]} rows; pass vocab_size "
+                "(see shared_vocab_size)"
+            )
+        vocab_size = student_head.shape[0]
+    if vocab_size > min(student_head.shape[0], teacher_head.shape[0]):
+        raise ValueError(f"vocab_size: {vocab_size} exceeds a head ({student_head.shape[0]}, {teacher_head.shape[0]})")
+    # Row slices of a contiguous [V, H] weight are views: cropping copies nothing, and autograd routes the
+    # gradient of the kept rows back into the full head (padding rows get zero).
+    s_head, t_head = student_head[:vocab_size], teacher_head[:vocab_size].detach()
+    s_hidden, t_hidden = student_hidden, teacher_hidden.detach()
+    if mask is not None:
+        mask = mask.reshape(-1)
+        if mask.shape[0] != student_hidden.shape[0]:
+            raise ValueError(f"mask: expected {student_hidden.shape[0]} entries, got {mask.shape[0]}")
+        # Masked tokens (prompts, padding) are skipped entirely rather than computed and zeroed.
+        rows = mask.nonzero().squeeze(1)
+        s_hidden, t_hidden = s_hidden.index_select(0, rows), t_hidden.index_select(0, rows)
+    return _ChunkedDivergence.apply(
+        s_hidden, s_head, t_hidden, t_head, kind, float(temperature), float(beta), float(skew), chunk_size
+    )
+
+
+def shared_vocab_size(student_vocab: int, teacher_vocab: int, tokenizer_len: int) -> int:
+    """The vocabulary both heads share: the tokenizer length, when each head only adds padding rows beyond it.
+
+    Qwen2 checkpoints pad lm_head to a multiple of 128 (e.g. 151,936 vs 152,064 rows for one 151,665-token
+    tokenizer); the rows past ``len(tokenizer)`` are never produced by the tokenizer, so cropping both heads to it
+    compares like with like. A tokenizer longer than a head means the models do not share it: ConfigError.
+    """
+    if tokenizer_len > student_vocab or tokenizer_len > teacher_vocab:
+        raise ConfigError(
+            f"vocabulary mismatch: the tokenizer has {tokenizer_len} tokens but the student head has {student_vocab} "
+            f"rows and the teacher head {teacher_vocab}; logit distillation needs a tokenizer shared by both models"
+        )
+    return tokenizer_len
