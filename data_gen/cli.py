@@ -7,7 +7,9 @@ import sys
 from distill.cli import dispatch
 
 # name -> (module:function, one-line summary)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "self-instruct": ("data_gen.self_instruct:main", "bootstrap instructions from seed tasks with a teacher (Self-Instruct)"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

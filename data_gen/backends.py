@@ -1,0 +1,234 @@
+"""The two teacher backends behind one coroutine: ``await backend.complete(messages, params) -> Completion``.
+
+* :class:`ApiBackend`: the ``openai`` async client against OpenAI or any OpenAI-compatible server (vLLM, TGI,
+  ``transformers serve``). The client's own retries are disabled: the engine retries, so that one limiter sees
+  every attempt and ``Retry-After`` pauses all workers, not just the one that was told.
+* :class:`LocalBackend`: a transformers causal LM. Concurrent calls are queued and answered in batches: prompts
+  are sorted by length (length bucketing, so little padding is generated), left-padded, and generated together.
+
+Errors are normalised: :class:`TransientError` (retry with backoff) or :class:`FatalError` (stop the run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from distill.configuration import ConfigError
+
+from data_gen.config import TeacherConfig
+
+
+@dataclass
+class Completion:
+    """One answer with the token counts used for cost accounting."""
+
+    text: str
+    finish_reason: str
+    input_tokens: int
+    output_tokens: int
+
+
+class TransientError(Exception):
+    """A failure worth retrying: 429, 5xx, timeout, connection error, malformed answer."""
+
+    def __init__(self, reason: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class FatalError(Exception):
+    """A failure that retrying cannot fix (bad request, wrong key, unknown model)."""
+
+
+def resolve_api_key(api_key_env: str | None) -> str:
+    """The key from the named environment variable; a dummy key when no variable is configured (no-auth server)."""
+    if api_key_env is None:
+        return "no-key"  # the openai client insists on a non-empty key even when the server ignores it
+    key = os.environ.get(api_key_env)
+    if not key:
+        raise ConfigError(
+            f"teacher.api_key_env: environment variable {api_key_env} is not set "
+            "(export it, or set teacher.api_key_env: null for a server without auth)"
+        )
+    return key
+
+
+def _retry_after_seconds(headers: Any) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (numeric form; servers in practice send seconds)."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name) if headers is not None else None
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value) * scale)
+        except ValueError:
+            continue
+    return None
+
+
+class ApiBackend:
+    """Chat completions through ``openai.AsyncOpenAI`` (openai 3.54; ``max_retries=0`` so we own retries)."""
+
+    def __init__(self, cfg: TeacherConfig) -> None:
+        import openai
+
+        self._openai = openai
+        self.model = cfg.model
+        self.client = openai.AsyncOpenAI(
+            api_key=resolve_api_key(cfg.api_key_env),
+            base_url=cfg.base_url,
+            timeout=cfg.timeout_s,
+            max_retries=0,
+        )
+
+    async def complete(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:
+        openai = self._openai
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": params["temperature"],
+            "top_p": params["top_p"],
+            "max_tokens": params["max_tokens"],
+        }
+        if params.get("stop"):
+            kwargs["stop"] = params["stop"]
+        if params.get("seed") is not None:
+            kwargs["seed"] = params["seed"]
+        try:
+            response = await self.client.chat.completions.create(**kwargs)
+        except openai.APITimeoutError as err:  # subclass of APIConnectionError: test it first
+            raise TransientError("timeout", f"timed out: {err}") from None
+        except openai.APIConnectionError as err:
+            raise TransientError("connection", f"connection error: {err}") from None
+        except openai.APIStatusError as err:
+            retry_after = _retry_after_seconds(err.response.headers)
+            if err.status_code == 429:
+                raise TransientError("429", f"rate limited: {err.message}", retry_after) from None
+            if err.status_code >= 500 or err.status_code == 408:
+                raise TransientError(f"{err.status_code}", f"server error {err.status_code}", retry_after) from None
+            raise FatalError(f"teacher refused the request (HTTP {err.status_code}): {err.message}") from None
+        except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as err:
+            raise TransientError("malformed", f"malformed answer: {err}") from None
+        if not response.choices or response.choices[0].message is None:
+            raise TransientError("malformed", "answer without choices")
+        choice = response.choices[0]
+        text = choice.message.content
+        if text is None:
+            raise TransientError("malformed", "answer without content")
+        usage = response.usage
+        input_tokens = usage.prompt_tokens if usage else estimate_tokens(messages)
+        output_tokens = usage.completion_tokens if usage else estimate_text_tokens(text)
+        return Completion(text, choice.finish_reason or "stop", input_tokens, output_tokens)
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+def estimate_text_tokens(text: str) -> int:
+    """About 4 characters per token for English BPE vocabularies (used only where the server reports no usage)."""
+    return max(1, len(text) // 4)
+
+
+def estimate_tokens(messages: list[dict[str, str]]) -> int:
+    """Prompt tokens of a chat, with a few tokens of template overhead per message."""
+    return sum(estimate_text_tokens(m["content"]) + 4 for m in messages)
+
+
+class LocalBackend:
+    """Batched generation with a local transformers model.
+
+    ``complete`` enqueues the call; one worker task drains the queue, groups calls with equal decoding parameters,
+    sorts each group by prompt length and runs ``model.generate`` on slices of ``batch_size`` in a thread (so the
+    event loop keeps accepting calls while the model works).
+    """
+
+    def __init__(self, cfg: TeacherConfig, device: str | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.batch_size = cfg.batch_size
+        self.device = device or cfg.device
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        if self.tokenizer.chat_template is None:
+            raise ConfigError(f"teacher.model: {cfg.model} has no chat_template in its tokenizer")
+        # Left padding: every prompt then ends at the same position and generation continues right after it.
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype))
+        self.model.to(self.device).eval()
+        self._queue: asyncio.Queue[tuple[list[int], dict[str, Any], asyncio.Future[Completion]]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    async def complete(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.create_task(self._work())
+        # transformers 5.23 returns a BatchEncoding unless return_dict=False.
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+        await self._queue.put((list(ids), params, future))
+        return await future
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            pending = [await self._queue.get()]
+            await asyncio.sleep(0)  # let callers scheduled in the same tick enqueue too, so batches fill up
+            while not self._queue.empty():
+                pending.append(self._queue.get_nowait())
+            groups: dict[str, list[tuple[list[int], dict[str, Any], asyncio.Future[Completion]]]] = {}
+            for item in pending:
+                groups.setdefault(json.dumps(item[1], sort_keys=True), []).append(item)
+            for items in groups.values():
+                items.sort(key=lambda item: len(item[0]))  # length bucketing
+                for start in range(0, len(items), self.batch_size):
+                    batch = items[start : start + self.batch_size]
+                    try:
+                        outputs = await asyncio.to_thread(self._generate, [b[0] for b in batch], batch[0][1])
+                    except Exception as err:  # surface model errors to every waiting caller
+                        for _, _, future in batch:
+                            if not future.done():
+                                future.set_exception(FatalError(f"local generation failed: {err}"))
+                        continue
+                    for (_, _, future), completion in zip(batch, outputs):
+                        if not future.done():
+                            future.set_result(completion)
+
+    def _generate(self, prompts: list[list[int]], params: dict[str, Any]) -> list[Completion]:
+        import torch
+
+        batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
+        sample = params["temperature"] > 0
+        if params.get("seed") is not None:
+            torch.manual_seed(params["seed"])
+        with torch.no_grad():
+            out = self.model.generate(
+                **batch,
+                do_sample=sample,
+                temperature=params["temperature"] if sample else None,
+                top_p=params["top_p"] if sample else None,
+                max_new_tokens=params["max_tokens"],
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
+        eos = self.tokenizer.eos_token_id
+        completions = []
+        for prompt, row in zip(prompts, new_tokens.tolist()):
+            finish = "length"
+            if eos in row:
+                row = row[: row.index(eos)]
+                finish = "stop"
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            completions.append(Completion(text, finish, len(prompt), len(row)))
+        return completions
+
+    async def aclose(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None

@@ -1,0 +1,95 @@
+"""Typed settings of the teacher engine, shared by every generation pipeline (``teacher:`` and ``output:`` sections).
+
+A pipeline config embeds :class:`TeacherConfig` and :class:`OutputConfig` with ``section(...)``; the engine is
+built from them by :func:`data_gen.engine.build_engine`. The API key itself never appears in a config: only the
+*name* of the environment variable that holds it (``api_key_env``), so ``save_config`` can write the resolved
+config beside the data without leaking a secret.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from distill.configuration import option, section
+
+
+@dataclass
+class DecodingConfig:
+    """Sampling parameters sent with every call (part of the cache key)."""
+
+    temperature: float = option(0.7, help="sampling temperature; 0 = greedy")
+    top_p: float = option(1.0, help="nucleus sampling mass")
+    max_tokens: int = option(512, help="maximum new tokens per answer")
+    stop: list[str] = option([], help="stop sequences (API backend)")
+    seed: int | None = option(None, help="per-call seed sent to the server (OpenAI 'seed'); local backend seeds torch")
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature: expected >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p: expected a value in (0, 1]")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens: expected >= 1")
+
+
+@dataclass
+class TeacherConfig:
+    """Which teacher answers, how fast we may call it, what it costs."""
+
+    backend: Literal["api", "local"] = option("api", help="'api': OpenAI-compatible server; 'local': transformers")
+    model: str = option("", help="model name sent to the API, or a local model directory for backend=local")
+    base_url: str | None = option(None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1; None = OpenAI")
+    api_key_env: str | None = option(
+        "OPENAI_API_KEY", help="name of the environment variable holding the key; None = no auth (local server)"
+    )
+    decoding: DecodingConfig = section(DecodingConfig, help="sampling parameters")
+    concurrency: int = option(16, help="maximum requests in flight")
+    requests_per_minute: float | None = option(None, help="request-rate limit; None = unlimited")
+    tokens_per_minute: float | None = option(None, help="token-rate limit (prompt + max_tokens); None = unlimited")
+    timeout_s: float = option(120.0, help="per-request timeout")
+    max_retries: int = option(6, help="retries on 429/5xx/timeouts/connection errors/malformed answers")
+    max_parse_retries: int = option(2, help="extra calls when the pipeline cannot parse an answer")
+    backoff_base_s: float = option(1.0, help="first backoff delay; doubles each retry, with full jitter")
+    backoff_max_s: float = option(60.0, help="largest backoff delay")
+    price_input_per_m: float = option(0.0, help="USD per 1M input tokens")
+    price_output_per_m: float = option(0.0, help="USD per 1M output tokens")
+    max_cost_usd: float | None = option(None, help="hard budget: stop cleanly before spending more; None = no cap")
+    cache_path: str | None = option(None, help="SQLite answer cache; None = <output.dir>/cache.sqlite")
+    batch_size: int = option(8, help="local backend: prompts per generate() call")
+    device: str = option("cpu", help="local backend: torch device ('cuda' picks the process's local GPU)")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="local backend: weights dtype")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model: expected a model name (api) or a model directory (local)")
+        if self.concurrency < 1:
+            raise ValueError("concurrency: expected >= 1")
+        for name in ("requests_per_minute", "tokens_per_minute", "max_cost_usd"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}: expected a positive number or null")
+        if self.timeout_s <= 0:
+            raise ValueError("timeout_s: expected > 0")
+        if self.max_retries < 0 or self.max_parse_retries < 0:
+            raise ValueError("max_retries: expected >= 0")
+        if self.price_input_per_m < 0 or self.price_output_per_m < 0:
+            raise ValueError("price_input_per_m: expected >= 0")
+        if self.batch_size < 1:
+            raise ValueError("batch_size: expected >= 1")
+
+
+@dataclass
+class OutputConfig:
+    """Where records go and in which formats."""
+
+    dir: str = option("", help="output directory (journal, cache, data files, dataset card)")
+    formats: list[str] = option(["jsonl", "parquet"], help="data files to write: jsonl and/or parquet")
+    progress: bool = option(True, help="show a tqdm progress bar")
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            raise ValueError("dir: expected an output directory")
+        unknown = set(self.formats) - {"jsonl", "parquet"}
+        if unknown or not self.formats:
+            raise ValueError(f"formats: expected a non-empty subset of ['jsonl', 'parquet'], got {self.formats}")

@@ -1,0 +1,414 @@
+"""The teacher engine every generation pipeline runs on.
+
+A pipeline builds :class:`Request` objects with stable ids and hands them to :meth:`Engine.run` (results in
+completion order, an async iterator) or :meth:`Engine.map` (results in request order; sharded across processes under
+``accelerate launch``). For each request the engine:
+
+1. looks the call up in the answer cache (model + messages + decoding + sample index): a hit costs nothing;
+2. otherwise reserves its worst-case cost against ``max_cost_usd`` (and stops cleanly when it would not fit),
+   waits for the rate limiter (requests and tokens per minute, global ``Retry-After`` pauses) and a concurrency slot;
+3. calls the backend, retrying transient failures with full-jitter exponential backoff; a request still failing
+   after ``max_retries`` stops the run with :class:`EngineError` (everything already saved stays saved);
+4. stores the answer in the cache *before* anything else, so a paid answer is never lost;
+5. runs the pipeline's ``parse(text, finish_reason)``; a :class:`ParseError` triggers another call (at most
+   ``max_parse_retries``), each retry cached under its own attempt number so a rerun replays the same sequence.
+
+Pipelines append their records to a :class:`data_gen.journal.Journal` and call :meth:`Engine.reject` for records
+they filter out, which shows up in the progress bar and the summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from data_gen.backends import ApiBackend, Completion, FatalError, LocalBackend, TransientError, estimate_tokens
+from data_gen.cache import AnswerCache, cache_key
+from data_gen.config import TeacherConfig
+from data_gen.limiter import RateLimiter
+
+
+class ParseError(Exception):
+    """Raised by a pipeline's parse function; ``reason`` names the rejection in the stats (e.g. 'no_json')."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class EngineError(Exception):
+    """The run cannot continue (teacher unreachable after retries, request refused); saved work is kept."""
+
+
+class BudgetError(EngineError):
+    """The cost estimate already exceeds ``max_cost_usd``: nothing was called."""
+
+
+ParseFn = Callable[[str, str], Any]
+
+
+@dataclass
+class Request:
+    """One teacher call. ``id`` must be stable across reruns; ``sample`` distinguishes samples of one prompt."""
+
+    id: str
+    messages: list[dict[str, str]]
+    sample: int = 0
+    decoding: dict[str, Any] = field(default_factory=dict)  # per-request overrides of TeacherConfig.decoding
+    meta: dict[str, Any] = field(default_factory=dict)  # carried through untouched for the pipeline
+    parse: ParseFn | None = None  # overrides the parse function given to run()/map() for this request
+
+
+@dataclass
+class CallPlan:
+    """A line of the pre-flight estimate: ``calls`` new calls of about this many tokens each."""
+
+    label: str
+    calls: int
+    input_tokens: int
+    output_tokens: int | None = None  # None = decoding.max_tokens, the worst case
+
+
+@dataclass
+class Result:
+    """The answer to a request. ``error`` is None, or 'parse:<reason>' when every parse attempt failed."""
+
+    request: Request
+    text: str | None
+    finish_reason: str | None
+    parsed: Any = None
+    error: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    cached: bool = False
+    attempts: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    started: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Stats:
+    """Counters shown in the progress bar and the final summary."""
+
+    calls: int = 0
+    cached: int = 0
+    retries: Counter[str] = field(default_factory=Counter)
+    rejections: Counter[str] = field(default_factory=Counter)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    truncated: int = 0
+
+
+class Engine:
+    """Runs requests against one teacher with caching, limits, retries, cost accounting and a progress bar."""
+
+    def __init__(self, cfg: TeacherConfig, cache: AnswerCache, backend: Any, *, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.cache = cache
+        self.backend = backend
+        self.show_progress = progress
+        self.stats = Stats()
+        self.stopped: str | None = None  # 'budget' or 'interrupted' once the engine stops taking new calls
+        self.limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
+        self._slots = asyncio.Semaphore(cfg.concurrency)
+        self._reserved_usd = 0.0
+        self._bar: tqdm | None = None
+        self._started = time.time()
+        self.rank, self.world = _process_rank()
+        # Each process of a sharded run gets an equal share of the budget, so the total cap holds without a
+        # cross-process lock on every call.
+        self.budget_usd = None if cfg.max_cost_usd is None else cfg.max_cost_usd / self.world
+
+    # ---------------------------------------------------------------------------------------------- cost
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.cfg.price_input_per_m + output_tokens * self.cfg.price_output_per_m) / 1e6
+
+    def params_for(self, request: Request) -> dict[str, Any]:
+        d = self.cfg.decoding
+        params = {"temperature": d.temperature, "top_p": d.top_p, "max_tokens": d.max_tokens, "stop": d.stop,
+                  "seed": d.seed}
+        params.update(request.decoding)
+        return params
+
+    def estimate(self, plan: list[CallPlan]) -> float:
+        """Upper-bound cost of the planned new calls (output at ``max_tokens`` unless a plan says otherwise)."""
+        total = 0.0
+        for item in plan:
+            out = self.cfg.decoding.max_tokens if item.output_tokens is None else item.output_tokens
+            total += item.calls * self.cost(item.input_tokens, out)
+        return total
+
+    def preflight(self, plan: list[CallPlan]) -> float:
+        """Prints the estimate; raises BudgetError (exit 2) when it alone exceeds ``max_cost_usd``."""
+        estimate = self.estimate(plan)
+        budget = "none" if self.cfg.max_cost_usd is None else f"${self.cfg.max_cost_usd:.4f}"
+        if self.rank == 0:
+            for item in plan:
+                out = self.cfg.decoding.max_tokens if item.output_tokens is None else item.output_tokens
+                print(f"estimate: {item.label}: ~{item.calls} calls x ({item.input_tokens} in + <= {out} out tokens)",
+                      flush=True)
+            print(f"estimate: at most ${estimate:.4f} for new calls (budget {budget}; cached answers are free)",
+                  flush=True)
+        if self.cfg.max_cost_usd is not None and estimate > self.cfg.max_cost_usd:
+            raise BudgetError(
+                f"teacher.max_cost_usd: the estimated cost ${estimate:.4f} exceeds the budget "
+                f"${self.cfg.max_cost_usd:.4f}; raise the budget or lower the target"
+            )
+        return estimate
+
+    # ---------------------------------------------------------------------------------------------- control
+    def stop(self, reason: str) -> None:
+        """Stop taking new calls; calls in flight finish and are saved."""
+        if self.stopped is None:
+            self.stopped = reason
+
+    def install_signal_handlers(self) -> None:
+        """Ctrl-C / SIGTERM: stop gracefully the first time; a second Ctrl-C interrupts at once."""
+        loop = asyncio.get_running_loop()
+
+        def handle(signum: int) -> None:
+            if self.stopped == "interrupted" and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            print(f"\n{signal.Signals(signum).name}: finishing calls in flight, then stopping", flush=True)
+            self.stop("interrupted")
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, handle, signum)
+
+    def reject(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` records a pipeline filtered out for ``reason``."""
+        self.stats.rejections[reason] += n
+        self._refresh_bar()
+
+    # ---------------------------------------------------------------------------------------------- progress
+    def open_progress(self, total: int | None, desc: str, unit: str = "rec", initial: int = 0) -> None:
+        """A bar the pipeline advances with :meth:`advance`; the engine keeps its cost/rejection postfix current."""
+        self.close_progress()
+        if self.show_progress and self.rank == 0:
+            self._bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+            self._refresh_bar()
+
+    def close_progress(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _refresh_bar(self) -> None:
+        if self._bar is None:
+            return
+        postfix = {"cost": f"${self.stats.cost_usd:.4f}", "calls": self.stats.calls, "cached": self.stats.cached}
+        for reason, n in self.stats.rejections.most_common(4):
+            postfix[reason] = n
+        self._bar.set_postfix(postfix, refresh=False)
+
+    def summary(self) -> str:
+        s = self.stats
+        elapsed = time.time() - self._started
+        lines = [
+            f"teacher calls: {s.calls} new, {s.cached} from cache; retries: {dict(s.retries) or 0}",
+            f"tokens: {s.input_tokens} in, {s.output_tokens} out; cost: ${s.cost_usd:.4f}; "
+            f"truncated answers (finish_reason=length): {s.truncated}; elapsed {elapsed:.1f}s",
+            f"rejections: {dict(s.rejections) or 0}",
+        ]
+        if self.stopped:
+            lines.append(f"stopped early: {self.stopped}")
+        return "\n".join(lines)
+
+    # ---------------------------------------------------------------------------------------------- running
+    async def run(self, requests: Iterable[Request], parse: ParseFn | None = None) -> AsyncIterator[Result]:
+        """Results in completion order. Stops scheduling when :attr:`stopped` is set; in-flight calls finish."""
+        pending: set[asyncio.Task[Result | None]] = set()
+        iterator = iter(requests)
+        exhausted = False
+        try:
+            while pending or not exhausted:
+                # Keep a little more than `concurrency` tasks alive: cache hits finish without taking a slot.
+                while not exhausted and self.stopped is None and len(pending) < 2 * self.cfg.concurrency:
+                    request = next(iterator, None)
+                    if request is None:
+                        exhausted = True
+                        break
+                    pending.add(asyncio.create_task(self._process(request, parse)))
+                if self.stopped is not None:
+                    exhausted = True
+                if not pending:
+                    break
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    result = task.result()  # re-raises EngineError: the `finally` cancels the rest
+                    if result is not None:
+                        yield result
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def map(self, requests: list[Request], parse: ParseFn | None = None) -> list[Result | None]:
+        """Results in request order (None where the engine stopped first).
+
+        Under ``accelerate launch`` each process answers the requests whose index is congruent to its rank, then
+        every process receives all results (``gather_object``), so pipelines stay identical on every rank.
+        """
+        mine = [(i, r) for i, r in enumerate(requests) if i % self.world == self.rank]
+        index = {id(r): i for i, r in mine}
+        results: list[Result | None] = [None] * len(requests)
+        async for result in self.run([r for _, r in mine], parse):
+            results[index[id(result.request)]] = result
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            gathered = gather_object([(i, results[i]) for i, _ in mine])
+            for i, result in gathered:
+                results[i] = result
+        return results
+
+    async def _process(self, request: Request, parse: ParseFn | None) -> Result | None:
+        parse = request.parse or parse
+        params = self.params_for(request)
+        started = time.time()
+        base_key = cache_key(self.cfg.model, request.messages, params, request.sample)
+        result = Result(request, None, None, params=params, started=started)
+        for attempt in range(self.cfg.max_parse_retries + 1):
+            # Retry k is cached under its own key, so a rerun replays the same answers in the same order.
+            key = base_key if attempt == 0 else f"{base_key}#parse-retry-{attempt}"
+            completion = await self._answer(request, params, key, result)
+            if completion is None:
+                return None  # stopped before this call could be made
+            result.text, result.finish_reason = completion.text, completion.finish_reason
+            if completion.finish_reason == "length":
+                self.stats.truncated += 1
+            if parse is None:
+                break
+            try:
+                result.parsed = parse(completion.text, completion.finish_reason)
+                result.error = None
+                break
+            except ParseError as err:
+                result.error = f"parse:{err.reason}"
+                self.stats.retries[f"parse:{err.reason}"] += 1
+        if result.error is not None:
+            self.stats.rejections[result.error] += 1
+        result.finished = time.time()
+        self._refresh_bar()
+        return result
+
+    async def _answer(self, request: Request, params: dict[str, Any], key: str, result: Result) -> Completion | None:
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.stats.cached += 1
+            result.cached = True
+            return Completion(hit.text, hit.finish_reason, hit.input_tokens, hit.output_tokens)
+        result.cached = False
+        est_in = estimate_tokens(request.messages)
+        reservation = self.cost(est_in, params["max_tokens"])
+        if self.stopped is not None:
+            return None
+        if self.budget_usd is not None and self.stats.cost_usd + self._reserved_usd + reservation > self.budget_usd:
+            self.stop("budget")
+            return None
+        self._reserved_usd += reservation
+        try:
+            completion = await self._call_with_retries(request, params, est_in)
+        finally:
+            self._reserved_usd -= reservation
+        # The answer is paid for: persist it before anything can go wrong downstream.
+        self.cache.put(key, completion.text, completion.finish_reason, completion.input_tokens,
+                       completion.output_tokens)
+        cost = self.cost(completion.input_tokens, completion.output_tokens)
+        self.stats.calls += 1
+        self.stats.input_tokens += completion.input_tokens
+        self.stats.output_tokens += completion.output_tokens
+        self.stats.cost_usd += cost
+        result.attempts += 1
+        result.input_tokens += completion.input_tokens
+        result.output_tokens += completion.output_tokens
+        result.cost_usd += cost
+        return completion
+
+    async def _call_with_retries(self, request: Request, params: dict[str, Any], est_in: int) -> Completion:
+        last: TransientError | None = None
+        for attempt in range(self.cfg.max_retries + 1):
+            await self.limiter.acquire(est_in + params["max_tokens"])
+            async with self._slots:
+                try:
+                    completion = await self.backend.complete(request.messages, params)
+                    self.limiter.settle(est_in + params["max_tokens"], completion.input_tokens +
+                                        completion.output_tokens)
+                    return completion
+                except FatalError as err:
+                    raise EngineError(f"request {request.id}: {err}") from None
+                except TransientError as err:
+                    last = err
+                    self.stats.retries[err.reason] += 1
+            if last.retry_after is not None:
+                # The server said when to come back: pause every worker, not only this one.
+                self.limiter.pause(last.retry_after)
+                delay = last.retry_after
+            else:
+                delay = random.uniform(0, min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2**attempt))
+            if attempt < self.cfg.max_retries:
+                await asyncio.sleep(delay)
+        where = self.cfg.base_url or "the OpenAI API"
+        raise EngineError(
+            f"teacher at {where} failed request {request.id} {self.cfg.max_retries + 1} times "
+            f"(last: {last}); everything saved so far is kept, rerun to resume"
+        )
+
+    async def aclose(self) -> None:
+        self.close_progress()
+        await self.backend.aclose()
+        self.cache.close()
+
+
+def _process_rank() -> tuple[int, int]:
+    """(rank, world size) under ``accelerate launch``; (0, 1) for a plain process."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    from accelerate import PartialState
+
+    state = PartialState()  # initialises the process group that gather_object needs
+    return state.process_index, state.num_processes
+
+
+def build_engine(cfg: TeacherConfig, output_dir: str | Path, *, progress: bool = True) -> Engine:
+    """An engine with the configured backend and the cache at ``cfg.cache_path`` or ``<output_dir>/cache.sqlite``."""
+    cache = AnswerCache(cfg.cache_path or Path(output_dir) / "cache.sqlite")
+    if cfg.backend == "api":
+        backend: Any = ApiBackend(cfg)
+    else:
+        device = cfg.device
+        rank, world = _process_rank()
+        if device == "cuda" and world > 1:
+            device = f"cuda:{rank % max(1, _cuda_count())}"
+        backend = LocalBackend(cfg, device)
+    return Engine(cfg, cache, backend, progress=progress)
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()

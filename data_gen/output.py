@@ -1,0 +1,81 @@
+"""Final data files and dataset card, written from a pipeline's journal.
+
+The journal (``journal.jsonl``) is the crash-safe working state; these files are rebuilt from it at the end of every
+run (atomically, via a temporary name), so they always match the journal. Every record carries chat ``messages``
+(what the distill trainer reads) and ``instruction``/``input``/``output`` columns, plus ``provenance``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_parquet(records: list[dict[str, Any]], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(pa.Table.from_pylist(records), tmp)
+    os.replace(tmp, path)
+
+
+def write_outputs(records: list[dict[str, Any]], out_dir: str | Path, formats: list[str], card: str) -> list[Path]:
+    """``data.jsonl`` / ``data.parquet`` and ``README.md`` (the dataset card) in ``out_dir``."""
+    out_dir = Path(out_dir)
+    written = []
+    if "jsonl" in formats:
+        written.append(out_dir / "data.jsonl")
+        write_jsonl(records, written[-1])
+    if "parquet" in formats:
+        written.append(out_dir / "data.parquet")
+        write_parquet(records, written[-1])
+    (out_dir / "README.md").write_text(card, encoding="utf-8")
+    return written
+
+
+def dataset_card(title: str, summary: str, n_records: int, formats: list[str], teacher: dict[str, Any],
+                 stats: str) -> str:
+    """A short card with the Hub's YAML header (so ``load_dataset(dir)`` finds the data) and how it was made."""
+    data_file = "data.parquet" if "parquet" in formats else "data.jsonl"
+    header = {"configs": [{"config_name": "default", "data_files": [{"split": "train", "path": data_file}]}]}
+    lines = [
+        "---",
+        yaml.safe_dump(header, sort_keys=False).strip(),
+        "---",
+        f"# {title}",
+        "",
+        summary,
+        "",
+        f"- records: {n_records}",
+        f"- files: {', '.join('data.' + f for f in formats)} (columns: id, instruction, input, output, messages, "
+        "provenance)",
+        f"- teacher: {teacher.get('model')} via {teacher.get('backend')}"
+        f"{' at ' + str(teacher['base_url']) if teacher.get('base_url') else ''}",
+        f"- decoding: {json.dumps(teacher.get('decoding', {}), sort_keys=True)}",
+        "- the resolved config is in `config.yaml`; per-record provenance gives the prompt-template hash, seed, "
+        "decoding and timestamps",
+        "",
+        "Load it with `datasets.load_dataset(\"<this directory>\")`, or train on it directly: the `messages` column "
+        "is what `distill train` reads.",
+        "",
+        "## Run summary",
+        "",
+        "```",
+        stats,
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

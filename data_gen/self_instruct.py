@@ -1,0 +1,470 @@
+"""``data-gen self-instruct``: bootstrap an instruction dataset from seed tasks (Wang et al., 2023, "Self-Instruct").
+
+The method, in rounds until ``target`` instructions are kept:
+
+1. *Instruction generation.* Each prompt shows ``num_prompt_instructions`` tasks sampled from the seeds and, once
+   there are some, ``num_machine_in_prompt`` machine-generated ones, and asks for more in the same numbered list.
+2. *Filtering.* Length bounds, a keyword blacklist (tasks a text model cannot do: images, files, going places),
+   leading punctuation, non-ASCII starts, banned prefixes, then ROUGE-L novelty (F <= ``rouge_threshold``) against
+   the seeds plus every instruction kept so far (:class:`data_gen.rouge.NoveltyIndex`).
+3. *Classification identification.* A few-shot yes/no prompt built from seed tasks.
+4. *Instance generation.* Output-first for classification tasks (labels, then an input per label, so the labels
+   stay balanced), input-first otherwise; post-processing drops empty, duplicate and degenerate instances.
+
+Resumability: each round's prompts depend only on the seed, the round number and the instructions kept in earlier
+rounds, and results are processed in request order, so a rerun replays every earlier round from the answer cache
+(free) and reaches the same state. Records are journaled only once their whole round is complete; a round cut short
+(budget, Ctrl-C, crash) is redone on the next run from whatever answers were already cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill.configuration import ConfigError, option, parse_command_line, save_config, section, to_dict
+
+from data_gen.backends import estimate_tokens
+from data_gen.config import OutputConfig, TeacherConfig
+from data_gen.engine import CallPlan, Engine, EngineError, ParseError, Request, build_engine
+from data_gen.journal import Journal
+from data_gen.output import dataset_card, write_outputs
+
+PACKAGED_SEEDS = Path(__file__).parent / "assets" / "seed_tasks.jsonl"
+EXIT_STOPPED = 3  # budget cap reached or interrupted: saved work is complete, rerun to continue
+
+DEFAULT_BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+                     "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
+
+
+@dataclass
+class FilterConfig:
+    """Which generated instructions are kept."""
+
+    min_words: int = option(3, help="drop instructions with fewer words")
+    max_words: int = option(150, help="drop instructions with more words")
+    blacklist: list[str] = option(DEFAULT_BLACKLIST, help="drop instructions containing any of these words/phrases")
+    banned_prefixes: list[str] = option(["write a program"], help="drop instructions starting with these (lowercase)")
+    reject_leading_punctuation: bool = option(True, help="drop instructions starting with punctuation")
+    reject_non_ascii: bool = option(True, help="drop instructions starting with a non-ASCII character")
+    rouge_threshold: float = option(0.7, help="keep iff ROUGE-L F to every pooled instruction <= this")
+
+    def __post_init__(self) -> None:
+        if self.min_words < 1 or self.max_words < self.min_words:
+            raise ValueError("min_words: expected 1 <= min_words <= max_words")
+        if not 0 < self.rouge_threshold <= 1:
+            raise ValueError("rouge_threshold: expected a value in (0, 1]")
+
+
+@dataclass
+class SelfInstructConfig:
+    """Settings of ``data-gen self-instruct``."""
+
+    seed_tasks: str = option("", help="seed tasks JSONL in the Self-Instruct format; '' = the packaged 20 seeds")
+    target: int = option(100, help="number of instructions to generate")
+    num_prompt_instructions: int = option(8, help="example tasks shown in each generation prompt")
+    num_machine_in_prompt: int = option(2, help="of which machine-generated (once available)")
+    new_per_prompt: int = option(8, help="new tasks asked for in each generation prompt")
+    prompts_per_round: int = option(16, help="generation prompts per round (sent concurrently)")
+    max_rounds: int = option(1000, help="give up after this many rounds")
+    max_instances: int = option(3, help="instances kept per instruction")
+    seed: int = option(0, help="seeds the sampling of prompt examples (runs are reproducible)")
+    filters: FilterConfig = section(FilterConfig, help="instruction filters")
+    teacher: TeacherConfig = section(TeacherConfig, help="teacher backend, limits and prices")
+    output: OutputConfig = section(OutputConfig, help="output directory and formats")
+
+    def __post_init__(self) -> None:
+        if self.target < 1:
+            raise ValueError("target: expected >= 1")
+        if not 1 <= self.num_machine_in_prompt < self.num_prompt_instructions:
+            raise ValueError("num_machine_in_prompt: expected 1 <= it < num_prompt_instructions")
+        for name in ("new_per_prompt", "prompts_per_round", "max_rounds", "max_instances"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1")
+
+
+# ------------------------------------------------------------------------------------------------ seed tasks
+def load_seed_tasks(path: str | Path) -> list[dict[str, Any]]:
+    """Seed tasks, validated; a bad line raises ConfigError naming the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"seed_tasks: file not found: {path}")
+    tasks = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            task = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(task, dict):
+            raise ConfigError(f"{where}: expected a JSON object")
+        for field, kind in (("id", str), ("instruction", str), ("instances", list), ("is_classification", bool)):
+            if not isinstance(task.get(field), kind):
+                raise ConfigError(f"{where}: field '{field}': expected {kind.__name__}, got {task.get(field)!r}")
+        if not task["instruction"].strip():
+            raise ConfigError(f"{where}: field 'instruction': expected a non-empty string")
+        if not task["instances"]:
+            raise ConfigError(f"{where}: field 'instances': expected at least one {{input, output}}")
+        for k, inst in enumerate(task["instances"]):
+            if not (isinstance(inst, dict) and isinstance(inst.get("input"), str)
+                    and isinstance(inst.get("output"), str)):
+                raise ConfigError(f"{where}: field 'instances[{k}]': expected {{\"input\": str, \"output\": str}}")
+        tasks.append(task)
+    if len(tasks) < 2:
+        raise ConfigError(f"seed_tasks: {path} has {len(tasks)} tasks; expected at least 2")
+    return tasks
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+GENERATE_TEMPLATE = (
+    "We are collecting a varied set of tasks that people ask a text assistant to do. Below are some examples. "
+    "Propose {n} new tasks that differ from the examples and from one another in topic, format and skill "
+    "(writing, reasoning, classification, editing, advice, coding, maths, ...). Each task is one or two sentences "
+    "and must be doable with text alone: no images, files, audio or actions in the physical world. "
+    "Continue the numbered list, one task per entry, in the form 'Task N: <instruction>'.\n\n{examples}"
+)
+CLASSIFY_TEMPLATE = (
+    "Decide whether each task is a classification task, i.e. its answer is one label from a small, fixed set of "
+    "possible outputs. Answer Yes or No.\n\n{examples}Task: {instruction}\nClassification:"
+)
+INPUT_FIRST_TEMPLATE = (
+    "Write up to {k} examples of the task below. For each, give an input and the output a careful assistant "
+    "would produce. If the task needs no input, write 'Input: <none>'. Use the format of the examples.\n\n"
+    "{examples}Task: {instruction}\n"
+)
+OUTPUT_FIRST_TEMPLATE = (
+    "The task below is a classification task. First choose a possible class label, then write an input that "
+    "belongs to that label; do this for up to {k} different labels. Use the format of the examples.\n\n"
+    "{examples}Task: {instruction}\n"
+)
+TEMPLATE_HASH = hashlib.sha256(
+    "\0".join([GENERATE_TEMPLATE, CLASSIFY_TEMPLATE, INPUT_FIRST_TEMPLATE, OUTPUT_FIRST_TEMPLATE]).encode()
+).hexdigest()[:16]
+
+
+def generation_prompt(examples: list[str], n: int) -> list[dict[str, str]]:
+    listed = "".join(f"Task {i}: {text}\n" for i, text in enumerate(examples, start=1))
+    return [{"role": "user", "content": GENERATE_TEMPLATE.format(n=n, examples=listed)}]
+
+
+def classification_prompt(instruction: str, seeds: list[dict[str, Any]]) -> list[dict[str, str]]:
+    shots = "".join(f"Task: {t['instruction']}\nClassification: {'Yes' if t['is_classification'] else 'No'}\n\n"
+                    for t in seeds)
+    return [{"role": "user", "content": CLASSIFY_TEMPLATE.format(examples=shots, instruction=instruction)}]
+
+
+def instance_prompt(instruction: str, is_classification: bool, shots: list[dict[str, Any]], k: int
+                    ) -> list[dict[str, str]]:
+    blocks = []
+    for task in shots:
+        lines = [f"Task: {task['instruction']}"]
+        for j, inst in enumerate(task["instances"], start=1):
+            if is_classification:
+                lines += [f"Class label: {inst['output']}", f"Input: {inst['input'] or '<none>'}"]
+            else:
+                lines += [f"Example {j}", f"Input: {inst['input'] or '<none>'}", f"Output: {inst['output']}"]
+        blocks.append("\n".join(lines) + "\n\n")
+    template = OUTPUT_FIRST_TEMPLATE if is_classification else INPUT_FIRST_TEMPLATE
+    return [{"role": "user", "content": template.format(k=k, examples="".join(blocks), instruction=instruction)}]
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+TASK_SPLIT = re.compile(r"(?:^|\n)\s*\**\s*Task\s*\d+\s*\**\s*[:.]\**", re.IGNORECASE)
+
+
+def parse_instructions(text: str, finish_reason: str) -> list[str]:
+    """Instructions listed as 'Task N: ...'; a list cut by the token limit loses its (possibly partial) last item."""
+    pieces = TASK_SPLIT.split(text)
+    items = [re.sub(r"\s+", " ", p).strip() for p in pieces[1:]]  # pieces[0] is any preamble
+    if finish_reason == "length" and items:
+        items = items[:-1]
+    items = [i for i in items if i]
+    if not items:
+        raise ParseError("no_tasks")
+    return items
+
+
+def parse_yes_no(text: str, finish_reason: str) -> bool:
+    match = re.match(r"\W*(yes|no)\b", text.strip(), re.IGNORECASE)
+    if not match:
+        raise ParseError("no_yes_no")
+    return match.group(1).lower() == "yes"
+
+
+NONE_INPUTS = {"<none>", "none", "n/a", "not applicable", "<noinput>", "no input", ""}
+
+
+def _clean_input(text: str) -> str:
+    text = text.strip()
+    return "" if text.lower().strip(".") in NONE_INPUTS else text
+
+
+def parse_instances(text: str, finish_reason: str, is_classification: bool) -> list[dict[str, str]]:
+    """(input, output) pairs; output-first answers ('Class label' then 'Input') or input-first ones."""
+    if is_classification:
+        chunks = re.split(r"(?:^|\n)\s*Class label\s*:", text, flags=re.IGNORECASE)[1:]
+        pairs = []
+        for chunk in chunks:
+            label, sep, rest = chunk.partition("Input:")
+            if sep:
+                pairs.append({"input": _clean_input(rest), "output": label.strip()})
+    else:
+        chunks = re.split(r"(?:^|\n)\s*Example\s*\d+\s*:?", text, flags=re.IGNORECASE)[1:]
+        if not chunks and "Output:" in text:
+            chunks = [text]
+        pairs = []
+        for chunk in chunks:
+            head, sep, output = chunk.partition("Output:")
+            if sep:
+                _, _, given = head.partition("Input:")
+                pairs.append({"input": _clean_input(given), "output": output.strip()})
+    if finish_reason == "length" and pairs:
+        pairs = pairs[:-1]  # the last one may be cut mid-sentence
+    if not pairs:
+        raise ParseError("no_instances")
+    return pairs
+
+
+def postprocess_instances(instruction: str, pairs: list[dict[str, str]], limit: int) -> list[dict[str, str]]:
+    """Drop empty outputs, outputs equal to the input or the instruction, duplicates; keep the first ``limit``."""
+    kept, seen = [], set()
+    for pair in pairs:
+        inp, out = pair["input"], pair["output"]
+        key = (inp.lower(), out.lower())
+        if not out or out == inp or out == instruction or inp == instruction or key in seen:
+            continue
+        seen.add(key)
+        kept.append({"input": inp, "output": out})
+    return kept[:limit]
+
+
+def filter_reason(instruction: str, cfg: FilterConfig) -> str | None:
+    """Why the instruction is dropped by the rule-based filters, or None when it passes them."""
+    words = instruction.split()
+    if len(words) < cfg.min_words:
+        return "too_short"
+    if len(words) > cfg.max_words:
+        return "too_long"
+    lowered = instruction.lower()
+    for phrase in cfg.blacklist:
+        if re.search(rf"\b{re.escape(phrase.lower())}\b", lowered):
+            return "blacklist"
+    if any(lowered.startswith(p.lower()) for p in cfg.banned_prefixes):
+        return "banned_prefix"
+    if cfg.reject_leading_punctuation and not instruction[0].isalnum() and not instruction[0].isspace():
+        return "leading_punctuation"
+    if cfg.reject_non_ascii and not instruction[0].isascii():
+        return "non_ascii"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+class SelfInstruct:
+    """The round loop; ``state`` is the journal plus the replayed rounds (see the module docstring)."""
+
+    def __init__(self, cfg: SelfInstructConfig, engine: Engine, seeds: list[dict[str, Any]], journal: Journal) -> None:
+        from data_gen.rouge import NoveltyIndex
+
+        self.cfg = cfg
+        self.engine = engine
+        self.seeds = seeds
+        self.journal = journal
+        self.novelty = NoveltyIndex(threshold=cfg.filters.rouge_threshold)
+        for task in seeds:
+            self.novelty.add(task["instruction"])
+        self.machine: list[str] = []  # kept machine instructions, in order
+        self.kept_ids: list[str] = []
+
+    def _provenance(self, round_no: int, results: list[Any]) -> dict[str, Any]:
+        t = self.cfg.teacher
+        return {
+            "teacher": t.model, "backend": t.backend, "base_url": t.base_url,
+            "decoding": results[-1].params, "prompt_template_sha256": TEMPLATE_HASH, "seed": self.cfg.seed,
+            "round": round_no, "cached": all(r.cached for r in results),
+            "cost_usd": sum(r.cost_usd for r in results),
+            "started": min(r.started for r in results), "finished": max(r.finished for r in results),
+            "recorded": time.time(),
+        }
+
+    def _round_requests(self, round_no: int) -> list[Request]:
+        rng = random.Random(f"{self.cfg.seed}:{round_no}")
+        requests = []
+        for p in range(self.cfg.prompts_per_round):
+            n_machine = min(self.cfg.num_machine_in_prompt, len(self.machine))
+            examples = rng.sample(self.machine, n_machine)
+            n_seed = min(self.cfg.num_prompt_instructions - n_machine, len(self.seeds))
+            examples += [t["instruction"] for t in rng.sample(self.seeds, n_seed)]
+            rng.shuffle(examples)
+            requests.append(Request(f"r{round_no:05d}-p{p:03d}", generation_prompt(examples, self.cfg.new_per_prompt),
+                                    meta={"round": round_no}))
+        return requests
+
+    async def run_round(self, round_no: int) -> bool:
+        """One round; returns False when the engine stopped before the round was complete (nothing journaled)."""
+        generated = await self.engine.map(self._round_requests(round_no), parse_instructions)
+        if any(r is None for r in generated):
+            return False
+        candidates: list[tuple[str, Any]] = []
+        for result in generated:
+            if not result.ok:
+                continue
+            for k, instruction in enumerate(result.parsed):
+                reason = filter_reason(instruction, self.cfg.filters)
+                if reason is None:
+                    kept, _, _ = self.novelty.add_if_novel(instruction)
+                    reason = None if kept else "rouge_similar"
+                if reason is not None:
+                    self.engine.reject(reason)
+                    continue
+                candidates.append((f"si-{result.request.id}-{k:02d}", instruction, result))
+                self.machine.append(instruction)
+        rng = random.Random(f"{self.cfg.seed}:{round_no}:shots")
+        cls_shots = rng.sample(self.seeds, min(len(self.seeds), 6))
+        labels = await self.engine.map(
+            [Request(f"{cid}-cls", classification_prompt(text, cls_shots)) for cid, text, _ in candidates],
+            parse_yes_no)
+        if any(r is None for r in labels):
+            return False
+        inst_requests = []
+        for (cid, text, _), label in zip(candidates, labels):
+            is_cls = bool(label.ok and label.parsed)
+            pool = [t for t in self.seeds if t["is_classification"] == is_cls] or self.seeds
+            shots = random.Random(f"{self.cfg.seed}:{cid}").sample(pool, min(2, len(pool)))
+            # A partial (not a lambda) so results stay picklable for gather_object across processes.
+            inst_requests.append(Request(f"{cid}-inst", instance_prompt(text, is_cls, shots, self.cfg.max_instances),
+                                         meta={"is_classification": is_cls},
+                                         parse=functools.partial(parse_instances, is_classification=is_cls)))
+        instances = await self.engine.map(inst_requests)
+        if any(r is None for r in instances):
+            return False
+        for (cid, text, gen), label, inst in zip(candidates, labels, instances):
+            is_cls = inst.request.meta["is_classification"]
+            if not inst.ok:
+                continue  # the engine counted it as a parse rejection
+            pairs = postprocess_instances(text, inst.parsed, self.cfg.max_instances)
+            if not pairs:
+                self.engine.reject("no_valid_instances")
+                continue
+            record = {"id": cid, "instruction": text, "is_classification": is_cls, "instances": pairs,
+                      "provenance": self._provenance(round_no, [gen, label, inst])}
+            if len(self.kept_ids) >= self.cfg.target:
+                break
+            self.kept_ids.append(cid)
+            if self.engine.rank == 0 and self.journal.append(record):
+                self.engine.advance()
+        return True
+
+    async def run(self) -> None:
+        for round_no in range(self.cfg.max_rounds):
+            if len(self.kept_ids) >= self.cfg.target or self.engine.stopped:
+                return
+            if not await self.run_round(round_no):
+                return
+        print(f"gave up after max_rounds={self.cfg.max_rounds} rounds with {len(self.kept_ids)} instructions")
+
+
+def to_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per instance, with chat ``messages`` and instruction/input/output columns."""
+    rows = []
+    for record in records:
+        for j, inst in enumerate(record["instances"]):
+            prompt = record["instruction"] + (f"\n\n{inst['input']}" if inst["input"] else "")
+            rows.append({
+                "id": f"{record['id']}-{j}",
+                "instruction": record["instruction"],
+                "input": inst["input"],
+                "output": inst["output"],
+                "is_classification": record["is_classification"],
+                "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": inst["output"]}],
+                "provenance": record["provenance"],
+            })
+    return rows
+
+
+def _check_output_dir(cfg: SelfInstructConfig, out: Path) -> None:
+    """Resume only a run of the same pipeline, teacher and seed; never write into an unrelated directory."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    saved = out / "config.yaml"
+    if not saved.is_file() or not (out / "journal.jsonl").is_file():
+        raise ConfigError(f"output.dir: {out} exists and is not a self-instruct output directory; choose a new one")
+    import yaml
+
+    old = yaml.safe_load(saved.read_text())
+    for key, now in (("seed", cfg.seed), ("teacher.model", cfg.teacher.model)):
+        section_data: Any = old
+        for part in key.split("."):
+            section_data = section_data.get(part) if isinstance(section_data, dict) else None
+        if section_data != now:
+            raise ConfigError(f"{key}: {out} was generated with {section_data!r}, not {now!r}; use a new output.dir")
+
+
+async def generate(cfg: SelfInstructConfig) -> int:
+    seeds = load_seed_tasks(cfg.seed_tasks or PACKAGED_SEEDS)
+    out = Path(cfg.output.dir)
+    _check_output_dir(cfg, out)
+    engine = build_engine(cfg.teacher, out, progress=cfg.output.progress)  # ConfigError on a missing API key
+    journal = Journal(out / "journal.jsonl")
+    try:
+        journal.open()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    save_config(cfg, out / "config.yaml")
+    pipeline = SelfInstruct(cfg, engine, seeds, journal)
+    remaining = max(0, cfg.target - len(journal))
+    example_prompt = generation_prompt([t["instruction"] for t in seeds[: cfg.num_prompt_instructions]],
+                                       cfg.new_per_prompt)
+    inst_prompt = instance_prompt(seeds[0]["instruction"], False, seeds[:2], cfg.max_instances)
+    # Assume half the proposed instructions survive the filters (the paper kept fewer as the pool grew).
+    rounds = math.ceil(remaining / max(1, cfg.prompts_per_round * cfg.new_per_prompt * 0.5))
+    plan = [
+        CallPlan("instruction generation", rounds * cfg.prompts_per_round, estimate_tokens(example_prompt)),
+        CallPlan("classification", remaining, estimate_tokens(classification_prompt("x", seeds[:6])), 4),
+        CallPlan("instances", remaining, estimate_tokens(inst_prompt)),
+    ]
+    error: EngineError | None = None
+    try:
+        engine.preflight(plan)
+        engine.install_signal_handlers()
+        engine.open_progress(cfg.target, "self-instruct", unit="instr", initial=min(len(journal), cfg.target))
+        try:
+            await pipeline.run()
+        except EngineError as err:
+            error = err
+    finally:
+        engine.close_progress()
+        journal.close()
+        records = [journal.records[i] for i in pipeline.kept_ids if i in journal.records]
+        if not pipeline.kept_ids:  # stopped before replaying anything: keep what the journal has
+            records = list(journal.records.values())[: cfg.target]
+        summary = engine.summary()
+        teacher = to_dict(cfg.teacher)
+        card = dataset_card("Self-Instruct data", "Instructions bootstrapped from seed tasks with the Self-Instruct "
+                            "method (generate, filter, ROUGE-L novelty, classify, instances).", len(records),
+                            cfg.output.formats, teacher, summary)
+        write_outputs(to_rows(records), out, cfg.output.formats, card)
+        await engine.aclose()
+        print(summary)
+        print(f"{len(records)} instructions ({sum(len(r['instances']) for r in records)} rows) in {out}")
+    if error is not None:
+        raise ConfigError(str(error))
+    if engine.stopped:
+        print(f"stopped early ({engine.stopped}); rerun the same command to continue")
+        return EXIT_STOPPED
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_command_line(SelfInstructConfig, argv, "data-gen self-instruct", __doc__.split("\n\n")[0])
+    return asyncio.run(generate(cfg))
