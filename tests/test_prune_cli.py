@@ -97,6 +97,18 @@ def test_minilm_config_end_to_end(tmp_path, capsys) -> None:
     assert json.loads((out / "prune_report.json").read_text())["kept_layers"] == [0, 2, 3, 5]
 
 
+def test_stored_dtype_is_kept(tmp_path, tokenizer, capsys) -> None:
+    teacher = tmp_path / "bf16"
+    tiny_llama(len(tokenizer), num_layers=3).to(torch.bfloat16).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    argv = ["prune", "--model", str(teacher), "--output-dir", str(tmp_path / "o"), "--depth.method", "explicit",
+            "--depth.drop_layers", "[1]"]
+    assert cli(argv) == 0
+    capsys.readouterr()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype="auto")
+    assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 2
+
+
 def test_bad_input_exits_2_before_writing(teacher_dir, calibration_file, tmp_path) -> None:
     out = tmp_path / "never"
     result = _run("--model", str(teacher_dir), "--output-dir", str(out), "--width.num_attention_heads", "3",

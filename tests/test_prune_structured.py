@@ -77,6 +77,38 @@ def test_masked_teacher_equals_pruned_model(make, targets: Targets) -> None:
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
 
 
+def _other_families() -> list:
+    from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from distill.tiny import tiny_llama
+
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
+    tied = tiny_llama(VOCAB, num_layers=3, tie_word_embeddings=True)
+    tied.config.architectures = ["LlamaForCausalLM"]
+    return [
+        tied,  # tied embeddings: hidden pruning slices the one shared matrix
+        Qwen3ForCausalLM(Qwen3Config(**shape, num_key_value_heads=2, head_dim=24, architectures=["Qwen3ForCausalLM"])),
+        MistralForCausalLM(MistralConfig(**shape, num_key_value_heads=1, head_dim=8, architectures=["MistralForCausalLM"])),
+    ]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["llama-tied", "qwen3-qk-norm", "mistral-mqa"])
+def test_other_decoders_masked_equal_pruned(index: int) -> None:
+    teacher = _other_families()[index].eval()
+    family = family_for(teacher.config)
+    heads = 4 if teacher.config.num_key_value_heads == 1 else 2  # one KV head: every query head is one group
+    targets = Targets(depth_method="explicit", drop_layers=[1], num_attention_heads=heads, intermediate_size=50, hidden_size=40)
+    plan = plan_pruning(teacher.config, family, targets, teacher.state_dict(), collect_importance(teacher, family, _calibration(), 4))
+    student = build_pruned_model(teacher, family, plan)
+    reference = copy.deepcopy(teacher)
+    mask_teacher(reference, family, plan)
+    ids = torch.randint(3, VOCAB, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids=ids).logits, reference(input_ids=ids).logits, atol=2e-5, rtol=1e-4)
+    if teacher.config.tie_word_embeddings:
+        assert student.lm_head.weight is student.model.embed_tokens.weight
+
+
 def _load_with_log(path) -> tuple[torch.nn.Module, str, dict]:
     """from_pretrained with transformers' warnings captured and the loading info returned."""
     records: list[str] = []

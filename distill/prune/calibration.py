@@ -46,22 +46,23 @@ class Calibration:
         ]
 
 
-def _render(record: dict, tokenizer: PreTrainedTokenizerBase, where: str) -> str:
+def _render(record: dict, tokenizer: PreTrainedTokenizerBase, where: str) -> tuple[str, bool]:
+    """The text of one record and whether a chat template produced it (then it already has its special tokens)."""
     has_template = bool(tokenizer.chat_template)
     if "messages" in record:
         if not has_template:
             raise ConfigError(f"{where}: 'messages' needs a tokenizer with a chat_template")
-        return tokenizer.apply_chat_template(record["messages"], tokenize=False)
+        return tokenizer.apply_chat_template(record["messages"], tokenize=False), True
     if "prompt" in record:
         completion = str(record.get("completion", ""))
         if has_template:
             chat = [{"role": "user", "content": str(record["prompt"])}]
             if completion:
                 chat.append({"role": "assistant", "content": completion})
-            return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=not completion)
-        return str(record["prompt"]) + completion
+            return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=not completion), True
+        return str(record["prompt"]) + completion, False
     if "text" in record:
-        return str(record["text"])
+        return str(record["text"]), False
     raise ConfigError(f"{where}: expected a 'messages', 'prompt' or 'text' field, got {sorted(record)}")
 
 
@@ -86,9 +87,10 @@ def load_calibration(
                 raise ConfigError(f"{where}: not valid JSON: {err}") from None
             if not isinstance(record, dict):
                 raise ConfigError(f"{where}: expected a JSON object")
-            text = _render(record, tokenizer, where)
-            # The chat template already contains any special tokens the model expects.
-            ids = tokenizer(text, add_special_tokens="messages" not in record and "prompt" not in record)["input_ids"]
+            text, templated = _render(record, tokenizer, where)
+            # A chat template already writes the special tokens the model expects; plain text gets the tokenizer's
+            # own (BOS for Llama, [CLS]/[SEP] for BERT).
+            ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
             rows.append(ids[:max_length])
     if not rows:
         raise ConfigError(f"calibration.data: {path} holds no samples")

@@ -147,7 +147,8 @@ def main(argv: list[str]) -> int:
     # Computation in float32 for stable statistics; the output keeps the teacher's stored dtype.
     model_cls = getattr(transformers, config.architectures[0])  # checked by family_for
     teacher = model_cls.from_pretrained(model_dir, dtype=torch.float32).to(cfg.device).eval()
-    stored_dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
+    # transformers 5.23 resolves the saved "dtype" to a torch.dtype (None when the checkpoint does not say).
+    stored_dtype = config.dtype or torch.float32
     importance, cache = None, None
     if calibration is not None:
         importance, path, hit = cached_importance(
