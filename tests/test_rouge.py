@@ -151,3 +151,15 @@ def test_edge_cases_and_threshold_rule() -> None:
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="threshold"):
             NoveltyIndex(bad)
+
+
+def test_docs_example() -> None:
+    """The example of docs/novelty.md, value for value."""
+    assert rouge_tokens("Add 2 numbers!") == ["add", "2", "numbers"]
+    assert rouge_l_f(["a", "b"], ["a", "c"]) == 0.5
+    index = NoveltyIndex(threshold=0.7)
+    assert index.add("Write a poem about the sea.") == 0
+    assert not index.is_novel("Write a poem about a sea.")
+    assert index.most_similar("Write a poem about a sea.") == (0, 5 / 6)
+    assert index.add_if_novel("Summarize this article.") == (True, 0, 0.0)
+    assert len(index) == 2
