@@ -31,6 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from distill.configuration import ConfigError
 
@@ -80,8 +81,11 @@ def per_token_divergence(
     _check(kind, temperature, beta, skew)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logits: student {tuple(student_logits.shape)} != teacher {tuple(teacher_logits.shape)}")
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()  # no-op for fp32 inputs
+    if temperature != 1.0:  # skipping the division at T = 1 saves a full [..., V] copy per model
+        student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
+    s = F.log_softmax(student_logits, dim=-1)
+    t = F.log_softmax(teacher_logits, dim=-1)
     if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
         value = _kl(t, s)
     elif kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
@@ -122,65 +126,89 @@ def divergence(
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
 
 
-def _value_and_grad(s: Tensor, t: Tensor, kind: str, beta: float, skew: float) -> tuple[Tensor, Tensor]:
+def _log_mixture_into(log_p: Tensor, log_q: Tensor, weight_p: float, out: Tensor, scratch: Tensor) -> Tensor:
+    """:func:`_log_mixture` written into preallocated ``out`` (``scratch`` is clobbered)."""
+    torch.add(log_p, _log(weight_p), out=out)
+    torch.add(log_q, _log(1.0 - weight_p), out=scratch)
+    return torch.logaddexp(out, scratch, out=out)
+
+
+def _value_and_grad(
+    s: Tensor, t: Tensor, w1: Tensor, w2: Tensor | None, kind: str, beta: float, skew: float
+) -> tuple[Tensor, Tensor]:
     """Per-row divergence and its gradient w.r.t. the (temperature-scaled) student logits ``z_s``.
 
-    ``s`` and ``t`` are fp32 log-probabilities ``[n, V]`` and are OVERWRITTEN (the chunked kernel's memory budget
-    is a handful of ``[n, V]`` tiles). With ``g`` the gradient w.r.t. ``p_s``, softmax gives
-    ``dL/dz_s = p_s * (g - <p_s, g>)``; each branch below is that identity simplified for its kind.
+    ``s`` and ``t`` are fp32 log-probabilities ``[n, V]``; they and the scratch tiles ``w1``/``w2`` (``w2`` only
+    for the mixture kinds) are OVERWRITTEN: every ``[n, V]`` intermediate lives in one of these four preallocated
+    tiles, because a fresh multi-MB allocation per op costs page faults that dominate elementwise time on CPU.
+    With ``g = dL/dp_s``, the softmax Jacobian gives ``dL/dz_s = p_s * (g - <p_s, g>)``; each branch below is that
+    identity simplified for its kind. The returned gradient aliases ``s``.
     """
     if kind == "jsd" and beta in (0.0, 1.0):
         kind = "forward_kl" if beta == 0.0 else "reverse_kl"
     if kind == "forward_kl":
         # L = <p_t, t - s>;  dL/dz_s = p_s - p_t
-        pt = t.exp()
+        pt = torch.exp(t, out=w1)
         value = t.sub_(s).mul_(pt).sum(-1)
         return value, s.exp_().sub_(pt)
     if kind == "reverse_kl":
         # L = <p_s, s - t>;  dL/dz_s = p_s * (s - t - L)
-        ps = s.exp()
+        ps = torch.exp(s, out=w1)
         d = s.sub_(t)
         value = torch.mul(ps, d, out=t).sum(-1)
         return value, d.sub_(value[:, None]).mul_(ps)
+    if kind == "tvd":
+        # L = 0.5 sum |p_s - p_t|;  g = 0.5 sign(p_s - p_t);  dL/dz_s = p_s * (g - <p_s, g>)
+        ps = s.exp_()
+        d = t.exp_().neg_().add_(ps)
+        value = 0.5 * torch.abs(d, out=w1).sum(-1)
+        g = d.sign_().mul_(0.5)
+        return value, g.sub_(torch.mul(ps, g, out=w1).sum(-1)[:, None]).mul_(ps)
+    assert w2 is not None, "mixture kinds need a second scratch tile"
     if kind == "jsd":
-        # m = beta p_t + (1-beta) p_s;  dL/dp_s = (1-beta)(s - log m)  (the 1/m terms cancel)
+        # m = beta p_t + (1-beta) p_s;  g = (1-beta)(s - log m) (the 1/m terms cancel)
         # dL/dz_s = (1-beta) p_s * (s - log m - KL(p_s || m))
-        log_m = _log_mixture(t, s, beta)
-        ps, pt = s.exp(), t.exp()
+        log_m = _log_mixture_into(t, s, beta, out=w1, scratch=w2)
+        pt = torch.exp(t, out=w2)
         kl_t = t.sub_(log_m).mul_(pt).sum(-1)
+        ps = torch.exp(s, out=w2)
         d = s.sub_(log_m)
         kl_s = torch.mul(ps, d, out=t).sum(-1)
         return beta * kl_t + (1.0 - beta) * kl_s, d.sub_(kl_s[:, None]).mul_(ps).mul_(1.0 - beta)
     if kind == "skew_forward_kl":
-        # m = a p_t + (1-a) p_s, L = <p_t, t - log m>;  dL/dp_s = -w / p_s with w = (1-a) p_s p_t / m
+        # m = a p_t + (1-a) p_s, L = <p_t, t - log m>;  g = -w / p_s with w = (1-a) p_s p_t / m
         # dL/dz_s = p_s * sum(w) - w
-        log_m = _log_mixture(t, s, skew)
-        pt = t.exp()
+        log_m = _log_mixture_into(t, s, skew, out=w1, scratch=w2)
+        pt = torch.exp(t, out=w2)
         d = t.sub_(log_m)
-        value = torch.mul(pt, d, out=log_m).sum(-1)
+        value = torch.mul(pt, d, out=w1).sum(-1)
         w = d.add_(s).add_(_log(1.0 - skew)).exp_()
         return value, s.exp_().mul_(w.sum(-1)[:, None]).sub_(w)
-    if kind == "skew_reverse_kl":
-        # m = a p_s + (1-a) p_t, L = <p_s, s - log m>;  dL/dp_s = 1 + u with u = s - log m - a p_s / m
-        # dL/dz_s = p_s * (u - <p_s, u>)
-        log_m = _log_mixture(s, t, skew)
-        ps = s.exp()
-        d = s.sub_(log_m)
-        value = torch.mul(ps, d, out=t).sum(-1)
-        u = d.sub_(torch.add(d, _log(skew), out=log_m).exp_())
-        return value, u.sub_(torch.mul(ps, u, out=t).sum(-1)[:, None]).mul_(ps)
-    # tvd: L = 0.5 sum |p_s - p_t|;  dL/dp_s = h = 0.5 sign(p_s - p_t);  dL/dz_s = p_s * (h - <p_s, h>)
-    ps = s.exp_()
-    d = t.exp_().neg_().add_(ps)
-    value = 0.5 * d.abs().sum(-1)
-    h = d.sign_().mul_(0.5)
-    return value, h.sub_((ps * h).sum(-1)[:, None]).mul_(ps)
+    # skew_reverse_kl: m = a p_s + (1-a) p_t, L = <p_s, s - log m>;  g = 1 + u with u = s - log m - a p_s / m
+    # dL/dz_s = p_s * (u - <p_s, u>)
+    log_m = _log_mixture_into(s, t, skew, out=w1, scratch=w2)
+    ps = torch.exp(s, out=w2)
+    d = s.sub_(log_m)
+    value = torch.mul(ps, d, out=t).sum(-1)
+    u = d.sub_(torch.add(d, _log(skew), out=w1).exp_())
+    return value, u.sub_(torch.mul(ps, u, out=t).sum(-1)[:, None]).mul_(ps)
+
+
+def _project_into(out: Tensor, hidden: Tensor, head: Tensor, inv_t: float) -> Tensor:
+    """``out = (hidden @ head.T) / T`` in fp32. Low-precision inputs are projected in their own dtype first
+    (what the model's own lm_head would output), then upcast."""
+    if hidden.dtype == torch.float32 and head.dtype == torch.float32:
+        torch.mm(hidden, head.t(), out=out)
+    else:
+        out.copy_(hidden @ head.t())
+    return out.mul_(inv_t) if inv_t != 1.0 else out
 
 
 class _ChunkedDivergence(torch.autograd.Function):
     """Sum of per-token divergences from hidden states; gradients are computed in forward, backward only scales.
 
-    Inputs are already cropped to the shared vocabulary and restricted to the counted tokens.
+    Inputs are already cropped to the shared vocabulary and restricted to the counted tokens. The teacher arrives
+    detached and backward returns None for it, so no graph is ever built on its side.
     """
 
     @staticmethod
@@ -197,48 +225,57 @@ class _ChunkedDivergence(torch.autograd.Function):
         chunk_size: int,
     ) -> Tensor:
         need_hidden, need_head = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n_tokens = student_hidden.shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+        n_tokens, vocab = student_hidden.shape[0], student_head.shape[0]
+        device = student_hidden.device
+        total = torch.zeros((), dtype=torch.float32, device=device)
         # fp32 accumulators: bf16 sums over many chunks would lose the small per-chunk contributions.
         grad_hidden = torch.zeros_like(student_hidden, dtype=torch.float32) if need_hidden else None
         grad_head = torch.zeros_like(student_head, dtype=torch.float32) if need_head else None
+        rows = min(chunk_size, n_tokens)
+        mixture = kind in ("jsd", "skew_forward_kl", "skew_reverse_kl") and not (kind == "jsd" and beta in (0, 1))
+        tiles = [torch.empty((rows, vocab), dtype=torch.float32, device=device) for _ in range(4 if mixture else 3)]
         inv_t = 1.0 / temperature
-        # The teacher arrives detached and backward returns None for it: no graph is ever built on its side.
         with torch.no_grad():
             for start in range(0, n_tokens, chunk_size):
                 h_s = student_hidden[start : start + chunk_size]
-                # Project in the input dtype (what the model's own lm_head would do), then do the math in fp32.
-                z_s = (h_s @ student_head.t()).float()
-                z_t = (teacher_hidden[start : start + chunk_size] @ teacher_head.t()).float()
-                if temperature != 1.0:
-                    z_s.mul_(inv_t)
-                    z_t.mul_(inv_t)
-                s = z_s.sub_(torch.logsumexp(z_s, -1, keepdim=True))
-                t = z_t.sub_(torch.logsumexp(z_t, -1, keepdim=True))
-                del z_s, z_t
-                value, grad_z = _value_and_grad(s, t, kind, beta, skew)
+                n = h_s.shape[0]
+                s, t, w1 = (tile[:n] for tile in tiles[:3])
+                w2 = tiles[3][:n] if mixture else None
+                # log_softmax is a fused kernel and may write in place (torch 2.13 CPU and CUDA).
+                s = torch.log_softmax(_project_into(s, h_s, student_head, inv_t), -1, out=s)
+                z_t = _project_into(t, teacher_hidden[start : start + chunk_size], teacher_head, inv_t)
+                t = torch.log_softmax(z_t, -1, out=t)
+                value, grad_z = _value_and_grad(s, t, w1, w2, kind, beta, skew)
                 total += value.sum()
                 # d(T^2 L)/d(logits) = T^2 * (1/T) * dL/dz
-                grad_z.mul_(temperature)
+                if temperature != 1.0:
+                    grad_z.mul_(temperature)
                 if grad_hidden is not None:
-                    grad_hidden[start : start + chunk_size] = grad_z.to(student_head.dtype) @ student_head
+                    if student_head.dtype == torch.float32:
+                        torch.mm(grad_z, student_head, out=grad_hidden[start : start + n])
+                    else:
+                        grad_hidden[start : start + n] = grad_z.to(student_head.dtype) @ student_head
                 if grad_head is not None:
                     grad_head.addmm_(grad_z.t(), h_s.float())
-                del s, t, grad_z
-        ctx.save_for_backward(grad_hidden, grad_head)
+        del tiles
+        # Kept as ctx attributes, not save_for_backward: backward hands these very tensors to autograd, and a
+        # tensor still referenced by a SavedVariable would be cloned by AccumulateGrad (one more [V, H] copy).
+        ctx.grads = [grad_hidden, grad_head]
         ctx.dtypes = (student_hidden.dtype, student_head.dtype)
         return total * temperature**2
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        grad_hidden, grad_head = ctx.saved_tensors
-        hidden_dtype, head_dtype = ctx.dtypes
+        if ctx.grads is None:
+            raise RuntimeError("chunked_divergence: backward called twice (retain_graph is not supported)")
+        grads, ctx.grads = ctx.grads, None
         scale = grad_output.float()
-        return (
-            (grad_hidden * scale).to(hidden_dtype) if grad_hidden is not None else None,
-            (grad_head * scale).to(head_dtype) if grad_head is not None else None,
-            *(None,) * 7,
-        )
+        out = [
+            None if grad is None else grad.mul_(scale).to(dtype) for grad, dtype in zip(grads, ctx.dtypes)
+        ]
+        del grads
+        return (*out, *(None,) * 7)
 
 
 def chunked_divergence(
