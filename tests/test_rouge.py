@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +165,13 @@ def test_docs_example() -> None:
     assert index.most_similar("Write a poem about a sea.") == (0, 5 / 6)
     assert index.add_if_novel("Summarize this article.") == (True, 0, 0.0)
     assert len(index) == 2
+
+
+def test_benchmark_script_runs(shared_data: Path) -> None:
+    """bench/novelty.py on a small head-to-head: it asserts identical kept sets itself and reports the speedup."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "novelty.py"
+    args = [sys.executable, str(script), "--data", str(shared_data), "--compare", "20", "--seeds", "40", "--skip-full"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["compare_texts"] == 60 and 0 < figures["kept"] <= 60 and figures["scan_cpu_s"] > 0 and figures["speedup_is_novel"] > 0
