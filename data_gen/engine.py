@@ -146,31 +146,9 @@ class Engine:
         params.update(request.decoding)
         return params
 
-    def estimate(self, plan: list[CallPlan]) -> float:
-        """Upper-bound cost of the planned new calls (output at ``max_tokens`` unless a plan says otherwise)."""
-        total = 0.0
-        for item in plan:
-            out = self.cfg.decoding.max_tokens if item.output_tokens is None else item.output_tokens
-            total += item.calls * self.cost(item.input_tokens, out)
-        return total
-
     def preflight(self, plan: list[CallPlan]) -> float:
-        """Prints the estimate; raises BudgetError (exit 2) when it alone exceeds ``max_cost_usd``."""
-        estimate = self.estimate(plan)
-        budget = "none" if self.cfg.max_cost_usd is None else f"${self.cfg.max_cost_usd:.4f}"
-        if self.rank == 0:
-            for item in plan:
-                out = self.cfg.decoding.max_tokens if item.output_tokens is None else item.output_tokens
-                print(f"estimate: {item.label}: ~{item.calls} calls x ({item.input_tokens} in + <= {out} out tokens)",
-                      flush=True)
-            print(f"estimate: at most ${estimate:.4f} for new calls (budget {budget}; cached answers are free)",
-                  flush=True)
-        if self.cfg.max_cost_usd is not None and estimate > self.cfg.max_cost_usd:
-            raise BudgetError(
-                f"teacher.max_cost_usd: the estimated cost ${estimate:.4f} exceeds the budget "
-                f"${self.cfg.max_cost_usd:.4f}; raise the budget or lower the target"
-            )
-        return estimate
+        """See :func:`preflight` (printed on the main process only)."""
+        return preflight(self.cfg, plan, quiet=self.rank != 0)
 
     # ---------------------------------------------------------------------------------------------- control
     def stop(self, reason: str) -> None:
@@ -268,7 +246,7 @@ class Engine:
         """Results in request order (None where the engine stopped first).
 
         Under ``accelerate launch`` each process answers the requests whose index is congruent to its rank, then
-        every process receives all results (``gather_object``), so pipelines stay identical on every rank.
+        every process receives all results (``all_gather_object``), so pipelines stay identical on every rank.
         """
         mine = [(i, r) for i, r in enumerate(requests) if i % self.world == self.rank]
         index = {id(r): i for i, r in mine}
@@ -276,11 +254,15 @@ class Engine:
         async for result in self.run([r for _, r in mine], parse):
             results[index[id(result.request)]] = result
         if self.world > 1:
-            from accelerate.utils import gather_object
+            import torch.distributed as dist
 
-            gathered = gather_object([(i, results[i]) for i, _ in mine])
-            for i, result in gathered:
-                results[i] = result
+            # torch's all_gather_object directly: accelerate 1.15's gather_object is a no-op when it classifies a
+            # gloo CPU group as DistributedType.NO.
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, [(i, results[i]) for i, _ in mine])
+            for part in gathered:
+                for i, result in part:
+                    results[i] = result
         return results
 
     async def _process(self, request: Request, parse: ParseFn | None) -> Result | None:
@@ -381,6 +363,37 @@ class Engine:
         self.cache.close()
 
 
+def estimate_cost(cfg: TeacherConfig, plan: list[CallPlan]) -> float:
+    """Upper-bound cost of the planned new calls (output at ``max_tokens`` unless a plan line says otherwise)."""
+    total = 0.0
+    for item in plan:
+        out = cfg.decoding.max_tokens if item.output_tokens is None else item.output_tokens
+        total += item.calls * (item.input_tokens * cfg.price_input_per_m + out * cfg.price_output_per_m) / 1e6
+    return total
+
+
+def preflight(cfg: TeacherConfig, plan: list[CallPlan], *, quiet: bool = False) -> float:
+    """Prints the estimate; raises BudgetError (exit 2) when it alone exceeds ``max_cost_usd``.
+
+    Needs no engine, so a pipeline can call it before it creates anything on disk.
+    """
+    estimate = estimate_cost(cfg, plan)
+    budget = "none" if cfg.max_cost_usd is None else f"${cfg.max_cost_usd:.4f}"
+    if not quiet:
+        for item in plan:
+            out = cfg.decoding.max_tokens if item.output_tokens is None else item.output_tokens
+            print(f"estimate: {item.label}: ~{item.calls} calls x ({item.input_tokens} in + <= {out} out tokens)",
+                  flush=True)
+        print(f"estimate: at most ${estimate:.4f} for new calls (budget {budget}; cached answers are free)",
+              flush=True)
+    if cfg.max_cost_usd is not None and estimate > cfg.max_cost_usd:
+        raise BudgetError(
+            f"teacher.max_cost_usd: the estimated cost ${estimate:.4f} exceeds the budget "
+            f"${cfg.max_cost_usd:.4f}; raise the budget or lower the target"
+        )
+    return estimate
+
+
 def _process_rank() -> tuple[int, int]:
     """(rank, world size) under ``accelerate launch``; (0, 1) for a plain process."""
     import os
@@ -388,15 +401,17 @@ def _process_rank() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()  # initialises the process group that gather_object needs
+    # Initialises the process group that gather_object needs. Without CUDA, accelerate 1.15 only sees the other
+    # processes when told to use gloo (otherwise every rank believes it is alone).
+    state = PartialState(backend=None if torch.cuda.is_available() else "gloo")
     return state.process_index, state.num_processes
 
 
 def build_engine(cfg: TeacherConfig, output_dir: str | Path, *, progress: bool = True) -> Engine:
     """An engine with the configured backend and the cache at ``cfg.cache_path`` or ``<output_dir>/cache.sqlite``."""
-    cache = AnswerCache(cfg.cache_path or Path(output_dir) / "cache.sqlite")
     if cfg.backend == "api":
         backend: Any = ApiBackend(cfg)
     else:
@@ -405,6 +420,8 @@ def build_engine(cfg: TeacherConfig, output_dir: str | Path, *, progress: bool =
         if device == "cuda" and world > 1:
             device = f"cuda:{rank % max(1, _cuda_count())}"
         backend = LocalBackend(cfg, device)
+    # Created after the backend, so a missing API key or model directory leaves nothing on disk.
+    cache = AnswerCache(cfg.cache_path or Path(output_dir) / "cache.sqlite")
     return Engine(cfg, cache, backend, progress=progress)
 
 

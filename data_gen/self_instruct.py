@@ -35,7 +35,7 @@ from distill.configuration import ConfigError, option, parse_command_line, save_
 
 from data_gen.backends import estimate_tokens
 from data_gen.config import OutputConfig, TeacherConfig
-from data_gen.engine import CallPlan, Engine, EngineError, ParseError, Request, build_engine
+from data_gen.engine import BudgetError, CallPlan, Engine, EngineError, ParseError, Request, build_engine, preflight
 from data_gen.journal import Journal
 from data_gen.output import dataset_card, write_outputs
 
@@ -410,10 +410,29 @@ def _check_output_dir(cfg: SelfInstructConfig, out: Path) -> None:
             raise ConfigError(f"{key}: {out} was generated with {section_data!r}, not {now!r}; use a new output.dir")
 
 
+def estimate_plan(cfg: SelfInstructConfig, seeds: list[dict[str, Any]], remaining: int) -> list[CallPlan]:
+    """Calls needed for ``remaining`` instructions, assuming half the proposals survive the filters."""
+    example_prompt = generation_prompt([t["instruction"] for t in seeds[: cfg.num_prompt_instructions]],
+                                       cfg.new_per_prompt)
+    inst_prompt = instance_prompt(seeds[0]["instruction"], False, seeds[:2], cfg.max_instances)
+    rounds = math.ceil(remaining / max(1, cfg.prompts_per_round * cfg.new_per_prompt * 0.5))
+    return [
+        CallPlan("instruction generation", rounds * cfg.prompts_per_round, estimate_tokens(example_prompt)),
+        CallPlan("classification", remaining, estimate_tokens(classification_prompt("x", seeds[:6])), 4),
+        CallPlan("instances", remaining, estimate_tokens(inst_prompt)),
+    ]
+
+
 async def generate(cfg: SelfInstructConfig) -> int:
     seeds = load_seed_tasks(cfg.seed_tasks or PACKAGED_SEEDS)
     out = Path(cfg.output.dir)
     _check_output_dir(cfg, out)
+    remaining = max(0, cfg.target - Journal.count(out / "journal.jsonl"))
+    try:
+        # Before anything is created on disk: an estimate over the budget must leave no trace.
+        preflight(cfg.teacher, estimate_plan(cfg, seeds, remaining))
+    except BudgetError as err:
+        raise ConfigError(str(err)) from None
     engine = build_engine(cfg.teacher, out, progress=cfg.output.progress)  # ConfigError on a missing API key
     journal = Journal(out / "journal.jsonl")
     try:
@@ -422,20 +441,8 @@ async def generate(cfg: SelfInstructConfig) -> int:
         raise ConfigError(str(err)) from None
     save_config(cfg, out / "config.yaml")
     pipeline = SelfInstruct(cfg, engine, seeds, journal)
-    remaining = max(0, cfg.target - len(journal))
-    example_prompt = generation_prompt([t["instruction"] for t in seeds[: cfg.num_prompt_instructions]],
-                                       cfg.new_per_prompt)
-    inst_prompt = instance_prompt(seeds[0]["instruction"], False, seeds[:2], cfg.max_instances)
-    # Assume half the proposed instructions survive the filters (the paper kept fewer as the pool grew).
-    rounds = math.ceil(remaining / max(1, cfg.prompts_per_round * cfg.new_per_prompt * 0.5))
-    plan = [
-        CallPlan("instruction generation", rounds * cfg.prompts_per_round, estimate_tokens(example_prompt)),
-        CallPlan("classification", remaining, estimate_tokens(classification_prompt("x", seeds[:6])), 4),
-        CallPlan("instances", remaining, estimate_tokens(inst_prompt)),
-    ]
     error: EngineError | None = None
     try:
-        engine.preflight(plan)
         engine.install_signal_handlers()
         engine.open_progress(cfg.target, "self-instruct", unit="instr", initial=min(len(journal), cfg.target))
         try:

@@ -81,6 +81,7 @@ class _ThreadedServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
 
     def start(self) -> "_ThreadedServer":
         self._thread.start()
@@ -97,10 +98,18 @@ class _ThreadedServer:
         async def close() -> None:
             assert self._server is not None
             self._server.close()
+            # Abort open connections (keep-alive ones, a simulated hang) so every handler returns on its own.
+            for writer in list(self._writers):
+                writer.transport.abort()
+            for _ in range(100):
+                if not self._writers:
+                    break
+                await asyncio.sleep(0.01)
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()
 
 
 class ScriptedServer(_ThreadedServer):
@@ -117,9 +126,10 @@ class ScriptedServer(_ThreadedServer):
         return sum(self.counts.values())
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         try:
             while (request := await read_http_request(reader)) is not None:
-                method, path, _, raw = request
+                method, path, headers, raw = request
                 if path.endswith("/health") or path.endswith("/models"):
                     writer.write(http_response(200, b'{"status":"ok","data":[]}'))
                 elif method == "POST" and path.endswith("/chat/completions"):
@@ -135,9 +145,12 @@ class ScriptedServer(_ThreadedServer):
                 else:
                     writer.write(http_response(404, b'{"error":"not found"}'))
                 await writer.drain()
+                if headers.get("connection", "").lower() == "close":
+                    break
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self._writers.discard(writer)
             writer.close()
 
 
@@ -177,6 +190,7 @@ class FaultProxy(_ThreadedServer):
         return http_response(status, payload, keep_alive=False)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         try:
             request = await read_http_request(reader)
             if request is None:
@@ -193,8 +207,11 @@ class FaultProxy(_ThreadedServer):
                                            {"Retry-After": str(self.retry_after_s)}, keep_alive=False))
             elif fault == "500":
                 writer.write(http_response(500, b'{"error":{"message":"boom"}}', keep_alive=False))
-            elif fault == "hang":
-                await asyncio.sleep(self.hang_s)
+            elif fault == "hang":  # say nothing until the client gives up (closes) or hang_s passes
+                try:
+                    await asyncio.wait_for(reader.read(), self.hang_s)
+                except asyncio.TimeoutError:
+                    pass
             elif fault == "malformed":
                 writer.write(http_response(200, b'{"id": "x", "choices": [', keep_alive=False))
             else:
@@ -216,6 +233,7 @@ class FaultProxy(_ThreadedServer):
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self._writers.discard(writer)
             writer.close()
 
 
