@@ -62,7 +62,9 @@ class SparsityMasks:
                 if keep is None:
                     continue
                 if keep.shape != param.shape:
-                    raise ValueError(f"sparsity mask for {name} has shape {tuple(keep.shape)}, weight {tuple(param.shape)}")
+                    raise ValueError(
+                        f"sparsity mask for {name} has shape {tuple(keep.shape)}, weight {tuple(param.shape)}"
+                    )
                 param.mul_(keep.to(device=param.device, dtype=param.dtype))
                 applied += 1
         return applied

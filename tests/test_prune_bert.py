@@ -27,7 +27,10 @@ def minilm() -> tuple[Path, torch.nn.Module, object]:
 @pytest.fixture(scope="module")
 def calibration_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cal") / "cal.jsonl"
-    lines = ['{"text": "A cat sat on the warm mat by the door."}', '{"prompt": "Name a colour.", "completion": "Blue."}']
+    lines = [
+        '{"text": "A cat sat on the warm mat by the door."}',
+        '{"prompt": "Name a colour.", "completion": "Blue."}',
+    ]
     path.write_text("\n".join(lines * 2) + "\n")
     return path
 
@@ -44,7 +47,9 @@ def test_minilm_depth_and_mlp_equal_masked_teacher(minilm, calibration_file) -> 
     mask_teacher(reference, family, plan)
     batch = tokenizer(["pruning keeps what matters", "a short one"], padding=True, return_tensors="pt")
     with torch.no_grad():
-        torch.testing.assert_close(student(**batch).last_hidden_state, reference(**batch).last_hidden_state, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            student(**batch).last_hidden_state, reference(**batch).last_hidden_state, atol=2e-5, rtol=1e-4
+        )
     assert student.config.num_hidden_layers == 4 and student.config.intermediate_size == 768
 
 

@@ -22,7 +22,15 @@ def _write(path, rows) -> None:
 
 def test_formats_templates_and_limits(tmp_path, tokenizer) -> None:
     path = tmp_path / "c.jsonl"
-    _write(path, [{"messages": CHAT}, {"prompt": "What is 2+2?", "completion": "It is 4."}, {"text": "plain " * 50}, {"text": "x"}])
+    _write(
+        path,
+        [
+            {"messages": CHAT},
+            {"prompt": "What is 2+2?", "completion": "It is 4."},
+            {"text": "plain " * 50},
+            {"text": "x"},
+        ],
+    )
     cal = load_calibration(path, tokenizer, num_samples=3, max_length=40, min_tokens=8)
     assert cal.num_samples == 3  # the 4th line is never read
     templated = tokenizer(tokenizer.apply_chat_template(CHAT, tokenize=False), add_special_tokens=False)["input_ids"]

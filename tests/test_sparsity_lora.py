@@ -58,8 +58,13 @@ def test_without_masks_training_densifies() -> None:
 def test_masks_on_peft_model_with_full_training_modules() -> None:
     model = _sparse_model()
     masks = SparsityMasks.capture(model)  # captured before wrapping
-    peft_model = apply_lora(model, LoraSettings(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["down_proj"]))
-    assert canonical_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == "model.layers.0.self_attn.q_proj.weight"
+    peft_model = apply_lora(
+        model, LoraSettings(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["down_proj"])
+    )
+    assert (
+        canonical_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight")
+        == "model.layers.0.self_attn.q_proj.weight"
+    )
     _train(peft_model, masks)
     assert masks.violations(peft_model) == 0
     assert SparsityMasks.capture(peft_model).masks.keys() == masks.masks.keys()  # same names seen through peft

@@ -14,18 +14,32 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.configuration import ConfigError, option, parse_command_line, save_config, section
-from distill.prune.calibration import load_calibration
-from distill.prune.families import family_for
-from distill.prune.importance import cached_importance
-from distill.prune.report import count_params, format_table, layer_rows, shape_summary, tensor_list, write_report
-from distill.prune.structured import Targets, build_pruned_model, plan_pruning, validate_targets
+from distill.prune.calibration import Calibration, load_calibration
+from distill.prune.families import Family, family_for
+from distill.prune.importance import Importance, cached_importance
+from distill.prune.report import (
+    count_params,
+    format_table,
+    layer_rows,
+    shape_summary,
+    tensor_list,
+    write_report,
+    zero_fraction,
+)
+from distill.prune.structured import (
+    Targets,
+    build_pruned_model,
+    check_target_config,
+    plan_pruning,
+    validate_targets,
+)
 from distill.prune.unstructured import parse_pattern, sparsify
 
 
@@ -47,8 +61,9 @@ class CalibrationSettings:
 class DepthSettings:
     num_layers: int | None = option(None, help="layers to keep (block_influence or uniform)")
     method: Literal["block_influence", "uniform", "explicit"] = option(
-        "block_influence", help="block_influence: drop the layers with the lowest 1 - cos(in, out); uniform: keep "
-        "evenly spaced layers; explicit: drop depth.drop_layers"
+        "block_influence",
+        help="block_influence: drop the layers with the lowest 1 - cos(in, out); uniform: keep "
+        "evenly spaced layers; explicit: drop depth.drop_layers",
     )
     drop_layers: list[int] = option([], help="teacher layer indices to drop (method explicit)")
 
@@ -118,6 +133,58 @@ def _cache_dir(cfg: PruneConfig) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distill" / "prune"
 
 
+def _report(
+    cfg: PruneConfig,
+    family: Family,
+    teacher_config: PretrainedConfig,
+    teacher_params: int,
+    student: PreTrainedModel,
+    kept: list[int],
+    per_weight: dict[str, float],
+    calibration: Calibration | None,
+    importance: Importance | None,
+    cache: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The content of ``prune_report.json`` (documented in docs/pruning.md)."""
+    sparse = cfg.sparsity.method != "none"
+    return {
+        "teacher": cfg.model,
+        "mode": "sparsity" if sparse else "structured",
+        "params_before": teacher_params,
+        "params_after": count_params(student),
+        "config_before": shape_summary(teacher_config, family),
+        "config_after": shape_summary(student.config, family),
+        "kept_layers": kept,
+        "criterion": cfg.sparsity.method if sparse else cfg.width.criterion,
+        "depth_method": None if sparse else cfg.depth.method,
+        "sparsity": zero_fraction(student),
+        "sparsity_per_weight": per_weight,
+        "sparsity_pattern": cfg.sparsity.pattern,
+        "calibration": None
+        if calibration is None
+        else {
+            "data": calibration.source,
+            "num_samples": calibration.num_samples,
+            "num_tokens": calibration.num_tokens,
+            "max_length": cfg.calibration.max_length,
+        },
+        "block_influence": tensor_list(importance.block_influence) if importance is not None else None,
+        "importance_cache": cache,
+        "layers": layer_rows(student, family, kept),
+    }
+
+
+def _write_output(
+    tmp: Path, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: PruneConfig, report: dict[str, Any]
+) -> None:
+    """Model (safetensors via save_pretrained; never pickle), tokenizer, resolved config and report into ``tmp``."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_config(cfg, tmp / "prune_config.yaml")
+    write_report(tmp / "prune_report.json", report)
+
+
 def main(argv: list[str]) -> int:
     cfg = parse_command_line(PruneConfig, argv, "distill prune", __doc__ or "")
     model_dir, out_dir = Path(cfg.model), Path(cfg.output_dir)
@@ -135,6 +202,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("nothing to do: set depth.*, width.* or sparsity.method (see --help)")
     if not sparse:
         validate_targets(config, family, targets)
+        check_target_config(config, family, targets)
     needs_data = cfg.sparsity.method == "wanda" or (not sparse and targets.needs_calibration)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     calibration = None
@@ -155,11 +223,12 @@ def main(argv: list[str]) -> int:
             teacher, family, model_dir, calibration, cfg.calibration.batch_size, _cache_dir(cfg)
         )
         cache = {"path": str(path), "hit": hit}
-    params_before = count_params(teacher)
-    before = shape_summary(config, family)
+    teacher_params = count_params(teacher)
     if sparse:
         input_norms = importance.input_sq_norms if importance is not None else None
-        per_weight = sparsify(teacher, family, cfg.sparsity.method, cfg.sparsity.ratio, cfg.sparsity.pattern, input_norms)
+        per_weight = sparsify(
+            teacher, family, cfg.sparsity.method, cfg.sparsity.ratio, cfg.sparsity.pattern, input_norms
+        )
         student, kept = teacher, list(range(config.num_hidden_layers))
     else:
         plan = plan_pruning(config, family, targets, teacher.state_dict(), importance)
@@ -167,41 +236,15 @@ def main(argv: list[str]) -> int:
     student = student.to("cpu", stored_dtype)
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)  # safetensors; never pickle
-    tokenizer.save_pretrained(tmp)
-    save_config(cfg, tmp / "prune_config.yaml")
-    zeros = sum(int((p == 0).sum()) for p in student.parameters())
-    report = {
-        "teacher": str(model_dir),
-        "mode": "sparsity" if sparse else "structured",
-        "params_before": params_before,
-        "params_after": count_params(student),
-        "config_before": before,
-        "config_after": shape_summary(student.config, family),
-        "kept_layers": kept,
-        "criterion": cfg.sparsity.method if sparse else targets.criterion,
-        "depth_method": None if sparse else targets.depth_method,
-        "sparsity": zeros / count_params(student),
-        "sparsity_per_weight": per_weight,
-        "sparsity_pattern": cfg.sparsity.pattern,
-        "calibration": None
-        if calibration is None
-        else {
-            "data": calibration.source,
-            "num_samples": calibration.num_samples,
-            "num_tokens": calibration.num_tokens,
-            "max_length": cfg.calibration.max_length,
-        },
-        "block_influence": tensor_list(importance.block_influence) if importance is not None else None,
-        "importance_cache": cache,
-        "layers": layer_rows(student, family, kept),
-    }
-    write_report(tmp / "prune_report.json", report)
-    if out_dir.exists():
-        out_dir.rmdir()  # checked empty above
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
+    try:
+        report = _report(cfg, family, config, teacher_params, student, kept, per_weight, calibration, importance, cache)
+        _write_output(tmp, student, tokenizer, cfg, report)
+        if out_dir.exists():
+            out_dir.rmdir()  # checked empty above
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves nothing behind
     print(format_table(report))
     print(f"saved pruned model to {out_dir}")
     return 0

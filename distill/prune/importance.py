@@ -80,9 +80,7 @@ class _Recorder:
         self.influence_sum[layer] = self.influence_sum.get(layer, 0.0) + float(((1 - cos) * self.mask).sum())
 
 
-def collect_importance(
-    model: PreTrainedModel, family: Family, calibration: Calibration, batch_size: int
-) -> Importance:
+def collect_importance(model: PreTrainedModel, family: Family, calibration: Calibration, batch_size: int) -> Importance:
     """Runs the calibration set through ``model`` once with hooks installed and returns the statistics."""
     rec = _Recorder()
     layers = model.get_submodule(family.layers_prefix.rstrip("."))
@@ -101,7 +99,9 @@ def collect_importance(
                 handles.append(module.register_forward_pre_hook(lambda _m, a, n=full: rec.input_norms(n, a[0])))
     for name, module in model.named_modules():
         if re.fullmatch(family.norm_modules, name):
-            handles.append(module.register_forward_hook(lambda _m, _a, out, n=name: rec.channel_means(f"norm:{n}", out)))
+            handles.append(
+                module.register_forward_hook(lambda _m, _a, out, n=name: rec.channel_means(f"norm:{n}", out))
+            )
     device = next(model.parameters()).device
     try:
         with torch.no_grad():

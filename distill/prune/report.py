@@ -74,7 +74,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"{'layer':>5} {'teacher':>7} {'params':>12} {'zeros':>7}  weights")
     for row in report["layers"]:
         shapes = ", ".join(f"{name.rsplit('.', 2)[-2]}{tuple(shape)}" for name, shape in row["shapes"].items())
-        lines.append(f"{row['index']:>5} {row['teacher_index']:>7} {row['params']:>12,} {row['sparsity']:>7.1%}  {shapes}")
+        lines.append(
+            f"{row['index']:>5} {row['teacher_index']:>7} {row['params']:>12,} {row['sparsity']:>7.1%}  {shapes}"
+        )
     return "\n".join(lines)
 
 

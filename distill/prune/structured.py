@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
@@ -98,6 +99,31 @@ def validate_targets(config: PretrainedConfig, family: Family, t: Targets) -> No
                 f"hidden channels needs hidden_size == num_attention_heads * {size}; got hidden_size={new_hidden}, "
                 f"num_attention_heads={new_heads} (e.g. set both to {new_heads * size} and {new_heads})"
             )
+
+
+def check_target_config(config: PretrainedConfig, family: Family, t: Targets) -> None:
+    """Runs transformers' own config validation on the target shape, so a shape that ``save_pretrained`` would
+    reject (e.g. LlamaConfig in 5.23 insists on hidden_size % num_attention_heads == 0 even with an explicit
+    head_dim) is a ConfigError before any work is done."""
+    layers = config.num_hidden_layers - len(t.drop_layers) if t.depth_method == "explicit" else t.num_layers
+    heads, kv = config.num_attention_heads, num_kv_heads(config, family)
+    new_heads = t.num_attention_heads or heads
+    shape = Plan(
+        kept_layers=list(range(layers or config.num_hidden_layers)),
+        keep={},
+        num_attention_heads=new_heads,
+        num_key_value_heads=new_heads // (heads // kv),
+        head_dim=head_dim(config, family),
+        intermediate_size=t.intermediate_size or config.intermediate_size,
+        hidden_size=t.hidden_size or config.hidden_size,
+    )
+    try:
+        pruned_config(config, family, shape).validate()
+    except (StrictDataclassError, ValueError, TypeError) as err:
+        cause = err.__cause__ or err
+        raise ConfigError(
+            f"width: transformers rejects the target config for {type(config).__name__}: {cause}"
+        ) from None
 
 
 def magnitude_scores(state: dict[str, torch.Tensor], family: Family) -> dict[str, torch.Tensor]:
