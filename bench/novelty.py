@@ -20,8 +20,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from rouge_score import rouge_scorer
@@ -30,7 +31,7 @@ from rouge_score import rouge_scorer
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from data_gen.rouge import NoveltyIndex  # noqa: E402
+from data_gen.rouge import NoveltyIndex
 
 T = TypeVar("T")
 

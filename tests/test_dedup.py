@@ -20,6 +20,7 @@ def run_dedup(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "data_gen", "dedup", *args],
+        check=False,
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -28,7 +29,9 @@ def run_dedup(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def reference_dedup(records: list[dict], field: str, threshold: float) -> tuple[list[int], list[tuple[int, int, float]]]:
+def reference_dedup(
+    records: list[dict], field: str, threshold: float
+) -> tuple[list[int], list[tuple[int, int, float]]]:
     """Greedy scan with rouge_score: (kept positions, [(dropped position, most similar kept position, score)])."""
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     kept: list[int] = []

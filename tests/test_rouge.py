@@ -171,7 +171,8 @@ def test_benchmark_script_runs(shared_data: Path) -> None:
     """bench/novelty.py on a small head-to-head: it asserts identical kept sets itself and reports the speedup."""
     script = Path(__file__).resolve().parents[1] / "bench" / "novelty.py"
     args = [sys.executable, str(script), "--data", str(shared_data), "--compare", "20", "--seeds", "40", "--skip-full"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(args, check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert figures["compare_texts"] == 60 and 0 < figures["kept"] <= 60 and figures["scan_cpu_s"] > 0 and figures["speedup_is_novel"] > 0
+    assert figures["compare_texts"] == 60 and 0 < figures["kept"] <= 60
+    assert figures["scan_cpu_s"] > 0 and figures["speedup_is_novel"] > 0
