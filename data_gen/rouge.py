@@ -78,16 +78,15 @@ def _lcs_length(masks: dict[str, int], length: int, other: list[str]) -> int:
 
     ``v`` has a zero bit for every position of the first text matched so far; each token of ``other`` moves the
     zeros with one addition (Hyyrö 2004, "Bit-parallel LCS-length computation revisited"). Tokens absent from the
-    first text leave ``v`` unchanged, so they are skipped.
+    first text leave ``v`` unchanged, so they are skipped. Carries out of the top bit only create bits above
+    ``length``, which never meet a match mask, so ``v`` is masked once at the end rather than at every step.
     """
-    full = (1 << length) - 1
-    v = full
-    for token in other:
-        match = masks.get(token)
+    v = (1 << length) - 1
+    for match in map(masks.get, other):
         if match:
             u = v & match
-            v = ((v + u) | (v - u)) & full
-    return length - v.bit_count()
+            v = (v + u) | (v - u)
+    return length - (v & ((1 << length) - 1)).bit_count()
 
 
 def rouge_l_f(a_tokens: list[str], b_tokens: list[str]) -> float:
