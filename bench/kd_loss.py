@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     base = results.get("naive")
     print(f"{'variant':<8}{'peak extra MiB':>16}{'median s':>10}{'mem/naive':>11}{'time/naive':>12}{'loss':>14}")
     for variant, r in results.items():
-        mem_ratio = r["peak_bytes"] / base["peak_bytes"] if base else float("nan")
-        time_ratio = r["median_s"] / base["median_s"] if base else float("nan")
+        # Tiny problems can fit in memory the process already holds (0 bytes extra): no ratio then.
+        mem_ratio = r["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] > 0 else float("nan")
+        time_ratio = r["median_s"] / base["median_s"] if base and base["median_s"] > 0 else float("nan")
         print(
             f"{variant:<8}{r['peak_bytes'] / 2**20:>16.0f}{r['median_s']:>10.2f}{mem_ratio:>11.2f}{time_ratio:>12.2f}"
             f"{r['loss']:>14.4f}"

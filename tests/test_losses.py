@@ -239,3 +239,20 @@ def test_bad_arguments_are_rejected() -> None:
         divergence(s, t, "jsd", beta=1.5)
     with pytest.raises(ValueError, match="mask"):
         divergence(s, t, "tvd", mask=torch.ones(3, dtype=torch.bool))
+
+
+def test_benchmark_script_runs_and_variants_agree() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "kd_loss.py"
+    args = ["--vocab", "300", "--hidden", "16", "--tokens", "24", "--chunk-size", "7", "--repeats", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args, "--kind", "jsd", "--variants", "naive,ours"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("ours") and "mem/naive" not in line for line in lines), proc.stdout
+    diff = next(line for line in lines if line.startswith("ours: loss rel. diff"))
+    assert float(diff.split("vs naive ")[1].split(",")[0]) < 1e-5
