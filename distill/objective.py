@@ -116,6 +116,12 @@ class StudentWithObjective(nn.Module):
             self.features = FeatureDistiller(settings.feature_terms, settings.features, student.config, teacher_config)
 
     @property
+    def config(self):
+        """The student's config: accelerate 1.15 reads ``model.config.hidden_size`` to fill the DeepSpeed bucket
+        sizes left as "auto" in launch/ds_zero3.json."""
+        return self.student.config
+
+    @property
     def needs_hidden_states(self) -> bool:
         return self.features is not None and self.features.needs_hidden_states
 
