@@ -13,7 +13,7 @@ from torch import Tensor
 from transformers import PretrainedConfig
 
 from distill.configuration import ConfigError
-from distill.features.masking import kl_rows, masked_mean
+from distill.features.masking import kl_rows, masked_mean, upcast
 
 # Attention implementations whose forward returns the probabilities (transformers 5.23: only the eager path).
 ATTENTION_IMPLEMENTATIONS_WITH_WEIGHTS = ("eager",)
@@ -52,13 +52,13 @@ def attention_transfer(
     ``mse``: squared difference of probabilities, averaged over heads, real rows and real columns (TinyBERT
     uses unnormalised scores; probabilities are what HF returns and they are bounded, so the scale is stable).
     """
-    student, teacher = match_heads(student.float(), teacher.float(), head_map)
+    student, teacher = match_heads(upcast(student), upcast(teacher), head_map)
     rows = mask[:, None, :, None]  # (batch, 1, query, 1)
     keys = mask[:, None, None, :]  # (batch, 1, 1, key)
     if loss == "mse":
         return masked_mean((student - teacher).pow(2), rows & keys)
     if loss == "kl":
-        tiny = torch.finfo(torch.float32).tiny  # a probability that underflowed to 0 must not give log(0)
+        tiny = torch.finfo(student.dtype).tiny  # a probability that underflowed to 0 must not give log(0)
         per_row = kl_rows(teacher.clamp_min(tiny).log(), student.clamp_min(tiny).log(), keys.expand_as(student))
         return masked_mean(per_row, rows.squeeze(-1))
     raise ValueError(f"attention_loss: expected 'mse' or 'kl', got {loss!r}")

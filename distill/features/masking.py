@@ -12,6 +12,11 @@ import torch
 from torch import Tensor
 
 
+def upcast(x: Tensor) -> Tensor:
+    """At least float32: bf16/fp16 would lose the small differences these losses are made of (float64 stays)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def as_bool_mask(attention_mask: Tensor) -> Tensor:
     """The ``(batch, seq)`` mask as bool, whatever dtype the collator produced."""
     return attention_mask.to(torch.bool)

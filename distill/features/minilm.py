@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from distill.configuration import ConfigError
 from distill.features.attention import attention_transfer
-from distill.features.masking import kl_rows, masked_log_softmax, masked_mean
+from distill.features.masking import kl_rows, masked_log_softmax, masked_mean, upcast
 
 # Module names of the q/k/v projections of layer N, by architecture. Anchored at the end so a peft LoRA wrapper's
 # inner ``q_proj.base_layer`` is not matched: the wrapper's own output (base + LoRA delta) is the effective one.
@@ -81,7 +81,7 @@ def relation_log_probs(x: Tensor, mask: Tensor, heads: int) -> Tensor:
     """``log softmax(X_h X_h^T / sqrt(d_r))`` per relation head -> ``(batch, heads, seq, seq)``, padded keys out."""
     batch, seq, width = x.shape
     head_width = width // heads
-    split = x.float().view(batch, seq, heads, head_width).transpose(1, 2)
+    split = upcast(x).view(batch, seq, heads, head_width).transpose(1, 2)
     scores = split @ split.transpose(-1, -2) / math.sqrt(head_width)
     return masked_log_softmax(scores, mask[:, None, None, :])
 
