@@ -223,14 +223,19 @@ class _ChunkedDivergence(torch.autograd.Function):
         beta: float,
         skew: float,
         chunk_size: int,
+        vocab: int,
     ) -> Tensor:
         need_hidden, need_head = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n_tokens, vocab = student_hidden.shape[0], student_head.shape[0]
+        n_tokens = student_hidden.shape[0]
         device = student_hidden.device
         total = torch.zeros((), dtype=torch.float32, device=device)
         # fp32 accumulators: bf16 sums over many chunks would lose the small per-chunk contributions.
         grad_hidden = torch.zeros_like(student_hidden, dtype=torch.float32) if need_hidden else None
+        # Full-size head gradient (padding rows stay 0), so autograd receives it without a copy.
         grad_head = torch.zeros_like(student_head, dtype=torch.float32) if need_head else None
+        # Cropping inside the Function, not before it: a slice taken outside would make autograd scatter our
+        # gradient into a fresh zero [V, H] tensor (SliceBackward), a second head-sized copy at peak.
+        student_head, teacher_head = student_head[:vocab], teacher_head[:vocab]
         rows = min(chunk_size, n_tokens)
         mixture = kind in ("jsd", "skew_forward_kl", "skew_reverse_kl") and not (kind == "jsd" and beta in (0, 1))
         tiles = [torch.empty((rows, vocab), dtype=torch.float32, device=device) for _ in range(4 if mixture else 3)]
@@ -256,7 +261,7 @@ class _ChunkedDivergence(torch.autograd.Function):
                     else:
                         grad_hidden[start : start + n] = grad_z.to(student_head.dtype) @ student_head
                 if grad_head is not None:
-                    grad_head.addmm_(grad_z.t(), h_s.float())
+                    grad_head[:vocab].addmm_(grad_z.t(), h_s.float())
         del tiles
         # Kept as ctx attributes, not save_for_backward: backward hands these very tensors to autograd, and a
         # tensor still referenced by a SavedVariable would be cloned by AccumulateGrad (one more [V, H] copy).
@@ -275,7 +280,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             None if grad is None else grad.mul_(scale).to(dtype) for grad, dtype in zip(grads, ctx.dtypes)
         ]
         del grads
-        return (*out, *(None,) * 7)
+        return (*out, *(None,) * 8)
 
 
 def chunked_divergence(
@@ -316,9 +321,6 @@ def chunked_divergence(
         vocab_size = student_head.shape[0]
     if vocab_size > min(student_head.shape[0], teacher_head.shape[0]):
         raise ValueError(f"vocab_size: {vocab_size} exceeds a head ({student_head.shape[0]}, {teacher_head.shape[0]})")
-    # Row slices of a contiguous [V, H] weight are views: cropping copies nothing, and autograd routes the
-    # gradient of the kept rows back into the full head (padding rows get zero).
-    s_head, t_head = student_head[:vocab_size], teacher_head[:vocab_size].detach()
     s_hidden, t_hidden = student_hidden, teacher_hidden.detach()
     if mask is not None:
         mask = mask.reshape(-1)
@@ -328,7 +330,8 @@ def chunked_divergence(
         rows = mask.nonzero().squeeze(1)
         s_hidden, t_hidden = s_hidden.index_select(0, rows), t_hidden.index_select(0, rows)
     return _ChunkedDivergence.apply(
-        s_hidden, s_head, t_hidden, t_head, kind, float(temperature), float(beta), float(skew), chunk_size
+        s_hidden, student_head, t_hidden, teacher_head.detach(), kind, float(temperature), float(beta), float(skew),
+        chunk_size, vocab_size,
     )
 
 
