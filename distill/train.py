@@ -25,9 +25,11 @@ from distill.batching import BatchStream
 from distill.configuration import ConfigError, option, parse_command_line, save_config, section, to_dict
 from distill.data import DataSettings, build_datasets, collate
 from distill.evaluation import token_metrics, zero3_gathered
+from distill.lora import LoraSettings, apply_lora, export_lora
 from distill.losses import shared_vocab_size
 from distill.models import ModelSettings, check_paths, load_student, load_teacher, load_tokenizer, parameter_count
 from distill.objective import LossSettings, StudentWithObjective, target_positions, token_level
+from distill.sparsity import SparsityMasks
 
 logger = logging.getLogger("distill")
 
@@ -64,6 +66,14 @@ class TrainConfig:
     model: ModelSettings = section(ModelSettings, help="Teacher and student.")
     data: DataSettings = section(DataSettings, help="Training and eval data.")
     loss: LossSettings = section(LossSettings, help="Loss terms and their settings.")
+    lora: LoraSettings = section(LoraSettings, help="Train LoRA adapters (peft) instead of all student weights.")
+    lora_export: Literal["adapter", "merged", "both"] = option(
+        "both", help="With LoRA: export the adapter (output_dir/adapter), the merged model (output_dir/final), or both."
+    )
+    keep_sparsity: bool = option(
+        True, help="If the student is sparse (e.g. Wanda/N:M pruned), re-apply its zero pattern after every "
+        "optimizer step so training never densifies it."
+    )
 
     def __post_init__(self) -> None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -143,6 +153,10 @@ class Distiller:
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set = build_datasets(cfg.data, self.tokenizer, cfg.seed)
         student = load_student(cfg.model, cfg.seed)
+        # Captured before LoRA wraps the model: zeros of the pruned weights, kept through training and merging.
+        self.masks = SparsityMasks.capture(student) if cfg.keep_sparsity else SparsityMasks({})
+        if cfg.lora.enabled:
+            student = apply_lora(student, cfg.lora)
         self.teacher = load_teacher(cfg.model, cfg.bf16) if cfg.model.teacher else None
         teacher_vocab = self.teacher.config.vocab_size if self.teacher is not None else student.config.vocab_size
         self.vocab_size = shared_vocab_size(student.config.vocab_size, teacher_vocab, len(self.tokenizer))
@@ -167,6 +181,9 @@ class Distiller:
         )
         self.module, self.optimizer, self.scheduler = acc.prepare(module, optimizer, scheduler)
         self.zero3 = _zero3_enabled(acc)
+        if self.zero3 and len(self.masks):
+            raise ConfigError("keep_sparsity: a sparse student cannot be trained under ZeRO-3 (partitioned weights "
+                              "cannot be masked); use ZeRO-2 or DDP, or set keep_sparsity: false")
         if self.zero3:
             import deepspeed
 
@@ -232,6 +249,8 @@ class Distiller:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad()
+                if acc.sync_gradients and len(self.masks):
+                    self.masks.apply(inner(self.module).student)  # pruned zeros stay zero
             for k, v in scaled.items():  # per-step value: token terms sum to the step mean, others average
                 share = 1.0 / (acc.num_processes * self.cfg.gradient_accumulation_steps)
                 logged[k] = logged.get(k, 0.0) + v.detach().item() * share
@@ -394,8 +413,19 @@ class Distiller:
         return summary
 
     def export(self, directory: Path) -> None:
-        """A Hugging Face model directory of the student alone (gathered from ZeRO-3 shards), with the tokenizer."""
+        """A Hugging Face model directory of the student alone (gathered from ZeRO-3 shards), with the tokenizer.
+        With LoRA: the adapter (``adapter/``) and/or the merged model (``final/``), sparsity masks re-applied."""
         acc = self.accelerator
+        if self.cfg.lora.enabled:
+            if acc.is_main_process:
+                student = acc.unwrap_model(self.module).student
+                if self.cfg.lora_export in ("adapter", "both"):
+                    export_lora(student, self.output_dir / "adapter", merged=False)
+                    self.tokenizer.save_pretrained(self.output_dir / "adapter")
+                if self.cfg.lora_export in ("merged", "both"):
+                    export_lora(student, directory, merged=True, tokenizer=self.tokenizer, masks=self.masks)
+            acc.wait_for_everyone()
+            return
         state = acc.get_state_dict(self.module)  # collective under ZeRO-3: every rank calls it
         if acc.is_main_process:
             student_state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
