@@ -15,6 +15,7 @@ from distill.configuration import run_command
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("distill.quickstart:main", "train a tiny teacher, distil a student, report before/after (no downloads)"),
     "train": ("distill.train:main", "distil a teacher into a student from a YAML config (run under accelerate launch)"),
+    "precompute": ("distill.precompute:main", "run the teacher once over a dataset and store its top-k log-probabilities for offline distillation"),
     "prune": ("distill.prune.command:main", "prune a teacher into a smaller HF model (depth/heads/MLP/hidden) or sparsify it (Wanda, N:M)"),
 }
 
