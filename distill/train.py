@@ -114,13 +114,34 @@ def make_accelerator(cfg: TrainConfig, project_dir: Path):
         # accelerate 1.15 does not pick gloo by itself on CPU under DeepSpeed and then sees one process per rank.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     report_to = [t for t in cfg.report_to if t != "none"]
-    return Accelerator(
+    check_deepspeed_config_file()
+    accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision="bf16" if cfg.bf16 else "no",
         log_with=report_to or None,
         project_dir=str(project_dir),
         kwargs_handlers=handlers,
     )
+    if accelerator.state.deepspeed_plugin is not None:
+        # We feed batches ourselves (BatchStream), so accelerate has no dataloader to read the "auto" micro-batch
+        # size from; accelerate 1.15's error message names this key as the way to give it.
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+            cfg.per_device_train_batch_size
+        )
+    return accelerator
+
+
+def check_deepspeed_config_file() -> None:
+    """A clear one-line error, before any model is loaded, when the launch config names a missing DeepSpeed JSON
+    (accelerate only passes the path on in ACCELERATE_DEEPSPEED_CONFIG_FILE and fails later with a traceback)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
+        return
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and not Path(path).is_file():
+        raise ConfigError(
+            f"deepspeed_config_file: {path} (named by the accelerate launch config) does not exist "
+            f"(relative paths are read from the working directory {os.getcwd()})"
+        )
 
 
 def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
