@@ -121,6 +121,9 @@ def make_accelerator(cfg: TrainConfig, project_dir: Path):
         log_with=report_to or None,
         project_dir=str(project_dir),
         kwargs_handlers=handlers,
+        # accelerate 1.15 otherwise steps the schedule num_processes times per optimizer step (it assumes a
+        # dataloader sharded by process); training_step steps it itself once per optimizer step.
+        step_scheduler_with_optimizer=False,
     )
     if accelerator.state.deepspeed_plugin is not None:
         # We feed batches ourselves (BatchStream), so accelerate has no dataloader to read the "auto" micro-batch
@@ -268,7 +271,8 @@ class Distiller:
                 if acc.sync_gradients and self.cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm)
                 self.optimizer.step()
-                self.scheduler.step()
+                if acc.sync_gradients:  # once per optimizer step, whatever the number of processes
+                    self.scheduler.step()
                 self.optimizer.zero_grad()
                 if acc.sync_gradients and len(self.masks):
                     self.masks.apply(inner(self.module).student)  # pruned zeros stay zero
