@@ -62,16 +62,23 @@ class _Recorder:
         self.influence_sum: dict[int, float] = {}
         self.layer_inputs: dict[int, torch.Tensor] = {}
         self.tokens = 0
+        # q/k/v (and gate/up) read the very same tensor: square it once, not three times.
+        self._last: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
     def channel_means(self, key: str, x: torch.Tensor) -> None:
-        m = self.mask.to(x.dtype).unsqueeze(-1)  # [B, S, 1]
-        per_sample = (x.detach().abs() * m).sum(1) / m.sum(1).clamp(min=1)  # [B, C]
-        total = (per_sample.float() ** 2).sum(0)
-        self.sq_means[key] = self.sq_means.get(key, 0) + total
+        m = self.mask.to(torch.float32)  # [B, S]
+        # einsum fuses the masking into one reduction (no [B, S, C] temporary for the product).
+        per_sample = torch.einsum("bsc,bs->bc", x.detach().float().abs(), m) / m.sum(1, keepdim=True).clamp(min=1)
+        self.sq_means[key] = self.sq_means.get(key, 0) + per_sample.square().sum(0)
 
     def input_norms(self, name: str, x: torch.Tensor) -> None:
-        m = self.mask.to(x.dtype).unsqueeze(-1)
-        total = ((x.detach().float() ** 2) * m).reshape(-1, x.shape[-1]).sum(0)
+        last_x, last_total = self._last
+        if x is last_x:
+            total = last_total
+        else:
+            # Padding never counts: the mask zeroes its rows in the reduction.
+            total = torch.einsum("bsc,bs->c", x.detach().float().square(), self.mask.to(torch.float32))
+            self._last = (x, total)
         self.input_sq[name] = self.input_sq.get(name, 0) + total
 
     def influence(self, layer: int, out: torch.Tensor) -> None:
@@ -112,6 +119,7 @@ def collect_importance(model: PreTrainedModel, family: Family, calibration: Cali
     finally:
         for handle in handles:
             handle.remove()
+        rec._last = (None, None)
     channels = {k: v.sqrt().cpu() for k, v in rec.sq_means.items() if not k.startswith("norm:")}
     # Hidden channels: Minitron sums the per-norm-layer scores over all layers.
     channels["hidden"] = sum(v.sqrt().cpu() for k, v in rec.sq_means.items() if k.startswith("norm:"))
