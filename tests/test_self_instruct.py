@@ -258,3 +258,19 @@ def test_shipped_config_parses():
     path = REPO / "configs" / "data_gen" / "self_instruct.yaml"
     cfg = parse_command_line(SelfInstructConfig, ["--config", str(path)], "t")
     assert cfg.teacher.api_key_env == "OPENAI_API_KEY" and cfg.target == load_yaml(path)["target"]
+
+
+def test_documented_local_server_command_and_foreign_output_dir(server, tmp_path, capsys):
+    """docs/data_gen.md: the shipped config pointed at a local no-auth server; a dir from another run is refused."""
+    out = tmp_path / "si"
+    command = ["self-instruct", "--config", str(REPO / "configs" / "data_gen" / "self_instruct.yaml"),
+               "--teacher.base_url", server.base_url, "--teacher.api_key_env", "null", "--teacher.model", "my-model",
+               "--target", "6", "--prompts_per_round", "2", "--output.dir", str(out), "--output.progress", "false"]
+    assert data_gen_main(command) == 0 and len({r["instruction"] for r in read_rows(out)}) == 6
+    capsys.readouterr()
+    assert data_gen_main([*command, "--seed", "1"]) == 2
+    assert "seed:" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert data_gen_main([*command[:-4], "--output.dir", str(tmp_path / "other")]) == 2
+    assert "not a self-instruct output directory" in capsys.readouterr().err
