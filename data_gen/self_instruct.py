@@ -439,7 +439,8 @@ async def generate(cfg: SelfInstructConfig) -> int:
         journal.open()
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    save_config(cfg, out / "config.yaml")
+    if engine.rank == 0:
+        save_config(cfg, out / "config.yaml")
     pipeline = SelfInstruct(cfg, engine, seeds, journal)
     error: EngineError | None = None
     try:
@@ -452,18 +453,18 @@ async def generate(cfg: SelfInstructConfig) -> int:
     finally:
         engine.close_progress()
         journal.close()
-        records = [journal.records[i] for i in pipeline.kept_ids if i in journal.records]
-        if not pipeline.kept_ids:  # stopped before replaying anything: keep what the journal has
-            records = list(journal.records.values())[: cfg.target]
+        # Journal order is the order instructions were kept (replayed rounds append nothing), so the data files
+        # hold every journaled record even when this run stopped while replaying.
+        records = list(journal.records.values())[: cfg.target]
         summary = engine.summary()
-        teacher = to_dict(cfg.teacher)
-        card = dataset_card("Self-Instruct data", "Instructions bootstrapped from seed tasks with the Self-Instruct "
-                            "method (generate, filter, ROUGE-L novelty, classify, instances).", len(records),
-                            cfg.output.formats, teacher, summary)
-        write_outputs(to_rows(records), out, cfg.output.formats, card)
+        if engine.rank == 0:  # under accelerate launch, one process writes files
+            card = dataset_card("Self-Instruct data", "Instructions bootstrapped from seed tasks with the "
+                                "Self-Instruct method (generate, filter, ROUGE-L novelty, classify, instances).",
+                                len(records), cfg.output.formats, to_dict(cfg.teacher), summary)
+            write_outputs(to_rows(records), out, cfg.output.formats, card)
+            print(summary)
+            print(f"{len(records)} instructions ({sum(len(r['instances']) for r in records)} rows) in {out}")
         await engine.aclose()
-        print(summary)
-        print(f"{len(records)} instructions ({sum(len(r['instances']) for r in records)} rows) in {out}")
     if error is not None:
         raise ConfigError(str(error))
     if engine.stopped:

@@ -139,7 +139,8 @@ def test_kill_9_at_several_points_then_resume(server, tmp_path):
     assert server.total == before  # a finished run asks nothing again
 
 
-def test_sigterm_stops_gracefully_and_resumes(server, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_gracefully_and_resumes(server, tmp_path, signum):
     server.latency_s = 0.05
     out = tmp_path / "term"
     command = [sys.executable, "-m", "data_gen", *args(server, out, "--target", "40")]
@@ -148,10 +149,10 @@ def test_sigterm_stops_gracefully_and_resumes(server, tmp_path):
     deadline = time.time() + 60
     while server.total < 20 and time.time() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     stdout, _ = proc.communicate(timeout=60)
     assert proc.returncode == 3, stdout
-    assert "SIGTERM" in stdout and "stopped early (interrupted)" in stdout and "teacher calls:" in stdout
+    assert signal.Signals(signum).name in stdout and "stopped early (interrupted)" in stdout and "teacher calls:" in stdout
     assert (out / "data.jsonl").exists() and (out / "README.md").exists()
     server.latency_s = 0.0
     assert subprocess.run(command, env=env, capture_output=True, timeout=120).returncode == 0
