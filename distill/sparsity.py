@@ -1,6 +1,6 @@
 """Keep a sparse model sparse while it trains: capture where its weights are zero, re-zero them after each step.
 
-    masks = SparsityMasks.capture(model)          # before wrapping with peft or after, either works
+    masks = SparsityMasks.capture(model)          # before or after wrapping with peft (adapter weights skipped)
     handle = masks.attach(optimizer, model)       # re-applies after every optimizer.step()
     ...
     masks.apply(model)                            # or call it yourself (e.g. after merging LoRA)
@@ -22,6 +22,9 @@ from torch.utils.hooks import RemovableHandle
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 _PEFT_PARTS = re.compile(r"\.base_layer|\.modules_to_save\.[^.]+|\.original_module")
+# Adapter weights (lora_A/lora_B/...) are not model weights: LoRA B starts as all zeros, and masking it would stop
+# the adapter from ever learning.
+_ADAPTER_PARAM = re.compile(r"\.lora_")
 
 
 def canonical_name(name: str) -> str:
@@ -43,7 +46,7 @@ class SparsityMasks:
         """
         masks = {}
         for name, param in model.named_parameters():
-            if param.dim() < 2:
+            if param.dim() < 2 or _ADAPTER_PARAM.search(name):
                 continue
             keep = param.detach() != 0
             if 1.0 - keep.float().mean().item() >= min_sparsity:

@@ -71,8 +71,12 @@ TARGETS = [
 ]
 
 
-@pytest.mark.parametrize("make", [_llama_gqa, _qwen2_explicit_head_dim], ids=["llama-gqa", "qwen2-head_dim24"])
-@pytest.mark.parametrize("targets", TARGETS, ids=["depth-bi", "heads", "mlp", "hidden", "all-explicit", "magnitude"])
+TARGET_IDS = ["depth-bi", "heads", "mlp", "hidden", "all-explicit", "magnitude"]
+CASES = [(_llama_gqa, t) for t in TARGETS] + [(_qwen2_explicit_head_dim, TARGETS[i]) for i in (1, 3, 4)]
+CASE_IDS = [f"llama-gqa-{i}" for i in TARGET_IDS] + [f"qwen2-head_dim24-{TARGET_IDS[i]}" for i in (1, 3, 4)]
+
+
+@pytest.mark.parametrize(("make", "targets"), CASES, ids=CASE_IDS)
 def test_masked_teacher_equals_pruned_model(make, targets: Targets) -> None:
     teacher = make()
     family = family_for(teacher.config)
@@ -99,7 +103,13 @@ def _other_families() -> list:
 
     from distill.tiny import tiny_llama
 
-    shape = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4}
+    shape = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+    }
     tied = tiny_llama(VOCAB, num_layers=3, tie_word_embeddings=True)
     tied.config.architectures = ["LlamaForCausalLM"]
     return [

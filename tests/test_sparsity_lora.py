@@ -65,9 +65,12 @@ def test_masks_on_peft_model_with_full_training_modules() -> None:
         canonical_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight")
         == "model.layers.0.self_attn.q_proj.weight"
     )
-    _train(peft_model, masks)
+    # Captured after wrapping: the same masks (the all-zero LoRA B matrices are not model weights).
+    assert SparsityMasks.capture(peft_model).masks.keys() == masks.masks.keys()
+    _train(peft_model, SparsityMasks.capture(peft_model))
     assert masks.violations(peft_model) == 0
-    assert SparsityMasks.capture(peft_model).masks.keys() == masks.masks.keys()  # same names seen through peft
+    lora_b = peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert lora_b.abs().sum() > 0  # the adapter did learn
 
 
 def test_callback_reapplies_masks() -> None:

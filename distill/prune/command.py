@@ -106,7 +106,7 @@ class PruneConfig:
     width: WidthSettings = section(WidthSettings, help="head / MLP / hidden channel removal")
     sparsity: SparsitySettings = section(SparsitySettings, help="unstructured or N:M masks (dense output)")
     cache_dir: str | None = option(None, help="importance cache; default $XDG_CACHE_HOME/distill/prune")
-    device: str = option("cpu", help="device for calibration passes, e.g. cpu or cuda")
+    device: str = option("cpu", help="device for the calibration pass only (e.g. cuda); pruning runs on cpu")
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -196,9 +196,9 @@ def main(argv: list[str]) -> int:
     family = family_for(config)
     targets = _targets(cfg)
     sparse = cfg.sparsity.method != "none"
-    if sparse and targets.any:
+    if sparse and targets.requested:
         raise ConfigError("sparsity: masks and structured targets in one run are not supported; run prune twice")
-    if not sparse and not targets.any:
+    if not sparse and not targets.requested:
         raise ConfigError("nothing to do: set depth.*, width.* or sparsity.method (see --help)")
     if not sparse:
         validate_targets(config, family, targets)
@@ -223,6 +223,8 @@ def main(argv: list[str]) -> int:
             teacher, family, model_dir, calibration, cfg.calibration.batch_size, _cache_dir(cfg)
         )
         cache = {"path": str(path), "hit": hit}
+    # Planning and slicing are cheap and index-heavy; on the CPU every index tensor lives on one device.
+    teacher = teacher.to("cpu")
     teacher_params = count_params(teacher)
     if sparse:
         input_norms = importance.input_sq_norms if importance is not None else None

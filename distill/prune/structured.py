@@ -35,7 +35,7 @@ class Targets:
     criterion: Literal["activation", "magnitude"] = "activation"
 
     @property
-    def any(self) -> bool:
+    def requested(self) -> bool:
         width = (self.num_attention_heads, self.intermediate_size, self.hidden_size)
         return self.num_layers is not None or bool(self.drop_layers) or any(w is not None for w in width)
 
