@@ -89,6 +89,11 @@ def test_generates_a_dataset_the_trainer_can_read(server, tmp_path, capsys):
 
     loaded = datasets.load_dataset(str(out))["train"]
     assert loaded.num_rows == len(rows) and loaded[0]["messages"] == rows[0]["messages"]
+    from distill.data import detect_shape, load_records
+
+    for name in ("data.jsonl", "data.parquet"):  # what the distill trainer's data.train_file reads
+        records = load_records(out / name)
+        assert len(records) == len(rows) and detect_shape(records[0], "auto", name) == "messages"
     card = (out / "README.md").read_text()
     assert "data_files" in card and "records: 12" in card
     assert "api_key_env: null" in (out / "config.yaml").read_text()
