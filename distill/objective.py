@@ -24,6 +24,8 @@ from distill import losses
 from distill.configuration import option, section
 from distill.data import IGNORE_INDEX
 from distill.features.distiller import FEATURE_TERMS, FeatureDistiller, FeatureSettings
+from distill.logit_store import TopKTargets
+from distill.topk_losses import chunked_topk_divergence
 
 CE_TERM = "ce"
 
@@ -40,6 +42,10 @@ class LossSettings:
     beta: float = option(0.5, help="Interpolation of the generalized JSD (0 = forward KL, 1 = reverse KL).")
     skew: float = option(0.1, help="Mixing weight of the skew KL divergences (DistiLLM).")
     chunk_size: int = option(1024, help="Tokens per chunk when computing logit losses from hidden states.")
+    teacher_store: str | None = option(
+        None, help="Offline distillation: a store written by `distill precompute`; logit terms then use its top-k "
+        "teacher log-probabilities (with a tail bucket) and no teacher is loaded (leave model.teacher unset)."
+    )
     features: FeatureSettings = section(FeatureSettings, help="Settings of feature- and relation-based terms.")
 
     def __post_init__(self) -> None:
@@ -63,6 +69,8 @@ class LossSettings:
             raise ValueError(f"skew: expected a number in [0, 1), got {self.skew}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size: expected >= 1, got {self.chunk_size}")
+        if self.teacher_store and self.feature_terms:
+            raise ValueError(f"teacher_store: feature terms {sorted(self.feature_terms)} need an online teacher")
 
     @property
     def logit_terms(self) -> dict[str, float]:
@@ -74,7 +82,7 @@ class LossSettings:
 
     @property
     def needs_teacher(self) -> bool:
-        return bool(self.logit_terms or self.feature_terms)
+        return bool(self.feature_terms or (self.logit_terms and not self.teacher_store))
 
 
 def target_positions(labels: Tensor) -> Tensor:
@@ -152,7 +160,13 @@ class StudentWithObjective(nn.Module):
         if s.terms.get(CE_TERM, 0) > 0:
             targets = labels[:, 1:][positions[:, :-1]]
             terms[CE_TERM] = chunked_cross_entropy_sum(student_hidden, student_head, targets, s.chunk_size)
-        if s.logit_terms:
+        if s.logit_terms and isinstance(teacher_outputs, TopKTargets):  # offline: stored top-k targets
+            for kind in s.logit_terms:
+                terms[kind] = chunked_topk_divergence(
+                    student_hidden, student_head, teacher_outputs, kind, temperature=s.temperature, beta=s.beta,
+                    skew=s.skew, vocab_size=self.vocab_size, chunk_size=s.chunk_size,
+                )
+        elif s.logit_terms:
             teacher_hidden = teacher_outputs.last_hidden_state[positions]
             for kind in s.logit_terms:
                 terms[kind] = losses.chunked_divergence(

@@ -87,7 +87,10 @@ def run(cfg: PrecomputeConfig) -> Path:
     # Every rank checks before any rank writes, so the check never sees a sibling's fresh shard.
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output_dir: {out} exists and is not empty; choose a new directory for the store")
-    state = PartialState()
+    # accelerate 1.15 sees one process per rank on a CPU-only machine unless told `cpu` (it then uses gloo); and
+    # `accelerate launch --cpu --num_processes N` starts ONE process without an MPI hostfile: launch CPU runs with
+    # `--multi_gpu --num_processes N` (torchrun), as docs/offline.md shows.
+    state = PartialState(cpu=not torch.cuda.is_available())
     state.wait_for_everyone()
     model_settings = ModelSettings(teacher=cfg.teacher, teacher_dtype=cfg.teacher_dtype,
                                    attn_implementation=cfg.attn_implementation)

@@ -25,6 +25,7 @@ from distill.batching import BatchStream
 from distill.configuration import ConfigError, option, parse_command_line, save_config, section, to_dict
 from distill.data import DataSettings, build_datasets, collate
 from distill.evaluation import token_metrics, zero3_gathered
+from distill.logit_store import LogitStore
 from distill.lora import LoraSettings, apply_lora, export_lora
 from distill.losses import shared_vocab_size
 from distill.models import ModelSettings, check_paths, load_student, load_teacher, load_tokenizer, parameter_count
@@ -91,6 +92,8 @@ class TrainConfig:
             raise ValueError("data.train_file: a training dataset is required")
         if self.loss.needs_teacher and not self.model.teacher:
             raise ValueError(f"model.teacher: loss terms {sorted(self.loss.terms)} need a teacher model")
+        if self.loss.teacher_store and self.model.teacher:
+            raise ValueError("model.teacher: leave it unset with loss.teacher_store (the store replaces the teacher)")
 
 
 def prepare_output_dir(cfg: TrainConfig) -> Path:
@@ -184,6 +187,12 @@ class Distiller:
         self.teacher = load_teacher(cfg.model, cfg.bf16) if cfg.model.teacher else None
         teacher_vocab = self.teacher.config.vocab_size if self.teacher is not None else student.config.vocab_size
         self.vocab_size = shared_vocab_size(student.config.vocab_size, teacher_vocab, len(self.tokenizer))
+        self.store = None
+        if cfg.loss.teacher_store:  # offline KD: top-k teacher targets from `distill precompute`, checked up front
+            self.store = LogitStore(cfg.loss.teacher_store)
+            self.store.check_compatible(
+                self.tokenizer, self.vocab_size, cfg.loss.temperature, cfg.data.train_file, self.train_set
+            )
         module = StudentWithObjective(
             student, cfg.loss, self.vocab_size, self.teacher.config if self.teacher is not None else None
         )
@@ -233,6 +242,8 @@ class Distiller:
         return batches
 
     def teacher_forward(self, batch: dict[str, torch.Tensor]):
+        if self.store is not None:  # offline: the batch's stored targets, looked up by sample id
+            return self.store.targets(batch["sample_ids"].tolist(), self.accelerator.device)
         if self.teacher is None or not self.cfg.loss.needs_teacher:
             return None
         with torch.no_grad():
@@ -323,12 +334,17 @@ class Distiller:
         }
 
     def save(self) -> Path:
-        path = ckpt.save_checkpoint(
-            self.accelerator, self.output_dir, self.step, self.trainer_state(), self.cfg.save_total_limit
+        return ckpt.save_checkpoint(
+            self.accelerator, self.output_dir, self.step, self.trainer_state(), self.cfg.save_total_limit,
+            write_extra=self.write_checkpoint_extras,
         )
-        if self.accelerator.is_main_process:
-            save_config(self.cfg, path / "config.yaml")
-        return path
+
+    def write_checkpoint_extras(self, directory: Path) -> None:
+        """The resolved config, and the student's config and tokenizer so that ``distill export`` rebuilds the
+        model from the checkpoint alone (written before the manifest, so they are covered by it)."""
+        save_config(self.cfg, directory / "config.yaml")
+        inner(self.module).student.config.save_pretrained(directory / ckpt.STUDENT_DIR)
+        self.tokenizer.save_pretrained(directory / ckpt.STUDENT_DIR)
 
     def resume(self) -> None:
         if self.cfg.resume is None:
