@@ -190,6 +190,15 @@ def test_bad_input_config_errors(teacher_dir, tmp_path, capsys, extra: list[str]
     assert not out.exists()
 
 
+def test_help_lists_every_section(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["prune", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--calibration.data", "--depth.method", "--width.num_attention_heads", "--sparsity.pattern"):
+        assert flag in text
+
+
 def test_unsupported_model_and_existing_output(tmp_path, teacher_dir, capsys) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 

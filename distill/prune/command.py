@@ -1,8 +1,7 @@
 """``distill prune``: structured pruning into a smaller Hugging Face model, or sparsity masks on a dense one.
 
-    distill prune --model TEACHER --output-dir OUT --depth.num_layers 12 --width.num_attention_heads 8 \
-        --calibration.data data.jsonl
-    distill prune --config configs/prune/llama_width.yaml --model TEACHER --output-dir OUT
+    distill prune --model TEACHER --output-dir OUT --depth.num_layers 12 --calibration.data data.jsonl
+    distill prune --config configs/prune/llama_minitron.yaml --model TEACHER --output-dir OUT --calibration.data D
 
 Every check (model family, reachable targets, calibration data) runs before anything is written; the output is
 assembled in a temporary sibling directory and renamed into place, so a failed run leaves nothing behind.
@@ -206,6 +205,8 @@ def main(argv: list[str]) -> int:
     needs_data = cfg.sparsity.method == "wanda" or (not sparse and targets.needs_calibration)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     calibration = None
+    if cfg.calibration.data and not needs_data:
+        print("note: calibration.data is not used by these targets (magnitude / uniform / explicit)")
     if needs_data:
         if not cfg.calibration.data:
             raise ConfigError("calibration.data: this criterion needs calibration data (a jsonl file)")
