@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
+STUDENT_DIR = "student"  # the student's config.json and tokenizer, for `distill export`
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -60,8 +62,19 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, Any], keep: int | None) -> Path:
-    """Saves on every rank, publishes on the main one. Returns the final directory."""
+def save_checkpoint(
+    accelerator,
+    output_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    keep: int | None,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Saves on every rank, publishes on the main one. Returns the final directory.
+
+    ``write_extra(tmp_dir)`` runs on the main process before the manifest is written, so its files are validated
+    like the rest.
+    """
     final = output_dir / f"{PREFIX}{step}"
     tmp = output_dir / f".{PREFIX}{step}.tmp"
     if accelerator.is_main_process:
@@ -72,6 +85,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, A
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        if write_extra is not None:
+            write_extra(tmp)
         _write_manifest(tmp)
         _fsync_tree(tmp)
         if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)

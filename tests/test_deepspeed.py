@@ -1,0 +1,236 @@
+"""Real 2-process DeepSpeed runs on CPU (gloo): ZeRO-2 and ZeRO-3 training, exact resume after ``kill -9`` (during
+training and during a checkpoint save), two nodes on loopback, a hidden-state feature loss with a projector under
+ZeRO-3, and ``distill export`` from ZeRO-3 shards.
+
+Each run takes tens of seconds on 2 cores (mostly imports and process-group start); the first DeepSpeed run on a
+clean machine also JIT-builds a small comm op once (cached in ~/.cache/torch_extensions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("deepspeed")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+STEPS = 4
+FEATURE_TERMS = "{forward_kl: 1, hidden_mse: 0.5}"  # student (32 wide) narrower than teacher (64): a projector
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    lines = []
+    for i in range(48):
+        a, b = i % 7 + 1, i % 5 + 2
+        answer = "The answer is " + str(a + b) + "." * (i % 3 + 1)
+        lines.append(json.dumps({"prompt": f"What is {a} plus {b}?", "completion": answer}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_args(model_dirs, train_file: Path, out: Path, *extra: str, terms: str = "{forward_kl: 0.7, ce: 0.3}"):
+    return [
+        "--output_dir", str(out), "--max_steps", str(STEPS), "--learning_rate", "1e-3", "--logging_steps", "1",
+        "--eval_steps", "null", "--report_to", "[none]", "--per_device_train_batch_size", "4",
+        "--save_steps", "2", "--save_total_limit", "null", "--model.teacher", str(model_dirs["teacher"]),
+        "--model.student", str(model_dirs["student"]), "--data.train_file", str(train_file),
+        "--data.eval_fraction", "0", "--loss.terms", terms, "--loss.chunk_size", "7", *extra,
+    ]
+
+
+def launch_command(config: str, args: list[str], *launcher_args: str) -> list[str]:
+    return [
+        "accelerate", "launch", "--config_file", f"launch/{config}", "--num_processes", "2",
+        *launcher_args, "-m", "distill", "train", *args,
+    ]
+
+
+def run(config: str, args: list[str], *launcher_args: str) -> subprocess.CompletedProcess:
+    port = ["--main_process_port", str(free_port())] if "--main_process_port" not in launcher_args else []
+    result = subprocess.run(launch_command(config, args, *port, *launcher_args), cwd=REPO_ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def start(config: str, args: list[str]) -> subprocess.Popen:
+    """A run in its own process group (the launcher and whatever it spawns outside the ranks)."""
+    command = launch_command(config, args, "--main_process_port", str(free_port()))
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def kill_when(process: subprocess.Popen, path: Path, poll: float) -> None:
+    deadline = time.time() + 400
+    while not path.exists():
+        assert process.poll() is None, f"run ended before {path.name} appeared: {process.stderr.read()[-3000:]}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(poll)
+    # torchrun starts each rank in a session of its own: kill the ranks by pid, then the launcher, as a node
+    # failure would (killing the launcher's process group alone leaves the ranks running).
+    ranks = psutil.Process(process.pid).children(recursive=True)
+    for rank in ranks:
+        rank.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    psutil.wait_procs(ranks, timeout=60)
+
+
+def logged_losses(out: Path) -> dict[int, float]:
+    """Per-step training loss; after a resume the re-run steps overwrite the earlier entries."""
+    losses = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" in record:
+            losses[record["step"]] = record["train/loss"]
+    return losses
+
+
+def assert_same_run(reference: Path, resumed: Path) -> None:
+    """Same per-step losses and the same final parameters (max abs diff <= 1e-6, fp32 on CPU)."""
+    want, got = logged_losses(reference), logged_losses(resumed)
+    assert got.keys() == want.keys() == set(range(1, STEPS + 1))
+    for step, value in want.items():
+        assert got[step] == pytest.approx(value, abs=1e-6), step
+    ref_weights = load_file(str(reference / "final" / "model.safetensors"))
+    new_weights = load_file(str(resumed / "final" / "model.safetensors"))
+    assert ref_weights.keys() == new_weights.keys()
+    for name, tensor in ref_weights.items():
+        assert (new_weights[name] - tensor).abs().max().item() <= 1e-6, name
+
+
+def copy_checkpoint(source: Path, step: int, target: Path) -> None:
+    """A run directory holding only ``checkpoint-<step>`` and the metrics logged up to it: a run stopped there."""
+    target.mkdir()
+    shutil.copytree(source / f"checkpoint-{step}", target / f"checkpoint-{step}")
+    kept = [line for line in (source / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["step"] <= step]
+    (target / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+
+
+@pytest.fixture(scope="module")
+def zero3_reference(model_dirs, train_file, tmp_path_factory) -> Path:
+    """An uninterrupted ZeRO-3 run with a hidden-state loss through a projector, checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("zero3") / "reference"
+    run("zero3.yaml", train_args(model_dirs, train_file, out, terms=FEATURE_TERMS))
+    return out
+
+
+@pytest.mark.slow
+def test_zero2_kill_9_during_training_then_resume_is_exact(model_dirs, train_file, tmp_path):
+    reference = tmp_path / "reference"
+    run("zero2.yaml", train_args(model_dirs, train_file, reference))
+    shards = sorted(p.name for p in (reference / "checkpoint-2" / "pytorch_model").iterdir())
+    assert shards == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                      "mp_rank_00_model_states.pt"], shards  # ZeRO-2: optimizer partitioned, weights whole
+    assert {p.name for p in (reference / "checkpoint-2").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}
+
+    out = tmp_path / "killed"
+    args = train_args(model_dirs, train_file, out, "--save_steps", "1")
+    kill_when(start("zero2.yaml", args), out / "checkpoint-2", poll=0.05)
+    assert not (out / "final").exists()
+    resumed = run("zero2.yaml", [*args, "--resume", "auto"])
+    assert f"resumed from {out}/checkpoint-" in resumed.stderr
+    assert_same_run(reference, out)
+
+
+@pytest.mark.slow
+def test_zero3_feature_loss_shards_teacher_and_student(zero3_reference):
+    checkpoint = zero3_reference / "checkpoint-4"
+    names = sorted(p.name for p in (checkpoint / "pytorch_model").iterdir())
+    assert names == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+    # The projector is a parameter of the prepared module: its shards are in the model state of each rank.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="pytorch_model")
+    projectors = {k: v for k, v in state.items() if k.startswith("features.projectors.")}
+    assert projectors and all(v.shape[-1] in (32, 64) for v in projectors.values()), sorted(state)[:5]
+    losses = logged_losses(zero3_reference)
+    assert len(losses) == STEPS and all(v > 0 for v in losses.values())
+    hidden = [json.loads(line) for line in (zero3_reference / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train/hidden_mse"] > 0 for r in hidden)
+    assert (zero3_reference / "final" / "tokenizer.json").is_file()
+    assert not any(k.startswith("features.") for k in load_file(str(zero3_reference / "final" / "model.safetensors")))
+
+
+@pytest.mark.slow
+def test_zero3_kill_9_during_checkpoint_save_resumes_from_previous(model_dirs, train_file, zero3_reference, tmp_path):
+    out = tmp_path / "killed"
+    args = train_args(model_dirs, train_file, out, "--save_steps", "1", terms=FEATURE_TERMS)
+    kill_when(start("zero3.yaml", args), out / ".checkpoint-3.tmp", poll=0.01)
+    assert (out / "checkpoint-2").is_dir() and not (out / "final").exists()
+    half_written = (out / ".checkpoint-3.tmp").exists()
+    resumed = run("zero3.yaml", [*args, "--resume", "auto"])
+    if half_written:  # the kill landed inside the save (it nearly always does: the save takes a while)
+        assert f"ignoring unfinished checkpoint save {out}/.checkpoint-3.tmp" in resumed.stderr
+        assert f"resumed from {out}/checkpoint-2" in resumed.stderr
+    assert_same_run(zero3_reference, out)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_resume_a_zero3_checkpoint_exactly(model_dirs, train_file, zero3_reference, tmp_path):
+    """Two "nodes" of one process each, started by launch/slurm_node.sh (what launch/slurm.sbatch runs on every
+    node): two ``accelerate launch`` with machine ranks 0 and 1 and the standard multi-node launcher."""
+    out = tmp_path / "two_nodes"
+    copy_checkpoint(zero3_reference, 2, out)
+    args = [*train_args(model_dirs, train_file, out, terms=FEATURE_TERMS), "--resume", "auto"]
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(
+            ["bash", "launch/slurm_node.sh", *args], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, env={
+                **ENV, "SLURM_NNODES": "2", "SLURM_NODEID": str(rank), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port, "PROCS_PER_NODE": "1",
+            },
+        )
+        for rank in (0, 1)
+    ]
+    errors = [node.communicate(timeout=600)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    assert f"resumed from {out}/checkpoint-2" in errors[0]
+    assert_same_run(zero3_reference, out)
+
+
+@pytest.mark.slow
+def test_export_consolidates_zero3_shards(zero3_reference, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = tmp_path / "exported"
+    result = subprocess.run(
+        [sys.executable, "-m", "distill", "export", "--checkpoint", str(zero3_reference / "checkpoint-4"),
+         "--output_dir", str(target)], env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(target)
+    AutoTokenizer.from_pretrained(target)
+    final = load_file(str(zero3_reference / "final" / "model.safetensors"))
+    exported = model.state_dict()
+    for name, tensor in final.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
+    again = subprocess.run(
+        [sys.executable, "-m", "distill", "export", "--checkpoint", str(zero3_reference / "checkpoint-4"),
+         "--output_dir", str(target)], env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode == 2 and "output_dir" in again.stderr  # never overwrites
