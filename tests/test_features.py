@@ -19,10 +19,14 @@ from distill.features.minilm import relation_kl
 
 @pytest.fixture(autouse=True)
 def _float64():
-    """References and implementations must agree to ~1e-10, not to float32 noise."""
+    """References and implementations must agree to ~1e-10, not to float32 noise. One thread: the tensors are
+    tiny, and on a busy machine spinning OpenMP workers only cost time."""
+    threads = torch.get_num_threads()
     torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
     yield
     torch.set_default_dtype(torch.float32)
+    torch.set_num_threads(threads)
 
 
 MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)

@@ -21,6 +21,16 @@ from conftest import CORPUS, REPO_ROOT
 VOCAB = 60
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine spinning OpenMP workers made these
+    tests about 40x more expensive in CPU time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_bert(layers: int, hidden: int, heads: int, seed: int) -> BertModel:
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -154,7 +164,7 @@ def test_short_training_run_feature_loss_falls(tokenizer):
     optimizer = torch.optim.AdamW([*student.parameters(), *distiller.parameters()], lr=3e-3)
     batch = tokenizer(sorted(set(CORPUS)), padding=True, return_tensors="pt")
     history = []
-    for _ in range(25):
+    for _ in range(15):
         kwargs = {**batch, "output_hidden_states": True, "output_attentions": True}
         with torch.no_grad():
             teacher_out = teacher(**kwargs)
@@ -178,7 +188,8 @@ def test_minilm_benchmark_reduced(tmp_path):
     out = tmp_path / "result.json"
     # A data dir that does not exist selects the shipped fixture sentences, as in CI.
     assert bench.main(["--steps", "8", "--batch-size", "8", "--max-length", "24", "--lr", "2e-4",
-                       "--data-dir", str(tmp_path / "absent"), "--log-every", "0", "--json", str(out)]) == 0
+                       "--data-dir", str(tmp_path / "absent"), "--log-every", "0", "--threads", "1",
+                       "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["source"] == "tests/fixtures/feature_sentences.txt" and result["held_out"] == 20
     losses = [step["loss"] for step in result["history"]["feature+relation"]]
