@@ -280,3 +280,12 @@ def test_documented_local_server_command_and_foreign_output_dir(server, tmp_path
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert data_gen_main([*command[:-4], "--output.dir", str(tmp_path / "other")]) == 2
     assert "not a self-instruct output directory" in capsys.readouterr().err
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        data_gen_main(["self-instruct", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for field in ("--teacher.max_cost_usd", "--teacher.api_key_env", "--filters.rouge_threshold", "--output.formats"):
+        assert field in text
