@@ -41,6 +41,8 @@ class RateLimiter:
         self._lock = asyncio.Lock()  # first come, first served: waiters queue on the lock
 
     async def acquire(self, tokens: int) -> None:
+        if self._requests is None and self._tokens is None and time.monotonic() >= self._paused_until:
+            return  # no limits configured and no pause: skip the lock (the common local-server case)
         async with self._lock:
             while True:
                 now = time.monotonic()
