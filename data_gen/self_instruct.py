@@ -40,6 +40,7 @@ from data_gen.journal import Journal
 from data_gen.output import dataset_card, write_outputs
 
 PACKAGED_SEEDS = Path(__file__).parent / "assets" / "seed_tasks.jsonl"
+CLASSIFY_MAX_TOKENS = 16  # a Yes/No answer: a small cap keeps a rambling teacher cheap and the budget reservation low
 EXIT_STOPPED = 3  # budget cap reached or interrupted: saved work is complete, rerun to continue
 
 DEFAULT_BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
@@ -332,7 +333,8 @@ class SelfInstruct:
         rng = random.Random(f"{self.cfg.seed}:{round_no}:shots")
         cls_shots = rng.sample(self.seeds, min(len(self.seeds), 6))
         labels = await self.engine.map(
-            [Request(f"{cid}-cls", classification_prompt(text, cls_shots)) for cid, text, _ in candidates],
+            [Request(f"{cid}-cls", classification_prompt(text, cls_shots), decoding={"max_tokens": CLASSIFY_MAX_TOKENS})
+             for cid, text, _ in candidates],
             parse_yes_no)
         if any(r is None for r in labels):
             return False
@@ -418,7 +420,8 @@ def estimate_plan(cfg: SelfInstructConfig, seeds: list[dict[str, Any]], remainin
     rounds = math.ceil(remaining / max(1, cfg.prompts_per_round * cfg.new_per_prompt * 0.5))
     return [
         CallPlan("instruction generation", rounds * cfg.prompts_per_round, estimate_tokens(example_prompt)),
-        CallPlan("classification", remaining, estimate_tokens(classification_prompt("x", seeds[:6])), 4),
+        CallPlan("classification", remaining, estimate_tokens(classification_prompt("x", seeds[:6])),
+                 CLASSIFY_MAX_TOKENS),
         CallPlan("instances", remaining, estimate_tokens(inst_prompt)),
     ]
 

@@ -210,6 +210,23 @@ def test_rate_limiter_spaces_requests(tmp_path):
         server.stop()
 
 
+def test_retry_after_pauses_every_worker():
+    from data_gen.limiter import RateLimiter
+
+    async def scenario() -> list[float]:
+        limiter = RateLimiter(None, None)
+        limiter.pause(0.3)  # what a 429 with Retry-After: 0.3 does
+        started = time.monotonic()
+
+        async def worker() -> float:
+            await limiter.acquire(10)
+            return time.monotonic() - started
+
+        return await asyncio.gather(*(worker() for _ in range(4)))
+
+    assert all(waited >= 0.29 for waited in asyncio.run(scenario()))
+
+
 def test_journal_drops_a_torn_last_line_and_resumes(tmp_path):
     path = tmp_path / "journal.jsonl"
     with Journal(path) as journal:
