@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_gen.config import DecodingConfig, TeacherConfig  # noqa: E402
-from data_gen.engine import Request, build_engine  # noqa: E402
+from data_gen.config import DecodingConfig, TeacherConfig
+from data_gen.engine import Request, build_engine
 
 
 async def measure(base_url: str, concurrency: int, n: int, cache_dir: str) -> tuple[float, int]:

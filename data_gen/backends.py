@@ -17,9 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from distill.configuration import ConfigError
-
 from data_gen.config import TeacherConfig
+from distill.configuration import ConfigError
 
 
 @dataclass

@@ -23,7 +23,7 @@ class Journal:
         self.dropped_torn_line = False
         self._file: Any = None
 
-    def open(self) -> "Journal":
+    def open(self) -> Journal:
         """Loads existing records (dropping a torn tail) and opens the file for appending."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
@@ -75,7 +75,7 @@ class Journal:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:

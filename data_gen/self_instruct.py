@@ -31,13 +31,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.configuration import ConfigError, option, parse_command_line, save_config, section, to_dict
-
 from data_gen.backends import estimate_tokens
 from data_gen.config import OutputConfig, TeacherConfig
-from data_gen.engine import BudgetError, CallPlan, Engine, EngineError, ParseError, Request, build_engine, preflight
+from data_gen.engine import (
+    BudgetError,
+    CallPlan,
+    Engine,
+    EngineError,
+    ParseError,
+    Request,
+    Result,
+    build_engine,
+    preflight,
+)
 from data_gen.journal import Journal
 from data_gen.output import dataset_card, write_outputs
+from distill.configuration import ConfigError, option, parse_command_line, save_config, section, to_dict
 
 PACKAGED_SEEDS = Path(__file__).parent / "assets" / "seed_tasks.jsonl"
 CLASSIFY_MAX_TOKENS = 16  # a Yes/No answer: a small cap keeps a rambling teacher cheap and the budget reservation low
@@ -316,7 +325,7 @@ class SelfInstruct:
         generated = await self.engine.map(self._round_requests(round_no), parse_instructions)
         if any(r is None for r in generated):
             return False
-        candidates: list[tuple[str, Any]] = []
+        candidates: list[tuple[str, str, Result]] = []  # (record id, instruction, generation result)
         for result in generated:
             if not result.ok:
                 continue

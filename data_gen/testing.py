@@ -83,7 +83,7 @@ class _ThreadedServer:
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
-    def start(self) -> "_ThreadedServer":
+    def start(self) -> _ThreadedServer:
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._handle, "127.0.0.1", 0), self._loop)
         self._server = future.result(10)

@@ -258,8 +258,8 @@ def test_seed_file_errors_name_file_line_and_field(tmp_path):
 
 
 def test_shipped_config_parses():
-    from distill.configuration import load_yaml, parse_command_line
     from data_gen.self_instruct import SelfInstructConfig
+    from distill.configuration import load_yaml, parse_command_line
 
     path = REPO / "configs" / "data_gen" / "self_instruct.yaml"
     cfg = parse_command_line(SelfInstructConfig, ["--config", str(path)], "t")
