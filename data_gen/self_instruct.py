@@ -382,6 +382,7 @@ class SelfInstruct:
                 return
             if not await self.run_round(round_no):
                 return
+        self.engine.stop("max_rounds")
         print(f"gave up after max_rounds={self.cfg.max_rounds} rounds with {len(self.kept_ids)} instructions")
 
 

@@ -207,6 +207,16 @@ def test_bad_inputs_exit_2_with_a_clear_message(server, tmp_path, capsys, monkey
     assert code == 2 and "failed request" in capsys.readouterr().err and server.total == 0
 
 
+def test_a_teacher_that_never_lists_tasks_gives_up_after_max_rounds(tmp_path, capsys):
+    server = ScriptedServer(lambda body: "I cannot help with that.").start()
+    try:
+        code = data_gen_main(args(server, tmp_path / "g", "--max_rounds", "2", "--teacher.max_parse_retries", "0"))
+    finally:
+        server.stop()
+    assert code == 3 and server.total == 8  # 2 rounds x 4 prompts, nothing else
+    assert "gave up after max_rounds=2" in capsys.readouterr().out
+
+
 def test_real_seed_tasks(server, tmp_path, shared_data):
     out = tmp_path / "real"
     seeds = shared_data / "self_instruct_seed_tasks.jsonl"
