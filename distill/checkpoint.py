@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ def save_checkpoint(
     ``write_extra(tmp_dir)`` runs on the main process before the manifest is written, so its files are validated
     like the rest.
     """
+    started = time.perf_counter()
     final = output_dir / f"{PREFIX}{step}"
     tmp = output_dir / f".{PREFIX}{step}.tmp"
     if accelerator.is_main_process:
@@ -97,6 +99,8 @@ def save_checkpoint(
             for old in list_checkpoints(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # bench/resume.py reads this line
+        logger.info("saved %s in %.3f s", final, time.perf_counter() - started)
     return final
 
 
