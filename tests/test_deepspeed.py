@@ -142,8 +142,8 @@ def test_zero2_kill_9_during_training_then_resume_is_exact(model_dirs, train_fil
     reference = tmp_path / "reference"
     run("zero2.yaml", train_args(model_dirs, train_file, reference))
     shards = sorted(p.name for p in (reference / "checkpoint-2" / "pytorch_model").iterdir())
-    assert shards == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                      "mp_rank_00_model_states.pt"], shards  # ZeRO-2: optimizer partitioned, weights whole
+    assert shards == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                      "zero_pp_rank_1_mp_rank_00_optim_states.pt"], shards  # ZeRO-2: optimizer partitioned
     assert {p.name for p in (reference / "checkpoint-2").glob("random_states_*.pkl")} == {
         "random_states_0.pkl", "random_states_1.pkl"}
 
