@@ -114,9 +114,11 @@ def make_accelerator(cfg: TrainConfig, project_dir: Path):
 
     handlers = []
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    if launched and not torch.cuda.is_available():
+    multi_cpu = launched and not torch.cuda.is_available()
+    if multi_cpu:
         # accelerate 1.15 does not pick gloo by itself on CPU under DeepSpeed and then sees one process per rank.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     report_to = [t for t in cfg.report_to if t != "none"]
     check_deepspeed_config_file()
     accelerator = Accelerator(
@@ -125,6 +127,9 @@ def make_accelerator(cfg: TrainConfig, project_dir: Path):
         log_with=report_to or None,
         project_dir=str(project_dir),
         kwargs_handlers=handlers,
+        # Without `cpu=True`, accelerate 1.15 classifies a torchrun CPU job as DistributedType.NO: no DDP wrapper
+        # and `reduce` silently returns the local value. (DeepSpeed has its own path and must not get it.)
+        cpu=multi_cpu and not deepspeed,
         # accelerate 1.15 otherwise steps the schedule num_processes times per optimizer step (it assumes a
         # dataloader sharded by process); training_step steps it itself once per optimizer step.
         step_scheduler_with_optimizer=False,
