@@ -129,6 +129,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+CONFIG_CLASS = DedupConfig  # read by tests that load every shipped config and README command
+
+
 def main(argv: list[str]) -> int:
     cfg = parse_command_line(
         DedupConfig, argv, prog="data-gen dedup", description="Greedy ROUGE-L near-duplicate removal (exact)."

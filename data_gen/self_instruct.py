@@ -486,6 +486,9 @@ async def generate(cfg: SelfInstructConfig) -> int:
     return 0
 
 
+CONFIG_CLASS = SelfInstructConfig  # read by tests that load every shipped config and README command
+
+
 def main(argv: list[str]) -> int:
     cfg = parse_command_line(SelfInstructConfig, argv, "data-gen self-instruct", __doc__.split("\n\n")[0])
     return asyncio.run(generate(cfg))

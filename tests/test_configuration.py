@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import shlex
 from pathlib import Path
 from typing import Literal
 
@@ -11,7 +12,7 @@ import pytest
 
 from data_gen.cli import COMMANDS as DATA_GEN_COMMANDS
 from distill.cli import COMMANDS as DISTILL_COMMANDS
-from distill.configuration import ConfigError, from_dict, load_yaml, option, parse_command_line, save_config, section
+from distill.configuration import ConfigError, option, parse_command_line, save_config, section
 
 
 @dataclasses.dataclass
@@ -106,11 +107,15 @@ def shipped_configs():
 
 @pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    """Each YAML under configs/ names its command on the first line and parses into that command's config class."""
-    first_line = path.read_text().splitlines()[0]
-    tool, name = first_line.lstrip("# ").split()[:2]
-    assert tool in ("distill", "data-gen"), f"{path}: first line must name its command, e.g. '# distill train'"
+    """Each YAML under configs/ starts with the command line that uses it (e.g. '# distill prune --model DIR
+    --output-dir OUT'), and parses, with that command line's other flags, into that command's config class."""
+    words = shlex.split(path.read_text().splitlines()[0].lstrip("#"))
+    assert words and words[0] in ("distill", "data-gen"), f"{path}: first line must name its command"
+    tool, name, args = words[0], words[1], words[2:]
+    if "--config" in args:  # the header may show `--config <this file>` itself
+        at = args.index("--config")
+        del args[at : at + 2]
     commands = DISTILL_COMMANDS if tool == "distill" else DATA_GEN_COMMANDS
     assert name in commands, f"{path}: unknown command {tool} {name}"
     module = importlib.import_module(commands[name][0].split(":")[0])
-    from_dict(module.CONFIG_CLASS, load_yaml(path))
+    parse_command_line(module.CONFIG_CLASS, ["--config", str(path), *args], f"{tool} {name}")

@@ -184,6 +184,9 @@ def _write_output(
     write_report(tmp / "prune_report.json", report)
 
 
+CONFIG_CLASS = PruneConfig  # read by tests that load every shipped config and README command
+
+
 def main(argv: list[str]) -> int:
     cfg = parse_command_line(PruneConfig, argv, "distill prune", __doc__ or "")
     model_dir, out_dir = Path(cfg.model), Path(cfg.output_dir)
