@@ -207,7 +207,7 @@ def _project_into(out: Tensor, hidden: Tensor, head: Tensor, inv_t: float) -> Te
 class _ChunkedDivergence(torch.autograd.Function):
     """Sum of per-token divergences from hidden states; gradients are computed in forward, backward only scales.
 
-    Inputs are already cropped to the shared vocabulary and restricted to the counted tokens. The teacher arrives
+    Inputs are restricted to the counted tokens; the heads are cropped to ``vocab`` rows here. The teacher arrives
     detached and backward returns None for it, so no graph is ever built on its side.
     """
 
@@ -246,7 +246,8 @@ class _ChunkedDivergence(torch.autograd.Function):
                 n = h_s.shape[0]
                 s, t, w1 = (tile[:n] for tile in tiles[:3])
                 w2 = tiles[3][:n] if mixture else None
-                # log_softmax is a fused kernel and may write in place (torch 2.13 CPU and CUDA).
+                # log_softmax is one fused kernel that reads each row before writing it, so it may run in place
+                # (checked on CPU with torch 2.13 by the parity tests); this saves a tile per model.
                 s = torch.log_softmax(_project_into(s, h_s, student_head, inv_t), -1, out=s)
                 z_t = _project_into(t, teacher_hidden[start : start + chunk_size], teacher_head, inv_t)
                 t = torch.log_softmax(z_t, -1, out=t)
@@ -303,7 +304,8 @@ def chunked_divergence(
     normalise correctly. ``student_hidden [N, Hs]`` (after the final norm), ``student_head [Vs, Hs]`` (lm_head
     weight), ``teacher_hidden [N, Ht]``, ``teacher_head [Vt, Ht]``; ``vocab_size`` crops both heads to their first
     ``vocab_size`` rows (padding rows). Differentiable w.r.t. ``student_hidden`` and ``student_head`` only.
-    At most one ``[chunk_size, V]`` tile per model (plus a few temporaries) exists at a time.
+    Working memory: 3 fp32 ``[chunk_size, V]`` tiles (4 for the mixture kinds) plus the fp32 head gradient.
+    The default ``chunk_size`` keeps the agreed signature; at V ~ 152K use 128-256 (see docs/benchmarks.md).
     """
     _check(kind, temperature, beta, skew)
     if chunk_size < 1:

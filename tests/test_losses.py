@@ -147,6 +147,11 @@ def test_chunked_equals_unchunked(kind: str) -> None:
         torch.testing.assert_close(head.grad, w_ref.grad, rtol=1e-4, atol=1e-6)
         assert (hidden.grad[~mask] == 0).all()
 
+    hidden, head = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+    nothing = chunked_divergence(hidden, head, h_t, w_t, kind, mask=torch.zeros(n, dtype=torch.bool), **kwargs)
+    nothing.backward()
+    assert nothing.item() == 0.0 and (hidden.grad == 0).all() and (head.grad == 0).all()
+
 
 def test_chunked_backward_scales_by_grad_output_and_teacher_gets_no_grad() -> None:
     h_s, w_s, h_t, w_t = _heads(6, 4, 4, 10, 10)
