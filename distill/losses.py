@@ -277,9 +277,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             raise RuntimeError("chunked_divergence: backward called twice (retain_graph is not supported)")
         grads, ctx.grads = ctx.grads, None
         scale = grad_output.float()
-        out = [
-            None if grad is None else grad.mul_(scale).to(dtype) for grad, dtype in zip(grads, ctx.dtypes)
-        ]
+        out = [None if grad is None else grad.mul_(scale).to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
         del grads
         return (*out, *(None,) * 8)
 
@@ -332,8 +330,16 @@ def chunked_divergence(
         rows = mask.nonzero().squeeze(1)
         s_hidden, t_hidden = s_hidden.index_select(0, rows), t_hidden.index_select(0, rows)
     return _ChunkedDivergence.apply(
-        s_hidden, student_head, t_hidden, teacher_head.detach(), kind, float(temperature), float(beta), float(skew),
-        chunk_size, vocab_size,
+        s_hidden,
+        student_head,
+        t_hidden,
+        teacher_head.detach(),
+        kind,
+        float(temperature),
+        float(beta),
+        float(skew),
+        chunk_size,
+        vocab_size,
     )
 
 

@@ -13,7 +13,9 @@ from distill.losses import KINDS, chunked_divergence, divergence, per_token_dive
 BETA, SKEW = 0.3, 0.2
 
 
-def reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+def reference(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float
+) -> torch.Tensor:
     """Per-token divergence written literally from the definitions with plain probabilities (float64)."""
     ps = torch.softmax(student_logits.double() / temperature, -1)
     pt = torch.softmax(teacher_logits.double() / temperature, -1)
@@ -131,7 +133,7 @@ def test_chunked_equals_unchunked(kind: str) -> None:
     h_s, w_s, h_t, w_t = _heads(n, 8, 12, vocab, vocab)
     mask = torch.ones(n, dtype=torch.bool)
     mask[[0, 4, 5, 10]] = False
-    kwargs = dict(temperature=2.0, beta=BETA, skew=SKEW)
+    kwargs = {"temperature": 2.0, "beta": BETA, "skew": SKEW}
 
     h_ref, w_ref = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
     values = per_token_divergence(h_ref @ w_ref.t(), h_t @ w_t.t(), kind, **kwargs)
@@ -217,10 +219,19 @@ def test_micro_batches_normalised_by_global_count_equal_one_batch() -> None:
         loss_sum = torch.zeros(())
         for i in range(0, batch, micro):
             part = slice(i, i + micro)
-            loss = chunked_divergence(
-                hidden[part].reshape(-1, 8), head, h_t[part].reshape(-1, 8), w_t, "skew_forward_kl",
-                mask=mask[part].reshape(-1), temperature=1.5, chunk_size=5,
-            ) / total_count
+            loss = (
+                chunked_divergence(
+                    hidden[part].reshape(-1, 8),
+                    head,
+                    h_t[part].reshape(-1, 8),
+                    w_t,
+                    "skew_forward_kl",
+                    mask=mask[part].reshape(-1),
+                    temperature=1.5,
+                    chunk_size=5,
+                )
+                / total_count
+            )
             loss.backward()
             loss_sum += loss.detach()
         return loss_sum, hidden.grad, head.grad
@@ -255,7 +266,10 @@ def test_benchmark_script_runs_and_variants_agree() -> None:
     args = ["--vocab", "300", "--hidden", "16", "--tokens", "24", "--chunk-size", "7", "--repeats", "1"]
     proc = subprocess.run(
         [sys.executable, str(script), *args, "--kind", "jsd", "--variants", "naive,ours"],
-        capture_output=True, text=True, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     lines = proc.stdout.splitlines()
     assert any(line.startswith("ours") and "mem/naive" not in line for line in lines), proc.stdout
