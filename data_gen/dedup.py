@@ -4,7 +4,7 @@ Records are read in file order; a record is kept iff the ROUGE-L F of its field 
 is ``<= threshold`` (the Self-Instruct rule, exact: :class:`data_gen.rouge.NoveltyIndex`). Outputs, in
 ``output_dir``:
 
-* ``kept.jsonl``: the kept input lines, byte for byte, in input order.
+* ``kept.jsonl``: the kept input lines, unchanged (line endings written as ``\n``), in input order.
 * ``dropped.jsonl``: one line per dropped record, in input order:
   ``{"line": 7, "record": {...}, "most_similar_line": 3, "most_similar": {...}, "rouge_l": 0.83}`` where
   ``most_similar`` is the kept record with the highest score (the earliest one on ties), ``rouge_l`` that score and
@@ -66,9 +66,12 @@ def read_records(path: Path, field: str) -> list[_Line]:
     if not path.is_file():
         raise ConfigError(f"input: file not found: {path}")
     lines = []
-    with path.open(encoding="utf-8") as handle:
-        for number, raw in enumerate(handle, start=1):
-            raw = raw.rstrip("\r\n")
+    with path.open("rb") as handle:
+        for number, raw_bytes in enumerate(handle, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise ConfigError(f"{path}:{number}: not UTF-8 text") from None
             if not raw.strip():
                 continue  # blank lines (a trailing newline, say) hold no record
             try:

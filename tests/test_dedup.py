@@ -104,6 +104,7 @@ BAD_INPUTS = {
     "missing field": ('{"instruction": "a"}\n{"prompt": "b"}\n', [], ":2: record has no field 'instruction'"),
     "non-string field": ('{"instruction": 7}\n', [], ":1: field 'instruction' must be a string, got int"),
     "empty input": ("\n\n", [], "no records"),
+    "not utf-8": ('{"instruction": "a"}\n{"instruction": "caf\xe9"}\n'.encode("latin-1"), [], ":2: not UTF-8 text"),
     "threshold above 1": ('{"instruction": "a"}\n', ["--threshold", "1.5"], "threshold: expected a number in [0, 1]"),
     "threshold below 0": ('{"instruction": "a"}\n', ["--threshold", "-0.1"], "threshold: expected a number in [0, 1]"),
 }
@@ -113,7 +114,9 @@ BAD_INPUTS = {
 def test_dedup_bad_input_exits_2_and_writes_nothing(tmp_path: Path, case: str) -> None:
     content, extra, message = BAD_INPUTS[case]
     source = tmp_path / "in.jsonl"
-    if content is not None:
+    if isinstance(content, bytes):
+        source.write_bytes(content)
+    elif content is not None:
         source.write_text(content)
     # An existing output dir with --overwrite: a bad input must still leave its files alone.
     out = tmp_path / "out"
