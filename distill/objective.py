@@ -41,7 +41,10 @@ class LossSettings:
     temperature: float = option(1.0, help="Softmax temperature for logit divergences; the result is scaled by T**2.")
     beta: float = option(0.5, help="Interpolation of the generalized JSD (0 = forward KL, 1 = reverse KL).")
     skew: float = option(0.1, help="Mixing weight of the skew KL divergences (DistiLLM).")
-    chunk_size: int = option(1024, help="Tokens per chunk when computing logit losses from hidden states.")
+    chunk_size: int = option(
+        256, help="Tokens per chunk when computing logit losses from hidden states; working memory is about "
+        "3 x chunk_size x vocab fp32 values (256 at a 152K vocabulary: 0.24x the naive peak, see docs/benchmarks.md)."
+    )
     teacher_store: str | None = option(
         None, help="Offline distillation: a store written by `distill precompute`; logit terms then use its top-k "
         "teacher log-probabilities (with a tail bucket) and no teacher is loaded (leave model.teacher unset)."
