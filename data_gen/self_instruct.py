@@ -332,7 +332,11 @@ class SelfInstruct:
             for k, instruction in enumerate(result.parsed):
                 reason = filter_reason(instruction, self.cfg.filters)
                 if reason is None:
-                    kept, _, _ = self.novelty.add_if_novel(instruction)
+                    # is_novel stops at the first pooled text above the threshold (3-4x faster than add_if_novel,
+                    # which finds the exact argmax we would discard).
+                    kept = self.novelty.is_novel(instruction)
+                    if kept:
+                        self.novelty.add(instruction)
                     reason = None if kept else "rouge_similar"
                 if reason is not None:
                     self.engine.reject(reason)
