@@ -104,10 +104,14 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 def test_two_process_ddp_matches_one_process(model_dirs, train_file, tmp_path):
     single = run_cli(cli_args(model_dirs, train_file, tmp_path / "one", "--per_device_train_batch_size", "8"))
     assert single.returncode == 0, single.stderr[-3000:]
-    launcher = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # `--cpu` would pick accelerate's single-process launcher; `--multi_gpu` runs torchrun, which on a machine
+    # without CUDA gives 2 CPU processes (gloo).
+    launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
     ddp = run_cli(cli_args(model_dirs, train_file, tmp_path / "two", "--per_device_train_batch_size", "4"), launcher)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    state = json.loads((tmp_path / "two" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["samples_consumed"] == 24  # really two processes, 4 samples each
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
