@@ -59,19 +59,21 @@ def directory_bytes(path: Path) -> int:
 
 def time_to_step(command: list[str], metrics: Path, step: int) -> float:
     """Seconds from process start until ``step`` is logged (then the process is left to finish)."""
+    log = metrics.with_name("resume.log")
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
-    while True:
-        if metrics.exists() and any(json.loads(l)["step"] == step for l in metrics.read_text().splitlines() if l):
-            elapsed = time.perf_counter() - started
-            break
-        if process.poll() is not None:
-            raise RuntimeError(process.stderr.read()[-3000:])
-        time.sleep(0.05)
-    process.communicate()
+    # stderr to a file, not a pipe: an unread pipe fills up with the ranks' warnings and blocks them.
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+        while True:
+            if metrics.exists() and any(json.loads(l)["step"] == step for l in metrics.read_text().splitlines() if l):
+                elapsed = time.perf_counter() - started
+                break
+            if process.poll() is not None:
+                raise RuntimeError(log.read_text()[-3000:])
+            time.sleep(0.05)
+        process.wait()
     if process.returncode != 0:
-        raise RuntimeError(f"resumed run failed with exit code {process.returncode}")
+        raise RuntimeError(f"resumed run failed with exit code {process.returncode}: {log.read_text()[-3000:]}")
     return elapsed
 
 

@@ -74,17 +74,21 @@ def run(config: str, args: list[str], *launcher_args: str) -> subprocess.Complet
     return result
 
 
-def start(config: str, args: list[str]) -> subprocess.Popen:
-    """A run in its own process group (the launcher and whatever it spawns outside the ranks)."""
-    command = launch_command(config, args, "--main_process_port", str(free_port()))
-    return subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+def popen(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A background run whose stderr goes to ``log``: an unread pipe would fill up and block the ranks."""
+    with open(log, "w") as stderr:
+        return subprocess.Popen(command, cwd=REPO_ROOT, env=env or ENV, stdout=subprocess.DEVNULL, stderr=stderr,
+                                start_new_session=True)
 
 
-def kill_when(process: subprocess.Popen, path: Path, poll: float) -> None:
+def start(config: str, args: list[str], log: Path) -> subprocess.Popen:
+    return popen(launch_command(config, args, "--main_process_port", str(free_port())), log)
+
+
+def kill_when(process: subprocess.Popen, path: Path, poll: float, log: Path) -> None:
     deadline = time.time() + 400
     while not path.exists():
-        assert process.poll() is None, f"run ended before {path.name} appeared: {process.stderr.read()[-3000:]}"
+        assert process.poll() is None, f"run ended before {path.name} appeared: {log.read_text()[-3000:]}"
         assert time.time() < deadline, f"{path} never appeared"
         time.sleep(poll)
     # torchrun starts each rank in a session of its own: kill the ranks by pid, then the launcher, as a node
@@ -149,7 +153,8 @@ def test_zero2_kill_9_during_training_then_resume_is_exact(model_dirs, train_fil
 
     out = tmp_path / "killed"
     args = train_args(model_dirs, train_file, out, "--save_steps", "1")
-    kill_when(start("zero2.yaml", args), out / "checkpoint-2", poll=0.05)
+    log = tmp_path / "killed.log"
+    kill_when(start("zero2.yaml", args, log), out / "checkpoint-2", poll=0.05, log=log)
     assert not (out / "final").exists()
     resumed = run("zero2.yaml", [*args, "--resume", "auto"])
     assert f"resumed from {out}/checkpoint-" in resumed.stderr
@@ -179,7 +184,8 @@ def test_zero3_feature_loss_shards_teacher_and_student(zero3_reference):
 def test_zero3_kill_9_during_checkpoint_save_resumes_from_previous(model_dirs, train_file, zero3_reference, tmp_path):
     out = tmp_path / "killed"
     args = train_args(model_dirs, train_file, out, "--save_steps", "1", terms=FEATURE_TERMS)
-    kill_when(start("zero3.yaml", args), out / ".checkpoint-3.tmp", poll=0.01)
+    log = tmp_path / "killed.log"
+    kill_when(start("zero3.yaml", args, log), out / ".checkpoint-3.tmp", poll=0.01, log=log)
     assert (out / "checkpoint-2").is_dir() and not (out / "final").exists()
     half_written = (out / ".checkpoint-3.tmp").exists()
     resumed = run("zero3.yaml", [*args, "--resume", "auto"])
@@ -197,17 +203,17 @@ def test_two_nodes_on_loopback_resume_a_zero3_checkpoint_exactly(model_dirs, tra
     copy_checkpoint(zero3_reference, 2, out)
     args = [*train_args(model_dirs, train_file, out, terms=FEATURE_TERMS), "--resume", "auto"]
     port = str(free_port())
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     nodes = [
-        subprocess.Popen(
-            ["bash", "launch/slurm_node.sh", *args], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, env={
-                **ENV, "SLURM_NNODES": "2", "SLURM_NODEID": str(rank), "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port, "PROCS_PER_NODE": "1",
-            },
-        )
+        popen(["bash", "launch/slurm_node.sh", *args], logs[rank], env={
+            **ENV, "SLURM_NNODES": "2", "SLURM_NODEID": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+            "PROCS_PER_NODE": "1",
+        })
         for rank in (0, 1)
     ]
-    errors = [node.communicate(timeout=600)[1] for node in nodes]
+    for node in nodes:
+        node.wait(timeout=600)
+    errors = [log.read_text() for log in logs]
     assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
     assert f"resumed from {out}/checkpoint-2" in errors[0]
     assert_same_run(zero3_reference, out)
@@ -234,3 +240,33 @@ def test_export_consolidates_zero3_shards(zero3_reference, tmp_path):
          "--output_dir", str(target)], env=ENV, capture_output=True, text=True, timeout=300,
     )
     assert again.returncode == 2 and "output_dir" in again.stderr  # never overwrites
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_launcher_saves_on_every_rank_and_stops(model_dirs, train_file, tmp_path):
+    """Slurm's `--signal=USR1@120` reaches the launcher only (torchrun starts ranks in sessions of their own);
+    launch/slurm_node.sh makes it forward SIGUSR1, and the ranks save together and stop with exit code 75."""
+    out = tmp_path / "preempted"
+    args = train_args(model_dirs, train_file, out, "--max_steps", "400", "--save_steps", "1000")
+    log = tmp_path / "node.log"
+    node = popen(["bash", "launch/slurm_node.sh", *args], log, env={
+        **ENV, "SLURM_NNODES": "1", "SLURM_NODEID": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+        "PROCS_PER_NODE": "2", "ACCELERATE_CONFIG": "launch/zero2.yaml",
+    })
+    deadline = time.time() + 400
+    while not (out / "metrics.jsonl").exists():
+        assert node.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    node.send_signal(signal.SIGUSR1)  # the launcher only, as Slurm does
+    node.wait(timeout=600)
+    stderr = log.read_text()
+    assert "stop signal received: checkpoint saved" in stderr, stderr[-3000:]
+    # The launcher itself ends by re-raising the signal (launch/slurm.sbatch requeues on a new checkpoint instead of
+    # on an exit code for that reason).
+    assert node.returncode != 0 and "got signal: 10" in stderr
+    saved = [p for p in out.glob("checkpoint-*")]
+    assert len(saved) == 1 and 0 < int(saved[0].name.split("-")[1]) < 400
+    from distill.checkpoint import validate
+
+    assert validate(saved[0]) is None and not (out / "final").exists()
+    assert {p.name for p in saved[0].glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}

@@ -33,6 +33,14 @@ def train_file(tmp_path_factory):
     return path
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def config(model_dirs, train_file, out, **overrides) -> TrainConfig:
     tree = {
         "output_dir": str(out), "max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
@@ -151,3 +159,26 @@ def test_export_of_a_single_process_checkpoint_matches_final(finished_run, tmp_p
                           "--output-dir", str(tmp_path / "y")], env=ENV, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "error: checkpoint: cannot use" in bad.stderr
     assert not (tmp_path / "y").exists()
+
+
+def test_resume_with_more_processes_continues_at_the_same_sample(finished_run, model_dirs, train_file, tmp_path):
+    """A one-process checkpoint resumed by a 2-process DDP run (launch/ddp.yaml): same global sample, a warning."""
+    import shutil
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(finished_run / "checkpoint-2", out / "checkpoint-2")
+    result = subprocess.run(
+        ["accelerate", "launch", "--config_file", "launch/ddp.yaml", "--num_processes", "2", "--main_process_port",
+         str(free_port()), "-m", "distill",
+         "train", "--output_dir", str(out), "--resume", "auto", "--max_steps", "3", "--per_device_train_batch_size",
+         "4", "--learning_rate", "1e-3", "--save_steps", "1", "--eval_steps", "null", "--logging_steps", "1",
+         "--report_to", "[none]", "--model.teacher", str(model_dirs["teacher"]),
+         "--model.student", str(model_dirs["student"]), "--data.train_file", str(train_file),
+         "--data.eval_fraction", "0", "--loss.terms", "{forward_kl: 0.7, ce: 0.3}"],
+        cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming with 2 processes from a checkpoint written by 1: continuing at epoch 0, sample 8" in result.stderr
+    state = ckpt.read_state(out / "checkpoint-3")
+    assert state["world_size"] == 2 and state["samples_consumed"] == 8 + 8  # one step of 2 x 4 samples
