@@ -94,6 +94,23 @@ def test_attach_captures_qkv(arch, use_peft):
     assert not distiller._student_qkv.outputs
 
 
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_minilm_v2_alone_needs_no_hidden_states_or_attentions(arch):
+    student, teacher = model_pair(arch)
+    distiller = FeatureDistiller({"minilm_v2": 1.0}, FeatureSettings(relation_heads=2), student.config, teacher.config)
+    assert not distiller.needs_hidden_states and not distiller.needs_attentions
+    distiller.attach(student, teacher)
+    ids, mask = torch.randint(3, VOCAB, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    student_out = student(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        teacher_out = teacher(input_ids=ids, attention_mask=mask)
+    loss = distiller(student_out, teacher_out, mask)["minilm_v2"]
+    assert loss > 0 and loss.requires_grad
+    # The recorded q/k/v are consumed: a forward without fresh model passes cannot silently reuse them.
+    with pytest.raises(RuntimeError, match="no q/k/v recorded"):
+        distiller(student_out, teacher_out, mask)
+
+
 def test_attach_refuses_models_that_cannot_return_attentions():
     student, teacher = model_pair("llama")
     distiller = FeatureDistiller({"attention_transfer": 1.0}, FeatureSettings(), student.config, teacher.config)

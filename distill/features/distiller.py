@@ -200,8 +200,9 @@ class FeatureDistiller(nn.Module):
         if self.needs_attentions and not (student_out.attentions and teacher_out.attentions):
             raise ConfigError("attention losses: the models returned no attentions; use attn_implementation: eager "
                               "and output_attentions=True")
-        device = (s_hidden[0] if s_hidden else student_out.attentions[0]).device
-        mask = as_bool_mask(attention_mask).to(device)
+        # The trainer passes the mask on the student's device; teacher tensors are moved there (it may live elsewhere).
+        device = attention_mask.device
+        mask = as_bool_mask(attention_mask)
 
         def states(outputs: tuple[Tensor, ...], layer: int) -> Tensor:
             # float32 on the student's device: teachers may live elsewhere and run in bf16.
@@ -253,12 +254,16 @@ class FeatureDistiller(nn.Module):
                     self._captured(self._student_qkv, device)["v"], self._captured(self._teacher_qkv, device)["v"],
                     mask, self.relation_heads, self.settings.head_map,
                 )
+        # Drop the recorded q/k/v: they hold the student's graph, and a later forward must never reuse stale ones.
+        self._student_qkv.outputs.clear()
+        self._teacher_qkv.outputs.clear()
         return losses
 
     @staticmethod
     def _captured(capture: QKVCapture, device: torch.device) -> dict[str, Tensor]:
         if not capture.outputs:
-            raise RuntimeError("MiniLM losses: call FeatureDistiller.attach(student, teacher) before the forward passes")
+            raise RuntimeError("MiniLM losses: no q/k/v recorded; call FeatureDistiller.attach(student, teacher) once and "
+                               "run both models before each FeatureDistiller forward")
         return {kind: out.to(device) for kind, out in capture.outputs.items()}
 
 
