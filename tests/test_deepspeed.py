@@ -270,3 +270,11 @@ def test_sigusr1_to_the_launcher_saves_on_every_rank_and_stops(model_dirs, train
 
     assert validate(saved[0]) is None and not (out / "final").exists()
     assert {p.name for p in saved[0].glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+
+
+@pytest.mark.slow
+def test_zero3_with_cpu_offload_trains_like_zero3(model_dirs, train_file, zero3_reference, tmp_path):
+    """launch/zero3_offload.yaml (optimizer states and parameters in CPU memory, torch AdamW on them)."""
+    out = tmp_path / "offload"
+    run("zero3_offload.yaml", train_args(model_dirs, train_file, out, terms=FEATURE_TERMS))
+    assert_same_run(zero3_reference, out)
