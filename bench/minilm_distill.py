@@ -32,7 +32,7 @@ from transformers import AutoModel, AutoTokenizer, BertModel, PreTrainedTokenize
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from distill.features import FeatureDistiller, FeatureSettings  # noqa: E402
+from distill.features import FeatureDistiller, FeatureSettings
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "feature_sentences.txt"

@@ -10,12 +10,12 @@ import torch
 from transformers import LlamaConfig
 
 from distill.configuration import ConfigError, from_dict
-from distill.features import FeatureDistiller, FeatureSettings
-from distill.features import hidden, relations
+from distill.features import FeatureDistiller, FeatureSettings, hidden, relations
 from distill.features.attention import attention_transfer
 from distill.features.mapping import EMBEDDINGS, layer_pairs
 from distill.features.masking import pool
 from distill.features.minilm import relation_kl
+
 
 @pytest.fixture(autouse=True)
 def _float64():

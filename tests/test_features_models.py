@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import CORPUS, REPO_ROOT
 from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertModel
 
 from distill.configuration import ConfigError
 from distill.features import FEATURE_TERMS, FeatureDistiller, FeatureSettings
 from distill.tiny import tiny_llama
-
-from conftest import CORPUS, REPO_ROOT
 
 VOCAB = 60
 

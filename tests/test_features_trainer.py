@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import REPO_ROOT
 
 from distill.train import main
-
-from conftest import REPO_ROOT
 
 
 @pytest.fixture

@@ -112,12 +112,14 @@ class FeatureDistiller(nn.Module):
             )
         if "fsp" in self.terms and len(self.pairs) < 2:
             raise ConfigError("fsp: needs at least two mapped layer pairs (FSP relates consecutive mapped layers)")
-        if isinstance(settings.head_map, list) and any(t in self.terms for t in ATTENTION_TERMS):
-            if len(settings.head_map) != s_heads or not all(0 <= h < t_heads for h in settings.head_map):
-                raise ConfigError(
-                    f"head_map: expected {s_heads} teacher head indices in 0..{t_heads - 1} (one per student head), "
-                    f"got {settings.head_map}"
-                )
+        uses_head_map = isinstance(settings.head_map, list) and any(t in self.terms for t in ATTENTION_TERMS)
+        if uses_head_map and (
+            len(settings.head_map) != s_heads or not all(0 <= h < t_heads for h in settings.head_map)
+        ):
+            raise ConfigError(
+                f"head_map: expected {s_heads} teacher head indices in 0..{t_heads - 1} (one per student head), "
+                f"got {settings.head_map}"
+            )
         self.relation_layers = (
             resolve_layer(settings.relation_student_layer, s_layers, "relation_student_layer"),
             resolve_layer(settings.relation_teacher_layer, t_layers, "relation_teacher_layer"),

@@ -7,7 +7,6 @@ float32 by the caller, so bf16 models do not lose the small differences these lo
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
