@@ -182,3 +182,19 @@ def test_resume_with_more_processes_continues_at_the_same_sample(finished_run, m
     assert "resuming with 2 processes from a checkpoint written by 1: continuing at epoch 0, sample 8" in result.stderr
     state = ckpt.read_state(out / "checkpoint-3")
     assert state["world_size"] == 2 and state["samples_consumed"] == 8 + 8  # one step of 2 x 4 samples
+
+
+def test_export_of_a_lora_checkpoint_matches_the_trainers_export(model_dirs, train_file, tmp_path):
+    from distill.export import export_checkpoint
+
+    out = tmp_path / "lora_run"
+    cfg = config(model_dirs, train_file, out, max_steps=2, lora={"enabled": True, "r": 4, "alpha": 8},
+                 lora_export="both")
+    Distiller(cfg).train()
+    exported = export_checkpoint(out / "checkpoint-2", tmp_path / "exported")
+    merged = load_file(str(exported / "model.safetensors"))
+    for name, tensor in load_file(str(out / "final" / "model.safetensors")).items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=0, msg=name)
+    adapter = load_file(str(exported / "adapter" / "adapter_model.safetensors"))
+    for name, tensor in load_file(str(out / "adapter" / "adapter_model.safetensors")).items():
+        torch.testing.assert_close(adapter[name], tensor, rtol=0, atol=0, msg=name)
