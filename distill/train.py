@@ -164,7 +164,12 @@ def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         from trl.models.utils import prepare_deepspeed
 
-        return prepare_deepspeed(teacher, accelerator)
+        engine = prepare_deepspeed(teacher, accelerator)
+        if accelerator.state.deepspeed_plugin.zero_stage == 3:  # each rank keeps its partition (ds_tensor) only
+            held = sum(p.ds_tensor.numel() for p in engine.module.parameters())
+            total = sum(p.ds_numel for p in engine.module.parameters())
+            logger.info("teacher sharded by ZeRO-3: this rank holds %d of %d parameters", held, total)
+        return engine
     return teacher.to(accelerator.device)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -137,7 +138,8 @@ def copy_checkpoint(source: Path, step: int, target: Path) -> None:
 def zero3_reference(model_dirs, train_file, tmp_path_factory) -> Path:
     """An uninterrupted ZeRO-3 run with a hidden-state loss through a projector, checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("zero3") / "reference"
-    run("zero3.yaml", train_args(model_dirs, train_file, out, terms=FEATURE_TERMS))
+    result = run("zero3.yaml", train_args(model_dirs, train_file, out, terms=FEATURE_TERMS))
+    (out.parent / "launch.log").write_text(result.stderr)
     return out
 
 
@@ -163,6 +165,10 @@ def test_zero2_kill_9_during_training_then_resume_is_exact(model_dirs, train_fil
 
 @pytest.mark.slow
 def test_zero3_feature_loss_shards_teacher_and_student(zero3_reference):
+    # The teacher is partitioned too: each of the 2 ranks holds about half of it, not a full copy.
+    held = re.findall(r"teacher sharded by ZeRO-3: this rank holds (\d+) of (\d+) parameters",
+                      (zero3_reference.parent / "launch.log").read_text())
+    assert len(held) == 2 and all(int(part) < 0.6 * int(total) for part, total in held), held
     checkpoint = zero3_reference / "checkpoint-4"
     names = sorted(p.name for p in (checkpoint / "pytorch_model").iterdir())
     assert names == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
