@@ -1,0 +1,131 @@
+"""Final-answer extraction and normalisation, shared by ``data-gen cot``, ``data-gen lion`` and the trainer's
+answer-accuracy metric (one implementation, so that "correct" means the same thing when data is filtered and when a
+student is evaluated).
+
+Extractors (``kind``):
+
+* ``answer_is``: the text after the last "the answer is" (case-insensitive, "So the answer is 42." style);
+* ``hash``: the text after the last ``####`` (GSM8K's gold format);
+* ``final_number``: the last number in the text;
+* ``regex``: a user pattern; its group named ``answer``, else group 1, else the whole match (last match wins).
+
+With ``numeric`` normalisation (the default) the extracted text is reduced to its first number and written in one
+canonical form: thousands separators, currency and percent signs and trailing zeros go ("$1,000.50" -> "1000.5",
+"18.00" -> "18", "3/4" -> "0.75"), so "72", "72.0" and "$72" all match a gold "72". Without it, answers are compared
+case-insensitively after trimming whitespace and a trailing period.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+KINDS = ("answer_is", "hash", "final_number", "regex")
+
+# A number as people write it: optional sign, digits with optional thousands commas, optional decimals, or a simple
+# fraction. The comma form requires groups of exactly three digits, so "1,2" is read as two numbers, not 12.
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_ANSWER_IS = re.compile(r"the (?:final )?answer is[:\s]*", re.IGNORECASE)
+
+
+def normalize_number(text: str) -> str | None:
+    """The first number in ``text`` in canonical decimal form, or None when there is none."""
+    match = _NUMBER.search(text.replace("\u2212", "-"))  # a Unicode minus sign is still a minus
+    if match is None:
+        return None
+    raw = match.group(0).replace(",", "")
+    try:
+        if "/" in raw:
+            num, den = raw.split("/")
+            if int(den) == 0:
+                return None
+            value = Decimal(int(num)) / Decimal(int(den))
+        else:
+            value = Decimal(raw)
+    except (InvalidOperation, ValueError):
+        return None
+    # normalize() drops trailing zeros ("18.00" -> "18") but writes 100 as 1E+2; quantize back to an integer then.
+    value = value.normalize()
+    if value == value.to_integral_value():
+        value = value.quantize(Decimal(1))
+    text_value = format(value, "f")
+    return "0" if text_value in ("-0", "0") else text_value
+
+
+def normalize_text(text: str) -> str:
+    return text.strip().rstrip(".").strip().lower()
+
+
+@dataclass
+class AnswerExtractor:
+    """Pulls the final answer out of a rationale; ``extract`` returns the normalised answer or None."""
+
+    kind: str = "answer_is"
+    regex: str | None = None
+    numeric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: expected one of {KINDS}, got {self.kind!r}")
+        self._pattern: re.Pattern[str] | None = None
+        if self.kind == "regex":
+            if not self.regex:
+                raise ValueError("regex: kind 'regex' needs a pattern")
+            try:
+                self._pattern = re.compile(self.regex, re.IGNORECASE | re.MULTILINE)
+            except re.error as err:
+                raise ValueError(f"regex: {self.regex!r} does not compile ({err})") from None
+
+    def raw(self, text: str) -> str | None:
+        """The answer text before normalisation (None when this extractor finds nothing)."""
+        if self.kind == "hash":
+            _, sep, tail = text.rpartition("####")
+            return tail.strip().splitlines()[0] if sep and tail.strip() else None
+        if self.kind == "answer_is":
+            matches = list(_ANSWER_IS.finditer(text))
+            if not matches:
+                return None
+            tail = text[matches[-1].end():].strip()
+            return tail.splitlines()[0] if tail else None
+        if self.kind == "final_number":
+            numbers = _NUMBER.findall(text.replace("\u2212", "-"))
+            return numbers[-1] if numbers else None
+        assert self._pattern is not None
+        matches = list(self._pattern.finditer(text))
+        if not matches:
+            return None
+        last = matches[-1]
+        if "answer" in last.groupdict():
+            return last.group("answer")
+        return last.group(1) if last.re.groups else last.group(0)
+
+    def normalize(self, text: str) -> str | None:
+        if self.numeric:
+            return normalize_number(text)
+        value = normalize_text(text)
+        return value or None
+
+    def extract(self, text: str) -> str | None:
+        found = self.raw(text)
+        return None if found is None else self.normalize(found)
+
+
+def gold_answer(text: str, numeric: bool = True) -> str | None:
+    """A gold label: the part after ``####`` when present (GSM8K), else the whole text; normalised."""
+    _, sep, tail = text.rpartition("####")
+    value = tail if sep else text
+    return normalize_number(value) if numeric else (normalize_text(value) or None)
+
+
+def majority(answers: list[str | None]) -> tuple[str | None, int]:
+    """The most frequent non-None answer and its count; ties go to the answer seen first (deterministic)."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None, 0
+    best = max(counts.values())
+    for answer in answers:
+        if answer is not None and counts[answer] == best:
+            return answer, best
+    return None, 0  # unreachable: some answer has the best count

@@ -1,0 +1,395 @@
+"""``data-gen cot``: chain-of-thought rationales from a teacher, checked against gold answers (or a majority vote).
+
+For each question the teacher writes ``k`` rationales from a few-shot prompt. An answer extractor
+(:mod:`data_gen.answers`) reads each one's final answer, normalised, and compares it with the gold label:
+
+* ``mode: gold`` (needs a gold answer for every question): a rationale is kept when its answer matches. A question
+  none of whose ``k`` samples is right is *rationalized* as in STaR (Zelikman et al., 2022): the teacher is asked
+  again with the gold answer given as a hint, up to ``rationalization_attempts`` times. The hint is only in the
+  teacher's prompt: the saved record's prompt is the plain question, and a rationale that mentions the hint is
+  rejected.
+* ``mode: vote`` (self-consistency, Wang et al., 2023; no gold needed): the majority answer over the ``k`` samples is
+  the label, kept when it has at least ``min_vote_share`` of the votes; rationales that agree with it are kept.
+
+Every rejected rationale is counted by reason (``no_answer``, ``wrong_answer``, ``truncated``, ``mentions_hint``,
+``minority``), and every question without a kept rationale too (``unsolved``, ``no_majority``).
+
+Resumability: one journal record per finished question (kept rationales and its rejection counts). Questions are
+processed in chunks; a rerun skips journaled questions and replays cached answers for the rest, so nothing is paid
+for twice and nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from data_gen.answers import KINDS, AnswerExtractor, gold_answer, majority
+from data_gen.backends import estimate_tokens
+from data_gen.config import OutputConfig, TeacherConfig
+from data_gen.engine import BudgetError, CallPlan, Engine, EngineError, Request, Result, build_engine, preflight
+from data_gen.journal import Journal
+from data_gen.output import dataset_card, write_outputs
+from distill.configuration import ConfigError, option, parse_command_line, save_config, section, to_dict
+
+EXIT_STOPPED = 3
+
+DEFAULT_SHOTS = [
+    {"question": "A baker makes 4 trays of 12 rolls and sells 30 rolls. How many rolls are left?",
+     "rationale": "The baker makes 4 * 12 = 48 rolls. After selling 30, 48 - 30 = 18 rolls are left. "
+                  "So the answer is 18."},
+    {"question": "Mia reads 15 pages a day. How many days does she need for a 120-page book?",
+     "rationale": "Each day covers 15 pages, so she needs 120 / 15 = 8 days. So the answer is 8."},
+    {"question": "A ticket costs $7 and Leo buys 3 tickets with a $50 note. How much change does he get?",
+     "rationale": "Three tickets cost 3 * 7 = 21 dollars. The change is 50 - 21 = 29 dollars. So the answer is 29."},
+]
+
+
+@dataclass
+class ExtractorConfig:
+    """How the final answer is read from a rationale (the same settings serve the trainer's accuracy metric)."""
+
+    kind: Literal["answer_is", "hash", "final_number", "regex"] = option(
+        "answer_is", help="answer_is ('So the answer is X'), hash ('#### X'), final_number, or regex")
+    regex: str | None = option(None, help="kind=regex: pattern; group 'answer', else group 1, else the match")
+    numeric: bool = option(True, help="compare as numbers (drops $ , % and trailing zeros); false = text")
+
+    def __post_init__(self) -> None:
+        self.build()  # a pattern that does not compile is a config error, before anything runs
+
+    def build(self) -> AnswerExtractor:
+        return AnswerExtractor(self.kind, self.regex, self.numeric)
+
+
+@dataclass
+class PromptConfig:
+    """The few-shot prompt the teacher sees (never saved with the records)."""
+
+    instruction: str = option(
+        "Solve the problem. Reason step by step, then end with 'So the answer is <answer>.'",
+        help="first line of the teacher prompt")
+    shots: list[dict[str, str]] = option(DEFAULT_SHOTS, help="worked examples: [{question, rationale}]")
+    template: str = option("Question: {question}\nAnswer:", help="how each question is shown; needs {question}")
+    hint_template: str = option(
+        "Question: {question}\n(The correct answer is {hint}. Write the reasoning that leads to it as if solving the "
+        "problem yourself, without mentioning that the answer was given.)\nAnswer:",
+        help="STaR rationalization prompt; needs {question} and {hint}")
+    hint_words: list[str] = option(["hint", "answer was given", "were told", "was told"],
+                                   help="a rationalized rationale containing one of these is rejected")
+
+    def __post_init__(self) -> None:
+        if "{question}" not in self.template:
+            raise ValueError("template: expected a {question} placeholder")
+        if "{question}" not in self.hint_template or "{hint}" not in self.hint_template:
+            raise ValueError("hint_template: expected {question} and {hint} placeholders")
+        for i, shot in enumerate(self.shots):
+            if set(shot) != {"question", "rationale"}:
+                raise ValueError(f"shots[{i}]: expected keys question and rationale, got {sorted(shot)}")
+
+
+@dataclass
+class CotConfig:
+    """Settings of ``data-gen cot``."""
+
+    input_file: str = option("", help="questions: .jsonl/.json/.parquet (GSM8K's {question, answer} works as is)")
+    question_field: str = option("question", help="column holding the question")
+    answer_field: str | None = option("answer", help="column holding the gold answer (text after '####' if any); "
+                                                     "null = none")
+    max_questions: int | None = option(None, help="use the first N questions")
+    mode: Literal["gold", "vote"] = option("gold", help="gold: check against gold answers; vote: self-consistency")
+    k: int = option(4, help="rationales sampled per question")
+    keep_per_question: int = option(1, help="correct rationales kept per question (distinct texts)")
+    rationalization_attempts: int = option(1, help="mode=gold: hinted retries for a question with no correct sample")
+    min_vote_share: float = option(0.5, help="mode=vote: the majority needs at least this share of the k samples")
+    chunk_size: int = option(64, help="questions per chunk (a chunk is journaled when complete)")
+    seed: int = option(0, help="per-sample seeds are seed + sample index (sent to the server)")
+    extractor: ExtractorConfig = section(ExtractorConfig, help="final-answer extraction")
+    prompt: PromptConfig = section(PromptConfig, help="teacher prompt")
+    teacher: TeacherConfig = section(TeacherConfig, help="teacher backend, limits and prices")
+    output: OutputConfig = section(OutputConfig, help="output directory and formats")
+
+    def __post_init__(self) -> None:
+        if not self.input_file:
+            raise ValueError("input_file: expected a questions file")
+        for name in ("k", "keep_per_question", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1")
+        if self.rationalization_attempts < 0:
+            raise ValueError("rationalization_attempts: expected >= 0")
+        if not 0 < self.min_vote_share <= 1:
+            raise ValueError("min_vote_share: expected a value in (0, 1]")
+        if self.max_questions is not None and self.max_questions < 1:
+            raise ValueError("max_questions: expected >= 1 or null")
+        if self.mode == "gold" and not self.answer_field:
+            raise ValueError("answer_field: mode 'gold' needs gold answers; set it, or use mode: vote")
+
+
+# ------------------------------------------------------------------------------------------------ input
+def load_questions(cfg: CotConfig) -> list[dict[str, Any]]:
+    """``[{id, question, gold}]``; a question without a usable gold answer in gold mode is a ConfigError."""
+    from distill.data import load_records
+
+    records = load_records(cfg.input_file, "input_file")
+    if cfg.max_questions is not None:
+        records = records[: cfg.max_questions]
+    questions = []
+    for row, record in enumerate(records):
+        where = f"{cfg.input_file}: row {row}"
+        question = record.get(cfg.question_field)
+        if not isinstance(question, str) or not question.strip():
+            raise ConfigError(f"{where}: field '{cfg.question_field}': expected a non-empty question string")
+        raw = record.get(cfg.answer_field) if cfg.answer_field else None
+        gold = None
+        if raw is not None and str(raw).strip():
+            gold = gold_answer(str(raw), cfg.extractor.numeric)
+            if gold is None and cfg.mode == "gold":
+                raise ConfigError(f"{where}: field '{cfg.answer_field}': no gold answer in {str(raw)[-60:]!r}")
+        elif cfg.mode == "gold":
+            raise ConfigError(f"{where}: field '{cfg.answer_field}': missing gold answer (mode: gold needs one "
+                              "for every question; use mode: vote for unlabelled questions)")
+        qid = "q" + hashlib.sha256(question.encode()).hexdigest()[:12] + f"-{row}"
+        questions.append({"id": qid, "row": row, "question": question, "gold": gold})
+    return questions
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def teacher_messages(cfg: PromptConfig, question: str, hint: str | None = None) -> list[dict[str, str]]:
+    shots = "".join(cfg.template.format(question=s["question"]) + " " + s["rationale"] + "\n\n" for s in cfg.shots)
+    asked = cfg.template.format(question=question) if hint is None else \
+        cfg.hint_template.format(question=question, hint=hint)
+    return [{"role": "user", "content": f"{cfg.instruction}\n\n{shots}{asked}"}]
+
+
+def template_hash(cfg: PromptConfig) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+class ChainOfThought:
+    """Samples, checks, rationalizes and journals questions chunk by chunk."""
+
+    def __init__(self, cfg: CotConfig, engine: Engine, journal: Journal) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.journal = journal
+        self.extractor = cfg.extractor.build()
+
+    def _request(self, q: dict[str, Any], sample: int, hint: str | None = None) -> Request:
+        kind = "h" if hint is not None else "s"
+        # A per-sample seed makes the k calls differ (and reproducible) on servers and the local backend alike.
+        return Request(f"{q['id']}-{kind}{sample}", teacher_messages(self.cfg.prompt, q["question"], hint),
+                       sample=sample, decoding={"seed": self.cfg.seed + sample}, meta={"qid": q["id"]})
+
+    def judge(self, result: Result, target: str | None, hinted: bool) -> tuple[str | None, str | None]:
+        """(extracted answer, rejection reason or None)."""
+        if not result.ok or result.text is None:
+            return None, result.error or "no_text"
+        if result.finish_reason == "length":
+            return None, "truncated"
+        answer = self.extractor.extract(result.text)
+        if answer is None:
+            return None, "no_answer"
+        if hinted and any(w.lower() in result.text.lower() for w in self.cfg.prompt.hint_words):
+            return answer, "mentions_hint"
+        if target is not None and answer != target:
+            return answer, "wrong_answer" if self.cfg.mode == "gold" else "minority"
+        return answer, None
+
+    def _keep(self, kept: list[dict[str, Any]], result: Result, answer: str, attempts: int, hinted: bool) -> bool:
+        text = result.text.strip()
+        if len(kept) >= self.cfg.keep_per_question or any(k["rationale"] == text for k in kept):
+            return False
+        kept.append({"rationale": text, "answer": answer, "attempts": attempts, "rationalized": hinted,
+                     "sample": result.request.sample, "cached": result.cached, "cost_usd": result.cost_usd})
+        return True
+
+    async def run_chunk(self, chunk: list[dict[str, Any]]) -> bool:
+        """Samples, judges and journals ``chunk``; False when the engine stopped first (nothing journaled)."""
+        k = self.cfg.k
+        results = await self.engine.map([self._request(q, j) for q in chunk for j in range(k)])
+        if any(r is None for r in results):
+            return False
+        state: dict[str, dict[str, Any]] = {}
+        for i, q in enumerate(chunk):
+            samples = results[i * k:(i + 1) * k]
+            rejections: Counter[str] = Counter()
+            kept: list[dict[str, Any]] = []
+            target = q["gold"]
+            label = q["gold"]
+            votes = 0
+            if self.cfg.mode == "vote":
+                answers = [self.judge(r, None, False)[0] for r in samples]
+                label, votes = majority(answers)
+                if label is None or votes < self.cfg.min_vote_share * k:
+                    rejections["no_majority"] += 1
+                    label = None
+                target = label
+            for n, result in enumerate(samples, start=1):
+                if label is None and self.cfg.mode == "vote":
+                    break
+                answer, reason = self.judge(result, target, False)
+                if reason is not None:
+                    rejections[reason] += 1
+                elif not self._keep(kept, result, answer, n, False):
+                    rejections["surplus"] += 1
+            state[q["id"]] = {"kept": kept, "rejections": rejections, "label": label, "votes": votes,
+                              "calls": k}
+        if self.cfg.mode == "gold":
+            for attempt in range(self.cfg.rationalization_attempts):
+                todo = [q for q in chunk if not state[q["id"]]["kept"]]
+                if not todo:
+                    break
+                hinted = await self.engine.map([self._request(q, k + attempt, q["gold"]) for q in todo])
+                if any(r is None for r in hinted):
+                    return False
+                for q, result in zip(todo, hinted):
+                    s = state[q["id"]]
+                    s["calls"] += 1
+                    answer, reason = self.judge(result, q["gold"], True)
+                    if reason is not None:
+                        s["rejections"][f"rationalized_{reason}"] += 1
+                    else:
+                        self._keep(s["kept"], result, answer, s["calls"], True)
+        for q in chunk:
+            s = state[q["id"]]
+            if not s["kept"] and self.cfg.mode == "gold":
+                s["rejections"]["unsolved"] += 1
+            for reason, n in s["rejections"].items():
+                self.engine.reject(reason, n)
+            record = {"id": q["id"], "row": q["row"], "question": q["question"], "gold": q["gold"],
+                      "label": s["label"], "votes": s["votes"], "calls": s["calls"], "kept": s["kept"],
+                      "rejections": dict(s["rejections"]), "recorded": time.time()}
+            if self.engine.rank == 0 and self.journal.append(record):
+                self.engine.advance()
+        return True
+
+    async def run(self, questions: list[dict[str, Any]]) -> None:
+        todo = [q for q in questions if q["id"] not in self.journal]
+        for start in range(0, len(todo), self.cfg.chunk_size):
+            if self.engine.stopped or not await self.run_chunk(todo[start:start + self.cfg.chunk_size]):
+                return
+
+
+def to_rows(cfg: CotConfig, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per kept rationale, with the trainer's shapes (``messages``, ``prompt``/``completion``) and the
+    step-by-step columns (``rationale``, ``label``). The prompt is the plain question: never the hint, never shots."""
+    rows = []
+    t = cfg.teacher
+    for record in records:
+        for j, kept in enumerate(record["kept"]):
+            matched = kept["answer"] == record["gold"] if record["gold"] is not None else None
+            rows.append({
+                "id": f"{record['id']}-{j}", "question": record["question"], "rationale": kept["rationale"],
+                "answer": kept["answer"], "gold": record["gold"], "label": record["label"] or kept["answer"],
+                "correct": matched, "attempts": kept["attempts"], "rationalized": kept["rationalized"],
+                "prompt": record["question"], "completion": kept["rationale"],
+                "messages": [{"role": "user", "content": record["question"]},
+                             {"role": "assistant", "content": kept["rationale"]}],
+                "provenance": {"teacher": t.model, "backend": t.backend, "base_url": t.base_url,
+                               "prompt_template_sha256": template_hash(cfg.prompt), "seed": cfg.seed,
+                               "sample": kept["sample"], "cached": kept["cached"], "cost_usd": kept["cost_usd"],
+                               "mode": cfg.mode, "votes": record["votes"], "recorded": record["recorded"]},
+            })
+    return rows
+
+
+def rejection_totals(records: list[dict[str, Any]]) -> dict[str, int]:
+    totals: Counter[str] = Counter()
+    for record in records:
+        totals.update(record["rejections"])
+    return dict(sorted(totals.items()))
+
+
+def _check_output_dir(cfg: CotConfig, out: Path) -> None:
+    """Resume only a cot run with the same input, mode, seed and teacher."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"output.dir: {out} exists and is not a cot output directory; choose a new one")
+    import yaml
+
+    old = yaml.safe_load(saved.read_text()) or {}
+    for key, now in (("input_file", cfg.input_file), ("mode", cfg.mode), ("seed", cfg.seed), ("k", cfg.k),
+                     ("teacher.model", cfg.teacher.model)):
+        value: Any = old
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value != now:
+            raise ConfigError(f"{key}: {out} was generated with {value!r}, not {now!r}; use a new output.dir")
+
+
+async def generate(cfg: CotConfig) -> int:
+    questions = load_questions(cfg)
+    out = Path(cfg.output.dir)
+    _check_output_dir(cfg, out)
+    remaining = max(0, len(questions) - Journal.count(out / "journal.jsonl"))
+    prompt_tokens = estimate_tokens(teacher_messages(cfg.prompt, questions[0]["question"]))
+    extra = cfg.rationalization_attempts if cfg.mode == "gold" else 0
+    try:
+        preflight(cfg.teacher, [CallPlan("rationales", remaining * cfg.k, prompt_tokens),
+                                CallPlan("rationalization (worst case)", remaining * extra, prompt_tokens + 40)])
+    except BudgetError as err:
+        raise ConfigError(str(err)) from None
+    engine = build_engine(cfg.teacher, out, progress=cfg.output.progress)
+    journal = Journal(out / "journal.jsonl")
+    try:
+        journal.open()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if engine.rank == 0:
+        save_config(cfg, out / "config.yaml")
+    pipeline = ChainOfThought(cfg, engine, journal)
+    error: EngineError | None = None
+    try:
+        engine.install_signal_handlers()
+        engine.open_progress(len(questions), "cot", unit="q", initial=len(journal))
+        try:
+            await pipeline.run(questions)
+        except EngineError as err:
+            error = err
+    finally:
+        engine.close_progress()
+        journal.close()
+        order = {q["id"]: i for i, q in enumerate(questions)}
+        records = sorted((r for r in journal.records.values() if r["id"] in order), key=lambda r: order[r["id"]])
+        rows = to_rows(cfg, records)
+        totals = rejection_totals(records)
+        summary = engine.summary() + f"\nrejections over all runs: {totals or 0}"
+        if engine.rank == 0:
+            card = dataset_card("Chain-of-thought rationales", f"Teacher rationales checked by mode '{cfg.mode}' "
+                                "(answer extractor '" + cfg.extractor.kind + "'); STaR rationalization for "
+                                "questions without a correct sample. Prompts are the plain questions.",
+                                len(rows), cfg.output.formats, to_dict(cfg.teacher), summary)
+            write_outputs(rows, out, cfg.output.formats, card)
+            solved = sum(1 for r in records if r["kept"])
+            stats = {"questions": len(questions), "done": len(records), "solved": solved, "rows": len(rows),
+                     "rationalized": sum(1 for row in rows if row["rationalized"]), "rejections": totals}
+            (out / "stats.json").write_text(json.dumps(stats, indent=1))
+            print(summary)
+            print(f"{len(rows)} rationales for {solved}/{len(records)} questions in {out}")
+        await engine.aclose()
+    if error is not None:
+        raise ConfigError(str(error))
+    if engine.stopped:
+        print(f"stopped early ({engine.stopped}); rerun the same command to continue")
+        return EXIT_STOPPED
+    return 0
+
+
+CONFIG_CLASS = CotConfig  # read by tests that load every shipped config and README command
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_command_line(CotConfig, argv, "data-gen cot", __doc__.split("\n\n")[0])
+    return asyncio.run(generate(cfg))
+
+
+__all__ = ["KINDS", "ChainOfThought", "CotConfig", "ExtractorConfig", "PromptConfig", "load_questions", "main",
+           "teacher_messages", "to_rows"]
