@@ -26,8 +26,9 @@ from distill.batching import BatchStream
 from distill.configuration import ConfigError, option, parse_command_line, save_config, section, to_dict
 from distill.data import DataSettings, build_datasets, collate
 from distill.evaluation import token_metrics, zero3_gathered
+from distill.export import export_checkpoint
 from distill.logit_store import LogitStore
-from distill.lora import LoraSettings, apply_lora, export_lora
+from distill.lora import LoraSettings, apply_lora
 from distill.losses import shared_vocab_size
 from distill.models import ModelSettings, check_paths, load_student, load_teacher, load_tokenizer, parameter_count
 from distill.objective import LossSettings, StudentWithObjective, target_positions, token_level
@@ -70,7 +71,8 @@ class TrainConfig:
     loss: LossSettings = section(LossSettings, help="Loss terms and their settings.")
     lora: LoraSettings = section(LoraSettings, help="Train LoRA adapters (peft) instead of all student weights.")
     lora_export: Literal["adapter", "merged", "both"] = option(
-        "both", help="With LoRA: export the adapter (output_dir/adapter), the merged model (output_dir/final), or both."
+        "both", help="With LoRA: export the merged model (output_dir/final), the adapter (output_dir/final/adapter), "
+        "or both."
     )
     keep_sparsity: bool = option(
         True, help="If the student is sparse (e.g. Wanda/N:M pruned), re-apply its zero pattern after every "
@@ -466,16 +468,13 @@ class Distiller:
 
     def export(self, directory: Path) -> None:
         """A Hugging Face model directory of the student alone (gathered from ZeRO-3 shards), with the tokenizer.
-        With LoRA: the adapter (``adapter/``) and/or the merged model (``final/``), sparsity masks re-applied."""
+        With LoRA: the merged model and/or the adapter (``final/adapter``), as ``lora_export`` says."""
         acc = self.accelerator
         if self.cfg.lora.enabled:
+            # Through the final checkpoint, whose consolidation also gathers ZeRO-3-sharded adapters: one code path
+            # for every launch mode. The merge re-applies the frozen base weights' zeros (never densifies).
             if acc.is_main_process:
-                student = acc.unwrap_model(self.module).student
-                if self.cfg.lora_export in ("adapter", "both"):
-                    export_lora(student, self.output_dir / "adapter", merged=False)
-                    self.tokenizer.save_pretrained(self.output_dir / "adapter")
-                if self.cfg.lora_export in ("merged", "both"):
-                    export_lora(student, directory, merged=True, tokenizer=self.tokenizer, masks=self.masks)
+                export_checkpoint(self.output_dir / f"{ckpt.PREFIX}{self.step}", directory)
             acc.wait_for_everyone()
             return
         state = acc.get_state_dict(self.module)  # collective under ZeRO-3: every rank calls it

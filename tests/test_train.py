@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.configuration import from_dict
+from distill.configuration import from_dict, run_command
 from distill.train import PREEMPTED_EXIT_CODE, Distiller, TrainConfig
+from distill.train import main as train_main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -160,7 +161,7 @@ def test_sigterm_saves_and_resume_is_exact(model_dirs, train_file, tmp_path):
         assert (got[name] - ref_weights[name]).abs().max().item() <= 1e-6, name
 
 
-def test_bad_input_exits_2_and_writes_nothing(model_dirs, train_file, tmp_path):
+def test_bad_input_exits_2_and_writes_nothing(model_dirs, train_file, tmp_path, capsys):
     out = tmp_path / "existing"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
@@ -174,11 +175,16 @@ def test_bad_input_exits_2_and_writes_nothing(model_dirs, train_file, tmp_path):
         (cli_args(model_dirs, train_file, tmp_path / "x", "--loss.terms", "{forward_kll: 1}"),
          "did you mean 'forward_kl'"),
     ]
-    for args, message in cases:
-        result = run_cli(args)
-        assert result.returncode == 2, (args, result.stderr[-2000:])
-        assert message in result.stderr, result.stderr[-2000:]
-        assert result.stderr.strip().splitlines()[-1].startswith("error:")
+    # The first case runs as a real process (exit status, stderr); the rest go through the same `run_command`
+    # entry point in-process, which is what turns a ConfigError into "error: ..." and status 2.
+    result = run_cli(cases[0][0])
+    assert result.returncode == 2 and cases[0][1] in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error:")
+    for args, message in cases[1:]:
+        status = run_command(train_main, args)
+        err = capsys.readouterr().err
+        assert status == 2, (args, err[-2000:])
+        assert message in err and err.strip().splitlines()[-1].startswith("error:"), err[-2000:]
     assert (out / "keep.txt").read_text() == "precious" and sorted(os.listdir(out)) == ["keep.txt"]
     assert not (tmp_path / "x").exists()
 

@@ -76,7 +76,7 @@ def test_lora_on_sparse_student_exports_adapter_and_sparse_merge(model_dirs, spa
     lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
     out = tmp_path / "lora"
     Distiller(make_config(model_dirs, sparse_student, train_file, out, lora=lora)).train()
-    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "final" / "adapter" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(out / "final")
     before = zero_positions(load_file(str(sparse_student / "model.safetensors")))
     merged_zeros = zero_positions(merged.state_dict())
@@ -86,5 +86,5 @@ def test_lora_on_sparse_student_exports_adapter_and_sparse_merge(model_dirs, spa
     from peft import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(sparse_student)
-    adapted = PeftModel.from_pretrained(base, out / "adapter")
+    adapted = PeftModel.from_pretrained(base, out / "final" / "adapter")
     assert any("lora_" in name for name, _ in adapted.named_parameters())
