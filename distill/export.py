@@ -130,6 +130,9 @@ def export_checkpoint(checkpoint: Path, output_dir: Path, dtype: str = "float32"
     return output_dir
 
 
+CONFIG_CLASS = ExportConfig  # read by tests that load every shipped config and README command
+
+
 def main(argv: list[str]) -> int:
     cfg = parse_command_line(ExportConfig, argv, "distill export", __doc__)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

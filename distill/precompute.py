@@ -154,6 +154,9 @@ def run(cfg: PrecomputeConfig) -> Path:
     return out
 
 
+CONFIG_CLASS = PrecomputeConfig  # read by tests that load every shipped config and README command
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_command_line(PrecomputeConfig, argv, "distill precompute", __doc__)
