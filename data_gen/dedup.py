@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from data_gen.rouge import NoveltyIndex
 from distill.configuration import ConfigError, option, parse_command_line, save_config
+from distill.jsonl import iter_json_objects
 
 
 @dataclass
@@ -66,26 +67,13 @@ def read_records(path: Path, field: str) -> list[_Line]:
     if not path.is_file():
         raise ConfigError(f"input: file not found: {path}")
     lines = []
-    with path.open("rb") as handle:
-        for number, raw_bytes in enumerate(handle, start=1):
-            try:
-                raw = raw_bytes.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                raise ConfigError(f"{path}:{number}: not UTF-8 text") from None
-            if not raw.strip():
-                continue  # blank lines (a trailing newline, say) hold no record
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            if field not in record:
-                raise ConfigError(f"{path}:{number}: record has no field '{field}'")
-            if not isinstance(record[field], str):
-                kind = type(record[field]).__name__
-                raise ConfigError(f"{path}:{number}: field '{field}' must be a string, got {kind}")
-            lines.append(_Line(number, raw, record))
+    for number, raw, record in iter_json_objects(path):
+        if field not in record:
+            raise ConfigError(f"{path}:{number}: record has no field '{field}'")
+        if not isinstance(record[field], str):
+            kind = type(record[field]).__name__
+            raise ConfigError(f"{path}:{number}: field '{field}' must be a string, got {kind}")
+        lines.append(_Line(number, raw, record))
     if not lines:
         raise ConfigError(f"{path}: no records (the file is empty)")
     return lines

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import json
 import math
 import random
 import re
@@ -47,6 +46,7 @@ from data_gen.engine import (
 from data_gen.journal import Journal
 from data_gen.output import dataset_card, write_outputs
 from distill.configuration import ConfigError, option, parse_command_line, save_config, section, to_dict
+from distill.jsonl import iter_json_objects
 
 PACKAGED_SEEDS = Path(__file__).parent / "assets" / "seed_tasks.jsonl"
 CLASSIFY_MAX_TOKENS = 16  # a Yes/No answer: a small cap keeps a rambling teacher cheap and the budget reservation low
@@ -109,16 +109,8 @@ def load_seed_tasks(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"seed_tasks: file not found: {path}")
     tasks = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, _, task in iter_json_objects(path):
         where = f"{path}:{number}"
-        try:
-            task = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(task, dict):
-            raise ConfigError(f"{where}: expected a JSON object")
         for field, kind in (("id", str), ("instruction", str), ("instances", list), ("is_classification", bool)):
             if not isinstance(task.get(field), kind):
                 raise ConfigError(f"{where}: field '{field}': expected {kind.__name__}, got {task.get(field)!r}")

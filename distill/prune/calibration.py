@@ -8,7 +8,6 @@ are read; each is truncated to ``max_length`` tokens.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from distill.configuration import ConfigError
+from distill.jsonl import iter_json_objects
 
 
 @dataclass
@@ -74,24 +74,14 @@ def load_calibration(
     if not path.is_file():
         raise ConfigError(f"calibration.data: file not found: {path}")
     rows: list[list[int]] = []
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if len(rows) >= num_samples:
-                break
-            if not line.strip():
-                continue
-            where = f"calibration.data: {path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{where}: not valid JSON: {err}") from None
-            if not isinstance(record, dict):
-                raise ConfigError(f"{where}: expected a JSON object")
-            text, templated = _render(record, tokenizer, where)
-            # A chat template already writes the special tokens the model expects; plain text gets the tokenizer's
-            # own (BOS for Llama, [CLS]/[SEP] for BERT).
-            ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
-            rows.append(ids[:max_length])
+    for number, _, record in iter_json_objects(path, label="calibration.data: "):
+        if len(rows) >= num_samples:
+            break
+        text, templated = _render(record, tokenizer, f"calibration.data: {path}:{number}")
+        # A chat template already writes the special tokens the model expects; plain text gets the tokenizer's
+        # own (BOS for Llama, [CLS]/[SEP] for BERT).
+        ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        rows.append(ids[:max_length])
     if not rows:
         raise ConfigError(f"calibration.data: {path} holds no samples")
     total = sum(len(r) for r in rows)
