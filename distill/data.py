@@ -39,8 +39,16 @@ class DataSettings:
         True, help="Count only completion (assistant) tokens in the loss; false trains on prompts too."
     )
     max_samples: int | None = option(None, help="Use at most this many training examples (for quick runs).")
+    step_by_step_label_weight: float | None = option(
+        None, help="Distilling step-by-step: each record's `prompt`, `rationale` and `label` columns (as written by "
+        "`data-gen cot`) become two examples, '[label] ' + prompt -> label with loss weight w and '[rationale] ' + "
+        "prompt -> rationale with weight 1 - w; null = plain training on the detected shape."
+    )
 
     def __post_init__(self) -> None:
+        if self.step_by_step_label_weight is not None and not 0.0 <= self.step_by_step_label_weight <= 1.0:
+            raise ValueError(f"step_by_step_label_weight: expected a number in [0, 1] or null, got "
+                             f"{self.step_by_step_label_weight}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction: expected a number in [0, 1), got {self.eval_fraction}")
         if self.max_length < 2:
@@ -169,14 +177,32 @@ def tokenize_records(
     source: str,
     row_ids: list[int] | None = None,
 ) -> TokenizedDataset:
-    """Tokenizes records; ``row_ids`` are their rows in the source file (default 0..n-1)."""
-    shape = detect_shape(records[0], settings.format, source)
+    """Tokenizes records; ``row_ids`` are their rows in the source file (default 0..n-1).
+
+    Every example carries a ``loss_weight`` (1.0 unless ``step_by_step_label_weight`` expands records into a
+    label example and a rationale example; both keep the record's ``sample_id``)."""
     row_ids = list(range(len(records))) if row_ids is None else row_ids
+    weighted: list[tuple[int, dict[str, Any], float]] = []
+    w = settings.step_by_step_label_weight
+    if w is None:
+        shape = detect_shape(records[0], settings.format, source)
+        weighted = [(row, record, 1.0) for row, record in zip(row_ids, records)]
+    else:
+        shape = "prompt_completion"
+        for row, record in zip(row_ids, records):
+            missing = [c for c in ("prompt", "rationale", "label") if not isinstance(record.get(c), str)]
+            if missing:
+                raise ConfigError(f"{source}: row {row}: step-by-step training needs string columns "
+                                  f"{missing} (prompt, rationale, label; `data-gen cot` writes them)")
+            weighted.append((row, {"prompt": "[label] " + record["prompt"], "completion": record["label"]}, w))
+            weighted.append((row, {"prompt": "[rationale] " + record["prompt"], "completion": record["rationale"]},
+                             1.0 - w))
     examples = []
-    for row, record in zip(row_ids, records):
+    for row, record, weight in weighted:
         example = tokenize_example(record, shape, tokenizer, settings.max_length, settings.completion_only_loss)
         if any(label != IGNORE_INDEX for label in example["labels"][1:]):  # skip examples truncated to no target
             example["sample_id"] = row
+            example["loss_weight"] = weight
             examples.append(example)
     if not examples:
         raise ConfigError(f"{source}: no example has target tokens within max_length={settings.max_length}")
@@ -221,4 +247,6 @@ def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
         labels[row, :n] = torch.tensor(example["labels"])
         attention_mask[row, :n] = 1
     sample_ids = torch.tensor([e["sample_id"] for e in examples], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sample_ids": sample_ids}
+    loss_weights = torch.tensor([e.get("loss_weight", 1.0) for e in examples], dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sample_ids": sample_ids,
+            "loss_weights": loss_weights}

@@ -9,6 +9,7 @@ depend on how the eval set is sharded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from collections.abc import Iterable
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill import losses
+from distill.configuration import option
 from distill.objective import target_positions
 
 
@@ -102,3 +104,86 @@ def evaluate_model_dirs(
     if teacher is not None:
         metrics["teacher_parameters"] = sum(p.numel() for p in teacher.parameters())
     return metrics
+
+
+@dataclasses.dataclass
+class AccuracySettings:
+    """Answer accuracy of the student on held-out questions: greedy generation, then the answer extractor of
+    ``data-gen cot`` (:mod:`data_gen.answers`) against the gold answer."""
+
+    file: str | None = option(None, help="Held-out questions (.jsonl/.json/.parquet, e.g. GSM8K's test split); "
+                              "null = no accuracy metric.")
+    question_field: str = option("question", help="Column holding the question.")
+    answer_field: str = option("answer", help="Column holding the gold answer (the text after '####' if present).")
+    prompt_prefix: str = option("", help="Prepended to each question, e.g. '[rationale] ' for a step-by-step student.")
+    max_samples: int | None = option(100, help="Evaluate on the first N questions; null = all.")
+    max_new_tokens: int = option(256, help="Greedy generation length per answer.")
+    batch_size: int = option(16, help="Questions generated together (left-padded).")
+    extractor: str = option("answer_is", help="answer_is, hash, final_number or regex (see data_gen.answers).")
+    regex: str | None = option(None, help="extractor=regex: the pattern.")
+    numeric: bool = option(True, help="Compare answers as numbers.")
+
+    def __post_init__(self) -> None:
+        from data_gen.answers import AnswerExtractor
+
+        AnswerExtractor(self.extractor, self.regex, self.numeric)  # a bad kind or pattern fails at config time
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens: expected >= 1 (and batch_size >= 1)")
+
+
+def load_accuracy_set(settings: AccuracySettings) -> list[tuple[str, str]]:
+    """(prompt, gold) pairs; a row without a usable gold answer is a ConfigError naming it."""
+    from data_gen.answers import gold_answer
+    from distill.configuration import ConfigError
+    from distill.data import load_records
+
+    records = load_records(settings.file, "accuracy.file")
+    if settings.max_samples is not None:
+        records = records[: settings.max_samples]
+    pairs = []
+    for row, record in enumerate(records):
+        question, raw = record.get(settings.question_field), record.get(settings.answer_field)
+        gold = gold_answer(str(raw), settings.numeric) if raw is not None else None
+        if not isinstance(question, str) or gold is None:
+            raise ConfigError(f"accuracy.file: {settings.file}: row {row}: needs a '{settings.question_field}' "
+                              f"string and a gold '{settings.answer_field}'")
+        pairs.append((settings.prompt_prefix + question, gold))
+    return pairs
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model: nn.Module,
+    tokenizer,
+    pairs: list[tuple[str, str]],
+    settings: AccuracySettings,
+    reduce=None,
+) -> dict[str, float]:
+    """Fraction of questions whose greedily generated answer matches the gold one. Prompts go through the chat
+    template as a user turn when the tokenizer has one (as training on ``prompt``/``completion`` data does)."""
+    from data_gen.answers import AnswerExtractor
+
+    extractor = AnswerExtractor(settings.extractor, settings.regex, settings.numeric)
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues right after each prompt
+    correct = 0
+    try:
+        for start in range(0, len(pairs), settings.batch_size):
+            chunk = pairs[start : start + settings.batch_size]
+            if tokenizer.chat_template is not None:
+                ids = [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
+                                                          add_generation_prompt=True, return_dict=False))
+                       for p, _ in chunk]
+            else:
+                ids = [tokenizer(p)["input_ids"] for p, _ in chunk]
+            batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
+            out = model.generate(**batch, do_sample=False, max_new_tokens=settings.max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            correct += sum(extractor.extract(text) == gold for text, (_, gold) in zip(texts, chunk))
+    finally:
+        tokenizer.padding_side = side
+    sums = torch.tensor([float(correct), float(len(pairs))], dtype=torch.float64)
+    if reduce is not None:
+        sums = reduce(sums)
+    return {"answer_accuracy": sums[0].item() / max(sums[1].item(), 1.0), "answer_questions": int(sums[1].item())}

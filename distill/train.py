@@ -25,7 +25,7 @@ from distill import checkpoint as ckpt
 from distill.batching import BatchStream
 from distill.configuration import ConfigError, option, parse_command_line, save_config, section, to_dict
 from distill.data import DataSettings, build_datasets, collate
-from distill.evaluation import token_metrics, zero3_gathered
+from distill.evaluation import AccuracySettings, answer_accuracy, load_accuracy_set, token_metrics, zero3_gathered
 from distill.export import export_checkpoint
 from distill.logit_store import LogitStore
 from distill.lora import LoraSettings, apply_lora
@@ -78,6 +78,9 @@ class TrainConfig:
         True, help="If the student is sparse (e.g. Wanda/N:M pruned), re-apply its zero pattern after every "
         "optimizer step so training never densifies it."
     )
+    accuracy: AccuracySettings = section(
+        AccuracySettings, help="Answer accuracy on held-out questions (greedy generation + answer extractor)."
+    )
 
     def __post_init__(self) -> None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -97,6 +100,10 @@ class TrainConfig:
             raise ValueError(f"model.teacher: loss terms {sorted(self.loss.terms)} need a teacher model")
         if self.loss.teacher_store and self.model.teacher:
             raise ValueError("model.teacher: leave it unset with loss.teacher_store (the store replaces the teacher)")
+        if self.data.step_by_step_label_weight is not None and (self.loss.logit_terms or self.loss.feature_terms):
+            # Per-example weights reach the `ce` term only; a divergence would silently ignore them.
+            raise ValueError(f"data.step_by_step_label_weight: trains with loss.terms {{ce: 1}} only, got "
+                             f"{self.loss.terms}")
 
 
 def prepare_output_dir(cfg: TrainConfig) -> Path:
@@ -192,6 +199,7 @@ class Distiller:
         set_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set = build_datasets(cfg.data, self.tokenizer, cfg.seed)
+        self.accuracy_pairs = load_accuracy_set(cfg.accuracy) if cfg.accuracy.file else []
         student = load_student(cfg.model, cfg.seed)
         # Captured before LoRA wraps the model: zeros of the pruned weights, kept through training and merging.
         self.masks = SparsityMasks.capture(student) if cfg.keep_sparsity else SparsityMasks({})
@@ -287,7 +295,8 @@ class Distiller:
                 teacher_out = self.teacher_forward(batch)
                 with zero3_gathered([teacher_head] if teacher_head is not None else [], self.zero3):
                     terms = self.module(
-                        batch["input_ids"], batch["attention_mask"], batch["labels"], teacher_out, teacher_head
+                        batch["input_ids"], batch["attention_mask"], batch["labels"], teacher_out, teacher_head,
+                        loss_weights=batch["loss_weights"],
                     )
                 scaled = {k: v * token_scale if token_level(k) else v for k, v in terms.items()}
                 loss = sum(weights[k] * v for k, v in scaled.items())
@@ -313,9 +322,26 @@ class Distiller:
     # Evaluation, checkpoints, signals
     # ---------------------------------------------------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, float]:
-        if self.eval_set is None:
+    def answer_accuracy(self) -> dict[str, float]:
+        """``eval/answer_accuracy`` on ``accuracy.file``: each process generates for its shard, counts are summed."""
+        if not self.accuracy_pairs:
             return {}
+        if self.zero3:
+            raise ConfigError("accuracy.file: generation under ZeRO-3 is not supported; evaluate the exported model")
+        acc = self.accelerator
+        student = inner(self.module).student
+        student.eval()
+        metrics = answer_accuracy(
+            student, self.tokenizer, self.accuracy_pairs[acc.process_index :: acc.num_processes], self.cfg.accuracy,
+            reduce=lambda t: acc.reduce(t.to(acc.device), "sum").cpu(),
+        )
+        student.train()
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def evaluate(self) -> dict[str, float]:
+        accuracy = self.answer_accuracy()
+        if self.eval_set is None:
+            return accuracy
         acc = self.accelerator
         shard = list(range(acc.process_index, len(self.eval_set), acc.num_processes))
         size = self.cfg.per_device_eval_batch_size
@@ -332,7 +358,7 @@ class Distiller:
             zero3=self.zero3,
         )
         student.train()
-        return {f"eval/{k}": v for k, v in metrics.items()}
+        return {**accuracy, **{f"eval/{k}": v for k, v in metrics.items()}}
 
     def trainer_state(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,133 @@
+"""Training on rationales: the distilling step-by-step expansion and loss weighting (normalised by counted tokens,
+independent of the micro-batch split), and the answer-accuracy metric with greedy generation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.configuration import ConfigError
+from distill.data import DataSettings, collate, tokenize_records
+from distill.objective import LossSettings, StudentWithObjective, target_positions
+
+ROWS = [{"prompt": "Ann has 3 cats and gets 4 more. How many cats?", "rationale": "3 + 4 = 7. So the answer is 7.",
+         "label": "7"},
+        {"prompt": "Bo has 10 pens and loses 6. How many pens?", "rationale": "10 - 6 = 4. So the answer is 4.",
+         "label": "4"}]
+for _row in ROWS:  # the columns `data-gen cot` writes: plain rationale SFT reads prompt/completion
+    _row["completion"] = _row["rationale"]
+
+
+def test_step_by_step_expands_each_record_into_weighted_label_and_rationale_examples(tokenizer):
+    settings = DataSettings(train_file="x", step_by_step_label_weight=0.3)
+    data = tokenize_records(ROWS, tokenizer, settings, "x")
+    assert len(data) == 4 and [e["sample_id"] for e in data.examples] == [0, 0, 1, 1]
+    assert [e["loss_weight"] for e in data.examples] == pytest.approx([0.3, 0.7, 0.3, 0.7])
+    label_text = tokenizer.decode(data[0]["input_ids"])
+    rationale_text = tokenizer.decode(data[1]["input_ids"])
+    assert "[label] Ann has" in label_text and "[rationale] Ann has" in rationale_text
+    target = tokenizer.decode([t for t in data[1]["labels"] if t != -100])
+    assert "So the answer is 7." in target and "[rationale]" not in target
+    plain = tokenize_records(ROWS, tokenizer, DataSettings(train_file="x"), "x")
+    assert len(plain) == 2 and collate(plain.examples, 0)["loss_weights"].tolist() == [1.0, 1.0]
+    with pytest.raises(ConfigError, match=r"row 0: step-by-step training needs string columns \['label'\]"):
+        tokenize_records([{"prompt": "q", "rationale": "r"}], tokenizer, settings, "x")
+
+
+def test_weighted_ce_equals_the_hand_computed_weighted_sum(tokenizer):
+    from distill.tiny import tiny_llama
+
+    model = tiny_llama(len(tokenizer), hidden_size=32, num_layers=2, seed=0)
+    data = tokenize_records(ROWS, tokenizer, DataSettings(train_file="x", step_by_step_label_weight=0.25), "x")
+    batch = collate(data.examples, tokenizer.pad_token_id)
+    module = StudentWithObjective(model, LossSettings(terms={"ce": 1.0}, chunk_size=7), len(tokenizer))
+    weighted = module(batch["input_ids"], batch["attention_mask"], batch["labels"], loss_weights=batch["loss_weights"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    per_token = F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], reduction="none", ignore_index=-100)
+    expected = (per_token.sum(1) * batch["loss_weights"]).sum()
+    assert torch.allclose(weighted["ce"], expected, rtol=1e-5)
+    ones = module(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                  loss_weights=torch.ones(len(data)))["ce"]
+    assert torch.allclose(ones, per_token.sum(), rtol=1e-5)
+    assert torch.allclose(ones, module(batch["input_ids"], batch["attention_mask"], batch["labels"])["ce"])
+    assert int(target_positions(batch["labels"]).sum()) == int((batch["labels"][:, 1:] != -100).sum())
+
+
+def train_config(tmp_path: Path, model_dirs, data_file: Path, name: str, **over):
+    from distill.configuration import from_dict
+    from distill.train import TrainConfig
+
+    tree = {"output_dir": str(tmp_path / name), "report_to": ["none"], "per_device_train_batch_size": 4,
+            "learning_rate": 1e-3, "max_steps": 1, "eval_steps": None, "save_steps": 1000, "seed": 3,
+            "model": {"student": str(model_dirs["student"])},
+            "data": {"train_file": str(data_file), "eval_fraction": 0.0, "step_by_step_label_weight": 0.25},
+            "loss": {"terms": {"ce": 1.0}}}
+    for key, value in over.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(TrainConfig, tree)
+
+
+def test_weighted_step_is_normalised_by_counted_tokens_whatever_the_split(tmp_path, model_dirs):
+    from distill.train import Distiller
+
+    data_file = tmp_path / "rows.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    whole = Distiller(train_config(tmp_path, model_dirs, data_file, "whole"))
+    split = Distiller(train_config(tmp_path, model_dirs, data_file, "split", per_device_train_batch_size=1,
+                                   gradient_accumulation_steps=4))
+    # The expected value from the definition: sum of weight x token CE over the step, / counted tokens.
+    examples = [whole.train_set[i] for i in range(len(whole.train_set))]
+    batch = collate(examples, whole.tokenizer.pad_token_id)
+    student = whole.module.student
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    per_token = F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], reduction="none", ignore_index=-100)
+    expected = (per_token.sum(1) * batch["loss_weights"]).sum() / (batch["labels"][:, 1:] != -100).sum()
+    a, b = whole.training_step()["loss"], split.training_step()["loss"]
+    assert a == pytest.approx(expected.item(), rel=1e-5) and b == pytest.approx(a, rel=1e-5)
+
+
+def test_step_by_step_refuses_logit_terms(tmp_path, model_dirs):
+    with pytest.raises(ConfigError, match="step_by_step_label_weight"):
+        train_config(tmp_path, model_dirs, tmp_path / "x.jsonl", "x", **{
+            "model.teacher": str(model_dirs["teacher"]), "loss.terms": {"ce": 0.5, "forward_kl": 0.5}})
+
+
+def test_answer_accuracy_after_memorising_two_rationales(tmp_path, model_dirs):
+    """A student that memorised the rationales answers both questions (accuracy 1); before, it answers none."""
+    from distill.evaluation import AccuracySettings, answer_accuracy, load_accuracy_set
+    from distill.train import Distiller
+
+    data_file = tmp_path / "rows.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"question": r["prompt"], "answer": "#### " + r["label"]}) + "\n"
+                            for r in ROWS))
+    cfg = train_config(tmp_path, model_dirs, data_file, "acc", **{
+        "data.step_by_step_label_weight": None, "max_steps": 60, "learning_rate": 1e-2, "warmup_steps": 0,
+        "lr_scheduler_type": "constant", "accuracy.file": str(held), "accuracy.max_new_tokens": 24,
+        "per_device_train_batch_size": 2})
+    distiller = Distiller(cfg)
+    before = distiller.answer_accuracy()
+    assert before["eval/answer_accuracy"] == 0.0 and before["eval/answer_questions"] == 2
+    summary = distiller.train()
+    assert summary["final_eval"]["eval/answer_accuracy"] == 1.0
+    metrics = [json.loads(line) for line in (tmp_path / "acc" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["eval/answer_accuracy"] == 1.0
+    # The same metric on the exported model, with a wrong gold for one question: exactly half.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = tmp_path / "acc" / "final"
+    model, tok = AutoModelForCausalLM.from_pretrained(final).eval(), AutoTokenizer.from_pretrained(final)
+    settings = AccuracySettings(file=str(held), max_new_tokens=24)
+    pairs = load_accuracy_set(settings)
+    pairs[1] = (pairs[1][0], "5")
+    assert answer_accuracy(model, tok, pairs, settings)["answer_accuracy"] == 0.5
