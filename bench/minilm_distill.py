@@ -32,6 +32,7 @@ from transformers import AutoModel, AutoTokenizer, BertModel, PreTrainedTokenize
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from distill.embedding_eval import embedding_agreement
 from distill.features import FeatureDistiller, FeatureSettings
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -102,15 +103,6 @@ def sentence_embeddings(model: BertModel, tokenizer: PreTrainedTokenizerBase, te
     return torch.cat(out)
 
 
-def agreement(student: torch.Tensor, teacher: torch.Tensor) -> tuple[float, float]:
-    """(mean student-teacher cosine, top-1 retrieval agreement) for unit-norm embeddings of the same sentences."""
-    cosine = (student * teacher).sum(-1).mean().item()
-    eye = torch.eye(len(student), dtype=torch.bool)
-    nearest_s = (student @ student.T).masked_fill(eye, -2.0).argmax(1)
-    nearest_t = (teacher @ teacher.T).masked_fill(eye, -2.0).argmax(1)
-    return cosine, (nearest_s == nearest_t).float().mean().item()
-
-
 def run(steps: int = 150, batch_size: int = 16, max_length: int = 32, lr: float = 1e-4,
         student_layers: tuple[int, ...] = (1, 3, 5), data_dir: Path | None = SHARED_DATA, seed: int = 0,
         log_every: int = 50) -> dict:
@@ -123,7 +115,7 @@ def run(steps: int = 150, batch_size: int = 16, max_length: int = 32, lr: float 
     teacher_emb = sentence_embeddings(teacher, tokenizer, held_out, EVAL_MAX_LENGTH)
 
     init = make_student(teacher, list(student_layers))
-    before = agreement(sentence_embeddings(init, tokenizer, held_out, EVAL_MAX_LENGTH), teacher_emb)
+    before = embedding_agreement(sentence_embeddings(init, tokenizer, held_out, EVAL_MAX_LENGTH), teacher_emb)
     runs = {
         "feature+relation": (FEATURE_WEIGHTS, FeatureSettings()),
         "final-layer MSE": (BASELINE_WEIGHTS, FeatureSettings(layer_map="explicit", layers=[[-1, -1]])),
@@ -161,8 +153,10 @@ def run(steps: int = 150, batch_size: int = 16, max_length: int = 32, lr: float 
     # the wall time alone is inflated whenever other jobs share the cores.
     train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
 
-    after = {name: agreement(sentence_embeddings(students[name], tokenizer, held_out, EVAL_MAX_LENGTH), teacher_emb)
-             for name in runs}
+    after = {
+        name: embedding_agreement(sentence_embeddings(students[name], tokenizer, held_out, EVAL_MAX_LENGTH), teacher_emb)
+        for name in runs
+    }
     return {"source": source, "train_sentences": len(train), "held_out": len(held_out), "steps": steps,
             "batch_size": batch_size, "train_seconds": train_seconds,
             "train_cpu_seconds": train_cpu_seconds, "threads": torch.get_num_threads(), "before": before, "after": after,

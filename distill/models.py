@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from distill.configuration import ConfigError, option
 
@@ -33,6 +40,10 @@ class ModelSettings:
     attn_implementation: Literal["sdpa", "eager"] = option(
         "sdpa", help="Attention kernel for both models; attention-map losses need `eager`."
     )
+    task: Literal["auto", "causal_lm", "encoder"] = option(
+        "auto", help="`causal_lm` loads AutoModelForCausalLM (logit and feature losses); `encoder` loads AutoModel "
+        "(BERT family: feature and relation losses only). `auto` reads the teacher's (or student's) architectures."
+    )
 
     def __post_init__(self) -> None:
         if not self.teacher and not self.student:
@@ -44,6 +55,19 @@ def require_model_dir(path: str, field: str) -> Path:
     if not (directory / "config.json").is_file():
         raise ConfigError(f"{field}: expected a model directory with config.json, got {path!r}")
     return directory
+
+
+def resolve_task(settings: ModelSettings) -> str:
+    """``causal_lm`` or ``encoder``: from the setting, or from the architectures a model directory declares."""
+    if settings.task != "auto":
+        return settings.task
+    config = AutoConfig.from_pretrained(settings.teacher or settings.student)
+    architectures = config.architectures or []
+    return "causal_lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) else "encoder"
+
+
+def _model_class(task: str):
+    return AutoModelForCausalLM if task == "causal_lm" else AutoModel
 
 
 def check_paths(settings: ModelSettings) -> None:
@@ -73,9 +97,9 @@ def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_teacher(settings: ModelSettings, bf16: bool) -> PreTrainedModel:
+def load_teacher(settings: ModelSettings, bf16: bool, task: str = "causal_lm") -> PreTrainedModel:
     dtype = DTYPES.get(settings.teacher_dtype) or (torch.bfloat16 if bf16 else torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(
+    teacher = _model_class(task).from_pretrained(
         settings.teacher, dtype=dtype, attn_implementation=settings.attn_implementation
     )
     teacher.eval()
@@ -83,10 +107,10 @@ def load_teacher(settings: ModelSettings, bf16: bool) -> PreTrainedModel:
     return teacher
 
 
-def load_student(settings: ModelSettings, seed: int) -> PreTrainedModel:
+def load_student(settings: ModelSettings, seed: int, task: str = "causal_lm") -> PreTrainedModel:
     """From its directory, or a fresh model from the teacher's config with ``student_overrides`` applied."""
     if settings.student:
-        return AutoModelForCausalLM.from_pretrained(
+        return _model_class(task).from_pretrained(
             settings.student, dtype=torch.float32, attn_implementation=settings.attn_implementation
         )
     config = AutoConfig.from_pretrained(settings.teacher)
@@ -98,7 +122,7 @@ def load_student(settings: ModelSettings, seed: int) -> PreTrainedModel:
         config.layer_types = config.layer_types[: config.num_hidden_layers]  # per-layer lists must match the depth
     config._attn_implementation = settings.attn_implementation
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return _model_class(task).from_config(config, dtype=torch.float32)
 
 
 def parameter_count(model: torch.nn.Module) -> int:

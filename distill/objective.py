@@ -165,10 +165,14 @@ class StudentWithObjective(nn.Module):
             output_attentions=self.needs_attentions,
             use_cache=False,
         )
+        terms: dict[str, Tensor] = {}
+        if self.features is not None:
+            terms.update(self.features(student_out, teacher_outputs, attention_mask))
+        if not (s.terms.get(CE_TERM, 0) > 0 or s.logit_terms):
+            return terms  # feature/relation terms only (encoders have no LM head)
         positions = target_positions(labels)
         student_hidden = student_out.last_hidden_state[positions]
         student_head = self.student.get_output_embeddings().weight
-        terms: dict[str, Tensor] = {}
         if s.terms.get(CE_TERM, 0) > 0:
             targets = labels[:, 1:][positions[:, :-1]]
             token_weights = None
@@ -197,8 +201,6 @@ class StudentWithObjective(nn.Module):
                     vocab_size=self.vocab_size,
                     chunk_size=s.chunk_size,
                 )
-        if self.features is not None:
-            terms.update(self.features(student_out, teacher_outputs, attention_mask))
         return terms
 
 

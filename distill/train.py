@@ -26,11 +26,20 @@ from distill.batching import BatchStream
 from distill.configuration import ConfigError, option, parse_command_line, save_config, section, to_dict
 from distill.data import DataSettings, build_datasets, collate
 from distill.evaluation import AccuracySettings, answer_accuracy, load_accuracy_set, token_metrics, zero3_gathered
+from distill.embedding_eval import embedding_metrics
 from distill.export import export_checkpoint
 from distill.logit_store import LogitStore
 from distill.lora import LoraSettings, apply_lora
 from distill.losses import shared_vocab_size
-from distill.models import ModelSettings, check_paths, load_student, load_teacher, load_tokenizer, parameter_count
+from distill.models import (
+    ModelSettings,
+    check_paths,
+    load_student,
+    load_teacher,
+    load_tokenizer,
+    parameter_count,
+    resolve_task,
+)
 from distill.objective import LossSettings, StudentWithObjective, target_positions, token_level
 from distill.sparsity import SparsityMasks
 
@@ -200,12 +209,16 @@ class Distiller:
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set = build_datasets(cfg.data, self.tokenizer, cfg.seed)
         self.accuracy_pairs = load_accuracy_set(cfg.accuracy) if cfg.accuracy.file else []
-        student = load_student(cfg.model, cfg.seed)
+        self.task = resolve_task(cfg.model)
+        if self.task == "encoder" and (cfg.loss.logit_terms or cfg.loss.terms.get("ce", 0) > 0):
+            raise ConfigError(f"loss.terms: an encoder (model.task: encoder) has no LM head; use feature/relation "
+                              f"terms only, got {cfg.loss.terms}")
+        student = load_student(cfg.model, cfg.seed, self.task)
         # Captured before LoRA wraps the model: zeros of the pruned weights, kept through training and merging.
         self.masks = SparsityMasks.capture(student) if cfg.keep_sparsity else SparsityMasks({})
         if cfg.lora.enabled:
             student = apply_lora(student, cfg.lora)
-        self.teacher = load_teacher(cfg.model, cfg.bf16) if cfg.model.teacher else None
+        self.teacher = load_teacher(cfg.model, cfg.bf16, self.task) if cfg.model.teacher else None
         teacher_vocab = self.teacher.config.vocab_size if self.teacher is not None else student.config.vocab_size
         self.vocab_size = shared_vocab_size(student.config.vocab_size, teacher_vocab, len(self.tokenizer))
         self.store = None
@@ -238,7 +251,7 @@ class Distiller:
         if self.zero3 and len(self.masks):
             raise ConfigError("keep_sparsity: a sparse student cannot be trained under ZeRO-3 (partitioned weights "
                               "cannot be masked); use ZeRO-2 or DDP, or set keep_sparsity: false")
-        if self.zero3:
+        if self.zero3 and self.task == "causal_lm":
             import deepspeed
 
             # The chunked kernel reads the student's lm_head weight outside lm_head.forward: let ZeRO-3 gather it
@@ -287,7 +300,7 @@ class Distiller:
         step_tokens = acc.reduce(local_tokens.to(acc.device), reduction="sum").item()
         token_scale = acc.num_processes * self.cfg.gradient_accumulation_steps / max(step_tokens, 1.0)
         teacher_head = None
-        if self.teacher is not None:
+        if self.teacher is not None and self.task == "causal_lm":
             teacher_head = inner(self.teacher).get_output_embeddings().weight
         logged: dict[str, float] = {}
         for batch in micro_batches:
@@ -338,25 +351,29 @@ class Distiller:
         student.train()
         return {f"eval/{k}": v for k, v in metrics.items()}
 
+    def eval_batches(self, indices: list[int]):
+        size = self.cfg.per_device_eval_batch_size
+        for j in range(0, len(indices), size):
+            batch = collate([self.eval_set[i] for i in indices[j : j + size]], self.tokenizer.pad_token_id)
+            yield {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
     def evaluate(self) -> dict[str, float]:
         accuracy = self.answer_accuracy()
         if self.eval_set is None:
             return accuracy
         acc = self.accelerator
-        shard = list(range(acc.process_index, len(self.eval_set), acc.num_processes))
-        size = self.cfg.per_device_eval_batch_size
-        batches = (
-            {k: v.to(acc.device) for k, v in collate([self.eval_set[i] for i in shard[j : j + size]],
-                                                      self.tokenizer.pad_token_id).items()}
-            for j in range(0, len(shard), size)
-        )
         student = inner(self.module).student
         student.eval()
         teacher = inner(self.teacher) if self.teacher is not None else None
-        metrics = token_metrics(
-            student, teacher, batches, self.vocab_size, reduce=lambda t: acc.reduce(t.to(acc.device), "sum").cpu(),
-            zero3=self.zero3,
-        )
+        if self.task == "encoder":  # retrieval needs the whole set: every process embeds all of it
+            metrics = {} if teacher is None else embedding_metrics(
+                student, teacher, self.eval_batches(list(range(len(self.eval_set)))), self.cfg.loss.features.pooling
+            )
+        else:
+            metrics = token_metrics(
+                student, teacher, self.eval_batches(list(range(acc.process_index, len(self.eval_set), acc.num_processes))),
+                self.vocab_size, reduce=lambda t: acc.reduce(t.to(acc.device), "sum").cpu(), zero3=self.zero3,
+            )
         student.train()
         return {**accuracy, **{f"eval/{k}": v for k, v in metrics.items()}}
 
