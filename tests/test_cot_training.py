@@ -131,3 +131,17 @@ def test_answer_accuracy_after_memorising_two_rationales(tmp_path, model_dirs):
     pairs = load_accuracy_set(settings)
     pairs[1] = (pairs[1][0], "5")
     assert answer_accuracy(model, tok, pairs, settings)["answer_accuracy"] == 0.5
+
+
+def test_documented_step_by_step_command_parses():
+    """The `distill train` command of docs/cot_lion.md (its data_gen commands are run by test_cot/test_lion)."""
+    import re
+    import shlex
+
+    from distill.configuration import parse_command_line
+    from distill.train import TrainConfig
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cot_lion.md").read_text()
+    command = re.search(r"distill train (.*?)\n```", doc, re.S).group(1).replace("\\\n", " ")
+    cfg = parse_command_line(TrainConfig, shlex.split(command), "distill train")
+    assert cfg.data.step_by_step_label_weight == 0.5 and cfg.accuracy.prompt_prefix == "[rationale] "

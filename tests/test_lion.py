@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_gen.lion import LionConfig, parse_scores
 from data_gen.engine import ParseError
+from data_gen.lion import LionConfig, parse_scores
 from data_gen.testing import ScriptedServer
 
 REPO = Path(__file__).resolve().parents[1]
