@@ -139,6 +139,12 @@ def make_accelerator(cfg: TrainConfig, project_dir: Path):
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     report_to = [t for t in cfg.report_to if t != "none"]
     check_deepspeed_config_file()
+    from accelerate.state import AcceleratorState
+
+    # accelerate 1.15 keeps mixed precision and the DeepSpeed plugin in a process-wide singleton and refuses a second
+    # Accelerator with other settings; runs made one after another in a process (the quickstart's stages, Lion's
+    # iterations) each need their own. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision="bf16" if cfg.bf16 else "no",

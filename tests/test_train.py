@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -214,3 +215,12 @@ def test_padded_teacher_vocab_is_cropped(model_dirs, train_file, tmp_path, token
     cfg = config(model_dirs, train_file, tmp_path / "out", **{"model.teacher": str(padded), "max_steps": 1})
     summary = Distiller(cfg).train()
     assert summary["steps"] == 1 and (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+def test_bf16_training_runs_with_finite_losses(model_dirs, train_file, tmp_path):
+    """bf16 mixed precision (CPU autocast here) with the teacher in bf16: losses stay finite and close to fp32's."""
+    fp32 = Distiller(config(model_dirs, train_file, tmp_path / "fp32", max_steps=2)).train()
+    bf16 = Distiller(config(model_dirs, train_file, tmp_path / "bf16", max_steps=2, bf16=True)).train()
+    for ours, reference in zip(bf16["history"], fp32["history"]):
+        assert math.isfinite(ours["train/loss"])
+        assert ours["train/loss"] == pytest.approx(reference["train/loss"], rel=0.05)
