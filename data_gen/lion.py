@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from data_gen.config import DecodingConfig, TeacherConfig
+from data_gen.cot import EXIT_STOPPED
 from data_gen.engine import Engine, EngineError, ParseError, Request, build_engine
 from data_gen.self_instruct import parse_instructions
 from distill.configuration import ConfigError, option, parse_command_line, save_config, section
+from distill.jsonl import iter_json_objects
 
 REFEREE_TEMPLATE = (
     "You are a fair judge. Rate how helpful, correct and complete each of the two answers to the instruction is, "
@@ -101,19 +103,17 @@ class LionConfig:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+class StageStopped(Exception):
+    """The engine stopped (budget cap, Ctrl-C, SIGTERM) before a stage finished; a rerun continues it."""
+
+
 def load_pool(path: str, field: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{field}: file not found: {p}")
     pool = []
-    for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{p}:{number}: not valid JSON ({err.msg})") from None
-        text = record.get("instruction") if isinstance(record, dict) else None
+    for number, _, record in iter_json_objects(p):
+        text = record.get("instruction")
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"{p}:{number}: field 'instruction': expected a non-empty string")
         pool.append(text.strip())
@@ -150,7 +150,7 @@ def chat(text: str) -> list[dict[str, str]]:
 async def answers(engine: Engine, prefix: str, instructions: list[str]) -> list[str | None]:
     results = await engine.map([Request(f"{prefix}-{i}", chat(text)) for i, text in enumerate(instructions)])
     if any(r is None for r in results):
-        raise EngineError("stopped before all answers were in; rerun to continue")
+        raise StageStopped("stopped before all answers were in; rerun the same command to continue")
     return [r.text if r.ok else None for r in results]
 
 
@@ -245,7 +245,7 @@ class Lion:
                         instruction=inst, first=s or "", second=t or ""))))
                 scored = await referee.map(requests, parse_scores)
                 if any(r is None for r in scored):
-                    raise EngineError("stopped before all referee scores were in; rerun to continue")
+                    raise StageStopped("stopped before all referee scores were in; rerun the same command to continue")
                 items = []
                 for i, inst in enumerate(pool):
                     first, second = scored[2 * i], scored[2 * i + 1]
@@ -295,7 +295,7 @@ class Lion:
             try:
                 results = await engine.map(requests, parse_instructions)
                 if any(r is None for r in results):
-                    raise EngineError("stopped before all instructions were generated; rerun to continue")
+                    raise StageStopped("stopped before all instructions were generated; rerun the same command to continue")
                 return results
             finally:
                 await engine.aclose()
@@ -365,6 +365,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"student: model directory not found: {cfg.student}")
     try:
         Lion(cfg).run()
-    except EngineError as err:
+    except StageStopped as stop:  # budget cap, Ctrl-C or SIGTERM: everything paid for is saved
+        print(stop)
+        return EXIT_STOPPED
+    except EngineError as err:  # e.g. an unreachable teacher after bounded retries
         raise ConfigError(str(err)) from None
     return 0

@@ -132,3 +132,23 @@ def test_shipped_config_parses():
 
     cfg = parse_command_line(LionConfig, ["--config", str(REPO / "configs/data_gen/lion.yaml")], "data-gen lion")
     assert cfg.iterations == 2 and cfg.teacher.backend == "api"
+
+
+def test_budget_stop_exits_3_and_a_rerun_with_more_budget_finishes(server, model_dirs, tmp_path):
+    """The budget cap stops the loop cleanly (exit 3, everything paid for kept); raising it lets the rerun finish."""
+    from data_gen.cli import main
+
+    out = tmp_path / "budget"
+    cfg = config(server, model_dirs, tmp_path, out)
+    tree = yaml.safe_load(cfg.read_text())
+    tree["iterations"] = 1
+    tree["teacher"].update({"price_input_per_m": 1000.0, "price_output_per_m": 1000.0, "max_cost_usd": 0.05})
+    cfg.write_text("# data-gen lion\n" + yaml.safe_dump(tree))
+    assert main(["lion", "--config", str(cfg)]) == 3
+    assert not (out / "lion_summary.json").exists()
+    calls_after_stop = server.total
+    tree["teacher"]["max_cost_usd"] = 1000.0
+    cfg.write_text("# data-gen lion\n" + yaml.safe_dump(tree))
+    assert main(["lion", "--config", str(cfg)]) == 0
+    assert json.loads((out / "lion_summary.json").read_text())["iterations"]
+    assert server.total > calls_after_stop
