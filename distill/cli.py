@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("distill.train:main", "distil a teacher into a student from a YAML config (run under accelerate launch)"),
     "precompute": ("distill.precompute:main", "run the teacher once over a dataset and store its top-k log-probabilities for offline distillation"),
     "prune": ("distill.prune.command:main", "prune a teacher into a smaller HF model (depth/heads/MLP/hidden) or sparsify it (Wanda, N:M)"),
+    "eval": ("distill.eval_cmd:main", "task accuracy (greedy generation), perplexity, tokens/s, and KL/top-1 agreement with a teacher"),
+    "plot": ("distill.plot:main", "draw a run's logged training/eval curves (metrics.jsonl) as PNG files"),
     "export": ("distill.export:main", "write a training checkpoint's student (ZeRO shards consolidated) as a HF model directory"),
 }
 
