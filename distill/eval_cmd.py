@@ -171,9 +171,9 @@ def evaluate(
     from distill.evaluation import token_metrics
     from distill.losses import shared_vocab_size
 
+    model = load_model(model_dir, device, "model")  # checks the directory before anything else reads it
     records = [as_trainer_record(r) for r in load_records(data, "data")][:num_samples]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_model(model_dir, device, "model")
     teacher = None
     if teacher_dir is not None:
         teacher = load_model(teacher_dir, device, "teacher")

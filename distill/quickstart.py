@@ -220,7 +220,7 @@ def make_rationales(cfg: QuickstartConfig, teacher: Path, data: Path, out: Path)
     rows = out / "data.jsonl"
     if (out / "stats.json").exists() and rows.exists():
         print("quickstart: cot: finished earlier, skipped")
-        return rows
+        return _check_rationales(cfg, out)
     cot = CotConfig(
         input_file=str(data / "train.jsonl"),
         question_field="question",
@@ -238,11 +238,14 @@ def make_rationales(cfg: QuickstartConfig, teacher: Path, data: Path, out: Path)
     code = asyncio.run(generate(cot))
     if code == EXIT_STOPPED:
         raise SystemExit(code)  # interrupted: the journal keeps what was done, a rerun continues
-    kept = json.loads((out / "stats.json").read_text())["rows"]
-    if kept == 0:
+    return _check_rationales(cfg, out)
+
+
+def _check_rationales(cfg: QuickstartConfig, out: Path) -> Path:
+    if json.loads((out / "stats.json").read_text())["rows"] == 0:
         raise ConfigError(f"teacher_steps: the teacher solved none of the {cfg.num_train} training questions, so there "
-                          f"are no rationales to train on; train it longer (delete {out.parent} or pass --overwrite)")
-    return rows
+                          f"are no rationales to train on; train it longer (rerun with --overwrite)")
+    return out / "data.jsonl"
 
 
 def make_student_init(cfg: QuickstartConfig, teacher: Path, data: Path, out: Path) -> Path:
