@@ -1,0 +1,140 @@
+"""``distill quickstart`` end to end on a SMALL config: interrupted by SIGKILL mid-stage, resumed, finished; the report,
+plots and refusals checked on the result.
+
+The whole pipeline runs once per session (module fixture) as real subprocesses of the command itself: the first run
+is killed while a student stage is training, the second run must skip the finished stages, resume the killed one from
+its checkpoint and write the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+# Tiny sizes and few steps: the teacher still memorises some training problems, so data-gen cot keeps rationales.
+SMALL = [
+    "--num_train", "32", "--num_eval", "8", "--vocab_size", "300", "--teacher_layers", "2", "--teacher_hidden", "64",
+    "--teacher_steps", "120", "--student_layers", "1", "--student_intermediate_size", "128", "--student_steps", "12",
+    "--batch_size", "8", "--learning_rate", "1e-2", "--cot_samples", "2", "--max_new_tokens", "32",
+]
+COMPARED = ["teacher", "pruned", "labels", "rationales", "distilled"]
+
+
+def quickstart(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "distill", "quickstart", "--output_dir", str(out), *SMALL, *extra]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("qs") / "run"
+    logs = out.parent
+    with open(logs / "first.log", "w") as log:
+        first = subprocess.Popen(quickstart(out), cwd=REPO_ROOT, env=environment(), stdout=log, stderr=subprocess.STDOUT)
+        # Kill once the "labels" student has written its first checkpoint, i.e. in the middle of that stage.
+        deadline = time.time() + 240
+        while time.time() < deadline and first.poll() is None:
+            if list((out / "students" / "labels").glob("checkpoint-*")):
+                break
+            time.sleep(0.05)
+        killed_mid_stage = first.poll() is None and not (out / "students" / "labels" / "summary.json").exists()
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    second = subprocess.run(quickstart(out), cwd=REPO_ROOT, env=environment(), capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, (logs / "first.log").read_text()[-3000:] + second.stdout[-3000:] + second.stderr
+    return {"out": out, "killed_mid_stage": killed_mid_stage, "log": second.stdout + second.stderr}
+
+
+def test_kill_then_rerun_resumes_the_interrupted_stage(finished):
+    assert finished["killed_mid_stage"], "the first run finished the labels stage before it could be killed"
+    log = finished["log"]
+    assert "resuming the unfinished run" in log
+    assert "teacher: finished earlier, skipped" in log  # finished stages are not redone
+    assert "cot: finished earlier, skipped" in log
+    assert f"resumed from {finished['out'] / 'students' / 'labels'}" in log  # the killed stage continues
+    metrics = (finished["out"] / "students" / "labels" / "metrics.jsonl").read_text().splitlines()
+    assert max(json.loads(line)["step"] for line in metrics) == 12
+
+
+def test_report_compares_every_model(finished):
+    out = finished["out"]
+    report = json.loads((out / "report.json").read_text())
+    markdown = (out / "report.md").read_text()
+    for name in COMPARED:
+        assert f"| {name} |" in markdown
+        figures = report["results"][name]
+        assert 0.0 <= figures["accuracy"] <= 1.0
+        assert figures["parameters"] > 0 and figures["tokens_per_second"] > 0 and figures["perplexity"] >= 1.0
+        assert figures["records"] == 8
+    assert report["results"]["teacher"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the teacher against itself
+    assert report["results"]["teacher"]["parameters"] > report["results"]["pruned"]["parameters"]
+    assert report["verdict"] in markdown and "fine-tuning on gold labels only" in report["verdict"]
+    assert report["cot"]["rows"] >= 1
+    # accuracy is computed from the saved generations, not taken from anywhere else
+    for name in COMPARED:
+        samples = json.loads((out / "eval" / f"{name}.json").read_text())["samples"]
+        assert report["results"][name]["accuracy"] == sum(s["correct"] for s in samples) / len(samples)
+    assert set(report["timings"]) >= {"teacher", "cot", "prune", "labels", "rationales", "distilled"}
+
+
+def test_plots_are_valid_pngs(finished):
+    import matplotlib.image
+
+    plots = finished["out"] / "plots"
+    files = [plots / "accuracy.png"] + [plots / run / "train_terms.png"
+                                        for run in ("teacher", "labels", "rationales", "distilled")]
+    for path in files:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.image.imread(path).shape[0] > 100
+        assert f"plots/{path.relative_to(plots)}" in (finished["out"] / "report.md").read_text()
+
+
+def test_rerun_into_a_finished_run_is_refused(finished):
+    before = (finished["out"] / "report.json").stat().st_mtime
+    result = subprocess.run(quickstart(finished["out"]), cwd=REPO_ROOT, env=environment(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "holds a finished quickstart" in result.stderr and "--overwrite" in result.stderr
+    assert (finished["out"] / "report.json").stat().st_mtime == before
+
+
+def test_other_directories_and_settings_are_refused(tmp_path):
+    from distill.configuration import ConfigError
+    from distill.quickstart import QuickstartConfig, prepare_output_dir
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a quickstart directory"):
+        prepare_output_dir(QuickstartConfig(output_dir=str(foreign)))
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+    unfinished = tmp_path / "unfinished"
+    prepare_output_dir(QuickstartConfig(output_dir=str(unfinished), teacher_steps=10))
+    with pytest.raises(ConfigError, match="other settings \\(teacher_steps\\)"):
+        prepare_output_dir(QuickstartConfig(output_dir=str(unfinished), teacher_steps=20))
+    prepare_output_dir(QuickstartConfig(output_dir=str(unfinished), teacher_steps=10))  # same settings: resume
+    prepare_output_dir(QuickstartConfig(output_dir=str(unfinished), teacher_steps=20, overwrite=True))
+    assert "teacher_steps: 20" in (unfinished / "config.yaml").read_text()
+
+
+def test_shipped_config_equals_the_defaults():
+    from distill.configuration import from_dict, load_yaml
+    from distill.quickstart import QuickstartConfig
+
+    shipped = REPO_ROOT / "configs" / "quickstart.yaml"
+    assert shipped.read_text().splitlines()[0] == "# distill quickstart"
+    assert from_dict(QuickstartConfig, load_yaml(shipped)) == QuickstartConfig()
