@@ -103,24 +103,27 @@ def write_data(path: Path, count: int) -> list[str]:
     return [r["prompt"] + " " + r["completion"] for r in records]
 
 
-def worker(args: argparse.Namespace) -> None:
+def make_distiller(root: Path, variant: str, kd_terms: str, steps: int):
     from distill.configuration import from_dict
     from distill.train import Distiller, TrainConfig
 
-    root = Path(args.root)
-    loss = {"terms": {"ce": 1.0}} if args.worker == "sft" else {"terms": {"forward_kl": 0.9, "ce": 0.1}}
+    loss = {"terms": {"ce": 1.0}} if variant == "sft" else {"terms": json.loads(kd_terms)}
     model = {"student": str(root / "student")}
-    if args.worker == "offline":
+    if variant == "offline":
         loss["teacher_store"] = str(root / "store")
-    if args.worker == "online":
+    if variant == "online":
         model["teacher"] = str(root / "teacher")
     cfg = from_dict(TrainConfig, {
-        "output_dir": str(root / f"run-{args.worker}"), "max_steps": args.steps + 1, "save_steps": 10_000,
-        "eval_steps": None, "report_to": ["none"], "per_device_train_batch_size": 8, "model": model,
-        "data": {"train_file": str(root / "train.jsonl"), "eval_fraction": 0.0, "max_length": 256},
+        "output_dir": str(root / f"run-{variant}"), "overwrite_output_dir": True, "max_steps": steps + 1,
+        "save_steps": 10_000, "eval_steps": None, "report_to": ["none"], "per_device_train_batch_size": 8,
+        "model": model, "data": {"train_file": str(root / "train.jsonl"), "eval_fraction": 0.0, "max_length": 256},
         "loss": {**loss, "chunk_size": 512},
     })
-    distiller = Distiller(cfg)
+    return Distiller(cfg)
+
+
+def worker(args: argparse.Namespace) -> None:
+    distiller = make_distiller(Path(args.root), args.worker, args.kd_terms, args.steps)
     distiller.training_step()  # warm-up
     times = []
     for _ in range(args.steps):
@@ -146,11 +149,11 @@ def part_step(args: argparse.Namespace) -> None:
         "distill.data", fromlist=["DataSettings"]).DataSettings(train_file=str(root / "train.jsonl"),
                                                                 eval_fraction=0.0, max_length=256)))
     print(f"\n## step time (vocab {len(tokenizer)}, student {args.layers} layers x {args.hidden}, teacher "
-          f"{2 * args.layers} layers, k = {args.k}; precompute of 256 examples took {time.perf_counter() - started:.1f} s)")
+          f"{2 * args.layers} layers, k = {args.k}, KD terms {args.kd_terms}; precompute of 256 examples took {time.perf_counter() - started:.1f} s)")
     results = {}
     for variant in ("sft", "offline", "online"):
         out = subprocess.run([sys.executable, __file__, "--worker", variant, "--root", str(root), "--steps",
-                              str(args.steps)], capture_output=True, text=True, check=True)
+                              str(args.steps), "--kd-terms", args.kd_terms], capture_output=True, text=True, check=True)
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     print("| variant | median step (s) | vs SFT | peak RSS (MB) |")
     print("|---|---|---|---|")
@@ -159,6 +162,25 @@ def part_step(args: argparse.Namespace) -> None:
     off, on = results["offline"], results["online"]
     print(f"\noffline / SFT step time: {off['step_s'] / results['sft']['step_s']:.2f}x (target <= 1.10x); "
           f"online / offline: step {on['step_s'] / off['step_s']:.2f}x, peak RSS {on['peak_rss_mb'] / off['peak_rss_mb']:.2f}x")
+    interleaved(root, args)
+
+
+def interleaved(root: Path, args: argparse.Namespace) -> None:
+    """The three variants in one process, one step of each in turn: load drift on a shared machine hits all three
+    alike, so the ratios are steadier than those of the separate processes above (which also give peak memory)."""
+    runs = {v: make_distiller(root, v, args.kd_terms, 2 * args.steps) for v in ("sft", "offline", "online")}
+    times: dict[str, list[float]] = {v: [] for v in runs}
+    for distiller in runs.values():
+        distiller.training_step()  # warm-up
+    for _ in range(2 * args.steps):
+        for variant, distiller in runs.items():
+            start = time.perf_counter()
+            distiller.training_step()
+            times[variant].append(time.perf_counter() - start)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    print(f"interleaved medians (s): sft {med['sft']:.3f}, offline {med['offline']:.3f}, online {med['online']:.3f}; "
+          f"offline / SFT {med['offline'] / med['sft']:.2f}x (target <= 1.10x), online / offline "
+          f"{med['online'] / med['offline']:.2f}x")
 
 
 def main() -> None:
@@ -169,6 +191,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2, help="student depth (the teacher has twice as many)")
     parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--kd-terms", default='{"forward_kl": 0.9, "ce": 0.1}',
+                        help="loss terms (JSON) of the offline and online variants; SFT is always {ce: 1}")
     parser.add_argument("--worker", choices=("sft", "offline", "online"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
