@@ -25,6 +25,7 @@ SMALL = [
     "--num_train", "32", "--num_eval", "8", "--vocab_size", "300", "--teacher_layers", "2", "--teacher_hidden", "64",
     "--teacher_steps", "120", "--student_layers", "1", "--student_intermediate_size", "128", "--student_steps", "12",
     "--batch_size", "8", "--learning_rate", "1e-2", "--cot_samples", "2", "--max_new_tokens", "32",
+    "--lora.enabled", "true", "--lora.r", "4",  # students with LoRA (the default, full fine-tuning, is the README run)
 ]
 COMPARED = ["teacher", "pruned", "labels", "rationales", "distilled"]
 
@@ -83,6 +84,8 @@ def test_report_compares_every_model(finished):
     assert report["results"]["teacher"]["parameters"] > report["results"]["pruned"]["parameters"]
     assert report["verdict"] in markdown and "fine-tuning on gold labels only" in report["verdict"]
     assert report["cot"]["rows"] >= 1
+    assert report["config"]["lora"]["enabled"] and "(LoRA)" in markdown
+    assert (out / "students" / "distilled" / "final" / "model.safetensors").exists()  # merged LoRA export
     # accuracy is computed from the saved generations, not taken from anywhere else
     for name in COMPARED:
         samples = json.loads((out / "eval" / f"{name}.json").read_text())["samples"]
@@ -102,12 +105,13 @@ def test_plots_are_valid_pngs(finished):
         assert f"plots/{path.relative_to(plots)}" in (finished["out"] / "report.md").read_text()
 
 
-def test_rerun_into_a_finished_run_is_refused(finished):
+def test_rerun_into_a_finished_run_is_refused(finished, capsys):
+    from distill.cli import main as cli
+
     before = (finished["out"] / "report.json").stat().st_mtime
-    result = subprocess.run(quickstart(finished["out"]), cwd=REPO_ROOT, env=environment(), capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 2
-    assert "holds a finished quickstart" in result.stderr and "--overwrite" in result.stderr
+    assert cli(quickstart(finished["out"])[3:]) == 2  # the same command line, in-process
+    err = capsys.readouterr().err
+    assert "holds a finished quickstart" in err and "--overwrite" in err
     assert (finished["out"] / "report.json").stat().st_mtime == before
 
 
