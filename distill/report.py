@@ -16,7 +16,7 @@ RUNS = {"teacher": "teacher", "students/labels": "labels", "students/rationales"
         "students/distilled": "distilled"}
 
 
-def _fmt(value: float | int | None, spec: str) -> str:
+def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
@@ -67,10 +67,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Quickstart report",
         "",
-        f"{results['teacher']['records']} held-out problems (multi-step arithmetic word problems, "
-        "`distill.synthetic`), greedy generation of at most "
-        f"{report['config']['max_new_tokens']} tokens, answers read by the `answer_is` extractor. KL and top-1 "
-        "agreement are per completion token against the teacher; perplexity is on the gold completions.",
+        (f"{results['teacher']['records']} held-out problems (multi-step arithmetic word problems, "
+         "`distill.synthetic`), greedy generation of at most "
+         f"{report['config']['max_new_tokens']} tokens, answers read by the `answer_is` extractor. KL and top-1 "
+         "agreement are per completion token against the teacher; perplexity is on the gold completions."),
         "",
         "| model | what it is | parameters | accuracy | perplexity | KL to teacher | top-1 agreement | tokens/s |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -87,11 +87,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         report["verdict"],
         "",
-        f"Teacher rationales (`data-gen cot`): {cot['rows']} kept for {cot['solved']} of {cot['questions']} training "
-        f"questions; rejections: {cot['rejections'] or 'none'}.",
+        (f"Teacher rationales (`data-gen cot`): {cot['rows']} kept for {cot['solved']} of {cot['questions']} "
+         f"training questions; rejections: {cot['rejections'] or 'none'}."),
         "",
-        f"Distillation loss terms: `{report['config']['loss_terms']}`"
-        f"{' (LoRA)' if report['config']['lora']['enabled'] else ' (full fine-tuning)'}.",
+        (f"Distillation loss terms: `{report['config']['loss_terms']}`"
+         f"{' (LoRA)' if report['config']['lora']['enabled'] else ' (full fine-tuning)'}."),
         "",
         "![accuracy](plots/accuracy.png)",
         "",
