@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import sqlite3
 import threading
 import time
@@ -50,13 +51,27 @@ class AnswerCache:
         # One connection guarded by a lock: sqlite3 objects may not be used concurrently from several threads.
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode is durable against process crashes (kill -9); only an OS crash may drop the last commit.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT NOT NULL, finish_reason TEXT,"
-            " input_tokens INTEGER, output_tokens INTEGER, created REAL)"
-        )
+        self._set_up_schema()
+
+    def _set_up_schema(self) -> None:
+        """WAL mode and the table. Processes of one `accelerate launch` open a new cache at the same moment, and
+        switching a fresh database to WAL fails at once with "database is locked" for all but one of them (SQLite's
+        busy timeout does not cover it: 31 of 40 simultaneous pairs failed here), so those retry briefly."""
+        for attempt in range(100):
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode is durable against process crashes (kill -9); only an OS crash may drop the
+                # last commit.
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT NOT NULL, finish_reason TEXT,"
+                    " input_tokens INTEGER, output_tokens INTEGER, created REAL)"
+                )
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or attempt == 99:
+                    raise
+                time.sleep(0.05 + random.random() * 0.05)
 
     def get(self, key: str) -> CachedAnswer | None:
         with self._lock:
