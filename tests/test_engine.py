@@ -286,18 +286,18 @@ def test_local_backend_shards_across_processes(model_dirs, tmp_path):
         "engine = build_engine(cfg, sys.argv[2], progress=False)\n"
         "reqs = [Request(f'r{i}', [{'role': 'user', 'content': 'word ' * (i + 1)}]) for i in range(6)]\n"
         "results = asyncio.run(engine.map(reqs))\n"
-        "print('RESULT', engine.rank, engine.world, engine.stats.calls,\n"
-        "      json.dumps([r.request.id for r in results]), flush=True)\n"
+        "record = [engine.rank, engine.world, engine.stats.calls, [r.request.id for r in results]]\n"
+        "# One file per rank: two ranks printing at once interleave their lines on a fast machine.\n"
+        "open(os.path.join(sys.argv[3], f'result-{engine.rank}.json'), 'w').write(json.dumps(record))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script),
-         str(model_dirs["teacher"]), str(tmp_path / "out")],
+         str(model_dirs["teacher"]), str(tmp_path / "out"), str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=180,
     )
-    lines = sorted(line.split() for line in proc.stdout.splitlines() if line.startswith("RESULT"))
-    assert proc.returncode == 0 and len(lines) == 2, proc.stderr[-3000:]
-    ids = '["r0","r1","r2","r3","r4","r5"]'.replace(",", ", ")
-    assert [line[1:4] for line in lines] == [["0", "2", "3"], ["1", "2", "3"]]
-    assert all(" ".join(line[4:]) == ids for line in lines)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1)]
+    ids = [f"r{i}" for i in range(6)]
+    assert records == [[0, 2, 3, ids], [1, 2, 3, ids]]

@@ -18,6 +18,7 @@ from distill.logit_store import Codec, LogitStore, TopKTargets
 from distill.precompute import PrecomputeConfig, run, teacher_topk
 from distill.topk_losses import chunked_topk_divergence, topk_per_token
 from distill.train import Distiller, TrainConfig
+from tests.conftest import slowed_steps
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -319,12 +320,12 @@ def test_sigterm_and_resume_from_the_store_is_exact(small_store, model_dirs, tra
 
     Distiller(parse_command_line(TrainConfig, args(tmp_path / "ref")[1:], "distill train")).train()  # in-process
     out = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, "-m", "distill", *args(out)], env=ENV,
+    process = subprocess.Popen([sys.executable, "-m", "distill", *args(out)], env=slowed_steps(ENV, 0.3),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / "checkpoint-2").exists():
         assert process.poll() is None and time.time() < deadline, "training ended before the first checkpoint"
-        time.sleep(0.1)
+        time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]

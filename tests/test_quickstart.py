@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, slowed_steps
 
 # Tiny sizes and few steps: the teacher still memorises some training problems, so data-gen cot keeps rationales.
 SMALL = [
@@ -43,7 +43,7 @@ def finished(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("qs") / "run"
     logs = out.parent
     with open(logs / "first.log", "w") as log:
-        first = subprocess.Popen(quickstart(out), cwd=REPO_ROOT, env=environment(), stdout=log, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(quickstart(out), cwd=REPO_ROOT, env=slowed_steps(environment(), 0.05), stdout=log, stderr=subprocess.STDOUT)
         # Kill once the "labels" student has written its first checkpoint, i.e. in the middle of that stage.
         deadline = time.time() + 240
         while time.time() < deadline and first.poll() is None:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from distill.configuration import from_dict, run_command
 from distill.train import PREEMPTED_EXIT_CODE, Distiller, TrainConfig
 from distill.train import main as train_main
+from tests.conftest import slowed_steps
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -137,12 +138,12 @@ def test_sigterm_saves_and_resume_is_exact(model_dirs, train_file, tmp_path):
 
     out = tmp_path / "interrupted"
     args = cli_args(model_dirs, train_file, out, *steps, "--save_steps", "2", "--save_total_limit", "null")
-    process = subprocess.Popen([sys.executable, "-m", "distill", "train", *args], env=ENV,
+    process = subprocess.Popen([sys.executable, "-m", "distill", "train", *args], env=slowed_steps(ENV, 0.3),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / "checkpoint-2").exists():
         assert process.poll() is None and time.time() < deadline, "training ended before the first checkpoint"
-        time.sleep(0.2)
+        time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
