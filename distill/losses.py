@@ -204,6 +204,21 @@ def _project_into(out: Tensor, hidden: Tensor, head: Tensor, inv_t: float) -> Te
     return out.mul_(inv_t) if inv_t != 1.0 else out
 
 
+def backprop_chunk(
+    grad_z: Tensor, hidden: Tensor, head: Tensor, grad_hidden: Tensor | None, grad_head: Tensor | None, start: int
+) -> None:
+    """Through ``logits = hidden @ head.T`` for one chunk of rows starting at ``start``: write the hidden-state
+    gradient rows and add to the (full-size, fp32) head gradient. ``head`` is already cropped to ``grad_z``'s width."""
+    if grad_hidden is not None:
+        rows = grad_hidden[start : start + grad_z.shape[0]]
+        if head.dtype == torch.float32:
+            torch.mm(grad_z, head, out=rows)
+        else:
+            rows.copy_(grad_z.to(head.dtype) @ head)
+    if grad_head is not None:
+        grad_head[: grad_z.shape[1]].addmm_(grad_z.t(), hidden.float())
+
+
 class _ChunkedDivergence(torch.autograd.Function):
     """Sum of per-token divergences from hidden states; gradients are computed in forward, backward only scales.
 
@@ -256,13 +271,7 @@ class _ChunkedDivergence(torch.autograd.Function):
                 # d(T^2 L)/d(logits) = T^2 * (1/T) * dL/dz
                 if temperature != 1.0:
                     grad_z.mul_(temperature)
-                if grad_hidden is not None:
-                    if student_head.dtype == torch.float32:
-                        torch.mm(grad_z, student_head, out=grad_hidden[start : start + n])
-                    else:
-                        grad_hidden[start : start + n] = grad_z.to(student_head.dtype) @ student_head
-                if grad_head is not None:
-                    grad_head[:vocab].addmm_(grad_z.t(), h_s.float())
+                backprop_chunk(grad_z, h_s, student_head, grad_hidden, grad_head, start)
         del tiles
         # Kept as ctx attributes, not save_for_backward: backward hands these very tensors to autograd, and a
         # tensor still referenced by a SavedVariable would be cloned by AccumulateGrad (one more [V, H] copy).
@@ -273,13 +282,17 @@ class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        if ctx.grads is None:
-            raise RuntimeError("chunked_divergence: backward called twice (retain_graph is not supported)")
-        grads, ctx.grads = ctx.grads, None
-        scale = grad_output.float()
-        out = [None if grad is None else grad.mul_(scale).to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
-        del grads
-        return (*out, *(None,) * 8)
+        return (*release_gradients(ctx, grad_output), *(None,) * 8)
+
+
+def release_gradients(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> list[Tensor | None]:
+    """Backward of a kernel that computed its input gradients in forward (``ctx.grads``, fp32, with ``ctx.dtypes``
+    of the inputs): scale them by the upstream gradient, in place, and hand them over once."""
+    if ctx.grads is None:
+        raise RuntimeError("chunked kernel: backward called twice (retain_graph is not supported)")
+    grads, ctx.grads = ctx.grads, None
+    scale = grad_output.float()
+    return [None if grad is None else grad.mul_(scale).to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
 
 
 def chunked_divergence(

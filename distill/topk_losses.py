@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from distill import losses
 from distill.logit_store import TopKTargets
@@ -63,6 +63,75 @@ def topk_per_token(
     return losses.per_token_divergence(s, t, kind, temperature=1.0, beta=beta, skew=skew) * temperature**2
 
 
+class _ChunkedTopK(torch.autograd.Function):
+    """Sum of bucketed divergences from hidden states, with the gradient computed in forward (as
+    :class:`distill.losses._ChunkedDivergence` does for the online losses), so backward recomputes nothing.
+
+    Per chunk, one fp32 ``[n, V]`` tile holds the logits, then the tail's softmax, then the logit gradient. With
+    bucket logits ``b = (z[i_1], ..., z[i_k], logsumexp of z outside the ids)``, the student's bucket distribution
+    is ``softmax(b)``, so ``dL/dz`` is ``dL/db_j`` at id ``i_j`` and ``dL/db_tail * softmax_tail(z)`` elsewhere.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: Tensor,
+        head: Tensor,
+        ids: Tensor,
+        logp: Tensor,
+        log_tail: Tensor,
+        kind: str,
+        temperature: float,
+        beta: float,
+        skew: float,
+        chunk_size: int,
+        vocab: int,
+    ) -> Tensor:
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        grad_head = torch.zeros_like(head, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        cropped = head[:vocab]  # inside the Function, so autograd gets the full-size gradient without a copy
+        n_tokens = hidden.shape[0]
+        tile = torch.empty((min(chunk_size, n_tokens), vocab), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.no_grad():
+            for start in range(0, n_tokens, chunk_size):
+                rows = slice(start, start + chunk_size)
+                h, chunk_ids = hidden[rows], ids[rows]
+                z = losses._project_into(tile[: h.shape[0]], h, cropped, 1.0 / temperature)
+                picked = z.gather(1, chunk_ids)
+                # The tail: softmax over the ids not stored, computed in place (the ids set to -inf first).
+                z.scatter_(1, chunk_ids, float("-inf"))
+                peak = z.amax(1, keepdim=True)
+                peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # k = V: an empty tail
+                tail_sum = z.sub_(peak).exp_().sum(1, keepdim=True)
+                tail_lse = peak + tail_sum.log()
+                log_norm = torch.logaddexp(torch.logsumexp(picked, 1, keepdim=True), tail_lse)
+                raw = torch.cat([picked, tail_lse], 1) - log_norm
+                clamped = raw.clamp_min(LOG_ZERO)
+                s = torch.log_softmax(clamped, 1)
+                t = teacher_buckets(logp[rows], log_tail[rows])
+                mixture = kind in ("jsd", "skew_forward_kl", "skew_reverse_kl")
+                value, grad_s = losses._value_and_grad(
+                    s, t, torch.empty_like(s), torch.empty_like(s) if mixture else None, kind, beta, skew
+                )
+                total += value.sum()
+                # Back through clamp_min and the normalisation s = b - logsumexp(b) to the bucket logits b.
+                grad_raw = grad_s * (raw >= LOG_ZERO)
+                grad_b = grad_raw - raw.exp() * grad_raw.sum(1, keepdim=True)
+                grad_b.mul_(temperature)  # d(T^2 L)/d(logits) = T^2 * (1/T) * dL/dz
+                grad_z = z.div_(tail_sum.clamp_min(torch.finfo(torch.float32).tiny)).mul_(grad_b[:, -1:])
+                grad_z.scatter_add_(1, chunk_ids, grad_b[:, :-1])
+                losses.backprop_chunk(grad_z, h, cropped, grad_hidden, grad_head, start)
+        ctx.grads = [grad_hidden, grad_head]
+        ctx.dtypes = (hidden.dtype, head.dtype)
+        return total * temperature**2
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        return (*losses.release_gradients(ctx, grad_output), *(None,) * 9)
+
+
 def chunked_topk_divergence(
     student_hidden: Tensor,
     student_head: Tensor,
@@ -77,25 +146,18 @@ def chunked_topk_divergence(
 ) -> Tensor:
     """SUM over tokens of :func:`topk_per_token`, from hidden states ``[N, H]`` and the lm_head weight ``[V, H]``.
 
-    Each chunk's ``[chunk_size, V]`` logits are recomputed in backward (activation checkpointing) instead of stored.
-    ``vocab_size`` crops the head's padding rows, as the online kernel does.
+    Only one fp32 ``[chunk_size, V]`` tile exists at a time, and the gradient is computed in the same pass
+    (:class:`_ChunkedTopK`). ``vocab_size`` crops the head's padding rows, as the online kernel does.
+    Differentiable w.r.t. ``student_hidden`` and ``student_head``.
     """
     if student_hidden.shape[0] != targets.ids.shape[0]:
         raise ValueError(
             f"targets: {targets.ids.shape[0]} stored tokens for {student_hidden.shape[0]} counted positions "
             "(the store was built from differently tokenized data)"
         )
-    head = student_head[: vocab_size or student_head.shape[0]]
-
-    def chunk(h: Tensor, w: Tensor, ids: Tensor, logp: Tensor, log_tail: Tensor) -> Tensor:
-        part = TopKTargets(ids, logp, log_tail)
-        return topk_per_token(h @ w.t(), part, kind, temperature=temperature, beta=beta, skew=skew).sum()
-
-    total = student_hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, student_hidden.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        total = total + checkpoint(
-            chunk, student_hidden[rows], head, targets.ids[rows], targets.logp[rows], targets.log_tail[rows],
-            use_reentrant=False,
-        )
-    return total
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+    return _ChunkedTopK.apply(
+        student_hidden, student_head, targets.ids, targets.logp, targets.log_tail, kind, float(temperature),
+        float(beta), float(skew), chunk_size, vocab_size or student_head.shape[0],
+    )

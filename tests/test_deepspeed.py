@@ -24,6 +24,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import slowed_steps
+
 pytest.importorskip("deepspeed")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +85,9 @@ def popen(command: list[str], log: Path, env: dict[str, str] | None = None) -> s
 
 
 def start(config: str, args: list[str], log: Path) -> subprocess.Popen:
-    return popen(launch_command(config, args, "--main_process_port", str(free_port())), log)
+    """A run to be killed mid-way: each step is slowed (tests/slow_steps) so the kill lands before the run ends."""
+    return popen(launch_command(config, args, "--main_process_port", str(free_port())), log,
+                 env=slowed_steps(ENV, 0.3))
 
 
 def kill_when(process: subprocess.Popen, path: Path, poll: float, log: Path) -> None:
@@ -255,10 +259,10 @@ def test_sigusr1_to_the_launcher_saves_on_every_rank_and_stops(model_dirs, train
     out = tmp_path / "preempted"
     args = train_args(model_dirs, train_file, out, "--max_steps", "400", "--save_steps", "1000")
     log = tmp_path / "node.log"
-    node = popen(["bash", "launch/slurm_node.sh", *args], log, env={
+    node = popen(["bash", "launch/slurm_node.sh", *args], log, env=slowed_steps({
         **ENV, "SLURM_NNODES": "1", "SLURM_NODEID": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
         "PROCS_PER_NODE": "2", "ACCELERATE_CONFIG": "launch/zero2.yaml",
-    })
+    }, 0.05))
     deadline = time.time() + 400
     while not (out / "metrics.jsonl").exists():
         assert node.poll() is None and time.time() < deadline, log.read_text()[-3000:]

@@ -90,6 +90,9 @@ def test_two_iterations_then_resume_after_kill_in_each_stage(server, model_dirs,
     # The same run killed (-9) once inside each stage of iteration 1, then finished: the same figures.
     killed = tmp_path / "killed"
     cfg = config(server, model_dirs, tmp_path, killed)
+    # Each teacher call takes 0.2 s while the kills land, so a stage cannot finish between its folder appearing and
+    # the kill however fast the machine is (CI once raced a similar test).
+    server.latency_s = 0.2
     for stage in ("imitation", "discrimination", "generation"):
         proc = run_cli(cfg)
         marker = killed / "iter_001" / stage
@@ -100,6 +103,7 @@ def test_two_iterations_then_resume_after_kill_in_each_stage(server, model_dirs,
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert not (marker / "done.json").exists() or stage == "imitation"
+    server.latency_s = 0.0
     proc = run_cli(cfg)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output[-2000:]

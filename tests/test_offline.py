@@ -219,19 +219,38 @@ def test_topk_with_the_whole_vocabulary_is_the_full_divergence(kind):
     torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-6)
 
 
-def test_chunked_topk_equals_unchunked_with_gradients():
+@pytest.mark.parametrize("kind", losses.KINDS)
+@pytest.mark.parametrize("k, temperature", [(6, 1.0), (12, 2.0), (36, 1.5)])  # k = 36 = V: an empty tail
+def test_chunked_topk_equals_unchunked_with_gradients(kind, k, temperature):
+    """The kernel's gradient, computed analytically in forward, equals autograd through the direct formula."""
     torch.manual_seed(2)
-    hidden = torch.randn(13, 8, requires_grad=True)
+    hidden = (torch.randn(13, 8) * 2).requires_grad_()
     head = torch.randn(40, 8, requires_grad=True)
-    targets = exact_targets(torch.randn(13, 36) * 2, 6, 1.0)  # 36 < 40: a cropped padded head
-    direct = topk_per_token(hidden @ head[:36].t(), targets, "jsd").sum()
+    targets = exact_targets(torch.randn(13, 36) * 2, k, temperature)  # 36 < 40: a cropped padded head
+    options = dict(temperature=temperature, beta=0.3, skew=0.2)
+    direct = topk_per_token(hidden @ head[:36].t(), targets, kind, **options).sum()
     grads = torch.autograd.grad(direct, (hidden, head))
-    chunked = chunked_topk_divergence(hidden, head, targets, "jsd", vocab_size=36, chunk_size=5)
-    chunked_grads = torch.autograd.grad(chunked, (hidden, head))
-    torch.testing.assert_close(chunked, direct)
+    chunked = chunked_topk_divergence(hidden, head, targets, kind, vocab_size=36, chunk_size=5, **options)
+    chunked_grads = torch.autograd.grad(chunked * 0.5, (hidden, head))  # an upstream scale reaches both
+    torch.testing.assert_close(chunked, direct, rtol=1e-5, atol=1e-5)
     for a, b in zip(chunked_grads, grads):
-        torch.testing.assert_close(a, b)
-    assert grads[1][36:].abs().sum() == 0
+        torch.testing.assert_close(a, 0.5 * b, rtol=1e-4, atol=1e-5)
+    assert chunked_grads[1][36:].abs().sum() == 0
+
+
+def test_chunked_topk_in_bf16_follows_the_fp32_kernel():
+    torch.manual_seed(3)
+    hidden, head = torch.randn(9, 16), torch.randn(30, 16)
+    targets = exact_targets(torch.randn(9, 30) * 2, 8, 1.0)
+    low = [hidden.bfloat16().requires_grad_(), head.bfloat16().requires_grad_()]
+    full = [x.bfloat16().float().requires_grad_() for x in (hidden, head)]
+    value_low = chunked_topk_divergence(*low, targets, "forward_kl", chunk_size=4)
+    value_full = chunked_topk_divergence(*full, targets, "forward_kl", chunk_size=4)
+    value_low.backward(), value_full.backward()
+    assert low[0].grad.dtype == torch.bfloat16 and low[1].grad.dtype == torch.bfloat16
+    torch.testing.assert_close(value_low, value_full, rtol=2e-2, atol=1e-2)
+    for a, b in zip(low, full):
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=5e-2, atol=5e-2)
 
 
 # ------------------------------------------------------------------------------------------------------------------
