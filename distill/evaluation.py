@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F

@@ -25,8 +25,8 @@ from distill import checkpoint as ckpt
 from distill.batching import BatchStream
 from distill.configuration import ConfigError, option, parse_command_line, save_config, section, to_dict
 from distill.data import DataSettings, build_datasets, collate
-from distill.evaluation import AccuracySettings, answer_accuracy, load_accuracy_set, token_metrics, zero3_gathered
 from distill.embedding_eval import embedding_metrics
+from distill.evaluation import AccuracySettings, answer_accuracy, load_accuracy_set, token_metrics, zero3_gathered
 from distill.export import export_checkpoint
 from distill.logit_store import LogitStore
 from distill.lora import LoraSettings, apply_lora
