@@ -295,6 +295,58 @@ def release_gradients(ctx: torch.autograd.function.FunctionCtx, grad_output: Ten
     return [None if grad is None else grad.mul_(scale).to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
 
 
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Sum of (weighted) token cross-entropies from hidden states, gradient computed in forward as above: one fp32
+    ``[chunk, V]`` tile holds the log-probabilities, then ``w * (softmax - one_hot)``; backward only scales."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: Tensor,
+        head: Tensor,
+        targets: Tensor,
+        weights: Tensor | None,
+        chunk_size: int,
+    ) -> Tensor:
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        grad_head = torch.zeros_like(head, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        n_tokens = hidden.shape[0]
+        tile = torch.empty((min(chunk_size, n_tokens), head.shape[0]), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.no_grad():
+            for start in range(0, n_tokens, chunk_size):
+                h, target = hidden[start : start + chunk_size], targets[start : start + chunk_size, None]
+                log_p = torch.log_softmax(_project_into(tile[: h.shape[0]], h, head, 1.0), -1, out=tile[: h.shape[0]])
+                nll = log_p.gather(1, target).neg_().squeeze(1)
+                grad_z = log_p.exp_().scatter_add_(1, target, torch.full_like(nll, -1.0)[:, None])
+                if weights is not None:
+                    w = weights[start : start + chunk_size].float()
+                    nll, grad_z = nll * w, grad_z.mul_(w[:, None])
+                total += nll.sum()
+                backprop_chunk(grad_z, h, head, grad_hidden, grad_head, start)
+        ctx.grads = [grad_hidden, grad_head]
+        ctx.dtypes = (hidden.dtype, head.dtype)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        return (*release_gradients(ctx, grad_output), None, None, None)
+
+
+def chunked_cross_entropy_sum(
+    hidden: Tensor, head: Tensor, targets: Tensor, chunk_size: int, token_weights: Tensor | None = None
+) -> Tensor:
+    """Sum over tokens of the cross-entropy of ``hidden [N, H] @ head.T`` against ``targets [N]``, each times its
+    weight if given, ``chunk_size`` tokens at a time (full logits never exist, nothing is recomputed in backward).
+    The trainer divides by the counted tokens, not by the weights, so weights of 1 give exactly the unweighted loss
+    and a weighted step does not depend on how it is split into micro-batches."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+    weights = None if token_weights is None else token_weights.detach()
+    return _ChunkedCrossEntropy.apply(hidden, head, targets, weights, chunk_size)
+
+
 def chunked_divergence(
     student_hidden: Tensor,
     student_head: Tensor,

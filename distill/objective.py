@@ -16,9 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from distill import losses
 from distill.configuration import option, section
@@ -95,26 +93,6 @@ def target_positions(labels: Tensor) -> Tensor:
     return positions
 
 
-def chunked_cross_entropy_sum(
-    hidden: Tensor, head: Tensor, targets: Tensor, chunk_size: int, token_weights: Tensor | None = None
-) -> Tensor:
-    """Sum of token cross-entropies (each times its weight, if given), recomputing each chunk's logits in backward
-    instead of storing them. The trainer divides by the counted tokens, not by the weights, so weights of 1 give
-    exactly the unweighted loss and a weighted step does not depend on how it is split into micro-batches."""
-
-    def chunk_loss(h: Tensor, w: Tensor, t: Tensor, tw: Tensor | None) -> Tensor:
-        if tw is None:
-            return F.cross_entropy((h @ w.t()).float(), t, reduction="sum")
-        return (F.cross_entropy((h @ w.t()).float(), t, reduction="none") * tw).sum()
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        stop = start + chunk_size
-        tw = None if token_weights is None else token_weights[start:stop]
-        total = total + checkpoint(chunk_loss, hidden[start:stop], head, targets[start:stop], tw, use_reentrant=False)
-    return total
-
-
 class StudentWithObjective(nn.Module):
     """The student plus trainable loss parameters; ``forward`` returns ``{term: value}`` (see module docstring)."""
 
@@ -178,7 +156,7 @@ class StudentWithObjective(nn.Module):
             token_weights = None
             if loss_weights is not None and bool((loss_weights != 1).any()):
                 token_weights = loss_weights[:, None].expand_as(labels)[positions].float()
-            terms[CE_TERM] = chunked_cross_entropy_sum(student_hidden, student_head, targets, s.chunk_size,
+            terms[CE_TERM] = losses.chunked_cross_entropy_sum(student_hidden, student_head, targets, s.chunk_size,
                                                        token_weights)
         if s.logit_terms and isinstance(teacher_outputs, TopKTargets):  # offline: stored top-k targets
             for kind in s.logit_terms:

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from distill.configuration import ConfigError
-from distill.losses import KINDS, chunked_divergence, divergence, per_token_divergence, shared_vocab_size
+from distill.losses import (
+    KINDS,
+    chunked_cross_entropy_sum,
+    chunked_divergence,
+    divergence,
+    per_token_divergence,
+    shared_vocab_size,
+)
 
 BETA, SKEW = 0.3, 0.2
 
@@ -245,6 +252,35 @@ def test_micro_batches_normalised_by_global_count_equal_one_batch() -> None:
     mean.backward()
     torch.testing.assert_close(full[0], mean.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(full[1], hidden.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_chunked_cross_entropy_equals_direct_cross_entropy(weighted: bool) -> None:
+    """The CE kernel's in-forward gradient equals autograd through F.cross_entropy on the full logits."""
+    torch.manual_seed(5)
+    hidden = (torch.randn(23, 12) * 2).requires_grad_()
+    head = torch.randn(50, 12, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    weights = torch.rand(23) * 2 if weighted else None
+    per_token = torch.nn.functional.cross_entropy(hidden @ head.t(), targets, reduction="none")
+    direct = (per_token * weights).sum() if weighted else per_token.sum()
+    grads = torch.autograd.grad(direct, (hidden, head))
+    for chunk_size in (1, 7, 23, 64):
+        chunked = chunked_cross_entropy_sum(hidden, head, targets, chunk_size, weights)
+        torch.testing.assert_close(chunked, direct)
+        for got, want in zip(torch.autograd.grad(3.0 * chunked, (hidden, head)), grads):
+            torch.testing.assert_close(got, 3.0 * want, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_cross_entropy_bf16_and_frozen_head() -> None:
+    torch.manual_seed(6)
+    hidden, head = torch.randn(9, 16).bfloat16().requires_grad_(), torch.randn(40, 16).bfloat16()
+    targets = torch.randint(0, 40, (9,))
+    value = chunked_cross_entropy_sum(hidden, head, targets, 4)
+    value.backward()
+    assert hidden.grad.dtype == torch.bfloat16 and head.grad is None
+    reference = torch.nn.functional.cross_entropy((hidden @ head.t()).float(), targets, reduction="sum")
+    torch.testing.assert_close(value, reference)
 
 
 def test_bad_arguments_are_rejected() -> None:
