@@ -44,7 +44,9 @@ class TeacherConfig:
         "OPENAI_API_KEY", help="name of the environment variable holding the key; None = no auth (local server)"
     )
     decoding: DecodingConfig = section(DecodingConfig, help="sampling parameters")
-    concurrency: int = option(16, help="maximum requests in flight")
+    concurrency: int = option(
+        16, help="maximum requests in flight (the local backend keeps at least batch_size in flight, so batches fill)"
+    )
     requests_per_minute: float | None = option(None, help="request-rate limit; None = unlimited")
     tokens_per_minute: float | None = option(None, help="token-rate limit (prompt + max_tokens); None = unlimited")
     timeout_s: float = option(120.0, help="per-request timeout")
@@ -77,6 +79,12 @@ class TeacherConfig:
             raise ValueError("price_input_per_m: expected >= 0")
         if self.batch_size < 1:
             raise ValueError("batch_size: expected >= 1")
+
+    @property
+    def in_flight(self) -> int:
+        """Calls the engine keeps in flight. The local backend batches whatever is in flight, so a concurrency below
+        ``batch_size`` would silently shrink every batch to ``concurrency`` prompts."""
+        return max(self.concurrency, self.batch_size) if self.backend == "local" else self.concurrency
 
 
 @dataclass

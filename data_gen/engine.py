@@ -126,7 +126,7 @@ class Engine:
         self.stats = Stats()
         self.stopped: str | None = None  # 'budget' or 'interrupted' once the engine stops taking new calls
         self.limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
-        self._slots = asyncio.Semaphore(cfg.concurrency)
+        self._slots = asyncio.Semaphore(cfg.in_flight)
         self._reserved_usd = 0.0
         self._bar: tqdm | None = None
         self._started = time.time()
@@ -223,8 +223,8 @@ class Engine:
         exhausted = False
         try:
             while pending or not exhausted:
-                # Keep a little more than `concurrency` tasks alive: cache hits finish without taking a slot.
-                while not exhausted and self.stopped is None and len(pending) < 2 * self.cfg.concurrency:
+                # Keep a little more than `in_flight` tasks alive: cache hits finish without taking a slot.
+                while not exhausted and self.stopped is None and len(pending) < 2 * self.cfg.in_flight:
                     request = next(iterator, None)
                     if request is None:
                         exhausted = True

@@ -274,6 +274,21 @@ def test_local_backend_batches_with_left_padding(model_dirs, tmp_path):
     assert all(r.text for r in single.values())
 
 
+def test_local_backend_batches_fill_beyond_concurrency(model_dirs, tmp_path):
+    """With the local backend, ``concurrency`` below ``batch_size`` must not shrink the batches (it once capped
+    every generate() call at the default 16 prompts whatever batch_size said)."""
+    cfg = teacher(str(model_dirs["teacher"]), None, backend="local", batch_size=4, concurrency=1)
+    assert cfg.in_flight == 4
+    backend = LocalBackend(cfg)
+    sizes: list[int] = []
+    generate = backend._generate
+    backend._generate = lambda prompts, params: sizes.append(len(prompts)) or generate(prompts, params)
+    prompts = [Request(f"b{i}", [{"role": "user", "content": f"word {i}"}]) for i in range(8)]
+    engine = Engine(cfg, AnswerCache(tmp_path / "c.sqlite"), backend, progress=False)
+    assert len(asyncio.run(collect(engine, prompts))) == 8
+    assert sum(sizes) == 8 and max(sizes) > 1, sizes
+
+
 def test_local_backend_shards_across_processes(model_dirs, tmp_path):
     """Under ``accelerate launch`` two processes each answer half of the requests and both see every result."""
     script = tmp_path / "shard.py"
