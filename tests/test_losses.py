@@ -311,3 +311,18 @@ def test_benchmark_script_runs_and_variants_agree() -> None:
     assert any(line.startswith("ours") and "mem/naive" not in line for line in lines), proc.stdout
     diff = next(line for line in lines if line.startswith("ours: loss rel. diff"))
     assert float(diff.split("vs naive ")[1].split(",")[0]) < 1e-5
+
+
+def test_cross_entropy_benchmark_script_runs_and_variants_agree() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "ce_loss.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--sizes", "50:8:20,70:16:9", "--chunk-size", "6", "--repeats", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]  # the script asserts equal losses and gradients itself
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 50 ") or line.startswith("| 70 ")]
+    assert len(rows) == 2 and all(row.endswith("x |") for row in rows), proc.stdout
