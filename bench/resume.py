@@ -65,7 +65,8 @@ def time_to_step(command: list[str], metrics: Path, step: int) -> float:
     with open(log, "w") as stderr:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
         while True:
-            if metrics.exists() and any(json.loads(line)["step"] == step for line in metrics.read_text().splitlines() if line):
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            if any(json.loads(line)["step"] == step for line in lines if line):
                 elapsed = time.perf_counter() - started
                 break
             if process.poll() is not None:

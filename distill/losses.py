@@ -204,6 +204,34 @@ def _project_into(out: Tensor, hidden: Tensor, head: Tensor, inv_t: float) -> Te
     return out.mul_(inv_t) if inv_t != 1.0 else out
 
 
+def gradient_accumulators(
+    ctx: torch.autograd.function.FunctionCtx, hidden: Tensor, head: Tensor
+) -> tuple[Tensor | None, Tensor | None]:
+    """Zeroed fp32 gradients for a kernel's ``hidden`` and (full-size) ``head`` inputs, where autograd wants them.
+
+    fp32 because bf16 sums over many chunks would lose the small per-chunk contributions; the head's is full-size
+    (padding rows stay 0) so that autograd receives it without a copy."""
+    grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+    grad_head = torch.zeros_like(head, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+    return grad_hidden, grad_head
+
+
+def hold_gradients(
+    ctx: torch.autograd.function.FunctionCtx, grads: tuple[Tensor | None, Tensor | None], hidden: Tensor, head: Tensor
+) -> None:
+    """Keep a kernel's finished gradients for :func:`release_gradients`, with the dtypes of the inputs.
+
+    Kept as ctx attributes, not save_for_backward: backward hands these very tensors to autograd, and a tensor still
+    referenced by a SavedVariable would be cloned by AccumulateGrad (one more [V, H] copy)."""
+    ctx.grads = list(grads)
+    ctx.dtypes = (hidden.dtype, head.dtype)
+
+
+def needs_mixture_scratch(kind: str, beta: float) -> bool:
+    """Whether :func:`_value_and_grad` needs its second scratch tile (the kinds that build a mixture)."""
+    return kind in ("jsd", "skew_forward_kl", "skew_reverse_kl") and not (kind == "jsd" and beta in (0, 1))
+
+
 def backprop_chunk(
     grad_z: Tensor, hidden: Tensor, head: Tensor, grad_hidden: Tensor | None, grad_head: Tensor | None, start: int
 ) -> None:
@@ -240,19 +268,15 @@ class _ChunkedDivergence(torch.autograd.Function):
         chunk_size: int,
         vocab: int,
     ) -> Tensor:
-        need_hidden, need_head = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n_tokens = student_hidden.shape[0]
         device = student_hidden.device
         total = torch.zeros((), dtype=torch.float32, device=device)
-        # fp32 accumulators: bf16 sums over many chunks would lose the small per-chunk contributions.
-        grad_hidden = torch.zeros_like(student_hidden, dtype=torch.float32) if need_hidden else None
-        # Full-size head gradient (padding rows stay 0), so autograd receives it without a copy.
-        grad_head = torch.zeros_like(student_head, dtype=torch.float32) if need_head else None
+        grad_hidden, grad_head = gradient_accumulators(ctx, student_hidden, student_head)
         # Cropping inside the Function, not before it: a slice taken outside would make autograd scatter our
         # gradient into a fresh zero [V, H] tensor (SliceBackward), a second head-sized copy at peak.
         student_head, teacher_head = student_head[:vocab], teacher_head[:vocab]
         rows = min(chunk_size, n_tokens)
-        mixture = kind in ("jsd", "skew_forward_kl", "skew_reverse_kl") and not (kind == "jsd" and beta in (0, 1))
+        mixture = needs_mixture_scratch(kind, beta)
         tiles = [torch.empty((rows, vocab), dtype=torch.float32, device=device) for _ in range(4 if mixture else 3)]
         inv_t = 1.0 / temperature
         with torch.no_grad():
@@ -273,10 +297,7 @@ class _ChunkedDivergence(torch.autograd.Function):
                     grad_z.mul_(temperature)
                 backprop_chunk(grad_z, h_s, student_head, grad_hidden, grad_head, start)
         del tiles
-        # Kept as ctx attributes, not save_for_backward: backward hands these very tensors to autograd, and a
-        # tensor still referenced by a SavedVariable would be cloned by AccumulateGrad (one more [V, H] copy).
-        ctx.grads = [grad_hidden, grad_head]
-        ctx.dtypes = (student_hidden.dtype, student_head.dtype)
+        hold_gradients(ctx, (grad_hidden, grad_head), student_hidden, student_head)
         return total * temperature**2
 
     @staticmethod
@@ -308,8 +329,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         weights: Tensor | None,
         chunk_size: int,
     ) -> Tensor:
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
-        grad_head = torch.zeros_like(head, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_hidden, grad_head = gradient_accumulators(ctx, hidden, head)
         n_tokens = hidden.shape[0]
         tile = torch.empty((min(chunk_size, n_tokens), head.shape[0]), dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -324,8 +344,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     nll, grad_z = nll * w, grad_z.mul_(w[:, None])
                 total += nll.sum()
                 backprop_chunk(grad_z, h, head, grad_hidden, grad_head, start)
-        ctx.grads = [grad_hidden, grad_head]
-        ctx.dtypes = (hidden.dtype, head.dtype)
+        hold_gradients(ctx, (grad_hidden, grad_head), hidden, head)
         return total
 
     @staticmethod

@@ -156,8 +156,9 @@ class StudentWithObjective(nn.Module):
             token_weights = None
             if loss_weights is not None and bool((loss_weights != 1).any()):
                 token_weights = loss_weights[:, None].expand_as(labels)[positions].float()
-            terms[CE_TERM] = losses.chunked_cross_entropy_sum(student_hidden, student_head, targets, s.chunk_size,
-                                                       token_weights)
+            terms[CE_TERM] = losses.chunked_cross_entropy_sum(
+                student_hidden, student_head, targets, s.chunk_size, token_weights
+            )
         if s.logit_terms and isinstance(teacher_outputs, TopKTargets):  # offline: stored top-k targets
             for kind in s.logit_terms:
                 terms[kind] = chunked_topk_divergence(

@@ -87,12 +87,12 @@ class _ChunkedTopK(torch.autograd.Function):
         chunk_size: int,
         vocab: int,
     ) -> Tensor:
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
-        grad_head = torch.zeros_like(head, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_hidden, grad_head = losses.gradient_accumulators(ctx, hidden, head)
         cropped = head[:vocab]  # inside the Function, so autograd gets the full-size gradient without a copy
         n_tokens = hidden.shape[0]
         tile = torch.empty((min(chunk_size, n_tokens), vocab), dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        mixture = losses.needs_mixture_scratch(kind, beta)
         with torch.no_grad():
             for start in range(0, n_tokens, chunk_size):
                 rows = slice(start, start + chunk_size)
@@ -110,7 +110,6 @@ class _ChunkedTopK(torch.autograd.Function):
                 clamped = raw.clamp_min(LOG_ZERO)
                 s = torch.log_softmax(clamped, 1)
                 t = teacher_buckets(logp[rows], log_tail[rows])
-                mixture = kind in ("jsd", "skew_forward_kl", "skew_reverse_kl")
                 value, grad_s = losses._value_and_grad(
                     s, t, torch.empty_like(s), torch.empty_like(s) if mixture else None, kind, beta, skew
                 )
@@ -122,8 +121,7 @@ class _ChunkedTopK(torch.autograd.Function):
                 grad_z = z.div_(tail_sum.clamp_min(torch.finfo(torch.float32).tiny)).mul_(grad_b[:, -1:])
                 grad_z.scatter_add_(1, chunk_ids, grad_b[:, :-1])
                 losses.backprop_chunk(grad_z, h, cropped, grad_hidden, grad_head, start)
-        ctx.grads = [grad_hidden, grad_head]
-        ctx.dtypes = (hidden.dtype, head.dtype)
+        losses.hold_gradients(ctx, (grad_hidden, grad_head), hidden, head)
         return total * temperature**2
 
     @staticmethod

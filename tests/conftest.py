@@ -14,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 def slowed_steps(env: dict[str, str], seconds: float) -> dict[str, str]:
@@ -21,7 +22,7 @@ def slowed_steps(env: dict[str, str], seconds: float) -> dict[str, str]:
     test can signal it between two checkpoints however fast the machine."""
     paths = [str(REPO_ROOT / "tests" / "slow_steps"), str(REPO_ROOT), env.get("PYTHONPATH", "")]
     return {**env, "SLOW_STEP_SECONDS": str(seconds), "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
