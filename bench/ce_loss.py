@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from distill.losses import chunked_cross_entropy_sum  # noqa: E402
+from distill.losses.divergences import chunked_cross_entropy_sum  # noqa: E402
 
 
 def checkpointed_cross_entropy_sum(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, chunk_size: int):

@@ -3,9 +3,9 @@
     python bench/kd_loss.py --vocab 151936 --hidden 896 --tokens 1024 --kind forward_kl --chunk-size 128
 
 Variants (each in a fresh subprocess, so peak memory of one cannot hide inside another's):
-  naive  full student and teacher logits in fp32, log_softmax, KL (``distill.losses.per_token_divergence``), backward
+  naive  full student and teacher logits in fp32, log_softmax, KL (``distill.losses.divergences.per_token_divergence``), backward
   trl    ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` (forward_kl / reverse_kl / jsd only)
-  ours   ``distill.losses.chunked_divergence``
+  ours   ``distill.losses.divergences.chunked_divergence``
 
 Peak extra memory: on CPU the peak RSS (``ru_maxrss``) minus the RSS once inputs exist -- torch's CPU allocator
 returns large blocks to the OS, so the peak RSS is the peak of live tensors; on CUDA ``max_memory_allocated`` minus
@@ -53,7 +53,7 @@ def loss_fn(args: argparse.Namespace, variant: str):
     """A closure computing the scalar loss (sum over tokens) of one variant from (hs, ws, ht, wt)."""
     import torch
 
-    from distill.losses import chunked_divergence, per_token_divergence
+    from distill.losses.divergences import chunked_divergence, per_token_divergence
 
     if variant == "naive":
 

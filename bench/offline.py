@@ -34,7 +34,7 @@ DISTILLKIT_K50 = 114.0
 
 
 def part_size() -> None:
-    from distill.logit_store import Codec, ShardWriter
+    from distill.offline.store import Codec, ShardWriter
 
     print("## bytes per token (file size / tokens)")
     print("| vocab | k | value bits | bytes/token | vs DistillKit k=50 (114) |")
@@ -64,9 +64,9 @@ def zipf_logits(n: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def part_fidelity(vocab: int = 32_000, n: int = 512) -> None:
-    from distill import losses
-    from distill.logit_store import Codec, TopKTargets
-    from distill.topk_losses import topk_per_token
+    from distill.losses import divergences as losses
+    from distill.offline.store import Codec, TopKTargets
+    from distill.losses.topk import topk_per_token
 
     gen = torch.Generator().manual_seed(0)
     teacher = zipf_logits(n, vocab, gen)
@@ -103,8 +103,8 @@ def write_data(path: Path, count: int) -> list[str]:
 
 
 def make_distiller(root: Path, variant: str, kd_terms: str, steps: int):
-    from distill.configuration import from_dict
-    from distill.train import Distiller, TrainConfig
+    from kd_core.config import from_dict
+    from distill.training.train import Distiller, TrainConfig
 
     loss = {"terms": {"ce": 1.0}} if variant == "sft" else {"terms": json.loads(kd_terms)}
     model = {"student": str(root / "student")}
@@ -134,8 +134,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def part_step(args: argparse.Namespace) -> None:
-    from distill.precompute import PrecomputeConfig, run
-    from distill.tiny import tiny_llama, train_tokenizer
+    from distill.offline.precompute import PrecomputeConfig, run
+    from distill.student.tiny import tiny_llama, train_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="bench_offline_"))
     texts = write_data(root / "train.jsonl", 256)
@@ -145,7 +145,7 @@ def part_step(args: argparse.Namespace) -> None:
         tokenizer.save_pretrained(root / name)
     started = time.perf_counter()
     run(PrecomputeConfig(teacher=str(root / "teacher"), output_dir=str(root / "store"), k=args.k, data=__import__(
-        "distill.data", fromlist=["DataSettings"]).DataSettings(train_file=str(root / "train.jsonl"),
+        "distill.data.datasets", fromlist=["DataSettings"]).DataSettings(train_file=str(root / "train.jsonl"),
                                                                 eval_fraction=0.0, max_length=256)))
     print(f"\n## step time (vocab {len(tokenizer)}, student {args.layers} layers x {args.hidden}, teacher "
           f"{2 * args.layers} layers, k = {args.k}, KD terms {args.kd_terms}; precompute of 256 examples took {time.perf_counter() - started:.1f} s)")

@@ -29,7 +29,7 @@ SIZES = {"tiny": (64, 2), "small": (256, 4), "medium": (512, 8)}  # student hidd
 
 
 def build_models(root: Path, hidden: int, layers: int) -> tuple[Path, Path, int]:
-    from distill.tiny import tiny_llama, train_tokenizer
+    from distill.student.tiny import tiny_llama, train_tokenizer
 
     tokenizer = train_tokenizer(CORPUS, vocab_size=300)
     paths = []
@@ -79,7 +79,7 @@ def time_to_step(command: list[str], metrics: Path, step: int) -> float:
 
 
 def save_seconds(log: str) -> float:
-    """The slowest of the run's saves, from the `saved <dir> in X s` lines distill.checkpoint logs."""
+    """The slowest of the run's saves, from the `saved <dir> in X s` lines distill.training.checkpoint logs."""
     times = [float(m) for m in re.findall(r"saved \S+checkpoint-\d+ in ([0-9.]+) s", log)]
     if not times:
         raise RuntimeError("no save time logged")

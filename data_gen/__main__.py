@@ -1,5 +1,7 @@
+"""``python -m data_gen``: the ``data-gen`` command line (an entry point: nothing imports it)."""
+
 import sys
 
-from data_gen.cli import main
+from kd_recipes.cli import data_gen_main
 
-sys.exit(main())
+sys.exit(data_gen_main())

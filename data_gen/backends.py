@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from data_gen.config import TeacherConfig
-from distill.configuration import ConfigError
+from kd_core.config import ConfigError
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from distill.configuration import option, section
+from kd_core.config import option, section
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """``data-gen cot``: chain-of-thought rationales from a teacher, checked against gold answers (or a majority vote).
 
 For each question the teacher writes ``k`` rationales from a few-shot prompt. An answer extractor
-(:mod:`data_gen.answers`) reads each one's final answer, normalised, and compares it with the gold label:
+(:mod:`kd_core.answers`) reads each one's final answer, normalised, and compares it with the gold label:
 
 * ``mode: gold`` (needs a gold answer for every question): a rationale is kept when its answer matches. A question
   none of whose ``k`` samples is right is *rationalized* as in STaR (Zelikman et al., 2022): the teacher is asked
@@ -30,15 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from data_gen.answers import KINDS, AnswerExtractor, gold_answer, majority
+from kd_core.answers import KINDS, AnswerExtractor, gold_answer, majority
 from data_gen.backends import estimate_tokens
 from data_gen.config import OutputConfig, TeacherConfig
 from data_gen.engine import BudgetError, CallPlan, Engine, EngineError, Request, Result, build_engine, preflight
 from data_gen.journal import Journal
 from data_gen.output import dataset_card, write_outputs
-from distill.configuration import ConfigError, option, parse_command_line, save_config, section, to_dict
+from kd_core.commands import EXIT_STOPPED
+from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
 
-EXIT_STOPPED = 3
 
 DEFAULT_SHOTS = [
     {"question": "A baker makes 4 trays of 12 rolls and sells 30 rolls. How many rolls are left?",
@@ -133,7 +133,7 @@ class CotConfig:
 # ------------------------------------------------------------------------------------------------ input
 def load_questions(cfg: CotConfig) -> list[dict[str, Any]]:
     """``[{id, question, gold}]``; a question without a usable gold answer in gold mode is a ConfigError."""
-    from distill.data import load_records
+    from kd_core.records import load_records
 
     records = load_records(cfg.input_file, "input_file")
     if cfg.max_questions is not None:
@@ -383,7 +383,7 @@ async def generate(cfg: CotConfig) -> int:
     return 0
 
 
-CONFIG_CLASS = CotConfig  # read by tests that load every shipped config and README command
+Config = CotConfig  # this command's config class (kd_core.commands: Config, run, main)
 
 
 def main(argv: list[str]) -> int:

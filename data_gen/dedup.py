@@ -28,8 +28,8 @@ from typing import Any
 from tqdm import tqdm
 
 from data_gen.rouge import NoveltyIndex
-from distill.configuration import ConfigError, option, parse_command_line, save_config
-from distill.jsonl import iter_json_objects
+from kd_core.config import ConfigError, option, parse_command_line, save_config
+from kd_core.records import iter_json_objects
 
 
 @dataclass
@@ -120,7 +120,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-CONFIG_CLASS = DedupConfig  # read by tests that load every shipped config and README command
+Config = DedupConfig  # this command's config class (kd_core.commands: Config, run, main)
 
 
 def main(argv: list[str]) -> int:

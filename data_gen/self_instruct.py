@@ -45,12 +45,12 @@ from data_gen.engine import (
 )
 from data_gen.journal import Journal
 from data_gen.output import dataset_card, write_outputs
-from distill.configuration import ConfigError, option, parse_command_line, save_config, section, to_dict
-from distill.jsonl import iter_json_objects
+from kd_core.commands import EXIT_STOPPED
+from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
+from kd_core.records import iter_json_objects
 
 PACKAGED_SEEDS = Path(__file__).parent / "assets" / "seed_tasks.jsonl"
 CLASSIFY_MAX_TOKENS = 16  # a Yes/No answer: a small cap keeps a rambling teacher cheap and the budget reservation low
-EXIT_STOPPED = 3  # budget cap reached or interrupted: saved work is complete, rerun to continue
 
 DEFAULT_BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
                      "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
@@ -482,7 +482,7 @@ async def generate(cfg: SelfInstructConfig) -> int:
     return 0
 
 
-CONFIG_CLASS = SelfInstructConfig  # read by tests that load every shipped config and README command
+Config = SelfInstructConfig  # this command's config class (kd_core.commands: Config, run, main)
 
 
 def main(argv: list[str]) -> int:

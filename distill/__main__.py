@@ -1,5 +1,7 @@
+"""``python -m distill``: the ``distill`` command line (an entry point: nothing imports it)."""
+
 import sys
 
-from distill.cli import main
+from kd_recipes.cli import distill_main
 
-sys.exit(main())
+sys.exit(distill_main())

@@ -36,7 +36,7 @@ CORPUS = [
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from distill.tiny import train_tokenizer
+    from distill.student.tiny import train_tokenizer
 
     return train_tokenizer(CORPUS, vocab_size=300)
 
@@ -44,7 +44,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory, tokenizer):
     """A 4-layer teacher and a 2-layer student (same tokenizer) saved with ``save_pretrained``."""
-    from distill.tiny import tiny_llama
+    from distill.student.tiny import tiny_llama
 
     root = tmp_path_factory.mktemp("models")
     dirs = {}

@@ -10,9 +10,8 @@ from typing import Literal
 
 import pytest
 
-from data_gen.cli import COMMANDS as DATA_GEN_COMMANDS
-from distill.cli import COMMANDS as DISTILL_COMMANDS
-from distill.configuration import ConfigError, option, parse_command_line, save_config, section
+from kd_recipes.cli import DATA_GEN_COMMANDS, DISTILL_COMMANDS
+from kd_core.config import ConfigError, option, parse_command_line, save_config, section
 
 
 @dataclasses.dataclass
@@ -117,5 +116,5 @@ def test_every_shipped_config_loads(path):
         del args[at : at + 2]
     commands = DISTILL_COMMANDS if tool == "distill" else DATA_GEN_COMMANDS
     assert name in commands, f"{path}: unknown command {tool} {name}"
-    module = importlib.import_module(commands[name][0].split(":")[0])
-    parse_command_line(module.CONFIG_CLASS, ["--config", str(path), *args], f"{tool} {name}")
+    module = importlib.import_module(commands[name][0])
+    parse_command_line(module.Config, ["--config", str(path), *args], f"{tool} {name}")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from data_gen.answers import AnswerExtractor, gold_answer, majority, normalize_number
-from data_gen.cli import main as data_gen_main
+from kd_core.answers import AnswerExtractor, gold_answer, majority, normalize_number
+from kd_recipes.cli import data_gen_main
 from data_gen.cot import CotConfig, ExtractorConfig
 from data_gen.testing import ScriptedServer
-from distill.configuration import ConfigError, parse_command_line
+from kd_core.config import ConfigError, parse_command_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def test_verification_and_rationalization(server, tmp_path):
     assert stats["rejections"]["wrong_answer"] == 1 + 4 + 1
     assert stats["rejections"]["surplus"] == 1  # Cy's fourth correct sample, beyond keep_per_question=2
     # The trainer reads it directly.
-    from distill.data import detect_shape
+    from distill.data.datasets import detect_shape
     assert detect_shape(data[0], "auto", "x") == "messages"
 
 

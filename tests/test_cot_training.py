@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.configuration import ConfigError
-from distill.data import DataSettings, collate, tokenize_records
-from distill.objective import LossSettings, StudentWithObjective, target_positions
+from kd_core.config import ConfigError
+from distill.data.datasets import DataSettings, collate, tokenize_records
+from distill.losses.objective import LossSettings, StudentWithObjective, target_positions
 
 ROWS = [{"prompt": "Ann has 3 cats and gets 4 more. How many cats?", "rationale": "3 + 4 = 7. So the answer is 7.",
          "label": "7"},
@@ -39,7 +39,7 @@ def test_step_by_step_expands_each_record_into_weighted_label_and_rationale_exam
 
 
 def test_weighted_ce_equals_the_hand_computed_weighted_sum(tokenizer):
-    from distill.tiny import tiny_llama
+    from distill.student.tiny import tiny_llama
 
     model = tiny_llama(len(tokenizer), hidden_size=32, num_layers=2, seed=0)
     data = tokenize_records(ROWS, tokenizer, DataSettings(train_file="x", step_by_step_label_weight=0.25), "x")
@@ -58,8 +58,8 @@ def test_weighted_ce_equals_the_hand_computed_weighted_sum(tokenizer):
 
 
 def train_config(tmp_path: Path, model_dirs, data_file: Path, name: str, **over):
-    from distill.configuration import from_dict
-    from distill.train import TrainConfig
+    from kd_core.config import from_dict
+    from distill.training.train import TrainConfig
 
     tree = {"output_dir": str(tmp_path / name), "report_to": ["none"], "per_device_train_batch_size": 4,
             "learning_rate": 1e-3, "max_steps": 1, "eval_steps": None, "save_steps": 1000, "seed": 3,
@@ -76,7 +76,7 @@ def train_config(tmp_path: Path, model_dirs, data_file: Path, name: str, **over)
 
 
 def test_weighted_step_is_normalised_by_counted_tokens_whatever_the_split(tmp_path, model_dirs):
-    from distill.train import Distiller
+    from distill.training.train import Distiller
 
     data_file = tmp_path / "rows.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -108,8 +108,8 @@ def test_answer_accuracy_is_logged_and_computed_from_the_generations(tmp_path, m
     patch releases of the libraries.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.evaluation import AccuracySettings, answer_accuracy, load_accuracy_set
-    from distill.train import Distiller
+    from distill.evaluation.metrics import AccuracySettings, answer_accuracy, load_accuracy_set
+    from distill.training.train import Distiller
 
     data_file = tmp_path / "rows.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -143,7 +143,7 @@ def test_answer_accuracy_is_logged_and_computed_from_the_generations(tmp_path, m
 
 def own_first_line(model, tokenizer, prompt: str, settings) -> str | None:
     """What ``settings``' extractor finds in the model's greedy answer to ``prompt`` alone (no batch padding)."""
-    from data_gen.answers import AnswerExtractor
+    from kd_core.answers import AnswerExtractor
 
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
                                         add_generation_prompt=True, return_dict=False)
@@ -158,8 +158,8 @@ def test_documented_step_by_step_command_parses():
     import re
     import shlex
 
-    from distill.configuration import parse_command_line
-    from distill.train import TrainConfig
+    from kd_core.config import parse_command_line
+    from distill.training.train import TrainConfig
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "cot_lion.md").read_text()
     command = re.search(r"distill train (.*?)\n```", doc, re.S).group(1).replace("\\\n", " ")

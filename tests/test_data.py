@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from distill.configuration import ConfigError
-from distill.data import IGNORE_INDEX, DataSettings, build_datasets, collate, load_records, tokenize_example
+from kd_core.config import ConfigError
+from distill.data.datasets import IGNORE_INDEX, DataSettings, build_datasets, collate, tokenize_example
+from kd_core.records import load_records
 
 
 def write_jsonl(path, records):

@@ -276,7 +276,7 @@ def test_sigusr1_to_the_launcher_saves_on_every_rank_and_stops(model_dirs, train
     assert node.returncode != 0 and "got signal: 10" in stderr
     saved = [p for p in out.glob("checkpoint-*")]
     assert len(saved) == 1 and 0 < int(saved[0].name.split("-")[1]) < 400
-    from distill.checkpoint import validate
+    from distill.training.checkpoint import validate
 
     assert validate(saved[0]) is None and not (out / "final").exists()
     assert {p.name for p in saved[0].glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}

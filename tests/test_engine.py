@@ -21,7 +21,7 @@ from data_gen.config import DecodingConfig, TeacherConfig
 from data_gen.engine import BudgetError, CallPlan, Engine, EngineError, ParseError, Request, build_engine, preflight
 from data_gen.journal import Journal
 from data_gen.testing import FaultProxy, ScriptedServer, echo_responder
-from distill.configuration import ConfigError
+from kd_core.config import ConfigError
 
 
 def free_port() -> int:

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from distill.cli import main as cli
-from distill.eval_cmd import evaluate, greedy_generate
+from kd_recipes.cli import distill_main as cli
+from distill.evaluation.command import evaluate, greedy_generate
 
 PROBLEMS = [(a, b) for a in range(2, 8) for b in range(1, 3)]  # 12 records
 
@@ -48,7 +48,7 @@ def test_accuracy_is_computed_from_the_generations(model_dirs, tmp_path):
     """Gold answers set to the model's own greedy first line for half the records: accuracy must be exactly 1/2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data_gen.answers import AnswerExtractor
+    from kd_core.answers import AnswerExtractor
 
     path = model_dirs["student"]
     tokenizer = AutoTokenizer.from_pretrained(path)

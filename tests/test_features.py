@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from distill.configuration import ConfigError, from_dict
-from distill.features import FeatureDistiller, FeatureSettings, hidden, relations
-from distill.features.attention import attention_transfer
-from distill.features.mapping import EMBEDDINGS, layer_pairs
-from distill.features.masking import pool
-from distill.features.minilm import relation_kl
+from kd_core.config import ConfigError, from_dict
+from distill.losses.features import FeatureDistiller, FeatureSettings, hidden, relations
+from distill.losses.features.attention import attention_transfer
+from distill.losses.features.mapping import EMBEDDINGS, layer_pairs
+from distill.losses.features.masking import pool
+from distill.losses.features.minilm import relation_kl
 
 
 @pytest.fixture(autouse=True)

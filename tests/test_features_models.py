@@ -12,9 +12,9 @@ from conftest import CORPUS, REPO_ROOT
 from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertModel
 
-from distill.configuration import ConfigError
-from distill.features import FEATURE_TERMS, FeatureDistiller, FeatureSettings
-from distill.tiny import tiny_llama
+from kd_core.config import ConfigError
+from distill.losses.features import FEATURE_TERMS, FeatureDistiller, FeatureSettings
+from distill.student.tiny import tiny_llama
 
 VOCAB = 60
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import REPO_ROOT
 
-from distill.train import main
+from distill.training.train import main
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_feature_config_trains_and_logs_each_term(model_dirs, train_file, tmp_pa
 
 
 def test_feature_config_refuses_sdpa_and_batch_of_one(model_dirs, train_file, tmp_path, capsys):
-    from distill.configuration import run_command
+    from kd_core.commands import run_command
 
     out = tmp_path / "sdpa"
     assert run_command(main, run_args(model_dirs, train_file, out) + ["--model.attn_implementation", "sdpa"]) == 2

@@ -78,10 +78,10 @@ def test_missing_deepspeed_file_is_a_clear_error_before_training(model_dirs, tmp
 
 
 def test_distill_export_is_registered():
-    from distill.cli import COMMANDS
+    from kd_core.commands import command_module
+    from kd_recipes.cli import DISTILL_COMMANDS
 
-    module, func = COMMANDS["export"][0].split(":")
-    assert callable(getattr(__import__(module, fromlist=[func]), func))
+    assert callable(command_module(DISTILL_COMMANDS, "export").main)
     help_text = subprocess.run([sys.executable, "-m", "distill", "export", "--help"], env=ENV,
                                capture_output=True, text=True, timeout=120)
     assert help_text.returncode == 0 and "--checkpoint" in help_text.stdout

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from data_gen.engine import ParseError
-from data_gen.lion import LionConfig, parse_scores
+from kd_recipes.lion import LionConfig, parse_scores
 from data_gen.testing import ScriptedServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def run_cli(cfg: Path, **popen) -> subprocess.Popen:
 
 
 def test_two_iterations_then_resume_after_kill_in_each_stage(server, model_dirs, tmp_path):
-    from data_gen.cli import main
+    from kd_recipes.cli import data_gen_main as main
 
     out = tmp_path / "ref"
     assert main(["lion", "--config", str(config(server, model_dirs, tmp_path, out))]) == 0
@@ -122,7 +122,7 @@ def test_referee_parsing():
 
 
 def test_bad_pool_exits_2(server, model_dirs, tmp_path, capsys):
-    from data_gen.cli import main
+    from kd_recipes.cli import data_gen_main as main
 
     cfg = config(server, model_dirs, tmp_path, tmp_path / "bad")
     (tmp_path / "pool.jsonl").write_text('{"instruction": "ok"}\n{"text": "no instruction"}\n')
@@ -132,7 +132,7 @@ def test_bad_pool_exits_2(server, model_dirs, tmp_path, capsys):
 
 
 def test_shipped_config_parses():
-    from distill.configuration import parse_command_line
+    from kd_core.config import parse_command_line
 
     cfg = parse_command_line(LionConfig, ["--config", str(REPO / "configs/data_gen/lion.yaml")], "data-gen lion")
     assert cfg.iterations == 2 and cfg.teacher.backend == "api"
@@ -140,7 +140,7 @@ def test_shipped_config_parses():
 
 def test_budget_stop_exits_3_and_a_rerun_with_more_budget_finishes(server, model_dirs, tmp_path):
     """The budget cap stops the loop cleanly (exit 3, everything paid for kept); raising it lets the rerun finish."""
-    from data_gen.cli import main
+    from kd_recipes.cli import data_gen_main as main
 
     out = tmp_path / "budget"
     cfg = config(server, model_dirs, tmp_path, out)

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from distill.configuration import ConfigError
-from distill.losses import (
+from kd_core.config import ConfigError
+from distill.losses.divergences import (
     KINDS,
     chunked_cross_entropy_sum,
     chunked_divergence,

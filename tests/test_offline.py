@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from distill import losses
-from distill.configuration import from_dict
-from distill.logit_store import Codec, LogitStore, TopKTargets
-from distill.precompute import PrecomputeConfig, run, teacher_topk
-from distill.topk_losses import chunked_topk_divergence, topk_per_token
-from distill.train import Distiller, TrainConfig
+from distill.losses import divergences as losses
+from kd_core.config import from_dict
+from distill.offline.store import Codec, LogitStore, TopKTargets
+from distill.offline.precompute import PrecomputeConfig, run, teacher_topk
+from distill.losses.topk import chunked_topk_divergence, topk_per_token
+from distill.training.train import Distiller, TrainConfig
 from tests.conftest import slowed_steps
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -85,8 +85,8 @@ def test_store_holds_the_teacher_topk(small_store, model_dirs, train_file, token
     """Every sample's records equal the teacher's top-k computed directly (ids exactly, values to the quantum)."""
     from transformers import AutoModelForCausalLM
 
-    from distill.data import DataSettings, build_datasets, collate
-    from distill.objective import target_positions
+    from distill.data.datasets import DataSettings, build_datasets, collate
+    from distill.losses.objective import target_positions
 
     store = LogitStore(small_store)
     assert store.k == 16 and store.meta["samples"] == 24
@@ -119,7 +119,7 @@ def precompute_args(model_dirs, train_file, out) -> list[str]:
 
 @pytest.mark.slow
 def test_two_process_precompute_equals_one_process(model_dirs, train_file, tmp_path):
-    from distill.configuration import parse_command_line
+    from kd_core.config import parse_command_line
 
     run(parse_command_line(PrecomputeConfig, precompute_args(model_dirs, train_file, tmp_path / "one")[1:], "p"))
     # `--cpu --num_processes 2` would start a single process in accelerate 1.15 (no MPI hostfile): torchrun it is.
@@ -138,7 +138,7 @@ def test_two_process_precompute_equals_one_process(model_dirs, train_file, tmp_p
         assert np.abs(logp_a - logp_b).max() <= 16.0 / 255 + 1e-5
         np.testing.assert_allclose(tail_a, tail_b, rtol=2e-3)
     # The stores lack the held-out rows: training on every row is refused, naming the sample.
-    from distill.configuration import ConfigError
+    from kd_core.config import ConfigError
 
     with pytest.raises(ConfigError, match="training sample .* is not in .*different eval split"):
         Distiller(train_config(model_dirs, train_file, tmp_path / "run", tmp_path / "one"))
@@ -147,7 +147,7 @@ def test_two_process_precompute_equals_one_process(model_dirs, train_file, tmp_p
 def test_truncated_shard_and_missing_metadata_are_clear_errors(small_store, tmp_path):
     import shutil
 
-    from distill.configuration import ConfigError
+    from kd_core.config import ConfigError
 
     broken = tmp_path / "broken"
     shutil.copytree(small_store, broken)
@@ -291,8 +291,8 @@ def test_training_from_exact_store_matches_online(exact_store, model_dirs, train
 
 
 def test_training_refuses_a_mismatched_store(small_store, model_dirs, train_file, tmp_path):
-    from distill.configuration import ConfigError
-    from distill.tiny import tiny_llama, train_tokenizer
+    from kd_core.config import ConfigError
+    from distill.student.tiny import tiny_llama, train_tokenizer
 
     meta = small_store / "store.json"
     with pytest.raises(ConfigError, match="at temperature 1.0, but loss.temperature is 2.0"):
@@ -325,7 +325,7 @@ def test_sigterm_and_resume_from_the_store_is_exact(small_store, model_dirs, tra
 
     from safetensors.torch import load_file
 
-    from distill.train import PREEMPTED_EXIT_CODE
+    from kd_core.commands import EXIT_PREEMPTED
 
     def args(out: Path) -> list[str]:
         return ["train", "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "3",
@@ -335,7 +335,7 @@ def test_sigterm_and_resume_from_the_store_is_exact(small_store, model_dirs, tra
                 str(small_store), "--loss.terms", "{forward_kl: 0.7, ce: 0.3}", "--save_steps", "2",
                 "--save_total_limit", "null"]
 
-    from distill.configuration import parse_command_line
+    from kd_core.config import parse_command_line
 
     Distiller(parse_command_line(TrainConfig, args(tmp_path / "ref")[1:], "distill train")).train()  # in-process
     out = tmp_path / "interrupted"
@@ -347,7 +347,7 @@ def test_sigterm_and_resume_from_the_store_is_exact(small_store, model_dirs, tra
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
     saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     assert saved and saved[-1] < 6
     resumed = cli([*args(out), "--resume", "auto"])

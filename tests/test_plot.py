@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from distill.cli import main as cli
-from distill.plot import plot_run, read_metrics
+from kd_recipes.cli import distill_main as cli
+from distill.evaluation.plot import plot_run, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -15,8 +15,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run_dir(model_dirs, tmp_path_factory):
     """Four steps of `distill train` with two logit terms and evaluation: a real run directory."""
-    from distill.configuration import from_dict
-    from distill.train import Distiller, TrainConfig
+    from kd_core.config import from_dict
+    from distill.training.train import Distiller, TrainConfig
 
     root = tmp_path_factory.mktemp("plot")
     data = root / "train.jsonl"

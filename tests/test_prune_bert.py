@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from distill.configuration import ConfigError
-from distill.prune.calibration import load_calibration
-from distill.prune.families import family_for
-from distill.prune.importance import collect_importance
-from distill.prune.masked import mask_teacher
-from distill.prune.structured import Targets, build_pruned_model, plan_pruning, validate_targets
+from kd_core.config import ConfigError
+from distill.student.prune.calibration import load_calibration
+from distill.student.prune.families import family_for
+from distill.student.prune.importance import collect_importance
+from distill.student.prune.masked import mask_teacher
+from distill.student.prune.structured import Targets, build_pruned_model, plan_pruning, validate_targets
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from distill.configuration import ConfigError
-from distill.prune.calibration import load_calibration
-from distill.prune.families import family_for
-from distill.prune.importance import collect_importance
-from distill.tiny import tiny_llama
+from kd_core.config import ConfigError
+from distill.student.prune.calibration import load_calibration
+from distill.student.prune.families import family_for
+from distill.student.prune.importance import collect_importance
+from distill.student.tiny import tiny_llama
 
 CHAT = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
 

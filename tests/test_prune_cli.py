@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
-from distill.cli import main as cli
-from distill.tiny import tiny_llama
+from kd_recipes.cli import distill_main as cli
+from distill.student.tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "prune"

@@ -11,12 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import logging as hf_logging
 
-from distill.configuration import ConfigError
-from distill.prune.calibration import Calibration
-from distill.prune.families import family_for
-from distill.prune.importance import collect_importance
-from distill.prune.masked import mask_teacher
-from distill.prune.structured import Targets, build_pruned_model, plan_pruning, validate_targets
+from kd_core.config import ConfigError
+from distill.student.prune.calibration import Calibration
+from distill.student.prune.families import family_for
+from distill.student.prune.importance import collect_importance
+from distill.student.prune.masked import mask_teacher
+from distill.student.prune.structured import Targets, build_pruned_model, plan_pruning, validate_targets
 
 VOCAB = 300
 
@@ -101,7 +101,7 @@ def test_masked_teacher_equals_pruned_model(make, targets: Targets) -> None:
 def _other_families() -> list:
     from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    from distill.tiny import tiny_llama
+    from distill.student.tiny import tiny_llama
 
     shape = {
         "vocab_size": VOCAB,
@@ -238,7 +238,7 @@ def test_unsupported_family_is_a_config_error() -> None:
 
 
 def test_shape_transformers_rejects_is_a_config_error() -> None:
-    from distill.prune.structured import check_target_config
+    from distill.student.prune.structured import check_target_config
 
     teacher = _llama_gqa()  # LlamaConfig (5.23) requires hidden_size % num_attention_heads == 0 when saved
     with pytest.raises(ConfigError, match="not a multiple of the number of attention heads"):

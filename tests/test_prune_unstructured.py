@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.configuration import ConfigError
-from distill.prune.calibration import Calibration
-from distill.prune.families import family_for
-from distill.prune.importance import collect_importance
-from distill.prune.unstructured import keep_mask, parse_pattern, scores, sparsify, target_linears
-from distill.tiny import tiny_qwen2
+from kd_core.config import ConfigError
+from distill.student.prune.calibration import Calibration
+from distill.student.prune.families import family_for
+from distill.student.prune.importance import collect_importance
+from distill.student.prune.unstructured import keep_mask, parse_pattern, scores, sparsify, target_linears
+from distill.student.tiny import tiny_qwen2
 
 
 def _model_and_norms() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:

@@ -106,7 +106,7 @@ def test_plots_are_valid_pngs(finished):
 
 
 def test_rerun_into_a_finished_run_is_refused(finished, capsys):
-    from distill.cli import main as cli
+    from kd_recipes.cli import distill_main as cli
 
     before = (finished["out"] / "report.json").stat().st_mtime
     assert cli(quickstart(finished["out"])[3:]) == 2  # the same command line, in-process
@@ -116,8 +116,8 @@ def test_rerun_into_a_finished_run_is_refused(finished, capsys):
 
 
 def test_other_directories_and_settings_are_refused(tmp_path):
-    from distill.configuration import ConfigError
-    from distill.quickstart import QuickstartConfig, prepare_output_dir
+    from kd_core.config import ConfigError
+    from kd_recipes.quickstart import QuickstartConfig, prepare_output_dir
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -136,8 +136,8 @@ def test_other_directories_and_settings_are_refused(tmp_path):
 
 
 def test_shipped_config_equals_the_defaults():
-    from distill.configuration import from_dict, load_yaml
-    from distill.quickstart import QuickstartConfig
+    from kd_core.config import from_dict, load_yaml
+    from kd_recipes.quickstart import QuickstartConfig
 
     shipped = REPO_ROOT / "configs" / "quickstart.yaml"
     assert shipped.read_text().splitlines()[0] == "# distill quickstart"

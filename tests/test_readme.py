@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from data_gen.cli import COMMANDS as DATA_GEN_COMMANDS
-from distill.cli import COMMANDS as DISTILL_COMMANDS
-from distill.configuration import parse_command_line
+from kd_recipes.cli import DATA_GEN_COMMANDS, DISTILL_COMMANDS
+from kd_core.config import parse_command_line
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -47,6 +46,6 @@ def test_readme_command_parses(command):
     tool, name, args = words[0], words[1], words[2:]
     commands = DISTILL_COMMANDS if tool == "distill" else DATA_GEN_COMMANDS
     assert name in commands, f"README names unknown command: {tool} {name}"
-    module = importlib.import_module(commands[name][0].split(":")[0])
+    module = importlib.import_module(commands[name][0])
     # Paths need not exist for parsing; the README's placeholders (T, DIR, ...) stay as they are.
-    parse_command_line(module.CONFIG_CLASS, args, f"{tool} {name}")
+    parse_command_line(module.Config, args, f"{tool} {name}")

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill import checkpoint as ckpt
-from distill.batching import BatchStream
-from distill.configuration import ConfigError, from_dict
-from distill.train import Distiller, TrainConfig
+from distill.training import checkpoint as ckpt
+from distill.data.batching import BatchStream
+from kd_core.config import ConfigError, from_dict
+from distill.training.train import Distiller, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -103,7 +103,7 @@ def test_half_written_checkpoint_is_skipped_for_the_previous(finished_run, model
 
 
 def test_incompatible_checkpoint_names_what_differs(finished_run, model_dirs, train_file, tmp_path, tokenizer):
-    from distill.tiny import tiny_llama
+    from distill.student.tiny import tiny_llama
 
     wider = tmp_path / "wider_student"
     tiny_llama(len(tokenizer), hidden_size=48, num_layers=2).save_pretrained(wider)
@@ -191,7 +191,7 @@ def test_export_of_a_lora_checkpoint_matches_the_trainers_export(model_dirs, tra
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from distill.export import export_checkpoint
+    from distill.training.export import export_checkpoint
 
     out = tmp_path / "lora_run"
     cfg = config(model_dirs, train_file, out, max_steps=2, lora={"enabled": True, "r": 4, "alpha": 8},

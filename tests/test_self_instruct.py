@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from data_gen.cli import main as data_gen_main
+from kd_recipes.cli import data_gen_main
 from data_gen.engine import ParseError
 from data_gen.self_instruct import (
     FilterConfig,
@@ -27,7 +27,7 @@ from data_gen.self_instruct import (
     postprocess_instances,
 )
 from data_gen.testing import ScriptedServer
-from distill.configuration import ConfigError
+from kd_core.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "su", "te", "ra", "po", "ne") for b in ("x", "d", "ft", "rn", "lm",
@@ -89,7 +89,8 @@ def test_generates_a_dataset_the_trainer_can_read(server, tmp_path, capsys):
 
     loaded = datasets.load_dataset(str(out))["train"]
     assert loaded.num_rows == len(rows) and loaded[0]["messages"] == rows[0]["messages"]
-    from distill.data import detect_shape, load_records
+    from distill.data.datasets import detect_shape
+    from kd_core.records import load_records
 
     for name in ("data.jsonl", "data.parquet"):  # what the distill trainer's data.train_file reads
         records = load_records(out / name)
@@ -269,7 +270,7 @@ def test_seed_file_errors_name_file_line_and_field(tmp_path):
 
 def test_shipped_config_parses():
     from data_gen.self_instruct import SelfInstructConfig
-    from distill.configuration import load_yaml, parse_command_line
+    from kd_core.config import load_yaml, parse_command_line
 
     path = REPO / "configs" / "data_gen" / "self_instruct.yaml"
     cfg = parse_command_line(SelfInstructConfig, ["--config", str(path)], "t")

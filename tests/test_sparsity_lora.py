@@ -7,12 +7,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from distill.configuration import ConfigError, from_dict
-from distill.lora import LoraSettings, apply_lora, export_lora, merge_lora
-from distill.prune.families import family_for
-from distill.prune.unstructured import sparsify
-from distill.sparsity import SparsityCallback, SparsityMasks, canonical_name
-from distill.tiny import tiny_llama
+from kd_core.config import ConfigError, from_dict
+from distill.student.lora import LoraSettings, apply_lora, export_lora, merge_lora
+from distill.student.prune.families import family_for
+from distill.student.prune.unstructured import sparsify
+from distill.student.sparsity import SparsityCallback, SparsityMasks, canonical_name
+from distill.student.tiny import tiny_llama
 
 
 def _sparse_model() -> torch.nn.Module:

@@ -15,9 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.configuration import from_dict, run_command
-from distill.train import PREEMPTED_EXIT_CODE, Distiller, TrainConfig
-from distill.train import main as train_main
+from kd_core.commands import run_command
+from kd_core.config import from_dict
+from distill.training.train import Distiller, TrainConfig
+from kd_core.commands import EXIT_PREEMPTED
+from distill.training.train import main as train_main
 from tests.conftest import slowed_steps
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -146,7 +148,7 @@ def test_sigterm_saves_and_resume_is_exact(model_dirs, train_file, tmp_path):
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
     assert not (out / "final").exists()
     saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     assert saved and saved[-1] < 8
@@ -192,7 +194,7 @@ def test_bad_input_exits_2_and_writes_nothing(model_dirs, train_file, tmp_path, 
 
 
 def test_tokenizer_mismatch_names_both(model_dirs, train_file, tmp_path):
-    from distill.tiny import tiny_llama, train_tokenizer
+    from distill.student.tiny import tiny_llama, train_tokenizer
 
     other_tok = train_tokenizer(["completely different corpus of words"] * 10, vocab_size=280)
     other = tmp_path / "other_student"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.configuration import run_command
-from distill.train import main as train_main
+from kd_core.commands import run_command
+from distill.training.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "minilm_feature_distill.yaml"

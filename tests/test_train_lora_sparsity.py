@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from distill.configuration import from_dict
-from distill.train import Distiller, TrainConfig
+from kd_core.config import from_dict
+from distill.training.train import Distiller, TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import time
 
 _delay = float(os.environ.get("SLOW_STEP_SECONDS", "0") or 0)
 if _delay > 0:
-    import distill.train
+    import distill.training.train
 
-    _original_step = distill.train.Distiller.training_step
+    _original_step = distill.training.train.Distiller.training_step
 
     def _slowed_step(self):
         values = _original_step(self)
         time.sleep(_delay)
         return values
 
-    distill.train.Distiller.training_step = _slowed_step
+    distill.training.train.Distiller.training_step = _slowed_step

@@ -1,0 +1,222 @@
+"""Datasets for distillation: load, detect the shape, apply the chat template, mask the prompt, collate.
+
+Three shapes are understood, as in TRL's SFT conventions:
+
+* ``messages``: a list of ``{"role", "content"}`` turns; the loss covers assistant turns.
+* ``prompt`` / ``completion``: strings; the chat template is applied (user turn, assistant turn) when the tokenizer
+  has one, otherwise they are concatenated; the loss covers the completion.
+* ``text``: plain text; the loss covers every token.
+
+Every example keeps ``sample_id`` (its row index in the source file), so anything keyed by sample, such as the
+offline teacher-logit store, reads the right rows whatever the shuffling, accumulation or number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from kd_core.config import ConfigError, option
+from kd_core.records import load_records
+
+IGNORE_INDEX = -100
+SHAPES = ("messages", "prompt_completion", "text")
+
+
+@dataclasses.dataclass
+class DataSettings:
+    train_file: str = option("", help="Training data: a .jsonl/.json/.parquet file or a `datasets.save_to_disk` folder.")
+    eval_file: str | None = option(None, help="Held-out data in the same shapes; if unset, `eval_fraction` of train.")
+    eval_fraction: float = option(0.05, help="Fraction of the training file held out for eval when eval_file is unset.")
+    format: Literal["auto", "messages", "prompt_completion", "text"] = option(
+        "auto", help="Dataset shape; `auto` picks messages, then prompt/completion, then text columns."
+    )
+    max_length: int = option(512, help="Sequences are truncated to this many tokens.")
+    completion_only_loss: bool = option(
+        True, help="Count only completion (assistant) tokens in the loss; false trains on prompts too."
+    )
+    max_samples: int | None = option(None, help="Use at most this many training examples (for quick runs).")
+    step_by_step_label_weight: float | None = option(
+        None, help="Distilling step-by-step: each record's `prompt`, `rationale` and `label` columns (as written by "
+        "`data-gen cot`) become two examples, '[label] ' + prompt -> label with loss weight w and '[rationale] ' + "
+        "prompt -> rationale with weight 1 - w; null = plain training on the detected shape."
+    )
+
+    def __post_init__(self) -> None:
+        if self.step_by_step_label_weight is not None and not 0.0 <= self.step_by_step_label_weight <= 1.0:
+            raise ValueError(f"step_by_step_label_weight: expected a number in [0, 1] or null, got "
+                             f"{self.step_by_step_label_weight}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction: expected a number in [0, 1), got {self.eval_fraction}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length: expected at least 2, got {self.max_length}")
+
+
+def detect_shape(record: dict[str, Any], requested: str, source: str) -> str:
+    if requested != "auto":
+        needed = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"], "text": ["text"]}[requested]
+        missing = [c for c in needed if c not in record]
+        if missing:
+            raise ConfigError(f"{source}: format {requested!r} needs column(s) {missing}; found {sorted(record)}")
+        return requested
+    if "messages" in record:
+        return "messages"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    if "text" in record:
+        return "text"
+    raise ConfigError(
+        f"{source}: no usable column; expected `messages`, `prompt` and `completion`, or `text`, found {sorted(record)}"
+    )
+
+
+def _has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
+    template = tokenizer.chat_template
+    return isinstance(template, str) and "{% generation %}" in template
+
+
+def tokenize_example(
+    record: dict[str, Any],
+    shape: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    completion_only: bool,
+) -> dict[str, list[int]]:
+    """Token ids and labels (prompt tokens set to -100 when ``completion_only``) for one record."""
+    if shape == "text":
+        ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids = ids + [tokenizer.eos_token_id]
+        ids = ids[:max_length]
+        return {"input_ids": ids, "labels": list(ids)}
+
+    if shape == "prompt_completion" and tokenizer.chat_template is None:
+        prompt_ids = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+        completion_ids = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            completion_ids = completion_ids + [tokenizer.eos_token_id]
+        ids = (prompt_ids + completion_ids)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
+        return {"input_ids": ids, "labels": labels if completion_only else list(ids)}
+
+    messages = record["messages"] if shape == "messages" else [
+        {"role": "user", "content": record["prompt"]},
+        {"role": "assistant", "content": record["completion"]},
+    ]
+    if _has_generation_markers(tokenizer):
+        # The template marks assistant spans itself: every assistant turn is a target, multi-turn included.
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids, assistant = list(out["input_ids"]), list(out["assistant_masks"])
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, assistant)]
+    else:
+        # Without markers, the target is the final assistant turn: the prompt is everything before it.
+        if messages[-1]["role"] != "assistant":
+            raise ConfigError("messages: the last turn must be the assistant's answer to train on")
+        prompt_ids = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True)
+        ids = tokenizer.apply_chat_template(messages, tokenize=True)
+        if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys"):
+            prompt_ids, ids = prompt_ids["input_ids"], ids["input_ids"]
+        labels = [IGNORE_INDEX] * len(prompt_ids) + list(ids[len(prompt_ids):])
+    ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels if completion_only else list(ids)}
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """A list of tokenized examples, each with its ``sample_id`` (row in the source file)."""
+
+    def __init__(self, examples: list[dict[str, Any]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.examples[index]
+
+
+def tokenize_records(
+    records: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: DataSettings,
+    source: str,
+    row_ids: list[int] | None = None,
+) -> TokenizedDataset:
+    """Tokenizes records; ``row_ids`` are their rows in the source file (default 0..n-1).
+
+    Every example carries a ``loss_weight`` (1.0 unless ``step_by_step_label_weight`` expands records into a
+    label example and a rationale example; both keep the record's ``sample_id``)."""
+    row_ids = list(range(len(records))) if row_ids is None else row_ids
+    weighted: list[tuple[int, dict[str, Any], float]] = []
+    w = settings.step_by_step_label_weight
+    if w is None:
+        shape = detect_shape(records[0], settings.format, source)
+        weighted = [(row, record, 1.0) for row, record in zip(row_ids, records)]
+    else:
+        shape = "prompt_completion"
+        for row, record in zip(row_ids, records):
+            missing = [c for c in ("prompt", "rationale", "label") if not isinstance(record.get(c), str)]
+            if missing:
+                raise ConfigError(f"{source}: row {row}: step-by-step training needs string columns "
+                                  f"{missing} (prompt, rationale, label; `data-gen cot` writes them)")
+            weighted.append((row, {"prompt": "[label] " + record["prompt"], "completion": record["label"]}, w))
+            weighted.append((row, {"prompt": "[rationale] " + record["prompt"], "completion": record["rationale"]},
+                             1.0 - w))
+    examples = []
+    for row, record, weight in weighted:
+        example = tokenize_example(record, shape, tokenizer, settings.max_length, settings.completion_only_loss)
+        if any(label != IGNORE_INDEX for label in example["labels"][1:]):  # skip examples truncated to no target
+            example["sample_id"] = row
+            example["loss_weight"] = weight
+            examples.append(example)
+    if not examples:
+        raise ConfigError(f"{source}: no example has target tokens within max_length={settings.max_length}")
+    return TokenizedDataset(examples)
+
+
+def build_datasets(
+    settings: DataSettings, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """Train and eval datasets; eval is carved from train (deterministically for ``seed``) when no file is given."""
+    records = load_records(settings.train_file, "data.train_file")
+    train_rows = list(range(len(records)))
+    eval_records, eval_rows = None, None
+    if settings.eval_file:
+        eval_records = load_records(settings.eval_file, "data.eval_file")
+    elif settings.eval_fraction > 0 and len(records) > 1:
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(records), generator=generator).tolist()
+        held = set(order[: max(1, int(len(records) * settings.eval_fraction))])
+        eval_rows = [i for i in train_rows if i in held]
+        train_rows = [i for i in train_rows if i not in held]
+        eval_records = [records[i] for i in eval_rows]
+    if settings.max_samples is not None:
+        train_rows = train_rows[: settings.max_samples]
+    train = tokenize_records([records[i] for i in train_rows], tokenizer, settings, settings.train_file, train_rows)
+    evaluation = None
+    if eval_records:
+        source = settings.eval_file or settings.train_file
+        evaluation = tokenize_records(eval_records, tokenizer, settings, source, eval_rows)
+    return train, evaluation
+
+
+def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads a batch; padding gets attention 0 and label -100."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        attention_mask[row, :n] = 1
+    sample_ids = torch.tensor([e["sample_id"] for e in examples], dtype=torch.long)
+    loss_weights = torch.tensor([e.get("loss_weight", 1.0) for e in examples], dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sample_ids": sample_ids,
+            "loss_weights": loss_weights}

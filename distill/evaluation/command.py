@@ -1,0 +1,256 @@
+"""``distill eval MODEL --data FILE``: task accuracy, perplexity, generation speed and (with a teacher) token KL and
+top-1 agreement, for any model directory on any dataset in the trainer's shapes.
+
+* **accuracy**: greedy generation (``max_new_tokens``) from each prompt, the final answer taken from the generated
+  text by the answer extractor and compared with the gold answer after numeric normalisation (``17.0`` = ``17``).
+  Gold answers come from a ``label`` column, else from the reference answer by the same extractor (GSM8K's
+  ``#### 17`` included). Datasets without prompts (``text``) have no accuracy.
+* **perplexity**: ``exp`` of the model's mean cross-entropy over the counted (completion) tokens.
+* **kl**, **top1_agreement**: KL(p_teacher || p_model) in nats per completion token at temperature 1 and the
+  fraction of tokens where the argmaxes agree (``distill.evaluation.metrics.token_metrics``); the teacher must share the
+  model's tokenizer.
+* **tokens_per_second**: generated tokens over the wall time of the batched greedy generation.
+
+Shapes: ``messages``, ``prompt``/``completion``, ``text``, and GSM8K's ``question``/``answer`` (read as
+prompt/completion). The figures are printed as a table and written as JSON with ``--output``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kd_core.answers import AnswerExtractor, gold_answer
+from kd_core.config import ConfigError, option, parse_command_line
+
+METRIC_NAMES = ("accuracy", "perplexity", "loss", "kl", "top1_agreement", "tokens_per_second", "parameters")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    model: str = option("", help="Model directory (Hugging Face format, with its tokenizer).", positional=True)
+    data: str = option("", help="Dataset: .jsonl/.json/.parquet or a saved `datasets` folder, in a supported shape.")
+    teacher: str | None = option(None, help="Teacher directory (same tokenizer) for KL and top-1 agreement.")
+    num_samples: int | None = option(None, help="Evaluate the first N records only; null = all.")
+    max_new_tokens: int = option(96, help="Greedy generation length for accuracy and speed.")
+    batch_size: int = option(32, help="Records per forward pass / per generate() call.")
+    max_length: int = option(512, help="Token truncation for the token-level figures.")
+    extractor: str = option("answer_is", help="Answer extractor (kd_core.answers): answer_is, hash, final_number, regex.")
+    extractor_regex: str | None = option(None, help="With extractor: regex, the pattern (group `answer` or 1 = answer).")
+    output: str | None = option(None, help="Write the figures as JSON to this file (must not exist).")
+    device: str = option("cpu", help="torch device, e.g. cpu or cuda.")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model: expected a model directory (distill eval MODEL --data FILE)")
+        if not self.data:
+            raise ValueError("data: expected a dataset file (--data FILE)")
+        for name in ("max_new_tokens", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError(f"num_samples: expected >= 1 or null, got {self.num_samples}")
+        try:
+            AnswerExtractor(self.extractor, self.extractor_regex)  # an unknown kind or a bad regex fails here
+        except ValueError as err:
+            raise ValueError(f"extractor: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Records: prompts, references, gold answers
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def as_trainer_record(record: dict[str, Any]) -> dict[str, Any]:
+    """GSM8K's ``question``/``answer`` read as ``prompt``/``completion``; trainer shapes pass through."""
+    if "messages" in record or ("prompt" in record and "completion" in record) or "text" in record:
+        return record
+    if "question" in record and "answer" in record:
+        return {**record, "prompt": record["question"], "completion": record["answer"]}
+    raise ConfigError(
+        f"data: no usable columns; expected messages, prompt/completion, text or question/answer, found {sorted(record)}"
+    )
+
+
+def prompt_and_gold(
+    record: dict[str, Any], extractor: AnswerExtractor
+) -> tuple[list[dict[str, str]] | str, str | None] | None:
+    """The generation prompt (chat messages, or plain text) and the normalised gold answer (from ``label``, else
+    GSM8K's ``####``, else the extractor on the reference answer); None for ``text`` records."""
+
+    if "messages" in record:
+        turns = record["messages"]
+        if not turns or turns[-1]["role"] != "assistant":
+            return None
+        reference = turns[-1]["content"]
+        prompt: list[dict[str, str]] | str = turns[:-1]
+    elif "prompt" in record:
+        prompt, reference = record["prompt"], record["completion"]
+    else:
+        return None
+    label = record.get("label")
+    if label is not None:
+        gold = extractor.normalize(str(label))
+    elif "####" in reference:
+        gold = gold_answer(reference, extractor.numeric)
+    else:
+        gold = extractor.extract(reference)
+    return prompt, gold
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The figures
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int) -> tuple[list[str], int, float]:
+    """Greedy continuations of ``prompts`` (left-padded batches); returns texts, generated tokens, seconds."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # every prompt ends at the same position; generation continues right after it
+    encoded = []
+    for prompt in prompts:
+        if isinstance(prompt, list) or tokenizer.chat_template is not None:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            # transformers 5.23 returns a BatchEncoding unless return_dict=False.
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+        encoded.append(list(ids))
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # length bucketing: little padding
+    texts: list[str] = [""] * len(encoded)
+    generated, seconds = 0, 0.0
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt").to(model.device)
+            began = time.perf_counter()
+            out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
+            seconds += time.perf_counter() - began
+            for row, tokens in zip(rows, out[:, batch["input_ids"].shape[1] :].tolist()):
+                if eos in tokens:
+                    tokens = tokens[: tokens.index(eos)]
+                generated += len(tokens)
+                texts[row] = tokenizer.decode(tokens, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return texts, generated, seconds
+
+
+def load_model(path: str | Path, device: str, field: str):
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{field}: {path} is not a model directory (no config.json)")
+    return AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+
+
+def evaluate(
+    model_dir: str | Path,
+    data: str | Path,
+    teacher_dir: str | Path | None = None,
+    num_samples: int | None = None,
+    max_new_tokens: int = 96,
+    batch_size: int = 32,
+    max_length: int = 512,
+    device: str = "cpu",
+    extractor: AnswerExtractor | None = None,
+) -> dict[str, Any]:
+    """Every figure of the module docstring for one model on one dataset, plus the per-record generations."""
+    from transformers import AutoTokenizer
+
+    from distill.data.datasets import DataSettings, collate, tokenize_records
+    from kd_core.records import load_records
+    from distill.evaluation.metrics import token_metrics
+    from distill.losses.divergences import shared_vocab_size
+
+    model = load_model(model_dir, device, "model")  # checks the directory before anything else reads it
+    records = [as_trainer_record(r) for r in load_records(data, "data")][:num_samples]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    teacher = None
+    if teacher_dir is not None:
+        teacher = load_model(teacher_dir, device, "teacher")
+        if AutoTokenizer.from_pretrained(teacher_dir).get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"teacher: {teacher_dir} has a different tokenizer from {model_dir}; KL needs one vocabulary")
+    vocab = shared_vocab_size(
+        model.config.vocab_size, teacher.config.vocab_size if teacher is not None else model.config.vocab_size,
+        len(tokenizer),
+    )
+    dataset = tokenize_records(records, tokenizer, DataSettings(train_file=str(data), max_length=max_length), "data")
+    batches = (
+        {k: v.to(device) for k, v in collate([dataset[i] for i in range(j, min(j + batch_size, len(dataset)))],
+                                              tokenizer.pad_token_id).items()}
+        for j in range(0, len(dataset), batch_size)
+    )
+    tokens = token_metrics(model, teacher, batches, vocab)
+    results: dict[str, Any] = {
+        "model": str(model_dir),
+        "data": str(data),
+        "records": len(records),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "loss": tokens["loss"],
+        "perplexity": math.exp(min(tokens["loss"], 50.0)),
+        "tokens": tokens["tokens"],
+        "kl": tokens.get("kl"),
+        "top1_agreement": tokens.get("top1_agreement"),
+    }
+    extractor = extractor or AnswerExtractor()
+    tasks = [(i, pg) for i, pg in enumerate(prompt_and_gold(r, extractor) for r in records) if pg is not None]
+    texts, generated, seconds = greedy_generate(model, tokenizer, [pg[0] for _, pg in tasks], max_new_tokens,
+                                                batch_size)
+    samples = []
+    correct = scored = 0
+    for (row, (_, gold)), text in zip(tasks, texts):
+        predicted = extractor.extract(text)
+        match = gold is not None and predicted == gold
+        scored += gold is not None
+        correct += match
+        samples.append({"row": row, "generation": text, "predicted": predicted, "gold": gold, "correct": match})
+    results["accuracy"] = correct / scored if scored else None
+    results["scored"] = scored
+    results["generated_tokens"] = generated
+    results["tokens_per_second"] = generated / seconds if seconds > 0 else None
+    results["samples"] = samples
+    return results
+
+
+def format_table(rows: list[dict[str, Any]], names: list[str] | None = None) -> str:
+    """A plain-text table: one row per evaluated model, one column per figure (``-`` where not measured)."""
+    names = names or [Path(r["model"]).name or r["model"] for r in rows]
+    header = ["model", *METRIC_NAMES]
+    cells = [header]
+    for name, row in zip(names, rows):
+        line = [name]
+        for key in METRIC_NAMES:
+            value = row.get(key)
+            line.append("-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4g}")
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in cells)
+
+
+Config = EvalConfig  # this command's config class (kd_core.commands: Config, run, main)
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_command_line(EvalConfig, argv, "distill eval", __doc__ or "")
+    output = Path(cfg.output) if cfg.output else None
+    if output is not None and output.exists():
+        raise ConfigError(f"output: {output} already exists; choose another file")
+    results = evaluate(cfg.model, cfg.data, cfg.teacher, cfg.num_samples, cfg.max_new_tokens, cfg.batch_size,
+                       cfg.max_length, cfg.device, AnswerExtractor(cfg.extractor, cfg.extractor_regex))
+    print(format_table([results]))
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=1))
+        print(f"wrote {output}")
+    return 0

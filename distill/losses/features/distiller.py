@@ -1,0 +1,276 @@
+"""``FeatureDistiller``: the feature- and relation-based loss terms of a distillation run, as one module.
+
+The trainer builds it from the loss weights and the ``features`` config section, calls :meth:`attach` once the
+models exist, runs both models with ``output_hidden_states`` / ``output_attentions`` as :attr:`needs_hidden_states`
+and :attr:`needs_attentions` say, and calls :meth:`forward` for ``{term: unweighted loss}``. The module owns the
+learned projectors (student width -> teacher width): they train with the student and are saved in checkpoints, but
+they are not part of the exported student.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import PretrainedConfig
+from transformers.utils import ModelOutput
+
+from kd_core.config import ConfigError, option
+from distill.losses.features import hidden, relations
+from distill.losses.features.attention import attention_transfer, check_attention_implementation
+from distill.losses.features.mapping import EMBEDDINGS, hidden_index, layer_pairs, resolve_layer
+from distill.losses.features.masking import as_bool_mask, pool
+from distill.losses.features.minilm import QKVCapture, minilm_v1, minilm_v2
+
+FEATURE_TERMS = (
+    "hidden_mse", "hidden_cosine", "hidden_nmse", "attention_transfer", "minilm_v1", "minilm_v2",
+    "rkd_distance", "rkd_angle", "gram", "fsp", "similarity_preserving",
+)
+HIDDEN_TERMS = {"hidden_mse": hidden.hidden_mse, "hidden_cosine": hidden.hidden_cosine, "hidden_nmse": hidden.hidden_nmse}
+RELATION_TERMS = {
+    "rkd_distance": relations.rkd_distance, "rkd_angle": relations.rkd_angle,
+    "similarity_preserving": relations.similarity_preserving,
+}
+# Smallest batch on which a relation term says anything: distances need a pair, angles a triplet.
+MIN_BATCH = {"rkd_distance": 2, "rkd_angle": 3, "similarity_preserving": 2}
+LAYER_MAP_TERMS = ("hidden_mse", "hidden_cosine", "hidden_nmse", "attention_transfer", "gram", "fsp")
+ATTENTION_TERMS = ("attention_transfer", "minilm_v1")
+
+
+@dataclasses.dataclass
+class FeatureSettings:
+    """How feature and relation terms pick layers, pool sentences and match heads (config section)."""
+
+    layer_map: Literal["uniform", "last_k", "explicit"] = option(
+        "uniform", help="Student->teacher layer mapping for hidden/attention/gram/fsp terms: uniform (PKD-Skip: "
+        "student layer i <- teacher layer (i+1)*T//S-1), last_k (PKD-Last) or explicit (see `layers`).")
+    layers: list[list[int]] = option(
+        [], help="With layer_map: explicit, [[student_layer, teacher_layer], ...]; 0-based, -1 = last layer.")
+    last_k: int = option(0, help="With layer_map: last_k, how many final layers to map (0 = all student layers).")
+    include_embeddings: bool = option(False, help="Also match the embedding outputs (hidden_states[0]).")
+    pooling: Literal["mean", "cls", "last"] = option(
+        "mean", help="Sentence vector for relation terms (rkd_*, similarity_preserving): mean over real tokens "
+        "(default, decoders and sentence encoders), cls (first token, BERT-style) or last (last real token).")
+    relation_student_layer: int = option(-1, help="Student layer pooled for relation terms (-1 = last).")
+    relation_teacher_layer: int = option(-1, help="Teacher layer pooled for relation terms (-1 = last).")
+    attention_loss: Literal["mse", "kl"] = option(
+        "kl", help="attention_transfer divergence between attention probabilities: kl (teacher || student) or mse.")
+    head_map: list[int] | str = option(
+        "average", help="How heads are matched when counts differ: 'average' (average all heads on each side) or "
+        "a list giving, for each student head, the teacher head it learns from.")
+    minilm_student_layer: int = option(-1, help="Student layer whose self-attention relations MiniLM terms train.")
+    minilm_teacher_layer: int = option(
+        -1, help="Teacher layer MiniLM terms learn from (-1 = last; MiniLMv2 suggests an upper-middle layer "
+        "for large teachers).")
+    relation_heads: int = option(
+        0, help="MiniLM relation heads (q/k/v widths of both models must divide by it); 0 = teacher's head count.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.head_map, str) and self.head_map != "average":
+            raise ValueError(f"head_map: expected 'average' or a list of teacher head indices, got {self.head_map!r}")
+        if self.relation_heads < 0:
+            raise ValueError(f"relation_heads: expected 0 (teacher heads) or a positive number, got {self.relation_heads}")
+        if self.last_k < 0:
+            raise ValueError(f"last_k: expected 0 (all student layers) or a positive number, got {self.last_k}")
+
+
+def _key(pair: tuple[int, int]) -> str:
+    student, teacher = ("emb" if layer == EMBEDDINGS else str(layer) for layer in pair)
+    return f"student{student}_teacher{teacher}"
+
+
+class FeatureDistiller(nn.Module):
+    """Computes the configured feature/relation terms from student and teacher model outputs."""
+
+    def __init__(
+        self, weights: dict[str, float], settings: FeatureSettings,
+        student_config: PretrainedConfig, teacher_config: PretrainedConfig,
+    ) -> None:
+        """Validates terms, layers and heads against both configs (ConfigError) and builds the projectors."""
+        super().__init__()
+        for term, weight in weights.items():
+            if term not in FEATURE_TERMS:
+                close = difflib.get_close_matches(term, FEATURE_TERMS, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(FEATURE_TERMS)})"
+                raise ConfigError(f"unknown feature loss term '{term}'{hint}")
+            if weight < 0:
+                raise ConfigError(f"{term}: weight must be >= 0, got {weight}")
+        # Zero-weight terms are skipped entirely: they would cost a forward pass of their own and add nothing.
+        self.terms = [term for term in FEATURE_TERMS if weights.get(term, 0.0) > 0]
+        self.settings = settings
+        s_layers, t_layers = student_config.num_hidden_layers, teacher_config.num_hidden_layers
+        s_heads, t_heads = student_config.num_attention_heads, teacher_config.num_attention_heads
+
+        self.pairs: list[tuple[int, int]] = []
+        if any(term in LAYER_MAP_TERMS for term in self.terms):
+            self.pairs = layer_pairs(
+                settings.layer_map, s_layers, t_layers, layers=settings.layers, last_k=settings.last_k,
+                include_embeddings=settings.include_embeddings,
+            )
+        if "fsp" in self.terms and len(self.pairs) < 2:
+            raise ConfigError("fsp: needs at least two mapped layer pairs (FSP relates consecutive mapped layers)")
+        uses_head_map = isinstance(settings.head_map, list) and any(t in self.terms for t in ATTENTION_TERMS)
+        if uses_head_map and (
+            len(settings.head_map) != s_heads or not all(0 <= h < t_heads for h in settings.head_map)
+        ):
+            raise ConfigError(
+                f"head_map: expected {s_heads} teacher head indices in 0..{t_heads - 1} (one per student head), "
+                f"got {settings.head_map}"
+            )
+        self.relation_layers = (
+            resolve_layer(settings.relation_student_layer, s_layers, "relation_student_layer"),
+            resolve_layer(settings.relation_teacher_layer, t_layers, "relation_teacher_layer"),
+        )
+        self.minilm_layers = (
+            resolve_layer(settings.minilm_student_layer, s_layers, "minilm_student_layer"),
+            resolve_layer(settings.minilm_teacher_layer, t_layers, "minilm_teacher_layer"),
+        )
+        self.relation_heads = settings.relation_heads or t_heads
+
+        self.needs_attentions = any(term in ATTENTION_TERMS for term in self.terms)
+        self.needs_hidden_states = any(
+            term in LAYER_MAP_TERMS or term in RELATION_TERMS for term in self.terms if term != "attention_transfer"
+        )
+        if self.needs_attentions:
+            needing = [t for t in self.terms if t in ATTENTION_TERMS]
+            check_attention_implementation(student_config, "student", needing)
+            check_attention_implementation(teacher_config, "teacher", needing)
+
+        # One projector per mapped pair: layers of one model differ in scale and role, so a shared map would
+        # have to compromise between them. Only hidden and FSP terms compare coordinates and need them.
+        self.projectors = nn.ModuleDict()
+        if student_config.hidden_size != teacher_config.hidden_size and any(
+            t in HIDDEN_TERMS or t == "fsp" for t in self.terms
+        ):
+            for pair in self.pairs:
+                self.projectors[_key(pair)] = nn.Linear(student_config.hidden_size, teacher_config.hidden_size)
+        self._student_qkv = QKVCapture()
+        self._teacher_qkv = QKVCapture()
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def attach(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Checks attention implementations and hooks the q/k/v projections MiniLM terms read (peft models too)."""
+        if self.needs_attentions:
+            needing = [t for t in self.terms if t in ATTENTION_TERMS]
+            check_attention_implementation(student.config, "student", needing)
+            check_attention_implementation(teacher.config, "teacher", needing)
+        self.detach()
+        kinds = {"minilm_v1": ("v",), "minilm_v2": ("q", "k", "v")}
+        wanted = tuple(sorted({k for term in self.terms if term in kinds for k in kinds[term]}))
+        if not wanted:
+            return
+        for capture, model, layer, who in (
+            (self._student_qkv, student, self.minilm_layers[0], "student"),
+            (self._teacher_qkv, teacher, self.minilm_layers[1], "teacher"),
+        ):
+            for kind, width in capture.attach(model, layer, wanted).items():
+                if width % self.relation_heads:
+                    raise ConfigError(
+                        f"relation_heads: {self.relation_heads} does not divide the {who}'s {kind} width {width} "
+                        f"at layer {layer}; choose a common divisor of both models' q/k/v widths"
+                    )
+
+    def detach(self) -> None:
+        """Removes the hooks installed by :meth:`attach`."""
+        self._student_qkv.remove()
+        self._teacher_qkv.remove()
+
+    def check_batch_size(self, n: int) -> None:
+        """Raises ConfigError when a relation term cannot be computed on batches of ``n`` samples."""
+        for term in self.terms:
+            if term in MIN_BATCH and n < MIN_BATCH[term]:
+                raise ConfigError(
+                    f"{term}: relates the samples of a batch to each other and needs at least {MIN_BATCH[term]} "
+                    f"samples per batch (per device), got {n}; raise the per-device batch size or drop the term"
+                )
+
+    def extra_repr(self) -> str:
+        return f"terms={self.terms}, pairs={self.pairs}"
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def forward(self, student_out: ModelOutput, teacher_out: ModelOutput, attention_mask: Tensor) -> dict[str, Tensor]:
+        """``{term: unweighted scalar loss}`` for every term with a positive weight; padding never counts."""
+        self.check_batch_size(attention_mask.shape[0])
+        s_hidden, t_hidden = student_out.hidden_states, teacher_out.hidden_states
+        if self.needs_hidden_states and not (s_hidden and t_hidden):
+            raise ValueError("feature losses: run both models with output_hidden_states=True")
+        if self.needs_attentions and not (student_out.attentions and teacher_out.attentions):
+            raise ConfigError("attention losses: the models returned no attentions; use attn_implementation: eager "
+                              "and output_attentions=True")
+        # The trainer passes the mask on the student's device; teacher tensors are moved there (it may live elsewhere).
+        device = attention_mask.device
+        mask = as_bool_mask(attention_mask)
+
+        def states(outputs: tuple[Tensor, ...], layer: int) -> Tensor:
+            # float32 on the student's device: teachers may live elsewhere and run in bf16.
+            return outputs[hidden_index(layer)].to(device=device, dtype=torch.float32)
+
+        projected: dict[tuple[int, int], Tensor] = {}
+
+        def student_projected(pair: tuple[int, int]) -> Tensor:
+            if pair not in projected:
+                h = states(s_hidden, pair[0])
+                projected[pair] = self.projectors[_key(pair)](h) if _key(pair) in self.projectors else h
+            return projected[pair]
+
+        losses: dict[str, Tensor] = {}
+        for term in self.terms:
+            if term in HIDDEN_TERMS:
+                losses[term] = _mean(
+                    HIDDEN_TERMS[term](student_projected(p), states(t_hidden, p[1]), mask) for p in self.pairs
+                )
+            elif term == "gram":
+                losses[term] = _mean(
+                    hidden.gram(states(s_hidden, p[0]), states(t_hidden, p[1]), mask) for p in self.pairs
+                )
+            elif term == "fsp":
+                losses[term] = _mean(
+                    hidden.fsp(student_projected(a), student_projected(b), states(t_hidden, a[1]),
+                               states(t_hidden, b[1]), mask)
+                    for a, b in zip(self.pairs, self.pairs[1:])
+                )
+            elif term == "attention_transfer":
+                losses[term] = _mean(
+                    attention_transfer(student_out.attentions[s], teacher_out.attentions[t].to(device), mask,
+                                       self.settings.attention_loss, self.settings.head_map)
+                    for s, t in self.pairs if s != EMBEDDINGS
+                )
+            elif term in RELATION_TERMS:
+                s_layer, t_layer = self.relation_layers
+                losses[term] = RELATION_TERMS[term](
+                    pool(states(s_hidden, s_layer), mask, self.settings.pooling),
+                    pool(states(t_hidden, t_layer), mask, self.settings.pooling),
+                )
+            elif term == "minilm_v2":
+                losses[term] = minilm_v2(self._captured(self._student_qkv, device),
+                                         self._captured(self._teacher_qkv, device), mask, self.relation_heads)
+            elif term == "minilm_v1":
+                s_layer, t_layer = self.minilm_layers
+                losses[term] = minilm_v1(
+                    student_out.attentions[s_layer], teacher_out.attentions[t_layer].to(device),
+                    self._captured(self._student_qkv, device)["v"], self._captured(self._teacher_qkv, device)["v"],
+                    mask, self.relation_heads, self.settings.head_map,
+                )
+        # Drop the recorded q/k/v: they hold the student's graph, and a later forward must never reuse stale ones.
+        self._student_qkv.outputs.clear()
+        self._teacher_qkv.outputs.clear()
+        return losses
+
+    @staticmethod
+    def _captured(capture: QKVCapture, device: torch.device) -> dict[str, Tensor]:
+        if not capture.outputs:
+            raise RuntimeError("MiniLM losses: no q/k/v recorded; call FeatureDistiller.attach(student, teacher) once and "
+                               "run both models before each FeatureDistiller forward")
+        return {kind: out.to(device) for kind, out in capture.outputs.items()}
+
+
+def _mean(values) -> Tensor:
+    items = list(values)
+    if not items:  # e.g. attention_transfer with only the embedding pair mapped
+        raise ConfigError("feature losses: no mapped transformer layer pair for this term")
+    return torch.stack(items).mean()

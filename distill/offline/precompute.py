@@ -1,0 +1,164 @@
+"""``distill precompute``: run the teacher once over a training set and store its top-k log-probabilities.
+
+Run it alone or under ``accelerate launch --num_processes N``: process ``r`` handles training examples ``r, r + N,
+...`` and writes one shard; the main process writes ``store.json`` last, after every shard is complete. Train from
+the store with ``loss.teacher_store: DIR`` (no ``model.teacher``): see ``docs/offline.md``.
+
+The data settings (and ``seed``, which picks the held-out split) must be the ones training will use: the store
+records the dataset's hash and a fingerprint of every tokenized example, and training refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from distill.offline import store as ls
+from kd_core.config import ConfigError, option, parse_command_line, save_config, section
+from distill.data.datasets import DataSettings, build_datasets, collate
+from distill.losses.divergences import shared_vocab_size
+from distill.student.models import ModelSettings, load_teacher, load_tokenizer, require_model_dir
+from distill.losses.objective import target_positions
+
+logger = logging.getLogger("distill")
+
+
+@dataclasses.dataclass
+class PrecomputeConfig:
+    teacher: str = option("", help="Teacher model directory (anything AutoModelForCausalLM.from_pretrained loads).")
+    output_dir: str = option("", help="New (or empty) directory for the store.")
+    k: int = option(64, help="Token ids (and log-probabilities) kept per counted token.")
+    temperature: float = option(1.0, help="Softmax temperature of the stored log-probabilities (= loss.temperature).")
+    value_bits: int = option(8, help="Bits per stored log-probability (2..16): 8 keeps them within 0.03 nats.")
+    value_range: float = option(16.0, help="Log-probabilities below -value_range are stored as -value_range.")
+    batch_size: int = option(8, help="Sequences per teacher forward.")
+    chunk_size: int = option(1024, help="Tokens per chunk when projecting hidden states to logits.")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="Teacher weights dtype.")
+    attn_implementation: Literal["sdpa", "eager"] = option("sdpa", help="Teacher attention kernel.")
+    seed: int = option(42, help="The training seed: it picks the held-out split, so it must match `distill train`.")
+    data: DataSettings = section(DataSettings, help="Training data, exactly as `distill train` will read it.")
+
+    def __post_init__(self) -> None:
+        if not self.teacher:
+            raise ValueError("teacher: a teacher model directory is required")
+        if not self.output_dir:
+            raise ValueError("output_dir: a directory for the store is required")
+        if not self.data.train_file:
+            raise ValueError("data.train_file: a training dataset is required")
+        if self.k < 1:
+            raise ValueError(f"k: expected >= 1, got {self.k}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: expected > 0, got {self.temperature}")
+        if not 2 <= self.value_bits <= 16:
+            raise ValueError(f"value_bits: expected 2..16, got {self.value_bits}")
+        if self.value_range <= 0:
+            raise ValueError(f"value_range: expected > 0, got {self.value_range}")
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise ValueError("batch_size and chunk_size must be >= 1")
+
+
+@torch.no_grad()
+def teacher_topk(
+    hidden: torch.Tensor, head: torch.Tensor, k: int, temperature: float, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids ``[N, k]``, their log-probabilities ``[N, k]`` and the log tail mass ``[N]`` (fp32), chunk by chunk."""
+    ids, values, tails = [], [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        logp = torch.log_softmax((hidden[start : start + chunk_size] @ head.t()).float() / temperature, dim=-1)
+        top, top_ids = logp.topk(k, dim=-1)
+        # Tail from the remaining log-probabilities, not log(1 - sum): exact even when the top k hold ~all mass.
+        tails.append(torch.logsumexp(logp.scatter(1, top_ids, float("-inf")), dim=-1))
+        ids.append(top_ids)
+        values.append(top)
+    return torch.cat(ids), torch.cat(values), torch.cat(tails)
+
+
+def run(cfg: PrecomputeConfig) -> Path:
+    from accelerate import PartialState
+
+    require_model_dir(cfg.teacher, "teacher")
+    out = Path(cfg.output_dir)
+    # Every rank checks before any rank writes, so the check never sees a sibling's fresh shard.
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"output_dir: {out} exists and is not empty; choose a new directory for the store")
+    # accelerate 1.15 sees one process per rank on a CPU-only machine unless told `cpu` (it then uses gloo); and
+    # `accelerate launch --cpu --num_processes N` starts ONE process without an MPI hostfile: launch CPU runs with
+    # `--multi_gpu --num_processes N` (torchrun), as docs/offline.md shows.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    state.wait_for_everyone()
+    model_settings = ModelSettings(teacher=cfg.teacher, teacher_dtype=cfg.teacher_dtype,
+                                   attn_implementation=cfg.attn_implementation)
+    tokenizer = load_tokenizer(model_settings)
+    train_set, _ = build_datasets(cfg.data, tokenizer, cfg.seed)
+    teacher = load_teacher(model_settings, bf16=False).to(state.device)
+    head_rows = teacher.get_output_embeddings().weight.shape[0]
+    vocab = shared_vocab_size(head_rows, head_rows, len(tokenizer))
+    if cfg.k > vocab:
+        raise ConfigError(f"k: {cfg.k} is larger than the vocabulary ({vocab} tokens)")
+    codec = ls.Codec(vocab, cfg.k, cfg.value_bits, cfg.value_range)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ls.ShardWriter(out, state.process_index, state.num_processes, codec)
+    mine = list(range(state.process_index, len(train_set), state.num_processes))
+    head = teacher.get_output_embeddings().weight[:vocab]
+    for start in tqdm(range(0, len(mine), cfg.batch_size), desc="precompute", disable=not state.is_main_process):
+        examples = [train_set[i] for i in mine[start : start + cfg.batch_size]]
+        batch = collate(examples, tokenizer.pad_token_id)
+        hidden = teacher.get_decoder()(
+            input_ids=batch["input_ids"].to(state.device), attention_mask=batch["attention_mask"].to(state.device),
+            use_cache=False,
+        ).last_hidden_state
+        positions = target_positions(batch["labels"]).to(state.device)
+        ids, values, tails = (t.cpu().numpy() for t in teacher_topk(hidden[positions], head, cfg.k, cfg.temperature,
+                                                                    cfg.chunk_size))
+        first = 0
+        for example, count in zip(examples, positions.sum(1).tolist()):
+            rows = slice(first, first + count)
+            writer.add(example["sample_id"], ls.sample_fingerprint(example), ids[rows], values[rows], tails[rows])
+            first += count
+    writer.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        shards = []
+        for rank in range(state.num_processes):
+            data_name, index_name = ls.shard_names(rank, state.num_processes)
+            index = np.load(out / index_name)
+            tokens = int(index[:, 2].sum())
+            shards.append({"data": data_name, "index": index_name, "samples": int(index.shape[0]), "tokens": tokens,
+                           "bytes": tokens * codec.record_bytes})
+        meta = {
+            "format": ls.FORMAT,
+            "codec": dataclasses.asdict(codec),
+            "record_bytes": codec.record_bytes,
+            "temperature": cfg.temperature,
+            "teacher": {"path": str(cfg.teacher), "config_sha256": ls.file_hash(Path(cfg.teacher) / "config.json"),
+                        "dtype": cfg.teacher_dtype},
+            "vocab_sha256": ls.vocab_hash(tokenizer),
+            "tokenizer_sha256": ls.tokenizer_hash(tokenizer),
+            "dataset": {"file": cfg.data.train_file, "sha256": ls.file_hash(cfg.data.train_file),
+                        **dataclasses.asdict(cfg.data), "seed": cfg.seed},
+            "samples": sum(s["samples"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            "shards": shards,
+        }
+        save_config(cfg, out / "precompute_config.yaml")
+        ls.write_meta(out, meta)
+        logger.info("store %s: %d samples, %d tokens, %d bytes per token", out, meta["samples"], meta["tokens"],
+                     codec.record_bytes)
+    state.wait_for_everyone()
+    return out
+
+
+Config = PrecomputeConfig  # this command's config class (kd_core.commands: Config, run, main)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = parse_command_line(PrecomputeConfig, argv, "distill precompute", __doc__)
+    run(cfg)
+    return 0

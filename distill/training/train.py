@@ -1,0 +1,584 @@
+"""``distill train``: distil a teacher into a student, single process or under ``accelerate launch`` (DDP, DeepSpeed).
+
+The whole step is in :meth:`Distiller.training_step`: a frozen teacher forward, the student module returning its
+loss terms, normalisation by the tokens of the full optimizer step, backward. Everything else here is set-up,
+checkpointing and logging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from distill.training import checkpoint as ckpt
+from distill.data.batching import BatchStream
+from kd_core.commands import EXIT_PREEMPTED
+from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
+from distill.data.datasets import DataSettings, build_datasets, collate
+from distill.evaluation.embedding import embedding_metrics
+from distill.evaluation.metrics import AccuracySettings, answer_accuracy, load_accuracy_set, token_metrics, zero3_gathered
+from distill.training.export import export_checkpoint
+from distill.offline.store import LogitStore
+from distill.student.lora import LoraSettings, apply_lora
+from distill.losses.divergences import shared_vocab_size
+from distill.student.models import (
+    ModelSettings,
+    check_paths,
+    load_student,
+    load_teacher,
+    load_tokenizer,
+    parameter_count,
+    resolve_task,
+)
+from distill.losses.objective import LossSettings, StudentWithObjective, target_positions, token_level
+from distill.student.sparsity import SparsityMasks
+
+logger = logging.getLogger("distill")
+
+# Exit code after a SIGTERM/SIGUSR1 (Slurm preemption): the checkpoint is saved; rerun with `--resume auto`.
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    output_dir: str = option("runs/distill", help="Where checkpoints, logs, the resolved config and the model go.")
+    overwrite_output_dir: bool = option(False, help="Allow writing into a non-empty output_dir without resuming.")
+    resume: str | None = option(
+        None, help="`auto`: continue from the newest valid checkpoint in output_dir (or start fresh); or a path."
+    )
+    max_steps: int = option(-1, help="Optimizer steps to run; -1 = derive from num_train_epochs.")
+    num_train_epochs: float = option(1.0, help="Passes over the training set when max_steps is -1.")
+    per_device_train_batch_size: int = option(8, help="Sequences per process per micro-batch.")
+    per_device_eval_batch_size: int = option(8, help="Sequences per process per eval batch.")
+    gradient_accumulation_steps: int = option(1, help="Micro-batches per optimizer step.")
+    learning_rate: float = option(1e-4, help="Peak learning rate of AdamW.")
+    weight_decay: float = option(0.0, help="AdamW weight decay.")
+    warmup_steps: int = option(0, help="Linear warm-up steps.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = option(
+        "linear", help="Learning-rate schedule after warm-up."
+    )
+    max_grad_norm: float = option(1.0, help="Gradient clipping norm; 0 disables clipping.")
+    save_steps: int = option(500, help="Save a checkpoint every N optimizer steps (and always at the end).")
+    save_total_limit: int | None = option(2, help="Keep only the newest N checkpoints; null keeps all.")
+    eval_steps: int | None = option(100, help="Evaluate KL/agreement/loss every N steps; null = only at the end.")
+    logging_steps: int = option(10, help="Log training losses every N steps.")
+    seed: int = option(42, help="Seed for initialisation, data order and eval split.")
+    bf16: bool = option(False, help="Train in bfloat16 mixed precision (teacher in bf16 unless model.teacher_dtype).")
+    report_to: list[str] = option(["tensorboard"], help="Trackers: tensorboard, wandb, ... or `none`.")
+    model: ModelSettings = section(ModelSettings, help="Teacher and student.")
+    data: DataSettings = section(DataSettings, help="Training and eval data.")
+    loss: LossSettings = section(LossSettings, help="Loss terms and their settings.")
+    lora: LoraSettings = section(LoraSettings, help="Train LoRA adapters (peft) instead of all student weights.")
+    lora_export: Literal["adapter", "merged", "both"] = option(
+        "both", help="With LoRA: export the merged model (output_dir/final), the adapter (output_dir/final/adapter), "
+        "or both."
+    )
+    keep_sparsity: bool = option(
+        True, help="If the student is sparse (e.g. Wanda/N:M pruned), re-apply its zero pattern after every "
+        "optimizer step so training never densifies it."
+    )
+    accuracy: AccuracySettings = section(
+        AccuracySettings, help="Answer accuracy on held-out questions (greedy generation + answer extractor)."
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps: expected a positive number or -1, got {self.max_steps}")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise ValueError(f"num_train_epochs: expected > 0, got {self.num_train_epochs}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
+        if self.save_steps < 1 or self.logging_steps < 1 or (self.eval_steps is not None and self.eval_steps < 1):
+            raise ValueError("save_steps, logging_steps and eval_steps must be >= 1")
+        if not self.data.train_file:
+            raise ValueError("data.train_file: a training dataset is required")
+        if self.loss.needs_teacher and not self.model.teacher:
+            raise ValueError(f"model.teacher: loss terms {sorted(self.loss.terms)} need a teacher model")
+        if self.loss.teacher_store and self.model.teacher:
+            raise ValueError("model.teacher: leave it unset with loss.teacher_store (the store replaces the teacher)")
+        if self.data.step_by_step_label_weight is not None and (self.loss.logit_terms or self.loss.feature_terms):
+            # Per-example weights reach the `ce` term only; a divergence would silently ignore them.
+            raise ValueError(f"data.step_by_step_label_weight: trains with loss.terms {{ce: 1}} only, got "
+                             f"{self.loss.terms}")
+
+
+def prepare_output_dir(cfg: TrainConfig) -> Path:
+    """Refuses to write over an existing run unless resuming or told to overwrite."""
+    out = Path(cfg.output_dir)
+    if out.exists() and any(out.iterdir()) and cfg.resume is None and not cfg.overwrite_output_dir:
+        raise ConfigError(
+            f"output_dir: {out} exists and is not empty; pass --resume auto to continue it, "
+            "--overwrite_output_dir to reuse it, or choose another directory"
+        )
+    return out
+
+
+def make_accelerator(cfg: TrainConfig, project_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    multi_cpu = launched and not torch.cuda.is_available()
+    if multi_cpu:
+        # accelerate 1.15 does not pick gloo by itself on CPU under DeepSpeed and then sees one process per rank.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    report_to = [t for t in cfg.report_to if t != "none"]
+    check_deepspeed_config_file()
+    from accelerate.state import AcceleratorState
+
+    # accelerate 1.15 keeps mixed precision and the DeepSpeed plugin in a process-wide singleton and refuses a second
+    # Accelerator with other settings; runs made one after another in a process (the quickstart's stages, Lion's
+    # iterations) each need their own. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision="bf16" if cfg.bf16 else "no",
+        log_with=report_to or None,
+        project_dir=str(project_dir),
+        kwargs_handlers=handlers,
+        # Without `cpu=True`, accelerate 1.15 classifies a torchrun CPU job as DistributedType.NO: no DDP wrapper
+        # and `reduce` silently returns the local value. (DeepSpeed has its own path and must not get it.)
+        cpu=multi_cpu and not deepspeed,
+        # accelerate 1.15 otherwise steps the schedule num_processes times per optimizer step (it assumes a
+        # dataloader sharded by process); training_step steps it itself once per optimizer step.
+        step_scheduler_with_optimizer=False,
+    )
+    if accelerator.state.deepspeed_plugin is not None:
+        # We feed batches ourselves (BatchStream), so accelerate has no dataloader to read the "auto" micro-batch
+        # size from; accelerate 1.15's error message names this key as the way to give it.
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+            cfg.per_device_train_batch_size
+        )
+    return accelerator
+
+
+def check_deepspeed_config_file() -> None:
+    """A clear one-line error, before any model is loaded, when the launch config names a missing DeepSpeed JSON
+    (accelerate only passes the path on in ACCELERATE_DEEPSPEED_CONFIG_FILE and fails later with a traceback)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
+        return
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and not Path(path).is_file():
+        raise ConfigError(
+            f"deepspeed_config_file: {path} (named by the accelerate launch config) does not exist "
+            f"(relative paths are read from the working directory {os.getcwd()})"
+        )
+
+
+def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """Under DeepSpeed the teacher becomes an inference engine (sharded under ZeRO-3, replicated otherwise, as trl's
+    ``prepare_deepspeed`` does); under DDP or a single process it is simply moved to the device."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        from trl.models.utils import prepare_deepspeed
+
+        engine = prepare_deepspeed(teacher, accelerator)
+        if accelerator.state.deepspeed_plugin.zero_stage == 3:  # each rank keeps its partition (ds_tensor) only
+            held = sum(p.ds_tensor.numel() for p in engine.module.parameters())
+            total = sum(p.ds_numel for p in engine.module.parameters())
+            logger.info("teacher sharded by ZeRO-3: this rank holds %d of %d parameters", held, total)
+        return engine
+    return teacher.to(accelerator.device)
+
+
+def inner(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside a DDP or DeepSpeed wrapper."""
+    return model.module if hasattr(model, "module") else model
+
+
+class Distiller:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        check_paths(cfg.model)
+        self.output_dir = prepare_output_dir(cfg)
+        self.accelerator = make_accelerator(cfg, self.output_dir)
+        acc = self.accelerator
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.train_set, self.eval_set = build_datasets(cfg.data, self.tokenizer, cfg.seed)
+        self.accuracy_pairs = load_accuracy_set(cfg.accuracy) if cfg.accuracy.file else []
+        self.task = resolve_task(cfg.model)
+        if self.task == "encoder" and (cfg.loss.logit_terms or cfg.loss.terms.get("ce", 0) > 0):
+            raise ConfigError(f"loss.terms: an encoder (model.task: encoder) has no LM head; use feature/relation "
+                              f"terms only, got {cfg.loss.terms}")
+        student = load_student(cfg.model, cfg.seed, self.task)
+        # Captured before LoRA wraps the model: zeros of the pruned weights, kept through training and merging.
+        self.masks = SparsityMasks.capture(student) if cfg.keep_sparsity else SparsityMasks({})
+        if cfg.lora.enabled:
+            student = apply_lora(student, cfg.lora)
+        self.teacher = load_teacher(cfg.model, cfg.bf16, self.task) if cfg.model.teacher else None
+        teacher_vocab = self.teacher.config.vocab_size if self.teacher is not None else student.config.vocab_size
+        self.vocab_size = shared_vocab_size(student.config.vocab_size, teacher_vocab, len(self.tokenizer))
+        self.store = None
+        if cfg.loss.teacher_store:  # offline KD: top-k teacher targets from `distill precompute`, checked up front
+            self.store = LogitStore(cfg.loss.teacher_store)
+            self.store.check_compatible(
+                self.tokenizer, self.vocab_size, cfg.loss.temperature, cfg.data.train_file, self.train_set
+            )
+        module = StudentWithObjective(
+            student, cfg.loss, self.vocab_size, self.teacher.config if self.teacher is not None else None
+        )
+        if module.features is not None:
+            module.features.attach(student, self.teacher)
+            module.features.check_batch_size(cfg.per_device_train_batch_size)
+        self.stream = BatchStream(
+            len(self.train_set), cfg.per_device_train_batch_size, acc.num_processes, acc.process_index, cfg.seed
+        )
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
+            cfg.num_train_epochs * self.stream.steps_per_epoch / cfg.gradient_accumulation_steps
+        )
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        from transformers import get_scheduler
+
+        scheduler = get_scheduler(
+            cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=self.total_steps
+        )
+        self.module, self.optimizer, self.scheduler = acc.prepare(module, optimizer, scheduler)
+        self.zero3 = _zero3_enabled(acc)
+        if self.zero3 and len(self.masks):
+            raise ConfigError("keep_sparsity: a sparse student cannot be trained under ZeRO-3 (partitioned weights "
+                              "cannot be masked); use ZeRO-2 or DDP, or set keep_sparsity: false")
+        if self.zero3 and self.task == "causal_lm":
+            import deepspeed
+
+            # The chunked kernel reads the student's lm_head weight outside lm_head.forward: let ZeRO-3 gather it
+            # for the wrapper's forward and backward.
+            deepspeed.zero.register_external_parameter(inner(self.module), student.get_output_embeddings().weight)
+        if self.teacher is not None:
+            self.teacher = prepare_teacher(self.teacher, acc)
+        self.step = 0
+        self.stop_signal: int | None = None
+        self.metrics_file = self.output_dir / "metrics.jsonl"
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The step
+    # ---------------------------------------------------------------------------------------------------------
+
+    def next_micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        batches = []
+        for _ in range(self.cfg.gradient_accumulation_steps):
+            examples = [self.train_set[i] for i in self.stream.next_indices()]
+            batch = collate(examples, self.tokenizer.pad_token_id)
+            batches.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
+        return batches
+
+    def teacher_forward(self, batch: dict[str, torch.Tensor]):
+        if self.store is not None:  # offline: the batch's stored targets, looked up by sample id
+            return self.store.targets(batch["sample_ids"].tolist(), self.accelerator.device)
+        if self.teacher is None or not self.cfg.loss.needs_teacher:
+            return None
+        with torch.no_grad():
+            return inner(self.teacher).get_decoder()(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                output_hidden_states=inner(self.module).needs_hidden_states,
+                output_attentions=inner(self.module).needs_attentions,
+                use_cache=False,
+            )
+
+    def training_step(self) -> dict[str, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the step's term values."""
+        acc, weights = self.accelerator, self.cfg.loss.terms
+        micro_batches = self.next_micro_batches()
+        # Token-level terms are sums; dividing by the tokens of the whole step (all micro-batches, all ranks) makes
+        # the gradient independent of the split. DDP/DeepSpeed average over ranks and accelerate/DeepSpeed divide
+        # by the accumulation steps, which the factor below undoes.
+        local_tokens = sum(target_positions(b["labels"]).sum() for b in micro_batches).double()
+        step_tokens = acc.reduce(local_tokens.to(acc.device), reduction="sum").item()
+        token_scale = acc.num_processes * self.cfg.gradient_accumulation_steps / max(step_tokens, 1.0)
+        teacher_head = None
+        if self.teacher is not None and self.task == "causal_lm":
+            teacher_head = inner(self.teacher).get_output_embeddings().weight
+        logged: dict[str, float] = {}
+        for batch in micro_batches:
+            with acc.accumulate(self.module):
+                teacher_out = self.teacher_forward(batch)
+                with zero3_gathered([teacher_head] if teacher_head is not None else [], self.zero3):
+                    terms = self.module(
+                        batch["input_ids"], batch["attention_mask"], batch["labels"], teacher_out, teacher_head,
+                        loss_weights=batch["loss_weights"],
+                    )
+                scaled = {k: v * token_scale if token_level(k) else v for k, v in terms.items()}
+                loss = sum(weights[k] * v for k, v in scaled.items())
+                acc.backward(loss)
+                if acc.sync_gradients and self.cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm)
+                self.optimizer.step()
+                if acc.sync_gradients:  # once per optimizer step, whatever the number of processes
+                    self.scheduler.step()
+                self.optimizer.zero_grad()
+                if acc.sync_gradients and len(self.masks):
+                    self.masks.apply(inner(self.module).student)  # pruned zeros stay zero
+            for k, v in scaled.items():  # per-step value: token terms sum to the step mean, others average
+                share = 1.0 / (acc.num_processes * self.cfg.gradient_accumulation_steps)
+                logged[k] = logged.get(k, 0.0) + v.detach().item() * share
+            logged["loss"] = logged.get("loss", 0.0) + loss.detach().item() / (
+                acc.num_processes * self.cfg.gradient_accumulation_steps
+            )
+        totals = acc.reduce(torch.tensor(list(logged.values()), dtype=torch.float64, device=acc.device), "sum")
+        return dict(zip(logged, totals.tolist()))
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Evaluation, checkpoints, signals
+    # ---------------------------------------------------------------------------------------------------------
+
+    def answer_accuracy(self) -> dict[str, float]:
+        """``eval/answer_accuracy`` on ``accuracy.file``: each process generates for its shard, counts are summed."""
+        if not self.accuracy_pairs:
+            return {}
+        if self.zero3:
+            raise ConfigError("accuracy.file: generation under ZeRO-3 is not supported; evaluate the exported model")
+        acc = self.accelerator
+        student = inner(self.module).student
+        student.eval()
+        metrics = answer_accuracy(
+            student, self.tokenizer, self.accuracy_pairs[acc.process_index :: acc.num_processes], self.cfg.accuracy,
+            reduce=lambda t: acc.reduce(t.to(acc.device), "sum").cpu(),
+        )
+        student.train()
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def eval_batches(self, indices: list[int]):
+        size = self.cfg.per_device_eval_batch_size
+        for j in range(0, len(indices), size):
+            batch = collate([self.eval_set[i] for i in indices[j : j + size]], self.tokenizer.pad_token_id)
+            yield {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def evaluate(self) -> dict[str, float]:
+        accuracy = self.answer_accuracy()
+        if self.eval_set is None:
+            return accuracy
+        acc = self.accelerator
+        student = inner(self.module).student
+        student.eval()
+        teacher = inner(self.teacher) if self.teacher is not None else None
+        if self.task == "encoder":  # retrieval needs the whole set: every process embeds all of it
+            metrics = {} if teacher is None else embedding_metrics(
+                student, teacher, self.eval_batches(list(range(len(self.eval_set)))), self.cfg.loss.features.pooling
+            )
+        else:
+            metrics = token_metrics(
+                student, teacher, self.eval_batches(list(range(acc.process_index, len(self.eval_set), acc.num_processes))),
+                self.vocab_size, reduce=lambda t: acc.reduce(t.to(acc.device), "sum").cpu(), zero3=self.zero3,
+            )
+        student.train()
+        return {**accuracy, **{f"eval/{k}": v for k, v in metrics.items()}}
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "samples_consumed": self.stream.samples_consumed,
+            "epoch": self.stream.epoch,
+            "seed": self.cfg.seed,
+            "world_size": self.accelerator.num_processes,
+            "student_config": inner(self.module).student.config.to_diff_dict(),
+            "loss_terms": self.cfg.loss.terms,
+            "train_file": self.cfg.data.train_file,
+        }
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.accelerator, self.output_dir, self.step, self.trainer_state(), self.cfg.save_total_limit,
+            write_extra=self.write_checkpoint_extras,
+        )
+
+    def write_checkpoint_extras(self, directory: Path) -> None:
+        """The resolved config, and the student's config and tokenizer so that ``distill export`` rebuilds the
+        model from the checkpoint alone (written before the manifest, so they are covered by it)."""
+        save_config(self.cfg, directory / "config.yaml")
+        inner(self.module).student.config.save_pretrained(directory / ckpt.STUDENT_DIR)
+        self.tokenizer.save_pretrained(directory / ckpt.STUDENT_DIR)
+
+    def resume(self) -> None:
+        if self.cfg.resume is None:
+            return
+        if self.cfg.resume == "auto":
+            found = ckpt.find_resume_checkpoint(self.output_dir)
+            if found is None:
+                logger.info("no checkpoint in %s: starting fresh", self.output_dir)
+                return
+        else:
+            found = Path(self.cfg.resume)
+            problem = ckpt.validate(found) if found.is_dir() else "not a directory"
+            if problem:
+                raise ConfigError(f"resume: cannot use checkpoint {found}: {problem}")
+        state = ckpt.read_state(found)
+        self.check_compatible(state, found)
+        self.accelerator.load_state(str(found))
+        self.step = state["step"]
+        self.stream.resume_at(state["samples_consumed"], state["world_size"])
+        logger.info("resumed from %s at step %d", found, self.step)
+
+    def check_compatible(self, state: dict[str, Any], path: Path) -> None:
+        mine = self.trainer_state()
+        for key in ("student_config", "loss_terms"):
+            if state[key] != mine[key]:
+                differing = sorted(
+                    k for k in set(state[key]) | set(mine[key]) if state[key].get(k) != mine[key].get(k)
+                )
+                details = ", ".join(f"{k}: checkpoint {state[key].get(k)!r} vs now {mine[key].get(k)!r}"
+                                    for k in differing[:5])
+                raise ConfigError(f"resume: checkpoint {path} has a different {key.replace('_', ' ')} ({details})")
+
+    def install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame) -> None:
+            self.stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def stop_requested(self) -> bool:
+        """Whether any rank received a stop signal (all ranks must agree to save together)."""
+        flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "sum").item() > 0)
+
+    def log(self, values: dict[str, float]) -> None:
+        values = {"step": self.step, **values}
+        self.accelerator.log({k: v for k, v in values.items() if k != "step"}, step=self.step)
+        if self.accelerator.is_main_process:
+            with open(self.metrics_file, "a") as handle:
+                handle.write(json.dumps(values) + "\n")
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The loop
+    # ---------------------------------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        acc, cfg = self.accelerator, self.cfg
+        self.resume()
+        if acc.is_main_process:
+            save_config(cfg, self.output_dir / "config.yaml")
+        acc.init_trackers("distill", config=_flat(to_dict(cfg)))
+        self.install_signal_handlers()
+        inner(self.module).student.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="distill", disable=not acc.is_main_process)
+        history: list[dict[str, float]] = []
+        window: list[dict[str, float]] = []
+        started = time.time()
+        while self.step < self.total_steps:
+            values = self.training_step()
+            self.step += 1
+            window.append(values)
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                averaged = {f"train/{k}": sum(w[k] for w in window) / len(window) for k in window[0]}
+                averaged["train/lr"] = self.scheduler.get_last_lr()[0]
+                self.log(averaged)
+                history.append({"step": self.step, **averaged})
+                window = []
+            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
+                self.log(self.evaluate())
+            stop = self.stop_requested()
+            if self.step % cfg.save_steps == 0 or stop:
+                self.save()
+            if stop:
+                bar.close()
+                logger.warning("stop signal received: checkpoint saved at step %d; exiting", self.step)
+                acc.end_training()
+                raise SystemExit(EXIT_PREEMPTED)
+        bar.close()
+        final_eval = self.evaluate()
+        if final_eval:
+            self.log(final_eval)
+        if not (self.output_dir / f"{ckpt.PREFIX}{self.step}").exists():
+            self.save()
+        self.export(self.output_dir / "final")
+        acc.end_training()
+        summary = {
+            "steps": self.step,
+            "train_seconds": time.time() - started,
+            "student_parameters": parameter_count(inner(self.module).student),
+            "final_eval": final_eval,
+            "history": history,
+        }
+        if acc.is_main_process:
+            ckpt.write_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=1))
+        return summary
+
+    def export(self, directory: Path) -> None:
+        """A Hugging Face model directory of the student alone (gathered from ZeRO-3 shards), with the tokenizer.
+        With LoRA: the merged model and/or the adapter (``final/adapter``), as ``lora_export`` says."""
+        acc = self.accelerator
+        if self.cfg.lora.enabled:
+            # Through the final checkpoint, whose consolidation also gathers ZeRO-3-sharded adapters: one code path
+            # for every launch mode. The merge re-applies the frozen base weights' zeros (never densifies).
+            if acc.is_main_process:
+                export_checkpoint(self.output_dir / f"{ckpt.PREFIX}{self.step}", directory)
+            acc.wait_for_everyone()
+            return
+        state = acc.get_state_dict(self.module)  # collective under ZeRO-3: every rank calls it
+        if acc.is_main_process:
+            student_state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+            student = inner(self.module).student
+            student.save_pretrained(directory, state_dict=student_state)
+            self.tokenizer.save_pretrained(directory)
+        acc.wait_for_everyone()
+
+
+def _zero3_enabled(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    return accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Trackers take flat scalar hyperparameters."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("accelerate", "DeepSpeed", "deepspeed"):  # per-file save messages drown the progress bar
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+Config = TrainConfig  # this command's config class (kd_core.commands: Config, run, main)
+
+
+def main(argv: list[str]) -> int:
+    setup_logging()
+    cfg = parse_command_line(TrainConfig, argv, "distill train", __doc__)
+    code = 0
+    try:
+        Distiller(cfg).train()
+    except SystemExit as stop:  # the preemption exit, after a completed save
+        code = stop.code
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # All is saved and closed and the process group destroyed. Under gloo (CPU) with torch 2.13 and DeepSpeed
+        # 0.19.8 a rank then now and then aborts in interpreter teardown ("terminate called without an active
+        # exception", exit -6) and the launcher reports a failed run, or loses the 75: skip that teardown.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        raise SystemExit(code)
+    return 0

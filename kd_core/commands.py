@@ -1,0 +1,59 @@
+"""Running commands: exit codes, the one-line error guard, and dispatch from a subcommand table.
+
+Every command module has the same shape: ``Config`` (its typed config class), ``run(cfg)`` (does the work, returns
+its result) and ``main(argv)`` (parses the command line into a ``Config``, calls ``run``, returns an exit code). A
+subcommand table maps names to such modules; modules are imported lazily, so ``--help`` stays fast and a missing
+optional dependency of one command does not break the others.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+import typing
+
+from kd_core.config import ConfigError
+
+EXIT_OK = 0
+EXIT_USAGE = 2  # a user mistake, reported in one line; nothing on disk was touched
+EXIT_STOPPED = 3  # a data-gen run stopped cleanly (budget cap, signal): rerun the same command to resume
+EXIT_PREEMPTED = 75  # training saved a checkpoint on SIGTERM/SIGUSR1 (EX_TEMPFAIL): requeue and --resume auto
+
+
+def run_command(main: typing.Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
+    """Runs a command's ``main``; user errors print one line to stderr and exit with code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return int(main(argv) or 0)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def print_help(prog: str, commands: dict[str, tuple[str, str]]) -> None:
+    print(f"usage: {prog} <command> [--config FILE] [--field value ...]\n\ncommands:")
+    width = max(len(name) for name in commands)
+    for name, (_, summary) in commands.items():
+        print(f"  {name:<{width}}  {summary}")
+    print(f"\nRun '{prog} <command> --help' for the fields of a command.")
+
+
+def command_module(commands: dict[str, tuple[str, str]], name: str):
+    """The module of subcommand ``name`` (it has ``Config``, ``run`` and ``main``)."""
+    return importlib.import_module(commands[name][0])
+
+
+def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str] | None = None) -> int:
+    """``prog <name> ARGS``: runs the ``main`` of the module that ``commands[name]`` names."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print_help(prog, commands)
+        return EXIT_OK
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        close = difflib.get_close_matches(name, list(commands), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(f"error: unknown command '{name}'{hint} (see '{prog} --help')", file=sys.stderr)
+        return EXIT_USAGE
+    return run_command(command_module(commands, name).main, rest)

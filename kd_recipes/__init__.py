@@ -1,0 +1,6 @@
+"""Orchestration that uses both stages; nothing imports it.
+
+Modules: ``cli`` (the ``distill`` and ``data-gen`` subcommand tables), ``quickstart`` (teacher -> ``data-gen cot`` ->
+``distill prune`` -> three students -> ``distill eval``, on a built-in task), ``report`` (the quickstart's report and
+plots), ``lion`` (the Lion adversarial loop: data generation with a student trained in the loop).
+"""

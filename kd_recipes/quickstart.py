@@ -1,0 +1,339 @@
+"""``distill quickstart``: the whole pipeline on a laptop CPU in minutes, with nothing downloaded.
+
+Stages, each in its own folder of ``output_dir`` and each resumable (an interrupted run continues the stage it was
+in; finished stages are skipped):
+
+1. ``data/``: multi-step arithmetic word problems with worked rationales, generated from the seed
+   (``distill.data.synthetic``); ``train.jsonl`` (gold rationales), ``train_labels.jsonl`` (gold answers only) and the
+   held-out ``eval.jsonl``.
+2. ``teacher/``: a byte-level BPE tokenizer and a small Llama trained on the gold rationales (plain CE).
+3. ``cot/``: ``data-gen cot`` with that teacher on the local backend: its rationales for the training questions,
+   kept only when their answer matches the gold one.
+4. ``student_init/``: the teacher pruned by ``distill prune`` (fewer layers by Block Influence, narrower MLP).
+5. ``students/labels``, ``students/rationales``, ``students/distilled``: the pruned student fine-tuned on gold
+   answers only (CE), on the teacher's rationales (CE), and distilled on the teacher's rationales with logit +
+   feature losses (``loss_terms``), in full or with LoRA (``lora.enabled``).
+6. ``eval/``: ``distill eval`` figures of the five models on the held-out problems.
+7. ``report.md`` / ``report.json`` and ``plots/``: accuracies, parameters, speeds, training curves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kd_core.commands import EXIT_STOPPED
+from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
+from distill.student.lora import LoraSettings
+
+REPORT = "report.json"
+CONFIG = "config.yaml"
+# The compared models, in report order: (name, directory under output_dir, what it is).
+MODELS = [
+    ("teacher", "teacher/final", "teacher, trained on the gold rationales"),
+    ("pruned", "student_init", "pruned teacher, before any training"),
+    ("labels", "students/labels/final", "pruned student fine-tuned on gold answers only"),
+    ("rationales", "students/rationales/final", "pruned student fine-tuned on the teacher's rationales"),
+    ("distilled", "students/distilled/final", "pruned student distilled on the teacher's rationales"),
+]
+
+
+@dataclasses.dataclass
+class QuickstartConfig:
+    output_dir: str = option("runs/quickstart", help="Directory for every stage's outputs and the report.")
+    overwrite: bool = option(False, help="Delete an existing quickstart in output_dir and start again.")
+    seed: int = option(0, help="Seed for the problems, the models and the data order.")
+    num_train: int = option(3000, help="Training problems.")
+    num_eval: int = option(200, help="Held-out problems for every figure of the report.")
+    vocab_size: int = option(384, help="Size of the BPE tokenizer trained on the problems.")
+    teacher_layers: int = option(4, help="Teacher depth.")
+    teacher_hidden: int = option(128, help="Teacher width.")
+    teacher_steps: int = option(1200, help="Optimizer steps to train the teacher on the gold rationales.")
+    cot_samples: int = option(2, help="Rationales the teacher samples per training question (data-gen cot k).")
+    cot_temperature: float = option(0.5, help="Sampling temperature of the teacher's rationales.")
+    student_layers: int = option(2, help="Layers kept by pruning (Block Influence on the training problems).")
+    student_intermediate_size: int | None = option(
+        256, help="MLP channels kept by pruning (activation importance); null keeps the teacher's."
+    )
+    student_steps: int = option(500, help="Optimizer steps of each of the three student trainings.")
+    batch_size: int = option(32, help="Sequences per step.")
+    learning_rate: float = option(3e-3, help="Peak learning rate of every training (tiny models like it high).")
+    loss_terms: dict[str, float] = option(
+        {"forward_kl": 0.7, "hidden_mse": 0.2, "ce": 0.1},
+        help="Loss terms and weights of the distilled student: logit (forward_kl, ...) and feature (hidden_mse, "
+        "...) terms, see docs/losses.md and docs/features.md.",
+    )
+    lora: LoraSettings = section(LoraSettings, help="Train the students with LoRA adapters instead of in full.")
+    max_new_tokens: int = option(48, help="Greedy generation length when measuring accuracy.")
+
+    def __post_init__(self) -> None:
+        for name in ("num_train", "num_eval", "teacher_steps", "student_steps", "batch_size", "teacher_layers",
+                     "teacher_hidden", "student_layers", "cot_samples", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.num_train < self.batch_size:
+            raise ValueError(f"num_train: expected at least batch_size ({self.batch_size}), got {self.num_train}")
+        if self.student_layers > self.teacher_layers:
+            raise ValueError(f"student_layers: expected at most teacher_layers ({self.teacher_layers})")
+        if self.teacher_hidden % 32:
+            raise ValueError(f"teacher_hidden: expected a multiple of 32 (heads of 32 channels), got {self.teacher_hidden}")
+        if self.cot_temperature < 0:
+            raise ValueError(f"cot_temperature: expected >= 0, got {self.cot_temperature}")
+        if not self.loss_terms:
+            raise ValueError("loss_terms: expected at least one term")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Output directory: refuse, resume or start
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _comparable(cfg: QuickstartConfig) -> dict[str, Any]:
+    settings = to_dict(cfg)
+    settings.pop("overwrite")
+    settings.pop("output_dir")
+    return settings
+
+
+def prepare_output_dir(cfg: QuickstartConfig) -> Path:
+    """An empty or absent directory starts a run; an unfinished quickstart with the same settings resumes; anything
+    else (a finished run, other settings, a directory that is not a quickstart) is refused unless ``overwrite``."""
+    root = Path(cfg.output_dir)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"output_dir: {root} is a file")
+    if root.is_dir() and any(root.iterdir()):
+        saved = root / CONFIG
+        problem = None
+        if (root / REPORT).exists():
+            problem = "holds a finished quickstart"
+        elif not saved.is_file():
+            problem = "exists and is not a quickstart directory"
+        else:
+            old = yaml.safe_load(saved.read_text()) or {}
+            old = {k: v for k, v in old.items() if k not in ("overwrite", "output_dir")}
+            if old != json.loads(json.dumps(_comparable(cfg))):
+                changed = sorted(k for k in set(old) | set(_comparable(cfg)) if old.get(k) != _comparable(cfg).get(k))
+                problem = f"holds an unfinished quickstart with other settings ({', '.join(changed)})"
+        if problem and not cfg.overwrite:
+            raise ConfigError(f"output_dir: {root} {problem}; pass --overwrite to replace it, or another --output_dir")
+        if problem:
+            shutil.rmtree(root)
+        else:
+            print(f"quickstart: resuming the unfinished run in {root}")
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, root / CONFIG)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Stages
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)  # atomic: a killed run never leaves half a file behind
+
+
+def make_data(cfg: QuickstartConfig, data: Path) -> list[dict[str, Any]]:
+    from distill.data.synthetic import make_problems
+
+    problems = make_problems(cfg.num_train + cfg.num_eval, cfg.seed)
+    if not (data / "eval.jsonl").exists():
+        data.mkdir(parents=True, exist_ok=True)
+        train = problems[: cfg.num_train]
+        _write_jsonl(data / "train.jsonl", train)
+        # "Gold labels only": the same questions with the final answer and no worked rationale.
+        _write_jsonl(data / "train_labels.jsonl",
+                     [{"prompt": p["prompt"], "completion": f"The answer is {p['label']}.", "label": p["label"]}
+                      for p in train])
+        _write_jsonl(data / "eval.jsonl", problems[cfg.num_train :])  # last: it marks the stage as done
+    return problems
+
+
+def make_teacher_init(cfg: QuickstartConfig, problems: list[dict[str, Any]], path: Path) -> None:
+    from distill.data.synthetic import corpus_for_tokenizer
+    from distill.student.tiny import tiny_llama, train_tokenizer
+
+    if (path / "config.json").exists():
+        return
+    tokenizer = train_tokenizer(corpus_for_tokenizer(problems), vocab_size=cfg.vocab_size)
+    model = tiny_llama(len(tokenizer), hidden_size=cfg.teacher_hidden, num_layers=cfg.teacher_layers,
+                       num_heads=cfg.teacher_hidden // 32, seed=cfg.seed)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(tmp)
+    tmp.replace(path)
+
+
+def train_stage(cfg: QuickstartConfig, out: Path, train_file: Path, eval_file: Path, student: Path,
+                teacher: Path | None, terms: dict[str, float], steps: int, lora: bool,
+                batch_size: int | None = None) -> Path:
+    """``distill train`` in-process, resumable; skipped when the stage already finished. Returns ``final/``.
+    ``batch_size`` (default ``cfg.batch_size``) is smaller only when the teacher kept fewer rationales than that."""
+    from distill.data.datasets import DataSettings
+    from distill.student.models import ModelSettings
+    from distill.losses.objective import LossSettings
+    from distill.training.train import Distiller, TrainConfig
+
+    if (out / "summary.json").exists():
+        print(f"quickstart: {out.name}: finished earlier, skipped")
+        return out / "final"
+    train_cfg = TrainConfig(
+        output_dir=str(out),
+        resume="auto",  # a rerun after an interruption continues the stage from its last checkpoint
+        max_steps=steps,
+        per_device_train_batch_size=batch_size or cfg.batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=max(1, steps // 20),
+        lr_scheduler_type="cosine",
+        save_steps=max(1, steps // 4),
+        save_total_limit=1,
+        eval_steps=max(1, steps // 4),
+        logging_steps=max(1, steps // 50),
+        seed=cfg.seed,
+        report_to=["tensorboard"],
+        model=ModelSettings(student=str(student), teacher=str(teacher) if teacher else None),
+        data=DataSettings(train_file=str(train_file), eval_file=str(eval_file), max_length=128),
+        loss=LossSettings(terms=dict(terms)),
+        lora=dataclasses.replace(cfg.lora, enabled=lora and cfg.lora.enabled),
+        lora_export="merged",
+    )
+    Distiller(train_cfg).train()
+    return out / "final"
+
+
+def make_rationales(cfg: QuickstartConfig, teacher: Path, data: Path, out: Path) -> Path:
+    """``data-gen cot`` with the local teacher: rationales for the training questions, verified against gold."""
+    from data_gen.config import DecodingConfig, OutputConfig, TeacherConfig
+    from data_gen.cot import CotConfig, PromptConfig, generate
+
+    rows = out / "data.jsonl"
+    if (out / "stats.json").exists() and rows.exists():
+        print("quickstart: cot: finished earlier, skipped")
+        return _check_rationales(cfg, out)
+    cot = CotConfig(
+        input_file=str(data / "train.jsonl"),
+        question_field="question",
+        answer_field="answer",  # gold number after '####'
+        k=cfg.cot_samples,
+        keep_per_question=1,
+        rationalization_attempts=0,  # a tiny teacher cannot use a hint; questions it cannot solve are dropped
+        seed=cfg.seed,
+        # The teacher was trained on bare questions: no instruction, no shots, the question as the whole prompt.
+        prompt=PromptConfig(instruction="", shots=[], template="{question}"),
+        teacher=TeacherConfig(backend="local", model=str(teacher), api_key_env=None, batch_size=128,
+                              decoding=DecodingConfig(temperature=cfg.cot_temperature, max_tokens=cfg.max_new_tokens)),
+        output=OutputConfig(dir=str(out), formats=["jsonl"], progress=False),
+    )
+    code = asyncio.run(generate(cot))
+    if code == EXIT_STOPPED:
+        raise SystemExit(code)  # interrupted: the journal keeps what was done, a rerun continues
+    return _check_rationales(cfg, out)
+
+
+def _check_rationales(cfg: QuickstartConfig, out: Path) -> Path:
+    if json.loads((out / "stats.json").read_text())["rows"] == 0:
+        raise ConfigError(f"teacher_steps: the teacher solved none of the {cfg.num_train} training questions, so there "
+                          f"are no rationales to train on; train it longer (rerun with --overwrite)")
+    return out / "data.jsonl"
+
+
+def make_student_init(cfg: QuickstartConfig, teacher: Path, data: Path, out: Path) -> Path:
+    """``distill prune``: keep ``student_layers`` by Block Influence and the most active MLP channels."""
+    from distill.student.prune.command import main as prune
+
+    if (out / "prune_report.json").exists():
+        return out
+    argv = ["--model", str(teacher), "--output_dir", str(out), "--depth.num_layers", str(cfg.student_layers),
+            "--calibration.data", str(data / "train.jsonl"), "--calibration.num_samples", "64",
+            "--cache_dir", str(out.parent / "prune_cache")]
+    if cfg.student_intermediate_size is not None:
+        argv += ["--width.intermediate_size", str(cfg.student_intermediate_size)]
+    prune(argv)  # writes into a temporary sibling and renames: done or absent, never half-written
+    return out
+
+
+def evaluate_stage(model: Path, data: Path, teacher: Path, out: Path, cfg: QuickstartConfig) -> dict[str, Any]:
+    from distill.evaluation.command import evaluate
+
+    if out.exists():
+        return json.loads(out.read_text())
+    result = evaluate(model, data / "eval.jsonl", teacher, max_new_tokens=cfg.max_new_tokens, batch_size=64)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The pipeline
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def run(cfg: QuickstartConfig) -> dict[str, Any]:
+    from kd_recipes.report import write_report
+
+    root = prepare_output_dir(cfg)
+    print(f"quickstart: writing to {root.resolve()}")
+    timings = json.loads((root / "timings.json").read_text()) if (root / "timings.json").exists() else {}
+
+    def timed(name: str, fn, *args):
+        began = time.time()
+        try:
+            return fn(*args)
+        finally:  # an interrupted stage's time counts too: the figures are summed over resumed runs
+            timings[name] = timings.get(name, 0.0) + time.time() - began
+            (root / "timings.json").write_text(json.dumps(timings, indent=1))
+
+    data = root / "data"
+    print("quickstart: [1/7] problems")
+    problems = timed("data", make_data, cfg, data)
+    print("quickstart: [2/7] tokenizer and teacher (CE on gold rationales)")
+    timed("teacher_init", make_teacher_init, cfg, problems, root / "teacher_init")
+    teacher = timed("teacher", train_stage, cfg, root / "teacher", data / "train.jsonl", data / "eval.jsonl",
+                    root / "teacher_init", None, {"ce": 1.0}, cfg.teacher_steps, False)
+    print("quickstart: [3/7] teacher rationales (data-gen cot, local backend)")
+    rationales = timed("cot", make_rationales, cfg, teacher, data, root / "cot")
+    print("quickstart: [4/7] pruning the teacher into the student (distill prune)")
+    student_init = timed("prune", make_student_init, cfg, teacher, data, root / "student_init")
+    students = root / "students"
+    print("quickstart: [5/7] student on gold answers only")
+    timed("labels", train_stage, cfg, students / "labels", data / "train_labels.jsonl", data / "eval.jsonl",
+          student_init, None, {"ce": 1.0}, cfg.student_steps, True)
+    print("quickstart: [6/7] student on teacher rationales, then distilled on them")
+    cot_stats = json.loads((root / "cot" / "stats.json").read_text())
+    batch = min(cfg.batch_size, cot_stats["rows"])  # a weak teacher may keep fewer rationales than one batch
+    timed("rationales", train_stage, cfg, students / "rationales", rationales, data / "eval.jsonl",
+          student_init, None, {"ce": 1.0}, cfg.student_steps, True, batch)
+    timed("distilled", train_stage, cfg, students / "distilled", rationales, data / "eval.jsonl",
+          student_init, teacher, cfg.loss_terms, cfg.student_steps, True, batch)
+    print("quickstart: [7/7] evaluating and writing the report")
+    results = {name: timed(f"eval_{name}", evaluate_stage, root / path, data, teacher, root / "eval" / f"{name}.json",
+                           cfg)
+               for name, path, _ in MODELS}
+    report = write_report(root, cfg, results, cot_stats, timings)
+    return report
+
+
+Config = QuickstartConfig  # this command's config class (kd_core.commands: Config, run, main)
+
+
+def main(argv: list[str]) -> int:
+    from distill.training.train import setup_logging
+
+    setup_logging()
+    cfg = parse_command_line(QuickstartConfig, argv, "distill quickstart", __doc__ or "")
+    run(cfg)
+    return 0

@@ -1,0 +1,131 @@
+"""The quickstart report: a markdown table of the compared models, PNG plots, and the same figures as JSON.
+
+``write_report`` reads nothing but what the run measured (``distill eval`` results per model, the ``data-gen cot``
+statistics, stage timings and each training run's ``metrics.jsonl``) and states plainly whether distillation beat
+fine-tuning on gold labels only and on the teacher's rationales.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Training runs whose curves are drawn (directory under the quickstart root -> plot folder name).
+RUNS = {"teacher": "teacher", "students/labels": "labels", "students/rationales": "rationales",
+        "students/distilled": "distilled"}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def accuracy_plot(results: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Bars of held-out accuracy per model, annotated with the parameter count."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    accuracy = [100 * (results[n]["accuracy"] or 0.0) for n in names]
+    figure, ax = plt.subplots(figsize=(7, 3.6))
+    bars = ax.bar(names, accuracy, color=["#555555"] + ["#4C72B0"] * (len(names) - 1))
+    for bar, name in zip(bars, names):
+        ax.annotate(f"{accuracy[names.index(name)]:.1f}%\n{results[name]['parameters'] / 1e6:.2f}M",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylim(0, max(100.0, max(accuracy) * 1.25))
+    ax.set_title("Task accuracy (greedy generation, answer extractor)")
+    ax.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def verdict(results: dict[str, dict[str, Any]]) -> str:
+    """One sentence comparing the distilled student with the two fine-tuned baselines, from the measured figures."""
+    distilled = results["distilled"]["accuracy"] or 0.0
+    lines = []
+    for name, what in (("labels", "fine-tuning on gold labels only"),
+                       ("rationales", "fine-tuning on the teacher's rationales")):
+        other = results[name]["accuracy"] or 0.0
+        if distilled > other:
+            lines.append(f"Distillation beat {what} ({100 * distilled:.1f}% vs {100 * other:.1f}%).")
+        elif distilled == other:
+            lines.append(f"Distillation tied with {what} ({100 * distilled:.1f}%).")
+        else:
+            lines.append(f"Distillation did **not** beat {what} ({100 * distilled:.1f}% vs {100 * other:.1f}%).")
+    return " ".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    from kd_recipes.quickstart import MODELS
+
+    results = report["results"]
+    lines = [
+        "# Quickstart report",
+        "",
+        (f"{results['teacher']['records']} held-out problems (multi-step arithmetic word problems, "
+         "`distill.data.synthetic`), greedy generation of at most "
+         f"{report['config']['max_new_tokens']} tokens, answers read by the `answer_is` extractor. KL and top-1 "
+         "agreement are per completion token against the teacher; perplexity is on the gold completions."),
+        "",
+        "| model | what it is | parameters | accuracy | perplexity | KL to teacher | top-1 agreement | tokens/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, _, what in MODELS:
+        r = results[name]
+        accuracy = None if r["accuracy"] is None else 100 * r["accuracy"]
+        lines.append(
+            f"| {name} | {what} | {r['parameters']:,} | {_fmt(accuracy, '.1f')}% | {_fmt(r['perplexity'], '.3f')} "
+            f"| {_fmt(r['kl'], '.4f')} | {_fmt(r['top1_agreement'], '.3f')} | {_fmt(r['tokens_per_second'], ',.0f')} |"
+        )
+    cot = report["cot"]
+    lines += [
+        "",
+        report["verdict"],
+        "",
+        (f"Teacher rationales (`data-gen cot`): {cot['rows']} kept for {cot['solved']} of {cot['questions']} "
+         f"training questions; rejections: {cot['rejections'] or 'none'}."),
+        "",
+        (f"Distillation loss terms: `{report['config']['loss_terms']}`"
+         f"{' (LoRA)' if report['config']['lora']['enabled'] else ' (full fine-tuning)'}."),
+        "",
+        "![accuracy](plots/accuracy.png)",
+        "",
+        "## Training curves",
+        "",
+    ]
+    for folder in RUNS.values():
+        lines += [f"### {folder}", "", f"![{folder}](plots/{folder}/train_terms.png)", ""]
+    seconds = report["timings"]
+    lines += ["## Time per stage (seconds, summed over resumed runs)", "",
+              "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {stage} | {value:.1f} |" for stage, value in seconds.items()]
+    lines += [f"| total | {sum(seconds.values()):.1f} |", ""]
+    return "\n".join(lines)
+
+
+def write_report(root: Path, cfg: Any, results: dict[str, dict[str, Any]], cot_stats: dict[str, Any],
+                 timings: dict[str, float]) -> dict[str, Any]:
+    """Writes ``plots/``, ``report.md`` and, last (it marks the run finished), ``report.json``."""
+    from kd_core.config import to_dict
+    from distill.evaluation.plot import plot_run
+
+    plots = root / "plots"
+    plots.mkdir(exist_ok=True)
+    accuracy_plot(results, plots / "accuracy.png")
+    for run, folder in RUNS.items():
+        plot_run(root / run, plots / folder, title=folder)
+    summary = {name: {k: v for k, v in r.items() if k != "samples"} for name, r in results.items()}
+    report = {"results": summary, "verdict": verdict(summary), "cot": cot_stats, "timings": timings,
+              "config": to_dict(cfg)}
+    markdown = render_markdown(report)
+    (root / "report.md").write_text(markdown)
+    tmp = root / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(root / "report.json")  # atomic: its presence means the quickstart finished
+    print(markdown)
+    return report
