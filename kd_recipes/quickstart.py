@@ -35,14 +35,6 @@ from distill.student.lora import LoraSettings
 
 REPORT = "report.json"
 CONFIG = "config.yaml"
-# The compared models, in report order: (name, directory under output_dir, what it is).
-MODELS = [
-    ("teacher", "teacher/final", "teacher, trained on the gold rationales"),
-    ("pruned", "student_init", "pruned teacher, before any training"),
-    ("labels", "students/labels/final", "pruned student fine-tuned on gold answers only"),
-    ("rationales", "students/rationales/final", "pruned student fine-tuned on the teacher's rationales"),
-    ("distilled", "students/distilled/final", "pruned student distilled on the teacher's rationales"),
-]
 
 
 @dataclasses.dataclass
@@ -283,7 +275,7 @@ def evaluate_stage(model: Path, data: Path, teacher: Path, out: Path, cfg: Quick
 
 
 def run(cfg: QuickstartConfig) -> dict[str, Any]:
-    from kd_recipes.report import write_report
+    from kd_recipes.report import MODELS, write_report
 
     root = prepare_output_dir(cfg)
     print(f"quickstart: writing to {root.resolve()}")

@@ -11,6 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+# The compared models, in report order: (name, directory under output_dir, what it is).
+MODELS = [
+    ("teacher", "teacher/final", "teacher, trained on the gold rationales"),
+    ("pruned", "student_init", "pruned teacher, before any training"),
+    ("labels", "students/labels/final", "pruned student fine-tuned on gold answers only"),
+    ("rationales", "students/rationales/final", "pruned student fine-tuned on the teacher's rationales"),
+    ("distilled", "students/distilled/final", "pruned student distilled on the teacher's rationales"),
+]
 # Training runs whose curves are drawn (directory under the quickstart root -> plot folder name).
 RUNS = {"teacher": "teacher", "students/labels": "labels", "students/rationales": "rationales",
         "students/distilled": "distilled"}
@@ -61,8 +69,6 @@ def verdict(results: dict[str, dict[str, Any]]) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    from kd_recipes.quickstart import MODELS
-
     results = report["results"]
     lines = [
         "# Quickstart report",
