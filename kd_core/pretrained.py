@@ -1,0 +1,92 @@
+"""Pretrained models from a Hugging Face directory or from a single GGUF file, as plain transformers models.
+
+A ``.gguf`` path goes wherever a model directory goes. transformers (5.24, ``modeling_gguf_pytorch_utils``) reads
+the file's config, tokenizer and chat template and dequantizes the weights, but marks the model as quantized and
+refuses ``save_pretrained`` on it; :func:`load_causal_lm` rebuilds it as an ordinary model of the same class with
+the same weights, so pruning, training, saving and export treat it like any other. Files transformers cannot read
+(not GGUF, truncated, an architecture or quantization type it cannot dequantize) are a :class:`ConfigError` naming
+the file and what is supported, raised before any weight is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kd_core.config import ConfigError
+
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+def check_gguf(path: str | Path, field: str) -> None:
+    """The file exists, is GGUF, parses to the end, and holds an architecture and tensor types transformers can
+    dequantize; otherwise one ConfigError naming ``field``, the file and what was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{field}: GGUF file not found: {path}")
+    with path.open("rb") as handle:
+        if handle.read(4) != GGUF_MAGIC:
+            raise ConfigError(f"{field}: {path} is not a GGUF file (it does not start with the bytes 'GGUF')")
+    try:
+        from gguf import GGUFReader
+        from gguf.quants import _type_traits  # the types gguf can dequantize (gguf 0.19); F32/F16/BF16 are direct
+    except ImportError:
+        raise ConfigError(f"{field}: reading {path} needs the 'gguf' package (pip install gguf)") from None
+    from gguf.constants import GGMLQuantizationType as Q
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as err:  # numpy raises ValueError/IndexError/struct errors on a cut-off file
+        raise ConfigError(f"{field}: {path} is truncated or corrupt ({type(err).__name__}: {err})") from None
+    architecture = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise ConfigError(f"{field}: {path}: architecture '{architecture}' cannot be loaded by transformers; "
+                          f"supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}")
+    readable = {Q.F32, Q.F16, Q.BF16, *_type_traits}
+    unsupported = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type not in readable})
+    if unsupported:
+        raise ConfigError(f"{field}: {path}: quantization type(s) {', '.join(unsupported)} cannot be dequantized; "
+                          f"supported: {', '.join(sorted(q.name for q in readable))}")
+
+
+def load_tokenizer(path: str | Path, field: str = "model"):
+    """The tokenizer of a model directory or a GGUF file (with the file's chat template and special tokens)."""
+    from transformers import AutoTokenizer
+
+    if is_gguf(path):
+        check_gguf(path, field)
+        path = Path(path)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_causal_lm(path: str | Path, field: str = "model", dtype: Any = None, **kwargs: Any):
+    """A causal LM from a directory (``from_pretrained``) or a GGUF file (dequantized, then rebuilt as a plain model
+    of the same class so that it saves and trains like one)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not is_gguf(path):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+    check_gguf(path, field)
+    path = Path(path)
+    dtype = dtype if dtype not in (None, "auto") else torch.float32
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **kwargs)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights below are already dequantized
+    plain = type(loaded)(config).to(dtype)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied heads appear in one state dict and not the other; anything else is a real mismatch.
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or set(unexpected) - tied:
+        raise ConfigError(f"{field}: {path}: dequantized weights do not match {type(loaded).__name__} "
+                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    plain.tie_weights()
+    plain.generation_config = loaded.generation_config
+    return plain.eval()
