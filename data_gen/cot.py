@@ -21,23 +21,23 @@ for twice and nothing is duplicated.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from kd_core.answers import KINDS, AnswerExtractor, gold_answer, majority
+from data_gen import driver
 from data_gen.backends import estimate_tokens
 from data_gen.config import OutputConfig, TeacherConfig
-from data_gen.engine import BudgetError, CallPlan, Engine, EngineError, Request, Result, build_engine, preflight
+from data_gen.driver import GenerationResult, Method
+from data_gen.engine import CallPlan, Engine, Request, Result
 from data_gen.journal import Journal
-from data_gen.output import dataset_card, write_outputs
-from kd_core.commands import EXIT_STOPPED
-from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
+from data_gen.output import dataset_card
+from kd_core.commands import stop_code
+from kd_core.config import ConfigError, option, parse_command_line, section, to_dict
 
 
 DEFAULT_SHOTS = [
@@ -306,90 +306,77 @@ def rejection_totals(records: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(totals.items()))
 
 
-def _check_output_dir(cfg: CotConfig, out: Path) -> None:
-    """Resume only a cot run with the same input, mode, seed and teacher."""
-    if not out.exists() or not any(out.iterdir()):
-        return
-    saved = out / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"output.dir: {out} exists and is not a cot output directory; choose a new one")
-    import yaml
+class CotMethod(Method):
+    """``data-gen cot`` for :mod:`data_gen.driver`: one journal record per question."""
 
-    old = yaml.safe_load(saved.read_text()) or {}
-    for key, now in (("input_file", cfg.input_file), ("mode", cfg.mode), ("seed", cfg.seed), ("k", cfg.k),
-                     ("teacher.model", cfg.teacher.model)):
-        value: Any = old
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if value != now:
-            raise ConfigError(f"{key}: {out} was generated with {value!r}, not {now!r}; use a new output.dir")
+    name = "cot"
+    unit = "q"
+    journal_required = False  # a deleted journal is rebuilt from the answer cache at no cost
 
+    def __init__(self, cfg: CotConfig) -> None:
+        self.cfg = cfg
+        self.questions = load_questions(cfg)
+        self.order = {q["id"]: i for i, q in enumerate(self.questions)}
 
-async def generate(cfg: CotConfig) -> int:
-    questions = load_questions(cfg)
-    out = Path(cfg.output.dir)
-    _check_output_dir(cfg, out)
-    remaining = max(0, len(questions) - Journal.count(out / "journal.jsonl"))
-    prompt_tokens = estimate_tokens(teacher_messages(cfg.prompt, questions[0]["question"]))
-    extra = cfg.rationalization_attempts if cfg.mode == "gold" else 0
-    try:
-        preflight(cfg.teacher, [CallPlan("rationales", remaining * cfg.k, prompt_tokens),
-                                CallPlan("rationalization (worst case)", remaining * extra, prompt_tokens + 40)])
-    except BudgetError as err:
-        raise ConfigError(str(err)) from None
-    engine = build_engine(cfg.teacher, out, progress=cfg.output.progress)
-    journal = Journal(out / "journal.jsonl")
-    try:
-        journal.open()
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if engine.rank == 0:
-        save_config(cfg, out / "config.yaml")
-    pipeline = ChainOfThought(cfg, engine, journal)
-    error: EngineError | None = None
-    try:
-        engine.install_signal_handlers()
-        engine.open_progress(len(questions), "cot", unit="q", initial=len(journal))
-        try:
-            await pipeline.run(questions)
-        except EngineError as err:
-            error = err
-    finally:
-        engine.close_progress()
-        journal.close()
-        order = {q["id"]: i for i, q in enumerate(questions)}
-        records = sorted((r for r in journal.records.values() if r["id"] in order), key=lambda r: order[r["id"]])
-        rows = to_rows(cfg, records)
-        totals = rejection_totals(records)
-        summary = engine.summary() + f"\nrejections over all runs: {totals or 0}"
-        if engine.rank == 0:
-            card = dataset_card("Chain-of-thought rationales", f"Teacher rationales checked by mode '{cfg.mode}' "
-                                "(answer extractor '" + cfg.extractor.kind + "'); STaR rationalization for "
-                                "questions without a correct sample. Prompts are the plain questions.",
-                                len(rows), cfg.output.formats, to_dict(cfg.teacher), summary)
-            write_outputs(rows, out, cfg.output.formats, card)
-            solved = sum(1 for r in records if r["kept"])
-            stats = {"questions": len(questions), "done": len(records), "solved": solved, "rows": len(rows),
-                     "rationalized": sum(1 for row in rows if row["rationalized"]), "rejections": totals}
-            (out / "stats.json").write_text(json.dumps(stats, indent=1))
-            print(summary)
-            print(f"{len(rows)} rationales for {solved}/{len(records)} questions in {out}")
-        await engine.aclose()
-    if error is not None:
-        raise ConfigError(str(error))
-    if engine.stopped:
-        print(f"stopped early ({engine.stopped}); rerun the same command to continue")
-        return EXIT_STOPPED
-    return 0
+    def resume_keys(self) -> dict[str, Any]:
+        """Resume only a cot run with the same input, mode, seed and teacher."""
+        cfg = self.cfg
+        return {"input_file": cfg.input_file, "mode": cfg.mode, "seed": cfg.seed, "k": cfg.k,
+                "teacher.model": cfg.teacher.model}
+
+    def total(self) -> int:
+        return len(self.questions)
+
+    def plan(self, remaining: int) -> list[CallPlan]:
+        cfg = self.cfg
+        prompt_tokens = estimate_tokens(teacher_messages(cfg.prompt, self.questions[0]["question"]))
+        extra = cfg.rationalization_attempts if cfg.mode == "gold" else 0
+        return [CallPlan("rationales", remaining * cfg.k, prompt_tokens),
+                CallPlan("rationalization (worst case)", remaining * extra, prompt_tokens + 40)]
+
+    async def generate(self, engine: Engine, journal: Journal) -> None:
+        await ChainOfThought(self.cfg, engine, journal).run(self.questions)
+
+    def records(self, journal: Journal) -> list[dict[str, Any]]:
+        order = self.order
+        return sorted((r for r in journal.records.values() if r["id"] in order), key=lambda r: order[r["id"]])
+
+    def rows(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return to_rows(self.cfg, records)
+
+    def summary(self, engine_summary: str, records: list[dict[str, Any]]) -> str:
+        return engine_summary + f"\nrejections over all runs: {rejection_totals(records) or 0}"
+
+    def card(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], summary: str) -> str:
+        cfg = self.cfg
+        return dataset_card("Chain-of-thought rationales", f"Teacher rationales checked by mode '{cfg.mode}' "
+                            "(answer extractor '" + cfg.extractor.kind + "'); STaR rationalization for "
+                            "questions without a correct sample. Prompts are the plain questions.",
+                            len(rows), cfg.output.formats, to_dict(cfg.teacher), summary)
+
+    def stats(self, records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"questions": len(self.questions), "done": len(records), "solved": sum(1 for r in records if r["kept"]),
+                "rows": len(rows), "rationalized": sum(1 for row in rows if row["rationalized"]),
+                "rejections": rejection_totals(records)}
+
+    def done_line(self, records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+        solved = sum(1 for r in records if r["kept"])
+        return f"{len(rows)} rationales for {solved}/{len(records)} questions"
 
 
-Config = CotConfig  # this command's config class (kd_core.commands: Config, run, main)
+Config = CotConfig
+
+
+def run(cfg: CotConfig) -> GenerationResult:
+    """Rationales for ``cfg.input_file`` in ``cfg.output.dir`` (``stats.json`` counts them); ``stopped`` is set when
+    the engine stopped early."""
+    return driver.run(CotMethod(cfg))
 
 
 def main(argv: list[str]) -> int:
     cfg = parse_command_line(CotConfig, argv, "data-gen cot", __doc__.split("\n\n")[0])
-    return asyncio.run(generate(cfg))
+    return stop_code(run(cfg).stopped)
 
 
-__all__ = ["KINDS", "ChainOfThought", "CotConfig", "ExtractorConfig", "PromptConfig", "load_questions", "main",
-           "teacher_messages", "to_rows"]
+__all__ = ["KINDS", "ChainOfThought", "Config", "CotConfig", "ExtractorConfig", "PromptConfig", "load_questions",
+           "main", "run", "teacher_messages", "to_rows"]

@@ -28,6 +28,7 @@ from typing import Any
 from tqdm import tqdm
 
 from data_gen.rouge import NoveltyIndex
+from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line, save_config
 from kd_core.records import iter_json_objects
 
@@ -120,13 +121,11 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-Config = DedupConfig  # this command's config class (kd_core.commands: Config, run, main)
+Config = DedupConfig
 
 
-def main(argv: list[str]) -> int:
-    cfg = parse_command_line(
-        DedupConfig, argv, prog="data-gen dedup", description="Greedy ROUGE-L near-duplicate removal (exact)."
-    )
+def run(cfg: DedupConfig) -> dict[str, Any]:
+    """Writes ``kept.jsonl``, ``dropped.jsonl``, ``config.yaml`` and ``summary.json``; returns the summary."""
     out = Path(cfg.output_dir)
     check_output_dir(out, cfg.overwrite)
     lines = read_records(Path(cfg.input), cfg.field)
@@ -150,4 +149,12 @@ def main(argv: list[str]) -> int:
     }
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"kept {len(kept)} of {len(lines)} records, dropped {len(dropped)} (threshold {cfg.threshold}) -> {out}")
-    return 0
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_command_line(
+        DedupConfig, argv, prog="data-gen dedup", description="Greedy ROUGE-L near-duplicate removal (exact)."
+    )
+    run(cfg)
+    return EXIT_OK

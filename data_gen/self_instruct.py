@@ -19,7 +19,6 @@ rounds, and results are processed in request order, so a rerun replays every ear
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import math
@@ -30,23 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_gen import driver
 from data_gen.backends import estimate_tokens
 from data_gen.config import OutputConfig, TeacherConfig
-from data_gen.engine import (
-    BudgetError,
-    CallPlan,
-    Engine,
-    EngineError,
-    ParseError,
-    Request,
-    Result,
-    build_engine,
-    preflight,
-)
+from data_gen.driver import GenerationResult, Method
+from data_gen.engine import CallPlan, Engine, ParseError, Request, Result
 from data_gen.journal import Journal
-from data_gen.output import dataset_card, write_outputs
-from kd_core.commands import EXIT_STOPPED
-from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
+from data_gen.output import dataset_card
+from kd_core.commands import stop_code
+from kd_core.config import ConfigError, option, parse_command_line, section, to_dict
 from kd_core.records import iter_json_objects
 
 PACKAGED_SEEDS = Path(__file__).parent / "assets" / "seed_tasks.jsonl"
@@ -400,24 +391,6 @@ def to_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _check_output_dir(cfg: SelfInstructConfig, out: Path) -> None:
-    """Resume only a run of the same pipeline, teacher and seed; never write into an unrelated directory."""
-    if not out.exists() or not any(out.iterdir()):
-        return
-    saved = out / "config.yaml"
-    if not saved.is_file() or not (out / "journal.jsonl").is_file():
-        raise ConfigError(f"output.dir: {out} exists and is not a self-instruct output directory; choose a new one")
-    import yaml
-
-    old = yaml.safe_load(saved.read_text())
-    for key, now in (("seed", cfg.seed), ("teacher.model", cfg.teacher.model)):
-        section_data: Any = old
-        for part in key.split("."):
-            section_data = section_data.get(part) if isinstance(section_data, dict) else None
-        if section_data != now:
-            raise ConfigError(f"{key}: {out} was generated with {section_data!r}, not {now!r}; use a new output.dir")
-
-
 def estimate_plan(cfg: SelfInstructConfig, seeds: list[dict[str, Any]], remaining: int) -> list[CallPlan]:
     """Calls needed for ``remaining`` instructions, assuming half the proposals survive the filters."""
     example_prompt = generation_prompt([t["instruction"] for t in seeds[: cfg.num_prompt_instructions]],
@@ -432,59 +405,55 @@ def estimate_plan(cfg: SelfInstructConfig, seeds: list[dict[str, Any]], remainin
     ]
 
 
-async def generate(cfg: SelfInstructConfig) -> int:
-    seeds = load_seed_tasks(cfg.seed_tasks or PACKAGED_SEEDS)
-    out = Path(cfg.output.dir)
-    _check_output_dir(cfg, out)
-    remaining = max(0, cfg.target - Journal.count(out / "journal.jsonl"))
-    try:
-        # Before anything is created on disk: an estimate over the budget must leave no trace.
-        preflight(cfg.teacher, estimate_plan(cfg, seeds, remaining))
-    except BudgetError as err:
-        raise ConfigError(str(err)) from None
-    engine = build_engine(cfg.teacher, out, progress=cfg.output.progress)  # ConfigError on a missing API key
-    journal = Journal(out / "journal.jsonl")
-    try:
-        journal.open()
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if engine.rank == 0:
-        save_config(cfg, out / "config.yaml")
-    pipeline = SelfInstruct(cfg, engine, seeds, journal)
-    error: EngineError | None = None
-    try:
-        engine.install_signal_handlers()
-        engine.open_progress(cfg.target, "self-instruct", unit="instr", initial=min(len(journal), cfg.target))
-        try:
-            await pipeline.run()
-        except EngineError as err:
-            error = err
-    finally:
-        engine.close_progress()
-        journal.close()
+class SelfInstructMethod(Method):
+    """``data-gen self-instruct`` for :mod:`data_gen.driver`: one journal record per kept instruction."""
+
+    name = "self-instruct"
+    unit = "instr"
+
+    def __init__(self, cfg: SelfInstructConfig) -> None:
+        self.cfg = cfg
+        self.seeds = load_seed_tasks(cfg.seed_tasks or PACKAGED_SEEDS)
+
+    def resume_keys(self) -> dict[str, Any]:
+        """Resume only a run of the same teacher and seed."""
+        return {"seed": self.cfg.seed, "teacher.model": self.cfg.teacher.model}
+
+    def total(self) -> int:
+        return self.cfg.target
+
+    def plan(self, remaining: int) -> list[CallPlan]:
+        return estimate_plan(self.cfg, self.seeds, remaining)
+
+    async def generate(self, engine: Engine, journal: Journal) -> None:
+        await SelfInstruct(self.cfg, engine, self.seeds, journal).run()
+
+    def records(self, journal: Journal) -> list[dict[str, Any]]:
         # Journal order is the order instructions were kept (replayed rounds append nothing), so the data files
         # hold every journaled record even when this run stopped while replaying.
-        records = list(journal.records.values())[: cfg.target]
-        summary = engine.summary()
-        if engine.rank == 0:  # under accelerate launch, one process writes files
-            card = dataset_card("Self-Instruct data", "Instructions bootstrapped from seed tasks with the "
-                                "Self-Instruct method (generate, filter, ROUGE-L novelty, classify, instances).",
-                                len(records), cfg.output.formats, to_dict(cfg.teacher), summary)
-            write_outputs(to_rows(records), out, cfg.output.formats, card)
-            print(summary)
-            print(f"{len(records)} instructions ({sum(len(r['instances']) for r in records)} rows) in {out}")
-        await engine.aclose()
-    if error is not None:
-        raise ConfigError(str(error))
-    if engine.stopped:
-        print(f"stopped early ({engine.stopped}); rerun the same command to continue")
-        return EXIT_STOPPED
-    return 0
+        return list(journal.records.values())[: self.cfg.target]
+
+    def rows(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return to_rows(records)
+
+    def card(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], summary: str) -> str:
+        return dataset_card("Self-Instruct data", "Instructions bootstrapped from seed tasks with the "
+                            "Self-Instruct method (generate, filter, ROUGE-L novelty, classify, instances).",
+                            len(records), self.cfg.output.formats, to_dict(self.cfg.teacher), summary)
+
+    def done_line(self, records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+        return f"{len(records)} instructions ({len(rows)} rows)"
 
 
-Config = SelfInstructConfig  # this command's config class (kd_core.commands: Config, run, main)
+Config = SelfInstructConfig
+
+
+def run(cfg: SelfInstructConfig) -> GenerationResult:
+    """``cfg.target`` instructions with their instances in ``cfg.output.dir``; ``stopped`` is set when the engine
+    stopped early (budget, signal, ``max_rounds``)."""
+    return driver.run(SelfInstructMethod(cfg))
 
 
 def main(argv: list[str]) -> int:
     cfg = parse_command_line(SelfInstructConfig, argv, "data-gen self-instruct", __doc__.split("\n\n")[0])
-    return asyncio.run(generate(cfg))
+    return stop_code(run(cfg).stopped)

@@ -1,7 +1,11 @@
 """Shared infrastructure of both stages; it imports nothing else of the project.
 
 Modules, in the order a command uses them: ``config`` (typed dataclass configs: YAML, dotted CLI overrides,
-validation, resolved save with secrets redacted), ``commands`` (exit codes, the one-line error guard, subcommand
-dispatch), ``records`` (reading users' JSON-lines/JSON/parquet/``datasets`` files with file:line errors),
-``answers`` (final-answer extraction and normalisation, used by ``data-gen cot`` and by accuracy evaluation).
+validation, resolved save with secrets redacted), ``commands`` (the command contract ``Config``/``run``/``main``, exit
+codes and stop reasons, the one-line error guard, subcommand dispatch), ``records`` (reading users'
+JSON-lines/JSON/parquet/``datasets`` files with file:line errors), ``generation`` (batched, left-padded greedy or
+sampled generation with a local model: ``distill eval``, the trainer's accuracy metric, ``data-gen``'s local teacher),
+``answers`` (final-answer extraction and normalisation, and the one ``extractor`` config section of ``data-gen cot``,
+``distill eval`` and the trainer's accuracy metric), ``atomic`` (every result and progress file written atomically
+and fsynced: temporary sibling, ``os.replace``, directory fsync).
 """

@@ -1,9 +1,22 @@
 """Running commands: exit codes, the one-line error guard, and dispatch from a subcommand table.
 
-Every command module has the same shape: ``Config`` (its typed config class), ``run(cfg)`` (does the work, returns
-its result) and ``main(argv)`` (parses the command line into a ``Config``, calls ``run``, returns an exit code). A
-subcommand table maps names to such modules; modules are imported lazily, so ``--help`` stays fast and a missing
-optional dependency of one command does not break the others.
+Every command module has the same shape:
+
+* ``Config``: its typed config class (a dataclass; ``Config = DescriptiveNameConfig``);
+* ``run(cfg: Config) -> result``: does the work, prints its progress and closing lines, and returns its result (a
+  dict or dataclass of figures and paths). It is synchronous (asynchronous internals stay inside) and is what other
+  code calls: the quickstart and the Lion loop drive every stage through ``run`` with config objects. A user mistake
+  raises :class:`kd_core.config.ConfigError`. A run that stops early on purpose (budget cap, SIGINT/SIGTERM, training
+  preemption) is not an error: everything done is saved, ``run`` returns, and its result's ``stopped`` names the
+  reason (None when the run finished);
+* ``main(argv: list[str]) -> int``: parses the command line into a ``Config``, calls ``run`` and maps its result to
+  an exit code (:func:`stop_code` for a command that can stop early, else ``EXIT_OK``); nothing else.
+
+An orchestration (quickstart, Lion) raises :class:`Stopped` from a stage whose ``run`` stopped early and catches it in
+its own ``run``, so its result's ``stopped`` carries the stage's reason and the exit code is the stage's.
+
+A subcommand table maps names to command modules; modules are imported lazily, so ``--help`` stays fast and a
+missing optional dependency of one command does not break the others.
 """
 
 from __future__ import annotations
@@ -19,6 +32,25 @@ EXIT_OK = 0
 EXIT_USAGE = 2  # a user mistake, reported in one line; nothing on disk was touched
 EXIT_STOPPED = 3  # a data-gen run stopped cleanly (budget cap, signal): rerun the same command to resume
 EXIT_PREEMPTED = 75  # training saved a checkpoint on SIGTERM/SIGUSR1 (EX_TEMPFAIL): requeue and --resume auto
+
+PREEMPTED = "preempted"  # the ``stopped`` reason of a training run that saved a checkpoint on SIGTERM/SIGUSR1
+
+
+def stop_code(stopped: str | None) -> int:
+    """The exit code of a run whose result says it ``stopped`` early for this reason (None: it finished)."""
+    if stopped is None:
+        return EXIT_OK
+    return EXIT_PREEMPTED if stopped == PREEMPTED else EXIT_STOPPED
+
+
+class Stopped(Exception):
+    """A stage of an orchestration stopped early with ``reason`` (a stage result's ``stopped``); the message, if any,
+    is printed by the orchestration's ``run``."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
 
 
 def run_command(main: typing.Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ of Proprietary Large Language Models"), one numbered iteration at a time.
 Each iteration ``iter_NNN/`` has three stages, each finished by an atomically written ``done.json``:
 
 1. *imitation*: the teacher answers the train pool; the student is trained on the answers with the project's
-   trainer (:class:`distill.training.train.Distiller`): logit KD plus cross-entropy when the teacher is a local model,
+   trainer (:func:`distill.training.train.run`): logit KD plus cross-entropy when the teacher is a local model,
    sequence-level (cross-entropy on the teacher's text) when it is an API. Training starts from the previous
    iteration's student.
 2. *discrimination*: teacher and student (the local student, batched through the engine's local backend) answer the
@@ -35,7 +35,7 @@ from typing import Any
 from data_gen.config import DecodingConfig, TeacherConfig
 from data_gen.engine import Engine, EngineError, ParseError, Request, build_engine
 from data_gen.self_instruct import parse_instructions
-from kd_core.commands import EXIT_STOPPED
+from kd_core.commands import Stopped, stop_code
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section
 from kd_core.records import iter_json_objects
 
@@ -57,7 +57,7 @@ _SCORE = re.compile(r"assistant\s*([12])\s*[:=]\s*(\d+(?:\.\d+)?)", re.IGNORECAS
 
 @dataclass
 class StudentTraining:
-    """How the student is trained in each imitation stage (passed to :class:`distill.training.train.Distiller`)."""
+    """How the student is trained in each imitation stage (the ``distill train`` config: :meth:`Lion.train_student`)."""
 
     max_steps: int = option(20, help="optimizer steps per iteration")
     learning_rate: float = option(1e-4, help="peak learning rate")
@@ -103,10 +103,6 @@ class LionConfig:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-class StageStopped(Exception):
-    """The engine stopped (budget cap, Ctrl-C, SIGTERM) before a stage finished; a rerun continues it."""
-
-
 def load_pool(path: str, field: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
@@ -150,7 +146,8 @@ def chat(text: str) -> list[dict[str, str]]:
 async def answers(engine: Engine, prefix: str, instructions: list[str]) -> list[str | None]:
     results = await engine.map([Request(f"{prefix}-{i}", chat(text)) for i, text in enumerate(instructions)])
     if any(r is None for r in results):
-        raise StageStopped("stopped before all answers were in; rerun the same command to continue")
+        raise Stopped(engine.stopped or "interrupted",
+                      "stopped before all answers were in; rerun the same command to continue")
     return [r.text if r.ok else None for r in results]
 
 
@@ -201,7 +198,7 @@ class Lion:
 
     def train_student(self, n: int, stage: Path) -> None:
         from kd_core.config import from_dict
-        from distill.training.train import Distiller, TrainConfig
+        from distill.training import train
 
         t = self.cfg.training
         local_teacher = self.cfg.teacher.backend == "local"
@@ -215,7 +212,9 @@ class Lion:
             "data": {"train_file": str(stage / "data.jsonl"), "eval_fraction": 0.0, "max_length": t.max_length},
             "loss": {"terms": terms},
         }
-        Distiller(from_dict(TrainConfig, tree)).train()
+        result = train.run(from_dict(train.Config, tree))
+        if result.stopped:
+            raise Stopped(result.stopped)  # preempted: the checkpoint is saved, a rerun resumes the training
 
     def discrimination(self, n: int) -> None:
         stage = self.iteration_dir(n) / "discrimination"
@@ -245,7 +244,8 @@ class Lion:
                         instruction=inst, first=s or "", second=t or ""))))
                 scored = await referee.map(requests, parse_scores)
                 if any(r is None for r in scored):
-                    raise StageStopped("stopped before all referee scores were in; rerun the same command to continue")
+                    raise Stopped(referee.stopped or "interrupted",
+                                  "stopped before all referee scores were in; rerun the same command to continue")
                 items = []
                 for i, inst in enumerate(pool):
                     first, second = scored[2 * i], scored[2 * i + 1]
@@ -295,7 +295,8 @@ class Lion:
             try:
                 results = await engine.map(requests, parse_instructions)
                 if any(r is None for r in results):
-                    raise StageStopped("stopped before all instructions were generated; rerun the same command to continue")
+                    raise Stopped(engine.stopped or "interrupted",
+                                  "stopped before all instructions were generated; rerun the same command to continue")
                 return results
             finally:
                 await engine.aclose()
@@ -320,7 +321,8 @@ class Lion:
         write_json(stage / "done.json", {"added": added, "rejected_not_novel": rejected, "pools": grown})
 
     # ------------------------------------------------------------------------------------------ driver
-    def run(self) -> dict[str, Any]:
+    def iterate(self) -> dict[str, Any]:
+        """Every iteration's unfinished stages, then :meth:`summary`."""
         self.out.mkdir(parents=True, exist_ok=True)
         if not (self.out / "pools_initial.json").is_file():
             train = load_pool(self.cfg.train_pool, "train_pool")
@@ -356,18 +358,32 @@ class Lion:
         return summary
 
 
-Config = LionConfig  # this command's config class (kd_core.commands: Config, run, main)
+Config = LionConfig
+
+
+@dataclass
+class LionResult:
+    """What :func:`run` returns."""
+
+    output_dir: Path
+    summary: dict[str, Any] | None  # the content of lion_summary.json; None when a stage stopped early
+    stopped: str | None = None  # why a stage stopped early (engine: 'budget', 'interrupted'; training: 'preempted')
+
+
+def run(cfg: LionConfig) -> LionResult:
+    """Runs the iterations under ``cfg.output_dir``, continuing unfinished ones; returns the win-rate summary."""
+    if not Path(cfg.student).is_dir():
+        raise ConfigError(f"student: model directory not found: {cfg.student}")
+    try:
+        return LionResult(Path(cfg.output_dir), Lion(cfg).iterate())
+    except Stopped as stop:  # budget cap, Ctrl-C or SIGTERM: everything paid for is saved
+        if stop.message:
+            print(stop.message)
+        return LionResult(Path(cfg.output_dir), None, stop.reason)
+    except EngineError as err:  # e.g. an unreachable teacher after bounded retries
+        raise ConfigError(str(err)) from None
 
 
 def main(argv: list[str]) -> int:
     cfg = parse_command_line(LionConfig, argv, "data-gen lion", __doc__.split("\n\n")[0])
-    if not Path(cfg.student).is_dir():
-        raise ConfigError(f"student: model directory not found: {cfg.student}")
-    try:
-        Lion(cfg).run()
-    except StageStopped as stop:  # budget cap, Ctrl-C or SIGTERM: everything paid for is saved
-        print(stop)
-        return EXIT_STOPPED
-    except EngineError as err:  # e.g. an unreachable teacher after bounded retries
-        raise ConfigError(str(err)) from None
-    return 0
+    return stop_code(run(cfg).stopped)

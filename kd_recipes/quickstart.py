@@ -19,7 +19,6 @@ in; finished stages are skipped):
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import shutil
@@ -29,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from kd_core.commands import EXIT_STOPPED
+from kd_core.commands import Stopped, stop_code
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
 from distill.student.lora import LoraSettings
 
@@ -175,12 +174,12 @@ def train_stage(cfg: QuickstartConfig, out: Path, train_file: Path, eval_file: P
     from distill.data.datasets import DataSettings
     from distill.student.models import ModelSettings
     from distill.losses.objective import LossSettings
-    from distill.training.train import Distiller, TrainConfig
+    from distill.training import train
 
     if (out / "summary.json").exists():
         print(f"quickstart: {out.name}: finished earlier, skipped")
         return out / "final"
-    train_cfg = TrainConfig(
+    train_cfg = train.Config(
         output_dir=str(out),
         resume="auto",  # a rerun after an interruption continues the stage from its last checkpoint
         max_steps=steps,
@@ -201,20 +200,23 @@ def train_stage(cfg: QuickstartConfig, out: Path, train_file: Path, eval_file: P
         lora=dataclasses.replace(cfg.lora, enabled=lora and cfg.lora.enabled),
         lora_export="merged",
     )
-    Distiller(train_cfg).train()
+    result = train.run(train_cfg)
+    if result.stopped:
+        raise Stopped(result.stopped)  # preempted: the checkpoint is saved, a rerun continues the stage
     return out / "final"
 
 
 def make_rationales(cfg: QuickstartConfig, teacher: Path, data: Path, out: Path) -> Path:
     """``data-gen cot`` with the local teacher: rationales for the training questions, verified against gold."""
     from data_gen.config import DecodingConfig, OutputConfig, TeacherConfig
-    from data_gen.cot import CotConfig, PromptConfig, generate
+    from data_gen import cot as cot_command
+    from data_gen.cot import PromptConfig
 
     rows = out / "data.jsonl"
     if (out / "stats.json").exists() and rows.exists():
         print("quickstart: cot: finished earlier, skipped")
         return _check_rationales(cfg, out)
-    cot = CotConfig(
+    cot = cot_command.Config(
         input_file=str(data / "train.jsonl"),
         question_field="question",
         answer_field="answer",  # gold number after '####'
@@ -228,9 +230,9 @@ def make_rationales(cfg: QuickstartConfig, teacher: Path, data: Path, out: Path)
                               decoding=DecodingConfig(temperature=cfg.cot_temperature, max_tokens=cfg.max_new_tokens)),
         output=OutputConfig(dir=str(out), formats=["jsonl"], progress=False),
     )
-    code = asyncio.run(generate(cot))
-    if code == EXIT_STOPPED:
-        raise SystemExit(code)  # interrupted: the journal keeps what was done, a rerun continues
+    result = cot_command.run(cot)
+    if result.stopped:
+        raise Stopped(result.stopped)  # interrupted: the journal keeps what was done, a rerun continues
     return _check_rationales(cfg, out)
 
 
@@ -243,25 +245,29 @@ def _check_rationales(cfg: QuickstartConfig, out: Path) -> Path:
 
 def make_student_init(cfg: QuickstartConfig, teacher: Path, data: Path, out: Path) -> Path:
     """``distill prune``: keep ``student_layers`` by Block Influence and the most active MLP channels."""
-    from distill.student.prune.command import main as prune
+    from distill.student.prune import command as prune
+    from distill.student.prune.command import CalibrationSettings, DepthSettings, WidthSettings
 
     if (out / "prune_report.json").exists():
         return out
-    argv = ["--model", str(teacher), "--output_dir", str(out), "--depth.num_layers", str(cfg.student_layers),
-            "--calibration.data", str(data / "train.jsonl"), "--calibration.num_samples", "64",
-            "--cache_dir", str(out.parent / "prune_cache")]
-    if cfg.student_intermediate_size is not None:
-        argv += ["--width.intermediate_size", str(cfg.student_intermediate_size)]
-    prune(argv)  # writes into a temporary sibling and renames: done or absent, never half-written
+    prune.run(prune.Config(
+        model=str(teacher),
+        output_dir=str(out),
+        depth=DepthSettings(num_layers=cfg.student_layers),
+        width=WidthSettings(intermediate_size=cfg.student_intermediate_size),  # None keeps the teacher's
+        calibration=CalibrationSettings(data=str(data / "train.jsonl"), num_samples=64),
+        cache_dir=str(out.parent / "prune_cache"),
+    ))  # writes into a temporary sibling and renames: done or absent, never half-written
     return out
 
 
 def evaluate_stage(model: Path, data: Path, teacher: Path, out: Path, cfg: QuickstartConfig) -> dict[str, Any]:
-    from distill.evaluation.command import evaluate
+    from distill.evaluation import command as evaluation
 
     if out.exists():
         return json.loads(out.read_text())
-    result = evaluate(model, data / "eval.jsonl", teacher, max_new_tokens=cfg.max_new_tokens, batch_size=64)
+    result = evaluation.run(evaluation.Config(model=str(model), data=str(data / "eval.jsonl"), teacher=str(teacher),
+                                              max_new_tokens=cfg.max_new_tokens, batch_size=64))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
@@ -274,7 +280,24 @@ def evaluate_stage(model: Path, data: Path, teacher: Path, out: Path, cfg: Quick
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def run(cfg: QuickstartConfig) -> dict[str, Any]:
+@dataclasses.dataclass
+class QuickstartResult:
+    """What :func:`run` returns."""
+
+    output_dir: Path
+    report: dict[str, Any] | None  # the content of report.json; None when a stage stopped early
+    stopped: str | None = None  # why a stage stopped early (cot: 'budget', 'interrupted'; training: 'preempted')
+
+
+def run(cfg: QuickstartConfig) -> QuickstartResult:
+    """Every stage of the module docstring (skipping finished ones, resuming an interrupted one) and the report."""
+    try:
+        return QuickstartResult(Path(cfg.output_dir), run_stages(cfg))
+    except Stopped as stop:  # everything done is saved; rerunning the same command continues the stage
+        return QuickstartResult(Path(cfg.output_dir), None, stop.reason)
+
+
+def run_stages(cfg: QuickstartConfig) -> dict[str, Any]:
     from kd_recipes.report import MODELS, write_report
 
     root = prepare_output_dir(cfg)
@@ -319,7 +342,7 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     return report
 
 
-Config = QuickstartConfig  # this command's config class (kd_core.commands: Config, run, main)
+Config = QuickstartConfig
 
 
 def main(argv: list[str]) -> int:
@@ -327,5 +350,4 @@ def main(argv: list[str]) -> int:
 
     setup_logging()
     cfg = parse_command_line(QuickstartConfig, argv, "distill quickstart", __doc__ or "")
-    run(cfg)
-    return 0
+    return stop_code(run(cfg).stopped)

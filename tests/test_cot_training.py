@@ -109,7 +109,7 @@ def test_answer_accuracy_is_logged_and_computed_from_the_generations(tmp_path, m
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distill.evaluation.metrics import AccuracySettings, answer_accuracy, load_accuracy_set
-    from distill.training.train import Distiller
+    from distill.training.train import run
 
     data_file = tmp_path / "rows.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -120,7 +120,7 @@ def test_answer_accuracy_is_logged_and_computed_from_the_generations(tmp_path, m
         "data.step_by_step_label_weight": None, "max_steps": 20, "learning_rate": 1e-2, "warmup_steps": 0,
         "lr_scheduler_type": "constant", "accuracy.file": str(held), "accuracy.max_new_tokens": 12,
         "per_device_train_batch_size": 2, "logging_steps": 1})
-    summary = Distiller(cfg).train()
+    summary = run(cfg).summary
     metrics = [json.loads(line) for line in (tmp_path / "acc" / "metrics.jsonl").read_text().splitlines()]
     losses = [m["train/loss"] for m in metrics if "train/loss" in m]
     assert losses[-1] < 0.5 * losses[0], losses  # two rows at lr 1e-2: the run trains

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kd_recipes.cli import distill_main as cli
-from distill.evaluation.command import evaluate, greedy_generate
+from distill.evaluation.command import EvalConfig, greedy_generate, run
 
 PROBLEMS = [(a, b) for a in range(2, 8) for b in range(1, 3)]  # 12 records
 
@@ -48,8 +48,6 @@ def test_accuracy_is_computed_from_the_generations(model_dirs, tmp_path):
     """Gold answers set to the model's own greedy first line for half the records: accuracy must be exactly 1/2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kd_core.answers import AnswerExtractor
-
     path = model_dirs["student"]
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -63,8 +61,8 @@ def test_accuracy_is_computed_from_the_generations(model_dirs, tmp_path):
     data = tmp_path / "own.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     # The whole (trimmed) first line is the answer, compared as text.
-    extractor = AnswerExtractor("regex", r"\A\s*(?P<answer>[^\n]+)", numeric=False)
-    figures = evaluate(path, data, max_new_tokens=6, batch_size=3, extractor=extractor)
+    figures = run(EvalConfig(model=str(path), data=str(data), max_new_tokens=6, batch_size=3, extractor="regex",
+                             extractor_regex=r"\A\s*(?P<answer>[^\n]+)", extractor_numeric=False))
     assert figures["accuracy"] == 0.5
     assert [s["correct"] for s in figures["samples"]] == [i % 2 == 0 for i in range(len(PROBLEMS))]
     assert figures["kl"] is None and figures["top1_agreement"] is None  # no teacher given
@@ -73,11 +71,11 @@ def test_accuracy_is_computed_from_the_generations(model_dirs, tmp_path):
 def test_gsm8k_shape_and_text_shape(model_dirs, tmp_path):
     gsm = tmp_path / "gsm.jsonl"
     gsm.write_text(json.dumps({"question": "Tom has 3 and gets 4. How many?", "answer": "3 + 4 = 7\n#### 7"}) + "\n")
-    figures = evaluate(model_dirs["student"], gsm, max_new_tokens=4)
+    figures = run(EvalConfig(model=str(model_dirs["student"]), data=str(gsm), max_new_tokens=4))
     assert figures["samples"][0]["gold"] == "7" and figures["scored"] == 1
     text = tmp_path / "text.jsonl"
     text.write_text(json.dumps({"text": "plain text has no prompt and no answer"}) + "\n")
-    figures = evaluate(model_dirs["student"], text, max_new_tokens=4)
+    figures = run(EvalConfig(model=str(model_dirs["student"]), data=str(text), max_new_tokens=4))
     assert figures["accuracy"] is None and figures["tokens_per_second"] is None and figures["perplexity"] > 1
 
 

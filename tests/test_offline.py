@@ -18,6 +18,7 @@ from distill.offline.store import Codec, LogitStore, TopKTargets
 from distill.offline.precompute import PrecomputeConfig, run, teacher_topk
 from distill.losses.topk import chunked_topk_divergence, topk_per_token
 from distill.training.train import Distiller, TrainConfig
+from distill.training import train
 from tests.conftest import slowed_steps
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -337,7 +338,7 @@ def test_sigterm_and_resume_from_the_store_is_exact(small_store, model_dirs, tra
 
     from kd_core.config import parse_command_line
 
-    Distiller(parse_command_line(TrainConfig, args(tmp_path / "ref")[1:], "distill train")).train()  # in-process
+    train.run(parse_command_line(TrainConfig, args(tmp_path / "ref")[1:], "distill train"))  # in-process
     out = tmp_path / "interrupted"
     process = subprocess.Popen([sys.executable, "-m", "distill", *args(out)], env=slowed_steps(ENV, 0.3),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from kd_recipes.cli import distill_main as cli
-from distill.evaluation.plot import plot_run, read_metrics
+from distill.evaluation import plot
+from distill.evaluation.plot import read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -16,20 +17,20 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def run_dir(model_dirs, tmp_path_factory):
     """Four steps of `distill train` with two logit terms and evaluation: a real run directory."""
     from kd_core.config import from_dict
-    from distill.training.train import Distiller, TrainConfig
+    from distill.training import train
 
     root = tmp_path_factory.mktemp("plot")
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {i} plus 2?", "completion": f"It is {i + 2}."}) + "\n"
                             for i in range(24)))
-    cfg = from_dict(TrainConfig, {
+    cfg = from_dict(train.Config, {
         "output_dir": str(root / "run"), "max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
         "logging_steps": 1, "eval_steps": 2, "save_steps": 100, "report_to": ["none"],
         "model": {"teacher": str(model_dirs["teacher"]), "student": str(model_dirs["student"])},
         "data": {"train_file": str(data), "eval_fraction": 0.25},
         "loss": {"terms": {"forward_kl": 0.5, "ce": 0.5}},
     })
-    Distiller(cfg).train()
+    train.run(cfg)
     return root / "run"
 
 
@@ -51,7 +52,7 @@ def test_plot_command_draws_every_logged_curve(run_dir, tmp_path, capsys):
 
 
 def test_default_output_is_the_run_dir(run_dir):
-    paths = plot_run(run_dir)
+    paths = plot.run(plot.Config(run_dir=str(run_dir)))
     assert {p.parent for p in paths} == {run_dir}
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths)
 
@@ -63,7 +64,7 @@ def test_resumed_and_torn_logs(tmp_path):
              {"step": 3, "train/ce": 1.0}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "train/c')
     assert read_metrics(run / "metrics.jsonl")["train/ce"] == [(1, 3.0), (2, 1.5), (3, 1.0)]
-    assert [p.name for p in plot_run(run)] == ["train_terms.png"]
+    assert [p.name for p in plot.run(plot.Config(run_dir=str(run)))] == ["train_terms.png"]
 
 
 def test_bad_input_exits_2(tmp_path, capsys):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from distill.training import checkpoint as ckpt
 from distill.data.batching import BatchStream
 from kd_core.config import ConfigError, from_dict
-from distill.training.train import Distiller, TrainConfig
+from distill.training.train import Distiller, TrainConfig, run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -196,7 +196,7 @@ def test_export_of_a_lora_checkpoint_matches_the_trainers_export(model_dirs, tra
     out = tmp_path / "lora_run"
     cfg = config(model_dirs, train_file, out, max_steps=2, lora={"enabled": True, "r": 4, "alpha": 8},
                  lora_export="both")
-    Distiller(cfg).train()
+    run(cfg)
     ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
     with torch.no_grad():
         merged_logits = AutoModelForCausalLM.from_pretrained(out / "final").eval()(ids).logits

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from kd_core.commands import run_command
 from kd_core.config import from_dict
-from distill.training.train import Distiller, TrainConfig
+from distill.training.train import Distiller, TrainConfig, run
 from kd_core.commands import EXIT_PREEMPTED
 from distill.training.train import main as train_main
 from tests.conftest import slowed_steps
@@ -216,14 +216,14 @@ def test_padded_teacher_vocab_is_cropped(model_dirs, train_file, tmp_path, token
     teacher.save_pretrained(padded)
     tokenizer.save_pretrained(padded)
     cfg = config(model_dirs, train_file, tmp_path / "out", **{"model.teacher": str(padded), "max_steps": 1})
-    summary = Distiller(cfg).train()
+    summary = run(cfg).summary
     assert summary["steps"] == 1 and (tmp_path / "out" / "final" / "model.safetensors").exists()
 
 
 def test_bf16_training_runs_with_finite_losses(model_dirs, train_file, tmp_path):
     """bf16 mixed precision (CPU autocast here) with the teacher in bf16: losses stay finite and close to fp32's."""
-    fp32 = Distiller(config(model_dirs, train_file, tmp_path / "fp32", max_steps=2)).train()
-    bf16 = Distiller(config(model_dirs, train_file, tmp_path / "bf16", max_steps=2, bf16=True)).train()
+    fp32 = run(config(model_dirs, train_file, tmp_path / "fp32", max_steps=2)).summary
+    bf16 = run(config(model_dirs, train_file, tmp_path / "bf16", max_steps=2, bf16=True)).summary
     for ours, reference in zip(bf16["history"], fp32["history"]):
         assert math.isfinite(ours["train/loss"])
         assert ours["train/loss"] == pytest.approx(reference["train/loss"], rel=0.05)

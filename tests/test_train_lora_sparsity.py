@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from kd_core.config import from_dict
-from distill.training.train import Distiller, TrainConfig
+from distill.training.train import TrainConfig, run
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def zero_positions(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def test_full_training_keeps_the_zero_pattern(model_dirs, sparse_student, train_file, tmp_path):
     before = zero_positions(load_file(str(sparse_student / "model.safetensors")))
-    Distiller(make_config(model_dirs, sparse_student, train_file, tmp_path / "run")).train()
+    run(make_config(model_dirs, sparse_student, train_file, tmp_path / "run"))
     after_state = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     after = zero_positions(after_state)
     for name, zeros in before.items():
@@ -67,7 +67,7 @@ def test_full_training_keeps_the_zero_pattern(model_dirs, sparse_student, train_
 def test_without_keep_sparsity_training_densifies(model_dirs, sparse_student, train_file, tmp_path):
     """The control for the test above: the masks are what keeps the zeros."""
     before = zero_positions(load_file(str(sparse_student / "model.safetensors")))
-    Distiller(make_config(model_dirs, sparse_student, train_file, tmp_path / "run", keep_sparsity=False)).train()
+    run(make_config(model_dirs, sparse_student, train_file, tmp_path / "run", keep_sparsity=False))
     after = zero_positions(load_file(str(tmp_path / "run" / "final" / "model.safetensors")))
     assert sum(int(after[k].sum()) for k in before) < sum(int(z.sum()) for z in before.values())
 
@@ -75,7 +75,7 @@ def test_without_keep_sparsity_training_densifies(model_dirs, sparse_student, tr
 def test_lora_on_sparse_student_exports_adapter_and_sparse_merge(model_dirs, sparse_student, train_file, tmp_path):
     lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
     out = tmp_path / "lora"
-    Distiller(make_config(model_dirs, sparse_student, train_file, out, lora=lora)).train()
+    run(make_config(model_dirs, sparse_student, train_file, out, lora=lora))
     assert (out / "final" / "adapter" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(out / "final")
     before = zero_positions(load_file(str(sparse_student / "model.safetensors")))

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from kd_core.answers import AnswerExtractor, gold_answer
+from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line
 
 METRIC_NAMES = ("accuracy", "perplexity", "loss", "kl", "top1_agreement", "tokens_per_second", "parameters")
@@ -43,6 +44,8 @@ class EvalConfig:
     max_length: int = option(512, help="Token truncation for the token-level figures.")
     extractor: str = option("answer_is", help="Answer extractor (kd_core.answers): answer_is, hash, final_number, regex.")
     extractor_regex: str | None = option(None, help="With extractor: regex, the pattern (group `answer` or 1 = answer).")
+    extractor_numeric: bool = option(
+        True, help="Compare answers as numbers (drops $ , % and trailing zeros); false = compare as text.")
     output: str | None = option(None, help="Write the figures as JSON to this file (must not exist).")
     device: str = option("cpu", help="torch device, e.g. cpu or cuda.")
 
@@ -57,7 +60,8 @@ class EvalConfig:
         if self.num_samples is not None and self.num_samples < 1:
             raise ValueError(f"num_samples: expected >= 1 or null, got {self.num_samples}")
         try:
-            AnswerExtractor(self.extractor, self.extractor_regex)  # an unknown kind or a bad regex fails here
+            # an unknown kind or a bad regex fails here
+            AnswerExtractor(self.extractor, self.extractor_regex, self.extractor_numeric)
         except ValueError as err:
             raise ValueError(f"extractor: {err}") from None
 
@@ -153,17 +157,7 @@ def load_model(path: str | Path, device: str, field: str):
     return AutoModelForCausalLM.from_pretrained(path).to(device).eval()
 
 
-def evaluate(
-    model_dir: str | Path,
-    data: str | Path,
-    teacher_dir: str | Path | None = None,
-    num_samples: int | None = None,
-    max_new_tokens: int = 96,
-    batch_size: int = 32,
-    max_length: int = 512,
-    device: str = "cpu",
-    extractor: AnswerExtractor | None = None,
-) -> dict[str, Any]:
+def measure(cfg: EvalConfig) -> dict[str, Any]:
     """Every figure of the module docstring for one model on one dataset, plus the per-record generations."""
     from transformers import AutoTokenizer
 
@@ -172,6 +166,9 @@ def evaluate(
     from distill.evaluation.metrics import token_metrics
     from distill.losses.divergences import shared_vocab_size
 
+    model_dir, data, teacher_dir, device = cfg.model, cfg.data, cfg.teacher, cfg.device
+    batch_size, max_new_tokens, max_length, num_samples = cfg.batch_size, cfg.max_new_tokens, cfg.max_length, \
+        cfg.num_samples
     model = load_model(model_dir, device, "model")  # checks the directory before anything else reads it
     records = [as_trainer_record(r) for r in load_records(data, "data")][:num_samples]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -202,7 +199,7 @@ def evaluate(
         "kl": tokens.get("kl"),
         "top1_agreement": tokens.get("top1_agreement"),
     }
-    extractor = extractor or AnswerExtractor()
+    extractor = AnswerExtractor(cfg.extractor, cfg.extractor_regex, cfg.extractor_numeric)
     tasks = [(i, pg) for i, pg in enumerate(prompt_and_gold(r, extractor) for r in records) if pg is not None]
     texts, generated, seconds = greedy_generate(model, tokenizer, [pg[0] for _, pg in tasks], max_new_tokens,
                                                 batch_size)
@@ -238,19 +235,24 @@ def format_table(rows: list[dict[str, Any]], names: list[str] | None = None) -> 
                      for line in cells)
 
 
-Config = EvalConfig  # this command's config class (kd_core.commands: Config, run, main)
+Config = EvalConfig
 
 
-def main(argv: list[str]) -> int:
-    cfg = parse_command_line(EvalConfig, argv, "distill eval", __doc__ or "")
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    """The figures (:func:`measure`), printed as a table and written as JSON to ``cfg.output`` when set."""
     output = Path(cfg.output) if cfg.output else None
     if output is not None and output.exists():
         raise ConfigError(f"output: {output} already exists; choose another file")
-    results = evaluate(cfg.model, cfg.data, cfg.teacher, cfg.num_samples, cfg.max_new_tokens, cfg.batch_size,
-                       cfg.max_length, cfg.device, AnswerExtractor(cfg.extractor, cfg.extractor_regex))
+    results = measure(cfg)
     print(format_table([results]))
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=1))
         print(f"wrote {output}")
-    return 0
+    return results
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_command_line(EvalConfig, argv, "distill eval", __doc__ or "")
+    run(cfg)
+    return EXIT_OK

@@ -17,6 +17,7 @@ import json
 import math
 from pathlib import Path
 
+from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line
 
 METRICS_FILE = "metrics.jsonl"
@@ -103,11 +104,18 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None, title: s
     return written
 
 
-Config = PlotConfig  # this command's config class (kd_core.commands: Config, run, main)
+Config = PlotConfig
+
+
+def run(cfg: PlotConfig) -> list[Path]:
+    """Draws the run's curves into ``cfg.output_dir`` (default: the run directory); returns the PNG paths."""
+    written = plot_run(cfg.run_dir, cfg.output_dir)
+    for path in written:
+        print(f"wrote {path}")
+    return written
 
 
 def main(argv: list[str]) -> int:
     cfg = parse_command_line(PlotConfig, argv, "distill plot", __doc__ or "")
-    for path in plot_run(cfg.run_dir, cfg.output_dir):
-        print(f"wrote {path}")
-    return 0
+    run(cfg)
+    return EXIT_OK

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.offline import store as ls
+from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section
 from distill.data.datasets import DataSettings, build_datasets, collate
 from distill.losses.divergences import shared_vocab_size
@@ -80,6 +81,8 @@ def teacher_topk(
 
 
 def run(cfg: PrecomputeConfig) -> Path:
+    """Writes the store into ``cfg.output_dir`` (every process its shard, the main one ``store.json`` last); returns
+    the store directory."""
     from accelerate import PartialState
 
     require_model_dir(cfg.teacher, "teacher")
@@ -154,11 +157,11 @@ def run(cfg: PrecomputeConfig) -> Path:
     return out
 
 
-Config = PrecomputeConfig  # this command's config class (kd_core.commands: Config, run, main)
+Config = PrecomputeConfig
 
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_command_line(PrecomputeConfig, argv, "distill precompute", __doc__)
     run(cfg)
-    return 0
+    return EXIT_OK

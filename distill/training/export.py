@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from kd_core.commands import EXIT_OK
 from distill.training import checkpoint as ckpt
 from kd_core.config import ConfigError, option, parse_command_line
 
@@ -130,12 +131,18 @@ def export_checkpoint(checkpoint: Path, output_dir: Path, dtype: str = "float32"
     return output_dir
 
 
-Config = ExportConfig  # this command's config class (kd_core.commands: Config, run, main)
+Config = ExportConfig
+
+
+def run(cfg: ExportConfig) -> Path:
+    """Exports the checkpoint's student; returns the model directory."""
+    out = export_checkpoint(Path(cfg.checkpoint), Path(cfg.output_dir), cfg.dtype)
+    logger.info("exported %s to %s", cfg.checkpoint, out)
+    return out
 
 
 def main(argv: list[str]) -> int:
     cfg = parse_command_line(ExportConfig, argv, "distill export", __doc__)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = export_checkpoint(Path(cfg.checkpoint), Path(cfg.output_dir), cfg.dtype)
-    logger.info("exported %s to %s", cfg.checkpoint, out)
-    return 0
+    run(cfg)
+    return EXIT_OK

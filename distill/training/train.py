@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from distill.training import checkpoint as ckpt
 from distill.data.batching import BatchStream
-from kd_core.commands import EXIT_PREEMPTED
+from kd_core.commands import EXIT_PREEMPTED, PREEMPTED, stop_code
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
 from distill.data.datasets import DataSettings, build_datasets, collate
 from distill.evaluation.embedding import embedding_metrics
@@ -560,17 +560,36 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-Config = TrainConfig  # this command's config class (kd_core.commands: Config, run, main)
+Config = TrainConfig
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`run` returns."""
+
+    output_dir: Path
+    steps: int  # optimizer steps done (the checkpointed step when preempted)
+    summary: dict[str, Any] | None  # the content of summary.json; None when preempted
+    stopped: str | None = None  # kd_core.commands.PREEMPTED after a SIGTERM/SIGUSR1 save; None = finished
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    """Trains (resuming as ``cfg.resume`` says) and exports ``final/``; on SIGTERM/SIGUSR1 it saves a checkpoint
+    and returns with ``stopped`` set."""
+    distiller = Distiller(cfg)
+    try:
+        summary = distiller.train()
+    except SystemExit as stop:  # the preemption exit, after a completed save
+        if stop.code != EXIT_PREEMPTED:
+            raise
+        return TrainResult(Path(cfg.output_dir), distiller.step, None, PREEMPTED)
+    return TrainResult(Path(cfg.output_dir), summary["steps"], summary)
 
 
 def main(argv: list[str]) -> int:
     setup_logging()
     cfg = parse_command_line(TrainConfig, argv, "distill train", __doc__)
-    code = 0
-    try:
-        Distiller(cfg).train()
-    except SystemExit as stop:  # the preemption exit, after a completed save
-        code = stop.code
+    code = stop_code(run(cfg).stopped)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # All is saved and closed and the process group destroyed. Under gloo (CPU) with torch 2.13 and DeepSpeed
         # 0.19.8 a rank then now and then aborts in interpreter teardown ("terminate called without an active
@@ -579,6 +598,4 @@ def main(argv: list[str]) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    if code:
-        raise SystemExit(code)
-    return 0
+    return code

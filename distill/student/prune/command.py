@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from kd_core.commands import EXIT_OK
 
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section
 from distill.student.prune.calibration import Calibration, load_calibration
@@ -184,11 +185,12 @@ def _write_output(
     write_report(tmp / "prune_report.json", report)
 
 
-Config = PruneConfig  # this command's config class (kd_core.commands: Config, run, main)
+Config = PruneConfig
 
 
-def main(argv: list[str]) -> int:
-    cfg = parse_command_line(PruneConfig, argv, "distill prune", __doc__ or "")
+def run(cfg: PruneConfig) -> dict[str, Any]:
+    """Writes the pruned (or sparsified) model, its tokenizer, ``prune_config.yaml`` and ``prune_report.json`` into
+    ``cfg.output_dir``; returns the report."""
     model_dir, out_dir = Path(cfg.model), Path(cfg.output_dir)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"model: {model_dir} is not a model directory (no config.json)")
@@ -253,4 +255,10 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves nothing behind
     print(format_table(report))
     print(f"saved pruned model to {out_dir}")
-    return 0
+    return report
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_command_line(PruneConfig, argv, "distill prune", __doc__ or "")
+    run(cfg)
+    return EXIT_OK
