@@ -13,7 +13,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertModel
 
 from kd_core.config import ConfigError
-from distill.losses.features import FEATURE_TERMS, FeatureDistiller, FeatureSettings
+from distill.losses.features import FeatureDistiller, FeatureSettings
+from distill.losses.registry import FEATURE_TERMS
 from distill.student.tiny import tiny_llama
 
 VOCAB = 60

@@ -9,13 +9,13 @@ import torch
 
 from kd_core.config import ConfigError
 from distill.losses.divergences import (
-    KINDS,
     chunked_cross_entropy_sum,
     chunked_divergence,
     divergence,
     per_token_divergence,
     shared_vocab_size,
 )
+from distill.losses.registry import DIVERGENCES
 
 BETA, SKEW = 0.3, 0.2
 
@@ -52,7 +52,7 @@ def logits_pair(*shape: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", DIVERGENCES)
 def test_values_and_gradients_match_reference(kind: str, temperature: float) -> None:
     s, t = logits_pair(3, 4, 11)
     s.requires_grad_(True)
@@ -96,7 +96,7 @@ def test_jsd_follows_trl_gkd_convention(beta: float) -> None:
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", DIVERGENCES)
 def test_underflowing_probabilities_stay_finite(kind: str) -> None:
     # Spreads of thousands of logits underflow most probabilities to exactly 0 in fp32.
     s, t = logits_pair(6, 32)
@@ -134,7 +134,7 @@ def _heads(n: int, hs: int, ht: int, vs: int, vt: int, seed: int = 0) -> tuple[t
     )
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", DIVERGENCES)
 def test_chunked_equals_unchunked(kind: str) -> None:
     n, vocab = 11, 37
     h_s, w_s, h_t, w_t = _heads(n, 8, 12, vocab, vocab)

@@ -8,7 +8,6 @@ depend on how the eval set is sharded.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,15 +19,7 @@ from torch import nn
 from distill.losses import divergences as losses
 from kd_core.config import option
 from distill.losses.objective import target_positions
-
-
-def zero3_gathered(params: list[nn.Parameter], enabled: bool):
-    """Gathers ZeRO-3 partitioned parameters for read-only use; a no-op otherwise."""
-    if not enabled:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+from distill.training.runtime import zero3_gathered
 
 
 @torch.no_grad()

@@ -1,6 +1,8 @@
 """Loss terms and the objective that combines them.
 
-Modules, in the order a step uses them: ``objective`` (which terms are computed from what, weighted and summed),
-``divergences`` (logit divergences and the chunked kernel whose gradient is computed in the forward pass),
-``topk`` (divergences against an offline top-k store), ``features`` (hidden-state, attention and relation terms).
+Modules, in the order a step uses them: ``registry`` (every term of ``loss.terms``: its name, whether it is
+token-level, what it needs; ``loss.terms`` is validated against it), ``objective`` (which terms are computed from
+what, and how each is normalised), ``divergences`` (logit divergences and the chunked kernel whose gradient is
+computed in the forward pass), ``topk`` (divergences against an offline top-k store), ``features`` (hidden-state,
+attention and relation terms).
 """

@@ -33,15 +33,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from distill.losses.registry import DIVERGENCES
 from kd_core.config import ConfigError
-
-KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 
 
 def _check(kind: str, temperature: float, beta: float, skew: float) -> None:
     """Rejects unknown kinds and out-of-range coefficients (programming errors: configs validate earlier)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    if kind not in DIVERGENCES:
+        raise ValueError(f"kind: expected one of {', '.join(DIVERGENCES)}, got {kind!r}")
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
     if not 0.0 <= beta <= 1.0:
@@ -133,7 +132,7 @@ def _log_mixture_into(log_p: Tensor, log_q: Tensor, weight_p: float, out: Tensor
     return torch.logaddexp(out, scratch, out=out)
 
 
-def _value_and_grad(
+def divergence_and_grad(
     s: Tensor, t: Tensor, w1: Tensor, w2: Tensor | None, kind: str, beta: float, skew: float
 ) -> tuple[Tensor, Tensor]:
     """Per-row divergence and its gradient w.r.t. the (temperature-scaled) student logits ``z_s``.
@@ -194,7 +193,7 @@ def _value_and_grad(
     return value, u.sub_(torch.mul(ps, u, out=t).sum(-1)[:, None]).mul_(ps)
 
 
-def _project_into(out: Tensor, hidden: Tensor, head: Tensor, inv_t: float) -> Tensor:
+def project_into(out: Tensor, hidden: Tensor, head: Tensor, inv_t: float) -> Tensor:
     """``out = (hidden @ head.T) / T`` in fp32. Low-precision inputs are projected in their own dtype first
     (what the model's own lm_head would output), then upcast."""
     if hidden.dtype == torch.float32 and head.dtype == torch.float32:
@@ -228,7 +227,7 @@ def hold_gradients(
 
 
 def needs_mixture_scratch(kind: str, beta: float) -> bool:
-    """Whether :func:`_value_and_grad` needs its second scratch tile (the kinds that build a mixture)."""
+    """Whether :func:`divergence_and_grad` needs its second scratch tile (the kinds that build a mixture)."""
     return kind in ("jsd", "skew_forward_kl", "skew_reverse_kl") and not (kind == "jsd" and beta in (0, 1))
 
 
@@ -287,10 +286,10 @@ class _ChunkedDivergence(torch.autograd.Function):
                 w2 = tiles[3][:n] if mixture else None
                 # log_softmax is one fused kernel that reads each row before writing it, so it may run in place
                 # (checked on CPU with torch 2.13 by the parity tests); this saves a tile per model.
-                s = torch.log_softmax(_project_into(s, h_s, student_head, inv_t), -1, out=s)
-                z_t = _project_into(t, teacher_hidden[start : start + chunk_size], teacher_head, inv_t)
+                s = torch.log_softmax(project_into(s, h_s, student_head, inv_t), -1, out=s)
+                z_t = project_into(t, teacher_hidden[start : start + chunk_size], teacher_head, inv_t)
                 t = torch.log_softmax(z_t, -1, out=t)
-                value, grad_z = _value_and_grad(s, t, w1, w2, kind, beta, skew)
+                value, grad_z = divergence_and_grad(s, t, w1, w2, kind, beta, skew)
                 total += value.sum()
                 # d(T^2 L)/d(logits) = T^2 * (1/T) * dL/dz
                 if temperature != 1.0:
@@ -336,7 +335,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         with torch.no_grad():
             for start in range(0, n_tokens, chunk_size):
                 h, target = hidden[start : start + chunk_size], targets[start : start + chunk_size, None]
-                log_p = torch.log_softmax(_project_into(tile[: h.shape[0]], h, head, 1.0), -1, out=tile[: h.shape[0]])
+                log_p = torch.log_softmax(project_into(tile[: h.shape[0]], h, head, 1.0), -1, out=tile[: h.shape[0]])
                 nll = log_p.gather(1, target).neg_().squeeze(1)
                 grad_z = log_p.exp_().scatter_add_(1, target, torch.full_like(nll, -1.0)[:, None])
                 if weights is not None:

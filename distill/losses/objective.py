@@ -1,4 +1,4 @@
-"""The distillation objective: which loss terms are computed from what, in one place.
+"""The distillation objective: which loss terms are computed from what, and how each is normalised.
 
 ``StudentWithObjective`` wraps the student (and any trainable loss parameters, such as feature projectors) in one
 module whose ``forward`` returns the loss terms. Computing the losses inside ``forward`` is what lets DDP and
@@ -6,35 +6,41 @@ DeepSpeed see one module: DDP synchronises projector gradients with the student'
 lm_head weight for the chunked kernel (it is registered as an external parameter), and checkpoints hold projectors
 beside the student without extra bookkeeping.
 
-Token-level terms (logit divergences, cross-entropy) are returned as *sums* over counted tokens; the trainer divides
-by the number of counted tokens in the whole optimizer step (all micro-batches, all ranks), so the gradient does not
-depend on how a batch is split. Feature and relation terms are per-micro-batch means.
+The terms, what each needs and which are token-level are in :mod:`distill.losses.registry`. Token-level terms
+(cross-entropy, logit divergences) are computed as sums over counted tokens and multiplied by the step's
+``token_scale`` (:func:`step_token_scale`), which divides by the counted tokens of the whole optimizer step (all
+micro-batches, all ranks), so the gradient does not depend on how a batch is split. Feature and relation terms are
+per-micro-batch means. The training step only weights and sums what ``forward`` returns.
+
+The teacher's side arrives as :class:`TeacherTargets` (an online teacher's outputs, or a top-k store's targets; see
+:mod:`distill.training.teacher`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
 
-from distill.losses import divergences as losses
-from kd_core.config import option, section
 from distill.data.datasets import IGNORE_INDEX
-from distill.losses.features.distiller import FEATURE_TERMS, FeatureDistiller, FeatureSettings
-from distill.offline.store import TopKTargets
-from distill.losses.topk import chunked_topk_divergence
-
-CE_TERM = "ce"
+from distill.losses.divergences import chunked_cross_entropy_sum
+from distill.losses.features.distiller import FeatureDistiller, FeatureSettings
+from distill.losses.registry import CE, DIVERGENCES, FEATURE_TERMS, TERMS, Need, check_weights, needs
+from kd_core.config import option, section
 
 
 @dataclasses.dataclass
 class LossSettings:
     terms: dict[str, float] = option(
         {"forward_kl": 0.5, "ce": 0.5},
-        help="Loss terms and their weights. Logit divergences: forward_kl, reverse_kl, jsd, skew_forward_kl, "
-        "skew_reverse_kl, tvd; `ce` = cross-entropy on labels (Hinton's alpha is {kind: alpha, ce: 1 - alpha}); "
-        "feature/relation terms: " + ", ".join(FEATURE_TERMS) + ".",
+        help="Loss terms and their weights. Logit divergences: " + ", ".join(DIVERGENCES) + "; `ce` = "
+        "cross-entropy on labels (Hinton's alpha is {kind: alpha, ce: 1 - alpha}); feature/relation terms: "
+        + ", ".join(FEATURE_TERMS) + ".",
     )
     temperature: float = option(1.0, help="Softmax temperature for logit divergences; the result is scaled by T**2.")
     beta: float = option(0.5, help="Interpolation of the generalized JSD (0 = forward KL, 1 = reverse KL).")
@@ -50,16 +56,7 @@ class LossSettings:
     features: FeatureSettings = section(FeatureSettings, help="Settings of feature- and relation-based terms.")
 
     def __post_init__(self) -> None:
-        known = set(losses.KINDS) | {CE_TERM} | set(FEATURE_TERMS)
-        for name, weight in self.terms.items():
-            if name not in known:
-                import difflib
-
-                close = difflib.get_close_matches(name, sorted(known), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(sorted(known))})"
-                raise ValueError(f"terms.{name}: unknown loss term{hint}")
-            if weight < 0:
-                raise ValueError(f"terms.{name}: weight must be >= 0, got {weight}")
+        check_weights(self.terms)  # the one validation of loss.terms, against distill.losses.registry
         if not any(w > 0 for w in self.terms.values()):
             raise ValueError("terms: at least one loss term needs a positive weight")
         if self.temperature <= 0:
@@ -75,15 +72,39 @@ class LossSettings:
 
     @property
     def logit_terms(self) -> dict[str, float]:
-        return {k: w for k, w in self.terms.items() if k in losses.KINDS and w > 0}
+        """The logit divergences with a positive weight."""
+        return {k: w for k, w in self.terms.items() if TERMS[k].family == "divergence" and w > 0}
 
     @property
     def feature_terms(self) -> dict[str, float]:
-        return {k: w for k, w in self.terms.items() if k in FEATURE_TERMS and w > 0}
+        """The feature and relation terms with a positive weight."""
+        return {k: w for k, w in self.terms.items() if TERMS[k].family == "feature" and w > 0}
+
+    @property
+    def needs(self) -> frozenset[Need]:
+        """What the terms with a positive weight need together (zero-weight terms are never computed)."""
+        return needs(k for k, w in self.terms.items() if w > 0)
 
     @property
     def needs_teacher(self) -> bool:
+        """Whether a teacher model must run in the step (a store replaces it for the logit divergences only)."""
         return bool(self.feature_terms or (self.logit_terms and not self.teacher_store))
+
+
+class TeacherTargets(Protocol):
+    """The teacher's side of one micro-batch; the two implementations are in :mod:`distill.training.teacher`."""
+
+    @property
+    def outputs(self) -> ModelOutput | None:
+        """The teacher model's outputs (hidden states, attentions) for feature terms; None without a model."""
+
+    def divergence(
+        self, student_hidden: Tensor, student_head: Tensor, positions: Tensor, kind: str, settings: LossSettings,
+        vocab_size: int,
+    ) -> Tensor:
+        """SUM over the counted tokens of the divergence ``kind`` (times ``T**2``) of the student against the
+        teacher: ``student_hidden [N, H]`` are the student's final hidden states at ``positions [B, T]``
+        (:func:`target_positions`), ``student_head`` its lm_head weight; differentiable w.r.t. both."""
 
 
 def target_positions(labels: Tensor) -> Tensor:
@@ -93,15 +114,27 @@ def target_positions(labels: Tensor) -> Tensor:
     return positions
 
 
+def step_token_scale(
+    micro_batch_labels: Sequence[Tensor], reduce_sum: Callable[[Tensor], Tensor], processes: int, accumulation: int
+) -> float:
+    """The ``token_scale`` of every micro-batch of one optimizer step: ``processes * accumulation`` over the counted
+    tokens of the whole step (``reduce_sum`` sums a tensor over ranks). DDP/DeepSpeed average gradients over ranks
+    and accelerate/DeepSpeed divide by the accumulation steps, which the numerator undoes, so each token-level sum
+    becomes its share of the step's per-token mean."""
+    local_tokens = sum(target_positions(labels).sum() for labels in micro_batch_labels).double()
+    step_tokens = reduce_sum(local_tokens).item()
+    return processes * accumulation / max(step_tokens, 1.0)
+
+
 class StudentWithObjective(nn.Module):
     """The student plus trainable loss parameters; ``forward`` returns ``{term: value}`` (see module docstring)."""
 
     def __init__(
         self,
-        student: nn.Module,
+        student: PreTrainedModel,
         settings: LossSettings,
         vocab_size: int,
-        teacher_config=None,
+        teacher_config: PretrainedConfig | None = None,
     ) -> None:
         super().__init__()
         self.student = student
@@ -112,78 +145,60 @@ class StudentWithObjective(nn.Module):
             self.features = FeatureDistiller(settings.feature_terms, settings.features, student.config, teacher_config)
 
     @property
-    def config(self):
+    def config(self) -> PretrainedConfig:
         """The student's config: accelerate 1.15 reads ``model.config.hidden_size`` to fill the DeepSpeed bucket
         sizes left as "auto" in launch/ds_zero3.json."""
         return self.student.config
-
-    @property
-    def needs_hidden_states(self) -> bool:
-        return self.features is not None and self.features.needs_hidden_states
-
-    @property
-    def needs_attentions(self) -> bool:
-        return self.features is not None and self.features.needs_attentions
 
     def forward(
         self,
         input_ids: Tensor,
         attention_mask: Tensor,
         labels: Tensor,
-        teacher_outputs=None,
-        teacher_head: Tensor | None = None,
+        teacher: TeacherTargets | None = None,
         loss_weights: Tensor | None = None,
+        token_scale: float = 1.0,
     ) -> dict[str, Tensor]:
-        """``loss_weights`` [B]: per-example weights of the ``ce`` term (distilling step-by-step); None = all 1."""
-        s = self.settings
+        """``{term: value}``, token-level terms multiplied by ``token_scale`` (:func:`step_token_scale`; 1 = plain
+        sums over counted tokens). ``teacher``: None when no term needs one (``ce`` only). ``loss_weights`` [B]:
+        per-example weights of the ``ce`` term (distilling step-by-step); None = all 1. Pass ``teacher`` and what
+        follows by keyword: ZeRO-3's module hooks then leave them alone (they only see positional inputs)."""
+        s, wanted = self.settings, self.settings.needs
         student_out = self.student.get_decoder()(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            output_hidden_states=self.needs_hidden_states,
-            output_attentions=self.needs_attentions,
+            output_hidden_states=Need.HIDDEN_STATES in wanted,
+            output_attentions=Need.ATTENTIONS in wanted,
             use_cache=False,
         )
         terms: dict[str, Tensor] = {}
         if self.features is not None:
-            terms.update(self.features(student_out, teacher_outputs, attention_mask))
-        if not (s.terms.get(CE_TERM, 0) > 0 or s.logit_terms):
-            return terms  # feature/relation terms only (encoders have no LM head)
+            if teacher is None or teacher.outputs is None:
+                raise ValueError(f"feature terms {self.features.terms} need the outputs of a teacher model")
+            terms.update(self.features(student_out, teacher.outputs, attention_mask))
+        if Need.STUDENT_LOGITS in wanted:  # not for feature/relation terms only (encoders have no LM head)
+            terms.update(self._logit_terms(student_out.last_hidden_state, labels, teacher, loss_weights))
+        return {k: v * token_scale if TERMS[k].token_level else v for k, v in terms.items()}
+
+    def _logit_terms(
+        self, last_hidden: Tensor, labels: Tensor, teacher: TeacherTargets | None, loss_weights: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Cross-entropy and logit divergences, as sums over the counted tokens."""
+        s = self.settings
+        terms: dict[str, Tensor] = {}
         positions = target_positions(labels)
-        student_hidden = student_out.last_hidden_state[positions]
+        student_hidden = last_hidden[positions]
         student_head = self.student.get_output_embeddings().weight
-        if s.terms.get(CE_TERM, 0) > 0:
+        if s.terms.get(CE, 0) > 0:
             targets = labels[:, 1:][positions[:, :-1]]
             token_weights = None
             if loss_weights is not None and bool((loss_weights != 1).any()):
                 token_weights = loss_weights[:, None].expand_as(labels)[positions].float()
-            terms[CE_TERM] = losses.chunked_cross_entropy_sum(
-                student_hidden, student_head, targets, s.chunk_size, token_weights
-            )
-        if s.logit_terms and isinstance(teacher_outputs, TopKTargets):  # offline: stored top-k targets
+            terms[CE] = chunked_cross_entropy_sum(student_hidden, student_head, targets, s.chunk_size, token_weights)
+        if s.logit_terms:
+            if teacher is None:
+                raise ValueError(f"logit terms {sorted(s.logit_terms)} need a teacher (a model or a store)")
             for kind in s.logit_terms:
-                terms[kind] = chunked_topk_divergence(
-                    student_hidden, student_head, teacher_outputs, kind, temperature=s.temperature, beta=s.beta,
-                    skew=s.skew, vocab_size=self.vocab_size, chunk_size=s.chunk_size,
-                )
-        elif s.logit_terms:
-            teacher_hidden = teacher_outputs.last_hidden_state[positions]
-            for kind in s.logit_terms:
-                terms[kind] = losses.chunked_divergence(
-                    student_hidden,
-                    student_head,
-                    teacher_hidden,
-                    teacher_head,
-                    kind,
-                    temperature=s.temperature,
-                    beta=s.beta,
-                    skew=s.skew,
-                    vocab_size=self.vocab_size,
-                    chunk_size=s.chunk_size,
-                )
+                terms[kind] = teacher.divergence(student_hidden, student_head, positions, kind, s, self.vocab_size)
         return terms
-
-
-def token_level(term: str) -> bool:
-    """Whether a term is a sum over tokens (normalised by the step's token count) rather than a batch mean."""
-    return term == CE_TERM or term in losses.KINDS
 

@@ -97,7 +97,7 @@ class _ChunkedTopK(torch.autograd.Function):
             for start in range(0, n_tokens, chunk_size):
                 rows = slice(start, start + chunk_size)
                 h, chunk_ids = hidden[rows], ids[rows]
-                z = losses._project_into(tile[: h.shape[0]], h, cropped, 1.0 / temperature)
+                z = losses.project_into(tile[: h.shape[0]], h, cropped, 1.0 / temperature)
                 picked = z.gather(1, chunk_ids)
                 # The tail: softmax over the ids not stored, computed in place (the ids set to -inf first).
                 z.scatter_(1, chunk_ids, float("-inf"))
@@ -110,7 +110,7 @@ class _ChunkedTopK(torch.autograd.Function):
                 clamped = raw.clamp_min(LOG_ZERO)
                 s = torch.log_softmax(clamped, 1)
                 t = teacher_buckets(logp[rows], log_tail[rows])
-                value, grad_s = losses._value_and_grad(
+                value, grad_s = losses.divergence_and_grad(
                     s, t, torch.empty_like(s), torch.empty_like(s) if mixture else None, kind, beta, skew
                 )
                 total += value.sum()

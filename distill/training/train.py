@@ -1,19 +1,19 @@
 """``distill train``: distil a teacher into a student, single process or under ``accelerate launch`` (DDP, DeepSpeed).
 
-The whole step is in :meth:`Distiller.training_step`: a frozen teacher forward, the student module returning its
-loss terms, normalisation by the tokens of the full optimizer step, backward. Everything else here is set-up,
-checkpointing and logging.
+The whole step is in :meth:`Distiller.training_step`: the teacher signal's targets (:mod:`distill.training.teacher`),
+the student module returning its loss terms already normalised by the tokens of the full optimizer step, their
+weighted sum, backward. Everything else here is set-up, checkpointing and logging; the workarounds for accelerate,
+DeepSpeed and torch.distributed are in :mod:`distill.training.runtime`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +27,7 @@ from kd_core.commands import EXIT_PREEMPTED, PREEMPTED, stop_code
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
 from distill.data.datasets import DataSettings, build_datasets, collate
 from distill.evaluation.embedding import embedding_metrics
-from distill.evaluation.metrics import AccuracySettings, answer_accuracy, load_accuracy_set, token_metrics, zero3_gathered
+from distill.evaluation.metrics import AccuracySettings, answer_accuracy, load_accuracy_set, token_metrics
 from distill.training.export import export_checkpoint
 from distill.offline.store import LogitStore
 from distill.student.lora import LoraSettings, apply_lora
@@ -41,8 +41,17 @@ from distill.student.models import (
     parameter_count,
     resolve_task,
 )
-from distill.losses.objective import LossSettings, StudentWithObjective, target_positions, token_level
+from distill.losses.objective import LossSettings, StudentWithObjective, TeacherTargets, step_token_scale
+from distill.losses.registry import Need
 from distill.student.sparsity import SparsityMasks
+from distill.training.runtime import (
+    exit_launched_process,
+    inner,
+    make_accelerator,
+    register_external_parameter,
+    zero3_enabled,
+)
+from distill.training.teacher import OnlineTeacher, StoreTeacher, TeacherSignal
 
 logger = logging.getLogger("distill")
 
@@ -126,88 +135,15 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def make_accelerator(cfg: TrainConfig, project_dir: Path):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    handlers = []
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    multi_cpu = launched and not torch.cuda.is_available()
-    if multi_cpu:
-        # accelerate 1.15 does not pick gloo by itself on CPU under DeepSpeed and then sees one process per rank.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    report_to = [t for t in cfg.report_to if t != "none"]
-    check_deepspeed_config_file()
-    from accelerate.state import AcceleratorState
-
-    # accelerate 1.15 keeps mixed precision and the DeepSpeed plugin in a process-wide singleton and refuses a second
-    # Accelerator with other settings; runs made one after another in a process (the quickstart's stages, Lion's
-    # iterations) each need their own. The process group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision="bf16" if cfg.bf16 else "no",
-        log_with=report_to or None,
-        project_dir=str(project_dir),
-        kwargs_handlers=handlers,
-        # Without `cpu=True`, accelerate 1.15 classifies a torchrun CPU job as DistributedType.NO: no DDP wrapper
-        # and `reduce` silently returns the local value. (DeepSpeed has its own path and must not get it.)
-        cpu=multi_cpu and not deepspeed,
-        # accelerate 1.15 otherwise steps the schedule num_processes times per optimizer step (it assumes a
-        # dataloader sharded by process); training_step steps it itself once per optimizer step.
-        step_scheduler_with_optimizer=False,
-    )
-    if accelerator.state.deepspeed_plugin is not None:
-        # We feed batches ourselves (BatchStream), so accelerate has no dataloader to read the "auto" micro-batch
-        # size from; accelerate 1.15's error message names this key as the way to give it.
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
-            cfg.per_device_train_batch_size
-        )
-    return accelerator
-
-
-def check_deepspeed_config_file() -> None:
-    """A clear one-line error, before any model is loaded, when the launch config names a missing DeepSpeed JSON
-    (accelerate only passes the path on in ACCELERATE_DEEPSPEED_CONFIG_FILE and fails later with a traceback)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
-        return
-    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if path and not Path(path).is_file():
-        raise ConfigError(
-            f"deepspeed_config_file: {path} (named by the accelerate launch config) does not exist "
-            f"(relative paths are read from the working directory {os.getcwd()})"
-        )
-
-
-def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """Under DeepSpeed the teacher becomes an inference engine (sharded under ZeRO-3, replicated otherwise, as trl's
-    ``prepare_deepspeed`` does); under DDP or a single process it is simply moved to the device."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        from trl.models.utils import prepare_deepspeed
-
-        engine = prepare_deepspeed(teacher, accelerator)
-        if accelerator.state.deepspeed_plugin.zero_stage == 3:  # each rank keeps its partition (ds_tensor) only
-            held = sum(p.ds_tensor.numel() for p in engine.module.parameters())
-            total = sum(p.ds_numel for p in engine.module.parameters())
-            logger.info("teacher sharded by ZeRO-3: this rank holds %d of %d parameters", held, total)
-        return engine
-    return teacher.to(accelerator.device)
-
-
-def inner(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside a DDP or DeepSpeed wrapper."""
-    return model.module if hasattr(model, "module") else model
-
-
 class Distiller:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         check_paths(cfg.model)
         self.output_dir = prepare_output_dir(cfg)
-        self.accelerator = make_accelerator(cfg, self.output_dir)
+        self.accelerator = make_accelerator(
+            cfg.gradient_accumulation_steps, cfg.bf16, [t for t in cfg.report_to if t != "none"], self.output_dir,
+            cfg.per_device_train_batch_size,
+        )
         acc = self.accelerator
         from accelerate.utils import set_seed
 
@@ -216,7 +152,7 @@ class Distiller:
         self.train_set, self.eval_set = build_datasets(cfg.data, self.tokenizer, cfg.seed)
         self.accuracy_pairs = load_accuracy_set(cfg.accuracy) if cfg.accuracy.file else []
         self.task = resolve_task(cfg.model)
-        if self.task == "encoder" and (cfg.loss.logit_terms or cfg.loss.terms.get("ce", 0) > 0):
+        if self.task == "encoder" and Need.STUDENT_LOGITS in cfg.loss.needs:
             raise ConfigError(f"loss.terms: an encoder (model.task: encoder) has no LM head; use feature/relation "
                               f"terms only, got {cfg.loss.terms}")
         student = load_student(cfg.model, cfg.seed, self.task)
@@ -224,20 +160,18 @@ class Distiller:
         self.masks = SparsityMasks.capture(student) if cfg.keep_sparsity else SparsityMasks({})
         if cfg.lora.enabled:
             student = apply_lora(student, cfg.lora)
-        self.teacher = load_teacher(cfg.model, cfg.bf16, self.task) if cfg.model.teacher else None
-        teacher_vocab = self.teacher.config.vocab_size if self.teacher is not None else student.config.vocab_size
+        teacher = load_teacher(cfg.model, cfg.bf16, self.task) if cfg.model.teacher else None
+        teacher_vocab = teacher.config.vocab_size if teacher is not None else student.config.vocab_size
         self.vocab_size = shared_vocab_size(student.config.vocab_size, teacher_vocab, len(self.tokenizer))
-        self.store = None
+        store = None
         if cfg.loss.teacher_store:  # offline KD: top-k teacher targets from `distill precompute`, checked up front
-            self.store = LogitStore(cfg.loss.teacher_store)
-            self.store.check_compatible(
-                self.tokenizer, self.vocab_size, cfg.loss.temperature, cfg.data.train_file, self.train_set
-            )
-        module = StudentWithObjective(
-            student, cfg.loss, self.vocab_size, self.teacher.config if self.teacher is not None else None
-        )
+            store = LogitStore(cfg.loss.teacher_store)
+            store.check_compatible(self.tokenizer, self.vocab_size, cfg.loss.temperature, cfg.data.train_file,
+                                   self.train_set)
+        teacher_config = teacher.config if teacher is not None else None
+        module = StudentWithObjective(student, cfg.loss, self.vocab_size, teacher_config)
         if module.features is not None:
-            module.features.attach(student, self.teacher)
+            module.features.attach(student, teacher)
             module.features.check_batch_size(cfg.per_device_train_batch_size)
         self.stream = BatchStream(
             len(self.train_set), cfg.per_device_train_batch_size, acc.num_processes, acc.process_index, cfg.seed
@@ -253,18 +187,17 @@ class Distiller:
             cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=self.total_steps
         )
         self.module, self.optimizer, self.scheduler = acc.prepare(module, optimizer, scheduler)
-        self.zero3 = _zero3_enabled(acc)
+        self.zero3 = zero3_enabled(acc)
         if self.zero3 and len(self.masks):
             raise ConfigError("keep_sparsity: a sparse student cannot be trained under ZeRO-3 (partitioned weights "
                               "cannot be masked); use ZeRO-2 or DDP, or set keep_sparsity: false")
         if self.zero3 and self.task == "causal_lm":
-            import deepspeed
-
-            # The chunked kernel reads the student's lm_head weight outside lm_head.forward: let ZeRO-3 gather it
-            # for the wrapper's forward and backward.
-            deepspeed.zero.register_external_parameter(inner(self.module), student.get_output_embeddings().weight)
-        if self.teacher is not None:
-            self.teacher = prepare_teacher(self.teacher, acc)
+            register_external_parameter(inner(self.module), student.get_output_embeddings().weight)
+        self.teacher: TeacherSignal | None = None  # None: no term learns from a teacher, and none is kept for eval
+        if teacher is not None:
+            self.teacher = OnlineTeacher.prepare(teacher, acc, cfg.loss)
+        elif store is not None:
+            self.teacher = StoreTeacher(store, acc.device)
         self.step = 0
         self.stop_signal: int | None = None
         self.metrics_file = self.output_dir / "metrics.jsonl"
@@ -281,44 +214,29 @@ class Distiller:
             batches.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
         return batches
 
-    def teacher_forward(self, batch: dict[str, torch.Tensor]):
-        if self.store is not None:  # offline: the batch's stored targets, looked up by sample id
-            return self.store.targets(batch["sample_ids"].tolist(), self.accelerator.device)
-        if self.teacher is None or not self.cfg.loss.needs_teacher:
-            return None
-        with torch.no_grad():
-            return inner(self.teacher).get_decoder()(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                output_hidden_states=inner(self.module).needs_hidden_states,
-                output_attentions=inner(self.module).needs_attentions,
-                use_cache=False,
-            )
+    def teacher_targets(
+        self, batch: dict[str, torch.Tensor]
+    ) -> contextlib.AbstractContextManager[TeacherTargets | None]:
+        """The teacher's side of a micro-batch (see :class:`TeacherSignal`); None without a teacher."""
+        return self.teacher.targets(batch) if self.teacher is not None else contextlib.nullcontext()
 
     def training_step(self) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the step's term values."""
         acc, weights = self.accelerator, self.cfg.loss.terms
         micro_batches = self.next_micro_batches()
-        # Token-level terms are sums; dividing by the tokens of the whole step (all micro-batches, all ranks) makes
-        # the gradient independent of the split. DDP/DeepSpeed average over ranks and accelerate/DeepSpeed divide
-        # by the accumulation steps, which the factor below undoes.
-        local_tokens = sum(target_positions(b["labels"]).sum() for b in micro_batches).double()
-        step_tokens = acc.reduce(local_tokens.to(acc.device), reduction="sum").item()
-        token_scale = acc.num_processes * self.cfg.gradient_accumulation_steps / max(step_tokens, 1.0)
-        teacher_head = None
-        if self.teacher is not None and self.task == "causal_lm":
-            teacher_head = inner(self.teacher).get_output_embeddings().weight
+        token_scale = step_token_scale(
+            [b["labels"] for b in micro_batches], lambda t: acc.reduce(t.to(acc.device), reduction="sum"),
+            acc.num_processes, self.cfg.gradient_accumulation_steps,
+        )
         logged: dict[str, float] = {}
         for batch in micro_batches:
             with acc.accumulate(self.module):
-                teacher_out = self.teacher_forward(batch)
-                with zero3_gathered([teacher_head] if teacher_head is not None else [], self.zero3):
+                with self.teacher_targets(batch) as teacher:
                     terms = self.module(
-                        batch["input_ids"], batch["attention_mask"], batch["labels"], teacher_out, teacher_head,
-                        loss_weights=batch["loss_weights"],
+                        batch["input_ids"], batch["attention_mask"], batch["labels"], teacher=teacher,
+                        loss_weights=batch["loss_weights"], token_scale=token_scale,
                     )
-                scaled = {k: v * token_scale if token_level(k) else v for k, v in terms.items()}
-                loss = sum(weights[k] * v for k, v in scaled.items())
+                loss = sum(weights[k] * v for k, v in terms.items())
                 acc.backward(loss)
                 if acc.sync_gradients and self.cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm)
@@ -328,7 +246,7 @@ class Distiller:
                 self.optimizer.zero_grad()
                 if acc.sync_gradients and len(self.masks):
                     self.masks.apply(inner(self.module).student)  # pruned zeros stay zero
-            for k, v in scaled.items():  # per-step value: token terms sum to the step mean, others average
+            for k, v in terms.items():  # per-step value: token terms sum to the step mean, others average
                 share = 1.0 / (acc.num_processes * self.cfg.gradient_accumulation_steps)
                 logged[k] = logged.get(k, 0.0) + v.detach().item() * share
             logged["loss"] = logged.get("loss", 0.0) + loss.detach().item() / (
@@ -370,7 +288,7 @@ class Distiller:
         acc = self.accelerator
         student = inner(self.module).student
         student.eval()
-        teacher = inner(self.teacher) if self.teacher is not None else None
+        teacher = self.teacher.model if self.teacher is not None else None
         if self.task == "encoder":  # retrieval needs the whole set: every process embeds all of it
             metrics = {} if teacher is None else embedding_metrics(
                 student, teacher, self.eval_batches(list(range(len(self.eval_set)))), self.cfg.loss.features.pooling
@@ -535,14 +453,6 @@ class Distiller:
         acc.wait_for_everyone()
 
 
-def _zero3_enabled(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return False
-    return accelerator.state.deepspeed_plugin.zero_stage == 3
-
-
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Trackers take flat scalar hyperparameters."""
     out: dict[str, Any] = {}
@@ -589,13 +499,4 @@ def run(cfg: TrainConfig) -> TrainResult:
 def main(argv: list[str]) -> int:
     setup_logging()
     cfg = parse_command_line(TrainConfig, argv, "distill train", __doc__)
-    code = stop_code(run(cfg).stopped)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # All is saved and closed and the process group destroyed. Under gloo (CPU) with torch 2.13 and DeepSpeed
-        # 0.19.8 a rank then now and then aborts in interpreter teardown ("terminate called without an active
-        # exception", exit -6) and the launcher reports a failed run, or loses the 75: skip that teardown.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    return exit_launched_process(stop_code(run(cfg).stopped))

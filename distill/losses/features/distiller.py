@@ -10,7 +10,6 @@ they are not part of the exported student.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Literal
 
 import torch
@@ -24,20 +23,15 @@ from distill.losses.features.attention import attention_transfer, check_attentio
 from distill.losses.features.mapping import EMBEDDINGS, hidden_index, layer_pairs, resolve_layer
 from distill.losses.features.masking import as_bool_mask, pool
 from distill.losses.features.minilm import QKVCapture, minilm_v1, minilm_v2
+from distill.losses.registry import FEATURE_TERMS, QKV, TERMS, Need, check_weights, needs
 
-FEATURE_TERMS = (
-    "hidden_mse", "hidden_cosine", "hidden_nmse", "attention_transfer", "minilm_v1", "minilm_v2",
-    "rkd_distance", "rkd_angle", "gram", "fsp", "similarity_preserving",
-)
+# How each term is computed; its name, normalisation and needs are in distill.losses.registry.
 HIDDEN_TERMS = {"hidden_mse": hidden.hidden_mse, "hidden_cosine": hidden.hidden_cosine, "hidden_nmse": hidden.hidden_nmse}
 RELATION_TERMS = {
     "rkd_distance": relations.rkd_distance, "rkd_angle": relations.rkd_angle,
     "similarity_preserving": relations.similarity_preserving,
 }
-# Smallest batch on which a relation term says anything: distances need a pair, angles a triplet.
-MIN_BATCH = {"rkd_distance": 2, "rkd_angle": 3, "similarity_preserving": 2}
 LAYER_MAP_TERMS = ("hidden_mse", "hidden_cosine", "hidden_nmse", "attention_transfer", "gram", "fsp")
-ATTENTION_TERMS = ("attention_transfer", "minilm_v1")
 
 
 @dataclasses.dataclass
@@ -91,15 +85,11 @@ class FeatureDistiller(nn.Module):
     ) -> None:
         """Validates terms, layers and heads against both configs (ConfigError) and builds the projectors."""
         super().__init__()
-        for term, weight in weights.items():
-            if term not in FEATURE_TERMS:
-                close = difflib.get_close_matches(term, FEATURE_TERMS, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(FEATURE_TERMS)})"
-                raise ConfigError(f"unknown feature loss term '{term}'{hint}")
-            if weight < 0:
-                raise ConfigError(f"{term}: weight must be >= 0, got {weight}")
+        check_weights(weights, family="feature", error=ConfigError)
         # Zero-weight terms are skipped entirely: they would cost a forward pass of their own and add nothing.
         self.terms = [term for term in FEATURE_TERMS if weights.get(term, 0.0) > 0]
+        self.needs = needs(self.terms)
+        self.attention_terms = [term for term in self.terms if Need.ATTENTIONS in TERMS[term].needs]
         self.settings = settings
         s_layers, t_layers = student_config.num_hidden_layers, teacher_config.num_hidden_layers
         s_heads, t_heads = student_config.num_attention_heads, teacher_config.num_attention_heads
@@ -112,7 +102,7 @@ class FeatureDistiller(nn.Module):
             )
         if "fsp" in self.terms and len(self.pairs) < 2:
             raise ConfigError("fsp: needs at least two mapped layer pairs (FSP relates consecutive mapped layers)")
-        uses_head_map = isinstance(settings.head_map, list) and any(t in self.terms for t in ATTENTION_TERMS)
+        uses_head_map = isinstance(settings.head_map, list) and bool(self.attention_terms)
         if uses_head_map and (
             len(settings.head_map) != s_heads or not all(0 <= h < t_heads for h in settings.head_map)
         ):
@@ -130,14 +120,11 @@ class FeatureDistiller(nn.Module):
         )
         self.relation_heads = settings.relation_heads or t_heads
 
-        self.needs_attentions = any(term in ATTENTION_TERMS for term in self.terms)
-        self.needs_hidden_states = any(
-            term in LAYER_MAP_TERMS or term in RELATION_TERMS for term in self.terms if term != "attention_transfer"
-        )
+        self.needs_attentions = Need.ATTENTIONS in self.needs
+        self.needs_hidden_states = Need.HIDDEN_STATES in self.needs
         if self.needs_attentions:
-            needing = [t for t in self.terms if t in ATTENTION_TERMS]
-            check_attention_implementation(student_config, "student", needing)
-            check_attention_implementation(teacher_config, "teacher", needing)
+            check_attention_implementation(student_config, "student", self.attention_terms)
+            check_attention_implementation(teacher_config, "teacher", self.attention_terms)
 
         # One projector per mapped pair: layers of one model differ in scale and role, so a shared map would
         # have to compromise between them. Only hidden and FSP terms compare coordinates and need them.
@@ -155,12 +142,10 @@ class FeatureDistiller(nn.Module):
     def attach(self, student: nn.Module, teacher: nn.Module) -> None:
         """Checks attention implementations and hooks the q/k/v projections MiniLM terms read (peft models too)."""
         if self.needs_attentions:
-            needing = [t for t in self.terms if t in ATTENTION_TERMS]
-            check_attention_implementation(student.config, "student", needing)
-            check_attention_implementation(teacher.config, "teacher", needing)
+            check_attention_implementation(student.config, "student", self.attention_terms)
+            check_attention_implementation(teacher.config, "teacher", self.attention_terms)
         self.detach()
-        kinds = {"minilm_v1": ("v",), "minilm_v2": ("q", "k", "v")}
-        wanted = tuple(sorted({k for term in self.terms if term in kinds for k in kinds[term]}))
+        wanted = tuple(sorted(need.value for need in QKV if need in self.needs))
         if not wanted:
             return
         for capture, model, layer, who in (
@@ -182,9 +167,9 @@ class FeatureDistiller(nn.Module):
     def check_batch_size(self, n: int) -> None:
         """Raises ConfigError when a relation term cannot be computed on batches of ``n`` samples."""
         for term in self.terms:
-            if term in MIN_BATCH and n < MIN_BATCH[term]:
+            if n < TERMS[term].min_batch:
                 raise ConfigError(
-                    f"{term}: relates the samples of a batch to each other and needs at least {MIN_BATCH[term]} "
+                    f"{term}: relates the samples of a batch to each other and needs at least {TERMS[term].min_batch} "
                     f"samples per batch (per device), got {n}; raise the per-device batch size or drop the term"
                 )
 

@@ -1,0 +1,144 @@
+"""The teacher's side of a training step: a model run in the step, or an offline top-k store.
+
+``distill train`` learns from one :class:`TeacherSignal`. :class:`OnlineTeacher` is a frozen model run on each
+micro-batch (replicated, or partitioned by ZeRO-3: it gathers its own head for the logit kernels);
+:class:`StoreTeacher` looks up ``distill precompute``'s top-k log-probabilities by sample id. ``targets(batch)``
+gives, inside a ``with`` block, the micro-batch's :class:`~distill.losses.objective.TeacherTargets`, which the
+objective asks for divergences without knowing where they come from.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from transformers.utils import ModelOutput
+
+from distill.losses.divergences import chunked_divergence
+from distill.losses.objective import LossSettings, TeacherTargets
+from distill.losses.registry import Need
+from distill.losses.topk import chunked_topk_divergence
+from distill.offline.store import LogitStore, TopKTargets
+from distill.training.runtime import inner, zero3_enabled, zero3_gathered
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+logger = logging.getLogger("distill")
+
+
+class TeacherSignal(abc.ABC):
+    """Where the teacher's side of every micro-batch comes from."""
+
+    model: nn.Module | None  # the plain teacher model, for held-out metrics; None for a store
+
+    @abc.abstractmethod
+    def targets(self, batch: dict[str, Tensor]) -> contextlib.AbstractContextManager[TeacherTargets | None]:
+        """The teacher's side of one micro-batch, valid inside the ``with`` block; None when no term needs it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelTargets:
+    """An online teacher's outputs on a micro-batch, and its lm_head weight (None when no term needs logits)."""
+
+    outputs: ModelOutput
+    head: Tensor | None
+
+    def divergence(
+        self, student_hidden: Tensor, student_head: Tensor, positions: Tensor, kind: str, settings: LossSettings,
+        vocab_size: int,
+    ) -> Tensor:
+        """See :meth:`distill.losses.objective.TeacherTargets.divergence` (full-vocabulary chunked kernel)."""
+        if self.head is None:
+            raise ValueError(f"{kind}: the teacher's head was not fetched (no logit term was configured)")
+        return chunked_divergence(
+            student_hidden, student_head, self.outputs.last_hidden_state[positions], self.head, kind,
+            temperature=settings.temperature, beta=settings.beta, skew=settings.skew, vocab_size=vocab_size,
+            chunk_size=settings.chunk_size,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreTargets:
+    """A micro-batch's stored top-k teacher targets, one row per counted position."""
+
+    targets: TopKTargets
+    outputs: None = None  # a store holds next-token distributions only (no hidden states for feature terms)
+
+    def divergence(
+        self, student_hidden: Tensor, student_head: Tensor, positions: Tensor, kind: str, settings: LossSettings,
+        vocab_size: int,
+    ) -> Tensor:
+        """See :meth:`distill.losses.objective.TeacherTargets.divergence` (bucketed top-k kernel; the stored rows
+        are already the counted ``positions``)."""
+        return chunked_topk_divergence(
+            student_hidden, student_head, self.targets, kind, temperature=settings.temperature, beta=settings.beta,
+            skew=settings.skew, vocab_size=vocab_size, chunk_size=settings.chunk_size,
+        )
+
+
+class OnlineTeacher(TeacherSignal):
+    """A frozen teacher model run on every micro-batch, with what the loss terms need from it."""
+
+    def __init__(self, prepared: nn.Module, settings: LossSettings, zero3: bool) -> None:
+        self.prepared = prepared  # the DeepSpeed inference engine is kept alive with its module's ZeRO-3 hooks
+        self.model = inner(prepared)
+        self.settings = settings
+        self.zero3 = zero3
+
+    @classmethod
+    def prepare(cls, teacher: nn.Module, accelerator: Accelerator, settings: LossSettings) -> OnlineTeacher:
+        """Under DeepSpeed the teacher becomes an inference engine (sharded under ZeRO-3, replicated otherwise, as
+        trl's ``prepare_deepspeed`` does); under DDP or a single process it is simply moved to the device."""
+        from accelerate.utils import DistributedType
+
+        if accelerator.distributed_type != DistributedType.DEEPSPEED:
+            return cls(teacher.to(accelerator.device), settings, zero3=False)
+        from trl.models.utils import prepare_deepspeed
+
+        engine = prepare_deepspeed(teacher, accelerator)
+        zero3 = zero3_enabled(accelerator)
+        if zero3:  # each rank keeps its partition (ds_tensor) only
+            held = sum(p.ds_tensor.numel() for p in engine.module.parameters())
+            total = sum(p.ds_numel for p in engine.module.parameters())
+            logger.info("teacher sharded by ZeRO-3: this rank holds %d of %d parameters", held, total)
+        return cls(engine, settings, zero3)
+
+    @contextlib.contextmanager
+    def targets(self, batch: dict[str, Tensor]) -> Iterator[ModelTargets | None]:
+        """Runs the teacher without gradients; under ZeRO-3 its head stays gathered for the whole block, where the
+        student's forward reads it (every rank enters the gather: it is a collective)."""
+        if not self.settings.needs_teacher:  # e.g. `ce` only, with a teacher kept for held-out metrics
+            yield None
+            return
+        wanted = self.settings.needs
+        with torch.no_grad():
+            outputs = self.model.get_decoder()(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                output_hidden_states=Need.HIDDEN_STATES in wanted,
+                output_attentions=Need.ATTENTIONS in wanted,
+                use_cache=False,
+            )
+        head = self.model.get_output_embeddings().weight if Need.TEACHER_LOGITS in wanted else None
+        with zero3_gathered([head] if head is not None else [], self.zero3):
+            yield ModelTargets(outputs, head)
+
+
+class StoreTeacher(TeacherSignal):
+    """Offline distillation: the batch's targets from a top-k store, looked up by sample id (no teacher model)."""
+
+    def __init__(self, store: LogitStore, device: torch.device) -> None:
+        self.model = None
+        self.store = store
+        self.device = device
+
+    @contextlib.contextmanager
+    def targets(self, batch: dict[str, Tensor]) -> Iterator[StoreTargets]:
+        yield StoreTargets(self.store.targets(batch["sample_ids"].tolist(), self.device))
