@@ -4,7 +4,8 @@
   ``transformers serve``). The client's own retries are disabled: the engine retries, so that one limiter sees
   every attempt and ``Retry-After`` pauses all workers, not just the one that was told.
 * :class:`LocalBackend`: a transformers causal LM. Concurrent calls are queued and answered in batches: prompts
-  are sorted by length (length bucketing, so little padding is generated), left-padded, and generated together.
+  are sorted by length (length bucketing, so little padding is generated), left-padded, and generated together
+  (:mod:`kd_core.generation`, the loop ``distill eval`` uses too).
 
 Errors are normalised: :class:`TransientError` (retry with backoff) or :class:`FatalError` (stop the run).
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 from data_gen.config import TeacherConfig
 from kd_core.config import ConfigError
+from kd_core.generation import encode_prompt, generate_batched
 
 
 @dataclass
@@ -176,9 +178,7 @@ class LocalBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         if self.tokenizer.chat_template is None:
             raise ConfigError(f"teacher.model: {cfg.model} has no chat_template in its tokenizer")
-        # Left padding: every prompt then ends at the same position and generation continues right after it.
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
+        if self.tokenizer.pad_token is None:  # batches are padded (kd_core.generation pads on the left)
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype))
         self.model.to(self.device).eval()
@@ -189,10 +189,9 @@ class LocalBackend:
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._work())
-        # transformers 5.23 returns a BatchEncoding unless return_dict=False.
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = encode_prompt(self.tokenizer, messages)
         future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
-        await self._queue.put((list(ids), params, future))
+        await self._queue.put((ids, params, future))
         return await future
 
     async def _work(self) -> None:
@@ -221,32 +220,13 @@ class LocalBackend:
                             future.set_result(completion)
 
     def _generate(self, prompts: list[list[int]], params: dict[str, Any]) -> list[Completion]:
-        import torch
-
-        batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
-        sample = params["temperature"] > 0
-        if params.get("seed") is not None:
-            torch.manual_seed(params["seed"])
-        with torch.no_grad():
-            out = self.model.generate(
-                **batch,
-                do_sample=sample,
-                temperature=params["temperature"] if sample else None,
-                top_p=params["top_p"] if sample else None,
-                max_new_tokens=params["max_tokens"],
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        new_tokens = out[:, batch["input_ids"].shape[1] :]
-        eos = self.tokenizer.eos_token_id
-        completions = []
-        for prompt, row in zip(prompts, new_tokens.tolist()):
-            finish = "length"
-            if eos in row:
-                row = row[: row.index(eos)]
-                finish = "stop"
-            text = self.tokenizer.decode(row, skip_special_tokens=True)
-            completions.append(Completion(text, finish, len(prompt), len(row)))
-        return completions
+        """One ``model.generate`` call for the whole batch (``_work`` has sliced and length-sorted it)."""
+        generations, _ = generate_batched(
+            self.model, self.tokenizer, prompts, params["max_tokens"], batch_size=len(prompts),
+            temperature=params["temperature"], top_p=params["top_p"], seed=params.get("seed"),
+        )
+        return [Completion(g.text, "stop" if g.stopped else "length", g.prompt_tokens, g.new_tokens)
+                for g in generations]
 
     async def aclose(self) -> None:
         if self._worker is not None:

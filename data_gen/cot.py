@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kd_core.answers import KINDS, AnswerExtractor, gold_answer, majority
+from kd_core.answers import AnswerExtractor, gold_answer, majority
 from data_gen import driver
 from data_gen.backends import estimate_tokens
 from data_gen.config import OutputConfig, TeacherConfig
@@ -49,22 +49,6 @@ DEFAULT_SHOTS = [
     {"question": "A ticket costs $7 and Leo buys 3 tickets with a $50 note. How much change does he get?",
      "rationale": "Three tickets cost 3 * 7 = 21 dollars. The change is 50 - 21 = 29 dollars. So the answer is 29."},
 ]
-
-
-@dataclass
-class ExtractorConfig:
-    """How the final answer is read from a rationale (the same settings serve the trainer's accuracy metric)."""
-
-    kind: Literal["answer_is", "hash", "final_number", "regex"] = option(
-        "answer_is", help="answer_is ('So the answer is X'), hash ('#### X'), final_number, or regex")
-    regex: str | None = option(None, help="kind=regex: pattern; group 'answer', else group 1, else the match")
-    numeric: bool = option(True, help="compare as numbers (drops $ , % and trailing zeros); false = text")
-
-    def __post_init__(self) -> None:
-        self.build()  # a pattern that does not compile is a config error, before anything runs
-
-    def build(self) -> AnswerExtractor:
-        return AnswerExtractor(self.kind, self.regex, self.numeric)
 
 
 @dataclass
@@ -109,7 +93,8 @@ class CotConfig:
     min_vote_share: float = option(0.5, help="mode=vote: the majority needs at least this share of the k samples")
     chunk_size: int = option(64, help="questions per chunk (a chunk is journaled when complete)")
     seed: int = option(0, help="per-sample seeds are seed + sample index (sent to the server)")
-    extractor: ExtractorConfig = section(ExtractorConfig, help="final-answer extraction")
+    extractor: AnswerExtractor = section(AnswerExtractor, help="final-answer extraction (the same section as the "
+                                         "trainer's accuracy.extractor and distill eval's extractor)")
     prompt: PromptConfig = section(PromptConfig, help="teacher prompt")
     teacher: TeacherConfig = section(TeacherConfig, help="teacher backend, limits and prices")
     output: OutputConfig = section(OutputConfig, help="output directory and formats")
@@ -178,7 +163,7 @@ class ChainOfThought:
         self.cfg = cfg
         self.engine = engine
         self.journal = journal
-        self.extractor = cfg.extractor.build()
+        self.extractor = cfg.extractor
 
     def _request(self, q: dict[str, Any], sample: int, hint: str | None = None) -> Request:
         kind = "h" if hint is not None else "s"
@@ -378,5 +363,5 @@ def main(argv: list[str]) -> int:
     return stop_code(run(cfg).stopped)
 
 
-__all__ = ["KINDS", "ChainOfThought", "Config", "CotConfig", "ExtractorConfig", "PromptConfig", "load_questions",
+__all__ = ["ChainOfThought", "Config", "CotConfig", "PromptConfig", "load_questions",
            "main", "run", "teacher_messages", "to_rows"]

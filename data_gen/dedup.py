@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from data_gen.rouge import NoveltyIndex
+from kd_core.atomic import atomic_write_json, atomic_write_text
 from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line, save_config
 from kd_core.records import iter_json_objects
@@ -115,12 +115,6 @@ def deduplicate(lines: list[_Line], field: str, threshold: float) -> tuple[list[
     return kept, dropped
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 Config = DedupConfig
 
 
@@ -135,8 +129,8 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - start
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "kept.jsonl", "".join(line.raw + "\n" for line in kept))
-    _write_atomic(out / "dropped.jsonl", "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dropped))
+    atomic_write_text(out / "kept.jsonl", "".join(line.raw + "\n" for line in kept))
+    atomic_write_text(out / "dropped.jsonl", "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dropped))
     save_config(cfg, out / "config.yaml")
     summary = {
         "input": cfg.input,
@@ -147,7 +141,7 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
         "dropped": len(dropped),
         "seconds": round(seconds, 3),
     }
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "summary.json", summary, indent=2, trailing_newline=True)
     print(f"kept {len(kept)} of {len(lines)} records, dropped {len(dropped)} (threshold {cfg.threshold}) -> {out}")
     return summary
 

@@ -20,7 +20,6 @@ The driver owns everything around that, identically for every method:
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from data_gen.config import OutputConfig, TeacherConfig
 from data_gen.engine import BudgetError, CallPlan, Engine, EngineError, build_engine, preflight
 from data_gen.journal import Journal
 from data_gen.output import write_outputs
+from kd_core.atomic import atomic_write_json
 from kd_core.config import ConfigError, save_config
 
 JOURNAL = "journal.jsonl"
@@ -162,7 +162,7 @@ async def _drive(method: Method) -> GenerationResult:
         if engine.rank == 0:  # under accelerate launch, one process writes files
             result.files = write_outputs(rows, out, output.formats, method.card(records, rows, summary))
             if result.stats is not None:
-                (out / STATS).write_text(json.dumps(result.stats, indent=1))
+                atomic_write_json(out / STATS, result.stats)  # the quickstart trusts it as "stage done"
             print(summary)
             print(f"{method.done_line(records, rows)} in {out}")
         await engine.aclose()

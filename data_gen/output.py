@@ -1,34 +1,32 @@
 """Final data files and dataset card, written from a pipeline's journal.
 
 The journal (``journal.jsonl``) is the crash-safe working state; these files are rebuilt from it at the end of every
-run (atomically, via a temporary name), so they always match the journal. Every record carries chat ``messages``
-(what the distill trainer reads) and ``instruction``/``input``/``output`` columns, plus ``provenance``.
+run (atomically and fsynced, with :mod:`kd_core.atomic`), so they always match the journal. Every record carries chat
+``messages`` (what the distill trainer reads) and ``instruction``/``input``/``output`` columns, plus ``provenance``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kd_core.atomic import atomic_open, atomic_path, atomic_write_text
+
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    os.replace(tmp, path)
 
 
 def write_parquet(records: list[dict[str, Any]], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(pa.Table.from_pylist(records), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(records), tmp)
 
 
 def write_outputs(records: list[dict[str, Any]], out_dir: str | Path, formats: list[str], card: str) -> list[Path]:
@@ -41,7 +39,7 @@ def write_outputs(records: list[dict[str, Any]], out_dir: str | Path, formats: l
     if "parquet" in formats:
         written.append(out_dir / "data.parquet")
         write_parquet(records, written[-1])
-    (out_dir / "README.md").write_text(card, encoding="utf-8")
+    atomic_write_text(out_dir / "README.md", card)
     return written
 
 

@@ -1,6 +1,11 @@
-"""Final-answer extraction and normalisation, shared by ``data-gen cot``, ``data-gen lion`` and the trainer's
-answer-accuracy metric (one implementation, so that "correct" means the same thing when data is filtered and when a
-student is evaluated).
+"""Final-answer extraction and normalisation, shared by ``data-gen cot``, ``data-gen lion``, ``distill eval`` and the
+trainer's answer-accuracy metric (one implementation, so that "correct" means the same thing when data is filtered and
+when a student is evaluated).
+
+:class:`AnswerExtractor` is at once the extractor and its config section: every command that reads answers has an
+``extractor`` section of this class (``--extractor.kind``, ``--extractor.regex``, ``--extractor.numeric``; in the
+trainer ``--accuracy.extractor.kind`` and so on), so the settings have one shape, one set of defaults and one
+validation everywhere.
 
 Extractors (``kind``):
 
@@ -21,8 +26,12 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from typing import Literal, get_args
 
-KINDS = ("answer_is", "hash", "final_number", "regex")
+from kd_core.config import option
+
+Kind = Literal["answer_is", "hash", "final_number", "regex"]
+KINDS: tuple[str, ...] = get_args(Kind)
 
 # A number as people write it: optional sign, digits with optional thousands commas, optional decimals, or a simple
 # fraction. The comma form requires groups of exactly three digits, so "1,2" is read as two numbers, not 12.
@@ -60,15 +69,21 @@ def normalize_text(text: str) -> str:
 
 @dataclass
 class AnswerExtractor:
-    """Pulls the final answer out of a rationale; ``extract`` returns the normalised answer or None."""
+    """How the final answer is read from a generated text; ``extract`` returns the normalised answer or None."""
 
-    kind: str = "answer_is"
-    regex: str | None = None
-    numeric: bool = True
+    kind: Kind = option("answer_is", help="answer_is ('So the answer is X'), hash ('#### X'), final_number (the last "
+                        "number), or regex")
+    regex: str | None = option(None, help="kind=regex: the pattern; its group 'answer', else group 1, else the whole "
+                               "match (the last match wins)")
+    numeric: bool = option(True, help="compare as numbers (drops $ , % and trailing zeros; 3/4 = 0.75); false = as "
+                           "text, case-insensitive")
 
     def __post_init__(self) -> None:
+        # Also run for configs built from YAML or the command line, so a bad kind or pattern fails before any work.
         if self.kind not in KINDS:
             raise ValueError(f"kind: expected one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.numeric, bool):
+            raise ValueError(f"numeric: expected true or false, got {self.numeric!r}")
         self._pattern: re.Pattern[str] | None = None
         if self.kind == "regex":
             if not self.regex:

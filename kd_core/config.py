@@ -23,6 +23,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from kd_core.atomic import atomic_write_text
+
 T = TypeVar("T")
 
 # Field names that hold secrets are never written by save_config (an API key must come from the environment, but
@@ -193,9 +195,7 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Writes the resolved config as YAML (atomically, so a crash never leaves half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
 
 

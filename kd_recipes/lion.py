@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import Any
 from data_gen.config import DecodingConfig, TeacherConfig
 from data_gen.engine import Engine, EngineError, ParseError, Request, build_engine
 from data_gen.self_instruct import parse_instructions
+from kd_core.atomic import atomic_write_json, atomic_write_text
 from kd_core.commands import Stopped, stop_code
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section
 from kd_core.records import iter_json_objects
@@ -118,13 +118,6 @@ def load_pool(path: str, field: str) -> list[str]:
     return pool
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Atomic: a kill leaves either the old file or the new one, never half of one."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
@@ -192,9 +185,9 @@ class Lion:
         rows = [{"prompt": p, "completion": t} for p, t in zip(pool, texts) if t and t.strip()]
         if not rows:
             raise ConfigError("teacher: no usable answer for the train pool")
-        (stage / "data.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_text(stage / "data.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         self.train_student(n, stage)
-        write_json(stage / "done.json", {"examples": len(rows)})
+        atomic_write_json(stage / "done.json", {"examples": len(rows)}, ensure_ascii=False)
 
     def train_student(self, n: int, stage: Path) -> None:
         from kd_core.config import from_dict
@@ -270,7 +263,7 @@ class Lion:
                   "win_rate": wins / len(scored) if scored else None,
                   "mean_teacher": sum(it["teacher_score"] for it in scored) / max(1, len(scored)),
                   "mean_student": sum(it["student_score"] for it in scored) / max(1, len(scored))}
-        write_json(stage / "done.json", result)
+        atomic_write_json(stage / "done.json", result, ensure_ascii=False)
 
     def generation(self, n: int) -> None:
         from data_gen.rouge import NoveltyIndex
@@ -318,7 +311,8 @@ class Lion:
                     rejected += 1
         new = added["hard"] + added["easy"]
         grown = {"train": pools["train"] + new, "cache": pools["cache"] + new}
-        write_json(stage / "done.json", {"added": added, "rejected_not_novel": rejected, "pools": grown})
+        atomic_write_json(stage / "done.json", {"added": added, "rejected_not_novel": rejected, "pools": grown},
+                          ensure_ascii=False)
 
     # ------------------------------------------------------------------------------------------ driver
     def iterate(self) -> dict[str, Any]:
@@ -327,7 +321,7 @@ class Lion:
         if not (self.out / "pools_initial.json").is_file():
             train = load_pool(self.cfg.train_pool, "train_pool")
             cache = load_pool(self.cfg.cache_pool, "cache_pool") if self.cfg.cache_pool else list(train)
-            write_json(self.out / "pools_initial.json", {"train": train, "cache": cache})
+            atomic_write_json(self.out / "pools_initial.json", {"train": train, "cache": cache}, ensure_ascii=False)
         save_config(self.cfg, self.out / "config.yaml")
         for n in range(1, self.cfg.iterations + 1):
             for name, stage in (("imitation", self.imitation), ("discrimination", self.discrimination),
@@ -349,7 +343,7 @@ class Lion:
                          "mean_teacher": d["mean_teacher"], "mean_student": d["mean_student"],
                          "new_hard": len(g["added"]["hard"]), "new_easy": len(g["added"]["easy"])})
         summary = {"iterations": rows}
-        write_json(self.out / "lion_summary.json", summary)
+        atomic_write_json(self.out / "lion_summary.json", summary, ensure_ascii=False)
         print(f"{'iter':>4} {'train':>6} {'cache':>6} {'hard':>5} {'easy':>5} {'win rate':>9} {'+hard':>6} {'+easy':>6}")
         for r in rows:
             win = "n/a" if r["win_rate"] is None else f"{r['win_rate']:.3f}"

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from kd_core.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from kd_core.commands import Stopped, stop_code
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
 from distill.student.lora import LoraSettings
@@ -129,9 +130,7 @@ def prepare_output_dir(cfg: QuickstartConfig) -> Path:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)  # atomic: a killed run never leaves half a file behind
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))  # a killed run leaves no half file
 
 
 def make_data(cfg: QuickstartConfig, data: Path) -> list[dict[str, Any]]:
@@ -159,11 +158,9 @@ def make_teacher_init(cfg: QuickstartConfig, problems: list[dict[str, Any]], pat
     tokenizer = train_tokenizer(corpus_for_tokenizer(problems), vocab_size=cfg.vocab_size)
     model = tiny_llama(len(tokenizer), hidden_size=cfg.teacher_hidden, num_layers=cfg.teacher_layers,
                        num_heads=cfg.teacher_hidden // 32, seed=cfg.seed)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
-    model.save_pretrained(tmp)
-    tmp.replace(path)
+    with atomic_directory(path) as tmp:
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
 
 
 def train_stage(cfg: QuickstartConfig, out: Path, train_file: Path, eval_file: Path, student: Path,
@@ -269,9 +266,7 @@ def evaluate_stage(model: Path, data: Path, teacher: Path, out: Path, cfg: Quick
     result = evaluation.run(evaluation.Config(model=str(model), data=str(data / "eval.jsonl"), teacher=str(teacher),
                                               max_new_tokens=cfg.max_new_tokens, batch_size=64))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    atomic_write_json(out, result)
     return result
 
 
@@ -310,7 +305,7 @@ def run_stages(cfg: QuickstartConfig) -> dict[str, Any]:
             return fn(*args)
         finally:  # an interrupted stage's time counts too: the figures are summed over resumed runs
             timings[name] = timings.get(name, 0.0) + time.time() - began
-            (root / "timings.json").write_text(json.dumps(timings, indent=1))
+            atomic_write_json(root / "timings.json", timings)
 
     data = root / "data"
     print("quickstart: [1/7] problems")

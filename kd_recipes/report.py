@@ -7,9 +7,10 @@ fine-tuning on gold labels only and on the teacher's rationales.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from kd_core.atomic import atomic_write_json, atomic_write_text
 
 # The compared models, in report order: (name, directory under output_dir, what it is).
 MODELS = [
@@ -129,9 +130,7 @@ def write_report(root: Path, cfg: Any, results: dict[str, dict[str, Any]], cot_s
     report = {"results": summary, "verdict": verdict(summary), "cot": cot_stats, "timings": timings,
               "config": to_dict(cfg)}
     markdown = render_markdown(report)
-    (root / "report.md").write_text(markdown)
-    tmp = root / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(root / "report.json")  # atomic: its presence means the quickstart finished
+    atomic_write_text(root / "report.md", markdown)
+    atomic_write_json(root / "report.json", report)  # last: its presence means the quickstart finished
     print(markdown)
     return report

@@ -12,7 +12,7 @@ import pytest
 
 from kd_core.answers import AnswerExtractor, gold_answer, majority, normalize_number
 from kd_recipes.cli import data_gen_main
-from data_gen.cot import CotConfig, ExtractorConfig
+from data_gen.cot import CotConfig
 from data_gen.testing import ScriptedServer
 from kd_core.config import ConfigError, parse_command_line
 
@@ -241,7 +241,9 @@ def test_regex_extractor_and_text_mode():
     with pytest.raises(ConfigError, match="extractor: regex: .* does not compile"):
         parse_command_line(CotConfig, ["--input_file", "x", "--output.dir", "o", "--teacher.model", "m",
                                        "--extractor.kind", "regex", "--extractor.regex", "[z-a]"], "data-gen cot")
-    assert ExtractorConfig("hash").build().extract("#### 5") == "5"
+    cfg = parse_command_line(CotConfig, ["--input_file", "x", "--output.dir", "o", "--teacher.model", "m",
+                                         "--extractor.kind", "hash"], "data-gen cot")
+    assert isinstance(cfg.extractor, AnswerExtractor) and cfg.extractor.extract("#### 5") == "5"
 
 
 def test_normalisation_and_vote():

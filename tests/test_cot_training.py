@@ -109,6 +109,7 @@ def test_answer_accuracy_is_logged_and_computed_from_the_generations(tmp_path, m
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distill.evaluation.metrics import AccuracySettings, answer_accuracy, load_accuracy_set
+    from kd_core.answers import AnswerExtractor
     from distill.training.train import run
 
     data_file = tmp_path / "rows.jsonl"
@@ -133,8 +134,8 @@ def test_answer_accuracy_is_logged_and_computed_from_the_generations(tmp_path, m
     assert summary["final_eval"]["eval/answer_accuracy"] == exported["answer_accuracy"]
     assert metrics[-1]["eval/answer_accuracy"] == exported["answer_accuracy"]
     # The whole first generated line is the answer, compared as text; gold = the model's own line for question 0.
-    own = AccuracySettings(file=str(held), max_new_tokens=12, extractor="regex",
-                           regex=r"\A\s*(?P<answer>[^\n]+)", numeric=False)
+    own = AccuracySettings(file=str(held), max_new_tokens=12,
+                           extractor=AnswerExtractor("regex", r"\A\s*(?P<answer>[^\n]+)", numeric=False))
     first_line = own_first_line(model, tok, pairs[0][0], own)
     assert first_line, "the trained model must generate some text for this test"
     own_pairs = [(pairs[0][0], first_line), (pairs[1][0], first_line + " and more")]
@@ -143,14 +144,12 @@ def test_answer_accuracy_is_logged_and_computed_from_the_generations(tmp_path, m
 
 def own_first_line(model, tokenizer, prompt: str, settings) -> str | None:
     """What ``settings``' extractor finds in the model's greedy answer to ``prompt`` alone (no batch padding)."""
-    from kd_core.answers import AnswerExtractor
-
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
                                         add_generation_prompt=True, return_dict=False)
     out = model.generate(torch.tensor([list(ids)]), do_sample=False, max_new_tokens=settings.max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id)
     text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
-    return AnswerExtractor(settings.extractor, settings.regex, settings.numeric).extract(text)
+    return settings.extractor.extract(text)
 
 
 def test_documented_step_by_step_command_parses():

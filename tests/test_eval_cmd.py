@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from kd_recipes.cli import distill_main as cli
-from distill.evaluation.command import EvalConfig, greedy_generate, run
+from distill.evaluation.command import EvalConfig, run
+from kd_core.answers import AnswerExtractor
+from kd_core.generation import encode_prompt, generate_batched
 
 PROBLEMS = [(a, b) for a in range(2, 8) for b in range(1, 3)]  # 12 records
 
@@ -52,7 +54,7 @@ def test_accuracy_is_computed_from_the_generations(model_dirs, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     prompts = [f"What is {a} plus {b}?" for a, b in PROBLEMS]
-    texts, _, _ = greedy_generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=4)
+    texts = greedy_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=4)
     # split("\n"), not splitlines(): random tokens decode to bytes such as \x1e that splitlines() also breaks at
     first_lines = [t.strip().split("\n")[0].strip() for t in texts]
     assert all(first_lines), "the tiny model must generate some text for this test"
@@ -61,8 +63,8 @@ def test_accuracy_is_computed_from_the_generations(model_dirs, tmp_path):
     data = tmp_path / "own.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     # The whole (trimmed) first line is the answer, compared as text.
-    figures = run(EvalConfig(model=str(path), data=str(data), max_new_tokens=6, batch_size=3, extractor="regex",
-                             extractor_regex=r"\A\s*(?P<answer>[^\n]+)", extractor_numeric=False))
+    extractor = AnswerExtractor("regex", r"\A\s*(?P<answer>[^\n]+)", numeric=False)
+    figures = run(EvalConfig(model=str(path), data=str(data), max_new_tokens=6, batch_size=3, extractor=extractor))
     assert figures["accuracy"] == 0.5
     assert [s["correct"] for s in figures["samples"]] == [i % 2 == 0 for i in range(len(PROBLEMS))]
     assert figures["kl"] is None and figures["top1_agreement"] is None  # no teacher given
@@ -86,14 +88,37 @@ def test_batching_does_not_change_generations(model_dirs):
     model = AutoModelForCausalLM.from_pretrained(model_dirs["student"]).eval()
     prompts = ["Hi", "What is 12 plus 7? Tell me quickly.", "List three colors"]
     torch.manual_seed(0)
-    batched, _, _ = greedy_generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=3)
-    single = [greedy_generate(model, tokenizer, [p], max_new_tokens=5, batch_size=1)[0][0] for p in prompts]
+    batched = greedy_texts(model, tokenizer, prompts, max_new_tokens=5, batch_size=3)
+    single = [greedy_texts(model, tokenizer, [p], max_new_tokens=5, batch_size=1)[0] for p in prompts]
     assert batched == single  # left padding with the attention mask leaves each continuation unchanged
 
 
+def test_generation_counts_tokens_and_restores_the_padding_side(model_dirs):
+    """Answers come back in prompt order (batches are length-sorted), cut at EOS, with their token counts; the
+    tokenizer's padding side is what it was before."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["student"])
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["student"]).eval()
+    tokenizer.padding_side = "right"
+    prompts = [encode_prompt(tokenizer, p) for p in ["What is 12 plus 7? Tell me quickly.", "Hi"]]
+    assert prompts[1] == encode_prompt(tokenizer, [{"role": "user", "content": "Hi"}])  # a user turn
+    generations, seconds = generate_batched(model, tokenizer, prompts, max_new_tokens=4, batch_size=2)
+    assert tokenizer.padding_side == "right" and seconds > 0
+    assert [g.prompt_tokens for g in generations] == [len(p) for p in prompts]
+    for g in generations:
+        assert (g.new_tokens < 4) if g.stopped else (g.new_tokens == 4)
+
+
+def greedy_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    generations, _ = generate_batched(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts],
+                                      max_new_tokens, batch_size)
+    return [g.text for g in generations]
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--extractor", "regex", "--extractor_regex", "(unclosed"], "does not compile"),
-    (["--extractor", "guess"], "extractor"),
+    (["--extractor.kind", "regex", "--extractor.regex", "(unclosed"], "does not compile"),
+    (["--extractor.kind", "guess"], "extractor.kind"),
     (["--max_new_tokens", "0"], "max_new_tokens"),
 ])
 def test_bad_settings_exit_2(model_dirs, data_file, extra, message, capsys):

@@ -18,17 +18,15 @@ prompt/completion). The figures are printed as a table and written as JSON with 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kd_core.answers import AnswerExtractor, gold_answer
+from kd_core.atomic import atomic_write_json
 from kd_core.commands import EXIT_OK
-from kd_core.config import ConfigError, option, parse_command_line
+from kd_core.config import ConfigError, option, parse_command_line, section
+from kd_core.generation import encode_prompt, generate_batched
 
 METRIC_NAMES = ("accuracy", "perplexity", "loss", "kl", "top1_agreement", "tokens_per_second", "parameters")
 
@@ -42,10 +40,7 @@ class EvalConfig:
     max_new_tokens: int = option(96, help="Greedy generation length for accuracy and speed.")
     batch_size: int = option(32, help="Records per forward pass / per generate() call.")
     max_length: int = option(512, help="Token truncation for the token-level figures.")
-    extractor: str = option("answer_is", help="Answer extractor (kd_core.answers): answer_is, hash, final_number, regex.")
-    extractor_regex: str | None = option(None, help="With extractor: regex, the pattern (group `answer` or 1 = answer).")
-    extractor_numeric: bool = option(
-        True, help="Compare answers as numbers (drops $ , % and trailing zeros); false = compare as text.")
+    extractor: AnswerExtractor = section(AnswerExtractor, help="How the final answer is read (kd_core.answers).")
     output: str | None = option(None, help="Write the figures as JSON to this file (must not exist).")
     device: str = option("cpu", help="torch device, e.g. cpu or cuda.")
 
@@ -59,11 +54,6 @@ class EvalConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.num_samples is not None and self.num_samples < 1:
             raise ValueError(f"num_samples: expected >= 1 or null, got {self.num_samples}")
-        try:
-            # an unknown kind or a bad regex fails here
-            AnswerExtractor(self.extractor, self.extractor_regex, self.extractor_numeric)
-        except ValueError as err:
-            raise ValueError(f"extractor: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -111,42 +101,6 @@ def prompt_and_gold(
 # ------------------------------------------------------------------------------------------------------------------
 # The figures
 # ------------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int) -> tuple[list[str], int, float]:
-    """Greedy continuations of ``prompts`` (left-padded batches); returns texts, generated tokens, seconds."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # every prompt ends at the same position; generation continues right after it
-    encoded = []
-    for prompt in prompts:
-        if isinstance(prompt, list) or tokenizer.chat_template is not None:
-            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            # transformers 5.23 returns a BatchEncoding unless return_dict=False.
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        else:
-            ids = tokenizer(prompt)["input_ids"]
-        encoded.append(list(ids))
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # length bucketing: little padding
-    texts: list[str] = [""] * len(encoded)
-    generated, seconds = 0, 0.0
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt").to(model.device)
-            began = time.perf_counter()
-            out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
-            seconds += time.perf_counter() - began
-            for row, tokens in zip(rows, out[:, batch["input_ids"].shape[1] :].tolist()):
-                if eos in tokens:
-                    tokens = tokens[: tokens.index(eos)]
-                generated += len(tokens)
-                texts[row] = tokenizer.decode(tokens, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return texts, generated, seconds
 
 
 def load_model(path: str | Path, device: str, field: str):
@@ -199,10 +153,12 @@ def measure(cfg: EvalConfig) -> dict[str, Any]:
         "kl": tokens.get("kl"),
         "top1_agreement": tokens.get("top1_agreement"),
     }
-    extractor = AnswerExtractor(cfg.extractor, cfg.extractor_regex, cfg.extractor_numeric)
+    extractor = cfg.extractor
     tasks = [(i, pg) for i, pg in enumerate(prompt_and_gold(r, extractor) for r in records) if pg is not None]
-    texts, generated, seconds = greedy_generate(model, tokenizer, [pg[0] for _, pg in tasks], max_new_tokens,
-                                                batch_size)
+    generations, seconds = generate_batched(model, tokenizer, [encode_prompt(tokenizer, pg[0]) for _, pg in tasks],
+                                            max_new_tokens, batch_size)
+    texts = [g.text for g in generations]
+    generated = sum(g.new_tokens for g in generations)
     samples = []
     correct = scored = 0
     for (row, (_, gold)), text in zip(tasks, texts):
@@ -247,7 +203,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     print(format_table([results]))
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=1))
+        atomic_write_json(output, results)
         print(f"wrote {output}")
     return results
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distill.losses import divergences as losses
-from kd_core.config import option
 from distill.losses.objective import target_positions
 from distill.training.runtime import zero3_gathered
+from kd_core.answers import AnswerExtractor, gold_answer
+from kd_core.config import option, section
+from kd_core.generation import encode_prompt, generate_batched
 
 
 @torch.no_grad()
@@ -65,39 +66,6 @@ def token_metrics(
     return metrics
 
 
-def evaluate_model_dirs(
-    student_dir: str | Path,
-    teacher_dir: str | Path | None,
-    data_file: str | Path,
-    max_length: int = 512,
-    batch_size: int = 32,
-) -> dict[str, float]:
-    """Token metrics of a saved student against a saved teacher on a dataset file (single process)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from distill.data.datasets import DataSettings, collate, tokenize_records
-    from kd_core.records import load_records
-    from distill.losses.divergences import shared_vocab_size
-
-    tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval() if teacher_dir else None
-    vocab = shared_vocab_size(
-        student.config.vocab_size, teacher.config.vocab_size if teacher else student.config.vocab_size, len(tokenizer)
-    )
-    settings = DataSettings(train_file=str(data_file), max_length=max_length)
-    dataset = tokenize_records(load_records(data_file, "data file"), tokenizer, settings, str(data_file))
-    batches = (
-        collate([dataset[i] for i in range(j, min(j + batch_size, len(dataset)))], tokenizer.pad_token_id)
-        for j in range(0, len(dataset), batch_size)
-    )
-    metrics = token_metrics(student, teacher, batches, vocab)
-    metrics["student_parameters"] = sum(p.numel() for p in student.parameters())
-    if teacher is not None:
-        metrics["teacher_parameters"] = sum(p.numel() for p in teacher.parameters())
-    return metrics
-
-
 @dataclasses.dataclass
 class AccuracySettings:
     """Answer accuracy of the student on held-out questions: greedy generation, then the answer extractor of
@@ -111,21 +79,15 @@ class AccuracySettings:
     max_samples: int | None = option(100, help="Evaluate on the first N questions; null = all.")
     max_new_tokens: int = option(256, help="Greedy generation length per answer.")
     batch_size: int = option(16, help="Questions generated together (left-padded).")
-    extractor: str = option("answer_is", help="answer_is, hash, final_number or regex (see kd_core.answers).")
-    regex: str | None = option(None, help="extractor=regex: the pattern.")
-    numeric: bool = option(True, help="Compare answers as numbers.")
+    extractor: AnswerExtractor = section(AnswerExtractor, help="How the final answer is read (kd_core.answers).")
 
     def __post_init__(self) -> None:
-        from kd_core.answers import AnswerExtractor
-
-        AnswerExtractor(self.extractor, self.regex, self.numeric)  # a bad kind or pattern fails at config time
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("max_new_tokens: expected >= 1 (and batch_size >= 1)")
 
 
 def load_accuracy_set(settings: AccuracySettings) -> list[tuple[str, str]]:
     """(prompt, gold) pairs; a row without a usable gold answer is a ConfigError naming it."""
-    from kd_core.answers import gold_answer
     from kd_core.config import ConfigError
     from kd_core.records import load_records
 
@@ -135,7 +97,7 @@ def load_accuracy_set(settings: AccuracySettings) -> list[tuple[str, str]]:
     pairs = []
     for row, record in enumerate(records):
         question, raw = record.get(settings.question_field), record.get(settings.answer_field)
-        gold = gold_answer(str(raw), settings.numeric) if raw is not None else None
+        gold = gold_answer(str(raw), settings.extractor.numeric) if raw is not None else None
         if not isinstance(question, str) or gold is None:
             raise ConfigError(f"accuracy.file: {settings.file}: row {row}: needs a '{settings.question_field}' "
                               f"string and a gold '{settings.answer_field}'")
@@ -143,7 +105,6 @@ def load_accuracy_set(settings: AccuracySettings) -> list[tuple[str, str]]:
     return pairs
 
 
-@torch.no_grad()
 def answer_accuracy(
     model: nn.Module,
     tokenizer,
@@ -151,30 +112,12 @@ def answer_accuracy(
     settings: AccuracySettings,
     reduce=None,
 ) -> dict[str, float]:
-    """Fraction of questions whose greedily generated answer matches the gold one. Prompts go through the chat
-    template as a user turn when the tokenizer has one (as training on ``prompt``/``completion`` data does)."""
-    from kd_core.answers import AnswerExtractor
-
-    extractor = AnswerExtractor(settings.extractor, settings.regex, settings.numeric)
-    device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues right after each prompt
-    correct = 0
-    try:
-        for start in range(0, len(pairs), settings.batch_size):
-            chunk = pairs[start : start + settings.batch_size]
-            if tokenizer.chat_template is not None:
-                ids = [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
-                                                          add_generation_prompt=True, return_dict=False))
-                       for p, _ in chunk]
-            else:
-                ids = [tokenizer(p)["input_ids"] for p, _ in chunk]
-            batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
-            out = model.generate(**batch, do_sample=False, max_new_tokens=settings.max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            correct += sum(extractor.extract(text) == gold for text, (_, gold) in zip(texts, chunk))
-    finally:
-        tokenizer.padding_side = side
+    """Fraction of questions whose greedily generated answer matches the gold one (:mod:`kd_core.generation`:
+    prompts go through the chat template as a user turn when the tokenizer has one, as training on
+    ``prompt``/``completion`` data does)."""
+    prompts = [encode_prompt(tokenizer, prompt) for prompt, _ in pairs]
+    generations, _ = generate_batched(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size)
+    correct = sum(settings.extractor.extract(g.text) == gold for g, (_, gold) in zip(generations, pairs))
     sums = torch.tensor([float(correct), float(len(pairs))], dtype=torch.float64)
     if reduce is not None:
         sums = reduce(sums)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kd_core.atomic import atomic_open, atomic_write_json
 from kd_core.config import ConfigError
 
 FORMAT = "distill-topk-v1"
@@ -202,7 +203,8 @@ class ShardWriter:
         self.handle.flush()
         os.fsync(self.handle.fileno())
         self.handle.close()
-        np.save(self.directory / self.index_name, np.asarray(self.index, dtype=np.int64).reshape(-1, 4))
+        with atomic_open(self.directory / self.index_name, "wb") as handle:  # the name already ends in .npy
+            np.save(handle, np.asarray(self.index, dtype=np.int64).reshape(-1, 4))
         return self.describe()
 
     def describe(self) -> dict[str, Any]:
@@ -341,6 +343,4 @@ class LogitStore:
 
 def write_meta(directory: Path, meta: dict[str, Any]) -> None:
     """store.json, atomically: its presence marks a complete store."""
-    tmp = directory / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, directory / META_FILE)
+    atomic_write_json(directory / META_FILE, meta)

@@ -7,7 +7,8 @@ Layout of an output directory::
     latest                     text file naming the newest complete checkpoint; moved last
 
 A save writes everything into a hidden temporary directory, writes ``manifest.json`` (every file with its size)
-last, fsyncs, and only then renames the directory into place and moves ``latest``. A checkpoint whose files do not
+last, fsyncs, and only then renames the directory into place and moves ``latest`` (both with
+:mod:`kd_core.atomic`, which fsyncs the parent directory after each rename). A checkpoint whose files do not
 match its manifest (truncated by a crash or a full disk) is skipped with a warning naming it, and the previous valid
 one is used.
 """
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from kd_core.atomic import atomic_write_text, publish_directory
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +35,6 @@ LATEST_FILE = "latest"
 STUDENT_DIR = "student"  # the student's config.json and tokenizer, for `distill export`
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_manifest(directory: Path) -> None:
     files = {
         str(p.relative_to(directory)): p.stat().st_size
@@ -52,15 +42,6 @@ def _write_manifest(directory: Path) -> None:
         if p.is_file() and p.name != MANIFEST_FILE
     }
     (directory / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -90,11 +71,12 @@ def save_checkpoint(
         if write_extra is not None:
             write_extra(tmp)
         _write_manifest(tmp)
-        _fsync_tree(tmp)
         if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_atomic(output_dir / LATEST_FILE, final.name + "\n")
+        # The temporary keeps its known name (not atomic_directory's random one): every rank saves into it, and
+        # find_resume_checkpoint reports an unfinished one by that name.
+        publish_directory(tmp, final)
+        atomic_write_text(output_dir / LATEST_FILE, final.name + "\n")
         if keep:
             for old in list_checkpoints(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

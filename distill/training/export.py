@@ -18,15 +18,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
 
-from kd_core.commands import EXIT_OK
 from distill.training import checkpoint as ckpt
+from kd_core.atomic import atomic_directory
+from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line
 
 logger = logging.getLogger("distill")
@@ -108,26 +108,25 @@ def export_checkpoint(checkpoint: Path, output_dir: Path, dtype: str = "float32"
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / ckpt.STUDENT_DIR)
     student = load_student_from_checkpoint(checkpoint, run_config).to(DTYPES[dtype])
 
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if (run_config.get("lora") or {}).get("enabled"):
-        from distill.student.lora import export_lora
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(output_dir) as tmp:
+        if (run_config.get("lora") or {}).get("enabled"):
+            from distill.student.lora import export_lora
 
-        mode = run_config.get("lora_export", "merged")
-        if mode in ("adapter", "both"):  # before merging: merge_and_unload changes the model in place
-            export_lora(student, tmp / "adapter", merged=False)
-            tokenizer.save_pretrained(tmp / "adapter")
-        if mode in ("merged", "both"):
-            export_lora(student, tmp / "merged", merged=True, tokenizer=tokenizer)
-            for path in (tmp / "merged").iterdir():  # export_lora refuses a non-empty directory: move it up
-                os.replace(path, tmp / path.name)
-            (tmp / "merged").rmdir()
-    else:
-        student.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    if output_dir.exists():
-        output_dir.rmdir()  # empty (checked above)
-    os.replace(tmp, output_dir)
+            mode = run_config.get("lora_export", "merged")
+            if mode in ("adapter", "both"):  # before merging: merge_and_unload changes the model in place
+                export_lora(student, tmp / "adapter", merged=False)
+                tokenizer.save_pretrained(tmp / "adapter")
+            if mode in ("merged", "both"):
+                export_lora(student, tmp / "merged", merged=True, tokenizer=tokenizer)
+                for path in (tmp / "merged").iterdir():  # export_lora refuses a non-empty directory: move it up
+                    os.replace(path, tmp / path.name)
+                (tmp / "merged").rmdir()
+        else:
+            student.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        if output_dir.exists():
+            output_dir.rmdir()  # empty (checked above)
     return output_dir
 
 

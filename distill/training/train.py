@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from distill.training import checkpoint as ckpt
 from distill.data.batching import BatchStream
+from kd_core.atomic import atomic_write_json
 from kd_core.commands import EXIT_PREEMPTED, PREEMPTED, stop_code
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
 from distill.data.datasets import DataSettings, build_datasets, collate
@@ -430,7 +431,7 @@ class Distiller:
             "history": history,
         }
         if acc.is_main_process:
-            ckpt.write_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=1))
+            atomic_write_json(self.output_dir / "summary.json", summary)
         return summary
 
     def export(self, directory: Path) -> None:

@@ -10,7 +10,6 @@ assembled in a temporary sibling directory and renamed into place, so a failed r
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,8 +17,9 @@ from typing import Any, Literal
 import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
-from kd_core.commands import EXIT_OK
 
+from kd_core.atomic import atomic_directory
+from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section
 from distill.student.prune.calibration import Calibration, load_calibration
 from distill.student.prune.families import Family, family_for
@@ -178,7 +178,6 @@ def _write_output(
     tmp: Path, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: PruneConfig, report: dict[str, Any]
 ) -> None:
     """Model (safetensors via save_pretrained; never pickle), tokenizer, resolved config and report into ``tmp``."""
-    shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     save_config(cfg, tmp / "prune_config.yaml")
@@ -243,16 +242,12 @@ def run(cfg: PruneConfig) -> dict[str, Any]:
         student, kept, per_weight = build_pruned_model(teacher, family, plan), plan.kept_layers, {}
     student = student.to("cpu", stored_dtype)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    try:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(out_dir) as tmp:  # a failed run leaves nothing behind
         report = _report(cfg, family, config, teacher_params, student, kept, per_weight, calibration, importance, cache)
         _write_output(tmp, student, tokenizer, cfg, report)
         if out_dir.exists():
             out_dir.rmdir()  # checked empty above
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves nothing behind
     print(format_table(report))
     print(f"saved pruned model to {out_dir}")
     return report

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from distill.student.prune.calibration import Calibration
 from distill.student.prune.families import Family
+from kd_core.atomic import atomic_path
 
 CACHE_FORMAT = 1  # bump when what is measured changes, so old cache entries are ignored
 
@@ -156,8 +157,7 @@ def cached_importance(
         return Importance.from_tensors(load_file(path)), path, True
     importance = collect_importance(model, family, calibration, batch_size)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     meta = {"model_dir": str(model_dir), "calibration": calibration.source, "samples": str(calibration.num_samples)}
-    save_file(importance.to_tensors(), str(tmp), metadata={"info": json.dumps(meta)})
-    tmp.replace(path)  # atomic: a crash never leaves a truncated cache entry that a later run would trust
+    with atomic_path(path) as tmp:  # a crash never leaves a truncated cache entry that a later run would trust
+        save_file(importance.to_tensors(), str(tmp), metadata={"info": json.dumps(meta)})
     return importance, path, False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from distill.student.prune.families import Family, head_dim, num_kv_heads
+from kd_core.atomic import atomic_write_json
 
 SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
 
@@ -55,7 +55,7 @@ def layer_rows(model: PreTrainedModel, family: Family, teacher_index: list[int])
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(path, report, indent=2, trailing_newline=True)
 
 
 def format_table(report: dict[str, Any]) -> str:
