@@ -23,6 +23,7 @@ Entry points: :func:`atomic_write_text`, :func:`atomic_write_bytes`, :func:`atom
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -170,6 +171,11 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     ``path`` must not exist when the block ends (an empty directory is replaced on POSIX); its parent must exist
     when the block starts."""
     path = Path(path)
+    # A writer killed mid-block (kill -9, preemption) leaves its temporary directory behind; it can be large (a model
+    # export), and no one else writes this path (each output directory has one owner), so clear it first.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     while True:
         tmp = _temporary_sibling(path)
         try:

@@ -123,3 +123,16 @@ def test_publish_directory_keeps_the_given_temporary_name(tmp_path):
     (tmp / "trainer_state.json").write_text("{}")
     publish_directory(tmp, tmp_path / "checkpoint-3")
     assert (tmp_path / "checkpoint-3" / "trainer_state.json").is_file() and not tmp.exists()
+
+
+def test_a_killed_writers_temporary_directory_is_cleared_by_the_next_write(tmp_path):
+    from kd_core.atomic import atomic_directory
+
+    leftover = tmp_path / ".export.0123456789ab.tmp"  # what a kill -9 inside the block leaves
+    (leftover / "weights").mkdir(parents=True)
+    unrelated = tmp_path / ".other.0123456789ab.tmp"
+    unrelated.mkdir()
+    with atomic_directory(tmp_path / "export") as staging:
+        (staging / "model.bin").write_bytes(b"x")
+    assert (tmp_path / "export" / "model.bin").read_bytes() == b"x"
+    assert not leftover.exists() and unrelated.exists()

@@ -18,8 +18,8 @@ from kd_core.config import from_dict
 from distill.offline.store import Codec, LogitStore, TopKTargets
 from distill.offline.precompute import PrecomputeConfig, run, teacher_topk
 from distill.losses.topk import chunked_topk_divergence, topk_per_token
-from distill.training.train import Distiller, TrainConfig
 from distill.training import train
+from distill.training.train import Distiller, TrainConfig
 from tests.conftest import slowed_steps
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
