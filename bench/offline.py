@@ -65,8 +65,8 @@ def zipf_logits(n: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
 
 def part_fidelity(vocab: int = 32_000, n: int = 512) -> None:
     from distill.losses import divergences as losses
-    from distill.offline.store import Codec, TopKTargets
     from distill.losses.topk import topk_per_token
+    from distill.offline.store import Codec, TopKTargets
 
     gen = torch.Generator().manual_seed(0)
     teacher = zipf_logits(n, vocab, gen)
@@ -103,8 +103,8 @@ def write_data(path: Path, count: int) -> list[str]:
 
 
 def make_distiller(root: Path, variant: str, kd_terms: str, steps: int):
-    from kd_core.config import from_dict
     from distill.training.train import Distiller, TrainConfig
+    from kd_core.config import from_dict
 
     loss = {"terms": {"ce": 1.0}} if variant == "sft" else {"terms": json.loads(kd_terms)}
     model = {"student": str(root / "student")}

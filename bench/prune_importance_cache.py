@@ -17,8 +17,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_recipes.cli import distill_main as cli
 from distill.student.tiny import tiny_llama, train_tokenizer
+from kd_recipes.cli import distill_main as cli
 
 TEXTS = ["The quick brown fox jumps over the lazy dog and keeps running far away.", "What is 12 plus 7? It is 19."]
 

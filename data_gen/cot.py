@@ -28,7 +28,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kd_core.answers import AnswerExtractor, gold_answer, majority
 from data_gen import driver
 from data_gen.backends import estimate_tokens
 from data_gen.config import OutputConfig, TeacherConfig
@@ -36,9 +35,9 @@ from data_gen.driver import GenerationResult, Method
 from data_gen.engine import CallPlan, Engine, Request, Result
 from data_gen.journal import Journal
 from data_gen.output import dataset_card
+from kd_core.answers import AnswerExtractor, gold_answer, majority
 from kd_core.commands import stop_code
 from kd_core.config import ConfigError, option, parse_command_line, section, to_dict
-
 
 DEFAULT_SHOTS = [
     {"question": "A baker makes 4 trays of 12 rolls and sells 30 rolls. How many rolls are left?",

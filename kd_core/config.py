@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import difflib
 import os
-import sys
 import types
 import typing
 from pathlib import Path

@@ -7,8 +7,6 @@ The tables live here, above both packages, because two entries are orchestration
 
 from __future__ import annotations
 
-import sys
-
 from kd_core.commands import dispatch
 
 # name -> (module, one-line summary)

@@ -190,8 +190,8 @@ class Lion:
         atomic_write_json(stage / "done.json", {"examples": len(rows)}, ensure_ascii=False)
 
     def train_student(self, n: int, stage: Path) -> None:
-        from kd_core.config import from_dict
         from distill.training import train
+        from kd_core.config import from_dict
 
         t = self.cfg.training
         local_teacher = self.cfg.teacher.backend == "local"

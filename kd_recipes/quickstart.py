@@ -28,10 +28,10 @@ from typing import Any
 
 import yaml
 
+from distill.student.lora import LoraSettings
 from kd_core.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from kd_core.commands import Stopped, stop_code
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
-from distill.student.lora import LoraSettings
 
 REPORT = "report.json"
 CONFIG = "config.yaml"
@@ -169,8 +169,8 @@ def train_stage(cfg: QuickstartConfig, out: Path, train_file: Path, eval_file: P
     """``distill train`` in-process, resumable; skipped when the stage already finished. Returns ``final/``.
     ``batch_size`` (default ``cfg.batch_size``) is smaller only when the teacher kept fewer rationales than that."""
     from distill.data.datasets import DataSettings
-    from distill.student.models import ModelSettings
     from distill.losses.objective import LossSettings
+    from distill.student.models import ModelSettings
     from distill.training import train
 
     if (out / "summary.json").exists():
@@ -205,8 +205,8 @@ def train_stage(cfg: QuickstartConfig, out: Path, train_file: Path, eval_file: P
 
 def make_rationales(cfg: QuickstartConfig, teacher: Path, data: Path, out: Path) -> Path:
     """``data-gen cot`` with the local teacher: rationales for the training questions, verified against gold."""
-    from data_gen.config import DecodingConfig, OutputConfig, TeacherConfig
     from data_gen import cot as cot_command
+    from data_gen.config import DecodingConfig, OutputConfig, TeacherConfig
     from data_gen.cot import PromptConfig
 
     rows = out / "data.jsonl"

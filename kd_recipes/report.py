@@ -118,8 +118,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 def write_report(root: Path, cfg: Any, results: dict[str, dict[str, Any]], cot_stats: dict[str, Any],
                  timings: dict[str, float]) -> dict[str, Any]:
     """Writes ``plots/``, ``report.md`` and, last (it marks the run finished), ``report.json``."""
-    from kd_core.config import to_dict
     from distill.evaluation.plot import plot_run
+    from kd_core.config import to_dict
 
     plots = root / "plots"
     plots.mkdir(exist_ok=True)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
 
 
 def slowed_steps(env: dict[str, str], seconds: float) -> dict[str, str]:
@@ -62,3 +66,47 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED_DATA
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers and process-group rendezvous in tests)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def addition_rows(count: int) -> list[dict[str, str]]:
+    """``prompt``/``completion`` rows of small additions, of uneven lengths (padding must never count)."""
+    rows = []
+    for i in range(count):
+        a, b = i % 7 + 1, i % 5 + 2
+        rows.append({"prompt": f"What is {a} plus {b}?", "completion": f"The answer is {a + b}" + "." * (i % 3 + 1)})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory) -> Path:
+    """48 addition rows: 12 optimizer steps of 4, or 6 steps of 2 processes x 4."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", addition_rows(48))
+
+
+def nested_config(cls, tree: dict[str, Any], **dotted: Any):
+    """``cls`` from a config tree with dotted overrides (``{"loss.terms": {...}}`` sets ``tree["loss"]["terms"]``)."""
+    import copy
+
+    from kd_core.config import from_dict
+
+    tree = copy.deepcopy(tree)
+    for key, value in dotted.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(cls, tree)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import shlex
-from pathlib import Path
 from typing import Literal
 
 import pytest
 
-from kd_recipes.cli import DATA_GEN_COMMANDS, DISTILL_COMMANDS
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section
+from kd_recipes.cli import DATA_GEN_COMMANDS, DISTILL_COMMANDS
+from tests.conftest import REPO_ROOT
 
 
 @dataclasses.dataclass
@@ -100,7 +100,7 @@ def test_help_lists_every_field(capsys):
 
 
 def shipped_configs():
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = REPO_ROOT / "configs"
     return sorted(root.rglob("*.yaml"))
 
 

@@ -9,12 +9,13 @@ instead, without this test.
 from __future__ import annotations
 
 import importlib.metadata
-from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
+from tests.conftest import REPO_ROOT
+
+CONSTRAINTS = REPO_ROOT / "constraints.txt"
 
 
 def pinned_versions() -> dict[str, str]:

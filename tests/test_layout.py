@@ -9,7 +9,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO_ROOT
+
+ROOT = REPO_ROOT
 PACKAGES = ("kd_core", "data_gen", "distill", "kd_recipes")
 # package -> the packages it may import
 ALLOWED = {

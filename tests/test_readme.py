@@ -10,14 +10,14 @@ from __future__ import annotations
 import importlib
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
-from kd_recipes.cli import DATA_GEN_COMMANDS, DISTILL_COMMANDS
 from kd_core.config import parse_command_line
+from kd_recipes.cli import DATA_GEN_COMMANDS, DISTILL_COMMANDS
+from tests.conftest import REPO_ROOT
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = REPO_ROOT / "README.md"
 
 
 def readme_commands() -> list[str]:

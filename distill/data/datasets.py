@@ -14,7 +14,6 @@ offline teacher-logit store, reads the right rows whatever the shuffling, accumu
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Literal
 
 import torch

@@ -116,9 +116,9 @@ def measure(cfg: EvalConfig) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from distill.data.datasets import DataSettings, collate, tokenize_records
-    from kd_core.records import load_records
     from distill.evaluation.metrics import token_metrics
     from distill.losses.divergences import shared_vocab_size
+    from kd_core.records import load_records
 
     model_dir, data, teacher_dir, device = cfg.model, cfg.data, cfg.teacher, cfg.device
     batch_size, max_new_tokens, max_length, num_samples = cfg.batch_size, cfg.max_new_tokens, cfg.max_length, \

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill.offline import store as ls
-from kd_core.commands import EXIT_OK
-from kd_core.config import ConfigError, option, parse_command_line, save_config, section
 from distill.data.datasets import DataSettings, build_datasets, collate
 from distill.losses.divergences import shared_vocab_size
-from distill.student.models import ModelSettings, load_teacher, load_tokenizer, require_model_dir
 from distill.losses.objective import target_positions
+from distill.offline import store as ls
+from distill.student.models import ModelSettings, load_teacher, load_tokenizer, require_model_dir
+from kd_core.commands import EXIT_OK
+from kd_core.config import ConfigError, option, parse_command_line, save_config, section
 
 logger = logging.getLogger("distill")
 

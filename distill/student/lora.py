@@ -19,8 +19,8 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kd_core.config import option
 from distill.student.sparsity import SparsityMasks
+from kd_core.config import option
 
 
 @dataclass

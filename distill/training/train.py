@@ -21,18 +21,15 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from distill.training import checkpoint as ckpt
 from distill.data.batching import BatchStream
-from kd_core.atomic import atomic_write_json
-from kd_core.commands import EXIT_PREEMPTED, PREEMPTED, stop_code
-from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
 from distill.data.datasets import DataSettings, build_datasets, collate
 from distill.evaluation.embedding import embedding_metrics
 from distill.evaluation.metrics import AccuracySettings, answer_accuracy, load_accuracy_set, token_metrics
-from distill.training.export import export_checkpoint
+from distill.losses.divergences import shared_vocab_size
+from distill.losses.objective import LossSettings, StudentWithObjective, TeacherTargets, step_token_scale
+from distill.losses.registry import Need
 from distill.offline.store import LogitStore
 from distill.student.lora import LoraSettings, apply_lora
-from distill.losses.divergences import shared_vocab_size
 from distill.student.models import (
     ModelSettings,
     check_paths,
@@ -42,9 +39,9 @@ from distill.student.models import (
     parameter_count,
     resolve_task,
 )
-from distill.losses.objective import LossSettings, StudentWithObjective, TeacherTargets, step_token_scale
-from distill.losses.registry import Need
 from distill.student.sparsity import SparsityMasks
+from distill.training import checkpoint as ckpt
+from distill.training.export import export_checkpoint
 from distill.training.runtime import (
     exit_launched_process,
     inner,
@@ -53,6 +50,9 @@ from distill.training.runtime import (
     zero3_enabled,
 )
 from distill.training.teacher import OnlineTeacher, StoreTeacher, TeacherSignal
+from kd_core.atomic import atomic_write_json
+from kd_core.commands import EXIT_PREEMPTED, PREEMPTED, stop_code
+from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
 
 logger = logging.getLogger("distill")
 

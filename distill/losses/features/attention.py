@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from transformers import PretrainedConfig
 
-from kd_core.config import ConfigError
 from distill.losses.features.masking import kl_rows, masked_mean, upcast
+from kd_core.config import ConfigError
 
 # Attention implementations whose forward returns the probabilities (transformers 5.23: only the eager path).
 ATTENTION_IMPLEMENTATIONS_WITH_WEIGHTS = ("eager",)

@@ -17,13 +17,13 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 from transformers.utils import ModelOutput
 
-from kd_core.config import ConfigError, option
 from distill.losses.features import hidden, relations
 from distill.losses.features.attention import attention_transfer, check_attention_implementation
 from distill.losses.features.mapping import EMBEDDINGS, hidden_index, layer_pairs, resolve_layer
 from distill.losses.features.masking import as_bool_mask, pool
 from distill.losses.features.minilm import QKVCapture, minilm_v1, minilm_v2
 from distill.losses.registry import FEATURE_TERMS, QKV, TERMS, Need, check_weights, needs
+from kd_core.config import ConfigError, option
 
 # How each term is computed; its name, normalisation and needs are in distill.losses.registry.
 HIDDEN_TERMS = {"hidden_mse": hidden.hidden_mse, "hidden_cosine": hidden.hidden_cosine, "hidden_nmse": hidden.hidden_nmse}

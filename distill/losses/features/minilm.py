@@ -18,9 +18,9 @@ import re
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from kd_core.config import ConfigError
 from distill.losses.features.attention import attention_transfer
 from distill.losses.features.masking import kl_rows, masked_log_softmax, masked_mean, upcast
+from kd_core.config import ConfigError
 
 # Module names of the q/k/v projections of layer N, by architecture. Anchored at the end so a peft LoRA wrapper's
 # inner ``q_proj.base_layer`` is not matched: the wrapper's own output (base + LoRA delta) is the effective one.

@@ -18,9 +18,6 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from kd_core.atomic import atomic_directory
-from kd_core.commands import EXIT_OK
-from kd_core.config import ConfigError, option, parse_command_line, save_config, section
 from distill.student.prune.calibration import Calibration, load_calibration
 from distill.student.prune.families import Family, family_for
 from distill.student.prune.importance import Importance, cached_importance
@@ -41,6 +38,9 @@ from distill.student.prune.structured import (
     validate_targets,
 )
 from distill.student.prune.unstructured import parse_pattern, sparsify
+from kd_core.atomic import atomic_directory
+from kd_core.commands import EXIT_OK
+from kd_core.config import ConfigError, option, parse_command_line, save_config, section
 
 
 @dataclass

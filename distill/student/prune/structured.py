@@ -17,9 +17,9 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from kd_core.config import ConfigError
 from distill.student.prune.families import Family, head_dim, num_kv_heads
 from distill.student.prune.importance import Importance
+from kd_core.config import ConfigError
 
 
 @dataclass

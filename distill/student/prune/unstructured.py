@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from kd_core.config import ConfigError
 from distill.student.prune.families import Family
+from kd_core.config import ConfigError
 
 
 def target_linears(model: PreTrainedModel, family: Family) -> dict[str, nn.Linear]:

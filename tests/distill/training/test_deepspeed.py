@@ -1,0 +1,270 @@
+"""Real 2-process DeepSpeed runs on CPU (gloo): ZeRO-2 and ZeRO-3 training, exact resume after ``kill -9`` (during
+training and during a checkpoint save), two nodes on loopback, a hidden-state feature loss with a projector under
+ZeRO-3, and ``distill export`` from ZeRO-3 shards.
+
+Each run takes tens of seconds on 2 cores (mostly imports and process-group start); the first DeepSpeed run on a
+clean machine also JIT-builds a small comm op once (cached in ~/.cache/torch_extensions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO_ROOT, free_port, slowed_steps
+
+pytest.importorskip("deepspeed")
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+STEPS = 4
+FEATURE_TERMS = "{forward_kl: 1, hidden_mse: 0.5}"  # student (32 wide) narrower than teacher (64): a projector
+
+
+def train_args(model_dirs, train_file: Path, out: Path, *extra: str, terms: str = "{forward_kl: 0.7, ce: 0.3}"):
+    return [
+        "--output_dir", str(out), "--max_steps", str(STEPS), "--learning_rate", "1e-3", "--logging_steps", "1",
+        "--eval_steps", "null", "--report_to", "[none]", "--per_device_train_batch_size", "4",
+        "--save_steps", "2", "--save_total_limit", "null", "--model.teacher", str(model_dirs["teacher"]),
+        "--model.student", str(model_dirs["student"]), "--data.train_file", str(train_file),
+        "--data.eval_fraction", "0", "--loss.terms", terms, "--loss.chunk_size", "7", *extra,
+    ]
+
+
+def launch_command(config: str, args: list[str], *launcher_args: str) -> list[str]:
+    return [
+        "accelerate", "launch", "--config_file", f"launch/{config}", "--num_processes", "2",
+        *launcher_args, "-m", "distill", "train", *args,
+    ]
+
+
+def run(config: str, args: list[str], *launcher_args: str) -> subprocess.CompletedProcess:
+    port = ["--main_process_port", str(free_port())] if "--main_process_port" not in launcher_args else []
+    result = subprocess.run(launch_command(config, args, *port, *launcher_args), cwd=REPO_ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def popen(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A background run whose stderr goes to ``log``: an unread pipe would fill up and block the ranks."""
+    with open(log, "w") as stderr:
+        return subprocess.Popen(command, cwd=REPO_ROOT, env=env or ENV, stdout=subprocess.DEVNULL, stderr=stderr,
+                                start_new_session=True)
+
+
+def start(config: str, args: list[str], log: Path) -> subprocess.Popen:
+    """A run to be killed mid-way: each step is slowed (tests/slow_steps) so the kill lands before the run ends."""
+    return popen(launch_command(config, args, "--main_process_port", str(free_port())), log,
+                 env=slowed_steps(ENV, 0.3))
+
+
+def kill_when(process: subprocess.Popen, path: Path, poll: float, log: Path) -> None:
+    deadline = time.time() + 400
+    while not path.exists():
+        assert process.poll() is None, f"run ended before {path.name} appeared: {log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(poll)
+    # torchrun starts each rank in a session of its own: kill the ranks by pid, then the launcher, as a node
+    # failure would (killing the launcher's process group alone leaves the ranks running).
+    ranks = psutil.Process(process.pid).children(recursive=True)
+    for rank in ranks:
+        rank.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    psutil.wait_procs(ranks, timeout=60)
+
+
+def logged_losses(out: Path) -> dict[int, float]:
+    """Per-step training loss; after a resume the re-run steps overwrite the earlier entries."""
+    losses = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" in record:
+            losses[record["step"]] = record["train/loss"]
+    return losses
+
+
+def assert_same_run(reference: Path, resumed: Path) -> None:
+    """Same per-step losses and the same final parameters (max abs diff <= 1e-6, fp32 on CPU)."""
+    want, got = logged_losses(reference), logged_losses(resumed)
+    assert got.keys() == want.keys() == set(range(1, STEPS + 1))
+    for step, value in want.items():
+        assert got[step] == pytest.approx(value, abs=1e-6), step
+    ref_weights = load_file(str(reference / "final" / "model.safetensors"))
+    new_weights = load_file(str(resumed / "final" / "model.safetensors"))
+    assert ref_weights.keys() == new_weights.keys()
+    for name, tensor in ref_weights.items():
+        assert (new_weights[name] - tensor).abs().max().item() <= 1e-6, name
+
+
+def copy_checkpoint(source: Path, step: int, target: Path) -> None:
+    """A run directory holding only ``checkpoint-<step>`` and the metrics logged up to it: a run stopped there."""
+    target.mkdir()
+    shutil.copytree(source / f"checkpoint-{step}", target / f"checkpoint-{step}")
+    kept = [line for line in (source / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["step"] <= step]
+    (target / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+
+
+@pytest.fixture(scope="module")
+def zero3_reference(model_dirs, train_file, tmp_path_factory) -> Path:
+    """An uninterrupted ZeRO-3 run with a hidden-state loss through a projector, checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("zero3") / "reference"
+    result = run("zero3.yaml", train_args(model_dirs, train_file, out, terms=FEATURE_TERMS))
+    (out.parent / "launch.log").write_text(result.stderr)
+    return out
+
+
+@pytest.mark.slow
+def test_zero2_kill_9_during_training_then_resume_is_exact(model_dirs, train_file, tmp_path):
+    reference = tmp_path / "reference"
+    run("zero2.yaml", train_args(model_dirs, train_file, reference))
+    shards = sorted(p.name for p in (reference / "checkpoint-2" / "pytorch_model").iterdir())
+    assert shards == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                      "zero_pp_rank_1_mp_rank_00_optim_states.pt"], shards  # ZeRO-2: optimizer partitioned
+    assert {p.name for p in (reference / "checkpoint-2").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}
+
+    out = tmp_path / "killed"
+    args = train_args(model_dirs, train_file, out, "--save_steps", "1")
+    log = tmp_path / "killed.log"
+    kill_when(start("zero2.yaml", args, log), out / "checkpoint-2", poll=0.05, log=log)
+    assert not (out / "final").exists()
+    resumed = run("zero2.yaml", [*args, "--resume", "auto"])
+    assert f"resumed from {out}/checkpoint-" in resumed.stderr
+    assert_same_run(reference, out)
+
+
+@pytest.mark.slow
+def test_zero3_feature_loss_shards_teacher_and_student(zero3_reference):
+    # The teacher is partitioned too: each of the 2 ranks holds about half of it, not a full copy.
+    held = re.findall(r"teacher sharded by ZeRO-3: this rank holds (\d+) of (\d+) parameters",
+                      (zero3_reference.parent / "launch.log").read_text())
+    assert len(held) == 2 and all(int(part) < 0.6 * int(total) for part, total in held), held
+    checkpoint = zero3_reference / "checkpoint-4"
+    names = sorted(p.name for p in (checkpoint / "pytorch_model").iterdir())
+    assert names == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+    # The projector is a parameter of the prepared module: its shards are in the model state of each rank.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="pytorch_model")
+    projectors = {k: v for k, v in state.items() if k.startswith("features.projectors.")}
+    assert projectors and all(v.shape[-1] in (32, 64) for v in projectors.values()), sorted(state)[:5]
+    losses = logged_losses(zero3_reference)
+    assert len(losses) == STEPS and all(v > 0 for v in losses.values())
+    hidden = [json.loads(line) for line in (zero3_reference / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train/hidden_mse"] > 0 for r in hidden)
+    assert (zero3_reference / "final" / "tokenizer.json").is_file()
+    assert not any(k.startswith("features.") for k in load_file(str(zero3_reference / "final" / "model.safetensors")))
+
+
+@pytest.mark.slow
+def test_zero3_kill_9_during_checkpoint_save_resumes_from_previous(model_dirs, train_file, zero3_reference, tmp_path):
+    out = tmp_path / "killed"
+    args = train_args(model_dirs, train_file, out, "--save_steps", "1", terms=FEATURE_TERMS)
+    log = tmp_path / "killed.log"
+    kill_when(start("zero3.yaml", args, log), out / ".checkpoint-3.tmp", poll=0.01, log=log)
+    assert (out / "checkpoint-2").is_dir() and not (out / "final").exists()
+    half_written = (out / ".checkpoint-3.tmp").exists()
+    resumed = run("zero3.yaml", [*args, "--resume", "auto"])
+    if half_written:  # the kill landed inside the save (it nearly always does: the save takes a while)
+        assert f"ignoring unfinished checkpoint save {out}/.checkpoint-3.tmp" in resumed.stderr
+        assert f"resumed from {out}/checkpoint-2" in resumed.stderr
+    assert_same_run(zero3_reference, out)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_resume_a_zero3_checkpoint_exactly(model_dirs, train_file, zero3_reference, tmp_path):
+    """Two "nodes" of one process each, started by launch/slurm_node.sh (what launch/slurm.sbatch runs on every
+    node): two ``accelerate launch`` with machine ranks 0 and 1 and the standard multi-node launcher."""
+    out = tmp_path / "two_nodes"
+    copy_checkpoint(zero3_reference, 2, out)
+    args = [*train_args(model_dirs, train_file, out, terms=FEATURE_TERMS), "--resume", "auto"]
+    port = str(free_port())
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    nodes = [
+        popen(["bash", "launch/slurm_node.sh", *args], logs[rank], env={
+            **ENV, "SLURM_NNODES": "2", "SLURM_NODEID": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+            "PROCS_PER_NODE": "1",
+        })
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        node.wait(timeout=600)
+    errors = [log.read_text() for log in logs]
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    assert f"resumed from {out}/checkpoint-2" in errors[0]
+    assert_same_run(zero3_reference, out)
+
+
+@pytest.mark.slow
+def test_export_consolidates_zero3_shards(zero3_reference, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = tmp_path / "exported"
+    result = subprocess.run(
+        [sys.executable, "-m", "distill", "export", "--checkpoint", str(zero3_reference / "checkpoint-4"),
+         "--output_dir", str(target)], env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(target)
+    AutoTokenizer.from_pretrained(target)
+    final = load_file(str(zero3_reference / "final" / "model.safetensors"))
+    exported = model.state_dict()
+    for name, tensor in final.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
+    again = subprocess.run(
+        [sys.executable, "-m", "distill", "export", "--checkpoint", str(zero3_reference / "checkpoint-4"),
+         "--output_dir", str(target)], env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode == 2 and "output_dir" in again.stderr  # never overwrites
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_launcher_saves_on_every_rank_and_stops(model_dirs, train_file, tmp_path):
+    """Slurm's `--signal=USR1@120` reaches the launcher only (torchrun starts ranks in sessions of their own);
+    launch/slurm_node.sh makes it forward SIGUSR1, and the ranks save together and stop with exit code 75."""
+    out = tmp_path / "preempted"
+    args = train_args(model_dirs, train_file, out, "--max_steps", "400", "--save_steps", "1000")
+    log = tmp_path / "node.log"
+    node = popen(["bash", "launch/slurm_node.sh", *args], log, env=slowed_steps({
+        **ENV, "SLURM_NNODES": "1", "SLURM_NODEID": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+        "PROCS_PER_NODE": "2", "ACCELERATE_CONFIG": "launch/zero2.yaml",
+    }, 0.05))
+    deadline = time.time() + 400
+    while not (out / "metrics.jsonl").exists():
+        assert node.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    node.send_signal(signal.SIGUSR1)  # the launcher only, as Slurm does
+    node.wait(timeout=600)
+    stderr = log.read_text()
+    assert "stop signal received: checkpoint saved" in stderr, stderr[-3000:]
+    # The launcher itself ends by re-raising the signal (launch/slurm.sbatch requeues on a new checkpoint instead of
+    # on an exit code for that reason).
+    assert node.returncode != 0 and "got signal: 10" in stderr
+    saved = [p for p in out.glob("checkpoint-*")]
+    assert len(saved) == 1 and 0 < int(saved[0].name.split("-")[1]) < 400
+    from distill.training.checkpoint import validate
+
+    assert validate(saved[0]) is None and not (out / "final").exists()
+    assert {p.name for p in saved[0].glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+
+
+@pytest.mark.slow
+def test_zero3_with_cpu_offload_trains_like_zero3(model_dirs, train_file, zero3_reference, tmp_path):
+    """launch/zero3_offload.yaml (optimizer states and parameters in CPU memory, torch AdamW on them)."""
+    out = tmp_path / "offload"
+    run("zero3_offload.yaml", train_args(model_dirs, train_file, out, terms=FEATURE_TERMS))
+    assert_same_run(zero3_reference, out)

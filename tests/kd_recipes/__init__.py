@@ -1,0 +1,1 @@
+"""Tests of ``kd_recipes``."""
