@@ -4,14 +4,51 @@ Each record carries a stable ``id``. ``append`` writes one line, flushes and fsy
 the pipeline has been told is saved survives ``kill -9``. A crash in the middle of a write leaves a torn last line
 without its newline; :meth:`Journal.open` detects it, truncates it away and reports it, so the rerun regenerates that
 one record (from the answer cache, at no cost) instead of reading garbage or duplicating it.
+
+Every line ends with a checksum of its own bytes, as one more JSON field: ``{...record...,"_sum":"<16 hex>"}``, the
+XXH3-64 of the line with that field removed (``{...record...}``). A complete line whose checksum does not match (a
+flipped byte, a partial overwrite) is refused with ``file:line``, as is an unchecksummed line after a checksummed one;
+lines written by the earlier version (no ``_sum`` at all, before any checksummed line) are read as before. The field
+is stripped on load: records never carry it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
+
+from kd_core.checksum import short_hash
+
+SUM_FIELD = "_sum"
+_SUFFIX = re.compile(rb',"_sum":"([0-9a-f]{16})"\}$')
+
+
+def encode_line(record: dict[str, Any]) -> bytes:
+    """One journal line: the compact JSON of ``record`` with its checksum appended as a last field, newline."""
+    body = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return body[:-1] + b',"' + SUM_FIELD.encode() + b'":"' + short_hash(body).encode() + b'"}\n'
+
+
+def decode_line(line: bytes, where: str, require_sum: bool) -> tuple[dict[str, Any], bool]:
+    """(record, whether the line carried a checksum); ValueError naming ``where`` (``file:line``) when it is corrupt."""
+    line = line.rstrip(b"\r")
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        # A complete line that does not parse was not written by us: refuse to guess.
+        raise ValueError(f"{where}: corrupt journal line ({err})") from None
+    match = _SUFFIX.search(line)
+    if match is None:
+        if require_sum or not isinstance(record, dict) or SUM_FIELD in record:
+            raise ValueError(f"{where}: corrupt journal line (no valid checksum field; corrupted on disk?)")
+        return record, False
+    if short_hash(line[: match.start()] + b"}") != match.group(1).decode():
+        raise ValueError(f"{where}: corrupt journal line (checksum mismatch; corrupted on disk)")
+    record.pop(SUM_FIELD, None)
+    return record, True
 
 
 class Journal:
@@ -35,14 +72,12 @@ class Journal:
                     f.truncate(good_end)
                     f.flush()
                     os.fsync(f.fileno())
-            for number, line in enumerate(data[:good_end].splitlines(), start=1):
+            checked = False  # once a line carries a checksum, every later one must too
+            for number, line in enumerate(data[:good_end].split(b"\n"), start=1):
                 if not line.strip():
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    # A complete line that does not parse was not written by us: refuse to guess.
-                    raise ValueError(f"{self.path}:{number}: corrupt journal line ({err})") from None
+                record, has_sum = decode_line(line, f"{self.path}:{number}", require_sum=checked)
+                checked = checked or has_sum
                 self.records[record["id"]] = record
         self._file = open(self.path, "ab")
         return self
@@ -63,8 +98,7 @@ class Journal:
         """Writes ``record`` durably; returns False (and writes nothing) when its id is already journaled."""
         if record["id"] in self.records:
             return False
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
-        self._file.write(line)
+        self._file.write(encode_line(record))
         self._file.flush()
         os.fsync(self._file.fileno())
         self.records[record["id"]] = record

@@ -124,7 +124,10 @@ def run(cfg: PrecomputeConfig) -> Path:
             rows = slice(first, first + count)
             writer.add(example["sample_id"], ls.sample_fingerprint(example), ids[rows], values[rows], tails[rows])
             first += count
-    writer.close()
+    from accelerate.utils import gather_object
+
+    # Every rank's shard checksums (computed while writing), to the main process (a collective: all ranks call it).
+    written = {d["data"]: d for d in gather_object([writer.close()])}
     state.wait_for_everyone()
     if state.is_main_process:
         shards = []
@@ -133,7 +136,8 @@ def run(cfg: PrecomputeConfig) -> Path:
             index = np.load(out / index_name)
             tokens = int(index[:, 2].sum())
             shards.append({"data": data_name, "index": index_name, "samples": int(index.shape[0]), "tokens": tokens,
-                           "bytes": tokens * codec.record_bytes})
+                           "bytes": tokens * codec.record_bytes,
+                           **{key: written[data_name][key] for key in (ls.DATA_HASH, ls.INDEX_HASH)}})
         meta = {
             "format": ls.FORMAT,
             "codec": dataclasses.asdict(codec),

@@ -3,8 +3,8 @@
 Layout of a store directory (written by ``distill precompute``)::
 
     store.json                    metadata: teacher, tokenizer/vocab hashes, dataset hash, k, temperature, format,
-                                  and every shard with its expected byte size; written LAST, so a store without it
-                                  is incomplete
+                                  and every shard with its expected byte size and the XXH3-128 checksums of its two
+                                  files (verified on open); written LAST, so a store without it is incomplete
     shard-00000-of-00002.bin      fixed-size records, one per counted token (row-major over samples)
     shard-00000-of-00002.idx.npy  int64 [samples, 4]: sample_id, first record, tokens, fingerprint of the sample
 
@@ -28,6 +28,7 @@ All records have the same size, so a sample's records are one contiguous slice o
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -38,11 +39,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from kd_core import checksum
 from kd_core.atomic import atomic_open, atomic_write_json
 from kd_core.config import ConfigError
 
 FORMAT = "distill-topk-v1"
 META_FILE = "store.json"
+# Keys of a shard's entry in store.json (absent in stores written before checksums: those are checked on sizes only)
+DATA_HASH = f"data_{checksum.ALGORITHM}"
+INDEX_HASH = f"index_{checksum.ALGORITHM}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,10 +197,14 @@ class ShardWriter:
         self.handle = open(directory / self.data_name, "wb")
         self.index: list[tuple[int, int, int, int]] = []
         self.rows = 0
+        self.data_digest = checksum.hasher()  # hashed while writing: the shard is never read back
+        self.index_digest: str | None = None
 
     def add(self, sample_id: int, fingerprint: int, ids: np.ndarray, logp: np.ndarray, log_tail: np.ndarray) -> None:
         records = self.codec.encode(ids, logp, log_tail)
-        self.handle.write(records.tobytes())
+        data = records.tobytes()
+        self.handle.write(data)
+        self.data_digest.update(data)
         self.index.append((sample_id, self.rows, records.shape[0], fingerprint))
         self.rows += records.shape[0]
 
@@ -203,13 +212,17 @@ class ShardWriter:
         self.handle.flush()
         os.fsync(self.handle.fileno())
         self.handle.close()
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(self.index, dtype=np.int64).reshape(-1, 4))
+        self.index_digest = checksum.bytes_hash(buffer.getbuffer())
         with atomic_open(self.directory / self.index_name, "wb") as handle:  # the name already ends in .npy
-            np.save(handle, np.asarray(self.index, dtype=np.int64).reshape(-1, 4))
+            handle.write(buffer.getbuffer())
         return self.describe()
 
     def describe(self) -> dict[str, Any]:
         return {"data": self.data_name, "index": self.index_name, "samples": len(self.index), "tokens": self.rows,
-                "bytes": self.rows * self.codec.record_bytes}
+                "bytes": self.rows * self.codec.record_bytes, DATA_HASH: self.data_digest.hexdigest(),
+                INDEX_HASH: self.index_digest}
 
 
 @dataclass
@@ -222,7 +235,8 @@ class TopKTargets:
 
 
 class LogitStore:
-    """Read side: validates every shard against ``store.json`` and memory-maps it."""
+    """Read side: validates every shard against ``store.json`` (size, and the content checksum of its data and index
+    files when the store has them: one sequential read of each shard on open) and memory-maps it."""
 
     def __init__(self, path: str | os.PathLike, field: str = "loss.teacher_store") -> None:
         self.path, self.field = Path(path), field
@@ -257,12 +271,22 @@ class LogitStore:
                 f"{self.field}: shard {data} has {size} bytes, store.json expects {shard['bytes']} "
                 "(truncated or overwritten; run distill precompute again)"
             )
+        if DATA_HASH in shard and checksum.file_hash(data) != shard[DATA_HASH]:
+            raise ConfigError(
+                f"{self.field}: shard {data} does not match its {checksum.ALGORITHM} checksum in store.json "
+                "(corrupted in place; run distill precompute again)"
+            )
         if size == 0:
             return np.zeros((0, self.codec.record_bytes), dtype=np.uint8)
         return np.memmap(data, dtype=np.uint8, mode="r", shape=(shard["tokens"], self.codec.record_bytes))
 
     def _read_index(self, shard: dict[str, Any]) -> np.ndarray:
         index_file = self.path / shard["index"]
+        if INDEX_HASH in shard and index_file.is_file() and checksum.file_hash(index_file) != shard[INDEX_HASH]:
+            raise ConfigError(
+                f"{self.field}: shard index {index_file} does not match its {checksum.ALGORITHM} checksum in "
+                "store.json (corrupted in place; run distill precompute again)"
+            )
         try:
             index = np.load(index_file)
         except (OSError, ValueError, EOFError) as err:

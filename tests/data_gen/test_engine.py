@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 
@@ -232,11 +233,41 @@ def test_journal_drops_a_torn_last_line_and_resumes(tmp_path):
     assert journal.dropped_torn_line and list(journal.records) == ["a", "b"]
     journal.append({"id": "c", "x": 3})
     journal.close()
-    assert [line for line in path.read_text().splitlines()] == [
-        '{"id":"a","x":1}', '{"id":"b","x":2}', '{"id":"c","x":3}']
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"id": "a", "x": 1, "_sum": ANY}, {"id": "b", "x": 2, "_sum": ANY}, {"id": "c", "x": 3, "_sum": ANY}]
     path.write_text('{"id":"a"}\nnot json\n')
     with pytest.raises(ValueError, match="journal.jsonl:2: corrupt"):
         Journal(path).open()
+
+
+def test_journal_reports_a_corrupted_line_with_file_and_line(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    with Journal(path) as journal:
+        for i in range(3):
+            journal.append({"id": str(i), "answer": f"value {i}"})
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert all(b'"_sum":"' in line for line in lines)
+    # One byte flipped inside a string: still valid JSON, so only the checksum can tell.
+    lines[1] = lines[1].replace(b"value 1", b"value 7")
+    path.write_bytes(b"".join(lines) + b'{"id":"3","ans')  # plus a torn last line, tolerated as before
+    with pytest.raises(ValueError, match=r"journal.jsonl:2: corrupt journal line \(checksum mismatch"):
+        Journal(path).open()
+    # A checksummed line that lost its checksum field is refused too.
+    lines[1] = b'{"id":"1","answer":"value 1"}\n'
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(ValueError, match="journal.jsonl:2: corrupt journal line .no valid checksum"):
+        Journal(path).open()
+
+
+def test_journal_of_the_earlier_version_still_loads(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    path.write_text('{"id":"a","x":1}\n{"id":"b","x":2}\n{"id":"c","x"')  # no checksums, torn tail
+    with Journal(path) as journal:
+        assert journal.dropped_torn_line and list(journal.records) == ["a", "b"]
+        journal.append({"id": "c", "x": 3})
+    reopened = Journal(path).open()
+    assert reopened.records == {"a": {"id": "a", "x": 1}, "b": {"id": "b", "x": 2}, "c": {"id": "c", "x": 3}}
+    reopened.close()
 
 
 def test_cache_key_covers_decoding_and_sample(tmp_path):

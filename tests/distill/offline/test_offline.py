@@ -151,6 +151,46 @@ def test_truncated_shard_and_missing_metadata_are_clear_errors(small_store, tmp_
         LogitStore(broken)
 
 
+def test_shard_corrupted_in_place_is_refused_with_one_line(small_store, model_dirs, train_file, tmp_path):
+    import shutil
+
+    from distill.offline.store import DATA_HASH, INDEX_HASH
+    from kd_core.config import ConfigError
+
+    broken = tmp_path / "flipped"
+    shutil.copytree(small_store, broken)
+    entry = LogitStore(small_store).meta["shards"][0]
+    assert len(entry[DATA_HASH]) == 32 and len(entry[INDEX_HASH]) == 32  # recorded by precompute
+    shard = broken / entry["data"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10  # same size: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=f"shard {shard} does not match its xxh3_128 checksum in store.json"):
+        LogitStore(broken)
+    result = cli(["train", "--output_dir", str(tmp_path / "run"), "--report_to", "[none]",
+                  "--model.student", str(model_dirs["student"]), "--data.train_file", str(train_file),
+                  "--data.eval_fraction", "0", "--loss.teacher_store", str(broken)])
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"shard {shard} does not match" in errors[0]
+
+    shutil.copy(small_store / entry["data"], shard)  # data repaired; now the index, same size
+    index = broken / entry["index"]
+    raw = bytearray(index.read_bytes())
+    raw[-3] ^= 0x01
+    index.write_bytes(bytes(raw))
+    with pytest.raises(ConfigError, match=f"shard index {index} does not match its xxh3_128 checksum"):
+        LogitStore(broken)
+
+    # A store written before checksums (no hash keys) opens on sizes alone, silently.
+    meta = json.loads((broken / "store.json").read_text())
+    for shard_entry in meta["shards"]:
+        del shard_entry[DATA_HASH], shard_entry[INDEX_HASH]
+    (broken / "store.json").write_text(json.dumps(meta))
+    shutil.copy(small_store / entry["index"], index)
+    assert len(LogitStore(broken).location) == len(LogitStore(small_store).location)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Top-k divergences
 # ------------------------------------------------------------------------------------------------------------------
