@@ -2,8 +2,9 @@
 
 A pipeline config embeds :class:`TeacherConfig` and :class:`OutputConfig` with ``section(...)``; the engine is
 built from them by :func:`data_gen.engine.build_engine`. The API key itself never appears in a config: only the
-*name* of the environment variable that holds it (``api_key_env``), so ``save_config`` can write the resolved
-config beside the data without leaking a secret.
+*name* of the environment variable that holds it (``api_key_env``; a value that looks like a key is refused), so
+``save_config`` can write the resolved config beside the data without leaking a secret. Credentials in ``base_url``
+(``http://user:key@proxy/v1``) reach the client as given and are masked in every saved or printed copy.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kd_core.config import option, section
+from kd_core.redact import check_env_var_name
 
 
 @dataclass
@@ -65,6 +67,8 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model: expected a model name (api) or a model directory (local)")
+        # A key pasted here would be saved in config.yaml: refuse it, without echoing it.
+        check_env_var_name("api_key_env", self.api_key_env)
         if self.concurrency < 1:
             raise ValueError("concurrency: expected >= 1")
         for name in ("requests_per_minute", "tokens_per_minute", "max_cost_usd"):

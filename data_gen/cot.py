@@ -38,6 +38,7 @@ from data_gen.output import dataset_card
 from kd_core.answers import AnswerExtractor, gold_answer, majority
 from kd_core.commands import stop_code
 from kd_core.config import ConfigError, option, parse_command_line, section, to_dict
+from kd_core.redact import redact_value
 
 DEFAULT_SHOTS = [
     {"question": "A baker makes 4 trays of 12 rolls and sells 30 rolls. How many rolls are left?",
@@ -275,7 +276,7 @@ def to_rows(cfg: CotConfig, records: list[dict[str, Any]]) -> list[dict[str, Any
                 "prompt": record["question"], "completion": kept["rationale"],
                 "messages": [{"role": "user", "content": record["question"]},
                              {"role": "assistant", "content": kept["rationale"]}],
-                "provenance": {"teacher": t.model, "backend": t.backend, "base_url": t.base_url,
+                "provenance": {"teacher": t.model, "backend": t.backend, "base_url": redact_value(t.base_url),
                                "prompt_template_sha256": template_hash(cfg.prompt), "seed": cfg.seed,
                                "sample": kept["sample"], "cached": kept["cached"], "cost_usd": kept["cost_usd"],
                                "mode": cfg.mode, "votes": record["votes"], "recorded": record["recorded"]},

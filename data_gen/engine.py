@@ -8,7 +8,8 @@ completion order, an async iterator) or :meth:`Engine.map` (results in request o
 2. otherwise reserves its worst-case cost against ``max_cost_usd`` (and stops cleanly when it would not fit),
    waits for the rate limiter (requests and tokens per minute, global ``Retry-After`` pauses) and a concurrency slot;
 3. calls the backend, retrying transient failures with full-jitter exponential backoff; a request still failing
-   after ``max_retries`` stops the run with :class:`EngineError` (everything already saved stays saved);
+   after ``max_retries`` stops the run with :class:`EngineError` (everything already saved stays saved), whose
+   message is scrubbed of the API key and of URL credentials (:meth:`Engine.scrub`) because servers echo them;
 4. stores the answer in the cache *before* anything else, so a paid answer is never lost;
 5. runs the pipeline's ``parse(text, finish_reason)``; a :class:`ParseError` triggers another call (at most
    ``max_parse_retries``), each retry cached under its own attempt number so a rerun replays the same sequence.
@@ -35,6 +36,7 @@ from data_gen.backends import ApiBackend, Completion, FatalError, LocalBackend, 
 from data_gen.cache import AnswerCache, cache_key
 from data_gen.config import TeacherConfig
 from data_gen.limiter import RateLimiter
+from kd_core.redact import scrub, url_secrets
 
 
 class ParseError(Exception):
@@ -134,6 +136,7 @@ class Engine:
         # Each process of a sharded run gets an equal share of the budget, so the total cap holds without a
         # cross-process lock on every call.
         self.budget_usd = None if cfg.max_cost_usd is None else cfg.max_cost_usd / self.world
+        self.secrets = teacher_secrets(cfg)
 
     # ---------------------------------------------------------------------------------------------- cost
     def cost(self, input_tokens: int, output_tokens: int) -> float:
@@ -145,6 +148,11 @@ class Engine:
                   "seed": d.seed}
         params.update(request.decoding)
         return params
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the API key or the URL's credentials: every error the engine reports passes here, since
+        servers echo keys back (``invalid api key sk-...``) and error messages quote URLs."""
+        return scrub(text, self.secrets)
 
     def preflight(self, plan: list[CallPlan]) -> float:
         """See :func:`preflight` (printed on the main process only)."""
@@ -274,6 +282,9 @@ class Engine:
         parse = request.parse or parse
         params = self.params_for(request)
         started = time.time()
+        # The key leaves out base_url, and with it any credentials in it: the same model answering the same call is
+        # the same answer, so the cache still hits after a password rotation or through another proxy, and
+        # cache.sqlite holds no trace of the credentials.
         base_key = cache_key(self.cfg.model, request.messages, params, request.sample)
         result = Result(request, None, None, params=params, started=started)
         for attempt in range(self.cfg.max_parse_retries + 1):
@@ -344,7 +355,7 @@ class Engine:
                                         completion.output_tokens)
                     return completion
                 except FatalError as err:
-                    raise EngineError(f"request {request.id}: {err}") from None
+                    raise EngineError(self.scrub(f"request {request.id}: {err}")) from None
                 except TransientError as err:
                     last = err
                     self.stats.retries[err.reason] += 1
@@ -357,15 +368,23 @@ class Engine:
             if attempt < self.cfg.max_retries:
                 await asyncio.sleep(delay)
         where = self.cfg.base_url or "the OpenAI API"
-        raise EngineError(
+        raise EngineError(self.scrub(
             f"teacher at {where} failed request {request.id} {self.cfg.max_retries + 1} times "
             f"(last: {last}); everything saved so far is kept, rerun to resume"
-        )
+        ))
 
     async def aclose(self) -> None:
         self.close_progress()
         await self.backend.aclose()
         self.cache.close()
+
+
+def teacher_secrets(cfg: TeacherConfig) -> list[str]:
+    """What must never be printed or stored: the key in ``$<api_key_env>`` and the credentials in ``base_url``."""
+    import os
+
+    key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+    return [s for s in (key, *url_secrets(cfg.base_url)) if s]
 
 
 def estimate_cost(cfg: TeacherConfig, plan: list[CallPlan]) -> float:

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from kd_core.atomic import atomic_open, atomic_path, atomic_write_text
+from kd_core.redact import redact_urls
 
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
@@ -60,7 +61,7 @@ def dataset_card(title: str, summary: str, n_records: int, formats: list[str], t
         f"- files: {', '.join('data.' + f for f in formats)} (columns: id, instruction, input, output, messages, "
         "provenance)",
         f"- teacher: {teacher.get('model')} via {teacher.get('backend')}"
-        f"{' at ' + str(teacher['base_url']) if teacher.get('base_url') else ''}",
+        f"{' at ' + redact_urls(str(teacher['base_url'])) if teacher.get('base_url') else ''}",
         f"- decoding: {json.dumps(teacher.get('decoding', {}), sort_keys=True)}",
         "- the resolved config is in `config.yaml`; per-record provenance gives the prompt-template hash, seed, "
         "decoding and timestamps",

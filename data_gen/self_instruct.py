@@ -39,6 +39,7 @@ from data_gen.output import dataset_card
 from kd_core.commands import stop_code
 from kd_core.config import ConfigError, option, parse_command_line, section, to_dict
 from kd_core.records import iter_json_objects
+from kd_core.redact import redact_value
 
 PACKAGED_SEEDS = Path(__file__).parent / "assets" / "seed_tasks.jsonl"
 CLASSIFY_MAX_TOKENS = 16  # a Yes/No answer: a small cap keeps a rambling teacher cheap and the budget reservation low
@@ -282,7 +283,7 @@ class SelfInstruct:
     def _provenance(self, round_no: int, results: list[Any]) -> dict[str, Any]:
         t = self.cfg.teacher
         return {
-            "teacher": t.model, "backend": t.backend, "base_url": t.base_url,
+            "teacher": t.model, "backend": t.backend, "base_url": redact_value(t.base_url),
             "decoding": results[-1].params, "prompt_template_sha256": TEMPLATE_HASH, "seed": self.cfg.seed,
             "round": round_no, "cached": all(r.cached for r in results),
             "cost_usd": sum(r.cost_usd for r in results),

@@ -1,7 +1,8 @@
 """Loopback servers for exercising the engine for real: a scripted OpenAI-compatible server and a fault proxy.
 
 * :class:`ScriptedServer` answers ``POST /v1/chat/completions`` from a Python function of the request body, with an
-  optional fixed latency; it counts every request by the hash of its messages. Used by the tests for deterministic
+  optional fixed latency; it counts every request by the hash of its messages and by its ``Authorization`` header,
+  and answers an HTTP error where the function returns an :class:`ErrorReply`. Used by the tests for deterministic
   pipeline logic and by ``bench/generation.py`` for throughput (run it in another process with
   ``python -m data_gen.testing --latency 0.2``).
 * :class:`FaultProxy` forwards to a real server (``transformers serve``) and injects, per request, a fault from a
@@ -21,9 +22,18 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-Responder = Callable[[dict[str, Any]], "str | tuple[str, str]"]
+Responder = Callable[[dict[str, Any]], "str | tuple[str, str] | ErrorReply"]
+
+
+@dataclass
+class ErrorReply:
+    """A responder's answer that is an HTTP error: ``status`` with ``{"error": {"message": message}}``."""
+
+    status: int
+    message: str
 
 
 def messages_hash(body: dict[str, Any]) -> str:
@@ -120,6 +130,7 @@ class ScriptedServer(_ThreadedServer):
         self.responder = responder
         self.latency_s = latency_s
         self.counts: Counter[str] = Counter()  # requests per messages-hash
+        self.authorizations: Counter[str] = Counter()  # chat requests per Authorization header ('' = none sent)
 
     @property
     def total(self) -> int:
@@ -135,9 +146,15 @@ class ScriptedServer(_ThreadedServer):
                 elif method == "POST" and path.endswith("/chat/completions"):
                     body = json.loads(raw)
                     self.counts[messages_hash(body)] += 1
+                    self.authorizations[headers.get("authorization", "")] += 1
                     if self.latency_s:
                         await asyncio.sleep(self.latency_s)
                     answer = self.responder(body)
+                    if isinstance(answer, ErrorReply):
+                        error = json.dumps({"error": {"message": answer.message}}).encode()
+                        writer.write(http_response(answer.status, error))
+                        await writer.drain()
+                        continue
                     text, finish = (answer, "stop") if isinstance(answer, str) else answer
                     prompt_tokens = sum(len(m["content"]) // 4 + 4 for m in body["messages"])
                     payload = chat_completion_body(body.get("model", "scripted"), text, finish, prompt_tokens)

@@ -23,11 +23,13 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 from kd_core.atomic import atomic_write_text
+from kd_core.redact import redact_value
 
 T = TypeVar("T")
 
 # Field names that hold secrets are never written by save_config (an API key must come from the environment, but
-# a user may still paste one into a YAML file by mistake).
+# a user may still paste one into a YAML file by mistake). Credentials inside a URL (``http://user:key@host/v1``), in
+# any field, are masked by to_dict as well (kd_core.redact).
 SECRET_FIELD_NAMES = frozenset({"api_key", "token", "hf_token", "password"})
 
 
@@ -176,7 +178,8 @@ def _parse_cli_literal(text: str, where: str) -> Any:
 
 
 def to_dict(cfg: Any, *, redact: bool = True) -> dict[str, Any]:
-    """The resolved config as plain data; secret-looking fields are dropped."""
+    """The resolved config as plain data; secret-looking fields are dropped and URL user info is masked
+    (``http://user:***@host/v1``) in every string. ``redact=False`` is the live config, for building a client."""
     out = {}
     for f in dataclasses.fields(cfg):
         if redact and f.name in SECRET_FIELD_NAMES:
@@ -186,6 +189,8 @@ def to_dict(cfg: Any, *, redact: bool = True) -> dict[str, Any]:
             value = to_dict(value, redact=redact)
         elif isinstance(value, tuple):
             value = list(value)
+        if redact:
+            value = redact_value(value)
         out[f.name] = value
     return out
 

@@ -4,6 +4,7 @@ slice; plus the answer extractors one by one."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from data_gen.cot import CotConfig
-from data_gen.testing import ScriptedServer
+from data_gen.testing import ErrorReply, ScriptedServer
 from kd_core.answers import AnswerExtractor, gold_answer, majority, normalize_number
 from kd_core.config import ConfigError, parse_command_line
 from kd_recipes.cli import data_gen_main
@@ -251,3 +252,94 @@ def test_normalisation_and_vote():
     assert gold_answer("He pays 3 * 4 = 12\n#### 12") == "12" and gold_answer("42") == "42"
     assert majority(["2", None, "3", "3", "2"]) == ("2", 2)  # tie: first seen wins
     assert majority([None, None]) == (None, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Secrets: credentials in base_url, a key echoed back by the server, a key pasted where its variable's name belongs
+# ----------------------------------------------------------------------------------------------------------------
+
+URL_SECRET = "pr0xy-S3cret-pass"
+API_KEY = "sk-test-Echoed-Key-0123456789"
+
+
+def with_credentials(server: ScriptedServer, password: str = URL_SECRET) -> str:
+    return server.base_url.replace("http://", f"http://proxyuser:{password}@")
+
+
+def basic_token(password: str = URL_SECRET) -> str:
+    return base64.b64encode(f"proxyuser:{password}".encode()).decode()
+
+
+def files_holding(out: Path, *secrets: str) -> list[str]:
+    """Every file under ``out`` (cache, journal, data, card, config) that holds one of ``secrets``."""
+    return [f"{p.name}: {s}" for p in sorted(out.rglob("*")) if p.is_file() for s in secrets
+            if s.encode() in p.read_bytes()]
+
+
+def test_credentials_in_base_url_authenticate_but_are_never_saved_or_printed(server, tmp_path, capfd):
+    inp = write_questions(tmp_path / "q.jsonl", GOLDS)
+    out = tmp_path / "cot"
+    url = with_credentials(server)
+    assert data_gen_main(args(server, inp, out, "--teacher.base_url", url)) == 0
+    # The live client used the real URL: the server saw the URL's credentials (httpx sends them as Basic auth).
+    assert set(server.authorizations) == {f"Basic {basic_token()}"} and len(rows(out)) == 3
+    printed = capfd.readouterr()
+    assert URL_SECRET not in printed.out + printed.err and basic_token() not in printed.out + printed.err
+    assert files_holding(out, URL_SECRET, basic_token()) == []
+    masked = url.replace(URL_SECRET, "***")
+    assert {r["provenance"]["base_url"] for r in rows(out)} == {masked}
+    assert masked in (out / "config.yaml").read_text() and masked in (out / "README.md").read_text()
+    # The cache is keyed without the URL: the same server behind a rotated password still hits it.
+    calls = server.total
+    (out / "journal.jsonl").unlink()
+    rotated = with_credentials(server, "r0tated-Pass-456")
+    assert data_gen_main(args(server, inp, out, "--teacher.base_url", rotated)) == 0
+    assert server.total == calls and len(rows(out)) == 3
+    assert files_holding(out, URL_SECRET, "r0tated-Pass-456") == []
+
+
+@pytest.mark.parametrize("status", [401, 429, 500])
+def test_a_key_echoed_in_an_error_body_is_scrubbed(status, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    url_holder: list[str] = []
+
+    def refuse(body: dict) -> ErrorReply:
+        # What a careless server or proxy sends back: the key, the Basic credentials and the URL it was called at.
+        return ErrorReply(status, f"invalid api key {API_KEY} (auth Basic {basic_token()}) at {url_holder[0]}")
+
+    srv = ScriptedServer(refuse).start()
+    try:
+        url_holder.append(with_credentials(srv))
+        inp = write_questions(tmp_path / "q.jsonl", GOLDS)
+        out = tmp_path / "cot"
+        code = data_gen_main(args(srv, inp, out, "--teacher.base_url", url_holder[0], "--teacher.api_key_env",
+                                  "DISTILL_TEST_KEY", "--teacher.max_retries", "1", "--teacher.backoff_base_s", "0.01"))
+    finally:
+        srv.stop()
+    printed = capfd.readouterr()
+    assert code == 2 and srv.total >= 1
+    error = [line for line in printed.err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1, printed.err
+    assert f"proxyuser:***@127.0.0.1:{srv.port}/v1" in error[0]
+    if status != 500:  # a 5xx is reported by its status alone; 4xx and 429 quote the server's message
+        assert "invalid api key *** (auth Basic ***)" in error[0]
+    for secret in (API_KEY, URL_SECRET, basic_token()):
+        assert secret not in printed.out + printed.err
+    assert files_holding(out, API_KEY, URL_SECRET, basic_token()) == []
+
+
+@pytest.mark.parametrize("value", ["sk-proj-Abc123Def456Ghi789", "hf_AbCdEfGhIjKlMnOpQrStUvWx", "my secret key"])
+def test_a_key_given_as_api_key_env_is_refused_without_echoing_it(value, server, tmp_path, capfd):
+    inp = write_questions(tmp_path / "q.jsonl", GOLDS)
+    out = tmp_path / "cot"
+    assert data_gen_main(args(server, inp, out, "--teacher.api_key_env", value)) == 2
+    printed = capfd.readouterr()
+    assert printed.err.count("\n") == 1 and "api_key_env: expected the NAME of an environment variable" in printed.err
+    assert value not in printed.out + printed.err and value[:8] not in printed.err
+    config = tmp_path / "c.yaml"
+    config.write_text(f"teacher:\n  api_key_env: {value}\n")
+    assert data_gen_main(["cot", "--config", str(config), "--input_file", str(inp), "--teacher.model", "scripted",
+                          "--teacher.base_url", server.base_url, "--output.dir", str(out)]) == 2
+    printed = capfd.readouterr()
+    assert printed.err.count("\n") == 1 and value not in printed.out + printed.err
+    assert not out.exists() and server.total == 0
