@@ -3,6 +3,7 @@ after ``kill -9`` at several points, SIGTERM, budget, bad inputs; and the parsin
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -188,6 +189,24 @@ def test_budget_cap_during_the_run_stops_with_code_3(server, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 3 and "stopped early (budget)" in printed
     assert float(printed.split("cost: $")[1].split(";")[0]) <= cap
+
+
+def test_credentials_in_base_url_reach_the_server_and_no_file_or_line(server, tmp_path, capfd):
+    secret = "Pr0xy-pass-4-selfinstruct"
+    url = server.base_url.replace("http://", f"http://proxyuser:{secret}@")
+    out = tmp_path / "si"
+    assert data_gen_main(args(server, out, "--target", "4", "--teacher.base_url", url)) == 0
+    basic = base64.b64encode(f"proxyuser:{secret}".encode()).decode()
+    assert set(server.authorizations) == {f"Basic {basic}"}  # the client logged in with the URL's credentials
+    printed = capfd.readouterr()
+    assert secret not in printed.out + printed.err
+    leaks = [p.name for p in out.rglob("*") if p.is_file() and (secret.encode() in p.read_bytes()
+                                                                 or basic.encode() in p.read_bytes())]
+    assert leaks == []  # config.yaml, journal.jsonl (provenance), cache.sqlite, data files, README.md
+    masked = url.replace(secret, "***")
+    journal = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+    assert {r["provenance"]["base_url"] for r in journal} == {masked}
+    assert {r["provenance"]["base_url"] for r in read_rows(out)} == {masked}
 
 
 def test_bad_inputs_exit_2_with_a_clear_message(server, tmp_path, capsys, monkeypatch):
