@@ -6,11 +6,17 @@ Layout of an output directory::
     .checkpoint-300.tmp/       a save in progress (or killed half-way): never read
     latest                     text file naming the newest complete checkpoint; moved last
 
-A save writes everything into a hidden temporary directory, writes ``manifest.json`` (every file with its size)
-last, fsyncs, and only then renames the directory into place and moves ``latest`` (both with
-:mod:`kd_core.atomic`, which fsyncs the parent directory after each rename). A checkpoint whose files do not
-match its manifest (truncated by a crash or a full disk) is skipped with a warning naming it, and the previous valid
-one is used.
+A save writes everything into a hidden temporary directory, writes ``manifest.json`` (every file with its size and
+its XXH3-128 content hash, :mod:`kd_core.checksum`) last, fsyncs, and only then renames the directory into place
+and moves ``latest`` (both with :mod:`kd_core.atomic`, which fsyncs the parent directory after each rename). A
+checkpoint whose files do not match its manifest (truncated by a crash or a full disk: the size; corrupted in place: the hash) is skipped with a
+warning naming it and the file, and the previous valid one is used. Manifests of the earlier version (sizes only) are
+checked on sizes alone.
+
+With several processes the hashing is shared: at a save each rank hashes the files it wrote itself (DeepSpeed's
+``zero_pp_rank_<r>_*`` shards, ``random_states_<r>.pkl``) while they are in its page cache, the main process gathers
+them and hashes the rest (and any file no rank reported); at validation each rank hashes every N-th file and all
+ranks agree on the result.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_core.atomic import atomic_write_text, publish_directory
+from kd_core.checksum import ALGORITHM, file_hash
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +42,52 @@ LATEST_FILE = "latest"
 STUDENT_DIR = "student"  # the student's config.json and tokenizer, for `distill export`
 
 
-def _write_manifest(directory: Path) -> None:
-    files = {
-        str(p.relative_to(directory)): p.stat().st_size
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST_FILE
+MANIFEST_VERSION = 2  # 1 (no "version" key): {"files": {name: size}}; 2: {name: {"size": ..., "xxh3_128": ...}}
+
+
+def _checkpoint_files(directory: Path) -> list[Path]:
+    return [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE]
+
+
+def _writer_rank(name: str) -> int | None:
+    """The rank that wrote a file, from its name: DeepSpeed's ``zero_pp_rank_<r>_...``, ``random_states_<r>.pkl``."""
+    match = re.search(r"(?:pp_rank_|random_states_)(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def _hash_entry(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, ALGORITHM: file_hash(path)}
+
+
+def _hash_own_files(directory: Path, rank: int) -> dict[str, dict[str, Any]]:
+    """Entries of the files rank ``rank`` wrote in ``directory`` (hashed while they are in its page cache)."""
+    return {
+        str(p.relative_to(directory)): _hash_entry(p)
+        for p in _checkpoint_files(directory)
+        if _writer_rank(str(p.relative_to(directory))) == rank
     }
-    (directory / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
+
+
+def _write_manifest(directory: Path, hashed: dict[str, dict[str, Any]] | None = None) -> None:
+    """Every file with its size and content hash; ``hashed`` holds entries other ranks computed (reused when the
+    size still matches, so a file is read once)."""
+    hashed = hashed or {}
+    files = {}
+    for path in _checkpoint_files(directory):
+        name = str(path.relative_to(directory))
+        entry = hashed.get(name)
+        files[name] = entry if entry is not None and entry["size"] == path.stat().st_size else _hash_entry(path)
+    manifest = {"version": MANIFEST_VERSION, "hash": ALGORITHM, "files": files}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+
+
+def _share(accelerator, value: Any) -> list[Any]:
+    """``value`` of every rank (a collective: every rank must call it); just ``[value]`` in one process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
 
 
 def save_checkpoint(
@@ -66,11 +112,13 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
+    own = {} if accelerator.is_main_process else _hash_own_files(tmp, accelerator.process_index)
+    hashed = {name: entry for part in _share(accelerator, own) for name, entry in part.items()}
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         if write_extra is not None:
             write_extra(tmp)
-        _write_manifest(tmp)
+        _write_manifest(tmp, hashed)
         if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
         # The temporary keeps its known name (not atomic_directory's random one): every rank saves into it, and
@@ -96,34 +144,62 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def validate(checkpoint: Path) -> str | None:
-    """None when the checkpoint matches its manifest, else the reason it cannot be used."""
+def _check_files(checkpoint: Path, rank: int, world: int) -> str | None:
+    """Sizes of every file, hashes of this rank's share of them (every ``world``-th file from ``rank``)."""
     manifest_path = checkpoint / MANIFEST_FILE
     if not manifest_path.is_file():
         return "no manifest.json (the save did not complete)"
     try:
         manifest = json.loads(manifest_path.read_text())
         json.loads((checkpoint / STATE_FILE).read_text())
-    except (OSError, ValueError) as err:
-        return f"unreadable state: {err}"
-    for name, size in manifest["files"].items():
+        files = manifest["files"]
+        algorithm = manifest.get("hash", ALGORITHM)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"unreadable state: {err!r}"
+    if algorithm != ALGORITHM:
+        return f"{MANIFEST_FILE} uses hash {algorithm!r}; this version checks {ALGORITHM!r}"
+    to_hash = []
+    for name, entry in files.items():
+        # Version 1 manifests (no "version" key) hold sizes only: nothing to hash, nothing to warn about.
+        size, digest = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get(ALGORITHM))
         path = checkpoint / name
         if not path.is_file():
             return f"missing file {name}"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, manifest says {size}"
+        if digest is None and manifest.get("version", 1) >= 2:
+            return f"{name} has no {ALGORITHM} hash in {MANIFEST_FILE}"
+        if digest is not None:
+            to_hash.append((name, path, digest))
+    for name, path, digest in to_hash[rank::world]:  # sizes first (cheap), then the contents
+        if file_hash(path) != digest:
+            return f"{name} does not match its {ALGORITHM} hash in {MANIFEST_FILE} (corrupted in place; same size)"
     return None
 
 
-def find_resume_checkpoint(output_dir: Path) -> Path | None:
-    """The newest valid checkpoint; invalid ones (and unfinished temporary saves) are reported and skipped."""
+def validate(checkpoint: Path, accelerator=None) -> str | None:
+    """None when the checkpoint matches its manifest (sizes, and content hashes where the manifest has them), else
+    the reason it cannot be used, naming the file. With ``accelerator`` (several processes) every rank must call it:
+    the hashing is split between ranks and they all return the same answer."""
+    checkpoint = Path(checkpoint)
+    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    problems = [p for p in _share(accelerator, _check_files(checkpoint, rank, world)) if p is not None]
+    return problems[0] if problems else None
+
+
+def find_resume_checkpoint(output_dir: Path, accelerator=None) -> Path | None:
+    """The newest valid checkpoint; invalid ones (and unfinished temporary saves) are reported and skipped. With
+    ``accelerator``, every rank must call it (see :func:`validate`)."""
+    main = accelerator is None or accelerator.is_main_process
     for tmp in Path(output_dir).glob(f".{PREFIX}*.tmp"):
-        logger.warning("ignoring unfinished checkpoint save %s", tmp)
+        if main:
+            logger.warning("ignoring unfinished checkpoint save %s", tmp)
     for checkpoint in reversed(list_checkpoints(output_dir)):
-        problem = validate(checkpoint)
+        problem = validate(checkpoint, accelerator)
         if problem is None:
             return checkpoint
-        logger.warning("skipping invalid checkpoint %s: %s", checkpoint, problem)
+        if main:
+            logger.warning("skipping invalid checkpoint %s: %s", checkpoint, problem)
     return None
 
 

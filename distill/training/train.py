@@ -331,13 +331,13 @@ class Distiller:
         if self.cfg.resume is None:
             return
         if self.cfg.resume == "auto":
-            found = ckpt.find_resume_checkpoint(self.output_dir)
+            found = ckpt.find_resume_checkpoint(self.output_dir, self.accelerator)
             if found is None:
                 logger.info("no checkpoint in %s: starting fresh", self.output_dir)
                 return
         else:
             found = Path(self.cfg.resume)
-            problem = ckpt.validate(found) if found.is_dir() else "not a directory"
+            problem = ckpt.validate(found, self.accelerator) if found.is_dir() else "not a directory"
             if problem:
                 raise ConfigError(f"resume: cannot use checkpoint {found}: {problem}")
         state = ckpt.read_state(found)

@@ -191,3 +191,76 @@ def test_export_of_a_lora_checkpoint_matches_the_trainers_export(model_dirs, tra
     exported = load_file(str(again / "model.safetensors"))
     for name, tensor in load_file(str(out / "final" / "model.safetensors")).items():
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def flip_a_byte(path) -> None:
+    """Corruption that keeps the size: only the manifest's content hash can tell."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoint_corrupted_in_place_is_skipped_and_the_resumed_run_is_exact(finished_run, model_dirs, train_file,
+                                                                               tmp_path, caplog):
+    import shutil
+
+    out = tmp_path / "out"  # the run as it was when stopped after its third checkpoint
+    out.mkdir()
+    for name in ("checkpoint-2", "checkpoint-3"):
+        shutil.copytree(finished_run / name, out / name)
+    entry = json.loads((out / "checkpoint-3" / ckpt.MANIFEST_FILE).read_text())["files"]["model.safetensors"]
+    assert set(entry) == {"size", "xxh3_128"}
+    flip_a_byte(out / "checkpoint-3" / "model.safetensors")
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.find_resume_checkpoint(out) == out / "checkpoint-2"
+    assert (f"skipping invalid checkpoint {out / 'checkpoint-3'}: model.safetensors does not match its xxh3_128 "
+            "hash in manifest.json") in caplog.text
+
+    bad = tmp_path / "bad-checkpoint-3"
+    shutil.copytree(out / "checkpoint-3", bad)
+    run(config(model_dirs, train_file, out, resume="auto"))  # continues from checkpoint-2
+    reference = load_file(str(finished_run / "final" / "model.safetensors"))
+    resumed = load_file(str(out / "final" / "model.safetensors"))
+    for name, tensor in reference.items():
+        assert (resumed[name] - tensor).abs().max().item() <= 1e-6, name
+
+    # Named explicitly, by `--resume PATH` or `distill export`, the corrupt checkpoint is refused: one line, exit 2.
+    train = subprocess.run(
+        [sys.executable, "-m", "distill", "train", "--output_dir", str(tmp_path / "other"), "--max_steps", "3",
+         "--report_to", "[none]", "--model.teacher", str(model_dirs["teacher"]),
+         "--model.student", str(model_dirs["student"]), "--data.train_file", str(train_file),
+         "--data.eval_fraction", "0", "--loss.terms", "{forward_kl: 0.7, ce: 0.3}", "--resume", str(bad)],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    export = subprocess.run([sys.executable, "-m", "distill", "export", "--checkpoint", str(bad), "--output-dir",
+                             str(tmp_path / "exported")], env=ENV, capture_output=True, text=True, timeout=300)
+    for result, prefix in ((train, f"error: resume: cannot use checkpoint {bad}"),
+                           (export, f"error: checkpoint: cannot use {bad}")):
+        assert result.returncode == 2, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert errors == [f"{prefix}: model.safetensors does not match its xxh3_128 hash in manifest.json "
+                          "(corrupted in place; same size)"], result.stderr[-3000:]
+    assert not (tmp_path / "exported").exists()
+
+
+def test_checkpoint_of_the_earlier_version_sizes_only_still_resumes(finished_run, model_dirs, train_file, tmp_path,
+                                                                    caplog):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoint-3")
+    manifest = out / "checkpoint-2" / ckpt.MANIFEST_FILE
+    files = json.loads(manifest.read_text())["files"]
+    manifest.write_text(json.dumps({"files": {name: entry["size"] for name, entry in files.items()}}, indent=1))
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.validate(out / "checkpoint-2") is None
+        assert ckpt.find_resume_checkpoint(out) == out / "checkpoint-2"
+    assert "checkpoint" not in caplog.text  # nothing alarming
+    distiller = Distiller(config(model_dirs, train_file, out, resume="auto"))
+    distiller.resume()
+    assert distiller.step == 2 and distiller.stream.samples_consumed == 8
+    # A truncated file is still caught on sizes alone.
+    (out / "checkpoint-2" / "scheduler.bin").write_bytes(b"")
+    assert "scheduler.bin has 0 bytes" in ckpt.validate(out / "checkpoint-2")
