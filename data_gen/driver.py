@@ -4,9 +4,11 @@ A pipeline is a :class:`Method`: it loads its inputs, builds the teacher prompts
 journals one record per finished unit of work (an instruction, a question) and turns journal records into data rows.
 The driver owns everything around that, identically for every method:
 
-1. the output directory: an empty or absent one starts a run; one holding ``config.yaml`` (and ``journal.jsonl``,
-   where :attr:`Method.journal_required`) of a run with the same :meth:`Method.resume_keys` resumes; anything else
-   is refused (exit 2, untouched);
+1. the output directory: an empty or absent one starts a run; one owned by the same method
+   (:mod:`kd_core.ownership`: its marker, or for an earlier version's output its ``config.yaml``) holding
+   ``config.yaml`` (and ``journal.jsonl``, where :attr:`Method.journal_required`) of a run with the same
+   :meth:`Method.resume_keys` resumes; anything else (another method's output, a training run, a user's folder) is
+   refused (exit 2, untouched);
 2. the pre-flight cost estimate (:meth:`Method.plan` for the work left after the journal), before anything is
    created on disk, so an estimate over the budget leaves no trace;
 3. the engine (answer cache, limits, signal handlers: SIGINT/SIGTERM and the budget cap stop it cleanly), the
@@ -28,6 +30,7 @@ from data_gen.config import OutputConfig, TeacherConfig
 from data_gen.engine import BudgetError, CallPlan, Engine, EngineError, build_engine, preflight
 from data_gen.journal import Journal
 from data_gen.output import write_outputs
+from kd_core import ownership
 from kd_core.atomic import atomic_write_json
 from kd_core.config import ConfigError, save_config
 
@@ -99,8 +102,9 @@ class Method:
 
 
 def check_output_dir(method: Method, out: Path) -> None:
-    """Resume only a run of the same method with the same resume keys; never write into an unrelated directory."""
-    if not out.exists() or not any(out.iterdir()):
+    """Resume only a run of the same method with the same resume keys; never write into an unrelated directory
+    (another method's output, a training run, a user's folder: :mod:`kd_core.ownership`). Reads only."""
+    if ownership.check(out, f"data-gen {method.name}", "output.dir", method.name) is None:
         return
     saved = out / CONFIG
     if not saved.is_file() or (method.journal_required and not (out / JOURNAL).is_file()):
@@ -134,6 +138,8 @@ async def _drive(method: Method) -> GenerationResult:
     except BudgetError as err:
         raise ConfigError(str(err)) from None
     engine = build_engine(teacher, out, progress=output.progress)  # ConfigError on a missing API key
+    if engine.rank == 0 and not (out / ownership.MARKER).is_file():
+        ownership.claim(out, f"data-gen {method.name}", method.resume_keys())
     journal = Journal(out / JOURNAL)
     try:
         journal.open()
@@ -168,6 +174,8 @@ async def _drive(method: Method) -> GenerationResult:
         await engine.aclose()
     if error is not None:
         raise ConfigError(str(error))
+    if engine.rank == 0 and not engine.stopped:
+        ownership.mark_finished(out)
     if engine.stopped:
         print(f"stopped early ({engine.stopped}); rerun the same command to continue")
         result.stopped = engine.stopped

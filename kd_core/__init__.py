@@ -7,6 +7,7 @@ JSON-lines/JSON/parquet/``datasets`` files with file:line errors), ``generation`
 sampled generation with a local model: ``distill eval``, the trainer's accuracy metric, ``data-gen``'s local teacher),
 ``answers`` (final-answer extraction and normalisation, and the one ``extractor`` config section of ``data-gen cot``,
 ``distill eval`` and the trainer's accuracy metric), ``atomic`` (every result and progress file written atomically
-and fsynced: temporary sibling, ``os.replace``, directory fsync), ``redact`` (URL credentials masked in saved configs
+and fsynced: temporary sibling, ``os.replace``, directory fsync), ``ownership`` (the marker naming the command that
+owns an output directory: resume only its own output, ``--overwrite`` only what it wrote), ``redact`` (URL credentials masked in saved configs
 and printed lines, server messages scrubbed of keys, a key given where its variable's name belongs refused).
 """

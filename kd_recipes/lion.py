@@ -34,6 +34,7 @@ from typing import Any
 from data_gen.config import DecodingConfig, TeacherConfig
 from data_gen.engine import Engine, EngineError, ParseError, Request, build_engine
 from data_gen.self_instruct import parse_instructions
+from kd_core import ownership
 from kd_core.atomic import atomic_write_json, atomic_write_text
 from kd_core.commands import Stopped, stop_code
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section
@@ -318,6 +319,8 @@ class Lion:
     def iterate(self) -> dict[str, Any]:
         """Every iteration's unfinished stages, then :meth:`summary`."""
         self.out.mkdir(parents=True, exist_ok=True)
+        if not (self.out / ownership.MARKER).is_file():
+            ownership.claim(self.out, ownership.LION, lion_settings(self.cfg))
         if not (self.out / "pools_initial.json").is_file():
             train = load_pool(self.cfg.train_pool, "train_pool")
             cache = load_pool(self.cfg.cache_pool, "cache_pool") if self.cfg.cache_pool else list(train)
@@ -352,6 +355,22 @@ class Lion:
         return summary
 
 
+def lion_settings(cfg: LionConfig) -> dict[str, Any]:
+    """What a rerun must share with the run in ``output_dir`` to continue it (the ownership marker's settings)."""
+    return {"train_pool": cfg.train_pool, "cache_pool": cfg.cache_pool, "student": cfg.student, "seed": cfg.seed,
+            "teacher.model": cfg.teacher.model}
+
+
+def check_output_dir(cfg: LionConfig) -> None:
+    """Continue only a Lion run with the same pools, student, seed and teacher; refuse any other directory (a
+    training run, another command's output, a user's folder) before anything is written."""
+    owner = ownership.check(cfg.output_dir, ownership.LION, "output_dir", "data-gen lion")
+    changed = ownership.differing(owner, lion_settings(cfg)) if owner is not None else []
+    if changed:
+        raise ConfigError(f"output_dir: {cfg.output_dir} holds a Lion run with other settings ({', '.join(changed)}); "
+                          "choose another output_dir")
+
+
 Config = LionConfig
 
 
@@ -368,6 +387,7 @@ def run(cfg: LionConfig) -> LionResult:
     """Runs the iterations under ``cfg.output_dir``, continuing unfinished ones; returns the win-rate summary."""
     if not Path(cfg.student).is_dir():
         raise ConfigError(f"student: model directory not found: {cfg.student}")
+    check_output_dir(cfg)
     try:
         return LionResult(Path(cfg.output_dir), Lion(cfg).iterate())
     except Stopped as stop:  # budget cap, Ctrl-C or SIGTERM: everything paid for is saved

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from distill.student.lora import LoraSettings
+from kd_core import ownership
 from kd_core.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from kd_core.commands import Stopped, stop_code
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
@@ -40,7 +41,8 @@ CONFIG = "config.yaml"
 @dataclasses.dataclass
 class QuickstartConfig:
     output_dir: str = option("runs/quickstart", help="Directory for every stage's outputs and the report.")
-    overwrite: bool = option(False, help="Delete an existing quickstart in output_dir and start again.")
+    overwrite: bool = option(False, help="Replace an existing quickstart in output_dir (removing only what it wrote) "
+                             "and start again.")
     seed: int = option(0, help="Seed for the problems, the models and the data order.")
     num_train: int = option(3000, help="Training problems.")
     num_eval: int = option(200, help="Held-out problems for every figure of the report.")
@@ -95,18 +97,25 @@ def _comparable(cfg: QuickstartConfig) -> dict[str, Any]:
 
 
 def prepare_output_dir(cfg: QuickstartConfig) -> Path:
-    """An empty or absent directory starts a run; an unfinished quickstart with the same settings resumes; anything
-    else (a finished run, other settings, a directory that is not a quickstart) is refused unless ``overwrite``."""
+    """An empty or absent directory starts a run; an unfinished quickstart with the same settings resumes; a
+    finished one or other settings are refused unless ``overwrite``, which then removes only what the quickstart
+    wrote; a directory that is not a quickstart (another command's output, a user's folder) is always refused
+    (:mod:`kd_core.ownership`)."""
     root = Path(cfg.output_dir)
     if root.exists() and not root.is_dir():
         raise ConfigError(f"output_dir: {root} is a file")
-    if root.is_dir() and any(root.iterdir()):
+    owner = ownership.owner_of(root)
+    if owner is not None:
+        if owner.command != ownership.QUICKSTART:
+            held = f" (it holds {owner.describe()})" if owner.command else ""
+            raise ConfigError(f"output_dir: {root} exists and is not a quickstart directory{held}; choose another "
+                              "--output_dir (--overwrite replaces only a quickstart's own outputs)")
         saved = root / CONFIG
         problem = None
         if (root / REPORT).exists():
             problem = "holds a finished quickstart"
         elif not saved.is_file():
-            problem = "exists and is not a quickstart directory"
+            problem = "holds an unfinished quickstart without its config.yaml"
         else:
             old = yaml.safe_load(saved.read_text()) or {}
             old = {k: v for k, v in old.items() if k not in ("overwrite", "output_dir")}
@@ -116,10 +125,14 @@ def prepare_output_dir(cfg: QuickstartConfig) -> Path:
         if problem and not cfg.overwrite:
             raise ConfigError(f"output_dir: {root} {problem}; pass --overwrite to replace it, or another --output_dir")
         if problem:
-            shutil.rmtree(root)
+            removed = ownership.remove_owned(root, ownership.QUICKSTART)
+            print(f"quickstart: --overwrite: removed the earlier quickstart's {', '.join(removed) or 'marker'} in "
+                  f"{root}", file=sys.stderr, flush=True)
         else:
             print(f"quickstart: resuming the unfinished run in {root}")
     root.mkdir(parents=True, exist_ok=True)
+    if not (root / ownership.MARKER).is_file():
+        ownership.claim(root, ownership.QUICKSTART, _comparable(cfg))
     save_config(cfg, root / CONFIG)
     return root
 

@@ -110,3 +110,20 @@ def nested_config(cls, tree: dict[str, Any], **dotted: Any):
             node = node.setdefault(part, {})
         node[leaf] = value
     return from_dict(cls, tree)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file and symlink under ``root`` (relative path -> sha256 of its bytes, or of its link target) plus every
+    directory: two equal digests mean the tree was left byte-identical."""
+    import hashlib
+
+    digest: dict[str, str] = {}
+    for path in sorted(Path(root).rglob("*")):
+        name = str(path.relative_to(root))
+        if path.is_symlink():
+            digest[name] = "link:" + str(path.readlink())
+        elif path.is_file():
+            digest[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            digest[name] = "dir"
+    return digest

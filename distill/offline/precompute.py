@@ -24,6 +24,7 @@ from distill.losses.divergences import shared_vocab_size
 from distill.losses.objective import target_positions
 from distill.offline import store as ls
 from distill.student.models import ModelSettings, load_teacher, load_tokenizer, require_model_dir
+from kd_core import ownership
 from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section
 
@@ -154,6 +155,7 @@ def run(cfg: PrecomputeConfig) -> Path:
             "shards": shards,
         }
         save_config(cfg, out / "precompute_config.yaml")
+        ownership.claim(out, ownership.PRECOMPUTE, {"teacher": str(cfg.teacher), "k": cfg.k}, finished=True)
         ls.write_meta(out, meta)
         logger.info("store %s: %d samples, %d tokens, %d bytes per token", out, meta["samples"], meta["tokens"],
                      codec.record_bytes)

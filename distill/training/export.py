@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from distill.training import checkpoint as ckpt
+from kd_core import ownership
 from kd_core.atomic import atomic_directory
 from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line
@@ -125,6 +126,7 @@ def export_checkpoint(checkpoint: Path, output_dir: Path, dtype: str = "float32"
         else:
             student.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+        ownership.claim(tmp, ownership.EXPORT, {"checkpoint": str(checkpoint)}, finished=True)
         if output_dir.exists():
             output_dir.rmdir()  # empty (checked above)
     return output_dir

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +51,7 @@ from distill.training.runtime import (
     zero3_enabled,
 )
 from distill.training.teacher import OnlineTeacher, StoreTeacher, TeacherSignal
+from kd_core import ownership
 from kd_core.atomic import atomic_write_json
 from kd_core.commands import EXIT_PREEMPTED, PREEMPTED, stop_code
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section, to_dict
@@ -62,7 +64,11 @@ logger = logging.getLogger("distill")
 @dataclasses.dataclass
 class TrainConfig:
     output_dir: str = option("runs/distill", help="Where checkpoints, logs, the resolved config and the model go.")
-    overwrite_output_dir: bool = option(False, help="Allow writing into a non-empty output_dir without resuming.")
+    overwrite_output_dir: bool = option(
+        False, help="Start a clean run in an output_dir holding an earlier training run: its checkpoints, latest, "
+        "metrics, summary and final/ are removed (nothing that training did not write; never another command's "
+        "directory)."
+    )
     resume: str | None = option(
         None, help="`auto`: continue from the newest valid checkpoint in output_dir (or start fresh); or a path."
     )
@@ -102,6 +108,8 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.overwrite_output_dir and self.resume is not None:
+            raise ValueError("overwrite_output_dir: starts a clean run; it cannot be combined with resume")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
@@ -125,15 +133,41 @@ class TrainConfig:
                              f"{self.loss.terms}")
 
 
+def ownership_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """What a run in ``output_dir`` must share with its earlier part to resume there (the marker's settings)."""
+    return {"loss.terms": cfg.loss.terms, "model.student": cfg.model.student, "lora.enabled": cfg.lora.enabled}
+
+
 def prepare_output_dir(cfg: TrainConfig) -> Path:
-    """Refuses to write over an existing run unless resuming or told to overwrite."""
+    """Refuses to write over an existing run unless resuming or told to overwrite, and a directory that is not a
+    training run (another command's output, a user's folder) in any case (:mod:`kd_core.ownership`). Reads only."""
     out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and cfg.resume is None and not cfg.overwrite_output_dir:
+    owner = ownership.check(out, ownership.TRAIN, "output_dir", "distill train")
+    if owner is not None and cfg.resume is None and not cfg.overwrite_output_dir:
         raise ConfigError(
             f"output_dir: {out} exists and is not empty; pass --resume auto to continue it, "
             "--overwrite_output_dir to reuse it, or choose another directory"
         )
+    if owner is not None and cfg.resume is not None and not cfg.overwrite_output_dir:
+        changed = ownership.differing(owner, ownership_settings(cfg))
+        if changed:
+            raise ConfigError(f"resume: {out} holds a run with other settings ({', '.join(changed)}); pass "
+                              "--overwrite_output_dir to start it again, or choose another output_dir")
     return out
+
+
+def claim_output_dir(cfg: TrainConfig, out: Path) -> None:
+    """Main process only, once the run is checked (and resumed): with ``overwrite_output_dir``, removes the previous
+    run's checkpoints, ``latest``, metrics, summary and ``final/`` (said in one line on stderr; nothing that
+    training did not write), and records this run as the directory's owner (:mod:`kd_core.ownership`). An unmarked
+    run of an earlier version that is resumed gets its marker here too."""
+    if cfg.overwrite_output_dir and ownership.owner_of(out) is not None:
+        removed = ownership.remove_owned(out, ownership.TRAIN)
+        if removed:
+            print(f"overwrite_output_dir: removed the previous run in {out} ({', '.join(removed)})", file=sys.stderr,
+                  flush=True)
+    if not (out / ownership.MARKER).is_file():
+        ownership.claim(out, ownership.TRAIN, ownership_settings(cfg))
 
 
 class Distiller:
@@ -385,7 +419,9 @@ class Distiller:
         acc, cfg = self.accelerator, self.cfg
         self.resume()
         if acc.is_main_process:
+            claim_output_dir(cfg, self.output_dir)
             save_config(cfg, self.output_dir / "config.yaml")
+        acc.wait_for_everyone()
         acc.init_trackers("distill", config=_flat(to_dict(cfg)))
         self.install_signal_handlers()
         inner(self.module).student.train()
@@ -432,6 +468,7 @@ class Distiller:
         }
         if acc.is_main_process:
             atomic_write_json(self.output_dir / "summary.json", summary)
+            ownership.mark_finished(self.output_dir)
         return summary
 
     def export(self, directory: Path) -> None:
@@ -486,7 +523,14 @@ class TrainResult:
 
 def run(cfg: TrainConfig) -> TrainResult:
     """Trains (resuming as ``cfg.resume`` says) and exports ``final/``; on SIGTERM/SIGUSR1 it saves a checkpoint
-    and returns with ``stopped`` set."""
+    and returns with ``stopped`` set. ``--resume auto`` on a finished run says so and returns its summary, rewriting
+    nothing."""
+    out = prepare_output_dir(cfg)
+    if cfg.resume == "auto" and (out / "summary.json").is_file():  # prepare_output_dir: a training run's summary
+        summary = json.loads((out / "summary.json").read_text())
+        print(f"distill train: {out} holds a finished run ({summary.get('steps')} steps); nothing to do (pass "
+              "--overwrite_output_dir to train it again, or choose another output_dir)", file=sys.stderr, flush=True)
+        return TrainResult(out, summary.get("steps", 0), summary)
     distiller = Distiller(cfg)
     try:
         summary = distiller.train()

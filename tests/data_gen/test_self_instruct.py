@@ -319,3 +319,36 @@ def test_help_lists_every_field(capsys):
     text = capsys.readouterr().out
     for field in ("--teacher.max_cost_usd", "--teacher.api_key_env", "--filters.rouge_threshold", "--output.formats"):
         assert field in text
+
+
+def test_a_finished_cot_output_is_refused_untouched_and_still_resumes(tmp_path, capsys):
+    """Issue 15, case 3: `data-gen self-instruct` pointed at a finished `data-gen cot` output used to replace its
+    config and cache, crash (KeyError: 'instances') and leave the cot output unresumable. Now it is refused and the
+    tree stays byte-identical, also for a cot output of an earlier version (no marker: recognised by its config)."""
+    from kd_core import ownership
+    from tests.conftest import tree_digest
+    from tests.data_gen import test_cot
+
+    cot_server = ScriptedServer(test_cot.responder).start()
+    try:
+        questions = test_cot.write_questions(tmp_path / "q.jsonl", test_cot.GOLDS)
+        out = tmp_path / "cot"
+        assert data_gen_main(test_cot.args(cot_server, questions, out)) == 0
+        assert json.loads((out / ownership.MARKER).read_text())["command"] == ownership.COT
+        self_instruct = ["self-instruct", "--teacher.base_url", cot_server.base_url, "--teacher.api_key_env", "null",
+                         "--teacher.model", "scripted", "--target", "4", "--output.dir", str(out),
+                         "--output.progress", "false"]
+        for legacy in (False, True):
+            if legacy:
+                (out / ownership.MARKER).unlink()
+            capsys.readouterr()
+            before = tree_digest(out)
+            assert data_gen_main(self_instruct) == 2
+            err = capsys.readouterr().err
+            assert "is not a self-instruct output directory (it holds a finished data-gen cot output)" in err, err
+            assert tree_digest(out) == before
+        calls = cot_server.total
+        assert data_gen_main(test_cot.args(cot_server, questions, out)) == 0  # the cot output still resumes
+        assert cot_server.total == calls and len(test_cot.rows(out)) == 3
+    finally:
+        cot_server.stop()

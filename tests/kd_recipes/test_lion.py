@@ -131,6 +131,27 @@ def test_bad_pool_exits_2(server, model_dirs, tmp_path, capsys):
     assert LionConfig.__name__ == "LionConfig"
 
 
+def test_a_directory_that_is_not_a_lion_run_is_refused_untouched(server, model_dirs, train_file, tmp_path, capsys):
+    """Issue 15, case 3: `data-gen lion` pointed at a finished training run used to overwrite its config.yaml before
+    failing; now nothing in it changes."""
+    from distill.training.train import main as train_main
+    from kd_core.commands import run_command
+    from kd_recipes.cli import data_gen_main as main
+    from tests.conftest import tree_digest
+
+    run = tmp_path / "run"
+    assert run_command(train_main, [
+        "--output_dir", str(run), "--max_steps", "1", "--per_device_train_batch_size", "4", "--eval_steps", "null",
+        "--report_to", "[none]", "--model.student", str(model_dirs["student"]), "--data.train_file", str(train_file),
+        "--data.eval_fraction", "0", "--loss.terms", "{ce: 1.0}"]) == 0
+    capsys.readouterr()
+    before = tree_digest(run)
+    assert main(["lion", "--config", str(config(server, model_dirs, tmp_path, run))]) == 2
+    err = capsys.readouterr().err
+    assert "is not a data-gen lion output directory (it holds a finished distill train output)" in err, err
+    assert tree_digest(run) == before
+
+
 def test_shipped_config_parses():
     from kd_core.config import parse_command_line
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, slowed_steps
+from tests.conftest import REPO_ROOT, slowed_steps, tree_digest
 
 # Tiny sizes and few steps: the teacher still memorises some training problems, so data-gen cot keeps rationales.
 SMALL = [
@@ -133,6 +133,43 @@ def test_other_directories_and_settings_are_refused(tmp_path):
     prepare_output_dir(QuickstartConfig(output_dir=str(unfinished), teacher_steps=10))  # same settings: resume
     prepare_output_dir(QuickstartConfig(output_dir=str(unfinished), teacher_steps=20, overwrite=True))
     assert "teacher_steps: 20" in (unfinished / "config.yaml").read_text()
+
+
+def test_overwrite_never_deletes_a_directory_that_is_not_a_quickstart(tmp_path, capsys):
+    """Issue 15, case 1: `distill quickstart --output_dir DIR --overwrite` used to delete any non-empty DIR although
+    the refusal that sent the user there said DIR "is not a quickstart directory"; now DIR stays byte-identical,
+    whether it is a user's folder or another command's output (a training run, recognised without a marker)."""
+    from kd_recipes.cli import distill_main as cli
+
+    foreign = tmp_path / "foreign"
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    (foreign / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "latest").write_text("checkpoint-2\n")
+    for directory, held in ((foreign, ""), (run, "distill train")):
+        before = tree_digest(directory)
+        assert cli(["quickstart", "--output_dir", str(directory), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "not a quickstart directory" in err and held in err and "--overwrite replaces only" in err, err
+        assert tree_digest(directory) == before
+
+
+def test_overwrite_removes_only_what_the_quickstart_wrote(tmp_path, capsys):
+    from kd_core import ownership
+    from kd_recipes.quickstart import QuickstartConfig, prepare_output_dir
+
+    root = tmp_path / "qs"
+    prepare_output_dir(QuickstartConfig(output_dir=str(root), teacher_steps=10))
+    assert json.loads((root / ownership.MARKER).read_text())["command"] == ownership.QUICKSTART
+    (root / "data").mkdir()
+    (root / "data" / "train.jsonl").write_text("{}\n")
+    (root / "my_notes.txt").write_text("mine")
+    prepare_output_dir(QuickstartConfig(output_dir=str(root), teacher_steps=20, overwrite=True))
+    assert "removed the earlier quickstart's" in capsys.readouterr().err
+    assert not (root / "data").exists() and (root / "my_notes.txt").read_text() == "mine"
+    assert "teacher_steps: 20" in (root / "config.yaml").read_text()
 
 
 def test_shipped_config_equals_the_defaults():

@@ -38,6 +38,7 @@ from distill.student.prune.structured import (
     validate_targets,
 )
 from distill.student.prune.unstructured import parse_pattern, sparsify
+from kd_core import ownership
 from kd_core.atomic import atomic_directory
 from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section
@@ -246,6 +247,7 @@ def run(cfg: PruneConfig) -> dict[str, Any]:
     with atomic_directory(out_dir) as tmp:  # a failed run leaves nothing behind
         report = _report(cfg, family, config, teacher_params, student, kept, per_weight, calibration, importance, cache)
         _write_output(tmp, student, tokenizer, cfg, report)
+        ownership.claim(tmp, ownership.PRUNE, {"model": cfg.model}, finished=True)
         if out_dir.exists():
             out_dir.rmdir()  # checked empty above
     print(format_table(report))
