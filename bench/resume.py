@@ -3,6 +3,7 @@
 
     python bench/resume.py                    # single process, three student sizes
     python bench/resume.py --launcher zero3   # 2-process ZeRO-3 through accelerate launch (launch/zero3.yaml)
+    python bench/resume.py --manifest-mb 2 50 300   # the manifest's hashing alone, on checkpoints of these sizes
 
 For each size: a fresh run of 2 steps saving a checkpoint after each (save time: the `saved ... in X s` lines the
 trainer logs, barriers included), then a resumed run to step 3, timed from process start until step 3 appears in
@@ -104,11 +105,42 @@ def measure(launcher: str, name: str, hidden: int, layers: int, root: Path) -> d
     }
 
 
+def manifest_cost(megabytes: list[float], repeats: int = 5) -> None:
+    """Seconds to write manifest.json with content hashes vs sizes only (the earlier manifest), on a checkpoint
+    directory of random files just written (still in the page cache, as after save_state): 12 bytes per parameter
+    as model.safetensors 1/3 + optimizer.bin 2/3, plus small files."""
+    from distill.training import checkpoint as ckpt
+
+    print(f"{'ckpt MB':>8} {'sizes only s':>13} {'with xxh3_128 s':>16} {'hash GB/s':>10}")
+    for mb in megabytes:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            total = int(mb * 1e6)
+            for name, share in (("model.safetensors", 1 / 3), ("optimizer.bin", 2 / 3)):
+                (root / name).write_bytes(os.urandom(int(total * share)))
+            for name in ("scheduler.bin", "random_states_0.pkl", "trainer_state.json", "config.yaml"):
+                (root / name).write_bytes(os.urandom(2000))
+            sizes, hashed = [], []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                json.dumps({n.name: n.stat().st_size for n in ckpt._checkpoint_files(root)})
+                sizes.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                ckpt._write_manifest(root)
+                hashed.append(time.perf_counter() - started)
+            fastest = min(hashed)
+            print(f"{mb:>8.1f} {min(sizes):>13.4f} {fastest:>16.4f} {total / fastest / 1e9:>10.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--launcher", choices=["single", "zero3"], default="single")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--manifest-mb", nargs="+", type=float, help="only time the manifest on checkpoints of these MB")
     args = parser.parse_args()
+    if args.manifest_mb:
+        manifest_cost(args.manifest_mb)
+        return
     rows = []
     for name in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
