@@ -526,8 +526,11 @@ def run(cfg: TrainConfig) -> TrainResult:
     and returns with ``stopped`` set. ``--resume auto`` on a finished run says so and returns its summary, rewriting
     nothing."""
     out = prepare_output_dir(cfg)
-    if cfg.resume == "auto" and (out / "summary.json").is_file():  # prepare_output_dir: a training run's summary
-        summary = json.loads((out / "summary.json").read_text())
+    summary_file = out / "summary.json"  # prepare_output_dir checked it belongs to a training run
+    summary = json.loads(summary_file.read_text()) if cfg.resume == "auto" and summary_file.is_file() else None
+    # A larger max_steps extends a finished run from its last checkpoint (as Trainer's resume does); otherwise the
+    # run is done and nothing may be rewritten.
+    if summary is not None and (cfg.max_steps is None or cfg.max_steps <= summary.get("steps", 0)):
         print(f"distill train: {out} holds a finished run ({summary.get('steps')} steps); nothing to do (pass "
               "--overwrite_output_dir to train it again, or choose another output_dir)", file=sys.stderr, flush=True)
         return TrainResult(out, summary.get("steps", 0), summary)

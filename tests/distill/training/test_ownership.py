@@ -54,8 +54,8 @@ def test_overwrite_output_dir_starts_a_clean_run_and_resume_auto_then_rewrites_n
     marker = json.loads((out / ownership.MARKER).read_text())
     assert marker["command"] == ownership.TRAIN and marker["state"] == "finished"
 
-    before = tree_digest(out)
-    assert run_command(train_main, cli_args(model_dirs, train_file, out, "--max_steps", "4",
+    before = tree_digest(out)  # the same command again, as after a requeue: nothing to do, nothing rewritten
+    assert run_command(train_main, cli_args(model_dirs, train_file, out, "--max_steps", "2",
                                             "--resume", "auto")) == 0
     assert "holds a finished run (2 steps); nothing to do" in capsys.readouterr().err
     assert tree_digest(out) == before
@@ -74,6 +74,14 @@ def test_resume_auto_on_a_finished_run_rewrites_nothing(finished, model_dirs, tr
         assert "holds a finished run (4 steps); nothing to do" in capsys.readouterr().err
         assert tree_digest(finished) == before
         assert json.loads((finished / "summary.json").read_text())["history"]
+
+
+def test_resume_auto_with_more_steps_extends_a_finished_run(finished, model_dirs, train_file):
+    """A finished run is finished for its own max_steps: asking for more continues from its last checkpoint."""
+    assert run_command(train_main, cli_args(model_dirs, train_file, finished, "--max_steps", "6",
+                                            "--resume", "auto")) == 0
+    assert json.loads((finished / "summary.json").read_text())["steps"] == 6
+    assert metric_steps(finished) == [1, 2, 3, 4, 5, 6]  # a restart from scratch would log steps 1-4 twice
 
 
 def test_an_unfinished_run_of_an_earlier_version_still_resumes(model_dirs, train_file, tmp_path, capsys):
