@@ -171,16 +171,17 @@ class LocalBackend:
 
     def __init__(self, cfg: TeacherConfig, device: str | None = None) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from kd_core.pretrained import load_causal_lm, load_tokenizer
 
         self.batch_size = cfg.batch_size
         self.device = device or cfg.device
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        self.tokenizer = load_tokenizer(cfg.model, "teacher.model")
         if self.tokenizer.chat_template is None:
             raise ConfigError(f"teacher.model: {cfg.model} has no chat_template in its tokenizer")
         if self.tokenizer.pad_token is None:  # batches are padded (kd_core.generation pads on the left)
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype))
+        self.model = load_causal_lm(cfg.model, "teacher.model", getattr(torch, cfg.dtype))
         self.model.to(self.device).eval()
         self._queue: asyncio.Queue[tuple[list[int], dict[str, Any], asyncio.Future[Completion]]] | None = None
         self._worker: asyncio.Task[None] | None = None

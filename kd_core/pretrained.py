@@ -54,6 +54,30 @@ def check_gguf(path: str | Path, field: str) -> None:
                           f"supported: {', '.join(sorted(q.name for q in readable))}")
 
 
+def load_config(path: str | Path, field: str = "model"):
+    """The model config of a directory or a GGUF file (for a GGUF file: without its quantization marker, since what
+    this module loads is a plain model)."""
+    from transformers import AutoConfig
+
+    if not is_gguf(path):
+        return AutoConfig.from_pretrained(str(path))
+    check_gguf(path, field)
+    path = Path(path)
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    _name_architecture(config)
+    return config
+
+
+def _name_architecture(config) -> None:
+    """A config read from GGUF has no ``architectures`` (transformers 5.24); saved models and pruning need it."""
+    if not config.architectures:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+
+
 def load_tokenizer(path: str | Path, field: str = "model"):
     """The tokenizer of a model directory or a GGUF file (with the file's chat template and special tokens)."""
     from transformers import AutoTokenizer
@@ -72,7 +96,9 @@ def load_causal_lm(path: str | Path, field: str = "model", dtype: Any = None, **
     from transformers import AutoModelForCausalLM
 
     if not is_gguf(path):
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+        if dtype is not None:  # unset keeps from_pretrained's own default
+            kwargs["dtype"] = dtype
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     check_gguf(path, field)
     path = Path(path)
     dtype = dtype if dtype not in (None, "auto") else torch.float32
@@ -80,6 +106,7 @@ def load_causal_lm(path: str | Path, field: str = "model", dtype: Any = None, **
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights below are already dequantized
+    _name_architecture(config)
     plain = type(loaded)(config).to(dtype)
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     # Tied heads appear in one state dict and not the other; anything else is a real mismatch.

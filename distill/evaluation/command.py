@@ -104,20 +104,22 @@ def prompt_and_gold(
 
 
 def load_model(path: str | Path, device: str, field: str):
-    from transformers import AutoModelForCausalLM
+    """A model directory or a .gguf file (dequantized), checked before any weight is read."""
+    from kd_core.pretrained import check_gguf, is_gguf, load_causal_lm
 
-    if not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"{field}: {path} is not a model directory (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    if is_gguf(path):
+        check_gguf(path, field)
+    elif not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{field}: {path} is not a model directory (no config.json) or a .gguf file")
+    return load_causal_lm(path, field).to(device).eval()
 
 
 def measure(cfg: EvalConfig) -> dict[str, Any]:
     """Every figure of the module docstring for one model on one dataset, plus the per-record generations."""
-    from transformers import AutoTokenizer
-
     from distill.data.datasets import DataSettings, collate, tokenize_records
     from distill.evaluation.metrics import token_metrics
     from distill.losses.divergences import shared_vocab_size
+    from kd_core.pretrained import load_tokenizer
     from kd_core.records import load_records
 
     model_dir, data, teacher_dir, device = cfg.model, cfg.data, cfg.teacher, cfg.device
@@ -125,11 +127,11 @@ def measure(cfg: EvalConfig) -> dict[str, Any]:
         cfg.num_samples
     model = load_model(model_dir, device, "model")  # checks the directory before anything else reads it
     records = [as_trainer_record(r) for r in load_records(data, "data")][:num_samples]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir, "model")
     teacher = None
     if teacher_dir is not None:
         teacher = load_model(teacher_dir, device, "teacher")
-        if AutoTokenizer.from_pretrained(teacher_dir).get_vocab() != tokenizer.get_vocab():
+        if load_tokenizer(teacher_dir, "teacher").get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"teacher: {teacher_dir} has a different tokenizer from {model_dir}; KL needs one vocabulary")
     vocab = shared_vocab_size(
         model.config.vocab_size, teacher.config.vocab_size if teacher is not None else model.config.vocab_size,

@@ -11,12 +11,13 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from kd_core.config import ConfigError, option
+from kd_core.pretrained import check_gguf, is_gguf, load_causal_lm, load_config
+from kd_core.pretrained import load_tokenizer as load_pretrained_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,11 +25,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclasses.dataclass
 class ModelSettings:
     teacher: str | None = option(
-        None, help="Teacher model directory (anything `AutoModelForCausalLM.from_pretrained` loads); may be unset "
-        "for plain fine-tuning (loss terms `ce` only)."
+        None, help="Teacher model directory (anything `AutoModelForCausalLM.from_pretrained` loads) or a .gguf file "
+        "(dequantized on load); may be unset for plain fine-tuning (loss terms `ce` only)."
     )
     student: str | None = option(
-        None, help="Student model directory. If unset, the student is built from the teacher's config and `student_overrides`."
+        None, help="Student model directory or .gguf file. If unset, the student is built from the teacher's config "
+        "and `student_overrides`."
     )
     student_overrides: dict[str, Any] = option(
         {}, help="Config fields changed from the teacher's to build a randomly initialised student, e.g. "
@@ -51,9 +53,13 @@ class ModelSettings:
 
 
 def require_model_dir(path: str, field: str) -> Path:
+    """A Hugging Face model directory (with config.json) or a readable GGUF file (checked without loading weights)."""
+    if is_gguf(path):
+        check_gguf(path, field)
+        return Path(path)
     directory = Path(path)
     if not (directory / "config.json").is_file():
-        raise ConfigError(f"{field}: expected a model directory with config.json, got {path!r}")
+        raise ConfigError(f"{field}: expected a model directory with config.json or a .gguf file, got {path!r}")
     return directory
 
 
@@ -61,8 +67,10 @@ def resolve_task(settings: ModelSettings) -> str:
     """``causal_lm`` or ``encoder``: from the setting, or from the architectures a model directory declares."""
     if settings.task != "auto":
         return settings.task
-    config = AutoConfig.from_pretrained(settings.teacher or settings.student)
-    architectures = config.architectures or []
+    source = settings.teacher or settings.student
+    if is_gguf(source):
+        return "causal_lm"  # transformers reads GGUF files of decoder LMs only
+    architectures = AutoConfig.from_pretrained(source).architectures or []
     return "causal_lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) else "encoder"
 
 
@@ -82,10 +90,10 @@ def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
     """The student's tokenizer (the teacher's when the student is built from its config), checked against the
     teacher's: distillation over logits needs the same vocabulary, not just the same size."""
     if not settings.student:
-        tokenizer = AutoTokenizer.from_pretrained(settings.teacher)
+        tokenizer = load_pretrained_tokenizer(settings.teacher, "model.teacher")
     else:
-        tokenizer = AutoTokenizer.from_pretrained(settings.student)
-        teacher_tok = AutoTokenizer.from_pretrained(settings.teacher) if settings.teacher else tokenizer
+        tokenizer = load_pretrained_tokenizer(settings.student, "model.student")
+        teacher_tok = load_pretrained_tokenizer(settings.teacher, "model.teacher") if settings.teacher else tokenizer
         if tokenizer.get_vocab() != teacher_tok.get_vocab():
             raise ConfigError(
                 f"tokenizer mismatch: student {settings.student} ({len(tokenizer)} tokens) and teacher "
@@ -97,11 +105,17 @@ def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _load(path: str, field: str, task: str, dtype: torch.dtype, attn_implementation: str) -> PreTrainedModel:
+    if is_gguf(path):
+        if task != "causal_lm":
+            raise ConfigError(f"{field}: {path}: a GGUF file holds a causal LM; model.task {task!r} needs a directory")
+        return load_causal_lm(path, field, dtype, attn_implementation=attn_implementation)
+    return _model_class(task).from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+
+
 def load_teacher(settings: ModelSettings, bf16: bool, task: str = "causal_lm") -> PreTrainedModel:
     dtype = DTYPES.get(settings.teacher_dtype) or (torch.bfloat16 if bf16 else torch.float32)
-    teacher = _model_class(task).from_pretrained(
-        settings.teacher, dtype=dtype, attn_implementation=settings.attn_implementation
-    )
+    teacher = _load(settings.teacher, "model.teacher", task, dtype, settings.attn_implementation)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
@@ -110,10 +124,8 @@ def load_teacher(settings: ModelSettings, bf16: bool, task: str = "causal_lm") -
 def load_student(settings: ModelSettings, seed: int, task: str = "causal_lm") -> PreTrainedModel:
     """From its directory, or a fresh model from the teacher's config with ``student_overrides`` applied."""
     if settings.student:
-        return _model_class(task).from_pretrained(
-            settings.student, dtype=torch.float32, attn_implementation=settings.attn_implementation
-        )
-    config = AutoConfig.from_pretrained(settings.teacher)
+        return _load(settings.student, "model.student", task, torch.float32, settings.attn_implementation)
+    config = load_config(settings.teacher, "model.teacher")
     for key, value in settings.student_overrides.items():
         if not hasattr(config, key):
             raise ConfigError(f"model.student_overrides.{key}: the teacher's config has no field {key!r}")

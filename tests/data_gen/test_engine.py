@@ -9,8 +9,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 from unittest.mock import ANY
 
 import pytest
@@ -22,42 +20,14 @@ from data_gen.engine import BudgetError, CallPlan, Engine, EngineError, ParseErr
 from data_gen.journal import Journal
 from data_gen.testing import FaultProxy, ScriptedServer, echo_responder
 from kd_core.config import ConfigError
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT, free_port, transformers_serve
 
 
 @pytest.fixture(scope="session")
 def serve(model_dirs):
     """ONE real ``transformers serve`` on 127.0.0.1 for the session, serving the tiny teacher."""
-    port = free_port()
-    log = open(model_dirs["teacher"].parent / "serve.log", "w")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        ["transformers", "serve", str(model_dirs["teacher"]), "--port", str(port), "--device", "cpu"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"transformers serve did not start: {Path(log.name).read_text()[-2000:]}")
-            time.sleep(0.5)
-    # The server loads the model on the first request: do it now, so no test's timeout pays for it.
-    body = json.dumps({"model": str(model_dirs["teacher"]), "max_tokens": 2,
-                       "messages": [{"role": "user", "content": "hi"}]}).encode()
-    warmup = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
-                                    {"Content-Type": "application/json"})
-    urllib.request.urlopen(warmup, timeout=120).read()
-    yield {"port": port, "model": str(model_dirs["teacher"])}
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with transformers_serve(model_dirs["teacher"], model_dirs["teacher"].parent / "serve.log") as port:
+        yield {"port": port, "model": str(model_dirs["teacher"])}
 
 
 def teacher(model: str, base_url: str, **overrides) -> TeacherConfig:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.student.prune.calibration import Calibration, load_calibration
 from distill.student.prune.families import Family, family_for
@@ -42,6 +42,7 @@ from kd_core import ownership
 from kd_core.atomic import atomic_directory
 from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section
+from kd_core.pretrained import check_gguf, is_gguf, load_causal_lm, load_config, load_tokenizer
 
 
 @dataclass
@@ -100,7 +101,7 @@ class SparsitySettings:
 
 @dataclass
 class PruneConfig:
-    model: str = option("", help="teacher model directory (Hugging Face format)")
+    model: str = option("", help="teacher model directory (Hugging Face format) or .gguf file (dequantized)")
     output_dir: str = option("", help="new directory for the pruned model; must not exist yet (or be empty)")
     calibration: CalibrationSettings = section(CalibrationSettings, help="calibration data")
     depth: DepthSettings = section(DepthSettings, help="layer removal")
@@ -192,11 +193,13 @@ def run(cfg: PruneConfig) -> dict[str, Any]:
     """Writes the pruned (or sparsified) model, its tokenizer, ``prune_config.yaml`` and ``prune_report.json`` into
     ``cfg.output_dir``; returns the report."""
     model_dir, out_dir = Path(cfg.model), Path(cfg.output_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"model: {model_dir} is not a model directory (no config.json)")
+    if is_gguf(model_dir):
+        check_gguf(model_dir, "model")
+    elif not (model_dir / "config.json").is_file():
+        raise ConfigError(f"model: {model_dir} is not a model directory (no config.json) or a .gguf file")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError(f"output_dir: {out_dir} already exists and is not empty; refusing to overwrite it")
-    config = AutoConfig.from_pretrained(model_dir)
+    config = load_config(model_dir, "model")
     family = family_for(config)
     targets = _targets(cfg)
     sparse = cfg.sparsity.method != "none"
@@ -208,7 +211,7 @@ def run(cfg: PruneConfig) -> dict[str, Any]:
         validate_targets(config, family, targets)
         check_target_config(config, family, targets)
     needs_data = cfg.sparsity.method == "wanda" or (not sparse and targets.needs_calibration)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir, "model")
     calibration = None
     if cfg.calibration.data and not needs_data:
         print("note: calibration.data is not used by these targets (magnitude / uniform / explicit)")
@@ -219,8 +222,11 @@ def run(cfg: PruneConfig) -> dict[str, Any]:
         calibration = load_calibration(c.data, tokenizer, c.num_samples, c.max_length, c.min_tokens)
 
     # Computation in float32 for stable statistics; the output keeps the teacher's stored dtype.
-    model_cls = getattr(transformers, config.architectures[0])  # checked by family_for
-    teacher = model_cls.from_pretrained(model_dir, dtype=torch.float32).to(cfg.device).eval()
+    if is_gguf(model_dir):
+        teacher = load_causal_lm(model_dir, "model", torch.float32).to(cfg.device).eval()
+    else:
+        model_cls = getattr(transformers, config.architectures[0])  # checked by family_for
+        teacher = model_cls.from_pretrained(model_dir, dtype=torch.float32).to(cfg.device).eval()
     # transformers 5.23 resolves the saved "dtype" to a torch.dtype (None when the checkpoint does not say).
     stored_dtype = config.dtype or torch.float32
     importance, cache = None, None

@@ -129,9 +129,15 @@ def collect_importance(model: PreTrainedModel, family: Family, calibration: Cali
 
 
 def model_fingerprint(model_dir: Path) -> str:
-    """Hash of the config and every weight file (content, not dates): a changed checkpoint is a new cache key."""
-    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for path in sorted(model_dir.glob("*.safetensors")):
+    """Hash of the config and every weight file (content, not dates): a changed checkpoint is a new cache key. A
+    GGUF file holds both, so it is hashed whole."""
+    if model_dir.is_file():
+        digest = hashlib.sha256(model_dir.name.encode())
+        files = [model_dir]
+    else:
+        digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+        files = sorted(model_dir.glob("*.safetensors"))
+    for path in files:
         digest.update(path.name.encode())
         with path.open("rb") as handle:
             while chunk := handle.read(1 << 24):
