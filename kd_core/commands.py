@@ -22,7 +22,9 @@ missing optional dependency of one command does not break the others.
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
+import os
 import sys
 import typing
 
@@ -61,6 +63,33 @@ def run_command(main: typing.Callable[[list[str]], int | None], argv: list[str] 
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:
+        line = filesystem_error_line(err)
+        if line is None:
+            raise  # not the filesystem refusing a path: a bug, shown with its traceback
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+# Errors of the filesystem about a path the user gave or a disk they filled; anything else is a bug.
+_FILESYSTEM_ERRNOS = frozenset({
+    errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOTEMPTY,
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG, errno.EMFILE,
+})
+
+
+def filesystem_error_line(err: OSError) -> str | None:
+    """``<path>: <strerror>`` for a filesystem OSError (permission denied, not found, no space left, read-only,
+    ...), None for any other OSError (a socket, a subprocess, a library's own misuse), which stays a traceback."""
+    if err.errno not in _FILESYSTEM_ERRNOS:
+        return None
+    reason = err.strerror or str(err)
+    if err.filename is None:
+        return reason if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else None
+    path = os.fsdecode(err.filename) if isinstance(err.filename, bytes) else str(err.filename)
+    if err.filename2 is not None:
+        path = f"{path} -> {err.filename2}"
+    return f"{path}: {reason}"
 
 
 def print_help(prog: str, commands: dict[str, tuple[str, str]]) -> None:
