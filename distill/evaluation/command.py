@@ -105,12 +105,10 @@ def prompt_and_gold(
 
 def load_model(path: str | Path, device: str, field: str):
     """A model directory or a .gguf file (dequantized), checked before any weight is read."""
-    from kd_core.pretrained import check_gguf, is_gguf, load_causal_lm
+    from distill.student.models import require_model_dir
+    from kd_core.pretrained import load_causal_lm
 
-    if is_gguf(path):
-        check_gguf(path, field)
-    elif not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"{field}: {path} is not a model directory (no config.json) or a .gguf file")
+    require_model_dir(path, field)
     return load_causal_lm(path, field).to(device).eval()
 
 
@@ -125,6 +123,10 @@ def measure(cfg: EvalConfig) -> dict[str, Any]:
     model_dir, data, teacher_dir, device = cfg.model, cfg.data, cfg.teacher, cfg.device
     batch_size, max_new_tokens, max_length, num_samples = cfg.batch_size, cfg.max_new_tokens, cfg.max_length, \
         cfg.num_samples
+    if teacher_dir is not None:
+        from distill.student.models import require_model_dir
+
+        require_model_dir(teacher_dir, "teacher")  # both directories are checked before any weight loads
     model = load_model(model_dir, device, "model")  # checks the directory before anything else reads it
     records = [as_trainer_record(r) for r in load_records(data, "data")][:num_samples]
     tokenizer = load_tokenizer(model_dir, "model")

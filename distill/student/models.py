@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import struct
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,15 +54,84 @@ class ModelSettings:
             raise ValueError("teacher: a teacher (or, for plain fine-tuning, a student) model directory is required")
 
 
-def require_model_dir(path: str, field: str) -> Path:
-    """A Hugging Face model directory (with config.json) or a readable GGUF file (checked without loading weights)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def require_model_dir(path: str | Path, field: str, *, tokenizer: bool = True) -> Path:
+    """A Hugging Face model directory or a readable GGUF file, checked without loading weights: config.json is a JSON
+    object, weights are there (``*.safetensors`` or ``pytorch_model*.bin``; every shard an index names) and each
+    safetensors file is whole (its header parses and its tensors end where the file ends), and (``tokenizer``) the
+    directory has tokenizer files. Anything else is one ConfigError naming ``field``, the file and what was expected.
+    Used by train, prune, eval and precompute."""
     if is_gguf(path):
         check_gguf(path, field)
         return Path(path)
     directory = Path(path)
-    if not (directory / "config.json").is_file():
-        raise ConfigError(f"{field}: expected a model directory with config.json or a .gguf file, got {path!r}")
+    expected = "expected a model directory with config.json or a .gguf file"
+    if not directory.exists():
+        raise ConfigError(f"{field}: {path} is not a model directory (not found); {expected}")
+    if not directory.is_dir():
+        raise ConfigError(f"{field}: {path} is not a model directory (it is a file); {expected}")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{field}: {path} is not a model directory (no config.json); {expected}")
+    try:
+        config = json.loads(config_file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{field}: {config_file} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{field}: {config_file}: expected a JSON object of model settings, got "
+                          f"{type(config).__name__}")
+    _check_weights(directory, field)
+    if tokenizer and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{field}: {directory} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)}; "
+                          "save it with tokenizer.save_pretrained)")
     return directory
+
+
+def _check_weights(directory: Path, field: str) -> None:
+    safetensors = sorted(directory.glob("*.safetensors"))
+    if not safetensors and not any(directory.glob("pytorch_model*.bin")):
+        raise ConfigError(f"{field}: {directory} has no weights (expected *.safetensors or pytorch_model*.bin)")
+    for index in directory.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_bytes())["weight_map"].values())
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ConfigError(f"{field}: {index} is not a valid safetensors index (no weight_map)") from None
+        missing = sorted(name for name in shards if not (directory / name).is_file())
+        if missing:
+            raise ConfigError(f"{field}: {index} names shard(s) that are missing: {', '.join(missing)}")
+    for file in safetensors:
+        problem = _safetensors_problem(file)
+        if problem:
+            raise ConfigError(f"{field}: {file} is truncated or corrupt ({problem}); save or download it again")
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why a safetensors file is not whole (None if it is): an 8-byte header length, a JSON header of that length,
+    and tensor data that ends exactly at the end of the file."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than the 8-byte header length"
+        length = struct.unpack("<Q", head)[0]
+        if 8 + length > size:
+            return f"header of {length} bytes but the file has {size}"
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "the header is not JSON"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return "a tensor entry has no data_offsets"
+    if 8 + length + end != size:
+        return f"the tensors need {8 + length + end} bytes but the file has {size}"
+    return None
 
 
 def resolve_task(settings: ModelSettings) -> str:

@@ -18,6 +18,7 @@ import torch
 import transformers
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.student.models import require_model_dir
 from distill.student.prune.calibration import Calibration, load_calibration
 from distill.student.prune.families import Family, family_for
 from distill.student.prune.importance import Importance, cached_importance
@@ -42,7 +43,7 @@ from kd_core import ownership
 from kd_core.atomic import atomic_directory
 from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section
-from kd_core.pretrained import check_gguf, is_gguf, load_causal_lm, load_config, load_tokenizer
+from kd_core.pretrained import is_gguf, load_causal_lm, load_config, load_tokenizer
 
 
 @dataclass
@@ -193,10 +194,7 @@ def run(cfg: PruneConfig) -> dict[str, Any]:
     """Writes the pruned (or sparsified) model, its tokenizer, ``prune_config.yaml`` and ``prune_report.json`` into
     ``cfg.output_dir``; returns the report."""
     model_dir, out_dir = Path(cfg.model), Path(cfg.output_dir)
-    if is_gguf(model_dir):
-        check_gguf(model_dir, "model")
-    elif not (model_dir / "config.json").is_file():
-        raise ConfigError(f"model: {model_dir} is not a model directory (no config.json) or a .gguf file")
+    require_model_dir(model_dir, "model")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError(f"output_dir: {out_dir} already exists and is not empty; refusing to overwrite it")
     config = load_config(model_dir, "model")

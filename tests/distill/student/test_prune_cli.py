@@ -199,11 +199,12 @@ def test_help_lists_every_section(capsys) -> None:
         assert flag in text
 
 
-def test_unsupported_model_and_existing_output(tmp_path, teacher_dir, capsys) -> None:
+def test_unsupported_model_and_existing_output(tmp_path, teacher_dir, tokenizer, capsys) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)  # a complete model directory, so the refusal is about its model_type
     assert cli(["prune", "--model", str(gpt2), "--output-dir", str(tmp_path / "x"), "--depth.num_layers", "1"]) == 2
     assert "model_type 'gpt2' is not supported" in capsys.readouterr().err
     taken = tmp_path / "taken"
