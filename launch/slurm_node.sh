@@ -24,7 +24,10 @@ ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launch/multinode.yaml}
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 
-exec accelerate launch --config_file "$ACCELERATE_CONFIG" \
+# `python -m distill.training.launch` is `accelerate launch` with one difference: it exits 75 when every rank of this
+# node saved a checkpoint on the signal and exited 75 (accelerate launch itself exits 1 after any signal; see
+# distill/training/launch.py), 128 + the signal number when the launcher was signalled and the ranks did not all save.
+exec "${PYTHON:-python}" -m distill.training.launch --config_file "$ACCELERATE_CONFIG" \
     --num_machines "$SLURM_NNODES" --num_processes $((SLURM_NNODES * PROCS_PER_NODE)) \
     --machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
     -m distill train "$@"

@@ -127,7 +127,27 @@ def exit_launched_process(code: int) -> int:
     loses the preemption code."""
     if not launched():
         return code
+    report_exit_code(code)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# Set by ``python -m distill.training.launch`` (distill/training/launch.py) for the ranks it starts: each rank that
+# ends through exit_launched_process writes ``<dir>/rank-<LOCAL_RANK>`` = "<exit code> <LOCAL_WORLD_SIZE>", since
+# torch 2.13's elastic agent drops the ranks' exit codes when it is itself signalled (see that module).
+LAUNCH_STATUS_ENV = "DISTILL_LAUNCH_STATUS_DIR"
+
+
+def report_exit_code(code: int) -> None:
+    """Tells the launch wrapper, if any, the exit code this rank is about to end with (written atomically)."""
+    status_dir = os.environ.get(LAUNCH_STATUS_ENV)
+    if not status_dir:
+        return
+    local_rank = os.environ.get("LOCAL_RANK", "0")
+    target = Path(status_dir) / f"rank-{local_rank}"
+    with contextlib.suppress(OSError):
+        partial = target.with_suffix(".tmp")
+        partial.write_text(f"{code} {os.environ.get('LOCAL_WORLD_SIZE', '1')}\n")
+        os.replace(partial, target)

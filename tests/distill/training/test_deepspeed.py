@@ -251,15 +251,77 @@ def test_sigusr1_to_the_launcher_saves_on_every_rank_and_stops(model_dirs, train
     node.wait(timeout=600)
     stderr = log.read_text()
     assert "stop signal received: checkpoint saved" in stderr, stderr[-3000:]
-    # The launcher itself ends by re-raising the signal (launch/slurm.sbatch requeues on a new checkpoint instead of
-    # on an exit code for that reason).
-    assert node.returncode != 0 and "got signal: 10" in stderr
+    # `accelerate launch` alone would exit 1 (an uncaught SignalException); slurm_node.sh's wrapper exits 75.
+    assert node.returncode == 75 and "got signal: 10" in stderr, stderr[-3000:]
     saved = [p for p in out.glob("checkpoint-*")]
     assert len(saved) == 1 and 0 < int(saved[0].name.split("-")[1]) < 400
     from distill.training.checkpoint import validate
 
     assert validate(saved[0]) is None and not (out / "final").exists()
     assert {p.name for p in saved[0].glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+
+
+def slurm_job_id() -> int:
+    """A SLURM_JOB_ID for which launch/slurm.sbatch picks a free port (20000 + id % 20000)."""
+    while True:
+        port = free_port()
+        if 20000 <= port < 40000:
+            return port - 20000
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_zero3_job_exits_75_requeues_and_resumes(model_dirs, train_file, tmp_path):
+    """launch/slurm.sbatch end to end on one "node" of 2 ZeRO-3 ranks, srun and scontrol faked on PATH: SIGTERM to
+    the node's launcher mid-training (as Slurm signals a step) makes every rank save, the launcher, srun and the job
+    exit 75 and the job requeue itself; the requeued job (`--resume auto`) continues from that checkpoint to the
+    end and does not requeue again."""
+    out = tmp_path / "job"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    requeued = tmp_path / "requeued"
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+                                  'export SLURM_NNODES=1 SLURM_NODEID=0\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\nif [[ "$1" == show ]]; then echo 127.0.0.1; '
+                                      f'else echo "$@" >> {requeued}; fi\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    args = train_args(model_dirs, train_file, out, "--max_steps", "8", "--save_steps", "1000")[2:]  # slurm.sbatch adds --output_dir "$OUTPUT_DIR" --resume auto
+
+    def job_env(slow: float) -> dict[str, str]:
+        job_id = slurm_job_id()
+        return slowed_steps({
+            **ENV, "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}", "OUTPUT_DIR": str(out), "SLURM_JOB_ID": str(job_id),
+            "SLURM_JOB_NODELIST": "localhost", "SLURM_GPUS_ON_NODE": "2", "ACCELERATE_CONFIG": "launch/zero3.yaml",
+            "PYTHON": sys.executable,
+        }, slow)
+
+    log = tmp_path / "job1.log"
+    env = job_env(0.5)
+    job = popen(["bash", "launch/slurm.sbatch", *args], log, env=env)
+    deadline = time.time() + 400
+    while not (out / "metrics.jsonl").exists():
+        assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    (launcher,) = psutil.Process(job.pid).children()  # the srun step: slurm_node.sh exec'd into the launcher
+    launcher.send_signal(signal.SIGTERM)
+    job.wait(timeout=600)
+    stderr = log.read_text()
+    assert job.returncode == 75, stderr[-3000:]
+    assert "got signal: 15" in stderr and "every rank saved a checkpoint: exit 75" in stderr
+    assert requeued.read_text().split() == ["requeue", env["SLURM_JOB_ID"]]
+    saved = (out / "latest").read_text().strip()
+    step = int(saved.split("-")[-1])
+    assert 0 < step < 8 and not (out / "final").exists()
+    requeued.unlink()
+
+    log = tmp_path / "job2.log"
+    with open(log, "w") as stderr_file:
+        again = subprocess.run(["bash", "launch/slurm.sbatch", *args], cwd=REPO_ROOT, env=job_env(0),
+                               stdout=subprocess.DEVNULL, stderr=stderr_file, timeout=600, check=False)
+    stderr = log.read_text()
+    assert again.returncode == 0, stderr[-3000:]
+    assert f"resumed from {out}/checkpoint-{step}" in stderr and (out / "final").is_dir()
+    assert not requeued.exists() and set(logged_losses(out)) == set(range(1, 9))
 
 
 @pytest.mark.slow
