@@ -25,6 +25,7 @@ its settings are unknown (None), so only the command's own checks (checkpoint, `
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -150,6 +151,22 @@ def owner_of(directory: str | Path) -> Owner | None:
     return Owner(command, None, bool(done and (directory / done).exists()), True)
 
 
+def check_writable(directory: str | Path, field: str) -> None:
+    """``directory`` is a directory (or absent) that this process can write, or can create in its nearest existing
+    parent; otherwise one ConfigError naming ``field``. Reads only."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{field}: {directory} is a file; expected a directory (or a path to create one at)")
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"{field}: {directory} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == directory else f"cannot be created: {existing} is not writable"
+        raise ConfigError(f"{field}: {directory} {what} (permission denied)")
+
+
 def check(directory: str | Path, command: str, field: str, what: str | None = None) -> Owner | None:
     """The guard every command runs before writing: None for a new run (absent or empty directory), the owner when
     ``command`` owns it; a directory of another command or of none is refused (ConfigError, nothing touched).
@@ -157,6 +174,7 @@ def check(directory: str | Path, command: str, field: str, what: str | None = No
     The refusal reads ``<field>: <dir> exists and is not empty, and is not a <what> output directory (it holds
     ...); choose another directory``.
     """
+    check_writable(directory, field)
     owner = owner_of(directory)
     if owner is None or owner.command == command:
         return owner

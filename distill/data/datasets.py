@@ -14,13 +14,15 @@ offline teacher-logit store, reads the right rows whatever the shuffling, accumu
 from __future__ import annotations
 
 import dataclasses
+import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from kd_core.config import ConfigError, option
-from kd_core.records import load_records
+from kd_core.records import iter_json_objects, load_records
 
 IGNORE_INDEX = -100
 SHAPES = ("messages", "prompt_completion", "text")
@@ -71,6 +73,47 @@ def detect_shape(record: dict[str, Any], requested: str, source: str) -> str:
     raise ConfigError(
         f"{source}: no usable column; expected `messages`, `prompt` and `completion`, or `text`, found {sorted(record)}"
     )
+
+
+def _where(source: str, row: int) -> str:
+    """``file:line`` for a row of a JSON lines file (blank lines hold no row), else ``file: row N``."""
+    path = Path(source)
+    if path.suffix == ".jsonl" and path.is_file():
+        for index, (line, _, _) in enumerate(iter_json_objects(path)):
+            if index == row:
+                return f"{source}:{line}"
+    return f"{source}: row {row}"
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
+
+
+def check_record(record: dict[str, Any], shape: str, source: str, row: int) -> None:
+    """Raises ConfigError naming ``file:line`` (or ``file: row N``) and the field when a record does not have the
+    types its shape needs: a list of {role, content} messages, or string prompt/completion/text."""
+    def fail(problem: str) -> typing.NoReturn:
+        raise ConfigError(f"{_where(source, row)}: {problem}")
+
+    if shape == "messages":
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages:
+            fail(f"field 'messages': expected a non-empty list of {{role, content}} messages, got {_kind(messages)}")
+        for turn, message in enumerate(messages):
+            field = f"messages[{turn}]"
+            if not isinstance(message, dict):
+                fail(f"field '{field}': expected a {{role, content}} message, got {_kind(message)}")
+            for key in ("role", "content"):
+                if message.get(key) is None:
+                    fail(f"field '{field}': the message has no '{key}' (expected {{role, content}})")
+            if not isinstance(message["role"], str):
+                fail(f"field '{field}.role': expected a string, got {_kind(message['role'])}")
+            if not isinstance(message["content"], (str, list)):
+                fail(f"field '{field}.content': expected text, got {_kind(message['content'])}")
+        return
+    for key in ("prompt", "completion") if shape == "prompt_completion" else ("text",):
+        if not isinstance(record.get(key), str):
+            fail(f"field '{key}': expected a string, got {_kind(record.get(key))}")
 
 
 def _has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -155,13 +198,15 @@ def tokenize_records(
     w = settings.step_by_step_label_weight
     if w is None:
         shape = detect_shape(records[0], settings.format, source)
+        for row, record in zip(row_ids, records):
+            check_record(record, shape, source, row)
         weighted = [(row, record, 1.0) for row, record in zip(row_ids, records)]
     else:
         shape = "prompt_completion"
         for row, record in zip(row_ids, records):
             missing = [c for c in ("prompt", "rationale", "label") if not isinstance(record.get(c), str)]
             if missing:
-                raise ConfigError(f"{source}: row {row}: step-by-step training needs string columns "
+                raise ConfigError(f"{_where(source, row)}: step-by-step training needs string columns "
                                   f"{missing} (prompt, rationale, label; `data-gen cot` writes them)")
             weighted.append((row, {"prompt": "[label] " + record["prompt"], "completion": record["label"]}, w))
             weighted.append((row, {"prompt": "[rationale] " + record["prompt"], "completion": record["rationale"]},

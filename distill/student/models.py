@@ -155,6 +155,42 @@ def check_paths(settings: ModelSettings) -> None:
         require_model_dir(settings.teacher, "model.teacher")
     if settings.student:
         require_model_dir(settings.student, "model.student")
+    check_student_overrides(settings)
+
+
+def check_student_overrides(settings: ModelSettings) -> None:
+    """The overrides of a student built from the teacher's config name fields of that config and give a shape the
+    model class accepts (at least one layer; heads that divide the hidden size; key/value heads that divide the
+    heads); otherwise one ConfigError naming ``model.student_overrides.<field>``. Reads only the config."""
+    overrides = settings.student_overrides
+    if settings.student or not settings.teacher or not overrides:
+        return
+    config = load_config(settings.teacher, "model.teacher")
+    prefix = "model.student_overrides."
+    for key in overrides:
+        if not hasattr(config, key):
+            raise ConfigError(f"{prefix}{key}: the teacher's config has no field {key!r}")
+    for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
+                "intermediate_size", "head_dim"):
+        value = overrides.get(key)
+        nullable = key in ("num_key_value_heads", "head_dim") and value is None
+        if key in overrides and not nullable and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{prefix}{key}: expected a positive integer, got {value!r}")
+
+    def value_of(key: str) -> Any:
+        return overrides[key] if key in overrides else getattr(config, key, None)
+
+    heads, hidden, kv_heads = value_of("num_attention_heads"), value_of("hidden_size"), value_of("num_key_value_heads")
+    changed = set(overrides)
+    if isinstance(heads, int) and isinstance(hidden, int) and {"num_attention_heads", "hidden_size"} & changed \
+            and hidden % heads:
+        name = "num_attention_heads" if "num_attention_heads" in overrides else "hidden_size"
+        raise ConfigError(f"{prefix}{name}: num_attention_heads ({heads}) must divide hidden_size ({hidden})")
+    if isinstance(heads, int) and isinstance(kv_heads, int) and {"num_attention_heads", "num_key_value_heads"} & changed \
+            and heads % kv_heads:
+        name = "num_key_value_heads" if "num_key_value_heads" in overrides else "num_attention_heads"
+        raise ConfigError(f"{prefix}{name}: num_key_value_heads ({kv_heads}) must divide num_attention_heads "
+                          f"({heads})")
 
 
 def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:

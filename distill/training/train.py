@@ -170,10 +170,41 @@ def claim_output_dir(cfg: TrainConfig, out: Path) -> None:
         ownership.claim(out, ownership.TRAIN, ownership_settings(cfg))
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Every tracker ``report_to`` names is one accelerate knows and is installed (accelerate would otherwise drop
+    it with a warning or fail deep inside), else one ConfigError naming it and the package to install."""
+    import importlib.util
+
+    for name in report_to:
+        if name in ("none", "all"):
+            continue
+        if name not in TRACKER_PACKAGES:
+            raise ConfigError(f"report_to: unknown tracker {name!r}; expected some of "
+                              f"{', '.join(sorted(TRACKER_PACKAGES))}, all or none")
+        package = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"report_to: tracker {name!r} is not installed (pip install {package}), or leave it "
+                              "out (--report_to none)")
+
+
+def check_batch_fits(train_size: int, cfg: TrainConfig, processes: int) -> None:
+    """At least one full batch (per process micro-batch x processes) of usable training examples."""
+    batch = cfg.per_device_train_batch_size * processes
+    if train_size < batch:
+        raise ConfigError(f"data.train_file: {cfg.data.train_file} has {train_size} usable training example(s), fewer "
+                          f"than one batch (per_device_train_batch_size {cfg.per_device_train_batch_size} x "
+                          f"{processes} process(es) = {batch}); add data or lower per_device_train_batch_size")
+
+
 class Distiller:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         check_paths(cfg.model)
+        check_trackers(cfg.report_to)
         self.output_dir = prepare_output_dir(cfg)
         self.accelerator = make_accelerator(
             cfg.gradient_accumulation_steps, cfg.bf16, [t for t in cfg.report_to if t != "none"], self.output_dir,
@@ -185,6 +216,7 @@ class Distiller:
         set_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set = build_datasets(cfg.data, self.tokenizer, cfg.seed)
+        check_batch_fits(len(self.train_set), cfg, acc.num_processes)
         self.accuracy_pairs = load_accuracy_set(cfg.accuracy) if cfg.accuracy.file else []
         self.task = resolve_task(cfg.model)
         if self.task == "encoder" and Need.STUDENT_LOGITS in cfg.loss.needs:

@@ -1,0 +1,251 @@
+"""Bad inputs end in one line naming the field or file and what was expected, exit code 2, and leave every file on
+disk byte-identical (issue 15: no tracebacks on user mistakes). Each case builds its inputs under ``tmp_path``
+(including a pre-existing directory of the user's), runs a command in-process through ``run_command`` and compares
+``tree_digest(tmp_path)`` before and after; one case runs as a real process to prove the exit status."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kd_core.commands import run_command
+from tests.conftest import REPO_ROOT, tree_digest, write_jsonl
+
+ROWS = [{"prompt": f"What is {i} plus 1?", "completion": f"The answer is {i + 1}."} for i in range(16)]
+
+
+def _copy_model(model_dirs, tmp_path: Path, name: str = "student") -> Path:
+    target = tmp_path / f"broken_{name}"
+    shutil.copytree(model_dirs[name], target)
+    return target
+
+
+def _train_argv(model_dirs, tmp_path: Path, *extra: str, student: str | None = "default",
+                data: Path | None = None) -> list[str]:
+    data = data or write_jsonl(tmp_path / "train.jsonl", ROWS)
+    argv = ["--output_dir", str(tmp_path / "new_run"), "--max_steps", "1", "--per_device_train_batch_size", "4",
+            "--report_to", "[none]", "--data.eval_fraction", "0", "--model.teacher", str(model_dirs["teacher"]),
+            "--data.train_file", str(data), "--loss.terms", "{forward_kl: 0.7, ce: 0.3}"]
+    if student == "default":
+        argv += ["--model.student", str(model_dirs["student"])]
+    elif student is not None:
+        argv += ["--model.student", student]
+    return argv + list(extra)
+
+
+# --- model directories --------------------------------------------------------------------------------------------
+
+def model_not_json(model_dirs, tmp_path):
+    broken = _copy_model(model_dirs, tmp_path)
+    (broken / "config.json").write_text("{not json")
+    return _train_argv(model_dirs, tmp_path, student=str(broken))
+
+
+def model_no_weights(model_dirs, tmp_path):
+    broken = _copy_model(model_dirs, tmp_path)
+    (broken / "model.safetensors").unlink()
+    return _train_argv(model_dirs, tmp_path, student=str(broken))
+
+
+def model_truncated(model_dirs, tmp_path):
+    broken = _copy_model(model_dirs, tmp_path)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return _train_argv(model_dirs, tmp_path, student=str(broken))
+
+
+def model_no_tokenizer(model_dirs, tmp_path):
+    broken = _copy_model(model_dirs, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (broken / name).unlink()
+    return _train_argv(model_dirs, tmp_path, student=str(broken))
+
+
+# --- datasets -----------------------------------------------------------------------------------------------------
+
+def data_messages_string(model_dirs, tmp_path):
+    data = write_jsonl(tmp_path / "msgs.jsonl", [{"messages": "hello there"}] * 8)
+    return _train_argv(model_dirs, tmp_path, data=data)
+
+
+def data_message_without_content(model_dirs, tmp_path):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = {"messages": [{"role": "user"}, {"role": "assistant", "content": "hello"}]}
+    data = write_jsonl(tmp_path / "msgs.jsonl", [good] * 5 + [bad] + [good] * 4)
+    return _train_argv(model_dirs, tmp_path, data=data)
+
+
+def data_number_as_text(model_dirs, tmp_path):
+    data = tmp_path / "nums.jsonl"  # a blank first line: the error names the file's line, not the row
+    data.write_text("\n" + "\n".join(json.dumps({"prompt": i, "completion": "x"}) for i in range(8)) + "\n")
+    return _train_argv(model_dirs, tmp_path, data=data)
+
+
+def data_smaller_than_batch(model_dirs, tmp_path):
+    data = write_jsonl(tmp_path / "small.jsonl", ROWS[:3])
+    return _train_argv(model_dirs, tmp_path, data=data)
+
+
+# --- numbers, YAML, overrides, trackers, output paths ---------------------------------------------------------
+
+def nan_learning_rate(model_dirs, tmp_path):
+    return _train_argv(model_dirs, tmp_path, "--learning_rate", "nan")
+
+
+def inf_loss_weight(model_dirs, tmp_path):
+    return _train_argv(model_dirs, tmp_path, "--loss.terms", "{forward_kl: .inf, ce: 0.3}")
+
+
+def nan_temperature(model_dirs, tmp_path):
+    return _train_argv(model_dirs, tmp_path, "--loss.temperature", "NaN")
+
+
+def duplicate_yaml_key(model_dirs, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 1\nlearning_rate: 1.0e-3\nseed: 3\nlearning_rate: 1.0e-4\n")
+    return ["--config", str(config), *_train_argv(model_dirs, tmp_path)]
+
+
+def overrides_zero_layers(model_dirs, tmp_path):
+    return _train_argv(model_dirs, tmp_path, "--model.student_overrides", "{num_hidden_layers: 0}", student=None)
+
+
+def overrides_heads_not_dividing(model_dirs, tmp_path):
+    return _train_argv(model_dirs, tmp_path, "--model.student_overrides", "{num_attention_heads: 5}", student=None)
+
+
+def overrides_kv_heads_not_dividing(model_dirs, tmp_path):
+    return _train_argv(model_dirs, tmp_path, "--model.student_overrides", "{num_key_value_heads: 3}", student=None)
+
+
+def tracker_not_installed(model_dirs, tmp_path):
+    return _train_argv(model_dirs, tmp_path, "--report_to", "[wandb]")
+
+
+def output_dir_is_file(model_dirs, tmp_path):
+    target = tmp_path / "existing" / "a_file.txt"
+    return _train_argv(model_dirs, tmp_path, "--output_dir", str(target))
+
+
+def prune_no_weights(model_dirs, tmp_path):
+    broken = _copy_model(model_dirs, tmp_path, "teacher")
+    (broken / "model.safetensors").unlink()
+    return ["--model", str(broken), "--output_dir", str(tmp_path / "pruned"), "--depth.num_layers", "2"]
+
+
+def eval_no_tokenizer(model_dirs, tmp_path):
+    broken = _copy_model(model_dirs, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (broken / name).unlink()
+    data = write_jsonl(tmp_path / "eval.jsonl", ROWS[:4])
+    return [str(broken), "--data", str(data)]
+
+
+TRAIN = "distill.training.train"
+CASES = [
+    (TRAIN, model_not_json, r"model\.student: .*config\.json is not valid JSON"),
+    (TRAIN, model_no_weights, r"model\.student: .*broken_student has no weights \(expected \*\.safetensors"),
+    (TRAIN, model_truncated, r"model\.student: .*model\.safetensors is truncated or corrupt"),
+    (TRAIN, model_no_tokenizer, r"model\.student: .*broken_student has no tokenizer"),
+    (TRAIN, data_messages_string, r"msgs\.jsonl:1: field 'messages': expected a non-empty list .*got str"),
+    (TRAIN, data_message_without_content, r"msgs\.jsonl:6: field 'messages\[0\]': the message has no 'content'"),
+    (TRAIN, data_number_as_text, r"nums\.jsonl:2: field 'prompt': expected a string, got int 0"),
+    (TRAIN, data_smaller_than_batch, (r"data\.train_file: .*small\.jsonl has 3 usable .*fewer than one batch "
+                                      r"\(per_device_train_batch_size 4 x 1 process\(es\) = 4\)")),
+    (TRAIN, nan_learning_rate, r"learning_rate: expected a finite number, got 'nan'"),
+    (TRAIN, inf_loss_weight, r"loss\.terms\.forward_kl: expected a finite number, got inf"),
+    (TRAIN, nan_temperature, r"loss\.temperature: expected a finite number"),
+    (TRAIN, duplicate_yaml_key, r"run\.yaml:4: duplicate key 'learning_rate' \(first given on line 2\)"),
+    (TRAIN, overrides_zero_layers, r"model\.student_overrides\.num_hidden_layers: expected a positive integer"),
+    (TRAIN, overrides_heads_not_dividing, r"model\.student_overrides\.num_attention_heads: .*must divide hidden_size"),
+    (TRAIN, overrides_kv_heads_not_dividing, r"model\.student_overrides\.num_key_value_heads: .*must divide"),
+    (TRAIN, tracker_not_installed, r"report_to: tracker 'wandb' is not installed \(pip install wandb\)"),
+    (TRAIN, output_dir_is_file, r"output_dir: .*a_file\.txt is a file; expected a directory"),
+    ("distill.student.prune.command", prune_no_weights, r"model: .*broken_teacher has no weights"),
+    ("distill.evaluation.command", eval_no_tokenizer, r"model: .*broken_student has no tokenizer"),
+]
+
+
+@pytest.mark.parametrize(("module", "make_argv", "message"), CASES, ids=[c[1].__name__ for c in CASES])
+def test_bad_input_is_one_line_exit_2_untouched(module, make_argv, message, model_dirs, tmp_path, capsys):
+    import importlib
+
+    if make_argv is tracker_not_installed:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is not None:
+            pytest.skip("wandb is installed here")
+    existing = tmp_path / "existing"  # a directory of the user's that nothing may touch
+    existing.mkdir()
+    (existing / "a_file.txt").write_text("precious")
+    argv = make_argv(model_dirs, tmp_path)
+    before = tree_digest(tmp_path)
+    capsys.readouterr()
+    code = run_command(importlib.import_module(module).main, argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2, err[-3000:]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert re.search(message, lines[0]), lines[0]
+    assert tree_digest(tmp_path) == before
+
+
+def test_filesystem_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys):
+    def denied(_argv):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out" / "config.yaml"))
+
+    def full(_argv):
+        raise OSError(28, "No space left on device")
+
+    def missing(_argv):
+        with open(tmp_path / "no" / "such.txt"):
+            pass
+
+    assert run_command(denied, []) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'out' / 'config.yaml'}: Permission denied\n"
+    assert run_command(full, []) == 2
+    assert capsys.readouterr().err == "error: No space left on device\n"
+    assert run_command(missing, []) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'no' / 'such.txt'}: No such file or directory\n"
+
+    def bug(_argv):
+        raise KeyError("a genuine bug")
+
+    def socket_error(_argv):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    with pytest.raises(KeyError):
+        run_command(bug, [])
+    with pytest.raises(ConnectionResetError):
+        run_command(socket_error, [])
+
+
+def test_unwritable_output_dir_is_one_line(tmp_path, monkeypatch):
+    from kd_core import ownership
+    from kd_core.config import ConfigError
+
+    monkeypatch.setattr(ownership.os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(ConfigError, match=r"output_dir: .*run cannot be created: .* is not writable"):
+        ownership.check(tmp_path / "run", ownership.TRAIN, "output_dir")
+
+
+def test_real_process_exit_status(model_dirs, tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("precious")
+    argv = _train_argv(model_dirs, tmp_path, "--learning_rate", "inf")
+    before = tree_digest(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "distill", "train", *argv], env=env, cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == "error: learning_rate: expected a finite number, got 'inf'"
+    assert "Traceback" not in result.stderr
+    assert tree_digest(tmp_path) == before
