@@ -68,14 +68,14 @@ def require_model_dir(path: str | Path, field: str, *, tokenizer: bool = True) -
         check_gguf(path, field)
         return Path(path)
     directory = Path(path)
-    expected = "expected a model directory with config.json or a .gguf file"
+    expected = f"{field}: expected a model directory with config.json or a .gguf file, got {str(path)!r}"
     if not directory.exists():
-        raise ConfigError(f"{field}: {path} is not a model directory (not found); {expected}")
+        raise ConfigError(f"{expected} (not a model directory: not found)")
     if not directory.is_dir():
-        raise ConfigError(f"{field}: {path} is not a model directory (it is a file); {expected}")
+        raise ConfigError(f"{expected} (not a model directory: a file)")
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise ConfigError(f"{field}: {path} is not a model directory (no config.json); {expected}")
+        raise ConfigError(f"{expected} (not a model directory: no config.json)")
     try:
         config = json.loads(config_file.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
