@@ -29,6 +29,34 @@ def slowed_steps(env: dict[str, str], seconds: float) -> dict[str, str]:
     return {**env, "SLOW_STEP_SECONDS": str(seconds), "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
+def kill_9(command: list[str], env: dict[str, str], point: str | None = None, until=None, timeout: float = 60) -> bool:
+    """Starts ``command`` and sends it SIGKILL: at the write point ``point`` (``publish:NAME`` or ``reserve:NAME``,
+    held there by tests/kill_points) or, with ``until``, as soon as ``until()`` is true. Returns whether the kill
+    landed (False: the process had already exited)."""
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    flag = Path(tempfile.mkdtemp()) / "reached"
+    if point is not None:
+        paths = [str(REPO_ROOT / "tests" / "kill_points"), str(REPO_ROOT), env.get("PYTHONPATH", "")]
+        env = {**env, "KILL_POINT": point, "KILL_POINT_FLAG": str(flag),
+               "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        until = flag.exists
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and not until() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    landed = process.poll() is None
+    if landed:
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+    flag.unlink(missing_ok=True)
+    flag.parent.rmdir()
+    return landed
+
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "What is 12 plus 7? The answer is 19.",

@@ -88,9 +88,15 @@ def run(cfg: PrecomputeConfig) -> Path:
 
     require_model_dir(cfg.teacher, "teacher")
     out = Path(cfg.output_dir)
-    # Every rank checks before any rank writes, so the check never sees a sibling's fresh shard.
+    # Every rank checks before any rank writes, so the check never sees a sibling's fresh shard. A store whose
+    # precompute was killed (its marker still says running) holds partial shards that nothing trusts (no store.json):
+    # it is written again from scratch.
+    stale = False
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"output_dir: {out} exists and is not empty; choose a new directory for the store")
+        owner = ownership.owner_of(out) if out.is_dir() else None
+        if owner is None or owner.command != ownership.PRECOMPUTE or owner.finished:
+            raise ConfigError(f"output_dir: {out} exists and is not empty; choose a new directory for the store")
+        stale = True
     # accelerate 1.15 sees one process per rank on a CPU-only machine unless told `cpu` (it then uses gloo); and
     # `accelerate launch --cpu --num_processes N` starts ONE process without an MPI hostfile: launch CPU runs with
     # `--multi_gpu --num_processes N` (torchrun), as docs/offline.md shows.
@@ -106,7 +112,13 @@ def run(cfg: PrecomputeConfig) -> Path:
     if cfg.k > vocab:
         raise ConfigError(f"k: {cfg.k} is larger than the vocabulary ({vocab} tokens)")
     codec = ls.Codec(vocab, cfg.k, cfg.value_bits, cfg.value_range)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = {"teacher": str(cfg.teacher), "k": cfg.k}
+    if state.is_main_process:  # every rank has checked the directory (the barrier above); nothing failed since
+        if stale:
+            removed = ownership.remove_owned(out, ownership.PRECOMPUTE)
+            logger.info("output_dir: %s holds an interrupted precompute (%s); starting again", out, ", ".join(removed))
+        ownership.claim(out, ownership.PRECOMPUTE, settings)  # running: a kill from here on leaves a restartable store
+    state.wait_for_everyone()
     writer = ls.ShardWriter(out, state.process_index, state.num_processes, codec)
     mine = list(range(state.process_index, len(train_set), state.num_processes))
     head = teacher.get_output_embeddings().weight[:vocab]
@@ -155,8 +167,8 @@ def run(cfg: PrecomputeConfig) -> Path:
             "shards": shards,
         }
         save_config(cfg, out / "precompute_config.yaml")
-        ownership.claim(out, ownership.PRECOMPUTE, {"teacher": str(cfg.teacher), "k": cfg.k}, finished=True)
-        ls.write_meta(out, meta)
+        ls.write_meta(out, meta)  # the store is complete (and trusted) from here on
+        ownership.claim(out, ownership.PRECOMPUTE, settings, finished=True)
         logger.info("store %s: %d samples, %d tokens, %d bytes per token", out, meta["samples"], meta["tokens"],
                      codec.record_bytes)
     state.wait_for_everyone()
