@@ -163,6 +163,20 @@ def publish_directory(tmp: str | os.PathLike[str], final: str | os.PathLike[str]
     fsync_directory(final.parent)
 
 
+def remove_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Removes the temporary files and directories (``.<name>.<random>.tmp``) that writers of ``path`` killed
+    mid-write (kill -9, preemption) left beside it; returns them. Only for a destination with a single writer at a
+    time (an output the command owns): a concurrent writer's temporary would be removed too."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    for entry in stale:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return stale
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A new, empty temporary directory beside ``path`` to fill; published onto ``path`` with

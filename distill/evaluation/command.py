@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_core.answers import AnswerExtractor, gold_answer
-from kd_core.atomic import atomic_write_json
+from kd_core.atomic import atomic_write_json, remove_temporaries
 from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line, section
 from kd_core.generation import encode_prompt, generate_batched
@@ -207,6 +207,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     print(format_table([results]))
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(output)  # left by an eval killed while writing this file (the file itself is absent)
         atomic_write_json(output, results)
         print(f"wrote {output}")
     return results
