@@ -264,3 +264,26 @@ def test_checkpoint_of_the_earlier_version_sizes_only_still_resumes(finished_run
     # A truncated file is still caught on sizes alone.
     (out / "checkpoint-2" / "scheduler.bin").write_bytes(b"")
     assert "scheduler.bin has 0 bytes" in ckpt.validate(out / "checkpoint-2")
+
+
+def test_export_killed_with_sigkill_then_rerun_equals_an_uninterrupted_export(finished_run, tmp_path):
+    """``distill export`` killed while it saves and just before it publishes: no model directory (or temporary one)
+    is left, and the rerun writes the same files as an uninterrupted export."""
+    from tests.conftest import kill_9, tree_digest
+
+    target = tmp_path / "exported"
+    command = [sys.executable, "-m", "distill", "export", "--checkpoint", str(finished_run / "checkpoint-3"),
+               "--output-dir", str(target)]
+    reference = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = tree_digest(target)
+    target.rename(tmp_path / "reference")
+    # The tiny student saves in milliseconds: this kill may come too late (the run then finished), which is allowed.
+    if not kill_9(command, ENV, until=lambda: any(tmp_path.glob(f".{target.name}.*.tmp"))):
+        target.rename(tmp_path / "finished")
+    assert kill_9(command, ENV, point=f"publish:{target.name}")  # every file written, not yet renamed into place
+    assert not target.exists() and any(tmp_path.glob(f".{target.name}.*.tmp"))
+    final = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert tree_digest(target) == expected  # same files, same bytes
+    assert not list(tmp_path.rglob("*.tmp"))
