@@ -139,7 +139,9 @@ def measure(cfg: EvalConfig) -> dict[str, Any]:
         model.config.vocab_size, teacher.config.vocab_size if teacher is not None else model.config.vocab_size,
         len(tokenizer),
     )
-    dataset = tokenize_records(records, tokenizer, DataSettings(train_file=str(data), max_length=max_length), "data")
+    # The source names the file, so a bad row reads `file:line` (records keep the file's order; only a prefix is cut).
+    dataset = tokenize_records(records, tokenizer, DataSettings(train_file=str(data), max_length=max_length),
+                               str(data))
     batches = (
         {k: v.to(device) for k, v in collate([dataset[i] for i in range(j, min(j + batch_size, len(dataset)))],
                                               tokenizer.pad_token_id).items()}

@@ -135,3 +135,11 @@ def test_bad_paths_exit_2(model_dirs, data_file, tmp_path, capsys):
     existing.write_text("{}")
     assert cli(["eval", str(model_dirs["student"]), "--data", str(data_file), "--output", str(existing)]) == 2
     assert "already exists" in capsys.readouterr().err and existing.read_text() == "{}"
+
+
+def test_a_bad_row_is_named_by_file_and_line(model_dirs, tmp_path, capsys):
+    data = tmp_path / "held.jsonl"
+    data.write_text('{"prompt": 7, "completion": "3"}\n' * 2)  # numbers where text belongs (one column type)
+    assert cli(["eval", str(model_dirs["student"]), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {data}:1: field 'prompt': expected a string"), err[-1]
