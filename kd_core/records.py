@@ -45,6 +45,8 @@ def load_records(path: str | Path, field: str = "data.train_file") -> list[dict[
         raise ConfigError(f"{field}: file not found: {path}")
     if path.is_file() and path.stat().st_size == 0:
         raise ConfigError(f"{field}: dataset is empty: {path}")
+    if path.suffix == ".jsonl" and path.is_file():
+        return _read_jsonl(path, field)
     import datasets
 
     try:
@@ -52,7 +54,7 @@ def load_records(path: str | Path, field: str = "data.train_file") -> list[dict[
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds["train"]
-        elif path.suffix in (".jsonl", ".json"):
+        elif path.suffix == ".json":
             ds = datasets.load_dataset("json", data_files=str(path), split="train")
         elif path.suffix == ".parquet":
             ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
@@ -65,3 +67,15 @@ def load_records(path: str | Path, field: str = "data.train_file") -> list[dict[
     if len(ds) == 0:
         raise ConfigError(f"{field}: dataset is empty: {path}")
     return ds.to_list()
+
+
+def _read_jsonl(path: Path, field: str) -> list[dict[str, Any]]:
+    """JSON lines read line by line, so a malformed line is named ``file:line`` (through ``datasets`` it was one
+    error for the whole file), and rows keep their own types for the row checks to name (``datasets`` refuses a
+    column whose rows mix types, again without a line). Keys missing from some rows are filled with None, as the
+    Arrow table ``datasets`` built did."""
+    rows = [obj for _, _, obj in iter_json_objects(path, f"{field}: ")]
+    if not rows:
+        raise ConfigError(f"{field}: dataset is empty: {path}")
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return [{key: row.get(key) for key in keys} for row in rows]

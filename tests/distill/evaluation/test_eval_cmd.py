@@ -139,7 +139,11 @@ def test_bad_paths_exit_2(model_dirs, data_file, tmp_path, capsys):
 
 def test_a_bad_row_is_named_by_file_and_line(model_dirs, tmp_path, capsys):
     data = tmp_path / "held.jsonl"
-    data.write_text('{"prompt": 7, "completion": "3"}\n' * 2)  # numbers where text belongs (one column type)
+    # A blank line, and a number where text belongs in a column whose other rows are text.
+    data.write_text('{"prompt": "What is 1 plus 1?", "completion": "2"}\n\n{"prompt": 7, "completion": "3"}\n')
     assert cli(["eval", str(model_dirs["student"]), "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"error: {data}:1: field 'prompt': expected a string"), err[-1]
+    assert err[-1].startswith(f"error: {data}:3: field 'prompt': expected a string"), err[-1]
+    data.write_text('{"prompt": "What is 1 plus 1?", "completion": "2"}\n{"prompt": "x", \n')
+    assert cli(["eval", str(model_dirs["student"]), "--data", str(data)]) == 2
+    assert f"{data}:2" in capsys.readouterr().err
