@@ -187,9 +187,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     # A writer killed mid-block (kill -9, preemption) leaves its temporary directory behind; it can be large (a model
     # export), and no one else writes this path (each output directory has one owner), so clear it first.
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_temporaries(path)
     while True:
         tmp = _temporary_sibling(path)
         try:
