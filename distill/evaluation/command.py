@@ -10,6 +10,10 @@ top-1 agreement, for any model directory on any dataset in the trainer's shapes.
   fraction of tokens where the argmaxes agree (``distill.evaluation.metrics.token_metrics``); the teacher must share the
   model's tokenizer.
 * **tokens_per_second**: generated tokens over the wall time of the batched greedy generation.
+* **acceptance_rate**, **tokens_per_teacher_pass**, **speedup**, **assisted_equal** (with a teacher, the first
+  ``draft.num_prompts`` prompts): the model as the draft of speculative decoding for the teacher, i.e. the teacher's
+  greedy generation with ``assistant_model=model`` against the teacher alone
+  (:mod:`distill.evaluation.speculative`). ``--draft.num_prompts 0`` skips them.
 
 Shapes: ``messages``, ``prompt``/``completion``, ``text``, and GSM8K's ``question``/``answer`` (read as
 prompt/completion). The figures are printed as a table and written as JSON with ``--output``.
@@ -22,13 +26,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+from distill.evaluation.speculative import DraftSettings
 from kd_core.answers import AnswerExtractor, gold_answer
 from kd_core.atomic import atomic_write_json, remove_temporaries
 from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line, section
 from kd_core.generation import encode_prompt, generate_batched
 
-METRIC_NAMES = ("accuracy", "perplexity", "loss", "kl", "top1_agreement", "tokens_per_second", "parameters")
+METRIC_NAMES = ("accuracy", "perplexity", "loss", "kl", "top1_agreement", "tokens_per_second", "acceptance_rate",
+                "speedup", "parameters")
 
 
 @dataclasses.dataclass
@@ -41,6 +47,7 @@ class EvalConfig:
     batch_size: int = option(32, help="Records per forward pass / per generate() call.")
     max_length: int = option(512, help="Token truncation for the token-level figures.")
     extractor: AnswerExtractor = section(AnswerExtractor, help="How the final answer is read (kd_core.answers).")
+    draft: DraftSettings = section(DraftSettings, help="With a teacher: the model as its speculative-decoding draft.")
     output: str | None = option(None, help="Write the figures as JSON to this file (must not exist).")
     device: str = option("cpu", help="torch device, e.g. cpu or cuda.")
 
@@ -177,6 +184,13 @@ def measure(cfg: EvalConfig) -> dict[str, Any]:
     results["scored"] = scored
     results["generated_tokens"] = generated
     results["tokens_per_second"] = generated / seconds if seconds > 0 else None
+    if teacher is not None and cfg.draft.num_prompts > 0 and tasks:
+        from distill.evaluation.speculative import draft_metrics
+
+        prompts = [encode_prompt(tokenizer, pg[0]) for _, pg in tasks[: cfg.draft.num_prompts]]
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        results.update(draft_metrics(model, teacher, prompts, cfg.draft.max_new_tokens, pad, eos))
     results["samples"] = samples
     return results
 

@@ -1,0 +1,117 @@
+"""The student as the draft model of speculative decoding for its teacher (DistillSpec's use of a distilled student).
+
+:func:`draft_metrics` generates greedily with the teacher from each prompt twice, one prompt at a time (assisted
+generation takes batch 1): alone, and with the student as ``assistant_model`` (transformers assisted generation,
+5.24: the student drafts a few tokens, the teacher checks them in one forward pass and keeps the longest agreeing
+prefix plus one token of its own; it adapts the draft length and confidence threshold of the student's
+``generation_config`` from call to call, so later prompts draft with what earlier ones learnt). The order of the two alternates from prompt to prompt so that drift in the
+machine's speed does not favour either. Figures:
+
+* **acceptance_rate**: draft tokens the teacher kept over draft tokens proposed. Counted with forward hooks (public
+  torch API, no transformers internals): every teacher forward pass of the assisted generation adds the drafts it
+  accepted plus one token of its own, so ``accepted = new tokens - teacher passes``; every student forward pass
+  proposes one draft token.
+* **tokens_per_teacher_pass**: new tokens per teacher forward pass in the assisted generation (1.0 without a draft).
+* **speedup**: seconds of the plain greedy generations over seconds of the assisted ones (same prompts, same
+  ``max_new_tokens``); above 1 the student makes the teacher faster.
+* **assisted_equal**: fraction of prompts whose assisted continuation equals the teacher's plain greedy one token
+  for token. Greedy assisted decoding is lossless, so this is 1.0 up to float rounding between verifying several
+  tokens in one pass and one at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from kd_core.config import option
+
+# torch is imported where it is used: `distill eval --help` reads DraftSettings and should not pay for it.
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclasses.dataclass
+class DraftSettings:
+    """Bounds on the cost of the speculative-decoding figures (each prompt is generated twice by the teacher)."""
+
+    num_prompts: int = option(8, help="Prompts (the first ones with a prompt) generated plain and assisted; 0 = skip "
+                              "the draft-model figures.")
+    max_new_tokens: int = option(64, help="Greedy tokens per prompt in both generations.")
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 0:
+            raise ValueError(f"num_prompts: expected >= 0, got {self.num_prompts}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
+
+
+class ForwardCounter:
+    """Counts a module's forward calls (a forward hook) while active."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.calls = 0
+        self._handle = module.register_forward_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.calls += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _greedy(teacher: nn.Module, prompt: list[int], max_new_tokens: int, pad: int, eos: int,
+            assistant: nn.Module | None) -> tuple[list[int], float]:
+    """New tokens (uncut: what the rounds produced) and the wall seconds of one greedy ``generate``."""
+    import torch
+
+    device = next(teacher.parameters()).device
+    input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    began = time.perf_counter()
+    with torch.no_grad():
+        out = teacher.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                               max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                               assistant_model=assistant)
+    return out[0, len(prompt):].tolist(), time.perf_counter() - began
+
+
+def _cut(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def draft_metrics(student: nn.Module, teacher: nn.Module, prompts: Sequence[list[int]], max_new_tokens: int,
+                  pad_token_id: int, eos_token_id: int) -> dict[str, Any]:
+    """The figures of the module docstring for ``student`` drafting for ``teacher`` (same tokenizer) on ``prompts``
+    (token ids from :func:`kd_core.generation.encode_prompt`)."""
+    plain_s = assisted_s = 0.0
+    new_tokens = teacher_passes = proposed = equal = 0
+    for i, prompt in enumerate(prompts):
+        runs = {}
+        for assisted in ((False, True) if i % 2 == 0 else (True, False)):
+            if not assisted:
+                runs[False] = _greedy(teacher, prompt, max_new_tokens, pad_token_id, eos_token_id, None)
+                continue
+            teacher_count, student_count = ForwardCounter(teacher), ForwardCounter(student)
+            try:
+                runs[True] = _greedy(teacher, prompt, max_new_tokens, pad_token_id, eos_token_id, student)
+            finally:
+                teacher_count.remove()
+                student_count.remove()
+            new_tokens += len(runs[True][0])
+            teacher_passes += teacher_count.calls
+            proposed += student_count.calls
+        plain_s += runs[False][1]
+        assisted_s += runs[True][1]
+        equal += _cut(runs[False][0], eos_token_id) == _cut(runs[True][0], eos_token_id)
+    accepted = new_tokens - teacher_passes
+    return {
+        "draft_prompts": len(prompts),
+        "acceptance_rate": accepted / proposed if proposed else None,
+        "tokens_per_teacher_pass": new_tokens / teacher_passes if teacher_passes else None,
+        "speedup": plain_s / assisted_s if assisted_s > 0 else None,
+        "plain_seconds": plain_s,
+        "assisted_seconds": assisted_s,
+        "assisted_equal": equal / len(prompts) if prompts else None,
+    }
