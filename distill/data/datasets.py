@@ -6,9 +6,13 @@ Three shapes are understood, as in TRL's SFT conventions:
 * ``prompt`` / ``completion``: strings; the chat template is applied (user turn, assistant turn) when the tokenizer
   has one, otherwise they are concatenated; the loss covers the completion.
 * ``text``: plain text; the loss covers every token.
+* ``prompt`` alone, or ``messages`` ending in a user turn: prompts only, for on-policy training, where the student
+  (or the teacher) writes every completion (:mod:`distill.training.on_policy`).
 
 Every example keeps ``sample_id`` (its row index in the source file), so anything keyed by sample, such as the
-offline teacher-logit store, reads the right rows whatever the shuffling, accumulation or number of processes.
+offline teacher-logit store, reads the right rows whatever the shuffling, accumulation or number of processes;
+``prompt_length`` (the tokens a model is given to write the completion: the prompt with the chat template's
+generation prompt; None for ``text``) and ``has_completion`` (False for prompts only).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from kd_core.config import ConfigError, option
 from kd_core.records import iter_json_objects, load_records
 
 IGNORE_INDEX = -100
-SHAPES = ("messages", "prompt_completion", "text")
+SHAPES = ("messages", "prompt_completion", "text", "prompt")
 
 
 @dataclasses.dataclass
@@ -33,8 +37,9 @@ class DataSettings:
     train_file: str = option("", help="Training data: a .jsonl/.json/.parquet file or a `datasets.save_to_disk` folder.")
     eval_file: str | None = option(None, help="Held-out data in the same shapes; if unset, `eval_fraction` of train.")
     eval_fraction: float = option(0.05, help="Fraction of the training file held out for eval when eval_file is unset.")
-    format: Literal["auto", "messages", "prompt_completion", "text"] = option(
-        "auto", help="Dataset shape; `auto` picks messages, then prompt/completion, then text columns."
+    format: Literal["auto", "messages", "prompt_completion", "text", "prompt"] = option(
+        "auto", help="Dataset shape; `auto` picks messages, then prompt/completion, then text, then prompt alone "
+        "(prompts only: on-policy training samples every completion)."
     )
     max_length: int = option(512, help="Sequences are truncated to this many tokens.")
     completion_only_loss: bool = option(
@@ -59,7 +64,8 @@ class DataSettings:
 
 def detect_shape(record: dict[str, Any], requested: str, source: str) -> str:
     if requested != "auto":
-        needed = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"], "text": ["text"]}[requested]
+        needed = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"], "text": ["text"],
+                  "prompt": ["prompt"]}[requested]
         missing = [c for c in needed if c not in record]
         if missing:
             raise ConfigError(f"{source}: format {requested!r} needs column(s) {missing}; found {sorted(record)}")
@@ -70,8 +76,11 @@ def detect_shape(record: dict[str, Any], requested: str, source: str) -> str:
         return "prompt_completion"
     if "text" in record:
         return "text"
+    if "prompt" in record:
+        return "prompt"
     raise ConfigError(
-        f"{source}: no usable column; expected `messages`, `prompt` and `completion`, or `text`, found {sorted(record)}"
+        f"{source}: no usable column; expected `messages`, `prompt` and `completion`, `text`, or `prompt` alone, "
+        f"found {sorted(record)}"
     )
 
 
@@ -111,7 +120,8 @@ def check_record(record: dict[str, Any], shape: str, source: str, row: int) -> N
             if not isinstance(message["content"], (str, list)):
                 fail(f"field '{field}.content': expected text, got {_kind(message['content'])}")
         return
-    for key in ("prompt", "completion") if shape == "prompt_completion" else ("text",):
+    keys = {"prompt_completion": ("prompt", "completion"), "text": ("text",), "prompt": ("prompt",)}[shape]
+    for key in keys:
         if not isinstance(record.get(key), str):
             fail(f"field '{key}': expected a string, got {_kind(record.get(key))}")
 
@@ -121,34 +131,53 @@ def _has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
     return isinstance(template, str) and "{% generation %}" in template
 
 
+def _template_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding (transformers 5.23 without return_dict=False)
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def tokenize_example(
     record: dict[str, Any],
     shape: str,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     completion_only: bool,
-) -> dict[str, list[int]]:
-    """Token ids and labels (prompt tokens set to -100 when ``completion_only``) for one record."""
+) -> dict[str, Any]:
+    """Token ids and labels (prompt tokens set to -100 when ``completion_only``) for one record, with its
+    ``prompt_length`` and ``has_completion`` (see the module docstring)."""
     if shape == "text":
         ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
         if tokenizer.eos_token_id is not None:
             ids = ids + [tokenizer.eos_token_id]
         ids = ids[:max_length]
-        return {"input_ids": ids, "labels": list(ids)}
+        return {"input_ids": ids, "labels": list(ids), "prompt_length": None, "has_completion": True}
 
-    if shape == "prompt_completion" and tokenizer.chat_template is None:
+    if tokenizer.chat_template is None and shape in ("prompt_completion", "prompt"):
         prompt_ids = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
-        completion_ids = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            completion_ids = completion_ids + [tokenizer.eos_token_id]
+        completion_ids = []
+        if shape == "prompt_completion":
+            completion_ids = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                completion_ids = completion_ids + [tokenizer.eos_token_id]
         ids = (prompt_ids + completion_ids)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
-        return {"input_ids": ids, "labels": labels if completion_only else list(ids)}
+        return {"input_ids": ids, "labels": labels if completion_only else list(ids),
+                "prompt_length": min(len(prompt_ids), max_length), "has_completion": shape == "prompt_completion"}
 
-    messages = record["messages"] if shape == "messages" else [
-        {"role": "user", "content": record["prompt"]},
-        {"role": "assistant", "content": record["completion"]},
-    ]
+    if shape == "messages":
+        messages = record["messages"]
+    elif shape == "prompt":
+        messages = [{"role": "user", "content": record["prompt"]}]
+    else:
+        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+    if messages[-1]["role"] != "assistant":  # a conversation waiting for its answer: a prompt only
+        ids = _template_ids(tokenizer, messages, add_generation_prompt=True)[:max_length]
+        return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "prompt_length": len(ids),
+                "has_completion": False}
+    # The prompt of the final assistant turn, as generation would be given it.
+    prompt_ids = _template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
     if _has_generation_markers(tokenizer):
         # The template marks assistant spans itself: every assistant turn is a target, multi-turn included.
         out = tokenizer.apply_chat_template(
@@ -158,15 +187,11 @@ def tokenize_example(
         labels = [t if m else IGNORE_INDEX for t, m in zip(ids, assistant)]
     else:
         # Without markers, the target is the final assistant turn: the prompt is everything before it.
-        if messages[-1]["role"] != "assistant":
-            raise ConfigError("messages: the last turn must be the assistant's answer to train on")
-        prompt_ids = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True)
-        ids = tokenizer.apply_chat_template(messages, tokenize=True)
-        if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys"):
-            prompt_ids, ids = prompt_ids["input_ids"], ids["input_ids"]
+        ids = _template_ids(tokenizer, messages)
         labels = [IGNORE_INDEX] * len(prompt_ids) + list(ids[len(prompt_ids):])
     ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "labels": labels if completion_only else list(ids)}
+    return {"input_ids": ids, "labels": labels if completion_only else list(ids),
+            "prompt_length": min(len(prompt_ids), max_length), "has_completion": True}
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
@@ -214,7 +239,8 @@ def tokenize_records(
     examples = []
     for row, record, weight in weighted:
         example = tokenize_example(record, shape, tokenizer, settings.max_length, settings.completion_only_loss)
-        if any(label != IGNORE_INDEX for label in example["labels"][1:]):  # skip examples truncated to no target
+        # Skip examples truncated to no target; prompts only (on-policy) have none until a model writes them.
+        if not example["has_completion"] or any(label != IGNORE_INDEX for label in example["labels"][1:]):
             example["sample_id"] = row
             example["loss_weight"] = weight
             examples.append(example)

@@ -150,6 +150,11 @@ class StudentWithObjective(nn.Module):
         sizes left as "auto" in launch/ds_zero3.json."""
         return self.student.config
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """The student's: trl 1.16's ``unwrap_model_for_generation`` (on-policy sampling) reads it."""
+        return bool(getattr(self.student, "is_gradient_checkpointing", False))
+
     def forward(
         self,
         input_ids: Tensor,

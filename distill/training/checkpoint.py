@@ -50,8 +50,9 @@ def _checkpoint_files(directory: Path) -> list[Path]:
 
 
 def _writer_rank(name: str) -> int | None:
-    """The rank that wrote a file, from its name: DeepSpeed's ``zero_pp_rank_<r>_...``, ``random_states_<r>.pkl``."""
-    match = re.search(r"(?:pp_rank_|random_states_)(\d+)", name)
+    """The rank that wrote a file, from its name: DeepSpeed's ``zero_pp_rank_<r>_...``, ``random_states_<r>.pkl``,
+    the on-policy sampler's ``on_policy_rank_<r>.pt``."""
+    match = re.search(r"(?:pp_rank_|random_states_|on_policy_rank_)(\d+)", name)
     return int(match.group(1)) if match else None
 
 
@@ -97,11 +98,13 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int | None,
     write_extra: Callable[[Path], None] | None = None,
+    write_rank_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Saves on every rank, publishes on the main one. Returns the final directory.
 
     ``write_extra(tmp_dir)`` runs on the main process before the manifest is written, so its files are validated
-    like the rest.
+    like the rest; ``write_rank_files(tmp_dir)`` runs on every rank, for state each rank holds on its own (named so
+    that :func:`_writer_rank` knows the rank).
     """
     started = time.perf_counter()
     final = output_dir / f"{PREFIX}{step}"
@@ -111,6 +114,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if write_rank_files is not None:
+        write_rank_files(tmp)
     accelerator.wait_for_everyone()
     own = {} if accelerator.is_main_process else _hash_own_files(tmp, accelerator.process_index)
     hashed = {name: entry for part in _share(accelerator, own) for name, entry in part.items()}

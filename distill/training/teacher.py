@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
-from distill.losses.divergences import chunked_divergence
+from distill.losses.divergences import chunked_cross_entropy_sum, chunked_divergence
 from distill.losses.objective import LossSettings, TeacherTargets
 from distill.losses.registry import Need
 from distill.losses.topk import chunked_topk_divergence
@@ -63,6 +63,13 @@ class ModelTargets:
             chunk_size=settings.chunk_size,
         )
 
+
+    def label_nll_sum(self, positions: Tensor, targets: Tensor, chunk_size: int) -> float:
+        """The teacher's negative log-likelihood of ``targets`` (the labels at ``positions``), summed: how likely
+        the teacher finds sampled completions (on-policy figures)."""
+        with torch.no_grad():
+            hidden = self.outputs.last_hidden_state[positions]
+            return float(chunked_cross_entropy_sum(hidden, self.head, targets, chunk_size))
 
 @dataclasses.dataclass(frozen=True)
 class StoreTargets:

@@ -1,8 +1,9 @@
 """``distill train``: distil a teacher into a student, single process or under ``accelerate launch`` (DDP, DeepSpeed).
 
-The whole step is in :meth:`Distiller.training_step`: the teacher signal's targets (:mod:`distill.training.teacher`),
-the student module returning its loss terms already normalised by the tokens of the full optimizer step, their
-weighted sum, backward. Everything else here is set-up, checkpointing and logging; the workarounds for accelerate,
+The whole step is in :meth:`Distiller.training_step`: the micro-batches (with completions sampled by the student or
+the teacher where ``on_policy`` says so, :mod:`distill.training.on_policy`), the teacher signal's targets
+(:mod:`distill.training.teacher`), the student module returning its loss terms already normalised by the tokens of
+the full optimizer step, their weighted sum, backward. Everything else here is set-up, checkpointing and logging; the workarounds for accelerate,
 DeepSpeed and torch.distributed are in :mod:`distill.training.runtime`.
 """
 
@@ -43,6 +44,15 @@ from distill.student.models import (
 from distill.student.sparsity import SparsityMasks
 from distill.training import checkpoint as ckpt
 from distill.training.export import export_checkpoint
+from distill.training.on_policy import (
+    OFF_POLICY,
+    REPLAY,
+    STUDENT,
+    OnPolicySettings,
+    Sampler,
+    check_dataset,
+    unwrapped_for_generation,
+)
 from distill.training.runtime import (
     exit_launched_process,
     inner,
@@ -94,6 +104,10 @@ class TrainConfig:
     model: ModelSettings = section(ModelSettings, help="Teacher and student.")
     data: DataSettings = section(DataSettings, help="Training and eval data.")
     loss: LossSettings = section(LossSettings, help="Loss terms and their settings.")
+    on_policy: OnPolicySettings = section(
+        OnPolicySettings, help="On-policy distillation: micro-batches whose completions the student (GKD) or the "
+        "teacher (sequence-level KD) samples."
+    )
     lora: LoraSettings = section(LoraSettings, help="Train LoRA adapters (peft) instead of all student weights.")
     lora_export: Literal["adapter", "merged", "both"] = option(
         "both", help="With LoRA: export the merged model (output_dir/final), the adapter (output_dir/final/adapter), "
@@ -127,6 +141,16 @@ class TrainConfig:
             raise ValueError(f"model.teacher: loss terms {sorted(self.loss.terms)} need a teacher model")
         if self.loss.teacher_store and self.model.teacher:
             raise ValueError("model.teacher: leave it unset with loss.teacher_store (the store replaces the teacher)")
+        if self.on_policy.enabled:
+            if self.loss.teacher_store:
+                raise ValueError("loss.teacher_store: holds targets for the dataset's tokens only; on-policy training "
+                                 "(on_policy.student_fraction / teacher_fraction) needs an online model.teacher")
+            if not self.model.teacher:
+                raise ValueError("model.teacher: on-policy training (on_policy.student_fraction / teacher_fraction) "
+                                 "needs a teacher")
+            if self.on_policy.student_fraction > 0 and not (self.loss.logit_terms or self.loss.feature_terms):
+                raise ValueError(f"loss.terms: on the student's own samples `ce` is off and only teacher terms train; "
+                                 f"add a logit divergence (e.g. reverse_kl or jsd), got {self.loss.terms}")
         if self.data.step_by_step_label_weight is not None and (self.loss.logit_terms or self.loss.feature_terms):
             # Per-example weights reach the `ce` term only; a divergence would silently ignore them.
             raise ValueError(f"data.step_by_step_label_weight: trains with loss.terms {{ce: 1}} only, got "
@@ -216,9 +240,18 @@ class Distiller:
         set_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set = build_datasets(cfg.data, self.tokenizer, cfg.seed)
+        check_dataset(cfg.on_policy, self.train_set, cfg.data.train_file)
+        if self.eval_set is not None and not all(e["has_completion"] for e in self.eval_set.examples):
+            held = [e for e in self.eval_set.examples if e["has_completion"]]
+            logger.info("eval: %d held-out prompt(s) without completion left out of the token metrics",
+                        len(self.eval_set) - len(held))
+            self.eval_set = type(self.eval_set)(held) if held else None
         check_batch_fits(len(self.train_set), cfg, acc.num_processes)
         self.accuracy_pairs = load_accuracy_set(cfg.accuracy) if cfg.accuracy.file else []
         self.task = resolve_task(cfg.model)
+        if self.task == "encoder" and cfg.on_policy.enabled:
+            raise ConfigError("on_policy: an encoder (model.task: encoder) cannot generate; on-policy training needs "
+                              "causal LMs")
         if self.task == "encoder" and Need.STUDENT_LOGITS in cfg.loss.needs:
             raise ConfigError(f"loss.terms: an encoder (model.task: encoder) has no LM head; use feature/relation "
                               f"terms only, got {cfg.loss.terms}")
@@ -265,6 +298,9 @@ class Distiller:
             self.teacher = OnlineTeacher.prepare(teacher, acc, cfg.loss)
         elif store is not None:
             self.teacher = StoreTeacher(store, acc.device)
+        self.sampler = None
+        if cfg.on_policy.enabled:
+            self.sampler = Sampler(cfg.on_policy, cfg.seed, acc.process_index, acc.device)
         self.step = 0
         self.stop_signal: int | None = None
         self.metrics_file = self.output_dir / "metrics.jsonl"
@@ -273,13 +309,32 @@ class Distiller:
     # The step
     # ---------------------------------------------------------------------------------------------------------
 
-    def next_micro_batches(self) -> list[dict[str, torch.Tensor]]:
-        batches = []
+    def next_micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], list[str], list[dict[str, float]]]:
+        """The step's micro-batches, where each one's completions came from (:mod:`distill.training.on_policy`),
+        and the sampling figures of each."""
+        batches, sources, stats = [], [], []
         for _ in range(self.cfg.gradient_accumulation_steps):
             examples = [self.train_set[i] for i in self.stream.next_indices()]
+            source, figures = OFF_POLICY, {}
+            if self.sampler is not None:
+                source = self.sampler.draw(len(examples))
+                if source == REPLAY:
+                    examples, figures = self.sampler.replay(len(examples))
+                elif source != OFF_POLICY:
+                    examples, figures = self.sample(examples, source)
             batch = collate(examples, self.tokenizer.pad_token_id)
             batches.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
-        return batches
+            sources.append(source)
+            stats.append(figures)
+        return batches, sources, stats
+
+    def sample(self, examples: list[dict[str, Any]], source: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """The examples with completions sampled by the student or the teacher (weights gathered under ZeRO-3, so
+        every rank generates on its own: no ``synced_gpus``)."""
+        prepared = self.module if source == STUDENT else self.teacher.prepared
+        with unwrapped_for_generation(prepared, self.accelerator) as model:
+            model = model.student if source == STUDENT else model
+            return self.sampler.sample(model, examples, self.tokenizer, self.cfg.data.max_length, False, source)
 
     def teacher_targets(
         self, batch: dict[str, torch.Tensor]
@@ -290,19 +345,22 @@ class Distiller:
     def training_step(self) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the step's term values."""
         acc, weights = self.accelerator, self.cfg.loss.terms
-        micro_batches = self.next_micro_batches()
+        micro_batches, sources, sampling = self.next_micro_batches()
         token_scale = step_token_scale(
             [b["labels"] for b in micro_batches], lambda t: acc.reduce(t.to(acc.device), reduction="sum"),
             acc.num_processes, self.cfg.gradient_accumulation_steps,
         )
         logged: dict[str, float] = {}
-        for batch in micro_batches:
+        teacher_logprobs: list[tuple[float, int]] = []
+        for batch, source in zip(micro_batches, sources):
             with acc.accumulate(self.module):
                 with self.teacher_targets(batch) as teacher:
                     terms = self.module(
                         batch["input_ids"], batch["attention_mask"], batch["labels"], teacher=teacher,
                         loss_weights=batch["loss_weights"], token_scale=token_scale,
                     )
+                    if source in (STUDENT, REPLAY) and (self.step + 1) % self.cfg.logging_steps == 0:
+                        teacher_logprobs.extend(self.teacher_logprob(teacher, batch["labels"]))
                 loss = sum(weights[k] * v for k, v in terms.items())
                 acc.backward(loss)
                 if acc.sync_gradients and self.cfg.max_grad_norm > 0:
@@ -319,8 +377,21 @@ class Distiller:
             logged["loss"] = logged.get("loss", 0.0) + loss.detach().item() / (
                 acc.num_processes * self.cfg.gradient_accumulation_steps
             )
+        if self.sampler is not None:  # every rank has the same sources, so the same keys
+            logged.update(on_policy_figures(sources, sampling, teacher_logprobs, acc.num_processes))
         totals = acc.reduce(torch.tensor(list(logged.values()), dtype=torch.float64, device=acc.device), "sum")
         return dict(zip(logged, totals.tolist()))
+
+    def teacher_logprob(self, teacher, labels: torch.Tensor) -> list[tuple[float, int]]:
+        """The teacher's summed log-probability of a micro-batch's sampled tokens and their count (logged on logging
+        steps; it needs the teacher's logits, so nothing with feature terms only)."""
+        from distill.losses.objective import target_positions
+
+        if teacher is None or getattr(teacher, "head", None) is None:
+            return []
+        positions = target_positions(labels)
+        targets = labels[:, 1:][positions[:, :-1]]
+        return [(-teacher.label_nll_sum(positions, targets, self.cfg.loss.chunk_size), int(positions.sum()))]
 
     # ---------------------------------------------------------------------------------------------------------
     # Evaluation, checkpoints, signals
@@ -384,6 +455,7 @@ class Distiller:
         return ckpt.save_checkpoint(
             self.accelerator, self.output_dir, self.step, self.trainer_state(), self.cfg.save_total_limit,
             write_extra=self.write_checkpoint_extras,
+            write_rank_files=self.sampler.save if self.sampler is not None else None,
         )
 
     def write_checkpoint_extras(self, directory: Path) -> None:
@@ -411,6 +483,9 @@ class Distiller:
         self.accelerator.load_state(str(found))
         self.step = state["step"]
         self.stream.resume_at(state["samples_consumed"], state["world_size"])
+        if self.sampler is not None and not self.sampler.load(found):
+            logger.warning("%s holds no on-policy sampler state for rank %d: sampling continues from the seed (the "
+                           "samples differ from an uninterrupted run)", found, self.accelerator.process_index)
         logger.info("resumed from %s at step %d", found, self.step)
 
     def check_compatible(self, state: dict[str, Any], path: Path) -> None:
@@ -462,13 +537,21 @@ class Distiller:
         window: list[dict[str, float]] = []
         started = time.time()
         while self.step < self.total_steps:
+            step_started = time.perf_counter()
             values = self.training_step()
+            values["step_seconds"] = time.perf_counter() - step_started
             self.step += 1
             window.append(values)
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            postfix = {"loss": f"{values['loss']:.4f}", "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
+            if self.sampler is not None:  # the share of the step spent sampling
+                postfix["sampling"] = f"{values.get('on_policy/sample_seconds', 0.0) / values['step_seconds']:.0%}"
+            bar.set_postfix(postfix)
             if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
-                averaged = {f"train/{k}": sum(w[k] for w in window) / len(window) for k in window[0]}
+                # Averaged over the steps that have the figure (sampling figures exist on sampled steps only).
+                keys = dict.fromkeys(k for w in window for k in w)
+                averaged = {f"train/{k}": sum(w[k] for w in window if k in w) / sum(k in w for w in window)
+                            for k in keys}
                 averaged["train/lr"] = self.scheduler.get_last_lr()[0]
                 self.log(averaged)
                 history.append({"step": self.step, **averaged})
@@ -521,6 +604,26 @@ class Distiller:
             student.save_pretrained(directory, state_dict=student_state)
             self.tokenizer.save_pretrained(directory)
         acc.wait_for_everyone()
+
+
+def on_policy_figures(
+    sources: list[str], sampling: list[dict[str, float]], teacher_logprobs: list[tuple[float, int]], processes: int
+) -> dict[str, float]:
+    """A step's sampling figures as this rank's share of the all-rank mean (the step's values are summed over
+    ranks): sampled fraction, seconds spent sampling, mean sampled length, student and teacher log-probabilities per
+    sampled token (the teacher's on logging steps only)."""
+    figures = {"on_policy/sampled_fraction": sum(s != OFF_POLICY for s in sources) / len(sources) / processes}
+    sampled = [f for f in sampling if f]
+    if sampled:
+        figures["on_policy/sample_seconds"] = sum(f["on_policy/sample_seconds"] for f in sampled) / processes
+        for key in ("on_policy/sampled_length", "on_policy/student_logprob"):
+            values = [f[key] for f in sampled if key in f]
+            if values:
+                figures[key] = sum(values) / len(values) / processes
+    if teacher_logprobs:
+        tokens = sum(n for _, n in teacher_logprobs)
+        figures["on_policy/teacher_logprob"] = sum(lp for lp, _ in teacher_logprobs) / max(tokens, 1) / processes
+    return figures
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
