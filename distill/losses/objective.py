@@ -152,8 +152,12 @@ class StudentWithObjective(nn.Module):
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        """The student's: trl 1.16's ``unwrap_model_for_generation`` (on-policy sampling) reads it."""
-        return bool(getattr(self.student, "is_gradient_checkpointing", False))
+        """The student's: trl 1.16's ``unwrap_model_for_generation`` (on-policy sampling) reads it (transformers 5.24
+        renamed it ``is_activation_checkpointing`` and warns on the old name)."""
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+            if hasattr(type(self.student), name) or hasattr(self.student, name):
+                return bool(getattr(self.student, name))
+        return False
 
     def forward(
         self,

@@ -277,3 +277,26 @@ def test_zero3_two_ranks_sample_their_own_prompts_and_resume_exactly(model_dirs,
     for step in want:
         assert got[step] == pytest.approx(want[step], abs=1e-6), step
     assert_same_weights(reference, out)
+
+
+def test_shipped_config_trains_a_lora_student_on_its_own_samples(model_dirs, prompts_file, tmp_path):
+    """configs/on_policy_reverse_kl.yaml on the tiny pair, with LoRA: the adapters generate (the peft model samples)
+    and train; the figures of the time split, lengths and log-probabilities are logged."""
+    from distill.training.train import run
+    from kd_core.config import parse_command_line
+
+    cfg = parse_command_line(TrainConfig, [
+        "--config", str(REPO_ROOT / "configs" / "on_policy_reverse_kl.yaml"), "--output_dir", str(tmp_path / "out"),
+        "--model.teacher", str(model_dirs["teacher"]), "--model.student", str(model_dirs["student"]),
+        "--data.train_file", str(prompts_file), "--max_steps", "3", "--per_device_train_batch_size", "4",
+        "--on_policy.max_new_tokens", "8", "--logging_steps", "1", "--report_to", "[none]", "--lora.enabled", "true",
+        "--lora.r", "4", "--learning_rate", "1e-2",
+    ], "distill train")
+    result = run(cfg)
+    assert result.steps == 3
+    rows = logged(tmp_path / "out")
+    for key in ("train/on_policy/sample_seconds", "train/on_policy/sampled_length", "train/step_seconds",
+                "train/on_policy/student_logprob", "train/on_policy/teacher_logprob", "train/reverse_kl"):
+        assert all(key in r for r in rows if "train/loss" in r), key
+    assert all(0 < r["train/on_policy/sampled_length"] <= 8 for r in rows if "train/loss" in r)
+    assert (tmp_path / "out" / "final" / "adapter").is_dir()
