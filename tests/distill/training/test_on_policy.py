@@ -300,3 +300,19 @@ def test_shipped_config_trains_a_lora_student_on_its_own_samples(model_dirs, pro
         assert all(key in r for r in rows if "train/loss" in r), key
     assert all(0 < r["train/on_policy/sampled_length"] <= 8 for r in rows if "train/loss" in r)
     assert (tmp_path / "out" / "final" / "adapter").is_dir()
+
+
+def test_replay_saves_generation_for_the_same_number_of_on_policy_steps(model_dirs, prompts_file, tmp_path):
+    """Six fully on-policy steps with and without replay: with replay_ratio 0.5 fewer micro-batches are generated
+    (the rest reuse buffered samples), fewer tokens are sampled and the replayed steps spend no time sampling."""
+    runs = {}
+    for ratio in (0.0, 0.5):
+        distiller = Distiller(config(model_dirs, prompts_file, tmp_path / f"r{ratio}",
+                                     on_policy={"replay_ratio": ratio, "replay_buffer_size": 8}))
+        seconds = [distiller.training_step()["on_policy/sample_seconds"] for _ in range(6)]
+        runs[ratio] = (dict(distiller.sampler.counts), seconds)
+    plain, replayed = runs[0.0][0], runs[0.5][0]
+    assert plain[STUDENT] == 6 and plain[REPLAY] == 0
+    assert replayed[STUDENT] + replayed[REPLAY] == 6 and replayed[REPLAY] >= 1
+    assert replayed["generated_tokens"] < plain["generated_tokens"]
+    assert sorted(runs[0.5][1])[: replayed[REPLAY]] == [0.0] * replayed[REPLAY]
