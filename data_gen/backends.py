@@ -1,8 +1,13 @@
-"""The two teacher backends behind one coroutine: ``await backend.complete(messages, params) -> Completion``.
+"""The two teacher backends behind one coroutine: ``await backend.complete(messages, params) -> Completion``
+(optionally ``on_first_token``, called when a streamed answer's first token arrives: the adaptive concurrency
+limit reads it as "this call is not queued at the server").
 
 * :class:`ApiBackend`: the ``openai`` async client against OpenAI or any OpenAI-compatible server (vLLM, TGI,
   ``transformers serve``). The client's own retries are disabled: the engine retries, so that one limiter sees
-  every attempt and ``Retry-After`` pauses all workers, not just the one that was told.
+  every attempt and ``Retry-After`` pauses all workers, not just the one that was told. Answers are streamed by
+  default: a call that times out or is cancelled closes its connection, which makes the server stop generating it
+  (instead of finishing an answer nobody waits for while the retry queues behind it), and the timeout bounds the
+  wait for each chunk, so a long answer that is progressing is never cut.
 * :class:`LocalBackend`: a transformers causal LM. Concurrent calls are queued and answered in batches: prompts
   are sorted by length (length bucketing, so little padding is generated), left-padded, and generated together
   (:mod:`kd_core.generation`, the loop ``distill eval`` uses too).
@@ -15,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +38,7 @@ class Completion:
     finish_reason: str
     input_tokens: int
     output_tokens: int
+    first_token_s: float | None = None  # seconds from sending to the first token, when the answer was streamed
 
 
 class TransientError(Exception):
@@ -76,14 +84,17 @@ CONNECTIONS_PER_CLIENT = 8
 
 
 class ApiBackend:
-    """Chat completions through ``openai.AsyncOpenAI`` (openai 3.54; ``max_retries=0`` so we own retries)."""
+    """Chat completions through ``openai.AsyncOpenAI`` (openai 3.57; ``max_retries=0`` so we own retries)."""
 
     def __init__(self, cfg: TeacherConfig) -> None:
         import openai
 
         self._openai = openai
         self.model = cfg.model
+        self.stream = cfg.stream
         key = resolve_api_key(cfg.api_key_env)
+        # With stream=True the client's timeout is httpx's per-read timeout (openai 3.57 / httpx2 2.16): the longest
+        # silence between two chunks, the wait for the first token included.
         # Several clients, used in turn: httpcore scans its whole connection pool on every request, so one pool of
         # 64 connections costs O(64) socket checks per call; pools of CONNECTIONS_PER_CLIENT keep that flat.
         n_clients = max(1, -(-cfg.concurrency // CONNECTIONS_PER_CLIENT))
@@ -98,7 +109,8 @@ class ApiBackend:
         """The first client (all share key, URL and timeout)."""
         return self.clients[0]
 
-    async def complete(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:
+    async def complete(self, messages: list[dict[str, str]], params: dict[str, Any],
+                       on_first_token: Callable[[], None] | None = None) -> Completion:
         openai = self._openai
         kwargs: dict[str, Any] = {
             "model": self.model,
@@ -113,13 +125,20 @@ class ApiBackend:
             kwargs["seed"] = params["seed"]
         client = self.clients[self._next % len(self.clients)]
         self._next += 1
+        started = time.monotonic()
+        first_token_s = None
         try:
-            # client.post is the openai client's documented way to call an endpoint with a ready body; auth,
-            # timeouts and status-code errors stay the client's. With cast_to=dict it skips the recursive TypedDict
-            # transform of create() and the pydantic construction of the answer (~2 ms of CPU per call together in
-            # openai 3.54, which held a 64-way run well under 300 calls/s on one core); we read the few fields we
-            # need ourselves, checking them.
-            response = await client.post("/chat/completions", body=kwargs, cast_to=dict)
+            if self.stream:
+                text, finish_reason, usage, first_token_s = await self._stream(client, kwargs, started,
+                                                                               on_first_token)
+            else:
+                # client.post is the openai client's documented way to call an endpoint with a ready body; auth,
+                # timeouts and status-code errors stay the client's. With cast_to=dict it skips the recursive
+                # TypedDict transform of create() and the pydantic construction of the answer (~2 ms of CPU per call
+                # together in openai 3.54, which held a 64-way run well under 300 calls/s on one core); we read the
+                # few fields we need ourselves, checking them.
+                response = await client.post("/chat/completions", body=kwargs, cast_to=dict)
+                text, finish_reason, usage = _read_answer(response)
         except openai.APITimeoutError as err:  # subclass of APIConnectionError: test it first
             raise TransientError("timeout", f"timed out: {err}") from None
         except openai.APIConnectionError as err:
@@ -133,22 +152,64 @@ class ApiBackend:
             raise FatalError(f"teacher refused the request (HTTP {err.status_code}): {err.message}") from None
         except (openai.APIResponseValidationError, ValueError) as err:  # json.JSONDecodeError is a ValueError
             raise TransientError("malformed", f"malformed answer: {err}") from None
-        try:
-            choice = response["choices"][0]
-            text = choice["message"]["content"]
-            finish_reason = choice.get("finish_reason") or "stop"
-            usage = response.get("usage") or {}
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise TransientError("malformed", f"answer without choices/message: {str(response)[:200]}") from None
-        if not isinstance(text, str):
-            raise TransientError("malformed", "answer without text content")
+        except openai.APIError as err:  # an {"error": ...} event in a stream (the other subclasses are caught above)
+            raise TransientError("stream_error", f"error event in the stream: {err.message}") from None
         input_tokens = usage.get("prompt_tokens") or estimate_tokens(messages)
         output_tokens = usage.get("completion_tokens") or estimate_text_tokens(text)
-        return Completion(text, finish_reason, int(input_tokens), int(output_tokens))
+        return Completion(text, finish_reason, int(input_tokens), int(output_tokens), first_token_s)
+
+    async def _stream(
+        self, client: Any, kwargs: dict[str, Any], started: float, on_first_token: Callable[[], None] | None
+    ) -> tuple[str, str, dict[str, Any], float | None]:
+        """(text, finish_reason, usage, seconds to the first token) of a streamed answer.
+
+        Leaving this coroutine in any way (timeout, cancellation, error) closes the response, hence the connection:
+        transformers serve 5.24 (starlette 1.10 listens for http.disconnect under uvicorn's ASGI 2.3) then cancels
+        the generation, also one still waiting in its queue.
+        """
+        body = {**kwargs, "stream": True, "stream_options": {"include_usage": True}}  # usage: OpenAI, vLLM
+        stream = await client.post("/chat/completions", body=body, cast_to=object, stream=True,
+                                   stream_cls=self._openai.AsyncStream[object])
+        parts: list[str] = []
+        finish_reason = None
+        usage: dict[str, Any] = {}
+        first_token_s = None
+        async with stream:
+            async for chunk in stream:
+                if not isinstance(chunk, dict):
+                    raise ValueError(f"stream chunk is not an object: {str(chunk)[:200]}")
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or ():
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
+                        if first_token_s is None:  # the role-only first chunk says nothing about the queue
+                            first_token_s = time.monotonic() - started
+                            if on_first_token is not None:
+                                on_first_token()
+                        parts.append(content)
+                    finish_reason = choice.get("finish_reason") or finish_reason
+        if finish_reason is None:  # the stream ended without the final chunk: the connection was cut
+            raise self._openai.APIConnectionError(message="the stream ended before the answer did",
+                                                  request=stream.response.request)
+        return "".join(parts), finish_reason, usage, first_token_s
 
     async def aclose(self) -> None:
         for client in self.clients:
             await client.close()
+
+
+def _read_answer(response: Any) -> tuple[str, str, dict[str, Any]]:
+    """(text, finish_reason, usage) of a chat completion body, or TransientError('malformed')."""
+    try:
+        choice = response["choices"][0]
+        text = choice["message"]["content"]
+        finish_reason = choice.get("finish_reason") or "stop"
+        usage = response.get("usage") or {}
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise TransientError("malformed", f"answer without choices/message: {str(response)[:200]}") from None
+    if not isinstance(text, str):
+        raise TransientError("malformed", "answer without text content")
+    return text, finish_reason, usage
 
 
 def estimate_text_tokens(text: str) -> int:
@@ -186,7 +247,8 @@ class LocalBackend:
         self._queue: asyncio.Queue[tuple[list[int], dict[str, Any], asyncio.Future[Completion]]] | None = None
         self._worker: asyncio.Task[None] | None = None
 
-    async def complete(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:
+    async def complete(self, messages: list[dict[str, str]], params: dict[str, Any],
+                       on_first_token: Callable[[], None] | None = None) -> Completion:
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._work())

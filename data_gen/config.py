@@ -49,9 +49,24 @@ class TeacherConfig:
     concurrency: int = option(
         16, help="maximum requests in flight (the local backend keeps at least batch_size in flight, so batches fill)"
     )
+    adaptive_concurrency: bool = option(
+        True, help="api backend: keep between min_concurrency and concurrency requests in flight, following the "
+        "server (halved on timeouts, 429/503/504 and queueing; grown while answers come back in time)"
+    )
+    min_concurrency: int = option(1, help="api backend: the adaptive limit's floor (and where it starts)")
+    queue_latency_factor: float | None = option(
+        5.0, help="a streamed answer whose first token came this many times later than the fastest first token "
+        "seen waited in the server's queue: the adaptive limit is halved; null = only timeouts and 429/503/504 count"
+    )
+    stream: bool = option(
+        True, help="api backend: stream answers, so a call given up on closes its connection and the server stops "
+        "generating it (transformers serve, vLLM); timeout_s then bounds each wait for the next chunk, not the answer"
+    )
     requests_per_minute: float | None = option(None, help="request-rate limit; None = unlimited")
     tokens_per_minute: float | None = option(None, help="token-rate limit (prompt + max_tokens); None = unlimited")
-    timeout_s: float = option(120.0, help="per-request timeout")
+    timeout_s: float = option(
+        120.0, help="per-request timeout; with stream: the longest wait for the first token or between two chunks"
+    )
     max_retries: int = option(6, help="retries on 429/5xx/timeouts/connection errors/malformed answers")
     max_parse_retries: int = option(2, help="extra calls when the pipeline cannot parse an answer")
     backoff_base_s: float = option(1.0, help="first backoff delay; doubles each retry, with full jitter")
@@ -71,6 +86,10 @@ class TeacherConfig:
         check_env_var_name("api_key_env", self.api_key_env)
         if self.concurrency < 1:
             raise ValueError("concurrency: expected >= 1")
+        if not 1 <= self.min_concurrency <= self.concurrency:
+            raise ValueError(f"min_concurrency: expected 1 <= min_concurrency <= concurrency ({self.concurrency})")
+        if self.queue_latency_factor is not None and self.queue_latency_factor <= 1:
+            raise ValueError("queue_latency_factor: expected a number > 1 or null")
         for name in ("requests_per_minute", "tokens_per_minute", "max_cost_usd"):
             value = getattr(self, name)
             if value is not None and value <= 0:

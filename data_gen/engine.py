@@ -6,7 +6,9 @@ completion order, an async iterator) or :meth:`Engine.map` (results in request o
 
 1. looks the call up in the answer cache (model + messages + decoding + sample index): a hit costs nothing;
 2. otherwise reserves its worst-case cost against ``max_cost_usd`` (and stops cleanly when it would not fit),
-   waits for the rate limiter (requests and tokens per minute, global ``Retry-After`` pauses) and a concurrency slot;
+   waits for the rate limiter (requests and tokens per minute, global ``Retry-After`` pauses) and a concurrency slot
+   (an adaptive limit that halves on timeouts, 429/503/504 and signs of queueing at the server, and grows back while
+   answers come in time: :class:`data_gen.limiter.AdaptiveConcurrency`);
 3. calls the backend, retrying transient failures with full-jitter exponential backoff; a request still failing
    after ``max_retries`` stops the run with :class:`EngineError` (everything already saved stays saved), whose
    message is scrubbed of the API key and of URL credentials (:meth:`Engine.scrub`) because servers echo them;
@@ -35,7 +37,7 @@ from tqdm.auto import tqdm
 from data_gen.backends import ApiBackend, Completion, FatalError, LocalBackend, TransientError, estimate_tokens
 from data_gen.cache import AnswerCache, cache_key
 from data_gen.config import TeacherConfig
-from data_gen.limiter import RateLimiter
+from data_gen.limiter import AdaptiveConcurrency, RateLimiter
 from kd_core.redact import scrub, url_secrets
 
 
@@ -56,6 +58,10 @@ class BudgetError(EngineError):
 
 
 ParseFn = Callable[[str, str], Any]
+
+# Transient failures that mean "too much in flight" and halve the adaptive concurrency limit. A 500, a cut body or
+# a refused connection says nothing about load.
+OVERLOAD_REASONS = frozenset({"timeout", "429", "503", "504", "408"})
 
 
 @dataclass
@@ -128,7 +134,10 @@ class Engine:
         self.stats = Stats()
         self.stopped: str | None = None  # 'budget' or 'interrupted' once the engine stops taking new calls
         self.limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
-        self._slots = asyncio.Semaphore(cfg.in_flight)
+        # The local backend batches whatever is in flight: its concurrency stays at in_flight.
+        self.concurrency = AdaptiveConcurrency(cfg.in_flight, cfg.min_concurrency,
+                                               adaptive=cfg.adaptive_concurrency and cfg.backend == "api",
+                                               latency_factor=cfg.queue_latency_factor)
         self._reserved_usd = 0.0
         self._bar: tqdm | None = None
         self._started = time.time()
@@ -216,6 +225,10 @@ class Engine:
             f"truncated answers (finish_reason=length): {s.truncated}; elapsed {elapsed:.1f}s",
             f"rejections: {dict(s.rejections) or 0}",
         ]
+        c = self.concurrency
+        if c.adaptive:
+            lines.append(f"concurrency: {c.current} in flight at the end (between {int(c.lowest)} and "
+                         f"{min(c.maximum, int(c.highest))} of at most {c.maximum}; halved {c.decreases} times)")
         if self.stopped:
             lines.append(f"stopped early: {self.stopped}")
         return "\n".join(lines)
@@ -348,17 +361,21 @@ class Engine:
         last: TransientError | None = None
         for attempt in range(self.cfg.max_retries + 1):
             await self.limiter.acquire(est_in + params["max_tokens"])
-            async with self._slots:
+            async with self.concurrency.slot() as first_token:
+                sent = time.monotonic()
                 try:
-                    completion = await self.backend.complete(request.messages, params)
+                    completion = await self.backend.complete(request.messages, params, first_token)
                     self.limiter.settle(est_in + params["max_tokens"], completion.input_tokens +
                                         completion.output_tokens)
+                    self.concurrency.on_success(sent, completion.first_token_s)
                     return completion
                 except FatalError as err:
                     raise EngineError(self.scrub(f"request {request.id}: {err}")) from None
                 except TransientError as err:
                     last = err
                     self.stats.retries[err.reason] += 1
+                    if err.reason in OVERLOAD_REASONS:  # the server has more than it can answer in time
+                        self.concurrency.on_overload(sent)
             if last.retry_after is not None:
                 # The server said when to come back: pause every worker, not only this one.
                 self.limiter.pause(last.retry_after)

@@ -75,6 +75,33 @@ def test_transformers_serve_through_fault_proxy(serve, tmp_path):
         proxy.stop()
 
 
+def test_a_server_that_answers_one_at_a_time_is_not_stormed(serve, tmp_path):
+    """transformers serve behind a proxy that lets one request through at a time at 60 ms per token (about 1.5 s an
+    answer): 8 requests, up to 8 in flight, timeout_s 3, too short for a queue of 8 (12 s). The engine backs off to
+    the server's pace: few requests sent twice, little work on answers nobody receives, the server busy nearly all
+    along (the old engine, fixed concurrency and plain answers, fails all three: bench/serial_server.py)."""
+    proxy = FaultProxy(("127.0.0.1", serve["port"]), [], serial=True, token_delay_s=0.06).start()
+    try:
+        cfg = teacher(serve["model"], proxy.base_url, concurrency=8, timeout_s=3.0, max_retries=6,
+                      decoding=DecodingConfig(temperature=0.0, max_tokens=24))
+        engine = build_engine(cfg, tmp_path, progress=False)
+        started = time.monotonic()
+        results = asyncio.run(collect(engine, requests_for(8)))
+        elapsed = time.monotonic() - started
+    finally:
+        proxy.stop()
+    figures = (dict(engine.stats.retries), proxy.received, proxy.abandoned, proxy.skipped, proxy.wasted_s,
+               proxy.busy_s, elapsed)
+    assert sorted(r.request.id for r in results) == [f"q{i}" for i in range(8)] and all(r.ok for r in results)
+    limit = engine.concurrency
+    assert limit.decreases >= 1 and limit.lowest <= 2 < limit.maximum, figures  # it backed off
+    assert proxy.received <= 12, figures  # at most four requests sent again (the old engine: dozens)
+    # Time spent on answers nobody received stays a small share of the server's (the old engine: most of it); on a
+    # loaded machine a served answer can stall past the timeout, hence not zero.
+    assert proxy.wasted_s <= 0.25 * proxy.busy_s, figures
+    assert proxy.busy_s / elapsed >= 0.6, figures  # close to the server's own rate
+
+
 def test_length_answers_are_retried_when_the_pipeline_rejects_them(tmp_path):
     """An answer cut at max_tokens fails the pipeline's parse; the retry is cached under its own attempt key."""
     server = ScriptedServer(echo_responder).start()

@@ -1,0 +1,131 @@
+"""Engine throughput against a server that answers one request at a time, relative to that server's serial rate.
+
+    python bench/serial_server.py --requests 16 --token-delay 0.05 --max-tokens 16 --timeout 2
+
+A real ``transformers serve`` (a tiny random Llama built here, on 127.0.0.1) behind :class:`data_gen.testing.FaultProxy`
+with ``serial=True``: one chat request at a time reaches the server and each answer token costs ``--token-delay``
+seconds, like a CPU ``transformers serve`` of a real model (SmolLM2-135M: about 0.15 s per token on 2 cores). A
+streamed answer whose client hangs up stops at once (transformers serve 5.24 cancels it on disconnect); a plain JSON
+answer is generated to the end, as transformers serve does.
+
+1. The serial rate: the requests strictly one at a time (concurrency 1, no timeouts): calls/s = 1.0x.
+2. The adaptive engine (the defaults: streaming, adaptive concurrency), at most ``--concurrency`` in flight, with a
+   timeout shorter than a queue of that many (``--timeout``).
+3. The old engine: fixed concurrency ``--concurrency``, plain JSON answers, the same timeout: timed-out calls keep
+   the server busy and are sent again (last, since it leaves the server a backlog of such answers).
+
+Each run gets a fresh cache and ``--deadline`` seconds; printed: new answers per second as a ratio of the serial rate,
+requests the server received, answers nobody received and the seconds the server spent on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_gen.config import DecodingConfig, TeacherConfig  # noqa: E402
+from data_gen.engine import EngineError, Request, build_engine  # noqa: E402
+from data_gen.testing import FaultProxy  # noqa: E402
+
+
+def tiny_model(root: Path) -> Path:
+    """A random 2-layer Llama with a BPE tokenizer trained on the fly (a chat template included)."""
+    from distill.student.tiny import tiny_llama, train_tokenizer
+    from tests.conftest import CORPUS
+
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    model = tiny_llama(len(tokenizer), hidden_size=64, num_layers=2, seed=0)
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def requests_for(n: int, tag: str) -> list[Request]:
+    return [Request(f"{tag}{i}", [{"role": "user", "content": f"Tell me about item {i} of run {tag}."}])
+            for i in range(n)]
+
+
+async def run(proxy: FaultProxy, model: str, n: int, tag: str, deadline: float, **overrides) -> dict[str, float]:
+    """Answers ``n`` new requests (or as many as fit in ``deadline`` s); figures of the server's side too."""
+    values = dict(model=model, base_url=proxy.base_url, api_key_env=None, backoff_base_s=0.2, backoff_max_s=2.0,
+                  decoding=DecodingConfig(temperature=0.0, max_tokens=ARGS.max_tokens))
+    values.update(overrides)
+    engine = build_engine(TeacherConfig(**values), tempfile.mkdtemp(), progress=False)
+    before = (proxy.received, proxy.abandoned, proxy.skipped, proxy.wasted_s)
+    started = time.monotonic()
+    done, failed = 0, ""
+
+    async def answer_all() -> None:
+        nonlocal done
+        async for result in engine.run(requests_for(n, tag)):
+            done += result.ok
+
+    try:
+        await asyncio.wait_for(answer_all(), deadline)
+    except asyncio.TimeoutError:
+        failed = f"deadline {deadline:.0f} s"
+    except EngineError as err:
+        failed = f"EngineError ({str(err)[:60]}...)"
+    elapsed = time.monotonic() - started
+    c = engine.concurrency
+    await engine.aclose()
+    await asyncio.sleep(0.5)  # let the proxy account for connections that just closed
+    return {"done": done, "elapsed": elapsed, "rate": done / elapsed, "failed": failed,
+            "received": proxy.received - before[0], "abandoned": proxy.abandoned - before[1], "backlog": proxy.backlog,
+            "skipped": proxy.skipped - before[2], "wasted_s": proxy.wasted_s - before[3],
+            "limit": f"{int(c.lowest)}-{min(c.maximum, int(c.highest))}" if c.adaptive else str(c.maximum),
+            "decreases": c.decreases}
+
+
+def main() -> None:
+    global ARGS
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--token-delay", type=float, default=0.05, help="seconds per answer token at the server")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--timeout", type=float, default=2.0, help="timeout_s of the old and the adaptive runs")
+    parser.add_argument("--deadline", type=float, default=120.0, help="seconds each run may take")
+    ARGS = parser.parse_args()
+    from tests.conftest import transformers_serve
+
+    root = Path(tempfile.mkdtemp())
+    model = tiny_model(root / "model")
+    with transformers_serve(model, root / "serve.log") as port:
+        proxy = FaultProxy(("127.0.0.1", port), [], serial=True, token_delay_s=ARGS.token_delay).start()
+        try:
+            rows = {
+                "serial (1 at a time)": asyncio.run(run(proxy, str(model), ARGS.requests, "s", ARGS.deadline,
+                                                        concurrency=1, adaptive_concurrency=False,
+                                                        timeout_s=600.0)),
+                f"adaptive <= {ARGS.concurrency}, streamed": asyncio.run(run(
+                    proxy, str(model), ARGS.requests, "a", ARGS.deadline, concurrency=ARGS.concurrency,
+                    timeout_s=ARGS.timeout)),
+                f"old: fixed {ARGS.concurrency}, JSON": asyncio.run(run(
+                    proxy, str(model), ARGS.requests, "o", ARGS.deadline, concurrency=ARGS.concurrency,
+                    adaptive_concurrency=False, stream=False, timeout_s=ARGS.timeout)),
+            }
+        finally:
+            proxy.stop()
+    serial = rows["serial (1 at a time)"]["rate"]
+    print(f"{ARGS.requests} requests, {ARGS.max_tokens} tokens each at {ARGS.token_delay * 1000:.0f} ms/token, "
+          f"timeout {ARGS.timeout} s; serial rate {serial:.3f} calls/s")
+    print("| run | answered | s | rate / serial | requests sent | answers nobody received (+ queued ones dropped) "
+          "| server s on them | left queued at the end | limit | halved | stopped by |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['done']}/{ARGS.requests} | {r['elapsed']:.1f} | {r['rate'] / serial:.2f}x | "
+              f"{r['received']} | {r['abandoned']} (+{r['skipped']}) | {r['wasted_s']:.1f} | {r['backlog']} | "
+              f"{r['limit']} | {r['decreases']} | {r['failed'] or '-'} |")
+
+
+ARGS: argparse.Namespace
+
+if __name__ == "__main__":
+    main()
