@@ -10,6 +10,11 @@ except for the exit status once the ranks have stopped:
   shutdown timeout, crashed, or not started yet), the shell's convention;
 * 1 when a rank failed, 0 when all succeeded, a single process's own exit code under the simple launcher.
 
+Under the simple (single-process) launcher, accelerate 1.15's ``simple_launcher`` only ``Popen``s the training
+process and waits: a SIGTERM/SIGUSR1 to the launcher would end the launcher and never reach the trainer. Here the
+launcher forwards both to its child processes, so the trainer saves and exits 75 and so does the launcher (the
+multi-process launchers install torch elastic's own handlers, which replace these and forward the signal themselves).
+
 Why a wrapper: ``accelerate launch`` exits 1 after any signal, and no setting changes it. Read in torch 2.13.0:
 ``torch/distributed/elastic/multiprocessing/api.py`` ``PContext.start`` installs ``_terminate_process_handler``
 for TORCHELASTIC_SIGNALS_TO_HANDLE (torchrun's ``--signals-to-handle`` / PET_SIGNALS_TO_HANDLE), which raises
@@ -54,6 +59,17 @@ def ranks_exit_code(status_dir: Path) -> int | None:
     return codes.pop()
 
 
+def forward_to_children(signum: int, _frame) -> None:
+    """Sends ``signum`` on to this process's children (psutil, a dependency of accelerate)."""
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing import SignalException
@@ -62,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = launch_command_parser().parse_args(argv)
     status_dir = Path(tempfile.mkdtemp(prefix="distill-launch-"))
     os.environ[LAUNCH_STATUS_ENV] = str(status_dir)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # the simple launcher's child; see the module docstring
+        signal.signal(sig, forward_to_children)
     try:
         try:
             launch_command(args)
@@ -83,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distill launch: {failed}", file=sys.stderr)
             return 1
         except subprocess.CalledProcessError as failed:  # the simple (single-process) launcher
+            if failed.returncode == EXIT_PREEMPTED:
+                print(f"distill launch: the process saved a checkpoint: exit {EXIT_PREEMPTED}", file=sys.stderr)
             return failed.returncode if failed.returncode > 0 else 128 - failed.returncode
     finally:
         shutil.rmtree(status_dir, ignore_errors=True)

@@ -85,3 +85,37 @@ def test_distill_export_is_registered():
     help_text = subprocess.run([sys.executable, "-m", "distill", "export", "--help"], env=ENV,
                                capture_output=True, text=True, timeout=120)
     assert help_text.returncode == 0 and "--checkpoint" in help_text.stdout
+
+
+def test_sigterm_to_the_single_process_launcher_reaches_the_trainer_and_exits_75(model_dirs, train_file, tmp_path):
+    """`python -m distill.training.launch` with launch/single.yaml (accelerate's simple launcher, which only waits
+    on its child): SIGTERM to the launcher alone is forwarded, the trainer saves and exits 75, and so does the
+    launcher; `--resume auto` then finishes the run."""
+    import signal
+    import time
+
+    from tests.conftest import slowed_steps
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "distill.training.launch", "--config_file", "launch/single.yaml", "-m",
+               "distill", "train", "--output_dir", str(out), "--max_steps", "40", "--per_device_train_batch_size", "4",
+               "--save_steps", "1000", "--eval_steps", "null", "--logging_steps", "1", "--report_to", "[none]",
+               "--model.teacher", str(model_dirs["teacher"]), "--model.student", str(model_dirs["student"]),
+               "--data.train_file", str(train_file), "--data.eval_fraction", "0"]
+    log = tmp_path / "launch.log"
+    with open(log, "w") as stderr:
+        launcher = subprocess.Popen(command, cwd=REPO_ROOT, env=slowed_steps(ENV, 0.3), stdout=subprocess.DEVNULL,
+                                    stderr=stderr, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists():
+        assert launcher.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGTERM)  # the launcher only, not its process group
+    assert launcher.wait(timeout=300) == 75, log.read_text()[-3000:]
+    assert "the process saved a checkpoint: exit 75" in log.read_text()
+    step = int((out / "latest").read_text().strip().split("-")[-1])
+    assert 0 < step < 40 and not (out / "final").exists()
+    resumed = subprocess.run([*command, "--resume", "auto"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out}/checkpoint-{step}" in resumed.stderr and (out / "final").is_dir()
