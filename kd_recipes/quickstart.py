@@ -13,8 +13,11 @@ in; finished stages are skipped):
 5. ``students/labels``, ``students/rationales``, ``students/distilled``: the pruned student fine-tuned on gold
    answers only (CE), on the teacher's rationales (CE), and distilled on the teacher's rationales with logit +
    feature losses (``loss_terms``), in full or with LoRA (``lora.enabled``).
-6. ``eval/``: ``distill eval`` figures of the five models on the held-out problems.
-7. ``report.md`` / ``report.json`` and ``plots/``: accuracies, parameters, speeds, training curves.
+6. ``students/on_policy``: the rationale-trained student continued with on-policy distillation (``on_policy``): it
+   samples completions for the training questions and learns the teacher's distribution on them token by token
+   (reverse KL by default; GKD, Agarwal et al., 2024).
+7. ``eval/``: ``distill eval`` figures of the six models on the held-out problems.
+8. ``report.md`` / ``report.json`` and ``plots/``: accuracies, parameters, speeds, training curves.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 import yaml
 
 from distill.student.lora import LoraSettings
+from distill.training.on_policy import OnPolicySettings
 from kd_core import ownership
 from kd_core.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from kd_core.commands import Stopped, stop_code
@@ -39,6 +43,39 @@ CONFIG = "config.yaml"
 
 
 @dataclasses.dataclass
+class OnPolicyStudent:
+    steps: int = option(300, help="Optimizer steps of the on-policy continuation of the rationale-trained student.")
+    terms: dict[str, float] = option(
+        {"reverse_kl": 1.0}, help="Loss terms on the sampled completions: a logit divergence to the teacher "
+        "(reverse_kl, jsd, ... see docs/losses.md); `ce` is off on the student's own samples."
+    )
+    student_fraction: float = option(
+        1.0, help="Fraction of batches the student samples (GKD's lambda); the others train on the gold rationales."
+    )
+    temperature: float = option(1.0, help="Sampling temperature of the student's completions.")
+    max_new_tokens: int = option(48, help="Longest sampled completion, in tokens (a worked answer's length).")
+    learning_rate: float = option(1e-3, help="Peak learning rate (the student starts trained, so lower than "
+                                  "learning_rate).")
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps: expected >= 1, got {self.steps}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
+        if not 0.0 < self.student_fraction <= 1.0:
+            raise ValueError(f"student_fraction: expected a number in (0, 1], got {self.student_fraction}")
+        if not set(self.terms) - {"ce"}:
+            raise ValueError(f"terms: `ce` is off on the student's own samples, so a divergence to the teacher is "
+                             f"needed (e.g. reverse_kl or jsd), got {self.terms}")
+        self.settings()  # validates temperature and max_new_tokens
+
+    def settings(self) -> OnPolicySettings:
+        """``distill train``'s ``on_policy`` section for this stage."""
+        return OnPolicySettings(student_fraction=self.student_fraction, max_new_tokens=self.max_new_tokens,
+                                temperature=self.temperature)
+
+
+@dataclasses.dataclass
 class QuickstartConfig:
     output_dir: str = option("runs/quickstart", help="Directory for every stage's outputs and the report.")
     overwrite: bool = option(False, help="Replace an existing quickstart in output_dir (removing only what it wrote) "
@@ -46,6 +83,9 @@ class QuickstartConfig:
     seed: int = option(0, help="Seed for the problems, the models and the data order.")
     num_train: int = option(3000, help="Training problems.")
     num_eval: int = option(200, help="Held-out problems for every figure of the report.")
+    problem_steps: list[int] = option([1, 3], help="Fewest and most steps (+ or -) of a problem.")
+    problem_start: int = option(20, help="Largest first count of a problem (it is drawn from 2..problem_start).")
+    problem_amount: int = option(15, help="Largest amount a step adds (a step that takes away leaves at least 1).")
     vocab_size: int = option(384, help="Size of the BPE tokenizer trained on the problems.")
     teacher_layers: int = option(4, help="Teacher depth.")
     teacher_hidden: int = option(128, help="Teacher width.")
@@ -66,6 +106,10 @@ class QuickstartConfig:
     )
     lora: LoraSettings = section(LoraSettings, help="Train the students with LoRA adapters instead of in full.")
     max_new_tokens: int = option(48, help="Greedy generation length when measuring accuracy.")
+    on_policy: OnPolicyStudent = section(
+        OnPolicyStudent, help="The on-policy student: the rationale-trained student continued on its own samples, "
+        "scored token by token by the teacher."
+    )
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_eval", "teacher_steps", "student_steps", "batch_size", "teacher_layers",
@@ -82,6 +126,12 @@ class QuickstartConfig:
             raise ValueError(f"cot_temperature: expected >= 0, got {self.cot_temperature}")
         if not self.loss_terms:
             raise ValueError("loss_terms: expected at least one term")
+        if len(self.problem_steps) != 2 or not 1 <= self.problem_steps[0] <= self.problem_steps[1]:
+            raise ValueError(f"problem_steps: expected [fewest, most] with 1 <= fewest <= most, got "
+                             f"{self.problem_steps}")
+        if self.problem_start < 2 or self.problem_amount < 1:
+            raise ValueError(f"problem_start, problem_amount: expected >= 2 and >= 1, got {self.problem_start} and "
+                             f"{self.problem_amount}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -149,7 +199,8 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 def make_data(cfg: QuickstartConfig, data: Path) -> list[dict[str, Any]]:
     from distill.data.synthetic import make_problems
 
-    problems = make_problems(cfg.num_train + cfg.num_eval, cfg.seed)
+    problems = make_problems(cfg.num_train + cfg.num_eval, cfg.seed, tuple(cfg.problem_steps), cfg.problem_start,
+                             cfg.problem_amount)
     if not (data / "eval.jsonl").exists():
         data.mkdir(parents=True, exist_ok=True)
         train = problems[: cfg.num_train]
@@ -178,9 +229,12 @@ def make_teacher_init(cfg: QuickstartConfig, problems: list[dict[str, Any]], pat
 
 def train_stage(cfg: QuickstartConfig, out: Path, train_file: Path, eval_file: Path, student: Path,
                 teacher: Path | None, terms: dict[str, float], steps: int, lora: bool,
-                batch_size: int | None = None) -> Path:
+                batch_size: int | None = None, on_policy: OnPolicySettings | None = None,
+                learning_rate: float | None = None) -> Path:
     """``distill train`` in-process, resumable; skipped when the stage already finished. Returns ``final/``.
-    ``batch_size`` (default ``cfg.batch_size``) is smaller only when the teacher kept fewer rationales than that."""
+    ``batch_size`` (default ``cfg.batch_size``) is smaller only when the teacher kept fewer rationales than that;
+    ``on_policy`` makes the student (or teacher) sample the completions; ``learning_rate`` defaults to
+    ``cfg.learning_rate``."""
     from distill.data.datasets import DataSettings
     from distill.losses.objective import LossSettings
     from distill.student.models import ModelSettings
@@ -195,7 +249,7 @@ def train_stage(cfg: QuickstartConfig, out: Path, train_file: Path, eval_file: P
         max_steps=steps,
         per_device_train_batch_size=batch_size or cfg.batch_size,
         per_device_eval_batch_size=64,
-        learning_rate=cfg.learning_rate,
+        learning_rate=learning_rate or cfg.learning_rate,
         warmup_steps=max(1, steps // 20),
         lr_scheduler_type="cosine",
         save_steps=max(1, steps // 4),
@@ -207,6 +261,7 @@ def train_stage(cfg: QuickstartConfig, out: Path, train_file: Path, eval_file: P
         model=ModelSettings(student=str(student), teacher=str(teacher) if teacher else None),
         data=DataSettings(train_file=str(train_file), eval_file=str(eval_file), max_length=128),
         loss=LossSettings(terms=dict(terms)),
+        on_policy=on_policy or OnPolicySettings(),
         lora=dataclasses.replace(cfg.lora, enabled=lora and cfg.lora.enabled),
         lora_export="merged",
     )
@@ -321,28 +376,34 @@ def run_stages(cfg: QuickstartConfig) -> dict[str, Any]:
             atomic_write_json(root / "timings.json", timings)
 
     data = root / "data"
-    print("quickstart: [1/7] problems")
+    print("quickstart: [1/8] problems")
     problems = timed("data", make_data, cfg, data)
-    print("quickstart: [2/7] tokenizer and teacher (CE on gold rationales)")
+    print("quickstart: [2/8] tokenizer and teacher (CE on gold rationales)")
     timed("teacher_init", make_teacher_init, cfg, problems, root / "teacher_init")
     teacher = timed("teacher", train_stage, cfg, root / "teacher", data / "train.jsonl", data / "eval.jsonl",
                     root / "teacher_init", None, {"ce": 1.0}, cfg.teacher_steps, False)
-    print("quickstart: [3/7] teacher rationales (data-gen cot, local backend)")
+    print("quickstart: [3/8] teacher rationales (data-gen cot, local backend)")
     rationales = timed("cot", make_rationales, cfg, teacher, data, root / "cot")
-    print("quickstart: [4/7] pruning the teacher into the student (distill prune)")
+    print("quickstart: [4/8] pruning the teacher into the student (distill prune)")
     student_init = timed("prune", make_student_init, cfg, teacher, data, root / "student_init")
     students = root / "students"
-    print("quickstart: [5/7] student on gold answers only")
+    print("quickstart: [5/8] student on gold answers only")
     timed("labels", train_stage, cfg, students / "labels", data / "train_labels.jsonl", data / "eval.jsonl",
           student_init, None, {"ce": 1.0}, cfg.student_steps, True)
-    print("quickstart: [6/7] student on teacher rationales, then distilled on them")
+    print("quickstart: [6/8] student on teacher rationales, then distilled on them")
     cot_stats = json.loads((root / "cot" / "stats.json").read_text())
     batch = min(cfg.batch_size, cot_stats["rows"])  # a weak teacher may keep fewer rationales than one batch
     timed("rationales", train_stage, cfg, students / "rationales", rationales, data / "eval.jsonl",
           student_init, None, {"ce": 1.0}, cfg.student_steps, True, batch)
     timed("distilled", train_stage, cfg, students / "distilled", rationales, data / "eval.jsonl",
           student_init, teacher, cfg.loss_terms, cfg.student_steps, True, batch)
-    print("quickstart: [7/7] evaluating and writing the report")
+    print("quickstart: [7/8] the rationale student continued on-policy (it samples, the teacher scores)")
+    # Every batch is sampled from the training questions (the gold rationales serve only the batches that
+    # on_policy.student_fraction < 1 leaves off-policy), so the teacher's unsolved questions are used too.
+    timed("on_policy", train_stage, cfg, students / "on_policy", data / "train.jsonl", data / "eval.jsonl",
+          students / "rationales" / "final", teacher, cfg.on_policy.terms, cfg.on_policy.steps, True, None,
+          cfg.on_policy.settings(), cfg.on_policy.learning_rate)
+    print("quickstart: [8/8] evaluating and writing the report")
     results = {name: timed(f"eval_{name}", evaluate_stage, root / path, data, teacher, root / "eval" / f"{name}.json",
                            cfg)
                for name, path, _ in MODELS}

@@ -19,10 +19,11 @@ MODELS = [
     ("labels", "students/labels/final", "pruned student fine-tuned on gold answers only"),
     ("rationales", "students/rationales/final", "pruned student fine-tuned on the teacher's rationales"),
     ("distilled", "students/distilled/final", "pruned student distilled on the teacher's rationales"),
+    ("on_policy", "students/on_policy/final", "rationale student continued on its own samples, scored by the teacher"),
 ]
 # Training runs whose curves are drawn (directory under the quickstart root -> plot folder name).
 RUNS = {"teacher": "teacher", "students/labels": "labels", "students/rationales": "rationales",
-        "students/distilled": "distilled"}
+        "students/distilled": "distilled", "students/on_policy": "on_policy"}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -54,19 +55,41 @@ def accuracy_plot(results: dict[str, dict[str, Any]], path: Path) -> Path:
 
 
 def verdict(results: dict[str, dict[str, Any]]) -> str:
-    """One sentence comparing the distilled student with the two fine-tuned baselines, from the measured figures."""
-    distilled = results["distilled"]["accuracy"] or 0.0
+    """Sentences comparing the distilled and on-policy students with the teacher and the two fine-tuned baselines,
+    from the measured figures only."""
+
+    def accuracy(name: str) -> float:
+        return results[name]["accuracy"] or 0.0
+
+    distilled = accuracy("distilled")
     lines = []
     for name, what in (("labels", "fine-tuning on gold labels only"),
                        ("rationales", "fine-tuning on the teacher's rationales")):
-        other = results[name]["accuracy"] or 0.0
+        other = accuracy(name)
         if distilled > other:
             lines.append(f"Distillation beat {what} ({100 * distilled:.1f}% vs {100 * other:.1f}%).")
         elif distilled == other:
             lines.append(f"Distillation tied with {what} ({100 * distilled:.1f}%).")
         else:
             lines.append(f"Distillation did **not** beat {what} ({100 * distilled:.1f}% vs {100 * other:.1f}%).")
+    lines.append(gap_sentence(results))
     return " ".join(lines)
+
+
+def gap_sentence(results: dict[str, dict[str, Any]]) -> str:
+    """What the on-policy continuation did to the rationale student's gap to the teacher, in accuracy and KL."""
+    teacher, before, after = (100 * (results[n]["accuracy"] or 0.0) for n in ("teacher", "rationales", "on_policy"))
+    kl_before, kl_after = results["rationales"]["kl"], results["on_policy"]["kl"]
+    kl = "" if kl_before is None or kl_after is None else f"; KL to the teacher {kl_before:.4f} -> {kl_after:.4f}"
+    gap = teacher - before
+    if gap <= 0:
+        return (f"The teacher ({teacher:.1f}%) does **not** beat the rationale student ({before:.1f}%), so there is no "
+                f"gap for on-policy distillation to close (on-policy student {after:.1f}%{kl}).")
+    closed = after - before
+    verb = "closed" if closed > 0 else "did **not** close"
+    return (f"The teacher beats the rationale student by {gap:.1f} points ({teacher:.1f}% vs {before:.1f}%); "
+            f"on-policy distillation {verb} {'any of ' if closed <= 0 else ''}it: {after:.1f}% "
+            f"({closed:+.1f} points, {100 * closed / gap:.0f}% of the gap){kl}.")
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -98,7 +121,10 @@ def render_markdown(report: dict[str, Any]) -> str:
          f"training questions; rejections: {cot['rejections'] or 'none'}."),
         "",
         (f"Distillation loss terms: `{report['config']['loss_terms']}`"
-         f"{' (LoRA)' if report['config']['lora']['enabled'] else ' (full fine-tuning)'}."),
+         f"{' (LoRA)' if report['config']['lora']['enabled'] else ' (full fine-tuning)'}; on-policy: "
+         f"`{report['config']['on_policy']['terms']}` on the student's samples at temperature "
+         f"{report['config']['on_policy']['temperature']} for {report['config']['on_policy']['steps']} steps "
+         f"(student_fraction {report['config']['on_policy']['student_fraction']})."),
         "",
         "![accuracy](plots/accuracy.png)",
         "",

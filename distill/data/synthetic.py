@@ -14,23 +14,25 @@ NAMES = ["Ana", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun",
 OBJECTS = ["apples", "marbles", "books", "coins", "stickers", "pens", "cards", "shells"]
 
 
-def make_problem(rng: random.Random) -> dict[str, Any]:
-    """One problem with 1-3 steps of + and - on small numbers (results stay in 0..60)."""
+def make_problem(rng: random.Random, steps: tuple[int, int] = (1, 3), start: int = 20, amount: int = 15
+                 ) -> dict[str, Any]:
+    """One problem of ``steps[0]..steps[1]`` steps of + and -: a first count in 2..``start``, then each step buys or
+    finds 1..``amount`` more, or (half the time, when more than 3 are left) gives away or loses some of them."""
     name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
-    value = rng.randint(2, 20)
+    value = rng.randint(2, start)
     sentences = [f"{name} has {value} {obj}."]
     lines = []
-    for _ in range(rng.randint(1, 3)):
+    for _ in range(rng.randint(*steps)):
         if value > 3 and rng.random() < 0.5:
-            amount = rng.randint(1, value - 1)
-            sentences.append(rng.choice([f"{name} gives away {amount}.", f"{name} loses {amount}."]))
-            lines.append(f"{value} - {amount} = {value - amount}")
-            value -= amount
+            taken = rng.randint(1, value - 1)
+            sentences.append(rng.choice([f"{name} gives away {taken}.", f"{name} loses {taken}."]))
+            lines.append(f"{value} - {taken} = {value - taken}")
+            value -= taken
         else:
-            amount = rng.randint(1, 15)
-            sentences.append(rng.choice([f"{name} buys {amount} more.", f"{name} finds {amount} more."]))
-            lines.append(f"{value} + {amount} = {value + amount}")
-            value += amount
+            added = rng.randint(1, amount)
+            sentences.append(rng.choice([f"{name} buys {added} more.", f"{name} finds {added} more."]))
+            lines.append(f"{value} + {added} = {value + added}")
+            value += added
     question = " ".join(sentences) + f" How many {obj} does {name} have now?"
     rationale = "\n".join(lines)
     return {
@@ -42,9 +44,10 @@ def make_problem(rng: random.Random) -> dict[str, Any]:
     }
 
 
-def make_problems(n: int, seed: int) -> list[dict[str, Any]]:
+def make_problems(n: int, seed: int, steps: tuple[int, int] = (1, 3), start: int = 20, amount: int = 15
+                  ) -> list[dict[str, Any]]:
     rng = random.Random(seed)
-    return [make_problem(rng) for _ in range(n)]
+    return [make_problem(rng, steps, start, amount) for _ in range(n)]
 
 
 def corpus_for_tokenizer(problems: list[dict[str, Any]]) -> list[str]:

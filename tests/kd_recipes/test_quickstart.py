@@ -2,8 +2,8 @@
 plots and refusals checked on the result.
 
 The whole pipeline runs once per session (module fixture) as real subprocesses of the command itself: the first run
-is killed while a student stage is training, the second run must skip the finished stages, resume the killed one from
-its checkpoint and write the report.
+is killed while the last training stage (the on-policy student, which samples) is training, the second run must skip
+every finished stage, resume the killed one from its checkpoint (sampler state included) and write the report.
 """
 
 from __future__ import annotations
@@ -20,14 +20,18 @@ import pytest
 
 from tests.conftest import REPO_ROOT, slowed_steps, tree_digest
 
-# Tiny sizes and few steps: the teacher still memorises some training problems, so data-gen cot keeps rationales.
+# Tiny sizes and few steps, on the easy problems of 1-3 steps: the teacher still memorises some training problems, so
+# data-gen cot keeps rationales.
 SMALL = [
+    "--problem_steps", "[1, 3]", "--problem_start", "20", "--problem_amount", "15",
+    "--on_policy.steps", "8", "--on_policy.max_new_tokens", "16", "--on_policy.terms", "{jsd: 1.0}",
     "--num_train", "32", "--num_eval", "8", "--vocab_size", "300", "--teacher_layers", "2", "--teacher_hidden", "64",
     "--teacher_steps", "120", "--student_layers", "1", "--student_intermediate_size", "128", "--student_steps", "12",
     "--batch_size", "8", "--learning_rate", "1e-2", "--cot_samples", "2", "--max_new_tokens", "32",
     "--lora.enabled", "true", "--lora.r", "4",  # students with LoRA (the default, full fine-tuning, is the README run)
 ]
-COMPARED = ["teacher", "pruned", "labels", "rationales", "distilled"]
+COMPARED = ["teacher", "pruned", "labels", "rationales", "distilled", "on_policy"]
+TRAINED = ["teacher", "labels", "rationales", "distilled", "on_policy"]
 
 
 def quickstart(out: Path, *extra: str) -> list[str]:
@@ -44,13 +48,13 @@ def finished(tmp_path_factory) -> dict:
     logs = out.parent
     with open(logs / "first.log", "w") as log:
         first = subprocess.Popen(quickstart(out), cwd=REPO_ROOT, env=slowed_steps(environment(), 0.05), stdout=log, stderr=subprocess.STDOUT)
-        # Kill once the "labels" student has written its first checkpoint, i.e. in the middle of that stage.
+        # Kill once the on-policy student has written its first checkpoint, i.e. in the middle of that stage.
         deadline = time.time() + 240
         while time.time() < deadline and first.poll() is None:
-            if list((out / "students" / "labels").glob("checkpoint-*")):
+            if list((out / "students" / "on_policy").glob("checkpoint-*")):
                 break
             time.sleep(0.05)
-        killed_mid_stage = first.poll() is None and not (out / "students" / "labels" / "summary.json").exists()
+        killed_mid_stage = first.poll() is None and not (out / "students" / "on_policy" / "summary.json").exists()
         first.send_signal(signal.SIGKILL)
         first.wait()
     second = subprocess.run(quickstart(out), cwd=REPO_ROOT, env=environment(), capture_output=True, text=True,
@@ -60,14 +64,21 @@ def finished(tmp_path_factory) -> dict:
 
 
 def test_kill_then_rerun_resumes_the_interrupted_stage(finished):
-    assert finished["killed_mid_stage"], "the first run finished the labels stage before it could be killed"
+    assert finished["killed_mid_stage"], "the first run finished the on-policy stage before it could be killed"
     log = finished["log"]
     assert "resuming the unfinished run" in log
-    assert "teacher: finished earlier, skipped" in log  # finished stages are not redone
-    assert "cot: finished earlier, skipped" in log
-    assert f"resumed from {finished['out'] / 'students' / 'labels'}" in log  # the killed stage continues
-    metrics = (finished["out"] / "students" / "labels" / "metrics.jsonl").read_text().splitlines()
-    assert max(json.loads(line)["step"] for line in metrics) == 12
+    for stage in ("teacher", "cot", "labels", "rationales", "distilled"):  # finished stages are not redone
+        assert f"{stage}: finished earlier, skipped" in log
+    assert f"resumed from {finished['out'] / 'students' / 'on_policy'}" in log  # the killed stage continues
+    rows = [json.loads(line) for line in (finished["out"] / "students" / "on_policy" / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert max(row["step"] for row in rows) == 8
+    # every batch was sampled by the student, at most on_policy.max_new_tokens tokens, and trained with the jsd term
+    train_rows = [row for row in rows if "train/loss" in row]
+    assert train_rows and all(row["train/on_policy/sampled_fraction"] == 1.0 for row in train_rows)
+    assert all(0 < row["train/on_policy/sampled_length"] <= 16 and "train/jsd" in row for row in train_rows)
+    config = (finished["out"] / "students" / "on_policy" / "config.yaml").read_text()
+    assert "students/rationales/final" in config  # continued from the rationale-trained student
 
 
 def test_report_compares_every_model(finished):
@@ -83,6 +94,7 @@ def test_report_compares_every_model(finished):
     assert report["results"]["teacher"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the teacher against itself
     assert report["results"]["teacher"]["parameters"] > report["results"]["pruned"]["parameters"]
     assert report["verdict"] in markdown and "fine-tuning on gold labels only" in report["verdict"]
+    assert "on-policy" in report["verdict"] and "teacher" in report["verdict"]  # what the on-policy student did
     assert report["cot"]["rows"] >= 1
     assert report["config"]["lora"]["enabled"] and "(LoRA)" in markdown
     assert (out / "students" / "distilled" / "final" / "model.safetensors").exists()  # merged LoRA export
@@ -90,15 +102,14 @@ def test_report_compares_every_model(finished):
     for name in COMPARED:
         samples = json.loads((out / "eval" / f"{name}.json").read_text())["samples"]
         assert report["results"][name]["accuracy"] == sum(s["correct"] for s in samples) / len(samples)
-    assert set(report["timings"]) >= {"teacher", "cot", "prune", "labels", "rationales", "distilled"}
+    assert set(report["timings"]) >= {"teacher", "cot", "prune", "labels", "rationales", "distilled", "on_policy"}
 
 
 def test_plots_are_valid_pngs(finished):
     import matplotlib.image
 
     plots = finished["out"] / "plots"
-    files = [plots / "accuracy.png"] + [plots / run / "train_terms.png"
-                                        for run in ("teacher", "labels", "rationales", "distilled")]
+    files = [plots / "accuracy.png"] + [plots / run / "train_terms.png" for run in TRAINED]
     for path in files:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib.image.imread(path).shape[0] > 100
@@ -179,3 +190,18 @@ def test_shipped_config_equals_the_defaults():
     shipped = REPO_ROOT / "configs" / "quickstart.yaml"
     assert shipped.read_text().splitlines()[0] == "# distill quickstart"
     assert from_dict(QuickstartConfig, load_yaml(shipped)) == QuickstartConfig()
+
+
+def test_on_policy_and_problem_settings_are_validated():
+    from kd_recipes.quickstart import OnPolicyStudent, QuickstartConfig
+
+    with pytest.raises(ValueError, match="divergence to the teacher"):
+        OnPolicyStudent(terms={"ce": 1.0})  # ce is off on the student's own samples: nothing would train
+    with pytest.raises(ValueError, match="student_fraction"):
+        OnPolicyStudent(student_fraction=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        OnPolicyStudent(temperature=-1.0)
+    with pytest.raises(ValueError, match="problem_steps"):
+        QuickstartConfig(problem_steps=[3, 2])
+    settings = OnPolicyStudent(student_fraction=0.5, max_new_tokens=20).settings()
+    assert (settings.student_fraction, settings.teacher_fraction, settings.max_new_tokens) == (0.5, 0.0, 20)
