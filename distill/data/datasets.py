@@ -46,6 +46,11 @@ class DataSettings:
         True, help="Count only completion (assistant) tokens in the loss; false trains on prompts too."
     )
     max_samples: int | None = option(None, help="Use at most this many training examples (for quick runs).")
+    packing: bool = option(
+        False, help="Concatenate each training micro-batch into one row with no padding (position ids restart per "
+        "example, so attention stays within each one: transformers' packed-sequence masks); logit terms and `ce` "
+        "only. Held-out batches stay padded."
+    )
     step_by_step_label_weight: float | None = option(
         None, help="Distilling step-by-step: each record's `prompt`, `rationale` and `label` columns (as written by "
         "`data-gen cot`) become two examples, '[label] ' + prompt -> label with loss weight w and '[rationale] ' + "
@@ -290,3 +295,28 @@ def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
     loss_weights = torch.tensor([e.get("loss_weight", 1.0) for e in examples], dtype=torch.float32)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sample_ids": sample_ids,
             "loss_weights": loss_weights}
+
+
+def collate_packed(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One row holding every example back to back, no padding: ``position_ids`` restart at 0 for each example, from
+    which transformers (5.24 ``masking_utils.find_packed_sequence_indices``, used when the attention mask is None)
+    builds a block-diagonal causal mask, so each example attends to itself only, as if padded. The first token of
+    each example is never a target (its label is set to -100), so no example predicts the next one's start.
+    ``attention_mask`` is all ones, for shape only: the trainer passes None to the models when ``position_ids`` is
+    present."""
+    ids, labels, positions = [], [], []
+    for example in examples:
+        n = len(example["input_ids"])
+        ids += example["input_ids"]
+        labels += [IGNORE_INDEX] + list(example["labels"][1:])
+        positions += list(range(n))
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "sample_ids": torch.tensor([e["sample_id"] for e in examples], dtype=torch.long),
+        # Per token: a packed row holds several examples, each with its own `ce` weight.
+        "loss_weights": torch.tensor([[w for e in examples for w in [e.get("loss_weight", 1.0)] * len(e["input_ids"])]],
+                                     dtype=torch.float32),
+    }

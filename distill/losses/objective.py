@@ -167,15 +167,19 @@ class StudentWithObjective(nn.Module):
         teacher: TeacherTargets | None = None,
         loss_weights: Tensor | None = None,
         token_scale: float = 1.0,
+        position_ids: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """``{term: value}``, token-level terms multiplied by ``token_scale`` (:func:`step_token_scale`; 1 = plain
-        sums over counted tokens). ``teacher``: None when no term needs one (``ce`` only). ``loss_weights`` [B]:
-        per-example weights of the ``ce`` term (distilling step-by-step); None = all 1. Pass ``teacher`` and what
-        follows by keyword: ZeRO-3's module hooks then leave them alone (they only see positional inputs)."""
+        sums over counted tokens). ``teacher``: None when no term needs one (``ce`` only). ``loss_weights`` [B] (or
+        [B, T] per token, for packed rows): weights of the ``ce`` term (distilling step-by-step, on-policy samples);
+        None = all 1. ``position_ids``: a packed batch (:func:`distill.data.datasets.collate_packed`); the attention
+        mask is then left to transformers' packed-sequence masks. Pass ``teacher`` and what follows by keyword:
+        ZeRO-3's module hooks then leave them alone (they only see positional inputs)."""
         s, wanted = self.settings, self.settings.needs
         student_out = self.student.get_decoder()(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=attention_mask if position_ids is None else None,
+            position_ids=position_ids,
             output_hidden_states=Need.HIDDEN_STATES in wanted,
             output_attentions=Need.ATTENTIONS in wanted,
             use_cache=False,
@@ -202,7 +206,8 @@ class StudentWithObjective(nn.Module):
             targets = labels[:, 1:][positions[:, :-1]]
             token_weights = None
             if loss_weights is not None and bool((loss_weights != 1).any()):
-                token_weights = loss_weights[:, None].expand_as(labels)[positions].float()
+                per_token = loss_weights if loss_weights.dim() == 2 else loss_weights[:, None].expand_as(labels)
+                token_weights = per_token[positions].float()
             terms[CE] = chunked_cross_entropy_sum(student_hidden, student_head, targets, s.chunk_size, token_weights)
         if s.logit_terms:
             if teacher is None:

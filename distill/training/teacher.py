@@ -128,7 +128,9 @@ class OnlineTeacher(TeacherSignal):
         with torch.no_grad():
             outputs = self.model.get_decoder()(
                 input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
+                # A packed batch (position_ids present) leaves the mask to transformers' packed-sequence masks.
+                attention_mask=batch["attention_mask"] if "position_ids" not in batch else None,
+                position_ids=batch.get("position_ids"),
                 output_hidden_states=Need.HIDDEN_STATES in wanted,
                 output_attentions=Need.ATTENTIONS in wanted,
                 use_cache=False,

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.data.batching import BatchStream
-from distill.data.datasets import DataSettings, build_datasets, collate
+from distill.data.datasets import DataSettings, build_datasets, collate, collate_packed
 from distill.evaluation.embedding import embedding_metrics
 from distill.evaluation.metrics import AccuracySettings, answer_accuracy, load_accuracy_set, token_metrics
 from distill.losses.divergences import shared_vocab_size
@@ -151,6 +151,9 @@ class TrainConfig:
             if self.on_policy.student_fraction > 0 and not (self.loss.logit_terms or self.loss.feature_terms):
                 raise ValueError(f"loss.terms: on the student's own samples `ce` is off and only teacher terms train; "
                                  f"add a logit divergence (e.g. reverse_kl or jsd), got {self.loss.terms}")
+        if self.data.packing and self.loss.feature_terms:
+            raise ValueError(f"data.packing: feature and relation terms compare whole padded sequences; pack with logit "
+                             f"terms and `ce` only, got {sorted(self.loss.feature_terms)}")
         if self.data.step_by_step_label_weight is not None and (self.loss.logit_terms or self.loss.feature_terms):
             # Per-example weights reach the `ce` term only; a divergence would silently ignore them.
             raise ValueError(f"data.step_by_step_label_weight: trains with loss.terms {{ce: 1}} only, got "
@@ -322,7 +325,7 @@ class Distiller:
                     examples, figures = self.sampler.replay(len(examples))
                 elif source != OFF_POLICY:
                     examples, figures = self.sample(examples, source)
-            batch = collate(examples, self.tokenizer.pad_token_id)
+            batch = (collate_packed if self.cfg.data.packing else collate)(examples, self.tokenizer.pad_token_id)
             batches.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
             sources.append(source)
             stats.append(figures)
@@ -358,6 +361,7 @@ class Distiller:
                     terms = self.module(
                         batch["input_ids"], batch["attention_mask"], batch["labels"], teacher=teacher,
                         loss_weights=batch["loss_weights"], token_scale=token_scale,
+                        position_ids=batch.get("position_ids"),
                     )
                     if source in (STUDENT, REPLAY) and (self.step + 1) % self.cfg.logging_steps == 0:
                         teacher_logprobs.extend(self.teacher_logprob(teacher, batch["labels"]))
