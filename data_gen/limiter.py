@@ -80,13 +80,14 @@ def _nothing() -> None:
 class AdaptiveConcurrency:
     """How many calls may be in flight: an AIMD limit between ``minimum`` and ``maximum`` that follows the server.
 
-    ``async with limit.slot():`` around each call. The limit starts at ``minimum`` and doubles per round of answers
+    ``async with limit.slot() as first_token:`` around each call (``first_token()`` when its first token arrives),
+    then :meth:`on_success` or :meth:`on_overload`. The limit starts at ``minimum`` and doubles per round of answers
     that come back in time (slow start, as TCP does) until the first sign of overload; after that it grows by one per
-    round (``1/limit`` per answer). Overload halves it: a timeout, a 429/503/504, or an answer whose first token came
-    ``latency_factor`` times later than the fastest first token seen so far (the request waited in the server's queue:
-    a server that answers one request at a time keeps every request but one waiting). Calls already in flight when
-    the limit drops carry no new information, so only a call *started* after the last decrease can decrease it again:
-    one decrease per round, however many calls of that round time out together.
+    round (``1/limit`` per answer). Overload halves it: a timeout, a 429/503/504, or a call whose first token has not
+    come ``latency_factor`` times later than the fastest first token seen so far (the request waits in the server's
+    queue: a server that answers one request at a time keeps every request but one waiting). Calls already in flight
+    when the limit drops carry no new information, so only a call *started* after the last decrease can decrease it
+    again: one decrease per round, however many calls of that round time out together.
 
     With ``adaptive=False`` the limit stays at ``maximum`` (the local backend: it batches whatever is in flight).
     """
