@@ -35,7 +35,8 @@ from data_gen.driver import GenerationResult, Method
 from data_gen.engine import CallPlan, Engine, Request, Result
 from data_gen.journal import Journal
 from data_gen.output import dataset_card
-from kd_core.answers import AnswerExtractor, gold_answer, majority
+from kd_core import answers
+from kd_core.answers import AnswerExtractor, majority
 from kd_core.commands import stop_code
 from kd_core.config import ConfigError, option, parse_command_line, section, to_dict
 from kd_core.redact import redact_value
@@ -117,30 +118,13 @@ class CotConfig:
 
 # ------------------------------------------------------------------------------------------------ input
 def load_questions(cfg: CotConfig) -> list[dict[str, Any]]:
-    """``[{id, question, gold}]``; a question without a usable gold answer in gold mode is a ConfigError."""
-    from kd_core.records import load_records
-
-    records = load_records(cfg.input_file, "input_file")
-    if cfg.max_questions is not None:
-        records = records[: cfg.max_questions]
-    questions = []
-    for row, record in enumerate(records):
-        where = f"{cfg.input_file}: row {row}"
-        question = record.get(cfg.question_field)
-        if not isinstance(question, str) or not question.strip():
-            raise ConfigError(f"{where}: field '{cfg.question_field}': expected a non-empty question string")
-        raw = record.get(cfg.answer_field) if cfg.answer_field else None
-        gold = None
-        if raw is not None and str(raw).strip():
-            gold = gold_answer(str(raw), cfg.extractor.numeric)
-            if gold is None and cfg.mode == "gold":
-                raise ConfigError(f"{where}: field '{cfg.answer_field}': no gold answer in {str(raw)[-60:]!r}")
-        elif cfg.mode == "gold":
-            raise ConfigError(f"{where}: field '{cfg.answer_field}': missing gold answer (mode: gold needs one "
-                              "for every question; use mode: vote for unlabelled questions)")
-        qid = "q" + hashlib.sha256(question.encode()).hexdigest()[:12] + f"-{row}"
-        questions.append({"id": qid, "row": row, "question": question, "gold": gold})
-    return questions
+    """``[{id, row, question, gold}]`` (:func:`kd_core.answers.load_questions`); in gold mode a question without a
+    usable gold answer is a ConfigError naming it."""
+    rows = answers.load_questions(cfg.input_file, "input_file", cfg.question_field, cfg.answer_field,
+                                  numeric=cfg.extractor.numeric, require_gold=cfg.mode == "gold",
+                                  limit=cfg.max_questions)
+    return [{"id": "q" + hashlib.sha256(r.question.encode()).hexdigest()[:12] + f"-{r.row}", "row": r.row,
+             "question": r.question, "gold": r.gold} for r in rows]
 
 
 # ------------------------------------------------------------------------------------------------ prompts

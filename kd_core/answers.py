@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Literal, get_args
 
-from kd_core.config import option
+from kd_core.config import ConfigError, option
 
 Kind = Literal["answer_is", "hash", "final_number", "regex"]
 KINDS: tuple[str, ...] = get_args(Kind)
@@ -132,6 +132,43 @@ def gold_answer(text: str, numeric: bool = True) -> str | None:
     _, sep, tail = text.rpartition("####")
     value = tail if sep else text
     return normalize_number(value) if numeric else (normalize_text(value) or None)
+
+
+@dataclass(frozen=True)
+class QuestionRow:
+    """A question read from a user's file: its row, its text and its normalised gold answer (None: none given)."""
+
+    row: int
+    question: str
+    gold: str | None
+
+
+def load_questions(
+    path: str, field: str, question_field: str, answer_field: str | None, *, numeric: bool = True,
+    require_gold: bool = True, limit: int | None = None,
+) -> list[QuestionRow]:
+    """The questions of ``path`` (any format :func:`kd_core.records.load_records` reads), with their gold answers
+    (:func:`gold_answer`), the first ``limit`` only. A row without a question string, or, with ``require_gold``,
+    without a usable gold answer, is a ConfigError naming the file, the row and the field (``field`` names the
+    setting that gave the file). The one reader behind ``data-gen cot``'s questions and the trainer's and ``distill
+    eval``'s accuracy sets."""
+    from kd_core.records import load_records
+
+    records = load_records(path, field)
+    rows = []
+    for row, record in enumerate(records[:limit] if limit is not None else records):
+        where = f"{field}: {path}: row {row}"
+        question = record.get(question_field)
+        if not isinstance(question, str) or not question.strip():
+            raise ConfigError(f"{where}: field '{question_field}': expected a non-empty question string")
+        raw = record.get(answer_field) if answer_field else None
+        gold = gold_answer(str(raw), numeric) if raw is not None and str(raw).strip() else None
+        if gold is None and require_gold:
+            problem = f"no gold answer in {str(raw)[-60:]!r}" if raw is not None and str(raw).strip() else \
+                "missing gold answer"
+            raise ConfigError(f"{where}: field '{answer_field}': {problem}")
+        rows.append(QuestionRow(row, question, gold))
+    return rows
 
 
 def majority(answers: list[str | None]) -> tuple[str | None, int]:

@@ -18,7 +18,7 @@ from torch import nn
 from distill.losses import divergences as losses
 from distill.losses.objective import target_positions
 from distill.training.runtime import zero3_gathered
-from kd_core.answers import AnswerExtractor, gold_answer
+from kd_core.answers import AnswerExtractor, load_questions
 from kd_core.config import option, section
 from kd_core.generation import encode_prompt, generate_batched
 
@@ -87,22 +87,11 @@ class AccuracySettings:
 
 
 def load_accuracy_set(settings: AccuracySettings) -> list[tuple[str, str]]:
-    """(prompt, gold) pairs; a row without a usable gold answer is a ConfigError naming it."""
-    from kd_core.config import ConfigError
-    from kd_core.records import load_records
-
-    records = load_records(settings.file, "accuracy.file")
-    if settings.max_samples is not None:
-        records = records[: settings.max_samples]
-    pairs = []
-    for row, record in enumerate(records):
-        question, raw = record.get(settings.question_field), record.get(settings.answer_field)
-        gold = gold_answer(str(raw), settings.extractor.numeric) if raw is not None else None
-        if not isinstance(question, str) or gold is None:
-            raise ConfigError(f"accuracy.file: {settings.file}: row {row}: needs a '{settings.question_field}' "
-                              f"string and a gold '{settings.answer_field}'")
-        pairs.append((settings.prompt_prefix + question, gold))
-    return pairs
+    """(prompt, gold) pairs (:func:`kd_core.answers.load_questions`: a row without a question or a usable gold answer
+    is a ConfigError naming it)."""
+    rows = load_questions(settings.file, "accuracy.file", settings.question_field, settings.answer_field,
+                          numeric=settings.extractor.numeric, limit=settings.max_samples)
+    return [(settings.prompt_prefix + r.question, r.gold) for r in rows]
 
 
 def answer_accuracy(
