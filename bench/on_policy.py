@@ -118,6 +118,7 @@ def trl_steps(args, teacher: Path, student: Path, data: Path, out: Path, n: int)
         lr_scheduler_type="constant", lmbda=1.0, beta=0.5, temperature=1.0, max_new_tokens=args.max_new_tokens,
         max_length=args.max_length, report_to=[], save_strategy="no", logging_steps=10_000, use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=True, seed=0,
+        bf16=False,  # fp32 like ours (transformers 5.24's TrainingArguments turns bf16 on by default where supported)
     )
     GKDTrainer.generate_on_policy_outputs = staticmethod(counting)
     try:
