@@ -53,7 +53,7 @@ class OnPolicyStudent:
         1.0, help="Fraction of batches the student samples (GKD's lambda); the others train on the gold rationales."
     )
     temperature: float = option(1.0, help="Sampling temperature of the student's completions.")
-    max_new_tokens: int = option(48, help="Longest sampled completion, in tokens (a worked answer's length).")
+    max_new_tokens: int = option(64, help="Longest sampled completion, in tokens (a worked answer's length).")
     learning_rate: float = option(1e-3, help="Peak learning rate (the student starts trained, so lower than "
                                   "learning_rate).")
 
@@ -83,16 +83,16 @@ class QuickstartConfig:
     seed: int = option(0, help="Seed for the problems, the models and the data order.")
     num_train: int = option(3000, help="Training problems.")
     num_eval: int = option(200, help="Held-out problems for every figure of the report.")
-    problem_steps: list[int] = option([1, 3], help="Fewest and most steps (+ or -) of a problem.")
-    problem_start: int = option(20, help="Largest first count of a problem (it is drawn from 2..problem_start).")
-    problem_amount: int = option(15, help="Largest amount a step adds (a step that takes away leaves at least 1).")
+    problem_steps: list[int] = option([2, 4], help="Fewest and most steps (+ or -) of a problem.")
+    problem_start: int = option(30, help="Largest first count of a problem (it is drawn from 2..problem_start).")
+    problem_amount: int = option(20, help="Largest amount a step adds (a step that takes away leaves at least 1).")
     vocab_size: int = option(384, help="Size of the BPE tokenizer trained on the problems.")
     teacher_layers: int = option(4, help="Teacher depth.")
     teacher_hidden: int = option(128, help="Teacher width.")
     teacher_steps: int = option(1200, help="Optimizer steps to train the teacher on the gold rationales.")
     cot_samples: int = option(2, help="Rationales the teacher samples per training question (data-gen cot k).")
     cot_temperature: float = option(0.5, help="Sampling temperature of the teacher's rationales.")
-    student_layers: int = option(2, help="Layers kept by pruning (Block Influence on the training problems).")
+    student_layers: int = option(1, help="Layers kept by pruning (Block Influence on the training problems).")
     student_intermediate_size: int | None = option(
         256, help="MLP channels kept by pruning (activation importance); null keeps the teacher's."
     )
@@ -105,7 +105,7 @@ class QuickstartConfig:
         "...) terms, see docs/losses.md and docs/features.md.",
     )
     lora: LoraSettings = section(LoraSettings, help="Train the students with LoRA adapters instead of in full.")
-    max_new_tokens: int = option(48, help="Greedy generation length when measuring accuracy.")
+    max_new_tokens: int = option(64, help="Greedy generation length when measuring accuracy.")
     on_policy: OnPolicyStudent = section(
         OnPolicyStudent, help="The on-policy student: the rationale-trained student continued on its own samples, "
         "scored token by token by the teacher."
