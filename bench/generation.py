@@ -4,7 +4,8 @@
 
 The server (``python -m data_gen.testing``) runs in its own process so it does not share the client's GIL. With a
 fixed latency L and C requests in flight, the ideal rate is C / L requests per second; the engine's achieved rate
-(every call through the limiter, the semaphore, the openai client, the SQLite cache and the bookkeeping) is printed
+(every call through the limiter, the adaptive concurrency limit, the openai client, streamed unless ``--no-stream``,
+the SQLite cache and the bookkeeping) is printed
 as a ratio of it. Target: >= 0.90 at C=64, L=0.2 s (320 req/s). A bare asyncio client (no openai, no engine) is
 and the bare ``openai`` client are measured against the same server afterwards, to tell the engine's own overhead
 from the HTTP client's and from a loaded machine's.
@@ -27,9 +28,9 @@ from data_gen.config import DecodingConfig, TeacherConfig
 from data_gen.engine import Request, build_engine
 
 
-async def measure(base_url: str, concurrency: int, n: int, cache_dir: str) -> tuple[float, int]:
+async def measure(base_url: str, concurrency: int, n: int, cache_dir: str, stream: bool) -> tuple[float, int]:
     cfg = TeacherConfig(model="bench", base_url=base_url, api_key_env=None, concurrency=concurrency,
-                        decoding=DecodingConfig(max_tokens=16), timeout_s=30.0)
+                        decoding=DecodingConfig(max_tokens=16), timeout_s=30.0, stream=stream)
     engine = build_engine(cfg, cache_dir, progress=False)
     requests = [Request(f"b{i}", [{"role": "user", "content": f"Benchmark prompt number {i}."}]) for i in range(n)]
     # Warm the connection pool outside the timed region (the first connections' setup is not steady state).
@@ -89,13 +90,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.2)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--no-stream", action="store_true", help="plain JSON answers (teacher.stream: false)")
     args = parser.parse_args()
     server = subprocess.Popen([sys.executable, "-m", "data_gen.testing", "--latency", str(args.latency)],
                               stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
         port = int(server.stdout.readline())
         with tempfile.TemporaryDirectory() as tmp:
-            elapsed, done = asyncio.run(measure(f"http://127.0.0.1:{port}/v1", args.concurrency, args.requests, tmp))
+            elapsed, done = asyncio.run(measure(f"http://127.0.0.1:{port}/v1", args.concurrency, args.requests, tmp,
+                                                not args.no_stream))
         client_only = asyncio.run(openai_baseline(port, args.concurrency, args.requests))
         raw = asyncio.run(raw_baseline(port, args.concurrency, args.requests))
     finally:
@@ -104,7 +107,7 @@ def main() -> None:
     ideal = args.concurrency / args.latency
     achieved = done / elapsed
     print(f"requests: {done}/{args.requests} in {elapsed:.2f}s; concurrency {args.concurrency}, "
-          f"server latency {args.latency * 1000:.0f} ms")
+          f"server latency {args.latency * 1000:.0f} ms, {'plain' if args.no_stream else 'streamed'} answers")
     print(f"achieved {achieved:.1f} req/s, ideal {ideal:.1f} req/s, achieved/ideal = {achieved / ideal:.3f}")
     print(f"openai client alone on the same server: {client_only:.1f} req/s = {client_only / ideal:.3f} of ideal; "
           f"engine/openai-alone = {achieved / client_only:.3f} (the engine's own overhead)")

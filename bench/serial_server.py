@@ -159,34 +159,33 @@ def main() -> None:
         probe = disconnect_probe(port, str(model), ARGS.probe_tokens)
         proxy = FaultProxy(("127.0.0.1", port), [], serial=True, token_delay_s=ARGS.token_delay).start()
         try:
-            rows = {
-                "serial (1 at a time)": asyncio.run(run(proxy, str(model), ARGS.requests, "s", ARGS.deadline,
-                                                        concurrency=1, adaptive_concurrency=False,
-                                                        timeout_s=600.0)),
-                f"adaptive <= {ARGS.concurrency}, streamed": asyncio.run(run(
-                    proxy, str(model), ARGS.requests, "a", ARGS.deadline, concurrency=ARGS.concurrency,
-                    timeout_s=ARGS.timeout)),
-                f"old: fixed {ARGS.concurrency}, JSON": asyncio.run(run(
-                    proxy, str(model), ARGS.requests, "o", ARGS.deadline, concurrency=ARGS.concurrency,
-                    adaptive_concurrency=False, stream=False, timeout_s=ARGS.timeout)),
-            }
+            print(f"transformers serve, a 2-token request: {probe['idle']:.2f} s idle; a {ARGS.probe_tokens}-token "
+                  f"answer takes {probe['full']:.2f} s; the 2-token request right after its client hung up: "
+                  f"{probe['after_streamed']:.2f} s (streamed, after the first token), "
+                  f"{probe['after_plain']:.2f} s (plain JSON, after 1 s)", flush=True)
+            print(f"model: {'SmolLM2-135M-Instruct' if ARGS.smollm2 else 'tiny random Llama'}; {ARGS.requests} "
+                  f"requests, at most {ARGS.max_tokens} tokens each, {ARGS.token_delay * 1000:.0f} ms/token added, "
+                  f"timeout {ARGS.timeout} s")
+            print("| run | answered | s | rate / serial | requests sent | answers nobody received (+ queued ones "
+                  "dropped) | server s on them | left queued at the end | limit | halved | stopped by |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+            serial = None
+            runs = [
+                ("serial (1 at a time)", "s", dict(concurrency=1, adaptive_concurrency=False, timeout_s=600.0)),
+                (f"adaptive <= {ARGS.concurrency}, streamed", "a",
+                 dict(concurrency=ARGS.concurrency, timeout_s=ARGS.timeout)),
+                (f"old: fixed {ARGS.concurrency}, JSON", "o",
+                 dict(concurrency=ARGS.concurrency, adaptive_concurrency=False, stream=False, timeout_s=ARGS.timeout)),
+            ]
+            for name, tag, overrides in runs:
+                r = asyncio.run(run(proxy, str(model), ARGS.requests, tag, ARGS.deadline, **overrides))
+                serial = serial or r["rate"]
+                print(f"| {name} | {r['done']}/{ARGS.requests} | {r['elapsed']:.1f} | {r['rate'] / serial:.2f}x | "
+                      f"{r['received']} | {r['abandoned']} (+{r['skipped']}) | {r['wasted_s']:.1f} | {r['backlog']} | "
+                      f"{r['limit']} | {r['decreases']} | {r['failed'] or '-'} |", flush=True)
+            print(f"serial rate {serial:.3f} calls/s")
         finally:
             proxy.stop()
-    print(f"transformers serve, a 2-token request: {probe['idle']:.2f} s idle; a {ARGS.probe_tokens}-token answer "
-          f"takes {probe['full']:.2f} s; the 2-token request right after its client hung up: "
-          f"{probe['after_streamed']:.2f} s (streamed, after the first token), "
-          f"{probe['after_plain']:.2f} s (plain JSON, after 1 s)")
-    serial = rows["serial (1 at a time)"]["rate"]
-    print(f"model: {'SmolLM2-135M-Instruct' if ARGS.smollm2 else 'tiny random Llama'}; {ARGS.requests} requests, "
-          f"at most {ARGS.max_tokens} tokens each, {ARGS.token_delay * 1000:.0f} ms/token added, "
-          f"timeout {ARGS.timeout} s; serial rate {serial:.3f} calls/s")
-    print("| run | answered | s | rate / serial | requests sent | answers nobody received (+ queued ones dropped) "
-          "| server s on them | left queued at the end | limit | halved | stopped by |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['done']}/{ARGS.requests} | {r['elapsed']:.1f} | {r['rate'] / serial:.2f}x | "
-              f"{r['received']} | {r['abandoned']} (+{r['skipped']}) | {r['wasted_s']:.1f} | {r['backlog']} | "
-              f"{r['limit']} | {r['decreases']} | {r['failed'] or '-'} |")
 
 
 ARGS: argparse.Namespace
