@@ -54,7 +54,7 @@ def accuracy_plot(results: dict[str, dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def verdict(results: dict[str, dict[str, Any]]) -> str:
+def verdict(results: dict[str, dict[str, Any]], on_policy_steps: int) -> str:
     """Sentences comparing the distilled and on-policy students with the teacher and the two fine-tuned baselines,
     from the measured figures only."""
 
@@ -72,12 +72,13 @@ def verdict(results: dict[str, dict[str, Any]]) -> str:
             lines.append(f"Distillation tied with {what} ({100 * distilled:.1f}%).")
         else:
             lines.append(f"Distillation did **not** beat {what} ({100 * distilled:.1f}% vs {100 * other:.1f}%).")
-    lines.append(gap_sentence(results))
+    lines.append(gap_sentence(results, on_policy_steps))
     return " ".join(lines)
 
 
-def gap_sentence(results: dict[str, dict[str, Any]]) -> str:
-    """What the on-policy continuation did to the rationale student's gap to the teacher, in accuracy and KL."""
+def gap_sentence(results: dict[str, dict[str, Any]], steps: int) -> str:
+    """What the on-policy continuation (``steps`` more optimizer steps than the rationale student had) did to the
+    rationale student's gap to the teacher, in accuracy and KL."""
     teacher, before, after = (100 * (results[n]["accuracy"] or 0.0) for n in ("teacher", "rationales", "on_policy"))
     kl_before, kl_after = results["rationales"]["kl"], results["on_policy"]["kl"]
     kl = "" if kl_before is None or kl_after is None else f"; KL to the teacher {kl_before:.4f} -> {kl_after:.4f}"
@@ -86,10 +87,10 @@ def gap_sentence(results: dict[str, dict[str, Any]]) -> str:
         return (f"The teacher ({teacher:.1f}%) does **not** beat the rationale student ({before:.1f}%), so there is no "
                 f"gap for on-policy distillation to close (on-policy student {after:.1f}%{kl}).")
     closed = after - before
-    verb = "closed" if closed > 0 else "did **not** close"
-    return (f"The teacher beats the rationale student by {gap:.1f} points ({teacher:.1f}% vs {before:.1f}%); "
-            f"on-policy distillation {verb} {'any of ' if closed <= 0 else ''}it: {after:.1f}% "
-            f"({closed:+.1f} points, {100 * closed / gap:.0f}% of the gap){kl}.")
+    verb = f"closed {closed:.1f} points of it" if closed > 0 else f"did **not** close any of it ({closed:+.1f} points)"
+    return (f"The teacher beats the rationale student by {gap:.1f} points ({teacher:.1f}% vs {before:.1f}%); the "
+            f"on-policy student (the rationale student after {steps} more steps on its own samples) {verb}: "
+            f"{after:.1f}%, {100 * closed / gap:.0f}% of the gap{kl}.")
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -153,7 +154,7 @@ def write_report(root: Path, cfg: Any, results: dict[str, dict[str, Any]], cot_s
     for run, folder in RUNS.items():
         plot_run(root / run, plots / folder, title=folder)
     summary = {name: {k: v for k, v in r.items() if k != "samples"} for name, r in results.items()}
-    report = {"results": summary, "verdict": verdict(summary), "cot": cot_stats, "timings": timings,
+    report = {"results": summary, "verdict": verdict(summary, cfg.on_policy.steps), "cot": cot_stats, "timings": timings,
               "config": to_dict(cfg)}
     markdown = render_markdown(report)
     atomic_write_text(root / "report.md", markdown)
