@@ -44,7 +44,7 @@ CONFIG = "config.yaml"
 
 @dataclasses.dataclass
 class OnPolicyStudent:
-    steps: int = option(300, help="Optimizer steps of the on-policy continuation of the rationale-trained student.")
+    steps: int = option(200, help="Optimizer steps of the on-policy continuation of the rationale-trained student.")
     terms: dict[str, float] = option(
         {"reverse_kl": 1.0}, help="Loss terms on the sampled completions: a logit divergence to the teacher "
         "(reverse_kl, jsd, ... see docs/losses.md); `ce` is off on the student's own samples."

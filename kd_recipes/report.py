@@ -154,8 +154,8 @@ def write_report(root: Path, cfg: Any, results: dict[str, dict[str, Any]], cot_s
     for run, folder in RUNS.items():
         plot_run(root / run, plots / folder, title=folder)
     summary = {name: {k: v for k, v in r.items() if k != "samples"} for name, r in results.items()}
-    report = {"results": summary, "verdict": verdict(summary, cfg.on_policy.steps), "cot": cot_stats, "timings": timings,
-              "config": to_dict(cfg)}
+    report = {"results": summary, "verdict": verdict(summary, cfg.on_policy.steps), "cot": cot_stats,
+              "timings": timings, "config": to_dict(cfg)}
     markdown = render_markdown(report)
     atomic_write_text(root / "report.md", markdown)
     atomic_write_json(root / "report.json", report)  # last: its presence means the quickstart finished
