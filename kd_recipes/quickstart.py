@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from distill.losses.objective import LossSettings
 from distill.student.lora import LoraSettings
 from distill.training.on_policy import OnPolicySettings
 from kd_core import ownership
@@ -68,6 +69,7 @@ class OnPolicyStudent:
             raise ValueError(f"terms: `ce` is off on the student's own samples, so a divergence to the teacher is "
                              f"needed (e.g. reverse_kl or jsd), got {self.terms}")
         self.settings()  # validates temperature and max_new_tokens
+        LossSettings(terms=dict(self.terms))  # an unknown term is refused now, not after the stages before this one
 
     def settings(self) -> OnPolicySettings:
         """``distill train``'s ``on_policy`` section for this stage."""
@@ -236,7 +238,6 @@ def train_stage(cfg: QuickstartConfig, out: Path, train_file: Path, eval_file: P
     ``on_policy`` makes the student (or teacher) sample the completions; ``learning_rate`` defaults to
     ``cfg.learning_rate``."""
     from distill.data.datasets import DataSettings
-    from distill.losses.objective import LossSettings
     from distill.student.models import ModelSettings
     from distill.training import train
 

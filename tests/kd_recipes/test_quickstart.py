@@ -197,6 +197,8 @@ def test_on_policy_and_problem_settings_are_validated():
 
     with pytest.raises(ValueError, match="divergence to the teacher"):
         OnPolicyStudent(terms={"ce": 1.0})  # ce is off on the student's own samples: nothing would train
+    with pytest.raises(ValueError, match="did you mean 'reverse_kl'"):
+        OnPolicyStudent(terms={"reverse_kll": 1.0})  # refused before any stage runs
     with pytest.raises(ValueError, match="student_fraction"):
         OnPolicyStudent(student_fraction=0.0)
     with pytest.raises(ValueError, match="temperature"):
