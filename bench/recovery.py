@@ -69,7 +69,8 @@ def prepare(root: Path, steps: int, batch: int, eval_records: int, data: Path) -
 
         load_causal_lm(gguf, "model").save_pretrained(teacher)
         load_tokenizer(gguf, "model").save_pretrained(teacher)
-    paths = {"teacher": teacher, "train": root / f"train_{steps * batch}.jsonl", "eval": root / f"eval_{eval_records}.jsonl"}
+    paths = {"teacher": teacher, "train": root / f"train_{steps * batch}.jsonl",
+             "eval": root / f"eval_{eval_records}.jsonl"}
     for key, source, n in (("train", "gsm8k_train.jsonl", steps * batch), ("eval", "gsm8k_test.jsonl", eval_records)):
         if not paths[key].is_file():
             rows = [json.loads(line) for line in (data / source).read_text().splitlines()[:n]]

@@ -4,8 +4,8 @@
 generation takes batch 1): alone, and with the student as ``assistant_model`` (transformers assisted generation,
 5.24: the student drafts a few tokens, the teacher checks them in one forward pass and keeps the longest agreeing
 prefix plus one token of its own; it adapts the draft length and confidence threshold of the student's
-``generation_config`` from call to call, so later prompts draft with what earlier ones learnt). The order of the two alternates from prompt to prompt so that drift in the
-machine's speed does not favour either. Figures:
+``generation_config`` from call to call, so later prompts draft with what earlier ones learnt). The order of the two
+alternates from prompt to prompt so that drift in the machine's speed does not favour either. Figures:
 
 * **acceptance_rate**: draft tokens the teacher kept over draft tokens proposed. Counted with forward hooks (public
   torch API, no transformers internals): every teacher forward pass of the assisted generation adds the drafts it
