@@ -16,7 +16,8 @@ TIMING = ("tokens_per_second", "seconds", "generation_seconds")
 
 
 def figures(path):
-    return {k: v for k, v in json.loads(path.read_text()).items() if k not in TIMING and "second" not in k}
+    return {k: v for k, v in json.loads(path.read_text()).items()
+            if k not in TIMING and "second" not in k and "speedup" not in k}  # wall-clock figures differ per run
 
 
 def test_kill_9_mid_run_and_mid_write_then_rerun(model_dirs, tmp_path):
