@@ -148,6 +148,101 @@ def eval_no_tokenizer(model_dirs, tmp_path):
     return [str(broken), "--data", str(data)]
 
 
+# --- every other command -------------------------------------------------------------------------------------------
+
+def _local_teacher(model_dirs) -> list[str]:
+    return ["--teacher.backend", "local", "--teacher.model", str(model_dirs["teacher"]), "--teacher.api_key_env", "null"]
+
+
+def _questions(tmp_path: Path, bad_row: bool = False) -> Path:
+    rows = [{"question": "What is 1 plus 1?", "answer": "#### 2"}, {"question": 5 if bad_row else "2 + 2?",
+                                                                      "answer": "#### 4"}]
+    return write_jsonl(tmp_path / "questions.jsonl", rows)
+
+
+def _a_file(tmp_path: Path) -> Path:
+    target = tmp_path / "existing" / "a_file.txt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("the user's file\n")
+    return target
+
+
+def precompute_output_is_file(model_dirs, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    return ["--teacher", str(model_dirs["teacher"]), "--data.train_file", str(data), "--output_dir",
+            str(_a_file(tmp_path))]
+
+
+def precompute_nan_temperature(model_dirs, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    return ["--teacher", str(model_dirs["teacher"]), "--data.train_file", str(data), "--output_dir",
+            str(tmp_path / "store"), "--temperature", "nan"]
+
+
+def precompute_duplicate_yaml_key(model_dirs, tmp_path):
+    config = tmp_path / "store.yaml"
+    config.write_text("k: 4\nbatch_size: 2\nk: 8\n")
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    return ["--config", str(config), "--teacher", str(model_dirs["teacher"]), "--data.train_file", str(data),
+            "--output_dir", str(tmp_path / "store")]
+
+
+def export_not_a_checkpoint(model_dirs, tmp_path):
+    folder = tmp_path / "my_folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a checkpoint\n")
+    return ["--checkpoint", str(folder), "--output_dir", str(tmp_path / "exported")]
+
+
+def plot_not_a_run(model_dirs, tmp_path):
+    folder = tmp_path / "my_folder"
+    folder.mkdir()
+    return [str(folder)]
+
+
+def dedup_output_is_file(model_dirs, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    return [str(data), "--field", "prompt", "--output_dir", str(_a_file(tmp_path))]
+
+
+def dedup_field_missing(model_dirs, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    return [str(data), "--field", "instruction", "--output_dir", str(tmp_path / "deduped")]
+
+
+def cot_question_not_text(model_dirs, tmp_path):
+    return ["--input_file", str(_questions(tmp_path, bad_row=True)), *_local_teacher(model_dirs), "--output.dir",
+            str(tmp_path / "cot")]
+
+
+def cot_output_is_file(model_dirs, tmp_path):
+    return ["--input_file", str(_questions(tmp_path)), *_local_teacher(model_dirs), "--output.dir",
+            str(_a_file(tmp_path))]
+
+
+def self_instruct_seed_file_missing(model_dirs, tmp_path):
+    return ["--seed_tasks", str(tmp_path / "seed_tasks.jsonl"), *_local_teacher(model_dirs), "--output.dir",
+            str(tmp_path / "self_instruct")]
+
+
+def lion_student_missing(model_dirs, tmp_path):
+    return ["--train_pool", str(_questions(tmp_path)), "--student", str(tmp_path / "no_student"),
+            *_local_teacher(model_dirs), "--output_dir", str(tmp_path / "lion")]
+
+
+def quickstart_output_is_file(model_dirs, tmp_path):
+    return ["--output_dir", str(_a_file(tmp_path))]
+
+
+def quickstart_nan_learning_rate(model_dirs, tmp_path):
+    return ["--output_dir", str(tmp_path / "quickstart"), "--learning_rate", "nan"]
+
+
+def on_policy_fractions_over_one(model_dirs, tmp_path):
+    return _train_argv(model_dirs, tmp_path, "--loss.terms", "{reverse_kl: 1}", "--on_policy.student_fraction", "0.8",
+                       "--on_policy.teacher_fraction", "0.5")
+
+
 TRAIN = "distill.training.train"
 CASES = [
     (TRAIN, model_not_json, r"model\.student: .*config\.json is not valid JSON"),
@@ -170,6 +265,23 @@ CASES = [
     (TRAIN, output_dir_is_file, r"output_dir: .*a_file\.txt is a file; expected a directory"),
     ("distill.student.prune.command", prune_no_weights, r"model: .*broken_teacher has no weights"),
     ("distill.evaluation.command", eval_no_tokenizer, r"model: .*broken_student has no tokenizer"),
+    ("distill.offline.precompute", precompute_output_is_file, r"output_dir: .*a_file\.txt exists and is not empty"),
+    ("distill.offline.precompute", precompute_nan_temperature, r"temperature: expected a finite number, got 'nan'"),
+    ("distill.offline.precompute", precompute_duplicate_yaml_key, r"store\.yaml:3: duplicate key 'k' \(first given on "
+                                                                  r"line 1\)"),
+    ("distill.training.export", export_not_a_checkpoint, r"checkpoint: cannot use .*my_folder: no manifest\.json"),
+    ("distill.evaluation.plot", plot_not_a_run, r"run_dir: .*my_folder/metrics\.jsonl not found"),
+    ("data_gen.dedup", dedup_output_is_file, r"output_dir: .*a_file\.txt exists and is not a directory"),
+    ("data_gen.dedup", dedup_field_missing, r"train\.jsonl:1: record has no field 'instruction'"),
+    ("data_gen.cot", cot_question_not_text, r"input_file: .*questions\.jsonl: row 1: field 'question': expected a "
+                                            r"non-empty question string"),
+    ("data_gen.cot", cot_output_is_file, r"output\.dir: .*a_file\.txt is a file; expected a directory"),
+    ("data_gen.self_instruct", self_instruct_seed_file_missing, r"seed_tasks: file not found: .*seed_tasks\.jsonl"),
+    ("kd_recipes.lion", lion_student_missing, r"student: model directory not found: .*no_student"),
+    ("kd_recipes.quickstart", quickstart_output_is_file, r"output_dir: .*a_file\.txt is a file"),
+    ("kd_recipes.quickstart", quickstart_nan_learning_rate, r"learning_rate: expected a finite number, got 'nan'"),
+    (TRAIN, on_policy_fractions_over_one, r"on_policy: student_fraction \+ teacher_fraction: expected at most 1, got "
+                                          r"0\.8 \+ 0\.5"),
 ]
 
 
