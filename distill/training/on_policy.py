@@ -158,9 +158,10 @@ class Sampler:
             self.sampler_state = {"cpu": torch.get_rng_state(),
                                   "cuda": [torch.cuda.get_rng_state(i) for i in devices]}
 
-    def sample(self, model, examples: list[dict[str, Any]], tokenizer, max_length: int, synced_gpus: bool,
+    def sample(self, model, examples: list[dict[str, Any]], tokenizer, max_length: int,
                source: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
-        """``examples`` with their completions written by ``model``; and what the sampling took."""
+        """``examples`` with their completions written by ``model`` (a whole model: under ZeRO-3 the trainer gathers
+        it first, so no rank waits on another); and what the sampling took."""
         s = self.settings
         prompts = [e["input_ids"][: e["prompt_length"]] for e in examples]
         budget = max(1, min(s.max_new_tokens, max_length - min(len(p) for p in prompts)))
@@ -172,7 +173,7 @@ class Sampler:
             samples = generate_tokens(
                 model, prompts, pad_token_id=pad, eos_token_ids=stop_token_ids(model, tokenizer),
                 max_new_tokens=budget, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                logprobs=source == STUDENT, synced_gpus=synced_gpus,
+                logprobs=source == STUDENT,
             )
         seconds = time.perf_counter() - began
         model.train(was_training)

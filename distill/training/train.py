@@ -28,7 +28,13 @@ from distill.data.datasets import DataSettings, build_datasets, collate, collate
 from distill.evaluation.embedding import embedding_metrics
 from distill.evaluation.metrics import AccuracySettings, answer_accuracy, load_accuracy_set, token_metrics
 from distill.losses.divergences import shared_vocab_size
-from distill.losses.objective import LossSettings, StudentWithObjective, TeacherTargets, step_token_scale
+from distill.losses.objective import (
+    LossSettings,
+    StudentWithObjective,
+    TeacherTargets,
+    step_token_scale,
+    target_positions,
+)
 from distill.losses.registry import Need
 from distill.offline.store import LogitStore
 from distill.student.lora import LoraSettings, apply_lora
@@ -337,7 +343,7 @@ class Distiller:
         prepared = self.module if source == STUDENT else self.teacher.prepared
         with unwrapped_for_generation(prepared, self.accelerator) as model:
             model = model.student if source == STUDENT else model
-            return self.sampler.sample(model, examples, self.tokenizer, self.cfg.data.max_length, False, source)
+            return self.sampler.sample(model, examples, self.tokenizer, self.cfg.data.max_length, source)
 
     def teacher_targets(
         self, batch: dict[str, torch.Tensor]
@@ -389,8 +395,6 @@ class Distiller:
     def teacher_logprob(self, teacher, labels: torch.Tensor) -> list[tuple[float, int]]:
         """The teacher's summed log-probability of a micro-batch's sampled tokens and their count (logged on logging
         steps; it needs the teacher's logits, so nothing with feature terms only)."""
-        from distill.losses.objective import target_positions
-
         if teacher is None or getattr(teacher, "head", None) is None:
             return []
         positions = target_positions(labels)

@@ -104,7 +104,7 @@ def test_prompt_shapes_give_the_generation_prompt(tokenizer):
 def sampled_examples(sampler, model, tokenizer, prompts, source=STUDENT, max_length=64):
     examples = [tokenize_example({"prompt": p}, "prompt", tokenizer, max_length, True) | {"sample_id": i}
                 for i, p in enumerate(prompts)]
-    return sampler.sample(model, examples, tokenizer, max_length, False, source)
+    return sampler.sample(model, examples, tokenizer, max_length, source)
 
 
 def test_samples_keep_the_prompt_end_after_eos_and_resume_from_the_saved_state(model_dirs, tokenizer, tmp_path):
