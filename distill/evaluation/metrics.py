@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.losses import divergences as losses
-from distill.losses.objective import target_positions
+from distill.losses.objective import target_labels, target_positions
 from distill.training.runtime import zero3_gathered
 from kd_core.answers import AnswerExtractor, load_questions
 from kd_core.config import option, section
@@ -39,7 +39,7 @@ def token_metrics(
     heads = [p for p in (student_head, teacher_head) if p is not None]
     for batch in batches:
         positions = target_positions(batch["labels"])
-        targets = batch["labels"][:, 1:][positions[:, :-1]]
+        targets = target_labels(batch["labels"], positions)
         student_hidden = student.get_decoder()(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).last_hidden_state[positions]

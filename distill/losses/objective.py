@@ -114,6 +114,11 @@ def target_positions(labels: Tensor) -> Tensor:
     return positions
 
 
+def target_labels(labels: Tensor, positions: Tensor) -> Tensor:
+    """[N] the label each counted position predicts (the next token), in the order of ``hidden[positions]``."""
+    return labels[:, 1:][positions[:, :-1]]
+
+
 def step_token_scale(
     micro_batch_labels: Sequence[Tensor], reduce_sum: Callable[[Tensor], Tensor], processes: int, accumulation: int
 ) -> float:
@@ -203,7 +208,7 @@ class StudentWithObjective(nn.Module):
         student_hidden = last_hidden[positions]
         student_head = self.student.get_output_embeddings().weight
         if s.terms.get(CE, 0) > 0:
-            targets = labels[:, 1:][positions[:, :-1]]
+            targets = target_labels(labels, positions)
             token_weights = None
             if loss_weights is not None and bool((loss_weights != 1).any()):
                 per_token = loss_weights if loss_weights.dim() == 2 else loss_weights[:, None].expand_as(labels)

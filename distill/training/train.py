@@ -33,6 +33,7 @@ from distill.losses.objective import (
     StudentWithObjective,
     TeacherTargets,
     step_token_scale,
+    target_labels,
     target_positions,
 )
 from distill.losses.registry import Need
@@ -398,7 +399,7 @@ class Distiller:
         if teacher is None or getattr(teacher, "head", None) is None:
             return []
         positions = target_positions(labels)
-        targets = labels[:, 1:][positions[:, :-1]]
+        targets = target_labels(labels, positions)
         return [(-teacher.label_nll_sum(positions, targets, self.cfg.loss.chunk_size), int(positions.sum()))]
 
     # ---------------------------------------------------------------------------------------------------------
