@@ -47,9 +47,10 @@ class DataSettings:
     )
     max_samples: int | None = option(None, help="Use at most this many training examples (for quick runs).")
     packing: bool = option(
-        False, help="Concatenate each training micro-batch into one row with no padding (position ids restart per "
-        "example, so attention stays within each one: transformers' packed-sequence masks); logit terms and `ce` "
-        "only. Held-out batches stay padded."
+        False, help="Pack each training micro-batch's examples back to back into rows of at most `max_length` "
+        "tokens (first-fit decreasing; position ids restart per example, so attention stays within each one: "
+        "transformers' packed-sequence masks), rows padded to the longest; logit terms and `ce` only. "
+        "Held-out batches stay padded."
     )
     step_by_step_label_weight: float | None = option(
         None, help="Distilling step-by-step: each record's `prompt`, `rationale` and `label` columns (as written by "
@@ -297,26 +298,53 @@ def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
             "loss_weights": loss_weights}
 
 
-def collate_packed(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """One row holding every example back to back, no padding: ``position_ids`` restart at 0 for each example, from
-    which transformers (5.24 ``masking_utils.find_packed_sequence_indices``, used when the attention mask is None)
-    builds a block-diagonal causal mask, so each example attends to itself only, as if padded. The first token of
-    each example is never a target (its label is set to -100), so no example predicts the next one's start.
-    ``attention_mask`` is all ones, for shape only: the trainer passes None to the models when ``position_ids`` is
-    present."""
-    ids, labels, positions = [], [], []
-    for example in examples:
-        n = len(example["input_ids"])
-        ids += example["input_ids"]
-        labels += [IGNORE_INDEX] + list(example["labels"][1:])
-        positions += list(range(n))
-    return {
-        "input_ids": torch.tensor([ids], dtype=torch.long),
-        "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "position_ids": torch.tensor([positions], dtype=torch.long),
-        "sample_ids": torch.tensor([e["sample_id"] for e in examples], dtype=torch.long),
-        # Per token: a packed row holds several examples, each with its own `ce` weight.
-        "loss_weights": torch.tensor([[w for e in examples for w in [e.get("loss_weight", 1.0)] * len(e["input_ids"])]],
-                                     dtype=torch.float32),
-    }
+def pack_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
+    """First-fit decreasing: example indices grouped into rows of at most ``capacity`` tokens (None: one row).
+    Rows are bounded so attention, quadratic in a row's length, stays that of ``max_length``-long sequences."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if capacity is None or free >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity if capacity is not None else 0)
+            row = len(rows) - 1
+        rows[row].append(index)
+        if capacity is not None:
+            room[row] -= lengths[index]
+    return rows
+
+
+def collate_packed(examples: list[dict[str, Any]], pad_token_id: int, max_length: int | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Examples back to back in as few rows of at most ``max_length`` tokens as first-fit decreasing finds, padded
+    only to the longest row: ``position_ids`` restart at 0 for each example, from which transformers (5.24
+    ``masking_utils.find_packed_sequence_indices``, used when the attention mask is None) builds a block-diagonal
+    causal mask, so each example attends to itself only, as if padded. A padding token has position 0 (a sequence
+    of its own), label -100 and loss weight 0. The first token of each example is never a target (its label is set
+    to -100), so no example predicts the next one's start. ``sample_ids`` follow the packed order (row by row), as
+    the offline store's targets must. ``attention_mask`` marks the real tokens; the trainer passes None to the
+    models when ``position_ids`` is present."""
+    rows = pack_rows([len(e["input_ids"]) for e in examples], max_length)
+    width = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    loss_weights = torch.zeros(shape, dtype=torch.float32)  # per token: a row holds examples with their own `ce` weight
+    order = []
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            example, n = examples[i], len(examples[i]["input_ids"])
+            span = slice(start, start + n)
+            input_ids[r, span] = torch.tensor(example["input_ids"])
+            labels[r, span] = torch.tensor([IGNORE_INDEX] + list(example["labels"][1:]))
+            positions[r, span] = torch.arange(n)
+            attention_mask[r, span] = 1
+            loss_weights[r, span] = example.get("loss_weight", 1.0)
+            order.append(example["sample_id"])
+            start += n
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": positions,
+            "sample_ids": torch.tensor(order, dtype=torch.long), "loss_weights": loss_weights}

@@ -332,7 +332,11 @@ class Distiller:
                     examples, figures = self.sampler.replay(len(examples))
                 elif source != OFF_POLICY:
                     examples, figures = self.sample(examples, source)
-            batch = (collate_packed if self.cfg.data.packing else collate)(examples, self.tokenizer.pad_token_id)
+            pad = self.tokenizer.pad_token_id
+            if self.cfg.data.packing:
+                batch = collate_packed(examples, pad, self.cfg.data.max_length)
+            else:
+                batch = collate(examples, pad)
             batches.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
             sources.append(source)
             stats.append(figures)

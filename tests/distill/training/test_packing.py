@@ -1,13 +1,13 @@
-"""``data.packing``: a micro-batch packed into one row with restarting position ids gives the same loss terms and the
-same gradient as the padded batch (attention stays within each example), with fewer tokens run; refused with
-feature terms."""
+"""``data.packing``: a micro-batch packed into rows of at most ``max_length`` tokens with restarting position ids
+gives the same loss terms and the same gradient as the padded batch (attention stays within each example), with
+fewer tokens run; refused with feature terms."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from distill.data.datasets import IGNORE_INDEX, collate, collate_packed
+from distill.data.datasets import IGNORE_INDEX, collate, collate_packed, pack_rows
 from distill.training.train import Distiller, TrainConfig
 from kd_core.config import ConfigError, from_dict
 
@@ -32,16 +32,35 @@ def terms_and_grads(distiller, batch):
             {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
 
 
-def test_packed_batch_gives_the_padded_batch_terms_and_gradients(model_dirs, train_file, tmp_path):
+def test_first_fit_decreasing_rows_hold_every_example_once_within_capacity():
+    lengths = [5, 9, 3, 7, 2, 6]
+    rows = pack_rows(lengths, 12)
+    assert sorted(i for row in rows for i in row) == list(range(6))
+    assert all(sum(lengths[i] for i in row) <= 12 for row in rows)
+    assert len(rows) == 3  # 32 tokens need at least 3 rows of 12
+    assert pack_rows(lengths, None) == [[1, 3, 5, 0, 2, 4]]
+    assert pack_rows([20, 4], 12) == [[0], [1]]  # longer than a row (a sampled completion): a row of its own
+
+
+@pytest.mark.parametrize("rows", ["one", "several"])
+def test_packed_batch_gives_the_padded_batch_terms_and_gradients(model_dirs, train_file, tmp_path, rows):
     terms = {"forward_kl": 0.5, "reverse_kl": 0.2, "ce": 0.3}
     padded_run = Distiller(config(model_dirs, train_file, tmp_path / "a", False, terms))
     packed_run = Distiller(config(model_dirs, train_file, tmp_path / "b", True, terms))
     examples = [padded_run.train_set[i] for i in range(6)]
     examples[2] = {**examples[2], "loss_weight": 0.25}  # per-example ce weights survive packing
     pad = padded_run.tokenizer.pad_token_id
-    padded, packed = collate(examples, pad), collate_packed(examples, pad)
-    assert packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
-    assert packed["input_ids"].numel() < padded["input_ids"].numel()  # the padding is gone
+    lengths = [len(e["input_ids"]) for e in examples]
+    capacity = None if rows == "one" else sum(sorted(lengths)[-2:])  # about two examples a row
+    padded, packed = collate(examples, pad), collate_packed(examples, pad, capacity)
+    if rows == "one":
+        assert packed["input_ids"].shape == (1, sum(lengths))
+    else:
+        assert 1 < packed["input_ids"].shape[0] < len(examples) and packed["input_ids"].shape[1] <= capacity
+        assert sorted(packed["sample_ids"].tolist()) == sorted(e["sample_id"] for e in examples)
+        assert packed["attention_mask"].sum() == sum(lengths)  # padding marked, position 0, no loss weight
+        assert (packed["loss_weights"][packed["attention_mask"] == 0] == 0).all()
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()  # less padding
     assert (packed["labels"] != IGNORE_INDEX).sum() == (padded["labels"][:, 1:] != IGNORE_INDEX).sum()
     want_terms, want_grads = terms_and_grads(padded_run, padded)
     got_terms, got_grads = terms_and_grads(packed_run, packed)
