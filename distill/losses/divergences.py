@@ -193,6 +193,16 @@ def divergence_and_grad(
     return value, u.sub_(torch.mul(ps, u, out=t).sum(-1)[:, None]).mul_(ps)
 
 
+def matmul_head(head: Tensor) -> Tensor:
+    """The head as the kernels multiply with it: cast once to autocast's dtype when autocast is on (bf16 mixed
+    precision), as the model's own lm_head matmuls would run, instead of in fp32 or cast again for every chunk.
+    Only the products run in it: log-softmax, divergences and the gradient accumulators stay fp32."""
+    device = head.device.type
+    if torch.is_autocast_enabled(device) and head.dtype == torch.float32:
+        return head.to(torch.get_autocast_dtype(device))
+    return head
+
+
 def project_into(out: Tensor, hidden: Tensor, head: Tensor, inv_t: float) -> Tensor:
     """``out = (hidden @ head.T) / T`` in fp32. Low-precision inputs are projected in their own dtype first
     (what the model's own lm_head would output), then upcast."""
@@ -216,14 +226,16 @@ def gradient_accumulators(
 
 
 def hold_gradients(
-    ctx: torch.autograd.function.FunctionCtx, grads: tuple[Tensor | None, Tensor | None], hidden: Tensor, head: Tensor
+    ctx: torch.autograd.function.FunctionCtx, grads: tuple[Tensor | None, Tensor | None],
+    dtypes: tuple[torch.dtype, torch.dtype],
 ) -> None:
-    """Keep a kernel's finished gradients for :func:`release_gradients`, with the dtypes of the inputs.
+    """Keep a kernel's finished gradients for :func:`release_gradients`, with the dtypes of the inputs (the
+    parameters' own: the head may have been multiplied in autocast's dtype).
 
     Kept as ctx attributes, not save_for_backward: backward hands these very tensors to autograd, and a tensor still
     referenced by a SavedVariable would be cloned by AccumulateGrad (one more [V, H] copy)."""
     ctx.grads = list(grads)
-    ctx.dtypes = (hidden.dtype, head.dtype)
+    ctx.dtypes = dtypes
 
 
 def needs_mixture_scratch(kind: str, beta: float) -> bool:
@@ -243,7 +255,10 @@ def backprop_chunk(
         else:
             rows.copy_(grad_z.to(head.dtype) @ head)
     if grad_head is not None:
-        grad_head[: grad_z.shape[1]].addmm_(grad_z.t(), hidden.float())
+        if head.dtype == torch.float32:
+            grad_head[: grad_z.shape[1]].addmm_(grad_z.t(), hidden.float())
+        else:  # the product in the head's (autocast) dtype, summed into the fp32 accumulator
+            grad_head[: grad_z.shape[1]].add_(grad_z.t().to(head.dtype) @ hidden.to(head.dtype))
 
 
 class _ChunkedDivergence(torch.autograd.Function):
@@ -271,9 +286,10 @@ class _ChunkedDivergence(torch.autograd.Function):
         device = student_hidden.device
         total = torch.zeros((), dtype=torch.float32, device=device)
         grad_hidden, grad_head = gradient_accumulators(ctx, student_hidden, student_head)
+        dtypes = (student_hidden.dtype, student_head.dtype)
         # Cropping inside the Function, not before it: a slice taken outside would make autograd scatter our
         # gradient into a fresh zero [V, H] tensor (SliceBackward), a second head-sized copy at peak.
-        student_head, teacher_head = student_head[:vocab], teacher_head[:vocab]
+        student_head, teacher_head = matmul_head(student_head[:vocab]), matmul_head(teacher_head[:vocab])
         rows = min(chunk_size, n_tokens)
         mixture = needs_mixture_scratch(kind, beta)
         tiles = [torch.empty((rows, vocab), dtype=torch.float32, device=device) for _ in range(4 if mixture else 3)]
@@ -296,7 +312,7 @@ class _ChunkedDivergence(torch.autograd.Function):
                     grad_z.mul_(temperature)
                 backprop_chunk(grad_z, h_s, student_head, grad_hidden, grad_head, start)
         del tiles
-        hold_gradients(ctx, (grad_hidden, grad_head), student_hidden, student_head)
+        hold_gradients(ctx, (grad_hidden, grad_head), dtypes)
         return total * temperature**2
 
     @staticmethod
@@ -329,6 +345,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         chunk_size: int,
     ) -> Tensor:
         grad_hidden, grad_head = gradient_accumulators(ctx, hidden, head)
+        dtypes = (hidden.dtype, head.dtype)
+        head = matmul_head(head)
         n_tokens = hidden.shape[0]
         tile = torch.empty((min(chunk_size, n_tokens), head.shape[0]), dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -343,7 +361,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     nll, grad_z = nll * w, grad_z.mul_(w[:, None])
                 total += nll.sum()
                 backprop_chunk(grad_z, h, head, grad_hidden, grad_head, start)
-        hold_gradients(ctx, (grad_hidden, grad_head), hidden, head)
+        hold_gradients(ctx, (grad_hidden, grad_head), dtypes)
         return total
 
     @staticmethod

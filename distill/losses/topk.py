@@ -88,7 +88,8 @@ class _ChunkedTopK(torch.autograd.Function):
         vocab: int,
     ) -> Tensor:
         grad_hidden, grad_head = losses.gradient_accumulators(ctx, hidden, head)
-        cropped = head[:vocab]  # inside the Function, so autograd gets the full-size gradient without a copy
+        dtypes = (hidden.dtype, head.dtype)
+        cropped = losses.matmul_head(head[:vocab])  # inside the Function, so autograd gets the full-size gradient without a copy
         n_tokens = hidden.shape[0]
         tile = torch.empty((min(chunk_size, n_tokens), vocab), dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -121,7 +122,7 @@ class _ChunkedTopK(torch.autograd.Function):
                 grad_z = z.div_(tail_sum.clamp_min(torch.finfo(torch.float32).tiny)).mul_(grad_b[:, -1:])
                 grad_z.scatter_add_(1, chunk_ids, grad_b[:, :-1])
                 losses.backprop_chunk(grad_z, h, cropped, grad_hidden, grad_head, start)
-        losses.hold_gradients(ctx, (grad_hidden, grad_head), hidden, head)
+        losses.hold_gradients(ctx, (grad_hidden, grad_head), dtypes)
         return total * temperature**2
 
     @staticmethod

@@ -188,6 +188,33 @@ def test_vocab_cropping_ignores_padding_rows() -> None:
         chunked_divergence(h_s, w_s, h_t, w_t, "forward_kl")
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd", "ce"])
+def test_chunked_under_bf16_autocast_matches_the_autocast_reference(kind: str) -> None:
+    # fp32 parameters under autocast (`bf16: true`): the kernels multiply in bfloat16, as the model's own lm_head
+    # would, and hand back fp32 gradients; the reference is the same computation on full logits.
+    h_s, w_s, h_t, w_t = _heads(9, 16, 16, 50, 50)
+    targets = torch.arange(9) % 50
+    grads = []
+    for chunked in (True, False):
+        hidden, head = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if chunked and kind == "ce":
+                total = chunked_cross_entropy_sum(hidden, head, targets, 4)
+            elif chunked:
+                total = chunked_divergence(hidden, head, h_t, w_t, kind, chunk_size=4)
+            elif kind == "ce":
+                total = torch.nn.functional.cross_entropy((hidden @ head.t()).float(), targets, reduction="sum")
+            else:
+                total = per_token_divergence(hidden @ head.t(), h_t @ w_t.t(), kind).sum()
+        total.backward()
+        assert hidden.grad.dtype == head.grad.dtype == torch.float32
+        grads.append((total.detach(), hidden.grad, head.grad))
+    (value, g_hidden, g_head), (want, want_hidden, want_head) = grads
+    torch.testing.assert_close(value, want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(g_hidden, want_hidden, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(g_head, want_head, rtol=3e-2, atol=3e-2)
+
+
 def test_shared_vocab_size() -> None:
     assert shared_vocab_size(151_936, 152_064, 151_665) == 151_665
     assert shared_vocab_size(300, 300, 300) == 300
