@@ -91,7 +91,7 @@ class QuickstartConfig:
     vocab_size: int = option(384, help="Size of the BPE tokenizer trained on the problems.")
     teacher_layers: int = option(4, help="Teacher depth.")
     teacher_hidden: int = option(128, help="Teacher width.")
-    teacher_steps: int = option(800, help="Optimizer steps to train the teacher on the gold rationales.")
+    teacher_steps: int = option(1000, help="Optimizer steps to train the teacher on the gold rationales.")
     cot_samples: int = option(2, help="Rationales the teacher samples per training question (data-gen cot k).")
     cot_temperature: float = option(0.5, help="Sampling temperature of the teacher's rationales.")
     student_layers: int = option(1, help="Layers kept by pruning (Block Influence on the training problems).")
