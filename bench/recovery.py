@@ -49,7 +49,11 @@ VARIANTS: dict[str, list[str]] = {
     "kd_hidden": ["--loss.terms", "{forward_kl: 1.0, ce: 0.1, hidden_cosine: 1.0}", "--loss.features.layer_map",
                   "explicit"],  # layers: student i <- the teacher layer it was copied from (set in main)
     "offline_topk": ["--model.teacher", "null"],  # --loss.teacher_store set in main
+    "ce_lr1e-3": ["--loss.terms", "{ce: 1.0}", "--learning_rate", "1e-3"],
+    # Minitron's teacher correction: the shipped recipe from the teacher first fine-tuned (CE) on the same rows.
+    "kd_ce_corrected": [],  # --model.teacher set in main
 }
+TEACHER_VARIANTS = {"kd_ce_corrected"}  # distilled from the corrected teacher
 
 
 def sh(*args: str, log: Path) -> None:
@@ -129,6 +133,8 @@ def main() -> None:
     parser.add_argument("--eval_records", type=int, default=40)
     parser.add_argument("--max_new_tokens", type=int, default=48, help="greedy tokens for agreement and drafting")
     parser.add_argument("--draft_prompts", type=int, default=8)
+    parser.add_argument("--correction_steps", type=int, default=30, help="teacher-correction steps (kd_ce_corrected)")
+    parser.add_argument("--correction_lr", type=float, default=1e-4, help="teacher-correction learning rate")
     parser.add_argument("--extra", default="", help="overrides added to every training run, e.g. '--seed 1'")
     parser.add_argument("--tag", default="", help="suffix of the run directories (to keep several searches)")
     parser.add_argument("--data_dir", default=str(SHARED), help="folder of gsm8k_train.jsonl / gsm8k_test.jsonl")
@@ -146,6 +152,11 @@ def main() -> None:
     VARIANTS["kd_hidden"] += ["--loss.features.layers", json.dumps([[i, t] for i, t in enumerate(kept)])]
     teacher_figures = evaluate(paths["teacher"], paths, root / "eval_teacher.json", args, teacher=False)
     rows = [("teacher", teacher_figures, {}, 1.0)]
+    if TEACHER_VARIANTS & set(args.variants.split(",")):
+        corrected = corrected_teacher(paths, root, args)
+        figures = evaluate(corrected, paths, root / f"{corrected.parent.name}.eval.json", args)
+        rows.append(("teacher, corrected", figures, {},
+                     greedy_agreement(figures["samples"], teacher_figures["samples"], tokenizer)))
     for variant in args.variants.split(","):
         name = variant + args.tag
         run_dir = root / "runs" / name
@@ -157,9 +168,10 @@ def main() -> None:
                 overrides = list(VARIANTS[variant])
                 if variant == "offline_topk":
                     overrides += ["--loss.teacher_store", str(store(paths, root, args))]
+                teacher = corrected_teacher(paths, root, args) if variant in TEACHER_VARIANTS else paths["teacher"]
                 began = time.perf_counter()
                 sh(str(Path(__file__).resolve()), "--worker", str(result), "--config", str(CONFIG), "--model.student",
-                   str(paths["student"]), "--model.teacher", str(paths["teacher"]), "--data.train_file",
+                   str(paths["student"]), "--model.teacher", str(teacher), "--data.train_file",
                    str(paths["train"]), "--max_steps", str(args.steps), "--per_device_train_batch_size",
                    str(args.batch), "--output_dir", str(run_dir), "--overwrite_output_dir", *overrides,
                    *args.extra.split(), log=root / "runs" / f"{name}.log")
@@ -169,6 +181,20 @@ def main() -> None:
         figures = evaluate(model, paths, root / "runs" / f"{name}.eval.json", args)
         rows.append((name, figures, cost, greedy_agreement(figures["samples"], teacher_figures["samples"], tokenizer)))
         print_table(rows)
+
+
+def corrected_teacher(paths: dict[str, Path], root: Path, args) -> Path:
+    """Teacher correction (Minitron, Sreenivas et al. 2024): the teacher fine-tuned with CE on the distillation rows
+    before it teaches (``--correction_steps`` steps at ``--correction_lr``, the students' batch), made once. Its
+    cost is the teacher's, paid once per dataset, not the student's: the students' steps and tokens stay equal."""
+    out = root / f"teacher_corrected_{args.correction_steps}_{args.correction_lr:g}"
+    if not (out / "final").is_dir():
+        sh("-m", "distill", "train", "--config", str(CONFIG), "--model.student", str(paths["teacher"]),
+           "--model.teacher", "null", "--loss.terms", "{ce: 1.0}", "--data.train_file", str(paths["train"]),
+           "--max_steps", str(args.correction_steps), "--learning_rate", str(args.correction_lr),
+           "--per_device_train_batch_size", str(args.batch), "--output_dir", str(out), "--overwrite_output_dir",
+           *args.extra.split(), log=root / "correction.log")
+    return out / "final"
 
 
 def store(paths: dict[str, Path], root: Path, args) -> Path:
