@@ -55,11 +55,9 @@ def normalize_number(text: str) -> str | None:
             value = Decimal(raw)
     except (InvalidOperation, ValueError):
         return None
-    # normalize() drops trailing zeros ("18.00" -> "18") but writes 100 as 1E+2; quantize back to an integer then.
-    value = value.normalize()
-    if value == value.to_integral_value():
-        value = value.quantize(Decimal(1))
-    text_value = format(value, "f")
+    # normalize() drops trailing zeros ("18.00" -> "18") and writes 100 as 1E+2, which format "f" spells out again
+    # (quantize would raise on numbers longer than the context's 28 digits, which a sampling model can write).
+    text_value = str(int(value)) if value == value.to_integral_value() else format(value.normalize(), "f")
     return "0" if text_value in ("-0", "0") else text_value
 
 

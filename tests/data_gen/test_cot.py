@@ -249,6 +249,8 @@ def test_regex_extractor_and_text_mode():
 def test_normalisation_and_vote():
     assert [normalize_number(t) for t in ("18.00", "$72", "1,000", "3/4", "-0.0", "x")] == \
         ["18", "72", "1000", "0.75", "0", None]
+    # a sampled run of digits longer than Decimal's 28-digit context is kept exactly, not an error
+    assert normalize_number("7" * 40) == "7" * 40 and normalize_number("100") == "100"
     assert gold_answer("He pays 3 * 4 = 12\n#### 12") == "12" and gold_answer("42") == "42"
     assert majority(["2", None, "3", "3", "2"]) == ("2", 2)  # tie: first seen wins
     assert majority([None, None]) == (None, 0)
