@@ -55,8 +55,8 @@ def normalize_number(text: str) -> str | None:
             value = Decimal(raw)
     except (InvalidOperation, ValueError):
         return None
-    # normalize() drops trailing zeros ("18.00" -> "18") and writes 100 as 1E+2, which format "f" spells out again
-    # (quantize would raise on numbers longer than the context's 28 digits, which a sampling model can write).
+    # Integers as int() spells them: exact at any length (a sampling model can write more than Decimal's 28-digit
+    # context, where quantize raised); other numbers lose trailing zeros ("0.50" -> "0.5") through normalize().
     text_value = str(int(value)) if value == value.to_integral_value() else format(value.normalize(), "f")
     return "0" if text_value in ("-0", "0") else text_value
 

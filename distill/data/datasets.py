@@ -300,18 +300,21 @@ def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
 
 def pack_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
     """First-fit decreasing: example indices grouped into rows of at most ``capacity`` tokens (None: one row).
-    Rows are bounded so attention, quadratic in a row's length, stays that of ``max_length``-long sequences."""
+    Rows are bounded so attention, quadratic in a row's length, stays that of ``max_length``-long sequences; an
+    example longer than ``capacity`` gets a row of its own."""
+    longest_first = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if capacity is None:
+        return [longest_first]
     rows: list[list[int]] = []
     room: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r, free in enumerate(room) if capacity is None or free >= lengths[index]), None)
+    for index in longest_first:
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
         if row is None:
             rows.append([])
-            room.append(capacity if capacity is not None else 0)
+            room.append(capacity)
             row = len(rows) - 1
         rows[row].append(index)
-        if capacity is not None:
-            room[row] -= lengths[index]
+        room[row] -= lengths[index]
     return rows
 
 

@@ -89,7 +89,8 @@ class _ChunkedTopK(torch.autograd.Function):
     ) -> Tensor:
         grad_hidden, grad_head = losses.gradient_accumulators(ctx, hidden, head)
         dtypes = (hidden.dtype, head.dtype)
-        cropped = losses.matmul_head(head[:vocab])  # inside the Function, so autograd gets the full-size gradient without a copy
+        # Cropped inside the Function, so autograd gets the full-size gradient without a copy.
+        cropped = losses.matmul_head(head[:vocab])
         n_tokens = hidden.shape[0]
         tile = torch.empty((min(chunk_size, n_tokens), vocab), dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
