@@ -47,8 +47,8 @@ CONFIG = "config.yaml"
 class OnPolicyStudent:
     steps: int = option(200, help="Optimizer steps of the on-policy continuation of the rationale-trained student.")
     terms: dict[str, float] = option(
-        {"reverse_kl": 1.0}, help="Loss terms on the sampled completions: a logit divergence to the teacher "
-        "(reverse_kl, jsd, ... see docs/losses.md); `ce` is off on the student's own samples."
+        {"jsd": 1.0}, help="Loss terms on the sampled completions: a logit divergence to the teacher "
+        "(jsd, reverse_kl, ... see docs/losses.md; jsd lowered the KL to the teacher where reverse_kl raised it); `ce` is off on the student's own samples."
     )
     student_fraction: float = option(
         1.0, help="Fraction of batches the student samples (GKD's lambda); the others train on the gold rationales."
