@@ -15,7 +15,7 @@ in; finished stages are skipped):
    feature losses (``loss_terms``), in full or with LoRA (``lora.enabled``).
 6. ``students/on_policy``: the rationale-trained student continued with on-policy distillation (``on_policy``): it
    samples completions for the training questions and learns the teacher's distribution on them token by token
-   (reverse KL by default; GKD, Agarwal et al., 2024).
+   (JSD by default; GKD, Agarwal et al., 2024).
 7. ``eval/``: ``distill eval`` figures of the six models on the held-out problems.
 8. ``report.md`` / ``report.json`` and ``plots/``: accuracies, parameters, speeds, training curves.
 """
@@ -48,7 +48,8 @@ class OnPolicyStudent:
     steps: int = option(200, help="Optimizer steps of the on-policy continuation of the rationale-trained student.")
     terms: dict[str, float] = option(
         {"jsd": 1.0}, help="Loss terms on the sampled completions: a logit divergence to the teacher "
-        "(jsd, reverse_kl, ... see docs/losses.md; jsd lowered the KL to the teacher where reverse_kl raised it); `ce` is off on the student's own samples."
+        "(jsd, reverse_kl, ... see docs/losses.md; here jsd lowered the KL to the teacher where reverse_kl "
+        "raised it); `ce` is off on the student's own samples."
     )
     student_fraction: float = option(
         1.0, help="Fraction of batches the student samples (GKD's lambda); the others train on the gold rationales."
