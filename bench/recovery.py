@@ -7,15 +7,18 @@ The student is the teacher pruned to about half its parameters (``configs/prune/
 layers, MLP 1024, 70.8 M parameters). Every variant trains it from that same checkpoint with
 ``configs/smollm2_prune_distill.yaml`` and the variant's overrides (below) for the same optimizer steps on the same
 GSM8K train rationales (one pass over ``steps x batch`` records, completion tokens only), so steps and tokens are
-equal; only the loss terms, and where said the learning rate, differ. Each run is a fresh process (peak RSS =
-``ru_maxrss`` of that process; seconds per step = the training loop's wall time over its steps, final save included).
+equal; only the loss terms, the teacher (the original model, or for ``kd_ce_corrected`` that model corrected first
+with ``configs/smollm2_teacher_correction.yaml``) and where said the learning rate differ. Each run is a fresh
+process (peak RSS = ``ru_maxrss`` of that process; seconds per step = the training loop's wall time over its steps,
+final save included).
 
-Figures, all on held-out GSM8K test rationales (``--eval_records``, default 40) by ``distill eval --teacher``:
-perplexity on the gold text, KL(teacher || student) and top-1 agreement per completion token, greedy agreement (the
-fraction of the teacher's greedy continuation, in tokens, that the student's greedy continuation reproduces before
-the first difference, averaged over prompts) and, from the student as the teacher's speculative-decoding draft,
-acceptance rate and speedup of the teacher's assisted greedy generation. The pruned model, the teacher (a Hugging
-Face copy of the GGUF file, made once) and the top-k store are built under ``--root`` and reused by later runs.
+Figures, all on held-out GSM8K test rationales (``--eval_records``, default 40) by ``distill eval --teacher`` with
+the original teacher: perplexity on the gold text, KL(teacher || student) and top-1 agreement per completion token,
+greedy agreement (the fraction of the teacher's greedy continuation, in tokens, that the student's greedy
+continuation reproduces before the first difference, averaged over prompts) and, from the student as the teacher's
+speculative-decoding draft, acceptance rate and speedup of the teacher's assisted greedy generation. The pruned
+model, the teacher (a Hugging Face copy of the GGUF file, made once), the corrected teacher and the top-k store are
+built under ``--root`` and reused by later runs.
 The machine is 2 shared CPU cores here: times are noisy; the ratios within one run are what to read.
 """
 
@@ -34,10 +37,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
 CONFIG = REPO / "configs" / "smollm2_prune_distill.yaml"
+CORRECTION_CONFIG = REPO / "configs" / "smollm2_teacher_correction.yaml"
 PRUNE_CONFIG = REPO / "configs" / "prune" / "smollm2_half.yaml"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Overrides of the shipped config per variant; "kd_ce" is the shipped recipe itself.
+# Overrides of the shipped config per variant. The teacher is the original model except for TEACHER_VARIANTS;
+# "kd_ce" is the shipped loss from the original teacher, "kd_ce_corrected" the shipped recipe (config as is).
 VARIANTS: dict[str, list[str]] = {
     "none": [],
     "ce": ["--loss.terms", "{ce: 1.0}"],
@@ -50,7 +55,7 @@ VARIANTS: dict[str, list[str]] = {
                   "explicit"],  # layers: student i <- the teacher layer it was copied from (set in main)
     "offline_topk": ["--model.teacher", "null"],  # --loss.teacher_store set in main
     "ce_lr1e-3": ["--loss.terms", "{ce: 1.0}", "--learning_rate", "1e-3"],
-    # Minitron's teacher correction: the shipped recipe from the teacher first fine-tuned (CE) on the same rows.
+    # Minitron's teacher correction: the teacher first fine-tuned (CE) on the same rows, as the shipped config has it.
     "kd_ce_corrected": [],  # --model.teacher set in main
 }
 TEACHER_VARIANTS = {"kd_ce_corrected"}  # distilled from the corrected teacher
@@ -189,11 +194,10 @@ def corrected_teacher(paths: dict[str, Path], root: Path, args) -> Path:
     cost is the teacher's, paid once per dataset, not the student's: the students' steps and tokens stay equal."""
     out = root / f"teacher_corrected_{args.correction_steps}_{args.correction_lr:g}"
     if not (out / "final").is_dir():
-        sh("-m", "distill", "train", "--config", str(CONFIG), "--model.student", str(paths["teacher"]),
-           "--model.teacher", "null", "--loss.terms", "{ce: 1.0}", "--data.train_file", str(paths["train"]),
-           "--max_steps", str(args.correction_steps), "--learning_rate", str(args.correction_lr),
-           "--per_device_train_batch_size", str(args.batch), "--output_dir", str(out), "--overwrite_output_dir",
-           *args.extra.split(), log=root / "correction.log")
+        sh("-m", "distill", "train", "--config", str(CORRECTION_CONFIG), "--model.student", str(paths["teacher"]),
+           "--data.train_file", str(paths["train"]), "--max_steps", str(args.correction_steps),
+           "--learning_rate", str(args.correction_lr), "--per_device_train_batch_size", str(args.batch),
+           "--output_dir", str(out), "--overwrite_output_dir", *args.extra.split(), log=root / "correction.log")
     return out / "final"
 
 
