@@ -47,10 +47,11 @@ class DataSettings:
     )
     max_samples: int | None = option(None, help="Use at most this many training examples (for quick runs).")
     packing: bool = option(
-        False, help="Pack each training micro-batch's examples back to back into rows of at most `max_length` "
-        "tokens (first-fit decreasing; position ids restart per example, so attention stays within each one: "
-        "transformers' packed-sequence masks), rows padded to the longest; logit terms and `ce` only. "
-        "Held-out batches stay padded."
+        False, help="Pack each training micro-batch's examples back to back (first-fit decreasing into rows of "
+        "`max_length` tokens, or fewer, longer rows where the student's shape makes them cheaper: padding costs "
+        "every layer's matmuls, long rows cost attention); position ids restart per "
+        "example, so attention stays within each one (transformers' packed-sequence masks); logit terms and `ce` "
+        "only. Held-out batches stay padded."
     )
     step_by_step_label_weight: float | None = option(
         None, help="Distilling step-by-step: each record's `prompt`, `rationale` and `label` columns (as written by "
@@ -318,17 +319,61 @@ def pack_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
     return rows
 
 
-def collate_packed(examples: list[dict[str, Any]], pad_token_id: int, max_length: int | None = None
-                   ) -> dict[str, torch.Tensor]:
-    """Examples back to back in as few rows of at most ``max_length`` tokens as first-fit decreasing finds, padded
-    only to the longest row: ``position_ids`` restart at 0 for each example, from which transformers (5.24
+def attention_weight(config) -> float:
+    """Cost of one query-key pair in attention relative to one token through the layer's matmuls, for a decoder
+    config (forward FLOPs per layer; backward scales both alike): QK^T and AV take 4 x heads x head_dim per pair,
+    the q/k/v/o projections and the gated MLP 2 x (hidden x (2 q + 2 kv widths) + 3 x hidden x intermediate) per
+    token. SmolLM2-135M: 1 / 3,070 (its half-width-MLP pruned student 1 / 2,300), so rows of a few thousand tokens
+    cost little attention; Llama-3-8B: 1 / 26,600."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_token = 2 * (hidden * (2 * heads * head_dim + 2 * kv_heads * head_dim) + 3 * hidden * intermediate)
+    return 4 * heads * head_dim / per_token
+
+
+def balanced_rows(lengths: list[int], count: int) -> list[list[int]]:
+    """Example indices in ``count`` rows of near-equal length: longest first, each into the shortest row so far."""
+    rows: list[list[int]] = [[] for _ in range(count)]
+    filled = [0] * count
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = filled.index(min(filled))
+        rows[row].append(index)
+        filled[row] += lengths[index]
+    return [row for row in rows if row]
+
+
+def packing_rows(lengths: list[int], max_length: int | None, weight: float | None) -> list[list[int]]:
+    """The rows :func:`collate_packed` uses: first-fit decreasing into rows of ``max_length`` tokens or, where a
+    balanced packing into fewer, longer rows costs less, that one. Cost = ``rows x width`` tokens (padding
+    included) + ``weight x rows x width^2`` attention pairs. Rows of ``max_length`` when ``weight`` is None; one
+    row when ``max_length`` is None."""
+    rows = pack_rows(lengths, max_length)
+    if max_length is None or weight is None:
+        return rows
+
+    def cost(rows: list[list[int]]) -> float:
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        return len(rows) * width * (1 + weight * width)
+
+    fewer = [balanced_rows(lengths, count) for count in range(1, len(rows))]
+    return min([rows, *fewer], key=cost)  # ties keep the max_length rows
+
+
+def collate_packed(examples: list[dict[str, Any]], pad_token_id: int, max_length: int | None = None,
+                   attention_weight: float | None = None) -> dict[str, torch.Tensor]:
+    """Examples back to back in rows chosen by :func:`packing_rows` (first-fit decreasing into rows of
+    ``max_length`` tokens, or fewer, longer rows where ``attention_weight`` says they are cheaper), padded only to
+    the longest row: ``position_ids`` restart at 0 for each example, from which transformers (5.24
     ``masking_utils.find_packed_sequence_indices``, used when the attention mask is None) builds a block-diagonal
     causal mask, so each example attends to itself only, as if padded. A padding token has position 0 (a sequence
     of its own), label -100 and loss weight 0. The first token of each example is never a target (its label is set
     to -100), so no example predicts the next one's start. ``sample_ids`` follow the packed order (row by row), as
     the offline store's targets must. ``attention_mask`` marks the real tokens; the trainer passes None to the
     models when ``position_ids`` is present."""
-    rows = pack_rows([len(e["input_ids"]) for e in examples], max_length)
+    rows = packing_rows([len(e["input_ids"]) for e in examples], max_length, attention_weight)
     width = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)

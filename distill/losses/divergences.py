@@ -243,22 +243,30 @@ def needs_mixture_scratch(kind: str, beta: float) -> bool:
     return kind in ("jsd", "skew_forward_kl", "skew_reverse_kl") and not (kind == "jsd" and beta in (0, 1))
 
 
+HEAD_SLICE = 8192  # vocabulary rows per low-precision head-gradient product (8192 x 4096 in bf16: 64 MiB)
+
+
 def backprop_chunk(
     grad_z: Tensor, hidden: Tensor, head: Tensor, grad_hidden: Tensor | None, grad_head: Tensor | None, start: int
 ) -> None:
     """Through ``logits = hidden @ head.T`` for one chunk of rows starting at ``start``: write the hidden-state
     gradient rows and add to the (full-size, fp32) head gradient. ``head`` is already cropped to ``grad_z``'s width."""
-    if grad_hidden is not None:
-        rows = grad_hidden[start : start + grad_z.shape[0]]
-        if head.dtype == torch.float32:
-            torch.mm(grad_z, head, out=rows)
-        else:
-            rows.copy_(grad_z.to(head.dtype) @ head)
-    if grad_head is not None:
-        if head.dtype == torch.float32:
+    if head.dtype == torch.float32:
+        if grad_hidden is not None:
+            torch.mm(grad_z, head, out=grad_hidden[start : start + grad_z.shape[0]])
+        if grad_head is not None:
             grad_head[: grad_z.shape[1]].addmm_(grad_z.t(), hidden.float())
-        else:  # the product in the head's (autocast) dtype, summed into the fp32 accumulator
-            grad_head[: grad_z.shape[1]].add_(grad_z.t().to(head.dtype) @ hidden.to(head.dtype))
+        return
+    # The products in the head's (autocast) dtype, summed into fp32; grad_z cast once for both.
+    grad_z = grad_z.to(head.dtype)
+    if grad_hidden is not None:
+        grad_hidden[start : start + grad_z.shape[0]].copy_(grad_z @ head)
+    if grad_head is not None:
+        hidden = hidden.to(head.dtype)
+        # addmm_ wants one dtype (torch 2.13's mm(out_dtype=) has no CPU kernel), so each product is a temporary:
+        # taken HEAD_SLICE vocabulary rows at a time, it never is a second [V, H] tensor at the peak.
+        for v in range(0, grad_z.shape[1], HEAD_SLICE):
+            grad_head[v : v + HEAD_SLICE].add_(grad_z[:, v : v + HEAD_SLICE].t() @ hidden)
 
 
 class _ChunkedDivergence(torch.autograd.Function):

@@ -46,8 +46,9 @@ class LossSettings:
     beta: float = option(0.5, help="Interpolation of the generalized JSD (0 = forward KL, 1 = reverse KL).")
     skew: float = option(0.1, help="Mixing weight of the skew KL divergences (DistiLLM).")
     chunk_size: int = option(
-        256, help="Tokens per chunk when computing logit losses from hidden states; working memory is about "
-        "3 x chunk_size x vocab fp32 values (256 at a 152K vocabulary: 0.24x the naive peak, see docs/benchmarks.md)."
+        128, help="Tokens per chunk when computing logit losses from hidden states; working memory is about "
+        "3 x chunk_size x vocab fp32 values (128 at a 152K vocabulary: 0.18x the naive peak and no slower than 256, "
+        "see docs/benchmarks.md)."
     )
     teacher_store: str | None = option(
         None, help="Offline distillation: a store written by `distill precompute`; logit terms then use its top-k "

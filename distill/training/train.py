@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.data.batching import BatchStream
-from distill.data.datasets import DataSettings, build_datasets, collate, collate_packed
+from distill.data.datasets import DataSettings, attention_weight, build_datasets, collate, collate_packed
 from distill.evaluation.embedding import embedding_metrics
 from distill.evaluation.metrics import AccuracySettings, answer_accuracy, load_accuracy_set, token_metrics
 from distill.losses.divergences import shared_vocab_size
@@ -266,6 +266,8 @@ class Distiller:
             raise ConfigError(f"loss.terms: an encoder (model.task: encoder) has no LM head; use feature/relation "
                               f"terms only, got {cfg.loss.terms}")
         student = load_student(cfg.model, cfg.seed, self.task)
+        # Packed rows may grow past max_length where the student's shape makes padding dearer than attention.
+        self.packing_weight = attention_weight(student.config) if cfg.data.packing else None
         # Captured before LoRA wraps the model: zeros of the pruned weights, kept through training and merging.
         self.masks = SparsityMasks.capture(student) if cfg.keep_sparsity else SparsityMasks({})
         if cfg.lora.enabled:
@@ -334,7 +336,7 @@ class Distiller:
                     examples, figures = self.sample(examples, source)
             pad = self.tokenizer.pad_token_id
             if self.cfg.data.packing:
-                batch = collate_packed(examples, pad, self.cfg.data.max_length)
+                batch = collate_packed(examples, pad, self.cfg.data.max_length, self.packing_weight)
             else:
                 batch = collate(examples, pad)
             batches.append({k: v.to(self.accelerator.device) for k, v in batch.items()})

@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.data.datasets import IGNORE_INDEX, collate, collate_packed, pack_rows
+from distill.data.datasets import (
+    IGNORE_INDEX, attention_weight, collate, collate_packed, pack_rows, packing_rows,
+)
 from distill.training.train import Distiller, TrainConfig
 from kd_core.config import ConfigError, from_dict
 
@@ -40,6 +42,22 @@ def test_first_fit_decreasing_rows_hold_every_example_once_within_capacity():
     assert len(rows) == 3  # 32 tokens need at least 3 rows of 12
     assert pack_rows(lengths, None) == [[1, 3, 5, 0, 2, 4]]
     assert pack_rows([20, 4], 12) == [[0], [1]]  # longer than a row (a sampled completion): a row of its own
+
+
+def test_rows_grow_past_max_length_only_where_padding_costs_more_than_attention():
+    from transformers import LlamaConfig
+
+    lengths = [284, 468, 256, 280]  # a GSM8K chat micro-batch: no two fit in one row of 512
+    assert packing_rows(lengths, 512, None) == pack_rows(lengths, 512) == [[1], [0], [3], [2]]
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                          head_dim=64)
+    assert 1 / 3100 < attention_weight(smollm2) < 1 / 3000
+    # A real model's matmuls dwarf attention at these lengths: two balanced rows (724 and 564 tokens, 1,448 cells)
+    # instead of four padded to 468 (1,872 cells), and less attention than one row of 1,288.
+    assert packing_rows(lengths, 512, attention_weight(smollm2)) == [[1, 2], [0, 3]]
+    assert packing_rows(lengths, 512, 1e-6) == [[1, 0, 3, 2]]  # attention almost free: one row
+    assert packing_rows([500] * 4, 512, 1e-6) == [[0], [1], [2], [3]]  # no padding to save: rows of max_length
+    assert packing_rows(lengths, None, 1.0) == [[1, 0, 3, 2]]  # no max_length: one row, as before
 
 
 @pytest.mark.parametrize("rows", ["one", "several"])
