@@ -12,7 +12,7 @@ AdamW. Variants (each measured on its own, then together):
   trl                        GKDTrainer, full logits of both models, fp32 (bf16=False)
   trl+bf16                   the same with bf16=True, transformers 5.24's default where the CPU has bfloat16
   ours                       distill train, chunked loss from hidden states (no lm_head on prompt tokens), padded
-  ours+packing               data.packing: the micro-batch as one row, no padding
+  ours+packing               data.packing: the micro-batch packed into rows chosen by a cost estimate
   ours+bf16-teacher          model.teacher_dtype bfloat16: the teacher's forward in bfloat16, the student fp32
   ours+packing+bf16-teacher  both
   ours+bf16                  bf16: true (bfloat16 autocast, teacher in bfloat16) with packing
