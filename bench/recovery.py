@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=48, help="greedy tokens for agreement and drafting")
     parser.add_argument("--draft_prompts", type=int, default=8)
     parser.add_argument("--correction_steps", type=int, default=30, help="teacher-correction steps (kd_ce_corrected)")
-    parser.add_argument("--correction_lr", type=float, default=1e-4, help="teacher-correction learning rate")
+    parser.add_argument("--correction_lr", type=float, default=5e-5, help="teacher-correction learning rate")
     parser.add_argument("--extra", default="", help="overrides added to every training run, e.g. '--seed 1'")
     parser.add_argument("--tag", default="", help="suffix of the run directories (to keep several searches)")
     parser.add_argument("--data_dir", default=str(SHARED), help="folder of gsm8k_train.jsonl / gsm8k_test.jsonl")
