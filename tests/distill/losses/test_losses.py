@@ -188,10 +188,13 @@ def test_vocab_cropping_ignores_padding_rows() -> None:
         chunked_divergence(h_s, w_s, h_t, w_t, "forward_kl")
 
 
+@pytest.mark.parametrize("head_slice", [8192, 16], ids=["one_slice", "sliced"])
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd", "ce"])
-def test_chunked_under_bf16_autocast_matches_the_autocast_reference(kind: str) -> None:
+def test_chunked_under_bf16_autocast_matches_the_autocast_reference(kind: str, head_slice: int, monkeypatch) -> None:
     # fp32 parameters under autocast (`bf16: true`): the kernels multiply in bfloat16, as the model's own lm_head
-    # would, and hand back fp32 gradients; the reference is the same computation on full logits.
+    # would, and hand back fp32 gradients; the reference is the same computation on full logits. A head slice of
+    # 16 rows splits the 50-row head gradient into 4 products, the last one partial.
+    monkeypatch.setattr("distill.losses.divergences.HEAD_SLICE", head_slice)
     h_s, w_s, h_t, w_t = _heads(9, 16, 16, 50, 50)
     targets = torch.arange(9) % 50
     grads = []
