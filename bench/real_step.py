@@ -69,7 +69,7 @@ def our_config(args, overrides: dict, out: Path):
         "model": {"teacher": args.teacher, "student": args.student, **overrides.get("model", {})},
         "data": {"train_file": str(args.data), "eval_fraction": 0.0, "max_length": args.max_length,
                  **overrides.get("data", {})},
-        "loss": {"terms": {"forward_kl": 1.0}, "temperature": 1.0, **overrides.get("loss", {})},
+        "loss": {"terms": {"forward_kl": 1.0}, "temperature": 1.0},
     }
     return from_dict(TrainConfig, tree)
 
