@@ -364,15 +364,15 @@ def packing_rows(lengths: list[int], max_length: int | None, weight: float | Non
 
 def collate_packed(examples: list[dict[str, Any]], pad_token_id: int, max_length: int | None = None,
                    weight: float | None = None) -> dict[str, torch.Tensor]:
-    """Examples back to back in rows chosen by :func:`packing_rows` (first-fit decreasing into rows of
-    ``max_length`` tokens, or fewer, longer rows where ``weight``, the student's :func:`attention_weight`, says
-    they are cheaper), padded only to the longest row: ``position_ids`` restart at 0 for each example, from which transformers (5.24
-    ``masking_utils.find_packed_sequence_indices``, used when the attention mask is None) builds a block-diagonal
-    causal mask, so each example attends to itself only, as if padded. A padding token has position 0 (a sequence
-    of its own), label -100 and loss weight 0. The first token of each example is never a target (its label is set
-    to -100), so no example predicts the next one's start. ``sample_ids`` follow the packed order (row by row), as
-    the offline store's targets must. ``attention_mask`` marks the real tokens; the trainer passes None to the
-    models when ``position_ids`` is present."""
+    """Examples back to back in rows chosen by :func:`packing_rows` (first-fit decreasing into rows of ``max_length``
+    tokens, or fewer, longer rows where ``weight``, the student's :func:`attention_weight`, says they are cheaper),
+    padded only to the longest row: ``position_ids`` restart at 0 for each example, from which transformers (5.24
+    ``masking_utils.find_packed_sequence_indices``, used when the attention mask is None) builds a block-diagonal causal
+    mask, so each example attends to itself only, as if padded. A padding token has position 0 (a sequence of its own),
+    label -100 and loss weight 0. The first token of each example is never a target (its label is set to -100), so no
+    example predicts the next one's start. ``sample_ids`` follow the packed order (row by row), as the offline store's
+    targets must. ``attention_mask`` marks the real tokens; the trainer passes None to the models when ``position_ids``
+    is present."""
     rows = packing_rows([len(e["input_ids"]) for e in examples], max_length, weight)
     width = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
     shape = (len(rows), width)
