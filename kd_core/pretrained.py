@@ -22,10 +22,22 @@ def is_gguf(path: str | Path) -> bool:
     return str(path).lower().endswith(".gguf")
 
 
+# GGUF architecture names that transformers (5.24, ``load_gguf_checkpoint``) renames before looking them up.
+_GGUF_ARCHITECTURE_NAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
+                            "minimax-m2": "minimax_m2"}
+# Keys of transformers' GGUF table that are not model architectures (``general``, ``tokenizer``: metadata sections a
+# file can name by mistake) or are not causal LMs (T5 loads as an encoder-decoder, which nothing here trains).
+_NOT_CAUSAL_LMS = frozenset({"general", "tokenizer", "t5", "t5encoder", "umt5"})
+
+
 def check_gguf(path: str | Path, field: str) -> None:
-    """The file exists, is GGUF, parses to the end, and holds an architecture and tensor types transformers can
-    dequantize; otherwise one ConfigError naming ``field``, the file and what was expected."""
+    """The file exists, is GGUF, parses to the end, names a causal-LM architecture transformers reads, carries that
+    architecture's tensors (the embedding and every block the header counts) in types transformers can dequantize;
+    otherwise one ConfigError naming ``field``, the file and what was expected. Reads the header only (mmap)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{field}: {path} is a directory; expected a GGUF file (or a model directory whose name "
+                          "does not end in .gguf)")
     if not path.is_file():
         raise ConfigError(f"{field}: GGUF file not found: {path}")
     with path.open("rb") as handle:
@@ -33,20 +45,59 @@ def check_gguf(path: str | Path, field: str) -> None:
             raise ConfigError(f"{field}: {path} is not a GGUF file (it does not start with the bytes 'GGUF')")
     try:
         from gguf import GGUFReader
-        from gguf.quants import _type_traits  # the types gguf can dequantize (gguf 0.19); F32/F16/BF16 are direct
     except ImportError:
         raise ConfigError(f"{field}: reading {path} needs the 'gguf' package (pip install gguf)") from None
-    from gguf.constants import GGMLQuantizationType as Q
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
     try:
         reader = GGUFReader(str(path))
     except Exception as err:  # numpy raises ValueError/IndexError/struct errors on a cut-off file
         raise ConfigError(f"{field}: {path} is truncated or corrupt ({type(err).__name__}: {err})") from None
-    architecture = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
-    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
-        raise ConfigError(f"{field}: {path}: architecture '{architecture}' cannot be loaded by transformers; "
-                          f"supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}")
+    architecture = _check_architecture(reader, path, field)
+    _check_tensors(reader, architecture, path, field)
+
+
+def _field_value(reader, key: str):
+    """A scalar or string field of the header, or None when absent."""
+    from gguf import GGUFValueType
+
+    field = reader.fields.get(key)
+    if field is None or not field.data:
+        return None
+    value = field.parts[field.data[0]]
+    return str(bytes(value), "utf-8") if field.types[0] == GGUFValueType.STRING else value[0].item()
+
+
+def _check_architecture(reader, path: Path, field: str) -> str:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - _NOT_CAUSAL_LMS)
+    architecture = _field_value(reader, "general.architecture")
+    if architecture is None:
+        raise ConfigError(f"{field}: {path} names no architecture (no general.architecture); expected one of "
+                          f"{', '.join(supported)}")
+    if _GGUF_ARCHITECTURE_NAMES.get(architecture, architecture) not in supported:
+        raise ConfigError(f"{field}: {path}: architecture '{architecture}' cannot be loaded by transformers as a "
+                          f"causal LM; supported: {', '.join(supported)}")
+    return architecture
+
+
+def _check_tensors(reader, architecture: str, path: Path, field: str) -> None:
+    """Without this, transformers loads a file whose tensors are missing as a randomly initialised model and says so
+    only in a warning; every block the header counts must have tensors, and the token embedding must be there."""
+    from gguf.constants import GGMLQuantizationType as Q
+    from gguf.quants import _type_traits  # the types gguf can dequantize (gguf 0.19); F32/F16/BF16 are direct
+
+    names = {t.name for t in reader.tensors}
+    blocks = _field_value(reader, f"{architecture}.block_count")
+    missing = [] if "token_embd.weight" in names else ["token_embd.weight"]
+    if not isinstance(blocks, int) or blocks < 1:
+        raise ConfigError(f"{field}: {path}: no {architecture}.block_count in its header; expected a model file")
+    present = {name.split(".")[1] for name in names if name.startswith("blk.")}
+    missing += [f"blk.{i}.*" for i in range(blocks) if str(i) not in present]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ConfigError(f"{field}: {path} holds {len(names)} tensor(s) but its {architecture} architecture with "
+                          f"{blocks} block(s) needs {shown}; expected a complete model file, not a tokenizer or "
+                          "metadata-only GGUF")
     readable = {Q.F32, Q.F16, Q.BF16, *_type_traits}
     unsupported = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type not in readable})
     if unsupported:

@@ -228,3 +228,80 @@ def transformers_serve(model_dir: Path, log_path: Path, startup_s: float = 180.0
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+# --- Tiny GGUF files, written with the `gguf` package's own writer from a tiny Llama and the test tokenizer: the .gguf
+# paths of every command run on them in seconds (the real SmolLM2 file takes 20 s to load).
+_LLAMA_BLOCK_TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                        "post_attention_layernorm": "ffn_norm"}
+_LLAMA_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                  "lm_head.weight": "output.weight"}
+
+
+def _gguf_tensors(model):
+    """(GGUF name, float32 array) of every weight of a Llama, q/k rows in ggml's rotary order (transformers 5.24
+    reverses that permutation on load, so the file reloads to the same logits)."""
+    import numpy as np
+
+    config = model.config
+    for name, tensor in model.state_dict().items():
+        array = tensor.float().numpy()
+        if not name.startswith("model.layers."):
+            yield _LLAMA_TENSORS[name], array
+            continue
+        _, _, index, *rest = name.split(".")
+        module = ".".join(rest[:-1])
+        if module in ("self_attn.q_proj", "self_attn.k_proj"):
+            heads = config.num_attention_heads if module.endswith("q_proj") else config.num_key_value_heads
+            array = array.reshape(heads, 2, array.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(array.shape)
+        yield f"blk.{index}.{_LLAMA_BLOCK_TENSORS[module]}.weight", np.ascontiguousarray(array)
+
+
+def write_llama_gguf(path: Path, model, tokenizer, *, tensors: bool = True, architecture: str = "llama") -> Path:
+    """``model`` (a Llama) and ``tokenizer`` (byte-level BPE) as one GGUF file; ``tensors=False`` writes the header
+    and tokenizer only (a file that must be refused, not loaded as a random model)."""
+    import gguf
+
+    config, vocab = model.config, tokenizer.get_vocab()
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(config.vocab_size)
+    # transformers 5.24 reads a byte-level GGUF vocabulary into a GPT2Tokenizer, which appends its default unknown
+    # token <|endoftext|> when the vocabulary lacks it (one row more than the head): the unknown token is named so.
+    tokens = ["<|endoftext|>" if t == tokenizer.unk_token else t for t in sorted(vocab, key=vocab.get)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    special = {str(t) for t in tokenizer.added_tokens_decoder.values()} | {"<|endoftext|>"}
+    writer.add_token_types([3 if t in special else 1 for t in tokens])  # control tokens stay whole
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_chat_template(tokenizer.chat_template)
+    for name, array in (_gguf_tensors(model) if tensors else ()):
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def teacher_gguf(tmp_path_factory, tokenizer) -> Path:
+    """The 4-layer teacher of ``model_dirs`` (same weights, same seed) as a GGUF file."""
+    from distill.student.tiny import tiny_llama
+
+    model = tiny_llama(len(tokenizer), hidden_size=64, num_layers=4, seed=4)
+    return write_llama_gguf(tmp_path_factory.mktemp("gguf") / "teacher.gguf", model, tokenizer)

@@ -24,16 +24,18 @@ from distill.losses.divergences import shared_vocab_size
 from distill.losses.objective import target_positions
 from distill.offline import store as ls
 from distill.student.models import ModelSettings, load_teacher, load_tokenizer, require_model_dir
-from kd_core import ownership
+from kd_core import checksum, ownership
 from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section
+from kd_core.pretrained import is_gguf
 
 logger = logging.getLogger("distill")
 
 
 @dataclasses.dataclass
 class PrecomputeConfig:
-    teacher: str = option("", help="Teacher model directory (anything AutoModelForCausalLM.from_pretrained loads).")
+    teacher: str = option("", help="Teacher model directory (anything AutoModelForCausalLM.from_pretrained loads) or "
+                          ".gguf file.")
     output_dir: str = option("", help="New (or empty) directory for the store.")
     k: int = option(64, help="Token ids (and log-probabilities) kept per counted token.")
     temperature: float = option(1.0, help="Softmax temperature of the stored log-probabilities (= loss.temperature).")
@@ -81,6 +83,24 @@ def teacher_topk(
     return torch.cat(ids), torch.cat(values), torch.cat(tails)
 
 
+def _require_completions(train_set, train_file: str) -> None:
+    """The store holds the teacher's distributions over completion tokens: prompts-only rows (on-policy data) have
+    none, so a dataset of them is refused before the teacher loads or anything is written."""
+    empty = sum(1 for i in range(len(train_set)) if not train_set[i]["has_completion"])
+    if empty:
+        raise ConfigError(f"data.train_file: {train_file}: {empty} of {len(train_set)} examples are prompts only (no "
+                          "completion); precompute needs prompt/completion, messages ending in an assistant turn, or "
+                          "text (prompts-only data trains on-policy, with a live teacher)")
+
+
+def teacher_identity(teacher: str) -> dict[str, str]:
+    """What the store records of its teacher: a model directory's config.json hash, or a GGUF file's own hash (the
+    file is the whole model: config, tokenizer and weights)."""
+    if is_gguf(teacher):
+        return {f"file_{checksum.ALGORITHM}": checksum.file_hash(teacher)}  # at memory speed, even for a 40 GB file
+    return {"config_sha256": ls.file_hash(Path(teacher) / "config.json")}
+
+
 def run(cfg: PrecomputeConfig) -> Path:
     """Writes the store into ``cfg.output_dir`` (every process its shard, the main one ``store.json`` last); returns
     the store directory."""
@@ -106,6 +126,7 @@ def run(cfg: PrecomputeConfig) -> Path:
                                    attn_implementation=cfg.attn_implementation)
     tokenizer = load_tokenizer(model_settings)
     train_set, _ = build_datasets(cfg.data, tokenizer, cfg.seed)
+    _require_completions(train_set, cfg.data.train_file)
     teacher = load_teacher(model_settings, bf16=False).to(state.device)
     head_rows = teacher.get_output_embeddings().weight.shape[0]
     vocab = shared_vocab_size(head_rows, head_rows, len(tokenizer))
@@ -156,8 +177,7 @@ def run(cfg: PrecomputeConfig) -> Path:
             "codec": dataclasses.asdict(codec),
             "record_bytes": codec.record_bytes,
             "temperature": cfg.temperature,
-            "teacher": {"path": str(cfg.teacher), "config_sha256": ls.file_hash(Path(cfg.teacher) / "config.json"),
-                        "dtype": cfg.teacher_dtype},
+            "teacher": {"path": str(cfg.teacher), **teacher_identity(cfg.teacher), "dtype": cfg.teacher_dtype},
             "vocab_sha256": ls.vocab_hash(tokenizer),
             "tokenizer_sha256": ls.tokenizer_hash(tokenizer),
             "dataset": {"file": cfg.data.train_file, "sha256": ls.file_hash(cfg.data.train_file),

@@ -98,6 +98,32 @@ def test_store_holds_the_teacher_topk(small_store, model_dirs, train_file, token
         np.testing.assert_allclose(mass, 1.0, atol=0.05)  # top-k plus tail is the whole distribution
 
 
+def test_precompute_from_a_gguf_teacher_equals_its_model_directory(small_store, teacher_gguf, train_file, tmp_path):
+    """A .gguf teacher (the same weights as model_dirs' teacher) gives the same store; the store records the file's
+    own hash (it used to fail at the end hashing FILE.gguf/config.json, leaving a store every rerun redid)."""
+    from kd_core.checksum import ALGORITHM, file_hash
+
+    out = run(precompute_config({"teacher": teacher_gguf}, train_file, tmp_path / "from_gguf", k=16))
+    a, b = LogitStore(small_store), LogitStore(out)
+    assert b.meta["teacher"][f"file_{ALGORITHM}"] == file_hash(teacher_gguf) and "config_sha256" not in b.meta["teacher"]
+    assert "config_sha256" in a.meta["teacher"]
+    assert sorted(a.location) == sorted(b.location) and a.meta["tokens"] == b.meta["tokens"]
+    for sample_id in list(a.location)[:8]:
+        (ids_a, logp_a, _), (ids_b, logp_b, _) = a.sample(sample_id), b.sample(sample_id)
+        np.testing.assert_array_equal(ids_a, ids_b)
+        assert np.abs(logp_a - logp_b).max() <= 16.0 / 255 + 1e-5
+
+
+def test_prompts_only_data_is_refused_before_anything_is_written(model_dirs, tmp_path):
+    from kd_core.config import ConfigError
+    from tests.conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"What is {i} plus 1?"} for i in range(6)])
+    with pytest.raises(ConfigError, match=r"^data\.train_file: .*prompts\.jsonl: 6 of 6 examples are prompts only"):
+        run(precompute_config(model_dirs, data, tmp_path / "store"))
+    assert not (tmp_path / "store").exists()
+
+
 def cli(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     command = (launcher or [sys.executable, "-m"]) + ["distill", *args]
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
