@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import difflib
 import errno
+import gc
 import importlib
 import os
+import signal
 import sys
+import threading
 import typing
 
 from kd_core.config import ConfigError
@@ -34,6 +37,13 @@ EXIT_OK = 0
 EXIT_USAGE = 2  # a user mistake, reported in one line; nothing on disk was touched
 EXIT_STOPPED = 3  # a data-gen run stopped cleanly (budget cap, signal): rerun the same command to resume
 EXIT_PREEMPTED = 75  # training saved a checkpoint on SIGTERM/SIGUSR1 (EX_TEMPFAIL): requeue and --resume auto
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it): stopped at once, nothing half-written kept
+
+# Why a Ctrl-C leaves nothing to distrust: files and directories are published by atomic rename (kd_core/atomic.py),
+# whose unfinished temporaries are removed as the interrupt unwinds, and a store or run whose ownership marker still
+# says "running" is redone or resumed, never read as finished.
+INTERRUPTED_LINE = ("interrupted (Ctrl-C): stopped; every finished output is whole and nothing half-written was kept "
+                    "(rerun the same command to continue or start again)")
 
 PREEMPTED = "preempted"  # the ``stopped`` reason of a training run that saved a checkpoint on SIGTERM/SIGUSR1
 
@@ -56,10 +66,13 @@ class Stopped(Exception):
 
 
 def run_command(main: typing.Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
-    """Runs a command's ``main``; user errors print one line to stderr and exit with code 2."""
+    """Runs a command's ``main``; user errors print one line to stderr and exit with code 2, Ctrl-C one line and
+    exit 130 (the context managers that clean up half-written files have run by the time it reaches here)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         return int(main(argv) or 0)
+    except KeyboardInterrupt:
+        pass  # reported below, once the interrupted frames are freed (their progress bars print on close)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -69,6 +82,11 @@ def run_command(main: typing.Callable[[list[str]], int | None], argv: list[str] 
             raise  # not the filesystem refusing a path: a bug, shown with its traceback
         print(f"error: {line}", file=sys.stderr)
         return EXIT_USAGE
+    if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting must not print a traceback
+    gc.collect()  # closes what the interrupted frames held in reference cycles (a bar's last refresh) before the line
+    print(f"\n{INTERRUPTED_LINE}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 # Errors of the filesystem about a path the user gave or a disk they filled; anything else is a bug.
@@ -117,4 +135,5 @@ def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str] | 
         hint = f"; did you mean '{close[0]}'?" if close else ""
         print(f"error: unknown command '{name}'{hint} (see '{prog} --help')", file=sys.stderr)
         return EXIT_USAGE
-    return run_command(command_module(commands, name).main, rest)
+    # The module is imported inside run_command: importing torch takes seconds, and a Ctrl-C then is one line too.
+    return run_command(lambda args: command_module(commands, name).main(args), rest)

@@ -305,3 +305,31 @@ def teacher_gguf(tmp_path_factory, tokenizer) -> Path:
 
     model = tiny_llama(len(tokenizer), hidden_size=64, num_layers=4, seed=4)
     return write_llama_gguf(tmp_path_factory.mktemp("gguf") / "teacher.gguf", model, tokenizer)
+
+
+def interrupt_at(command: list[str], env: dict[str, str], point: str, timeout: float = 300):
+    """Runs ``command`` until it is held at the write point ``point`` (tests/kill_points), then sends it SIGINT, as
+    Ctrl-C in a terminal does; returns the finished process (``returncode``, ``stderr`` text)."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    flag = Path(tempfile.mkdtemp()) / "reached"
+    paths = [str(REPO_ROOT / "tests" / "kill_points"), str(REPO_ROOT), env.get("PYTHONPATH", "")]
+    env = {**env, "KILL_POINT": point, "KILL_POINT_FLAG": str(flag), "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    log = flag.parent / "stderr"  # a file, not a pipe: a full pipe would stall the command before the point
+    with log.open("w") as err:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and not flag.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    reached = flag.exists()
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    process.wait(timeout=120)
+    stderr = log.read_text()
+    shutil.rmtree(flag.parent)
+    assert reached, f"{point} was never reached: {stderr[-3000:]}"
+    return subprocess.CompletedProcess(command, process.returncode, "", stderr)
