@@ -67,6 +67,18 @@ def resolve_api_key(api_key_env: str | None) -> str:
     return key
 
 
+def split_query(url: str | None) -> tuple[str | None, dict[str, str]]:
+    """``url`` without its query and fragment, and the query's parameters. The openai client (3.57) appends the
+    endpoint's path to the base URL as a string, so a query left in it (``/v1?api-key=K``) would end up before the
+    path; it goes to ``default_query`` instead, which sends it with every call. A fragment is never sent over HTTP."""
+    if not url or ("?" not in url and "#" not in url):
+        return url, {}
+    from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(query="", fragment="")), dict(parse_qsl(parts.query, keep_blank_values=True))
+
+
 def _retry_after_seconds(headers: Any) -> float | None:
     """Seconds from ``retry-after-ms`` or ``retry-after`` (numeric form; servers in practice send seconds)."""
     for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
@@ -98,8 +110,10 @@ class ApiBackend:
         # Several clients, used in turn: httpcore scans its whole connection pool on every request, so one pool of
         # 64 connections costs O(64) socket checks per call; pools of CONNECTIONS_PER_CLIENT keep that flat.
         n_clients = max(1, -(-cfg.concurrency // CONNECTIONS_PER_CLIENT))
+        base_url, query = split_query(cfg.base_url)
         self.clients = [
-            openai.AsyncOpenAI(api_key=key, base_url=cfg.base_url, timeout=cfg.timeout_s, max_retries=0)
+            openai.AsyncOpenAI(api_key=key, base_url=base_url, timeout=cfg.timeout_s, max_retries=0,
+                               default_headers=cfg.headers or None, default_query=query or None)
             for _ in range(n_clients)
         ]
         self._next = 0

@@ -45,6 +45,10 @@ class TeacherConfig:
     api_key_env: str | None = option(
         "OPENAI_API_KEY", help="name of the environment variable holding the key; None = no auth (local server)"
     )
+    headers: dict[str, str] = option(
+        {}, help="api backend: extra HTTP headers sent with every call (an authenticating gateway's, e.g. "
+        "{X-Api-Key: ...}); their values are masked in every saved config and scrubbed from every printed line"
+    )
     decoding: DecodingConfig = section(DecodingConfig, help="sampling parameters")
     concurrency: int = option(
         16, help="maximum requests in flight (the local backend keeps at least batch_size in flight, so batches fill)"

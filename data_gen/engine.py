@@ -397,11 +397,12 @@ class Engine:
 
 
 def teacher_secrets(cfg: TeacherConfig) -> list[str]:
-    """What must never be printed or stored: the key in ``$<api_key_env>`` and the credentials in ``base_url``."""
+    """What must never be printed or stored: the key in ``$<api_key_env>``, the credentials in ``base_url`` and the
+    values of the configured headers."""
     import os
 
     key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-    return [s for s in (key, *url_secrets(cfg.base_url)) if s]
+    return [s for s in (key, *url_secrets(cfg.base_url), *cfg.headers.values()) if s]
 
 
 def estimate_cost(cfg: TeacherConfig, plan: list[CallPlan]) -> float:

@@ -168,6 +168,7 @@ class ScriptedServer(_ThreadedServer):
         self.latency_s = latency_s
         self.counts: Counter[str] = Counter()  # requests per messages-hash
         self.authorizations: Counter[str] = Counter()  # chat requests per Authorization header ('' = none sent)
+        self.seen: Counter[str] = Counter()  # chat requests per query string and gateway header, as a server sees them
 
     @property
     def total(self) -> int:
@@ -177,13 +178,15 @@ class ScriptedServer(_ThreadedServer):
         self._writers.add(writer)
         try:
             while (request := await read_http_request(reader)) is not None:
-                method, path, headers, raw = request
+                method, target, headers, raw = request
+                path, _, query = target.partition("?")
                 if path.endswith("/health") or path.endswith("/models"):
                     writer.write(http_response(200, b'{"status":"ok","data":[]}'))
                 elif method == "POST" and path.endswith("/chat/completions"):
                     body = json.loads(raw)
                     self.counts[messages_hash(body)] += 1
                     self.authorizations[headers.get("authorization", "")] += 1
+                    self.seen[f"{query} {headers.get('x-gateway-key', '')}"] += 1
                     if self.latency_s:
                         await asyncio.sleep(self.latency_s)
                     answer = self.responder(body)

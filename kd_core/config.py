@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 from kd_core.atomic import atomic_write_text
-from kd_core.redact import redact_value
+from kd_core.redact import MASK, check_env_var_name, redact_value
 
 T = TypeVar("T")
 
@@ -32,6 +32,9 @@ T = TypeVar("T")
 # a user may still paste one into a YAML file by mistake). Credentials inside a URL (``http://user:key@host/v1``), in
 # any field, are masked by to_dict as well (kd_core.redact).
 SECRET_FIELD_NAMES = frozenset({"api_key", "token", "hf_token", "password"})
+# Fields holding HTTP headers: saved with their names (what was configured) and every value masked, since any header
+# (Authorization, X-Api-Key, a gateway's own) may carry a credential.
+HEADER_FIELD_NAMES = frozenset({"headers", "default_headers", "extra_headers"})
 
 
 class ConfigError(ValueError):
@@ -57,22 +60,27 @@ def section(cls: type[T], help: str = "") -> T:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "", root: type | None = None) -> T:
     """Builds ``cls`` from a nested mapping, coercing each value to its annotated type.
 
-    Raises ConfigError naming the dotted field for unknown keys (with the closest known name) and wrong types.
+    Raises ConfigError naming the dotted field for unknown keys (with the closest known name, or the section where a
+    key of that name belongs) and wrong types, and for a value in any ``*_env`` field that looks like a key itself.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of fields, got {type(data).__name__}")
+    root = root or cls
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            raise ConfigError(f"unknown config key '{dotted}'{_suggest(str(key), fields, where)}")
-        kwargs[key] = _coerce(value, hints[key], dotted)
+            raise ConfigError(f"unknown config key '{dotted}'{_suggest(str(key), fields, where, root)}")
+        kwargs[key] = _coerce(value, hints[key], dotted, root)
     try:
+        for key, value in kwargs.items():
+            if key.endswith("_env") and isinstance(value, str):  # names a variable; a key here would be saved
+                check_env_var_name(key, value)
         instance = cls(**kwargs)
     except ConfigError:
         raise
@@ -81,7 +89,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     return instance
 
 
-def _suggest(key: str, known: typing.Iterable[str], where: str) -> str:
+def _suggest(key: str, known: typing.Iterable[str], where: str, root: type | None = None) -> str:
+    """A did-you-mean: the field of that name in another section (a key at the wrong level), else the closest name
+    in this section, else the section's keys."""
+    elsewhere = [name for name in (_all_dotted_fields(root) if root else []) if name.rsplit(".", 1)[-1] == key]
+    if elsewhere:
+        return f"; did you mean '{elsewhere[0]}'? (a key of that name belongs in another section)"
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
     if not close:
         return f" (known keys: {', '.join(sorted(known))})"
@@ -94,24 +107,12 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def _coerce(value: Any, tp: Any, where: str, root: type | None = None) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        options = get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in options:
-                return None
-        errors = []
-        for option_tp in options:
-            if option_tp is type(None):
-                continue
-            try:
-                return _coerce(value, option_tp, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return _coerce_union(value, tp, where, root)
     if origin is Literal:
         choices = get_args(tp)
         if value in choices:
@@ -122,56 +123,92 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        return from_dict(tp, value if value is not None else {}, where)
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = _parse_cli_literal(value, where)
-            if not isinstance(value, list):
-                value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item_tp, *_) = get_args(tp) or (Any,)
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+        if value is None:  # YAML `loss:` with nothing under it: the defaults, silently, were not what was meant
+            raise ConfigError(f"{where}: the section is empty (`{where.rsplit('.', 1)[-1]}:` with nothing under it); "
+                              "give its fields, or remove the line to use the defaults")
+        return from_dict(tp, value, where, root)
+    if origin in (list, tuple, dict):
+        return _coerce_container(value, tp, where, root)
+    if tp in (bool, int, float, str):
+        return _SCALARS[tp](value, where)
+    raise ConfigError(f"{where}: unsupported field type {tp}")  # a programming error in a config class
+
+
+def _coerce_union(value: Any, tp: Any, where: str, root: type | None) -> Any:
+    options = get_args(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in options:
+            return None
+    errors = []
+    for option_tp in options:
+        if option_tp is type(None):
+            continue
+        try:
+            return _coerce(value, option_tp, where, root)
+        except ConfigError as err:
+            errors.append(str(err))
+    raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _coerce_container(value: Any, tp: Any, where: str, root: type | None) -> Any:
+    if get_origin(tp) is dict:
         if isinstance(value, str):
             value = _parse_cli_literal(value, where)
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         key_tp, value_tp = get_args(tp) or (Any, Any)
-        return {_coerce(k, key_tp, where): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
-            return False
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        try:
-            as_float = float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if not as_float.is_integer():
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(as_float)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            number = float(value)  # accepts "1e-4", which PyYAML reads as a string
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-        if not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{where}: unsupported field type {tp}")  # a programming error in a config class
+        return {_coerce(k, key_tp, where, root): _coerce(v, value_tp, f"{where}.{k}", root) for k, v in value.items()}
+    if isinstance(value, str):
+        value = _parse_cli_literal(value, where)
+        if not isinstance(value, list):
+            value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    (item_tp, *_) = get_args(tp) or (Any,)
+    return [_coerce(v, item_tp, f"{where}[{i}]", root) for i, v in enumerate(value)]
+
+
+def _to_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+        return False
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+
+
+def _to_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    try:
+        as_float = float(value)
+    except ValueError:
+        raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if not as_float.is_integer():
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    return int(as_float)
+
+
+def _to_float(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    try:
+        number = float(value)  # accepts "1e-4", which PyYAML reads as a string
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    return number
+
+
+def _to_str(value: Any, where: str) -> str:
+    if isinstance(value, (dict, list)) or value is None:
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return str(value)
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _parse_cli_literal(text: str, where: str) -> Any:
@@ -193,7 +230,9 @@ def to_dict(cfg: Any, *, redact: bool = True) -> dict[str, Any]:
             value = to_dict(value, redact=redact)
         elif isinstance(value, tuple):
             value = list(value)
-        if redact:
+        if redact and f.name in HEADER_FIELD_NAMES and isinstance(value, dict):
+            value = {name: MASK for name in value}
+        elif redact:
             value = redact_value(value)
         out[f.name] = value
     return out
@@ -319,7 +358,9 @@ def parse_command_line(cls: type[T], argv: list[str], prog: str, description: st
         tp = _field_type(cls, key)
         if tp is None:
             known = _all_dotted_fields(cls)
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+            leaf = key.rsplit(".", 1)[-1]  # a field given at the wrong level: the field of that name elsewhere
+            close = [k for k in known if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(key, known, n=1,
+                                                                                                   cutoff=0.5)
             hint = f"; did you mean '--{close[0]}'?" if close else ""
             raise ConfigError(f"unknown option '--{key}'{hint} (see --help)")
         if not eq:

@@ -22,6 +22,12 @@ from kd_core.redact import check_env_var_name, looks_like_key, redact_urls, reda
      "http://u:***@h2/v1"),
     ("http://host:8000/v1, mail a@b.c", "http://host:8000/v1, mail a@b.c"),  # no user info: untouched
     ("plain text", "plain text"),
+    ("http://h:8/v1?api-key=ABC123def&n=2", "http://h:8/v1?api-key=***&n=2"),
+    ("at 'http://h/v1?key=k3y&token=t0k&access_token=a&sig=s%2F&X-Amz-Signature=f00': refused",
+     "at 'http://h/v1?key=***&token=***&access_token=***&sig=***&X-Amz-Signature=***': refused"),
+    ("https://h/cb#access_token=T0ken&state=4", "https://h/cb#access_token=***&state=4"),
+    ("https://h/cb#abcdefghijklmnop1234 and http://h/doc#intro", "https://h/cb#*** and http://h/doc#intro"),
+    ("http://u:p@h/v1?x=sk-live-0123456789&q=hello", "http://u:***@h/v1?x=***&q=hello"),  # a key's shape, any name
 ])
 def test_redact_urls(text, expected):
     assert redact_urls(text) == expected
@@ -34,6 +40,7 @@ def test_url_secrets_and_scrub():
     basic = base64.b64encode(b"proxyuser:s3cret/pass").decode()
     assert secrets == ["s3cret%2Fpass", "s3cret/pass", basic]
     assert url_secrets(None) == [] and url_secrets("http://host/v1") == []
+    assert url_secrets("http://h/v1?api-key=a%2Fb1&n=2#access_token=t0k3n") == ["a%2Fb1", "a/b1", "t0k3n"]
     message = f"bad key sk-live-XYZ123 (Basic {basic}; s3cret/pass) at {url}"
     assert scrub(message, ["sk-live-XYZ123", *secrets]) == "bad key *** (Basic ***; ***) at http://proxyuser:***@host/v1"
     assert scrub("a pw in a sentence", ["pw", None, ""]) == "a pw in a sentence"  # too short to mask in free text
@@ -60,7 +67,7 @@ def test_saved_configs_mask_url_credentials_in_every_field(tmp_path):
     saved = to_dict(cfg)
     assert saved == {"base_url": "http://u:***@proxy/v1",
                      "inner": {"url": "https://***@hub/x", "mirrors": ["http://a:***@m/v1", "http://m2/v1"],
-                               "headers": {"via": "http://p:***@gw/"}}}
+                               "headers": {"via": "***"}}}  # every header value, URL or not
     assert to_dict(cfg, redact=False)["base_url"] == "http://u:topsecret@proxy/v1"  # the live value is kept
     assert cfg.base_url == "http://u:topsecret@proxy/v1"
     text = save_config(cfg, tmp_path / "config.yaml").read_text()
@@ -81,6 +88,7 @@ def test_variable_names_are_accepted(name):
     "sk-proj-Abc123", "sk_live_abcdef", "hf_AbCdEfGhIjKlMnOpQrSt", "ghp_abcdefghijklmnopqrstuvwxyz12",
     "AKIAIOSFODNN7EXAMPLE", "xoxb-123-456", "AIzaSyA1234567890abcdefghijklmnopqrstu", "key with spaces",
     "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3z",  # a long random token that happens to be a valid name
+    "0f3a9c2e7b1d4f6a8c0e2b4d6f8a1c3e", "0F3A9C2E7B1D4F6A8C0E2B4D",  # hex keys, either case
 ])
 def test_key_shaped_values_are_refused_without_echo(value):
     assert looks_like_key(value)
@@ -110,3 +118,17 @@ def test_config_error_names_the_field():
     assert "sk-abc" not in str(caught.value)
     with pytest.raises(ConfigError, match="or null"):
         from_dict(Root, {"teacher": {"api_key_env": ""}})
+
+
+@dataclass
+class WithEnvs:
+    hf_token_env: str | None = option(None)
+    tracker_key_env: str | None = option(None)
+
+
+def test_a_key_in_any_env_field_is_refused_without_echo():
+    for field in ("hf_token_env", "tracker_key_env"):
+        with pytest.raises(ConfigError, match=rf"^config: {field}: expected the NAME") as caught:
+            from_dict(WithEnvs, {field: "0f3a9c2e7b1d4f6a8c0e2b4d6f8a1c3e"})
+        assert "0f3a9c" not in str(caught.value)
+    assert from_dict(WithEnvs, {"hf_token_env": "HF_TOKEN"}).hf_token_env == "HF_TOKEN"
