@@ -243,6 +243,77 @@ def on_policy_fractions_over_one(model_dirs, tmp_path):
                        "--on_policy.teacher_fraction", "0.5")
 
 
+
+# --- issue 31: models that are what they claim, empty or misplaced config, replay, secrets --------------------------
+
+def _tiny_gguf(tmp_path: Path, name: str, **kwargs) -> Path:
+    from distill.student.tiny import tiny_llama, train_tokenizer
+    from tests.conftest import CORPUS, write_llama_gguf
+
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    return write_llama_gguf(tmp_path / name, tiny_llama(len(tokenizer), hidden_size=32), tokenizer, **kwargs)
+
+
+def gguf_without_tensors(model_dirs, tmp_path):
+    teacher = _tiny_gguf(tmp_path, "header_only.gguf", tensors=False)
+    return _train_argv(model_dirs, tmp_path, "--model.teacher", str(teacher))
+
+
+def gguf_general_architecture(model_dirs, tmp_path):
+    model = _tiny_gguf(tmp_path, "general.gguf", architecture="general")
+    return ["--model", str(model), "--output_dir", str(tmp_path / "pruned"), "--depth.num_layers", "1"]
+
+
+def gguf_is_a_directory(model_dirs, tmp_path):
+    folder = tmp_path / "x.gguf"
+    folder.mkdir()
+    return [str(folder), "--data", str(write_jsonl(tmp_path / "eval.jsonl", ROWS[:4]))]
+
+
+def precompute_gguf_without_tensors(model_dirs, tmp_path):
+    return ["--teacher", str(_tiny_gguf(tmp_path, "empty.gguf", tensors=False)), "--data.train_file",
+            str(write_jsonl(tmp_path / "train.jsonl", ROWS)), "--output_dir", str(tmp_path / "store")]
+
+
+def precompute_prompts_only(model_dirs, tmp_path):
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in ROWS])
+    return ["--teacher", str(model_dirs["teacher"]), "--data.train_file", str(data), "--output_dir",
+            str(tmp_path / "store")]
+
+
+def empty_loss_section(model_dirs, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 1\nloss:\n")
+    argv = [a for a in _train_argv(model_dirs, tmp_path) if a not in ("--loss.terms", "{forward_kl: 0.7, ce: 0.3}")]
+    return ["--config", str(config), *argv]
+
+
+def key_at_the_wrong_level(model_dirs, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 1\ntemperature: 2.0\n")
+    return ["--config", str(config), *_train_argv(model_dirs, tmp_path)]
+
+
+def replay_buffer_below_one_batch(model_dirs, tmp_path):
+    return _train_argv(model_dirs, tmp_path, "--loss.terms", "{reverse_kl: 1}", "--on_policy.student_fraction", "0.5",
+                       "--on_policy.replay_ratio", "0.5", "--on_policy.replay_buffer_size", "2")
+
+
+def eval_teacher_other_tokenizer(model_dirs, tmp_path):
+    from distill.student.tiny import tiny_llama, train_tokenizer
+
+    other = tmp_path / "other_teacher"
+    tokenizer = train_tokenizer(["entirely different words for another vocabulary"] * 30, vocab_size=280)
+    tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    data = write_jsonl(tmp_path / "eval.jsonl", ROWS[:4])
+    return [str(model_dirs["student"]), "--data", str(data), "--teacher", str(other)]
+
+
+def hex_key_as_env_name(model_dirs, tmp_path):
+    return ["--input_file", str(_questions(tmp_path)), "--teacher.model", "m", "--teacher.api_key_env",
+            "0f3a9c2e7b1d4f6a8c0e2b4d6f8a1c3e", "--output.dir", str(tmp_path / "cot")]
+
 TRAIN = "distill.training.train"
 CASES = [
     (TRAIN, model_not_json, r"model\.student: .*config\.json is not valid JSON"),
@@ -282,6 +353,19 @@ CASES = [
     ("kd_recipes.quickstart", quickstart_nan_learning_rate, r"learning_rate: expected a finite number, got 'nan'"),
     (TRAIN, on_policy_fractions_over_one, r"on_policy: student_fraction \+ teacher_fraction: expected at most 1, got "
                                           r"0\.8 \+ 0\.5"),
+    (TRAIN, gguf_without_tensors, r"model\.teacher: .*header_only\.gguf holds 0 tensor\(s\) but its llama architecture"),
+    ("distill.student.prune.command", gguf_general_architecture, r"model: .*general\.gguf: architecture 'general' "
+                                                                 r"cannot be loaded by transformers as a causal LM"),
+    ("distill.evaluation.command", gguf_is_a_directory, r"model: .*x\.gguf is a directory; expected a GGUF file"),
+    ("distill.offline.precompute", precompute_gguf_without_tensors, r"teacher: .*empty\.gguf holds 0 tensor"),
+    ("distill.offline.precompute", precompute_prompts_only, r"data\.train_file: .*prompts\.jsonl: 15 of 15 examples "
+                                                            r"are prompts only"),
+    (TRAIN, empty_loss_section, r"loss: the section is empty"),
+    (TRAIN, key_at_the_wrong_level, r"unknown config key 'temperature'; did you mean 'loss\.temperature'\?"),
+    (TRAIN, replay_buffer_below_one_batch, r"on_policy\.replay_buffer_size: 2 samples never hold one micro-batch "
+                                           r"\(per_device_train_batch_size 4\)"),
+    ("distill.evaluation.command", eval_teacher_other_tokenizer, r"teacher: .*other_teacher has a different tokenizer"),
+    ("data_gen.cot", hex_key_as_env_name, r"teacher: api_key_env: expected the NAME of an environment variable"),
 ]
 
 

@@ -130,18 +130,18 @@ def measure(cfg: EvalConfig) -> dict[str, Any]:
     model_dir, data, teacher_dir, device = cfg.model, cfg.data, cfg.teacher, cfg.device
     batch_size, max_new_tokens, max_length, num_samples = cfg.batch_size, cfg.max_new_tokens, cfg.max_length, \
         cfg.num_samples
-    if teacher_dir is not None:
-        from distill.student.models import require_model_dir
+    from distill.student.models import require_model_dir
 
-        require_model_dir(teacher_dir, "teacher")  # both directories are checked before any weight loads
-    model = load_model(model_dir, device, "model")  # checks the directory before anything else reads it
-    records = [as_trainer_record(r) for r in load_records(data, "data")][:num_samples]
-    tokenizer = load_tokenizer(model_dir, "model")
-    teacher = None
+    require_model_dir(model_dir, "model")  # both directories are checked before anything reads them
     if teacher_dir is not None:
-        teacher = load_model(teacher_dir, device, "teacher")
-        if load_tokenizer(teacher_dir, "teacher").get_vocab() != tokenizer.get_vocab():
-            raise ConfigError(f"teacher: {teacher_dir} has a different tokenizer from {model_dir}; KL needs one vocabulary")
+        require_model_dir(teacher_dir, "teacher")
+    tokenizer = load_tokenizer(model_dir, "model")
+    # Tokenizers are compared before any weight loads: a 70B teacher takes minutes to load only to be refused.
+    if teacher_dir is not None and load_tokenizer(teacher_dir, "teacher").get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"teacher: {teacher_dir} has a different tokenizer from {model_dir}; KL needs one vocabulary")
+    records = [as_trainer_record(r) for r in load_records(data, "data")][:num_samples]
+    model = load_model(model_dir, device, "model")
+    teacher = load_model(teacher_dir, device, "teacher") if teacher_dir is not None else None
     vocab = shared_vocab_size(
         model.config.vocab_size, teacher.config.vocab_size if teacher is not None else model.config.vocab_size,
         len(tokenizer),

@@ -83,6 +83,17 @@ class OnPolicySettings:
             raise ValueError(f"top_k: expected >= 0 (0 = off), got {self.top_k}")
         if self.replay_buffer_size < 1:
             raise ValueError(f"replay_buffer_size: expected >= 1, got {self.replay_buffer_size}")
+        if self.replay_ratio > 0 and self.student_fraction == 0:
+            raise ValueError(f"replay_ratio: {self.replay_ratio} replays student samples, and student_fraction is 0: "
+                             "nothing would ever be replayed; set student_fraction or leave replay_ratio at 0")
+
+    def check_replay_buffer(self, batch_size: int) -> None:
+        """A micro-batch is replayed only once the buffer holds a whole one (:meth:`Sampler.draw`): a smaller buffer
+        would never replay, without a word."""
+        if self.replay_ratio > 0 and self.replay_buffer_size < batch_size:
+            raise ValueError(f"on_policy.replay_buffer_size: {self.replay_buffer_size} samples never hold one micro-batch "
+                             f"(per_device_train_batch_size {batch_size}), so replay_ratio {self.replay_ratio} would "
+                             f"never replay; expected a buffer of at least {batch_size}")
 
     @property
     def enabled(self) -> bool:

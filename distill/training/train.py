@@ -149,6 +149,7 @@ class TrainConfig:
         if self.loss.teacher_store and self.model.teacher:
             raise ValueError("model.teacher: leave it unset with loss.teacher_store (the store replaces the teacher)")
         if self.on_policy.enabled:
+            self.on_policy.check_replay_buffer(self.per_device_train_batch_size)
             if self.loss.teacher_store:
                 raise ValueError("loss.teacher_store: holds targets for the dataset's tokens only; on-policy training "
                                  "(on_policy.student_fraction / teacher_fraction) needs an online model.teacher")
