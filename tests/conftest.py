@@ -67,6 +67,19 @@ CORPUS = [
 ] * 20
 
 
+@pytest.fixture(scope="session", autouse=True)
+def datasets_cache(tmp_path_factory):
+    """Tokenized data caches (distill.data.tokenized) and datasets' own go to a folder of this test session, not the
+    user's ~/.cache; subprocesses (accelerate launch, the CLIs) inherit it through the environment."""
+    import datasets
+
+    cache = tmp_path_factory.mktemp("hf_datasets_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_CACHE", str(cache))
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        yield cache
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from distill.student.tiny import train_tokenizer
