@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tokenized data caches (distill.data.tokenized) and datasets' own go to a test folder, not the user's ~/.cache; set
+# before anything imports datasets (it reads the variable once), and inherited by subprocesses (accelerate launch).
+os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(tempfile.gettempdir(), f"distill_kd_tests_{os.getuid()}"))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -65,19 +69,6 @@ CORPUS = [
     "Tom has 3 apples and buys 4 more, so he has 7 apples.",
     "List three colors: red, green, blue.",
 ] * 20
-
-
-@pytest.fixture(scope="session", autouse=True)
-def datasets_cache(tmp_path_factory):
-    """Tokenized data caches (distill.data.tokenized) and datasets' own go to a folder of this test session, not the
-    user's ~/.cache; subprocesses (accelerate launch, the CLIs) inherit it through the environment."""
-    import datasets
-
-    cache = tmp_path_factory.mktemp("hf_datasets_cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_DATASETS_CACHE", str(cache))
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-        yield cache
 
 
 @pytest.fixture(scope="session")
