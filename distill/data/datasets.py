@@ -13,6 +13,9 @@ Every example keeps ``sample_id`` (its row index in the source file), so anythin
 offline teacher-logit store, reads the right rows whatever the shuffling, accumulation or number of processes;
 ``prompt_length`` (the tokens a model is given to write the completion: the prompt with the chat template's
 generation prompt; None for ``text``) and ``has_completion`` (False for prompts only).
+
+:func:`build_datasets` (training) reads the memory-mapped cache of :mod:`distill.data.tokenized`, which tokenizes
+each file once with the functions here; :func:`tokenize_records` tokenizes small sets in memory.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kd_core.config import ConfigError, option
-from kd_core.records import iter_json_objects, load_records
+from kd_core.records import iter_json_objects
 
 IGNORE_INDEX = -100
 SHAPES = ("messages", "prompt_completion", "text", "prompt")
