@@ -309,9 +309,9 @@ def build_datasets(settings: DataSettings, tokenizer: PreTrainedTokenizerBase, s
     """Train and eval sets (:class:`distill.data.tokenized.ArrowExamples`) from the tokenized cache of each file;
     eval is carved from train (deterministically for ``seed``) when no file is given, and keeps only examples with
     a completion (token metrics need targets); None when there is no eval set."""
-    from distill.data.tokenized import split_examples
+    from distill.data.tokenized import RowFunctions, split_examples
 
-    return split_examples(settings, tokenizer, seed)
+    return split_examples(settings, tokenizer, seed, RowFunctions(record_shape, examples_of))
 
 
 def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -28,8 +28,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +46,15 @@ CACHE_VERSION = 1  # bump when the tokenization code changes what it writes
 META = "meta.json"
 CHUNK_ROWS = 1000  # rows per map batch: bounds each worker's Python memory (a few MB of lists)
 MAX_PROCESSES = 32
+
+
+class RowFunctions(NamedTuple):
+    """How records become examples (:mod:`distill.data.datasets`, which calls this module: passed in, not imported,
+    so imports run one way): ``record_shape(first_record, settings, where)`` and ``examples_of(record, shape,
+    tokenizer, settings, where, first)``. Module-level functions, so the worker processes receive them by name."""
+
+    record_shape: Callable
+    examples_of: Callable
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -132,10 +142,9 @@ def _chunk_records(chunk: dict[str, int], source: dict[str, Any]):
         yield row, f"{path}: row {row}", dict(zip(batch.keys(), values))
 
 
-def _tokenize_chunk(batch: dict[str, list[int]], source: dict[str, Any], tokenizer, settings) -> dict[str, list]:
+def _tokenize_chunk(batch: dict[str, list[int]], source: dict[str, Any], tokenizer, settings,
+                    examples_of: Callable) -> dict[str, list]:
     """The ``Dataset.map`` function: one chunk (``batch_size`` 1) in, its kept examples out."""
-    from distill.data.datasets import examples_of
-
     out: dict[str, list] = {name: [] for name in FEATURE_TYPES}
     chunk = {name: values[0] for name, values in batch.items()}
     for row, where, record in _chunk_records(chunk, source):
@@ -164,11 +173,9 @@ def _features():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _source(path: Path, field: str, settings) -> tuple[dict[str, Any], dict[str, list[int]], int]:
+def _source(path: Path, field: str, settings, record_shape: Callable) -> tuple[dict[str, Any], dict, int]:
     """What the workers read (the file, or the memory-mapped table of a parquet/json/folder source), its chunks,
     and the number of records; the shape every row must have is detected from the first record."""
-    from distill.data.datasets import record_shape
-
     raw = None
     if path.suffix == ".jsonl" and path.is_file():
         chunks, rows = _jsonl_chunks(path, field)
@@ -184,11 +191,11 @@ def _source(path: Path, field: str, settings) -> tuple[dict[str, Any], dict[str,
     return {"path": str(path), "field": field, "raw": raw, "shape": shape, "first": first_where}, chunks, rows
 
 
-def _build(path: Path, field: str, tokenizer, settings, target: Path) -> None:
+def _build(path: Path, field: str, tokenizer, settings, target: Path, rows_of: RowFunctions) -> None:
     """Tokenizes ``path`` into ``target``: filled in a hidden temporary folder beside it, then renamed."""
     import datasets
 
-    source, chunks, rows = _source(path, field, settings)
+    source, chunks, rows = _source(path, field, settings, rows_of.record_shape)
     table = datasets.Dataset.from_dict(chunks)
     available = len(os.sched_getaffinity(0))
     processes = min(settings.num_proc or min(available, MAX_PROCESSES), len(table))
@@ -199,7 +206,8 @@ def _build(path: Path, field: str, tokenizer, settings, target: Path) -> None:
         table.map(
             _tokenize_chunk, batched=True, batch_size=1, num_proc=processes if processes > 1 else None,
             remove_columns=table.column_names, features=_features(), cache_file_name=str(tmp / "tokens.arrow"),
-            new_fingerprint=target.name, fn_kwargs={"source": source, "tokenizer": tokenizer, "settings": settings},
+            new_fingerprint=target.name, fn_kwargs={"source": source, "tokenizer": tokenizer, "settings": settings,
+                                                 "examples_of": rows_of.examples_of},
             desc=f"tokenizing {path.name}",
         )
         files = sorted(p.name for p in tmp.glob("tokens*.arrow"))
@@ -236,7 +244,7 @@ def _builds_here() -> bool:
     return int(os.environ.get("LOCAL_RANK", torch.distributed.get_rank())) == 0
 
 
-def tokenized_file(source: str, field: str, tokenizer, settings):
+def tokenized_file(source: str, field: str, tokenizer, settings, rows_of: RowFunctions):
     """The examples of one data file (a memory-mapped ``datasets.Dataset``: ``sample_id`` is the record's row) and
     its number of records; built once per key, mapped afterwards (see the module docstring)."""
     path = check_data_path(source, field)
@@ -253,7 +261,7 @@ def tokenized_file(source: str, field: str, tokenizer, settings):
         _wait_for(target, verdict, field)
     elif not (target / META).exists():
         try:
-            _build(path, field, tokenizer, settings, target)
+            _build(path, field, tokenizer, settings, target, rows_of)
         except ConfigError as err:
             if distributed:
                 atomic_write_text(verdict, str(err))
@@ -313,14 +321,14 @@ class ArrowExamples(torch.utils.data.Dataset):
         return int(self.column("sample_id")[missing[0]]) if len(missing) else None
 
 
-def split_examples(settings, tokenizer, seed: int) -> tuple[ArrowExamples, ArrowExamples | None]:
+def split_examples(settings, tokenizer, seed: int, rows_of: RowFunctions) -> tuple[ArrowExamples, ArrowExamples | None]:
     """Train and eval examples (:func:`distill.data.datasets.build_datasets`)."""
-    table, rows = tokenized_file(settings.train_file, "data.train_file", tokenizer, settings)
+    table, rows = tokenized_file(settings.train_file, "data.train_file", tokenizer, settings, rows_of)
     sample_ids = table.data.column("sample_id").to_numpy()
     held = np.zeros(rows, dtype=bool)
     eval_set = None
     if settings.eval_file:
-        eval_table, _ = tokenized_file(settings.eval_file, "data.eval_file", tokenizer, settings)
+        eval_table, _ = tokenized_file(settings.eval_file, "data.eval_file", tokenizer, settings, rows_of)
         if not len(eval_table):
             raise ConfigError(f"{settings.eval_file}: no example has target tokens within "
                               f"max_length={settings.max_length}")
