@@ -11,15 +11,23 @@ from typing import Any
 from kd_core.config import ConfigError
 
 
-def iter_json_objects(path: Path, label: str = "") -> Iterator[tuple[int, str, dict[str, Any]]]:
+def iter_json_objects(
+    path: Path, label: str = "", start: int = 0, stop: int | None = None, first_line: int = 1
+) -> Iterator[tuple[int, str, dict[str, Any]]]:
     """``(line number, raw line, object)`` for every non-blank line of ``path``.
 
     A line that is not UTF-8, not JSON, or not a JSON object raises ConfigError as ``{label}{path}:{line}: ...``
     (``label`` names the config field, e.g. ``"calibration.data: "``). Reading is lazy, so a caller that needs only
-    the first N records stops early.
+    the first N records stops early. ``start``/``stop`` (byte offsets at line starts) and ``first_line`` (the line
+    number at ``start``) read one range of the file, so workers can each parse their own part.
     """
     with open(path, "rb") as handle:
-        for number, raw_bytes in enumerate(handle, start=1):
+        handle.seek(start)
+        offset = start
+        for number, raw_bytes in enumerate(handle, start=first_line):
+            if stop is not None and offset >= stop:
+                return
+            offset += len(raw_bytes)
             where = f"{label}{path}:{number}"
             try:
                 raw = raw_bytes.decode("utf-8").rstrip("\r\n")
@@ -36,8 +44,8 @@ def iter_json_objects(path: Path, label: str = "") -> Iterator[tuple[int, str, d
             yield number, raw, record
 
 
-def load_records(path: str | Path, field: str = "data.train_file") -> list[dict[str, Any]]:
-    """Reads a jsonl/json/parquet file or a saved `datasets` folder into a list of dicts."""
+def check_data_path(path: str | Path, field: str = "data.train_file") -> Path:
+    """The path of a data file or folder that exists and is not an empty file; ConfigError naming ``field`` else."""
     path = Path(path)
     if not str(path):
         raise ConfigError(f"{field}: no dataset path given")
@@ -45,8 +53,21 @@ def load_records(path: str | Path, field: str = "data.train_file") -> list[dict[
         raise ConfigError(f"{field}: file not found: {path}")
     if path.is_file() and path.stat().st_size == 0:
         raise ConfigError(f"{field}: dataset is empty: {path}")
+    return path
+
+
+def load_records(path: str | Path, field: str = "data.train_file") -> list[dict[str, Any]]:
+    """Reads a jsonl/json/parquet file or a saved `datasets` folder into a list of dicts."""
+    path = check_data_path(path, field)
     if path.suffix == ".jsonl" and path.is_file():
         return _read_jsonl(path, field)
+    return open_dataset(path, field).to_list()
+
+
+def open_dataset(path: str | Path, field: str = "data.train_file"):
+    """A json/parquet file or a saved `datasets` folder as a memory-mapped ``datasets.Dataset`` (not JSON lines:
+    :func:`iter_json_objects` reads those, naming bad lines)."""
+    path = check_data_path(path, field)
     import datasets
 
     try:
@@ -66,7 +87,7 @@ def load_records(path: str | Path, field: str = "data.train_file") -> list[dict[
         raise ConfigError(f"{field}: could not read {path}: {err}") from None
     if len(ds) == 0:
         raise ConfigError(f"{field}: dataset is empty: {path}")
-    return ds.to_list()
+    return ds
 
 
 def _read_jsonl(path: Path, field: str) -> list[dict[str, Any]]:

@@ -88,6 +88,19 @@ def data_number_as_text(model_dirs, tmp_path):
     return _train_argv(model_dirs, tmp_path, data=data)
 
 
+def data_unknown_role(model_dirs, tmp_path):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "assitant", "content": "hello"}]}
+    data = write_jsonl(tmp_path / "msgs.jsonl", [good] * 6 + [bad] + [good] * 3)
+    return _train_argv(model_dirs, tmp_path, data=data)
+
+
+def data_mixed_shapes(model_dirs, tmp_path):
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data = write_jsonl(tmp_path / "mixed.jsonl", ROWS[:4] + [chat] + ROWS[4:8])  # line 1 is a valid prompt/completion
+    return _train_argv(model_dirs, tmp_path, data=data)
+
+
 def data_smaller_than_batch(model_dirs, tmp_path):
     data = write_jsonl(tmp_path / "small.jsonl", ROWS[:3])
     return _train_argv(model_dirs, tmp_path, data=data)
@@ -323,6 +336,11 @@ CASES = [
     (TRAIN, data_messages_string, r"msgs\.jsonl:1: field 'messages': expected a non-empty list .*got str"),
     (TRAIN, data_message_without_content, r"msgs\.jsonl:6: field 'messages\[0\]': the message has no 'content'"),
     (TRAIN, data_number_as_text, r"nums\.jsonl:2: field 'prompt': expected a string, got int 0"),
+    (TRAIN, data_unknown_role, (r"msgs\.jsonl:7: field 'messages\[1\]\.role': unknown role 'assitant'; expected one "
+                                r"of system, user, assistant, tool")),
+    (TRAIN, data_mixed_shapes, (r"mixed\.jsonl:5: this row has the 'messages' shape .*but the data's shape is "
+                                r"'prompt_completion', detected from its first row \(.*mixed\.jsonl:1\): expected "
+                                r"column\(s\) \['prompt', 'completion'\] in every row")),
     (TRAIN, data_smaller_than_batch, (r"data\.train_file: .*small\.jsonl has 3 usable .*fewer than one batch "
                                       r"\(per_device_train_batch_size 4 x 1 process\(es\) = 4\)")),
     (TRAIN, nan_learning_rate, r"learning_rate: expected a finite number, got 'nan'"),

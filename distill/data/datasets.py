@@ -13,6 +13,9 @@ Every example keeps ``sample_id`` (its row index in the source file), so anythin
 offline teacher-logit store, reads the right rows whatever the shuffling, accumulation or number of processes;
 ``prompt_length`` (the tokens a model is given to write the completion: the prompt with the chat template's
 generation prompt; None for ``text``) and ``has_completion`` (False for prompts only).
+
+:func:`build_datasets` (training) reads the memory-mapped cache of :mod:`distill.data.tokenized`, which tokenizes
+each file once with the functions here; :func:`tokenize_records` tokenizes small sets in memory.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kd_core.config import ConfigError, option
-from kd_core.records import iter_json_objects, load_records
+from kd_core.records import iter_json_objects
 
 IGNORE_INDEX = -100
 SHAPES = ("messages", "prompt_completion", "text", "prompt")
@@ -58,8 +61,19 @@ class DataSettings:
         "`data-gen cot`) become two examples, '[label] ' + prompt -> label with loss weight w and '[rationale] ' + "
         "prompt -> rationale with weight 1 - w; null = plain training on the detected shape."
     )
+    cache_dir: str | None = option(
+        None, help="Where each data file is tokenized once (memory-mapped Arrow files, keyed by the file's content, "
+        "the tokenizer and the settings that change tokens) and mapped by every later run; default "
+        "$HF_DATASETS_CACHE/distill_kd (~/.cache/huggingface/datasets/distill_kd). Delete the folder to clear it."
+    )
+    num_proc: int | None = option(
+        None, help="Processes that tokenize a file the first time (default: the CPUs this process may use, at most "
+        "32; 1 = in this process)."
+    )
 
     def __post_init__(self) -> None:
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError(f"num_proc: expected at least 1 or null, got {self.num_proc}")
         if self.step_by_step_label_weight is not None and not 0.0 <= self.step_by_step_label_weight <= 1.0:
             raise ValueError(f"step_by_step_label_weight: expected a number in [0, 1] or null, got "
                              f"{self.step_by_step_label_weight}")
@@ -69,21 +83,26 @@ class DataSettings:
             raise ValueError(f"max_length: expected at least 2, got {self.max_length}")
 
 
+ROLES = ("system", "user", "assistant", "tool")
+NEEDED = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"], "text": ["text"],
+          "prompt": ["prompt"]}
+
+
 def detect_shape(record: dict[str, Any], requested: str, source: str) -> str:
     if requested != "auto":
-        needed = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"], "text": ["text"],
-                  "prompt": ["prompt"]}[requested]
-        missing = [c for c in needed if c not in record]
+        missing = [c for c in NEEDED[requested] if c not in record]
         if missing:
             raise ConfigError(f"{source}: format {requested!r} needs column(s) {missing}; found {sorted(record)}")
         return requested
-    if "messages" in record:
+    # A null column is one this row does not have: tables (parquet, or JSON lines whose rows differ) fill them in.
+    present = {key for key, value in record.items() if value is not None}
+    if "messages" in present:
         return "messages"
-    if "prompt" in record and "completion" in record:
+    if "prompt" in present and "completion" in present:
         return "prompt_completion"
-    if "text" in record:
+    if "text" in present:
         return "text"
-    if "prompt" in record:
+    if "prompt" in present:
         return "prompt"
     raise ConfigError(
         f"{source}: no usable column; expected `messages`, `prompt` and `completion`, `text`, or `prompt` alone, "
@@ -105,12 +124,20 @@ def _kind(value: Any) -> str:
     return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
 
 
-def check_record(record: dict[str, Any], shape: str, source: str, row: int) -> None:
-    """Raises ConfigError naming ``file:line`` (or ``file: row N``) and the field when a record does not have the
-    types its shape needs: a list of {role, content} messages, or string prompt/completion/text."""
+def check_record(record: dict[str, Any], shape: str, source: str, row: int, where: str | None = None,
+                 first: str | None = None) -> None:
+    """Raises ConfigError naming ``file:line`` (or ``file: row N``; ``where`` when the caller knows it) and the
+    field when a record does not have the types its shape needs: a list of {role, content} messages with known
+    roles, or string prompt/completion/text. ``first`` (where the shape was detected) makes a row of another shape
+    an error of its own: it names this row, its shape and the one expected."""
     def fail(problem: str) -> typing.NoReturn:
-        raise ConfigError(f"{_where(source, row)}: {problem}")
+        raise ConfigError(f"{where or _where(source, row)}: {problem}")
 
+    if first is not None:
+        own = detect_shape(record, "auto", where or _where(source, row))
+        if own != shape:
+            fail(f"this row has the {own!r} shape (columns {NEEDED[own]}), but the data's shape is {shape!r}, "
+                 f"detected from its first row ({first}): expected column(s) {NEEDED[shape]} in every row")
     if shape == "messages":
         messages = record.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -124,11 +151,14 @@ def check_record(record: dict[str, Any], shape: str, source: str, row: int) -> N
                     fail(f"field '{field}': the message has no '{key}' (expected {{role, content}})")
             if not isinstance(message["role"], str):
                 fail(f"field '{field}.role': expected a string, got {_kind(message['role'])}")
+            if message["role"] not in ROLES:
+                # A misspelt role ("assitant") would otherwise be rendered by the chat template as some other turn
+                # (or dropped) and train silently on the wrong targets.
+                fail(f"field '{field}.role': unknown role {message['role']!r}; expected one of {', '.join(ROLES)}")
             if not isinstance(message["content"], (str, list)):
                 fail(f"field '{field}.content': expected text, got {_kind(message['content'])}")
         return
-    keys = {"prompt_completion": ("prompt", "completion"), "text": ("text",), "prompt": ("prompt",)}[shape]
-    for key in keys:
+    for key in NEEDED[shape]:
         if not isinstance(record.get(key), str):
             fail(f"field '{key}': expected a string, got {_kind(record.get(key))}")
 
@@ -202,7 +232,8 @@ def tokenize_example(
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
-    """A list of tokenized examples, each with its ``sample_id`` (row in the source file)."""
+    """A list of tokenized examples, each with its ``sample_id`` (row in the source file): small in-memory sets
+    (the eval command, tests). Training data is :class:`distill.data.tokenized.ArrowExamples`."""
 
     def __init__(self, examples: list[dict[str, Any]]) -> None:
         self.examples = examples
@@ -213,6 +244,42 @@ class TokenizedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.examples[index]
 
+    def first_without_completion(self) -> int | None:
+        """The ``sample_id`` of the first prompt-only example, or None."""
+        return next((e["sample_id"] for e in self.examples if not e["has_completion"]), None)
+
+
+def record_shape(record: dict[str, Any], settings: DataSettings, where: str) -> str:
+    """The shape every row of a file must have, detected from its first row (``where``)."""
+    return "prompt_completion" if settings.step_by_step_label_weight is not None else detect_shape(
+        record, settings.format, where)
+
+
+def examples_of(record: dict[str, Any], shape: str, tokenizer: PreTrainedTokenizerBase, settings: DataSettings,
+                where: str, first: str | None = None) -> list[dict[str, Any]]:
+    """A record checked (ConfigError naming ``where``) and tokenized into its examples, each with a ``loss_weight``:
+    one example (weight 1), or two with ``step_by_step_label_weight`` w (a label example, weight w, and a rationale
+    example, 1 - w). Examples truncated to no target are left out; prompts only (on-policy) are kept, having none
+    until a model writes them. ``first`` (where the shape was detected) checks that the row has that shape."""
+    w = settings.step_by_step_label_weight
+    if w is None:
+        check_record(record, shape, "", 0, where, first if settings.format == "auto" else None)
+        weighted = [(record, 1.0)]
+    else:
+        missing = [c for c in ("prompt", "rationale", "label") if not isinstance(record.get(c), str)]
+        if missing:
+            raise ConfigError(f"{where}: step-by-step training needs string columns "
+                              f"{missing} (prompt, rationale, label; `data-gen cot` writes them)")
+        weighted = [({"prompt": "[label] " + record["prompt"], "completion": record["label"]}, w),
+                    ({"prompt": "[rationale] " + record["prompt"], "completion": record["rationale"]}, 1.0 - w)]
+    examples = []
+    for one, weight in weighted:
+        example = tokenize_example(one, shape, tokenizer, settings.max_length, settings.completion_only_loss)
+        if not example["has_completion"] or any(label != IGNORE_INDEX for label in example["labels"][1:]):
+            example["loss_weight"] = weight
+            examples.append(example)
+    return examples
+
 
 def tokenize_records(
     records: list[dict[str, Any]],
@@ -221,65 +288,30 @@ def tokenize_records(
     source: str,
     row_ids: list[int] | None = None,
 ) -> TokenizedDataset:
-    """Tokenizes records; ``row_ids`` are their rows in the source file (default 0..n-1).
-
-    Every example carries a ``loss_weight`` (1.0 unless ``step_by_step_label_weight`` expands records into a
-    label example and a rationale example; both keep the record's ``sample_id``)."""
+    """Tokenizes records in memory (small sets: the eval command, tests); ``row_ids`` are their rows in the source
+    file (default 0..n-1). Each example carries a ``loss_weight`` (see :func:`examples_of`)."""
     row_ids = list(range(len(records))) if row_ids is None else row_ids
-    weighted: list[tuple[int, dict[str, Any], float]] = []
-    w = settings.step_by_step_label_weight
-    if w is None:
-        shape = detect_shape(records[0], settings.format, source)
-        for row, record in zip(row_ids, records):
-            check_record(record, shape, source, row)
-        weighted = [(row, record, 1.0) for row, record in zip(row_ids, records)]
-    else:
-        shape = "prompt_completion"
-        for row, record in zip(row_ids, records):
-            missing = [c for c in ("prompt", "rationale", "label") if not isinstance(record.get(c), str)]
-            if missing:
-                raise ConfigError(f"{_where(source, row)}: step-by-step training needs string columns "
-                                  f"{missing} (prompt, rationale, label; `data-gen cot` writes them)")
-            weighted.append((row, {"prompt": "[label] " + record["prompt"], "completion": record["label"]}, w))
-            weighted.append((row, {"prompt": "[rationale] " + record["prompt"], "completion": record["rationale"]},
-                             1.0 - w))
+    path = Path(source)
+    lines = [line for line, _, _ in iter_json_objects(path)] if path.suffix == ".jsonl" and path.is_file() else None
+    wheres = [f"{source}:{lines[row]}" if lines else f"{source}: row {row}" for row in row_ids]
+    shape = record_shape(records[0], settings, wheres[0]) if records else "text"
     examples = []
-    for row, record, weight in weighted:
-        example = tokenize_example(record, shape, tokenizer, settings.max_length, settings.completion_only_loss)
-        # Skip examples truncated to no target; prompts only (on-policy) have none until a model writes them.
-        if not example["has_completion"] or any(label != IGNORE_INDEX for label in example["labels"][1:]):
+    for row, record, where in zip(row_ids, records, wheres):
+        for example in examples_of(record, shape, tokenizer, settings, where, wheres[0]):
             example["sample_id"] = row
-            example["loss_weight"] = weight
             examples.append(example)
     if not examples:
         raise ConfigError(f"{source}: no example has target tokens within max_length={settings.max_length}")
     return TokenizedDataset(examples)
 
 
-def build_datasets(
-    settings: DataSettings, tokenizer: PreTrainedTokenizerBase, seed: int
-) -> tuple[TokenizedDataset, TokenizedDataset | None]:
-    """Train and eval datasets; eval is carved from train (deterministically for ``seed``) when no file is given."""
-    records = load_records(settings.train_file, "data.train_file")
-    train_rows = list(range(len(records)))
-    eval_records, eval_rows = None, None
-    if settings.eval_file:
-        eval_records = load_records(settings.eval_file, "data.eval_file")
-    elif settings.eval_fraction > 0 and len(records) > 1:
-        generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(records), generator=generator).tolist()
-        held = set(order[: max(1, int(len(records) * settings.eval_fraction))])
-        eval_rows = [i for i in train_rows if i in held]
-        train_rows = [i for i in train_rows if i not in held]
-        eval_records = [records[i] for i in eval_rows]
-    if settings.max_samples is not None:
-        train_rows = train_rows[: settings.max_samples]
-    train = tokenize_records([records[i] for i in train_rows], tokenizer, settings, settings.train_file, train_rows)
-    evaluation = None
-    if eval_records:
-        source = settings.eval_file or settings.train_file
-        evaluation = tokenize_records(eval_records, tokenizer, settings, source, eval_rows)
-    return train, evaluation
+def build_datasets(settings: DataSettings, tokenizer: PreTrainedTokenizerBase, seed: int):
+    """Train and eval sets (:class:`distill.data.tokenized.ArrowExamples`) from the tokenized cache of each file;
+    eval is carved from train (deterministically for ``seed``) when no file is given, and keeps only examples with
+    a completion (token metrics need targets); None when there is no eval set."""
+    from distill.data.tokenized import RowFunctions, split_examples
+
+    return split_examples(settings, tokenizer, seed, RowFunctions(record_shape, examples_of))
 
 
 def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:

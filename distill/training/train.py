@@ -252,11 +252,6 @@ class Distiller:
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set = build_datasets(cfg.data, self.tokenizer, cfg.seed)
         check_dataset(cfg.on_policy, self.train_set, cfg.data.train_file)
-        if self.eval_set is not None and not all(e["has_completion"] for e in self.eval_set.examples):
-            held = [e for e in self.eval_set.examples if e["has_completion"]]
-            logger.info("eval: %d held-out prompt(s) without completion left out of the token metrics",
-                        len(self.eval_set) - len(held))
-            self.eval_set = type(self.eval_set)(held) if held else None
         check_batch_fits(len(self.train_set), cfg, acc.num_processes)
         self.accuracy_pairs = load_accuracy_set(cfg.accuracy) if cfg.accuracy.file else []
         self.task = resolve_task(cfg.model)

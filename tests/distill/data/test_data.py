@@ -101,3 +101,112 @@ def test_requested_format_needs_its_columns(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
     with pytest.raises(ConfigError, match="format 'messages' needs column"):
         build_datasets(DataSettings(train_file=str(path), format="messages"), tokenizer, seed=0)
+
+
+# --- the tokenized cache ------------------------------------------------------------------------------------------
+
+def _chat(i):
+    return {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {i} + 1?"},
+                         {"role": "assistant", "content": f"The answer is {i + 1}."}]}
+
+
+def test_cache_matches_in_memory_tokenization_across_workers(tmp_path, tokenizer, monkeypatch):
+    """Rows tokenized by two worker processes over several chunks equal the in-memory path, in file order."""
+    from distill.data import tokenized
+    from distill.data.datasets import tokenize_records
+
+    monkeypatch.setattr(tokenized, "CHUNK_ROWS", 7)  # 30 rows: five chunks, forked workers see the patch
+    rows = [_chat(i) for i in range(30)]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    settings = DataSettings(train_file=str(path), eval_fraction=0.0, cache_dir=str(tmp_path / "cache"), num_proc=2)
+    train, evaluation = build_datasets(settings, tokenizer, seed=0)
+    expected = tokenize_records(rows, tokenizer, settings, str(path)).examples
+    assert evaluation is None and list(train) == expected
+
+
+def test_second_build_maps_the_cache_and_a_change_rebuilds(tmp_path, tokenizer, monkeypatch):
+    from distill.data import tokenized
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)])
+    settings = DataSettings(train_file=str(path), eval_fraction=0.0, cache_dir=str(tmp_path / "cache"))
+    first, _ = build_datasets(settings, tokenizer, seed=0)
+    built = []
+    real_build = tokenized._build
+    monkeypatch.setattr(tokenized, "_build", lambda *args: built.append(args) or real_build(*args))
+    again, _ = build_datasets(settings, tokenizer, seed=0)
+    assert built == [] and list(again) == list(first)  # mapped, not tokenized
+    build_datasets(DataSettings(**{**vars(settings), "completion_only_loss": False}), tokenizer, seed=0)
+    assert len(built) == 1  # a setting that changes tokens is another key
+    path.write_text(path.read_text() + json.dumps({"prompt": "q", "completion": "a"}) + "\n")
+    assert len(build_datasets(settings, tokenizer, seed=0)[0]) == 21 and len(built) == 2  # so is new content
+    assert len([p for p in (tmp_path / "cache").iterdir()]) == 3 and not list((tmp_path / "cache").glob(".*"))
+
+
+def test_split_and_max_samples_are_those_of_the_list_path(tmp_path, tokenizer):
+    """Held-out rows: the first eval_fraction of a permutation seeded by `seed`; max_samples counts training rows."""
+    import torch
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(50)])
+    settings = DataSettings(train_file=str(path), eval_fraction=0.2, max_samples=15, cache_dir=str(tmp_path / "c"))
+    train, evaluation = build_datasets(settings, tokenizer, seed=3)
+    held = set(torch.randperm(50, generator=torch.Generator().manual_seed(3))[:10].tolist())
+    assert [e["sample_id"] for e in evaluation] == sorted(held)
+    assert [e["sample_id"] for e in train] == [i for i in range(50) if i not in held][:15]
+
+
+def test_bad_row_in_a_worker_names_its_line_and_leaves_no_cache(tmp_path, tokenizer, monkeypatch):
+    from distill.data import tokenized
+
+    monkeypatch.setattr(tokenized, "CHUNK_ROWS", 4)
+    rows = [json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(12)]
+    rows[9] = json.dumps({"prompt": "q", "completion": 7})
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n\n" + "\n".join(rows) + "\n")  # two blank lines first: row 9 is on line 12
+    settings = DataSettings(train_file=str(path), cache_dir=str(tmp_path / "cache"), num_proc=2)
+    with pytest.raises(ConfigError, match=r"d\.jsonl:12: field 'completion': expected a string, got int 7"):
+        build_datasets(settings, tokenizer, seed=0)
+    assert list((tmp_path / "cache").iterdir()) == []  # the temporary folder went with the failed build
+
+
+def test_parquet_source_through_the_cache(tmp_path, tokenizer):
+    """Tables fill a column some rows lack with null: those rows are still read by their own shape."""
+    import datasets
+
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "text": None} for i in range(6)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    settings = DataSettings(train_file=str(tmp_path / "d.parquet"), eval_fraction=0.0, cache_dir=str(tmp_path / "c"))
+    train, _ = build_datasets(settings, tokenizer, seed=0)
+    assert [e["sample_id"] for e in train] == list(range(6)) and all(e["prompt_length"] for e in train)
+
+
+def test_waiting_rank_raises_the_builders_error_or_returns_when_published(tmp_path):
+    from distill.data import tokenized
+
+    target, verdict = tmp_path / "key", tmp_path / "key.error"
+    verdict.write_text("data.train_file: d.jsonl:3: field 'prompt': expected a string, got null")
+    with pytest.raises(ConfigError, match=r"d\.jsonl:3: field 'prompt'"):
+        tokenized._wait_for(target, verdict, "data.train_file")
+    verdict.unlink()
+    target.mkdir()
+    (target / tokenized.META).write_text("{}")
+    tokenized._wait_for(target, verdict, "data.train_file")
+
+
+def test_batch_stream_draws_each_epoch_permutation_once(monkeypatch):
+    """Indices are the epoch's permutation sliced per micro-batch and rank (as before), drawn once per epoch."""
+    import torch
+
+    from distill.data import batching
+
+    draws = []
+    real = torch.randperm
+    monkeypatch.setattr(batching.torch, "randperm", lambda *a, **k: draws.append(a) or real(*a, **k))
+    streams = [batching.BatchStream(10, 2, 2, rank, seed=5) for rank in (0, 1)]
+    seen = [[s.next_indices() for _ in range(4)] for s in streams]  # two epochs of two micro-batches
+    for epoch in (0, 1):
+        order = real(10, generator=torch.Generator().manual_seed(5 + epoch)).tolist()
+        for step in (0, 1):
+            for rank in (0, 1):
+                start = step * 4 + rank * 2
+                assert seen[rank][2 * epoch + step] == order[start : start + 2]
+    assert len(draws) == 4  # each of two streams: once per epoch
