@@ -265,13 +265,14 @@ CASES = [
     (TRAIN, output_dir_is_file, r"output_dir: .*a_file\.txt is a file; expected a directory"),
     ("distill.student.prune.command", prune_no_weights, r"model: .*broken_teacher has no weights"),
     ("distill.evaluation.command", eval_no_tokenizer, r"model: .*broken_student has no tokenizer"),
-    ("distill.offline.precompute", precompute_output_is_file, r"output_dir: .*a_file\.txt exists and is not empty"),
+    ("distill.offline.precompute", precompute_output_is_file, r"output_dir: .*a_file\.txt is a file; expected a "
+                                                              r"directory"),
     ("distill.offline.precompute", precompute_nan_temperature, r"temperature: expected a finite number, got 'nan'"),
     ("distill.offline.precompute", precompute_duplicate_yaml_key, r"store\.yaml:3: duplicate key 'k' \(first given on "
                                                                   r"line 1\)"),
     ("distill.training.export", export_not_a_checkpoint, r"checkpoint: cannot use .*my_folder: no manifest\.json"),
     ("distill.evaluation.plot", plot_not_a_run, r"run_dir: .*my_folder/metrics\.jsonl not found"),
-    ("data_gen.dedup", dedup_output_is_file, r"output_dir: .*a_file\.txt exists and is not a directory"),
+    ("data_gen.dedup", dedup_output_is_file, r"output_dir: .*a_file\.txt is a file; expected a directory"),
     ("data_gen.dedup", dedup_field_missing, r"train\.jsonl:1: record has no field 'instruction'"),
     ("data_gen.cot", cot_question_not_text, r"input_file: .*questions\.jsonl: row 1: field 'question': expected a "
                                             r"non-empty question string"),
@@ -345,7 +346,7 @@ def test_unwritable_output_dir_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ownership.os, "access", lambda path, mode: Path(path) != tmp_path)
     with pytest.raises(ConfigError, match=r"output_dir: .*run cannot be created: .* is not writable"):
-        ownership.check(tmp_path / "run", ownership.TRAIN, "output_dir")
+        ownership.check_writable(tmp_path / "run", "output_dir")
 
 
 def test_real_process_exit_status(model_dirs, tmp_path):
