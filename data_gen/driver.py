@@ -133,10 +133,13 @@ def prepare_output_dir(method: Method, out: Path) -> ownership.Output:
     (another method's output, a training run, a user's folder) nor one another process writes; the main process
     locks it (:mod:`kd_core.ownership`)."""
     def resumable(owner: ownership.Owner) -> str | None:
-        if not (out / CONFIG).is_file() or (method.journal_required and not (out / JOURNAL).is_file()):
+        # A marked run killed before it saved config.yaml resumes on its marker's settings; an unmarked one (an
+        # earlier version's) is known only by its config.yaml, and its journal where the method needs one.
+        config = (out / CONFIG).is_file()
+        if (owner.inferred and not config) or (config and method.journal_required and not (out / JOURNAL).is_file()):
             raise ConfigError(f"output.dir: {out} exists and is not a {method.name} output directory; choose a new one")
         for key, now in method.resume_keys().items():
-            if _saved(out, key) != now:
+            if config and _saved(out, key) != now:
                 raise ConfigError(f"{key}: {out} was generated with {_saved(out, key)!r}, not {now!r}; use a new "
                                   "output.dir")
         return None

@@ -81,7 +81,7 @@ class Owner:
 
     def describe(self) -> str:
         if self.command is None:
-            return "files not written by this command (no ownership marker)"
+            return "files not written by this command, and no ownership marker"
         state = "a finished" if self.finished else "an unfinished"
         return f"{state} {self.command} output"
 
