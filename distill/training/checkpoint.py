@@ -265,6 +265,14 @@ def check_identity(checkpoint: Path, tokenizer, settings: dict[str, Any]) -> Non
     import yaml
 
     checkpoint = Path(checkpoint)
+    if tokenizer is not None and (checkpoint / STUDENT_DIR / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        theirs = AutoTokenizer.from_pretrained(checkpoint / STUDENT_DIR)
+        if _tokenizer_identity(theirs) != _tokenizer_identity(tokenizer):
+            raise ConfigError(f"resume: checkpoint {checkpoint} was trained with another tokenizer (its "
+                              f"{STUDENT_DIR}/ holds {len(theirs)} tokens, this run's has {len(tokenizer)}, or other "
+                              "ids or special tokens); resume a checkpoint of this run")
     saved = checkpoint / "config.yaml"
     if saved.is_file():
         config = yaml.safe_load(saved.read_text()) or {}
@@ -279,14 +287,6 @@ def check_identity(checkpoint: Path, tokenizer, settings: dict[str, Any]) -> Non
         if differ:
             raise ConfigError(f"resume: checkpoint {checkpoint} belongs to another run ({'; '.join(differ)}); resume "
                               "a checkpoint of this run, or start with those settings")
-    if tokenizer is not None and (checkpoint / STUDENT_DIR / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        theirs = AutoTokenizer.from_pretrained(checkpoint / STUDENT_DIR)
-        if _tokenizer_identity(theirs) != _tokenizer_identity(tokenizer):
-            raise ConfigError(f"resume: checkpoint {checkpoint} was trained with another tokenizer (its "
-                              f"{STUDENT_DIR}/ holds {len(theirs)} tokens, this run's has {len(tokenizer)}, or other "
-                              "ids or special tokens); resume a checkpoint of this run")
 
 
 def _tokenizer_identity(tokenizer) -> tuple[str, str]:

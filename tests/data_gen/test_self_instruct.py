@@ -346,7 +346,8 @@ def test_a_finished_cot_output_is_refused_untouched_and_still_resumes(tmp_path, 
             assert data_gen_main(self_instruct) == 2
             err = capsys.readouterr().err
             # Unmarked (a version before markers), another command's output is told from a user's folder by no one.
-            held = "files not written by this command" if legacy else "a finished data-gen cot output"
+            held = ("files not written by this command, and no ownership marker" if legacy
+                    else "a finished data-gen cot output")
             assert f"is not a self-instruct output directory (it holds {held})" in err, err
             assert tree_digest(out) == before
         calls = cot_server.total

@@ -81,7 +81,9 @@ def test_resume_auto_with_more_steps_extends_a_finished_run(finished, model_dirs
     """A finished run is finished for its own max_steps: asking for more continues from its last checkpoint."""
     assert run_command(train_main, cli_args(model_dirs, train_file, finished, "--max_steps", "6",
                                             "--resume", "auto")) == 0
-    assert json.loads((finished / "summary.json").read_text())["steps"] == 6
+    summary = json.loads((finished / "summary.json").read_text())
+    assert summary["steps"] == 6
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6]  # every step, not only the extension's
     assert metric_steps(finished) == [1, 2, 3, 4, 5, 6]  # a restart from scratch would log steps 1-4 twice
 
 
@@ -124,3 +126,36 @@ def test_resume_with_other_settings_is_refused_untouched(finished, model_dirs, t
     assert run_command(train_main, args) == 2
     assert "holds a run with other settings (loss.terms)" in capsys.readouterr().err
     assert tree_digest(finished) == before
+
+
+def test_resume_path_of_a_run_with_another_tokenizer_is_refused(model_dirs, train_file, tmp_path, capsys):
+    """Issue 31: `--resume PATH` used to accept another run's checkpoint and export its weights under this run's
+    tokenizer. Here the student's architecture (and vocabulary size) and the settings are the same, only the
+    tokenizer differs (no teacher: the teacher's would be refused for its own mismatch first)."""
+    import shutil
+
+    from distill.student.tiny import train_tokenizer
+
+    other = tmp_path / "other_student"
+    shutil.copytree(model_dirs["student"], other)
+    corpus = [f"token {i} zebra quartz {i * 7} xylophone" for i in range(200)]
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (other / name).unlink(missing_ok=True)
+    train_tokenizer(corpus, vocab_size=300).save_pretrained(other)
+
+    def args(student, out, *extra):
+        return ["--output_dir", str(out), "--per_device_train_batch_size", "4", "--save_steps", "1",
+                "--eval_steps", "null", "--report_to", "[none]", "--model.student", str(student),
+                "--data.train_file", str(train_file), "--data.eval_fraction", "0", "--loss.terms", "{ce: 1.0}",
+                "--max_steps", "2", *extra]
+
+    assert run_command(train_main, args(other, tmp_path / "theirs")) == 0
+    capsys.readouterr()
+    mine = tmp_path / "mine_student"  # this run's student: the same weights and config, the fixture's tokenizer
+    shutil.copytree(model_dirs["student"], mine)
+    args_now = args(mine, tmp_path / "mine", "--resume", str(tmp_path / "theirs" / "checkpoint-2"), "--max_steps", "4")
+    before = tree_digest(tmp_path)
+    assert run_command(train_main, args_now) == 2
+    err = capsys.readouterr().err
+    assert "was trained with another tokenizer" in err, err[-2000:]
+    assert tree_digest(tmp_path) == before
