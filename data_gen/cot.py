@@ -281,6 +281,7 @@ class CotMethod(Method):
     name = "cot"
     unit = "q"
     journal_required = False  # a deleted journal is rebuilt from the answer cache at no cost
+    legacy_keys = ("input_file", "question_field")
 
     def __init__(self, cfg: CotConfig) -> None:
         self.cfg = cfg

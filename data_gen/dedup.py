@@ -11,8 +11,10 @@ is ``<= threshold`` (the Self-Instruct rule, exact: :class:`data_gen.rouge.Novel
   the ``line`` numbers are 1-based lines of the input file.
 * ``config.yaml`` (the resolved config) and ``summary.json`` (counts, threshold, seconds).
 
-Every input problem is reported before anything is written, and an existing non-empty output directory is refused
-unless ``--overwrite`` is given.
+Every input problem is reported before anything is written. An existing non-empty output directory is refused unless
+it is a dedup output and ``--overwrite`` is given, which replaces those four files and nothing else; another
+command's output (a training run, a data-gen output) or a user's folder is refused in any case, and so is a directory
+another process is writing (:mod:`kd_core.ownership`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from data_gen.rouge import NoveltyIndex
+from kd_core import ownership
 from kd_core.atomic import atomic_write_json, atomic_write_text
 from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line, save_config
@@ -80,12 +83,11 @@ def read_records(path: Path, field: str) -> list[_Line]:
     return lines
 
 
-def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuses a file in place of the directory, or a non-empty directory without ``overwrite``."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output_dir: {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ConfigError(f"output_dir: {path} is not empty (pass --overwrite to replace its files)")
+# What dedup writes in its output_dir (kd_core.ownership): --overwrite replaces these files and nothing else. Dedup
+# wrote no ownership marker before, so its earlier output is recognised by its kept or dropped records.
+OUTPUT = ownership.OutputKind(
+    "data-gen dedup", ("kept.jsonl", "dropped.jsonl", "config.yaml", "summary.json", ".*.tmp"), label="dedup",
+    legacy=lambda d: (d / "kept.jsonl").is_file() or (d / "dropped.jsonl").is_file(), done="summary.json")
 
 
 def deduplicate(lines: list[_Line], field: str, threshold: float) -> tuple[list[_Line], list[dict[str, Any]]]:
@@ -120,15 +122,20 @@ Config = DedupConfig
 
 def run(cfg: DedupConfig) -> dict[str, Any]:
     """Writes ``kept.jsonl``, ``dropped.jsonl``, ``config.yaml`` and ``summary.json``; returns the summary."""
-    out = Path(cfg.output_dir)
-    check_output_dir(out, cfg.overwrite)
+    with ownership.prepare(cfg.output_dir, OUTPUT, {}, resume=False, overwrite=cfg.overwrite,
+                           remedy="pass --overwrite to replace its files, or choose another output_dir") as output:
+        return _write(cfg, output)
+
+
+def _write(cfg: DedupConfig, output: ownership.Output) -> dict[str, Any]:
+    out = output.path
     lines = read_records(Path(cfg.input), cfg.field)
 
     start = time.perf_counter()
     kept, dropped = deduplicate(lines, cfg.field, cfg.threshold)
     seconds = time.perf_counter() - start
 
-    out.mkdir(parents=True, exist_ok=True)
+    output.claim()  # every input checked: from here on the directory is written
     atomic_write_text(out / "kept.jsonl", "".join(line.raw + "\n" for line in kept))
     atomic_write_text(out / "dropped.jsonl", "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dropped))
     save_config(cfg, out / "config.yaml")
@@ -142,6 +149,7 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
         "seconds": round(seconds, 3),
     }
     atomic_write_json(out / "summary.json", summary, indent=2, trailing_newline=True)
+    output.finish()
     print(f"kept {len(kept)} of {len(lines)} records, dropped {len(dropped)} (threshold {cfg.threshold}) -> {out}")
     return summary
 

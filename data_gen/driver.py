@@ -7,8 +7,9 @@ The driver owns everything around that, identically for every method:
 1. the output directory: an empty or absent one starts a run; one owned by the same method
    (:mod:`kd_core.ownership`: its marker, or for an earlier version's output its ``config.yaml``) holding
    ``config.yaml`` (and ``journal.jsonl``, where :attr:`Method.journal_required`) of a run with the same
-   :meth:`Method.resume_keys` resumes; anything else (another method's output, a training run, a user's folder) is
-   refused (exit 2, untouched);
+   :meth:`Method.resume_keys` resumes; anything else (another method's output, a training run, a user's folder, a
+   directory another process is writing) is refused (exit 2, untouched). The main process holds the directory's
+   lock until the run ends;
 2. the pre-flight cost estimate (:meth:`Method.plan` for the work left after the journal), before anything is
    created on disk, so an estimate over the budget leaves no trace;
 3. the engine (answer cache, limits, signal handlers: SIGINT/SIGTERM and the budget cap stop it cleanly), the
@@ -59,6 +60,8 @@ class Method:
     cfg: Any
     # Whether a directory to resume must hold journal.jsonl (else a lost journal is rebuilt from the answer cache).
     journal_required: bool = True
+    # Top-level keys of config.yaml that tell the method's unmarked output of a version before ownership markers.
+    legacy_keys: tuple[str, ...] = ()
 
     def resume_keys(self) -> dict[str, Any]:
         """Dotted config keys (and their values now) that must equal the saved ``config.yaml``'s to resume."""
@@ -101,23 +104,48 @@ class Method:
         raise NotImplementedError
 
 
-def check_output_dir(method: Method, out: Path) -> None:
-    """Resume only a run of the same method with the same resume keys; never write into an unrelated directory
-    (another method's output, a training run, a user's folder: :mod:`kd_core.ownership`). Reads only."""
-    if ownership.check(out, f"data-gen {method.name}", "output.dir", method.name) is None:
-        return
-    saved = out / CONFIG
-    if not saved.is_file() or (method.journal_required and not (out / JOURNAL).is_file()):
-        raise ConfigError(f"output.dir: {out} exists and is not a {method.name} output directory; choose a new one")
+def output_kind(method: Method) -> ownership.OutputKind:
+    """What a journaled pipeline writes in its output directory (:mod:`kd_core.ownership`); an unmarked output of
+    an earlier version is recognised by its ``config.yaml`` holding the method's resume keys."""
+    def legacy(directory: Path) -> bool:
+        return bool(method.legacy_keys) and all(_saved(directory, key) is not None for key in method.legacy_keys)
+
+    owned = (CONFIG, JOURNAL, "cache.sqlite*", "data.jsonl", "data.parquet", "README.md", STATS, ".*.tmp")
+    return ownership.OutputKind(f"data-gen {method.name}", owned, label=method.name, legacy=legacy,
+                                done=STATS if type(method).stats is not Method.stats else None)
+
+
+def _saved(out: Path, key: str) -> Any:
+    """The value of dotted ``key`` in ``out/config.yaml`` (None when absent)."""
     import yaml
 
-    old = yaml.safe_load(saved.read_text()) or {}
-    for key, now in method.resume_keys().items():
-        value: Any = old
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if value != now:
-            raise ConfigError(f"{key}: {out} was generated with {value!r}, not {now!r}; use a new output.dir")
+    try:
+        value: Any = yaml.safe_load((out / CONFIG).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def prepare_output_dir(method: Method, out: Path) -> ownership.Output:
+    """Resume only a run of the same method with the same resume keys; never write into an unrelated directory
+    (another method's output, a training run, a user's folder) nor one another process writes; the main process
+    locks it (:mod:`kd_core.ownership`)."""
+    def resumable(owner: ownership.Owner) -> str | None:
+        # A marked run killed before it saved config.yaml resumes on its marker's settings; an unmarked one (an
+        # earlier version's) is known only by its config.yaml, and its journal where the method needs one.
+        config = (out / CONFIG).is_file()
+        if (owner.inferred and not config) or (config and method.journal_required and not (out / JOURNAL).is_file()):
+            raise ConfigError(f"output.dir: {out} exists and is not a {method.name} output directory; choose a new one")
+        for key, now in method.resume_keys().items():
+            if config and _saved(out, key) != now:
+                raise ConfigError(f"{key}: {out} was generated with {_saved(out, key)!r}, not {now!r}; use a new "
+                                  "output.dir")
+        return None
+
+    return ownership.prepare(out, output_kind(method), method.resume_keys(), resume=True, overwrite=False,
+                             field="output.dir", check=resumable)
 
 
 def run(method: Method) -> GenerationResult:
@@ -126,10 +154,15 @@ def run(method: Method) -> GenerationResult:
 
 
 async def _drive(method: Method) -> GenerationResult:
+    out = Path(method.cfg.output.dir)
+    with prepare_output_dir(method, out) as prepared:
+        return await _generate(method, prepared)
+
+
+async def _generate(method: Method, prepared: ownership.Output) -> GenerationResult:
     teacher: TeacherConfig = method.cfg.teacher
     output: OutputConfig = method.cfg.output
-    out = Path(output.dir)
-    check_output_dir(method, out)
+    out = prepared.path
     total = method.total()
     remaining = max(0, total - Journal.count(out / JOURNAL))
     try:
@@ -138,8 +171,8 @@ async def _drive(method: Method) -> GenerationResult:
     except BudgetError as err:
         raise ConfigError(str(err)) from None
     engine = build_engine(teacher, out, progress=output.progress)  # ConfigError on a missing API key
-    if engine.rank == 0 and not (out / ownership.MARKER).is_file():
-        ownership.claim(out, f"data-gen {method.name}", method.resume_keys())
+    if engine.rank == 0:
+        prepared.claim()
     journal = Journal(out / JOURNAL)
     try:
         journal.open()
@@ -175,7 +208,7 @@ async def _drive(method: Method) -> GenerationResult:
     if error is not None:
         raise ConfigError(str(error))
     if engine.rank == 0 and not engine.stopped:
-        ownership.mark_finished(out)
+        prepared.finish()
     if engine.stopped:
         print(f"stopped early ({engine.stopped}); rerun the same command to continue")
         result.stopped = engine.stopped

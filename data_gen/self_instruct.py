@@ -411,6 +411,7 @@ class SelfInstructMethod(Method):
 
     name = "self-instruct"
     unit = "instr"
+    legacy_keys = ("seed_tasks", "target")
 
     def __init__(self, cfg: SelfInstructConfig) -> None:
         self.cfg = cfg

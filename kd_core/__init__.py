@@ -4,8 +4,9 @@ Modules, in the order a command uses them: ``config`` (typed dataclass configs: 
 validation, resolved save with secrets redacted), ``redact`` (URL credentials masked in saved configs and printed
 lines, server messages scrubbed of keys, a key given where its variable's name belongs refused), ``commands`` (the
 command contract ``Config``/``run``/``main``, exit codes and stop reasons, the one-line error guard, subcommand
-dispatch), ``ownership`` (the marker naming the command that owns an output directory: resume only its own output,
-``--overwrite`` only what it wrote), ``records`` (reading users' JSON-lines/JSON/parquet/``datasets`` files with
+dispatch), ``ownership`` (the one output-directory flow, ``prepare``: the marker naming the command that owns a
+directory, each command declaring what it writes; resume only its own output, ``--overwrite`` only what it wrote),
+``dirlock`` (one writer per output directory: an advisory lock the kernel drops with its process), ``records`` (reading users' JSON-lines/JSON/parquet/``datasets`` files with
 file:line errors), ``pretrained`` (models and tokenizers from a directory or a GGUF file, as plain transformers
 models), ``generation`` (batched, left-padded greedy or sampled generation with a local model: ``distill eval``, the
 trainer's accuracy metric, ``data-gen``'s local teacher), ``answers`` (final-answer extraction and normalisation, and

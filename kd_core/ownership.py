@@ -1,143 +1,103 @@
-"""Output ownership: which command wrote a directory, whether it may resume there, and what ``--overwrite`` removes.
+"""Output directories: the one flow every writing command runs: who owns a directory, one writer at a time, whether
+a run may resume there, and what ``--overwrite`` removes.
 
-Every command that writes a directory (``distill train``, ``prune``, ``precompute``, ``export``, ``quickstart``,
-``data-gen self-instruct``, ``cot``, ``lion``) records itself in a small marker file, :data:`MARKER`
-(``.kd_owner.json``, written with :mod:`kd_core.atomic`)::
+A command declares its output in its own module, an :class:`OutputKind`: its name, the top-level entries it writes
+(globs: what ``--overwrite`` removes) and how its output of a version before markers is recognised. This module
+knows no command. Every command goes the same way::
+
+    output = ownership.prepare(cfg.output_dir, OUTPUT, settings, resume=..., overwrite=...)  # checks, then locks
+    try:
+        ...                 # the inputs are checked: nothing written yet, so a refusal leaves nothing behind
+        output.claim()      # the main process: --overwrite removes what the command wrote; the marker says running
+        ...                 # the writing
+        output.finish()     # the marker says finished
+    finally:
+        output.release()    # the lock; a directory this run created and never claimed is removed again
+
+The marker, :data:`MARKER` (``.kd_owner.json``, written with :mod:`kd_core.atomic`)::
 
     {"command": "distill train", "settings": {"loss.terms": {...}, ...}, "state": "running", "version": 1}
 
-``settings`` are the values that must equal the new run's for it to resume there; ``state`` becomes ``"finished"``
-once the command's final output is written. The rules, the same for every command:
+``settings`` are the values that must equal the new run's for it to resume there. The rules, the same for every
+command:
 
 * an absent or empty directory is a new run;
-* a directory owned by the same command resumes (when the settings match; each command words its refusal);
-* a directory owned by another command, or by none (a user's folder), is refused in one line (ConfigError: exit 2,
-  nothing touched), whatever ``--overwrite`` says;
-* ``--overwrite`` removes only the entries of :attr:`Kind.entries` (what that command writes) and the marker:
-  anything else in the directory stays.
+* a directory that another process is writing is refused, naming its pid and command (:mod:`kd_core.dirlock`);
+* a directory owned by another command, or by none (a user's folder, or another command's output of a version before
+  markers), is refused whatever ``--overwrite`` says;
+* a directory of the same command resumes when the command resumes (``resume``), the settings match and the
+  command's own ``check`` finds nothing; otherwise ``overwrite`` replaces it (removing only the entries its
+  :attr:`OutputKind.owned` names, and the marker) or it is refused.
 
-Directories written before markers existed are recognised by what they hold (:func:`infer`, the only place that
-knows each command's files): a training run has ``checkpoint-N/``, ``latest`` or ``summary.json``; a cot output a
-``config.yaml`` with ``input_file`` and ``question_field``; and so on. Such a directory resumes as it always did;
-its settings are unknown (None), so only the command's own checks (checkpoint, ``config.yaml``) compare them.
+Every refusal is one :class:`~kd_core.config.ConfigError` (exit 2) and leaves the directory as it was. Under a
+multi-process launch only the main process locks and writes (``lock=False`` elsewhere): it takes the lock before the
+process group forms, so the other ranks wait for it at the rendezvous, and the launcher stops them if it refuses.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kd_core.atomic import atomic_write_json
 from kd_core.config import ConfigError
+from kd_core.dirlock import LOCK, Busy, DirectoryLock
 
 MARKER = ".kd_owner.json"
 VERSION = 1
 
-TRAIN = "distill train"
-PRUNE = "distill prune"
-PRECOMPUTE = "distill precompute"
-EXPORT = "distill export"
-QUICKSTART = "distill quickstart"
-SELF_INSTRUCT = "data-gen self-instruct"
-COT = "data-gen cot"
-LION = "data-gen lion"
-
-
-def _config_keys(directory: Path) -> set[str]:
-    """Top-level keys of ``directory/config.yaml`` (empty when absent or unreadable)."""
-    path = directory / "config.yaml"
-    if not path.is_file():
-        return set()
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return set()
-    return set(loaded) if isinstance(loaded, dict) else set()
-
-
-def _has_checkpoint(directory: Path) -> bool:
-    return any(re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir() for p in directory.glob("checkpoint-*"))
-
 
 @dataclass(frozen=True)
-class Kind:
-    """A command that owns directories: the top-level entries it writes (globs) and how an unmarked directory of an
-    earlier version is recognised."""
+class OutputKind:
+    """What a command writes in its output directory; declared by the command, passed to :func:`prepare`."""
 
-    command: str
-    entries: tuple[str, ...]
-    detect: Callable[[Path], bool]
-    done: str | None = None  # the file whose presence means the run finished (for unmarked directories)
+    command: str  # "distill train": recorded in the marker and the lock, named in refusals
+    owned: tuple[str, ...]  # globs of the top-level entries it writes: what --overwrite removes ("*": all of it)
+    label: str = ""  # how refusals name it ("is not a <label> output directory"); default: the command
+    legacy: Callable[[Path], bool] | None = None  # recognises its unmarked output of a version before markers
+    done: str | None = None  # the file whose presence means such an unmarked output is finished
+    # Written to a temporary sibling and renamed into place when complete (a model directory): the directory exists
+    # only once finished, so its lock file lives beside it (.<name>.kd_lock), and it is never resumed.
+    published: bool = False
 
-
-# Most specific first: a quickstart or Lion directory also holds a config.yaml, a training run a metrics.jsonl.
-KINDS: dict[str, Kind] = {kind.command: kind for kind in (
-    Kind(QUICKSTART, ("config.yaml", "timings.json", "data", "teacher_init", "teacher", "cot", "student_init",
-                      "prune_cache", "students", "eval", "plots", "report.md", "report.json", ".*.tmp"),
-         lambda d: (d / "report.json").is_file()
-         or {"teacher_steps", "cot_samples", "student_steps"} <= _config_keys(d),
-         done="report.json"),
-    Kind(LION, ("config.yaml", "pools_initial.json", "iter_*", "lion_summary.json", "cache.sqlite*", ".*.tmp"),
-         lambda d: (d / "pools_initial.json").is_file() or (d / "lion_summary.json").is_file()
-         or {"train_pool", "iterations"} <= _config_keys(d),
-         done="lion_summary.json"),
-    Kind(TRAIN, ("config.yaml", "metrics.jsonl", "checkpoint-*", ".checkpoint-*.tmp", "latest", "summary.json",
-                 "final", "distill", ".*.tmp"),
-         lambda d: _has_checkpoint(d) or (d / "latest").is_file() or (d / "summary.json").is_file()
-         and {"model", "loss"} <= _config_keys(d),
-         done="summary.json"),
-    Kind(COT, ("config.yaml", "journal.jsonl", "cache.sqlite*", "data.jsonl", "data.parquet", "README.md",
-               "stats.json", ".*.tmp"),
-         lambda d: {"input_file", "question_field"} <= _config_keys(d), done="stats.json"),
-    Kind(SELF_INSTRUCT, ("config.yaml", "journal.jsonl", "cache.sqlite*", "data.jsonl", "data.parquet", "README.md",
-                         ".*.tmp"),
-         lambda d: {"seed_tasks", "target"} <= _config_keys(d)),
-    Kind(PRUNE, ("*",), lambda d: (d / "prune_report.json").is_file(), done="prune_report.json"),
-    Kind(PRECOMPUTE, ("*",), lambda d: (d / "store.json").is_file() and (d / "precompute_config.yaml").is_file(),
-         done="store.json"),
-    Kind(EXPORT, ("*",), lambda d: False),
-)}
+    @property
+    def name(self) -> str:
+        return self.label or self.command
 
 
 @dataclass
 class Owner:
     """Who wrote a non-empty directory."""
 
-    command: str | None  # None: no command of this project (a user's folder, or something unrecognised)
+    command: str | None  # None: no marker, and not this command's earlier output (a user's folder, or unknown)
     settings: dict[str, Any] | None  # None: unknown (an unmarked directory of an earlier version)
     finished: bool
     inferred: bool  # True: recognised by its content (no marker)
 
     def describe(self) -> str:
         if self.command is None:
-            return "files not written by any kd command"
+            return "files not written by this command, and no ownership marker"
         state = "a finished" if self.finished else "an unfinished"
         return f"{state} {self.command} output"
 
 
-def infer(directory: str | Path) -> str | None:
-    """The command that wrote an unmarked ``directory`` of an earlier version, judged by its content; None if none."""
-    directory = Path(directory)
-    for kind in KINDS.values():
-        if kind.detect(directory):
-            return kind.command
-    return None
+def contents(directory: Path) -> list[Path]:
+    """The entries of an existing directory, less a lock file (a killed run's, or the current holder's)."""
+    return [p for p in directory.iterdir() if p.name != LOCK]
 
 
-def owner_of(directory: str | Path) -> Owner | None:
-    """The owner of ``directory``; None when it is absent or empty. A path that is a file is a ConfigError."""
+def owner_of(directory: str | Path, kind: OutputKind | None = None) -> Owner | None:
+    """The owner of ``directory``; None when it is absent or empty. Without a marker, ``kind``'s legacy test says
+    whether it is that command's earlier output. A path that is a file is a ConfigError."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"{directory} exists and is not a directory")
-    if not directory.is_dir() or not any(directory.iterdir()):
+    if not directory.is_dir() or not contents(directory):
         return None
     marker = directory / MARKER
     if marker.is_file():
@@ -146,9 +106,9 @@ def owner_of(directory: str | Path) -> Owner | None:
             return Owner(data["command"], data.get("settings"), data.get("state") == "finished", False)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged marker: judge by the content, as for an earlier version
-    command = infer(directory)
-    done = KINDS[command].done if command else None
-    return Owner(command, None, bool(done and (directory / done).exists()), True)
+    if kind is not None and kind.legacy is not None and kind.legacy(directory):
+        return Owner(kind.command, None, bool(kind.done and (directory / kind.done).exists()), True)
+    return Owner(None, None, False, True)
 
 
 def check_writable(directory: str | Path, field: str) -> None:
@@ -165,22 +125,6 @@ def check_writable(directory: str | Path, field: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "is not writable" if existing == directory else f"cannot be created: {existing} is not writable"
         raise ConfigError(f"{field}: {directory} {what} (permission denied)")
-
-
-def check(directory: str | Path, command: str, field: str, what: str | None = None) -> Owner | None:
-    """The guard every command runs before writing: None for a new run (absent or empty directory), the owner when
-    ``command`` owns it; a directory of another command or of none is refused (ConfigError, nothing touched).
-
-    The refusal reads ``<field>: <dir> exists and is not empty, and is not a <what> output directory (it holds
-    ...); choose another directory``.
-    """
-    check_writable(directory, field)
-    owner = owner_of(directory)
-    if owner is None or owner.command == command:
-        return owner
-    what = what or command
-    raise ConfigError(f"{field}: {directory} exists and is not empty, and is not a {what} output directory "
-                      f"(it holds {owner.describe()}); choose another directory")
 
 
 def differing(owner: Owner, settings: dict[str, Any]) -> list[str]:
@@ -211,14 +155,14 @@ def mark_finished(directory: str | Path) -> None:
     atomic_write_json(marker, data)
 
 
-def remove_owned(directory: str | Path, command: str) -> list[str]:
-    """Removes what ``command`` writes in ``directory`` (its :attr:`Kind.entries` and the marker) and nothing else;
-    returns the names removed. Call it only for a directory that :func:`check` gave to ``command``."""
+def remove_owned(directory: str | Path, kind: OutputKind) -> list[str]:
+    """Removes what ``kind`` writes in ``directory`` (its :attr:`OutputKind.owned` and the marker) and nothing else;
+    returns the names removed. Only for a directory that :func:`prepare` gave to ``kind``."""
     directory = Path(directory)
     removed = []
-    for pattern in KINDS[command].entries:
+    for pattern in kind.owned:
         for path in sorted(directory.glob(pattern)):
-            if path.name == MARKER:
+            if path.name in (MARKER, LOCK):
                 continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -227,3 +171,132 @@ def remove_owned(directory: str | Path, command: str) -> list[str]:
             removed.append(path.name)
     (directory / MARKER).unlink(missing_ok=True)
     return removed
+
+
+# The outputs this process holds, by resolved path (see held()).
+_HELD: dict[Path, Output] = {}
+
+
+@dataclass
+class Output:
+    """A prepared output directory: what was there, what the run does with it, and (main process) its lock."""
+
+    path: Path
+    kind: OutputKind
+    settings: dict[str, Any]
+    owner: Owner | None  # what was there before this run; None: a new run
+    replace: bool  # an own directory that --overwrite starts again: claim() removes what the command wrote
+    lock: DirectoryLock | None = None
+    created: Path | None = None  # the outermost directory this run created (removed by release() if never claimed)
+    claimed: bool = field(default=False, init=False)
+
+    @property
+    def resumed(self) -> bool:
+        """The run continues what is in the directory."""
+        return self.owner is not None and not self.replace
+
+    def claim(self) -> list[str]:
+        """Main process, once the inputs are checked: removes the previous output if it is replaced, records this
+        run as the owner (state running); returns the names removed."""
+        removed = remove_owned(self.path, self.kind) if self.replace else []
+        claim(self.path, self.kind.command, self.settings)
+        self.claimed = True
+        return removed
+
+    def finish(self) -> None:
+        mark_finished(self.path)
+
+    def release(self) -> None:
+        """Unlocks; a directory this run created and never claimed is removed (a refused run leaves nothing)."""
+        if _HELD.get(self.path.resolve()) is self:
+            del _HELD[self.path.resolve()]
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if self.created is None or self.claimed:
+            return
+        home = self.path.parent if self.kind.published else self.path
+        for directory in (home, *home.parents):  # the empty directories this run made, innermost first
+            if not directory.is_dir() or any(directory.iterdir()):
+                return
+            directory.rmdir()
+            if directory == self.created:
+                return
+
+    def __enter__(self) -> Output:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def main_process() -> bool:
+    """Whether this is the main process of a launch, known before any process group exists: torchrun (under
+    ``accelerate launch``) and DeepSpeed's launcher give every rank its ``RANK``; a plain process has none."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def held(output_dir: str | Path) -> Output | None:
+    """The prepared output of ``output_dir`` whose lock this process holds, if any: for code that checks a directory
+    again (a second prepare() would be refused by the process's own lock) or claims it far from where it was
+    prepared."""
+    path = Path(output_dir)
+    return _HELD.get(path.resolve()) if path.exists() else None
+
+
+def prepare(output_dir: str | Path, kind: OutputKind, settings: dict[str, Any], resume: bool, overwrite: bool, *,
+            field: str = "output_dir", remedy: str = "", check: Callable[[Owner], str | None] | None = None,
+            lock: bool | None = None) -> Output:
+    """Checks ``output_dir`` for a run of ``kind`` (the rules of the module docstring) and, with ``lock`` (the main
+    process), creates it if absent and takes its lock, checking again under the lock. Raises one ConfigError.
+
+    ``check(owner)`` is the command's own test of a directory it owns: a reason it cannot be resumed (replaced with
+    ``overwrite``, else refused with ``remedy``), or None; it may raise ConfigError to refuse it outright.
+    ``remedy`` ends the refusal of an own directory (e.g. "pass --resume auto to continue it"). ``lock`` defaults to
+    :func:`main_process`."""
+    path = Path(output_dir)
+    lock = main_process() if lock is None else lock
+    check_writable(path, field)
+    decide = (lambda: _decide(path, kind, settings, resume, overwrite, field, remedy, check))
+    if not lock:
+        return Output(path, kind, settings, *decide())
+    home = path.parent if kind.published else path  # the directory the lock file is in
+    created = None
+    for directory in (home, *home.parents):
+        if directory.exists():
+            break
+        created = directory
+    home.mkdir(parents=True, exist_ok=True)
+    output = Output(path, kind, settings, None, False, created=created)
+    try:
+        output.lock = DirectoryLock.acquire(home / (f".{path.name}{LOCK}" if kind.published else LOCK), kind.command)
+    except Busy as busy:
+        output.release()
+        raise ConfigError(f"{field}: {path} is being written by {busy.describe()}; wait for it to end, or choose "
+                          "another directory") from None
+    try:
+        output.owner, output.replace = decide()
+    except BaseException:
+        output.release()
+        raise
+    _HELD[path.resolve()] = output
+    return output
+
+
+def _decide(path: Path, kind: OutputKind, settings: dict[str, Any], resume: bool, overwrite: bool, field: str,
+            remedy: str, check: Callable[[Owner], str | None] | None) -> tuple[Owner | None, bool]:
+    """(the owner, whether the run replaces its output) of an own or new directory; a ConfigError otherwise."""
+    owner = owner_of(path, kind)
+    if owner is None:
+        return None, False
+    if owner.command != kind.command:
+        raise ConfigError(f"{field}: {path} exists and is not empty, and is not a {kind.name} output directory "
+                          f"(it holds {owner.describe()}); choose another directory")
+    problem = check(owner) if check is not None else None
+    if problem is None and not resume:
+        problem = "exists and is not empty"
+    if problem is None and differing(owner, settings):
+        problem = f"holds a run with other settings ({', '.join(differing(owner, settings))})"
+    if problem is None or overwrite:
+        return owner, problem is not None
+    raise ConfigError(f"{field}: {path} {problem}" + (f"; {remedy}" if remedy else ""))

@@ -318,13 +318,13 @@ class Lion:
     # ------------------------------------------------------------------------------------------ driver
     def iterate(self) -> dict[str, Any]:
         """Every iteration's unfinished stages, then :meth:`summary`."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not (self.out / ownership.MARKER).is_file():
-            ownership.claim(self.out, ownership.LION, lion_settings(self.cfg))
         if not (self.out / "pools_initial.json").is_file():
-            train = load_pool(self.cfg.train_pool, "train_pool")
+            train = load_pool(self.cfg.train_pool, "train_pool")  # checked before anything is written
             cache = load_pool(self.cfg.cache_pool, "cache_pool") if self.cfg.cache_pool else list(train)
+            ownership.held(self.out).claim()
             atomic_write_json(self.out / "pools_initial.json", {"train": train, "cache": cache}, ensure_ascii=False)
+        else:
+            ownership.held(self.out).claim()
         save_config(self.cfg, self.out / "config.yaml")
         for n in range(1, self.cfg.iterations + 1):
             for name, stage in (("imitation", self.imitation), ("discrimination", self.discrimination),
@@ -361,14 +361,20 @@ def lion_settings(cfg: LionConfig) -> dict[str, Any]:
             "teacher.model": cfg.teacher.model}
 
 
-def check_output_dir(cfg: LionConfig) -> None:
+# What `data-gen lion` writes in its output_dir (kd_core.ownership); an unmarked Lion run of an earlier version is
+# recognised by its pools.
+OUTPUT = ownership.OutputKind(
+    "data-gen lion", ("config.yaml", "pools_initial.json", "iter_*", "lion_summary.json", "cache.sqlite*", ".*.tmp"),
+    legacy=lambda d: (d / "pools_initial.json").is_file() or (d / "lion_summary.json").is_file(),
+    done="lion_summary.json")
+
+
+def prepare_output_dir(cfg: LionConfig) -> ownership.Output:
     """Continue only a Lion run with the same pools, student, seed and teacher; refuse any other directory (a
-    training run, another command's output, a user's folder) before anything is written."""
-    owner = ownership.check(cfg.output_dir, ownership.LION, "output_dir", "data-gen lion")
-    changed = ownership.differing(owner, lion_settings(cfg)) if owner is not None else []
-    if changed:
-        raise ConfigError(f"output_dir: {cfg.output_dir} holds a Lion run with other settings ({', '.join(changed)}); "
-                          "choose another output_dir")
+    training run, another command's output, a user's folder, one another process writes) before anything is
+    written; the returned output holds the directory's lock."""
+    return ownership.prepare(cfg.output_dir, OUTPUT, lion_settings(cfg), resume=True, overwrite=False,
+                             remedy="choose another output_dir")
 
 
 Config = LionConfig
@@ -387,15 +393,15 @@ def run(cfg: LionConfig) -> LionResult:
     """Runs the iterations under ``cfg.output_dir``, continuing unfinished ones; returns the win-rate summary."""
     if not Path(cfg.student).is_dir():
         raise ConfigError(f"student: model directory not found: {cfg.student}")
-    check_output_dir(cfg)
-    try:
-        return LionResult(Path(cfg.output_dir), Lion(cfg).iterate())
-    except Stopped as stop:  # budget cap, Ctrl-C or SIGTERM: everything paid for is saved
-        if stop.message:
-            print(stop.message)
-        return LionResult(Path(cfg.output_dir), None, stop.reason)
-    except EngineError as err:  # e.g. an unreachable teacher after bounded retries
-        raise ConfigError(str(err)) from None
+    with prepare_output_dir(cfg):
+        try:
+            return LionResult(Path(cfg.output_dir), Lion(cfg).iterate())
+        except Stopped as stop:  # budget cap, Ctrl-C or SIGTERM: everything paid for is saved
+            if stop.message:
+                print(stop.message)
+            return LionResult(Path(cfg.output_dir), None, stop.reason)
+        except EngineError as err:  # e.g. an unreachable teacher after bounded retries
+            raise ConfigError(str(err)) from None
 
 
 def main(argv: list[str]) -> int:

@@ -149,45 +149,57 @@ def _comparable(cfg: QuickstartConfig) -> dict[str, Any]:
     return settings
 
 
-def prepare_output_dir(cfg: QuickstartConfig) -> Path:
+# What the quickstart writes in its output_dir (kd_core.ownership); an unmarked quickstart of an earlier version is
+# recognised by its report or its config.
+OUTPUT = ownership.OutputKind(
+    "distill quickstart", ("config.yaml", "timings.json", "data", "teacher_init", "teacher", "cot", "student_init",
+                           "prune_cache", "students", "eval", "plots", "report.md", "report.json", ".*.tmp"),
+    label="quickstart", done=REPORT,
+    legacy=lambda d: (d / REPORT).is_file() or {"teacher_steps", "cot_samples", "student_steps"} <= set(_saved(d)))
+
+
+def _saved(root: Path) -> dict[str, Any]:
+    """The quickstart settings saved in ``root/config.yaml`` (empty when absent or unreadable)."""
+    try:
+        saved = yaml.safe_load((root / CONFIG).read_text()) if (root / CONFIG).is_file() else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {k: v for k, v in saved.items() if k not in ("overwrite", "output_dir")} if isinstance(saved, dict) else {}
+
+
+def prepare_output_dir(cfg: QuickstartConfig) -> ownership.Output:
     """An empty or absent directory starts a run; an unfinished quickstart with the same settings resumes; a
     finished one or other settings are refused unless ``overwrite``, which then removes only what the quickstart
-    wrote; a directory that is not a quickstart (another command's output, a user's folder) is always refused
-    (:mod:`kd_core.ownership`)."""
+    wrote; a directory that is not a quickstart (another command's output, a user's folder) or that another process
+    writes is always refused (:mod:`kd_core.ownership`). The returned output holds the directory's lock: release
+    it when the run ends."""
     root = Path(cfg.output_dir)
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"output_dir: {root} is a file")
-    owner = ownership.owner_of(root)
-    if owner is not None:
-        if owner.command != ownership.QUICKSTART:
-            held = f" (it holds {owner.describe()})" if owner.command else ""
-            raise ConfigError(f"output_dir: {root} exists and is not a quickstart directory{held}; choose another "
-                              "--output_dir (--overwrite replaces only a quickstart's own outputs)")
-        saved = root / CONFIG
-        problem = None
+
+    def resumable(owner: ownership.Owner) -> str | None:
         if (root / REPORT).exists():
-            problem = "holds a finished quickstart"
-        elif not saved.is_file():
-            problem = "holds an unfinished quickstart without its config.yaml"
-        else:
-            old = yaml.safe_load(saved.read_text()) or {}
-            old = {k: v for k, v in old.items() if k not in ("overwrite", "output_dir")}
-            if old != json.loads(json.dumps(_comparable(cfg))):
-                changed = sorted(k for k in set(old) | set(_comparable(cfg)) if old.get(k) != _comparable(cfg).get(k))
-                problem = f"holds an unfinished quickstart with other settings ({', '.join(changed)})"
-        if problem and not cfg.overwrite:
-            raise ConfigError(f"output_dir: {root} {problem}; pass --overwrite to replace it, or another --output_dir")
-        if problem:
-            removed = ownership.remove_owned(root, ownership.QUICKSTART)
+            return "holds a finished quickstart"
+        if not (root / CONFIG).is_file():
+            return "holds an unfinished quickstart without its config.yaml"
+        now = json.loads(json.dumps(_comparable(cfg)))
+        changed = sorted(k for k in set(_saved(root)) | set(now) if _saved(root).get(k) != now.get(k))
+        return f"holds an unfinished quickstart with other settings ({', '.join(changed)})" if changed else None
+
+    output = ownership.prepare(root, OUTPUT, _comparable(cfg), resume=True, overwrite=cfg.overwrite, check=resumable,
+                               remedy="pass --overwrite to replace it, or another --output_dir")
+    try:
+        if output.replace:
+            removed = output.claim()
             print(f"quickstart: --overwrite: removed the earlier quickstart's {', '.join(removed) or 'marker'} in "
                   f"{root}", file=sys.stderr, flush=True)
         else:
-            print(f"quickstart: resuming the unfinished run in {root}")
-    root.mkdir(parents=True, exist_ok=True)
-    if not (root / ownership.MARKER).is_file():
-        ownership.claim(root, ownership.QUICKSTART, _comparable(cfg))
-    save_config(cfg, root / CONFIG)
-    return root
+            if output.resumed:
+                print(f"quickstart: resuming the unfinished run in {root}")
+            output.claim()
+        save_config(cfg, root / CONFIG)
+    except BaseException:
+        output.release()
+        raise
+    return output
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -366,9 +378,13 @@ def run(cfg: QuickstartConfig) -> QuickstartResult:
 
 
 def run_stages(cfg: QuickstartConfig) -> dict[str, Any]:
+    with prepare_output_dir(cfg) as output:
+        return _stages(cfg, output.path)
+
+
+def _stages(cfg: QuickstartConfig, root: Path) -> dict[str, Any]:
     from kd_recipes.report import MODELS, write_report
 
-    root = prepare_output_dir(cfg)
     print(f"quickstart: writing to {root.resolve()}")
     timings = json.loads((root / "timings.json").read_text()) if (root / "timings.json").exists() else {}
 

@@ -243,6 +243,66 @@ def lion_student_missing(model_dirs, tmp_path):
             *_local_teacher(model_dirs), "--output_dir", str(tmp_path / "lion")]
 
 
+# --- output ownership and resume identity (issue 31) ---------------------------------------------------------------
+
+def _finished_run(model_dirs, tmp_path: Path, student: str | None = None) -> Path:
+    """A finished 2-step training run (checkpoint-1, checkpoint-2) under tmp_path/finished_run."""
+    from distill.training.train import main as train_main
+
+    out = tmp_path / "finished_run"
+    argv = _train_argv(model_dirs, tmp_path, "--max_steps", "2", "--save_steps", "1", "--output_dir", str(out),
+                       student=student or "default")
+    assert run_command(train_main, argv) == 0
+    return out
+
+
+def resume_another_runs_checkpoint(model_dirs, tmp_path):
+    copy = _copy_model(model_dirs, tmp_path)  # the same student, elsewhere: another run's checkpoint
+    run = _finished_run(model_dirs, tmp_path, student=str(copy))
+    return _train_argv(model_dirs, tmp_path, "--resume", str(run / "checkpoint-2"))
+
+
+def resume_a_run_directory(model_dirs, tmp_path):
+    return _train_argv(model_dirs, tmp_path, "--resume", str(_finished_run(model_dirs, tmp_path)))
+
+
+def resume_a_model_directory(model_dirs, tmp_path):
+    return _train_argv(model_dirs, tmp_path, "--resume", str(_copy_model(model_dirs, tmp_path)))
+
+
+def _size_only_manifest_with_corrupt_weights(model_dirs, tmp_path) -> Path:
+    """A checkpoint whose manifest is the earlier version's (sizes only), its weights' header corrupted in place."""
+    checkpoint = _finished_run(model_dirs, tmp_path) / "checkpoint-2"
+    manifest = checkpoint / "manifest.json"
+    files = json.loads(manifest.read_text())["files"]
+    manifest.write_text(json.dumps({"files": {name: entry["size"] for name, entry in files.items()}}))
+    weights = checkpoint / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[12] ^= 0xFF  # inside the JSON header: same size
+    weights.write_bytes(bytes(data))
+    return checkpoint
+
+
+def export_size_only_manifest_corrupt_weights(model_dirs, tmp_path):
+    return ["--checkpoint", str(_size_only_manifest_with_corrupt_weights(model_dirs, tmp_path)), "--output_dir",
+            str(tmp_path / "exported")]
+
+
+def resume_size_only_manifest_corrupt_weights(model_dirs, tmp_path):
+    return _train_argv(model_dirs, tmp_path, "--resume", str(_size_only_manifest_with_corrupt_weights(model_dirs,
+                                                                                                       tmp_path)))
+
+
+def dedup_overwrite_into_a_training_run(model_dirs, tmp_path):
+    return [str(write_jsonl(tmp_path / "records.jsonl", ROWS)), "--field", "prompt", "--overwrite", "--output_dir",
+            str(_finished_run(model_dirs, tmp_path))]
+
+
+def lion_pool_without_instructions(model_dirs, tmp_path):
+    return ["--train_pool", str(_questions(tmp_path)), "--student", str(model_dirs["student"]),
+            *_local_teacher(model_dirs), "--output_dir", str(tmp_path / "lion")]
+
+
 def quickstart_output_is_file(model_dirs, tmp_path):
     return ["--output_dir", str(_a_file(tmp_path))]
 
@@ -354,13 +414,14 @@ CASES = [
     (TRAIN, output_dir_is_file, r"output_dir: .*a_file\.txt is a file; expected a directory"),
     ("distill.student.prune.command", prune_no_weights, r"model: .*broken_teacher has no weights"),
     ("distill.evaluation.command", eval_no_tokenizer, r"model: .*broken_student has no tokenizer"),
-    ("distill.offline.precompute", precompute_output_is_file, r"output_dir: .*a_file\.txt exists and is not empty"),
+    ("distill.offline.precompute", precompute_output_is_file, r"output_dir: .*a_file\.txt is a file; expected a "
+                                                              r"directory"),
     ("distill.offline.precompute", precompute_nan_temperature, r"temperature: expected a finite number, got 'nan'"),
     ("distill.offline.precompute", precompute_duplicate_yaml_key, r"store\.yaml:3: duplicate key 'k' \(first given on "
                                                                   r"line 1\)"),
     ("distill.training.export", export_not_a_checkpoint, r"checkpoint: cannot use .*my_folder: no manifest\.json"),
     ("distill.evaluation.plot", plot_not_a_run, r"run_dir: .*my_folder/metrics\.jsonl not found"),
-    ("data_gen.dedup", dedup_output_is_file, r"output_dir: .*a_file\.txt exists and is not a directory"),
+    ("data_gen.dedup", dedup_output_is_file, r"output_dir: .*a_file\.txt is a file; expected a directory"),
     ("data_gen.dedup", dedup_field_missing, r"train\.jsonl:1: record has no field 'instruction'"),
     ("data_gen.cot", cot_question_not_text, r"input_file: .*questions\.jsonl: row 1: field 'question': expected a "
                                             r"non-empty question string"),
@@ -369,6 +430,21 @@ CASES = [
     ("kd_recipes.lion", lion_student_missing, r"student: model directory not found: .*no_student"),
     ("kd_recipes.quickstart", quickstart_output_is_file, r"output_dir: .*a_file\.txt is a file"),
     ("kd_recipes.quickstart", quickstart_nan_learning_rate, r"learning_rate: expected a finite number, got 'nan'"),
+    (TRAIN, resume_another_runs_checkpoint, r"resume: checkpoint .*checkpoint-2 belongs to another run "
+                                            r"\(model\.student: checkpoint '.*broken_student' vs now '.*student'\)"),
+    (TRAIN, resume_a_run_directory, r"resume: cannot use checkpoint .*finished_run: it is a training run's output "
+                                    r"directory, not a checkpoint; its newest checkpoint is .*checkpoint-2$"),
+    (TRAIN, resume_a_model_directory, r"resume: cannot use checkpoint .*broken_student: it is a model directory, "
+                                      r"not a checkpoint"),
+    (TRAIN, resume_size_only_manifest_corrupt_weights, r"resume: cannot use checkpoint .*checkpoint-2: "
+                                                       r"model\.safetensors cannot be read .*sizes only\)$"),
+    ("distill.training.export", export_size_only_manifest_corrupt_weights, r"checkpoint: cannot use .*checkpoint-2: "
+                                                                           r"model\.safetensors cannot be read"),
+    ("data_gen.dedup", dedup_overwrite_into_a_training_run, r"output_dir: .*finished_run exists and is not empty, "
+                                                            r"and is not a dedup output directory \(it holds a "
+                                                            r"finished distill train output\)"),
+    ("kd_recipes.lion", lion_pool_without_instructions, r"questions\.jsonl:1: field 'instruction': expected a "
+                                                        r"non-empty string"),
     (TRAIN, on_policy_fractions_over_one, r"on_policy: student_fraction \+ teacher_fraction: expected at most 1, got "
                                           r"0\.8 \+ 0\.5"),
     (TRAIN, gguf_without_tensors, r"model\.teacher: .*header_only\.gguf holds 0 tensor\(s\) but its llama architecture"),
@@ -447,7 +523,7 @@ def test_unwritable_output_dir_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ownership.os, "access", lambda path, mode: Path(path) != tmp_path)
     with pytest.raises(ConfigError, match=r"output_dir: .*run cannot be created: .* is not writable"):
-        ownership.check(tmp_path / "run", ownership.TRAIN, "output_dir")
+        ownership.check_writable(tmp_path / "run", "output_dir")
 
 
 def test_real_process_exit_status(model_dirs, tmp_path):

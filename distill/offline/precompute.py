@@ -101,22 +101,35 @@ def teacher_identity(teacher: str) -> dict[str, str]:
     return {"config_sha256": ls.file_hash(Path(teacher) / "config.json")}
 
 
+# A store is the whole directory; unmarked, an earlier version's store is recognised by its two files.
+OUTPUT = ownership.OutputKind(
+    "distill precompute", ("*",),
+    legacy=lambda d: (d / "store.json").is_file() and (d / "precompute_config.yaml").is_file(), done="store.json")
+
+
 def run(cfg: PrecomputeConfig) -> Path:
     """Writes the store into ``cfg.output_dir`` (every process its shard, the main one ``store.json`` last); returns
-    the store directory."""
+    the store directory. The main process holds the directory's lock throughout (:mod:`kd_core.ownership`)."""
+    require_model_dir(cfg.teacher, "teacher")
+
+    def refuse_a_finished_store(owner: ownership.Owner) -> None:
+        # A finished store is never rewritten; an unfinished one (its precompute was killed: no store.json, so
+        # nothing trusts its shards) is written again from scratch.
+        if owner.finished:
+            raise ConfigError(f"output_dir: {cfg.output_dir} holds a finished store; choose a new directory for it")
+
+    # Every rank checks before any rank writes (the main one claims after a barrier), so the check never sees a
+    # sibling's fresh shard; only the main one locks, before the process group forms.
+    output = ownership.prepare(cfg.output_dir, OUTPUT, {"teacher": str(cfg.teacher), "k": cfg.k}, resume=False,
+                               overwrite=True, check=refuse_a_finished_store)
+    with output:
+        return _write_store(cfg, output)
+
+
+def _write_store(cfg: PrecomputeConfig, output: ownership.Output) -> Path:
     from accelerate import PartialState
 
-    require_model_dir(cfg.teacher, "teacher")
-    out = Path(cfg.output_dir)
-    # Every rank checks before any rank writes, so the check never sees a sibling's fresh shard. A store whose
-    # precompute was killed (its marker still says running) holds partial shards that nothing trusts (no store.json):
-    # it is written again from scratch.
-    stale = False
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        owner = ownership.owner_of(out) if out.is_dir() else None
-        if owner is None or owner.command != ownership.PRECOMPUTE or owner.finished:
-            raise ConfigError(f"output_dir: {out} exists and is not empty; choose a new directory for the store")
-        stale = True
+    out = output.path
     # accelerate 1.15 sees one process per rank on a CPU-only machine unless told `cpu` (it then uses gloo); and
     # `accelerate launch --cpu --num_processes N` starts ONE process without an MPI hostfile: launch CPU runs with
     # `--multi_gpu --num_processes N` (torchrun), as docs/offline.md shows.
@@ -133,12 +146,10 @@ def run(cfg: PrecomputeConfig) -> Path:
     if cfg.k > vocab:
         raise ConfigError(f"k: {cfg.k} is larger than the vocabulary ({vocab} tokens)")
     codec = ls.Codec(vocab, cfg.k, cfg.value_bits, cfg.value_range)
-    settings = {"teacher": str(cfg.teacher), "k": cfg.k}
     if state.is_main_process:  # every rank has checked the directory (the barrier above); nothing failed since
-        if stale:
-            removed = ownership.remove_owned(out, ownership.PRECOMPUTE)
+        removed = output.claim()  # running: a kill from here on leaves a restartable store
+        if removed:
             logger.info("output_dir: %s holds an interrupted precompute (%s); starting again", out, ", ".join(removed))
-        ownership.claim(out, ownership.PRECOMPUTE, settings)  # running: a kill from here on leaves a restartable store
     state.wait_for_everyone()
     writer = ls.ShardWriter(out, state.process_index, state.num_processes, codec)
     mine = list(range(state.process_index, len(train_set), state.num_processes))
@@ -188,7 +199,7 @@ def run(cfg: PrecomputeConfig) -> Path:
         }
         save_config(cfg, out / "precompute_config.yaml")
         ls.write_meta(out, meta)  # the store is complete (and trusted) from here on
-        ownership.claim(out, ownership.PRECOMPUTE, settings, finished=True)
+        output.finish()
         logger.info("store %s: %d samples, %d tokens, %d bytes per token", out, meta["samples"], meta["tokens"],
                      codec.record_bytes)
     state.wait_for_everyone()

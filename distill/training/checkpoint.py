@@ -25,13 +25,16 @@ import json
 import logging
 import re
 import shutil
+import struct
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kd_core.atomic import atomic_write_text, publish_directory
 from kd_core.checksum import ALGORITHM, file_hash
+from kd_core.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +156,7 @@ def _check_files(checkpoint: Path, rank: int, world: int) -> str | None:
     """Sizes of every file, hashes of this rank's share of them (every ``world``-th file from ``rank``)."""
     manifest_path = checkpoint / MANIFEST_FILE
     if not manifest_path.is_file():
-        return "no manifest.json (the save did not complete)"
+        return not_a_checkpoint(checkpoint) or "no manifest.json (the save did not complete)"
     try:
         manifest = json.loads(manifest_path.read_text())
         json.loads((checkpoint / STATE_FILE).read_text())
@@ -176,6 +179,8 @@ def _check_files(checkpoint: Path, rank: int, world: int) -> str | None:
             return f"{name} has no {ALGORITHM} hash in {MANIFEST_FILE}"
         if digest is not None:
             to_hash.append((name, path, digest))
+        elif unreadable(path):  # sizes only: at least the file's own structure can tell
+            return f"{name} {unreadable(path)} (corrupted; this earlier version's {MANIFEST_FILE} holds sizes only)"
     for name, path, digest in to_hash[rank::world]:  # sizes first (cheap), then the contents
         if file_hash(path) != digest:
             return f"{name} does not match its {ALGORITHM} hash in {MANIFEST_FILE} (corrupted in place; same size)"
@@ -210,3 +215,103 @@ def find_resume_checkpoint(output_dir: Path, accelerator=None) -> Path | None:
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a resume or an export is given: a checkpoint of this run, and readable
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def not_a_checkpoint(directory: Path) -> str | None:
+    """What a directory without a manifest plainly is when it is not a checkpoint (a training run's output
+    directory, a model directory), or None (then: a checkpoint whose save did not complete)."""
+    directory = Path(directory)
+    checkpoints = list_checkpoints(directory)
+    if checkpoints or (directory / LATEST_FILE).is_file():
+        newest = f"; its newest checkpoint is {checkpoints[-1]}" if checkpoints else ""
+        return f"it is a training run's output directory, not a checkpoint{newest}"
+    if (directory / "config.json").is_file() and not (directory / STATE_FILE).exists():
+        return "it is a model directory, not a checkpoint (a checkpoint-N directory of a training run)"
+    return None
+
+
+def unreadable(path: Path) -> str | None:
+    """Why a weights or state file cannot be loaded, from its own structure (for manifests without hashes): a
+    safetensors header that does not parse or does not cover the file, a torch zip archive whose CRCs fail."""
+    try:
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                if length > path.stat().st_size - 8:
+                    return "has a safetensors header longer than the file"
+                header = json.loads(handle.read(length))
+            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+            if max(ends, default=0) != path.stat().st_size - 8 - length:
+                return "has a safetensors header that does not match its size"
+        elif zipfile.is_zipfile(path):  # torch.save writes zip archives with a CRC per record
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return f"fails the CRC check of its record {bad}"
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error, zipfile.BadZipFile) as err:
+        return f"cannot be read ({type(err).__name__})"
+    return None
+
+
+def check_identity(checkpoint: Path, tokenizer, settings: dict[str, Any]) -> None:
+    """Refuses a checkpoint of another run in one ConfigError: another tokenizer (``student/``, saved with every
+    checkpoint), or other ``settings`` (dotted keys of the run's config, compared with the ``config.yaml`` saved in
+    the checkpoint). A checkpoint of an earlier version without those files is not compared on them."""
+    import yaml
+
+    checkpoint = Path(checkpoint)
+    if tokenizer is not None and (checkpoint / STUDENT_DIR / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        theirs = AutoTokenizer.from_pretrained(checkpoint / STUDENT_DIR)
+        if _tokenizer_identity(theirs) != _tokenizer_identity(tokenizer):
+            raise ConfigError(f"resume: checkpoint {checkpoint} was trained with another tokenizer (its "
+                              f"{STUDENT_DIR}/ holds {len(theirs)} tokens, this run's has {len(tokenizer)}, or other "
+                              "ids or special tokens); resume a checkpoint of this run")
+    saved = checkpoint / "config.yaml"
+    if saved.is_file():
+        config = yaml.safe_load(saved.read_text()) or {}
+        now = json.loads(json.dumps(settings))
+        differ = []
+        for key, value in now.items():
+            old: Any = config
+            for part in key.split("."):
+                old = old.get(part) if isinstance(old, dict) else None
+            if old != value:
+                differ.append(f"{key}: checkpoint {old!r} vs now {value!r}")
+        if differ:
+            raise ConfigError(f"resume: checkpoint {checkpoint} belongs to another run ({'; '.join(differ)}); resume "
+                              "a checkpoint of this run, or start with those settings")
+
+
+def _tokenizer_identity(tokenizer) -> tuple[str, str]:
+    """What makes token ids mean the same: the token -> id map and the special tokens."""
+    import hashlib
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())
+    return (hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest(), json.dumps(special))
+
+
+def logged_history(metrics_file: Path, step: int) -> list[dict[str, Any]]:
+    """The run's logged training figures from ``metrics.jsonl``, one entry per logged step up to ``step``, across
+    every resume and extension (a step logged again after a resume replaces its earlier entry)."""
+    by_step: dict[int, dict[str, Any]] = {}
+    try:
+        lines = Path(metrics_file).read_text().splitlines()
+    except OSError:  # a rank that does not see the main process's file
+        return []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step and any(
+                k.startswith("train/") for k in record):
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]

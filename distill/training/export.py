@@ -95,7 +95,8 @@ def load_student_from_checkpoint(checkpoint: Path, run_config: dict[str, Any]) -
 
 def export_checkpoint(checkpoint: Path, output_dir: Path, dtype: str = "float32") -> Path:
     """Writes the student of ``checkpoint`` as a model directory loadable with ``from_pretrained``, with the
-    tokenizer. The files are written to a temporary sibling and renamed into place when complete."""
+    tokenizer. The files are written to a temporary sibling and renamed into place when complete (``distill
+    export`` holds the lock beside it meanwhile; a training run's ``final/`` is under the run's own lock)."""
     from transformers import AutoTokenizer
 
     problem = ckpt.validate(checkpoint) if checkpoint.is_dir() else "not a directory"
@@ -126,18 +127,23 @@ def export_checkpoint(checkpoint: Path, output_dir: Path, dtype: str = "float32"
         else:
             student.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        ownership.claim(tmp, ownership.EXPORT, {"checkpoint": str(checkpoint)}, finished=True)
+        ownership.claim(tmp, OUTPUT.command, {"checkpoint": str(checkpoint)}, finished=True)
         if output_dir.exists():
             output_dir.rmdir()  # empty (checked above)
     return output_dir
 
 
+# An exported model is the whole directory, written to a temporary sibling and renamed into place when complete.
+OUTPUT = ownership.OutputKind("distill export", ("*",), published=True)
+
 Config = ExportConfig
 
 
 def run(cfg: ExportConfig) -> Path:
-    """Exports the checkpoint's student; returns the model directory."""
-    out = export_checkpoint(Path(cfg.checkpoint), Path(cfg.output_dir), cfg.dtype)
+    """Exports the checkpoint's student; returns the model directory (locked while it is written)."""
+    with ownership.prepare(cfg.output_dir, OUTPUT, {"checkpoint": cfg.checkpoint}, resume=False, overwrite=False,
+                           remedy="choose another directory") as output:
+        out = export_checkpoint(Path(cfg.checkpoint), output.path, cfg.dtype)
     logger.info("exported %s to %s", cfg.checkpoint, out)
     return out
 

@@ -173,36 +173,53 @@ def ownership_settings(cfg: TrainConfig) -> dict[str, Any]:
     return {"loss.terms": cfg.loss.terms, "model.student": cfg.model.student, "lora.enabled": cfg.lora.enabled}
 
 
+def _is_training_run(directory: Path) -> bool:
+    """A training run of a version before ownership markers."""
+    import re
+
+    import yaml
+
+    checkpoints = any(re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir() for p in directory.glob("checkpoint-*"))
+    if checkpoints or (directory / "latest").is_file():
+        return True
+    try:
+        config = yaml.safe_load((directory / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return (directory / "summary.json").is_file() and isinstance(config, dict) and {"model", "loss"} <= set(config)
+
+
+# What `distill train` writes in its output_dir (what --overwrite_output_dir removes), see kd_core.ownership.
+OUTPUT = ownership.OutputKind(
+    "distill train", ("config.yaml", "metrics.jsonl", "checkpoint-*", ".checkpoint-*.tmp", "latest", "summary.json",
+                      "final", ".final.*.tmp", "distill", ".*.tmp"),
+    legacy=_is_training_run, done="summary.json")
+
+
 def prepare_output_dir(cfg: TrainConfig) -> Path:
     """Refuses to write over an existing run unless resuming or told to overwrite, and a directory that is not a
-    training run (another command's output, a user's folder) in any case (:mod:`kd_core.ownership`). Reads only."""
-    out = Path(cfg.output_dir)
-    owner = ownership.check(out, ownership.TRAIN, "output_dir", "distill train")
-    if owner is not None and cfg.resume is None and not cfg.overwrite_output_dir:
-        raise ConfigError(
-            f"output_dir: {out} exists and is not empty; pass --resume auto to continue it, "
-            "--overwrite_output_dir to reuse it, or choose another directory"
-        )
-    if owner is not None and cfg.resume is not None and not cfg.overwrite_output_dir:
-        changed = ownership.differing(owner, ownership_settings(cfg))
-        if changed:
-            raise ConfigError(f"resume: {out} holds a run with other settings ({', '.join(changed)}); pass "
-                              "--overwrite_output_dir to start it again, or choose another output_dir")
-    return out
+    training run (another command's output, a user's folder) in any case; the main process (before any process
+    group exists) takes the directory's lock, until :func:`run` releases it (:mod:`kd_core.ownership`)."""
+    if ownership.held(cfg.output_dir) is not None:  # prepared (and locked) by run(); the trainer checks again
+        return Path(cfg.output_dir)
+    return ownership.prepare(
+        cfg.output_dir, OUTPUT, ownership_settings(cfg), resume=cfg.resume is not None and not cfg.overwrite_output_dir,
+        overwrite=cfg.overwrite_output_dir,
+        remedy="pass --resume auto to continue it (with the same settings), --overwrite_output_dir to start it again, "
+        "or choose another output_dir").path
 
 
 def claim_output_dir(cfg: TrainConfig, out: Path) -> None:
     """Main process only, once the run is checked (and resumed): with ``overwrite_output_dir``, removes the previous
     run's checkpoints, ``latest``, metrics, summary and ``final/`` (said in one line on stderr; nothing that
-    training did not write), and records this run as the directory's owner (:mod:`kd_core.ownership`). An unmarked
-    run of an earlier version that is resumed gets its marker here too."""
-    if cfg.overwrite_output_dir and ownership.owner_of(out) is not None:
-        removed = ownership.remove_owned(out, ownership.TRAIN)
-        if removed:
-            print(f"overwrite_output_dir: removed the previous run in {out} ({', '.join(removed)})", file=sys.stderr,
-                  flush=True)
-    if not (out / ownership.MARKER).is_file():
-        ownership.claim(out, ownership.TRAIN, ownership_settings(cfg))
+    training did not write), and records this run as the directory's owner (:mod:`kd_core.ownership`)."""
+    output = ownership.held(out) or ownership.prepare(  # held since run(); a trainer built without run() locks here
+        out, OUTPUT, ownership_settings(cfg), resume=cfg.resume is not None and not cfg.overwrite_output_dir,
+        overwrite=cfg.overwrite_output_dir)
+    removed = output.claim()
+    if removed:
+        print(f"overwrite_output_dir: removed the previous run in {out} ({', '.join(removed)})", file=sys.stderr,
+              flush=True)
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
@@ -491,6 +508,7 @@ class Distiller:
                 raise ConfigError(f"resume: cannot use checkpoint {found}: {problem}")
         state = ckpt.read_state(found)
         self.check_compatible(state, found)
+        ckpt.check_identity(found, self.tokenizer, ownership_settings(self.cfg))
         self.accelerator.load_state(str(found))
         self.step = state["step"]
         self.stream.resume_at(state["samples_consumed"], state["world_size"])
@@ -590,11 +608,13 @@ class Distiller:
             "train_seconds": time.time() - started,
             "student_parameters": parameter_count(inner(self.module).student),
             "final_eval": final_eval,
-            "history": history,
+            "history": ckpt.logged_history(self.metrics_file, self.step),  # every step, also before a resume
         }
         if acc.is_main_process:
             atomic_write_json(self.output_dir / "summary.json", summary)
             ownership.mark_finished(self.output_dir)
+            if ownership.held(self.output_dir) is not None:
+                ownership.held(self.output_dir).release()
         return summary
 
     def export(self, directory: Path) -> None:
@@ -672,22 +692,27 @@ def run(cfg: TrainConfig) -> TrainResult:
     and returns with ``stopped`` set. ``--resume auto`` on a finished run says so and returns its summary, rewriting
     nothing."""
     out = prepare_output_dir(cfg)
-    summary_file = out / "summary.json"  # prepare_output_dir checked it belongs to a training run
-    summary = json.loads(summary_file.read_text()) if cfg.resume == "auto" and summary_file.is_file() else None
-    # A larger max_steps extends a finished run from its last checkpoint (as Trainer's resume does); otherwise the
-    # run is done and nothing may be rewritten.
-    if summary is not None and (cfg.max_steps is None or cfg.max_steps <= summary.get("steps", 0)):
-        print(f"distill train: {out} holds a finished run ({summary.get('steps')} steps); nothing to do (pass "
-              "--overwrite_output_dir to train it again, or choose another output_dir)", file=sys.stderr, flush=True)
-        return TrainResult(out, summary.get("steps", 0), summary)
-    distiller = Distiller(cfg)
-    try:
-        summary = distiller.train()
-    except SystemExit as stop:  # the preemption exit, after a completed save
-        if stop.code != EXIT_PREEMPTED:
-            raise
-        return TrainResult(Path(cfg.output_dir), distiller.step, None, PREEMPTED)
-    return TrainResult(Path(cfg.output_dir), summary["steps"], summary)
+    try:  # the main process holds the output directory's lock until the run ends (kd_core.ownership)
+        summary_file = out / "summary.json"  # prepare_output_dir checked it belongs to a training run
+        summary = json.loads(summary_file.read_text()) if cfg.resume == "auto" and summary_file.is_file() else None
+        # A larger max_steps extends a finished run from its last checkpoint (as Trainer's resume does); otherwise
+        # the run is done and nothing may be rewritten.
+        if summary is not None and (cfg.max_steps is None or cfg.max_steps <= summary.get("steps", 0)):
+            print(f"distill train: {out} holds a finished run ({summary.get('steps')} steps); nothing to do (pass "
+                  "--overwrite_output_dir to train it again, or choose another output_dir)", file=sys.stderr,
+                  flush=True)
+            return TrainResult(out, summary.get("steps", 0), summary)
+        distiller = Distiller(cfg)
+        try:
+            summary = distiller.train()
+        except SystemExit as stop:  # the preemption exit, after a completed save
+            if stop.code != EXIT_PREEMPTED:
+                raise
+            return TrainResult(Path(cfg.output_dir), distiller.step, None, PREEMPTED)
+        return TrainResult(Path(cfg.output_dir), summary["steps"], summary)
+    finally:
+        if ownership.held(out) is not None:
+            ownership.held(out).release()
 
 
 def main(argv: list[str]) -> int:

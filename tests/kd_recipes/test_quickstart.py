@@ -133,16 +133,18 @@ def test_other_directories_and_settings_are_refused(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not a quickstart directory"):
+    with pytest.raises(ConfigError, match="not a quickstart output directory"):
         prepare_output_dir(QuickstartConfig(output_dir=str(foreign)))
     assert (foreign / "notes.txt").read_text() == "mine"
 
     unfinished = tmp_path / "unfinished"
-    prepare_output_dir(QuickstartConfig(output_dir=str(unfinished), teacher_steps=10))
+    prepare_output_dir(QuickstartConfig(output_dir=str(unfinished), teacher_steps=10)).release()
     with pytest.raises(ConfigError, match="other settings \\(teacher_steps\\)"):
         prepare_output_dir(QuickstartConfig(output_dir=str(unfinished), teacher_steps=20))
-    prepare_output_dir(QuickstartConfig(output_dir=str(unfinished), teacher_steps=10))  # same settings: resume
-    prepare_output_dir(QuickstartConfig(output_dir=str(unfinished), teacher_steps=20, overwrite=True))
+    with prepare_output_dir(QuickstartConfig(output_dir=str(unfinished), teacher_steps=10)):  # same settings: resume
+        with pytest.raises(ConfigError, match="is being written by pid"):  # one writer at a time
+            prepare_output_dir(QuickstartConfig(output_dir=str(unfinished), teacher_steps=10))
+    prepare_output_dir(QuickstartConfig(output_dir=str(unfinished), teacher_steps=20, overwrite=True)).release()
     assert "teacher_steps: 20" in (unfinished / "config.yaml").read_text()
 
 
@@ -159,25 +161,25 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_quickstart(tmp_path, 
     run = tmp_path / "run"
     (run / "checkpoint-2").mkdir(parents=True)
     (run / "latest").write_text("checkpoint-2\n")
-    for directory, held in ((foreign, ""), (run, "distill train")):
+    for directory, held in ((foreign, ""), (run, "files not written by this command")):
         before = tree_digest(directory)
         assert cli(["quickstart", "--output_dir", str(directory), "--overwrite"]) == 2
         err = capsys.readouterr().err
-        assert "not a quickstart directory" in err and held in err and "--overwrite replaces only" in err, err
+        assert "not a quickstart output directory" in err and held in err, err
         assert tree_digest(directory) == before
 
 
 def test_overwrite_removes_only_what_the_quickstart_wrote(tmp_path, capsys):
     from kd_core import ownership
-    from kd_recipes.quickstart import QuickstartConfig, prepare_output_dir
+    from kd_recipes.quickstart import OUTPUT, QuickstartConfig, prepare_output_dir
 
     root = tmp_path / "qs"
-    prepare_output_dir(QuickstartConfig(output_dir=str(root), teacher_steps=10))
-    assert json.loads((root / ownership.MARKER).read_text())["command"] == ownership.QUICKSTART
+    prepare_output_dir(QuickstartConfig(output_dir=str(root), teacher_steps=10)).release()
+    assert json.loads((root / ownership.MARKER).read_text())["command"] == OUTPUT.command
     (root / "data").mkdir()
     (root / "data" / "train.jsonl").write_text("{}\n")
     (root / "my_notes.txt").write_text("mine")
-    prepare_output_dir(QuickstartConfig(output_dir=str(root), teacher_steps=20, overwrite=True))
+    prepare_output_dir(QuickstartConfig(output_dir=str(root), teacher_steps=20, overwrite=True)).release()
     assert "removed the earlier quickstart's" in capsys.readouterr().err
     assert not (root / "data").exists() and (root / "my_notes.txt").read_text() == "mine"
     assert "teacher_steps: 20" in (root / "config.yaml").read_text()

@@ -187,16 +187,24 @@ def _write_output(
     write_report(tmp / "prune_report.json", report)
 
 
+# A pruned model is the whole directory, written to a temporary sibling and renamed into place when complete.
+OUTPUT = ownership.OutputKind("distill prune", ("*",), legacy=lambda d: (d / "prune_report.json").is_file(),
+                              done="prune_report.json", published=True)
+
 Config = PruneConfig
 
 
 def run(cfg: PruneConfig) -> dict[str, Any]:
     """Writes the pruned (or sparsified) model, its tokenizer, ``prune_config.yaml`` and ``prune_report.json`` into
     ``cfg.output_dir``; returns the report."""
-    model_dir, out_dir = Path(cfg.model), Path(cfg.output_dir)
-    require_model_dir(model_dir, "model")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ConfigError(f"output_dir: {out_dir} already exists and is not empty; refusing to overwrite it")
+    require_model_dir(Path(cfg.model), "model")
+    with ownership.prepare(cfg.output_dir, OUTPUT, {"model": cfg.model}, resume=False, overwrite=False,
+                           remedy="refusing to overwrite it; choose another output_dir") as output:
+        return _prune(cfg, output)
+
+
+def _prune(cfg: PruneConfig, output: ownership.Output) -> dict[str, Any]:
+    model_dir, out_dir = Path(cfg.model), output.path
     config = load_config(model_dir, "model")
     family = family_for(config)
     targets = _targets(cfg)
@@ -247,13 +255,12 @@ def run(cfg: PruneConfig) -> dict[str, Any]:
         student, kept, per_weight = build_pruned_model(teacher, family, plan), plan.kept_layers, {}
     student = student.to("cpu", stored_dtype)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(out_dir) as tmp:  # a failed run leaves nothing behind
         report = _report(cfg, family, config, teacher_params, student, kept, per_weight, calibration, importance, cache)
         _write_output(tmp, student, tokenizer, cfg, report)
-        ownership.claim(tmp, ownership.PRUNE, {"model": cfg.model}, finished=True)
+        ownership.claim(tmp, OUTPUT.command, {"model": cfg.model}, finished=True)
         if out_dir.exists():
-            out_dir.rmdir()  # checked empty above
+            out_dir.rmdir()  # checked empty (no other writer: the lock beside it is held)
     print(format_table(report))
     print(f"saved pruned model to {out_dir}")
     return report

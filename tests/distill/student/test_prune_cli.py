@@ -226,5 +226,5 @@ def test_unsupported_model_and_existing_output(tmp_path, teacher_dir, tokenizer,
         )
         == 2
     )
-    assert "refusing to overwrite" in capsys.readouterr().err
+    assert "exists and is not empty" in capsys.readouterr().err
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from distill.training import checkpoint as ckpt
+from distill.training.train import OUTPUT
 from distill.training.train import main as train_main
 from kd_core import ownership
 from kd_core.commands import run_command
@@ -52,7 +53,7 @@ def test_overwrite_output_dir_starts_a_clean_run_and_resume_auto_then_rewrites_n
     assert metric_steps(out) == [1, 2]
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
     marker = json.loads((out / ownership.MARKER).read_text())
-    assert marker["command"] == ownership.TRAIN and marker["state"] == "finished"
+    assert marker["command"] == OUTPUT.command and marker["state"] == "finished"
 
     before = tree_digest(out)  # the same command again, as after a requeue: nothing to do, nothing rewritten
     assert run_command(train_main, cli_args(model_dirs, train_file, out, "--max_steps", "2",
@@ -67,7 +68,7 @@ def test_resume_auto_on_a_finished_run_rewrites_nothing(finished, model_dirs, tr
     for legacy in (False, True):
         if legacy:
             (finished / ownership.MARKER).unlink()
-            assert ownership.infer(finished) == ownership.TRAIN
+            assert ownership.owner_of(finished, OUTPUT).command == OUTPUT.command
         before = tree_digest(finished)
         assert run_command(train_main, cli_args(model_dirs, train_file, finished, "--max_steps", "4",
                                                 "--resume", "auto")) == 0
@@ -80,7 +81,9 @@ def test_resume_auto_with_more_steps_extends_a_finished_run(finished, model_dirs
     """A finished run is finished for its own max_steps: asking for more continues from its last checkpoint."""
     assert run_command(train_main, cli_args(model_dirs, train_file, finished, "--max_steps", "6",
                                             "--resume", "auto")) == 0
-    assert json.loads((finished / "summary.json").read_text())["steps"] == 6
+    summary = json.loads((finished / "summary.json").read_text())
+    assert summary["steps"] == 6
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6]  # every step, not only the extension's
     assert metric_steps(finished) == [1, 2, 3, 4, 5, 6]  # a restart from scratch would log steps 1-4 twice
 
 
@@ -92,7 +95,7 @@ def test_an_unfinished_run_of_an_earlier_version_still_resumes(model_dirs, train
     assert run_command(train_main, cli_args(model_dirs, train_file, out, "--max_steps", "3",
                                             "--resume", "auto")) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
-    assert json.loads((out / ownership.MARKER).read_text())["command"] == ownership.TRAIN
+    assert json.loads((out / ownership.MARKER).read_text())["command"] == OUTPUT.command
 
 
 @pytest.mark.parametrize("extra", [(), ("--overwrite_output_dir", "true"), ("--resume", "auto")])
@@ -105,7 +108,9 @@ def test_foreign_and_other_commands_directories_are_refused_untouched(model_dirs
     cot.mkdir()
     (cot / "config.yaml").write_text("input_file: q.jsonl\nquestion_field: question\n")
     (cot / "journal.jsonl").write_text('{"id": "q0"}\n')
-    for directory, held in ((foreign, "files not written by any kd command"), (cot, "data-gen cot output")):
+    # An unmarked output of another command (a version before markers) is not told from a user's folder: only its
+    # own command recognises it (kd_core.ownership knows no command).
+    for directory, held in ((foreign, "files not written by this command"), (cot, "files not written by this command")):
         before = tree_digest(directory)
         assert run_command(train_main, cli_args(model_dirs, train_file, directory, "--max_steps", "2", *extra)) == 2
         err = capsys.readouterr().err
@@ -121,3 +126,36 @@ def test_resume_with_other_settings_is_refused_untouched(finished, model_dirs, t
     assert run_command(train_main, args) == 2
     assert "holds a run with other settings (loss.terms)" in capsys.readouterr().err
     assert tree_digest(finished) == before
+
+
+def test_resume_path_of_a_run_with_another_tokenizer_is_refused(model_dirs, train_file, tmp_path, capsys):
+    """Issue 31: `--resume PATH` used to accept another run's checkpoint and export its weights under this run's
+    tokenizer. Here the student's architecture (and vocabulary size) and the settings are the same, only the
+    tokenizer differs (no teacher: the teacher's would be refused for its own mismatch first)."""
+    import shutil
+
+    from distill.student.tiny import train_tokenizer
+
+    other = tmp_path / "other_student"
+    shutil.copytree(model_dirs["student"], other)
+    corpus = [f"token {i} zebra quartz {i * 7} xylophone" for i in range(200)]
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (other / name).unlink(missing_ok=True)
+    train_tokenizer(corpus, vocab_size=300).save_pretrained(other)
+
+    def args(student, out, *extra):
+        return ["--output_dir", str(out), "--per_device_train_batch_size", "4", "--save_steps", "1",
+                "--eval_steps", "null", "--report_to", "[none]", "--model.student", str(student),
+                "--data.train_file", str(train_file), "--data.eval_fraction", "0", "--loss.terms", "{ce: 1.0}",
+                "--max_steps", "2", *extra]
+
+    assert run_command(train_main, args(other, tmp_path / "theirs")) == 0
+    capsys.readouterr()
+    mine = tmp_path / "mine_student"  # this run's student: the same weights and config, the fixture's tokenizer
+    shutil.copytree(model_dirs["student"], mine)
+    args_now = args(mine, tmp_path / "mine", "--resume", str(tmp_path / "theirs" / "checkpoint-2"), "--max_steps", "4")
+    before = tree_digest(tmp_path)
+    assert run_command(train_main, args_now) == 2
+    err = capsys.readouterr().err
+    assert "was trained with another tokenizer" in err, err[-2000:]
+    assert tree_digest(tmp_path) == before
