@@ -17,7 +17,7 @@ from torch import nn
 
 from distill.losses import divergences as losses
 from distill.losses.objective import target_labels, target_positions
-from distill.training.runtime import zero3_gathered
+from distill.runtime import zero3_gathered
 from kd_core.answers import AnswerExtractor, load_questions
 from kd_core.config import option, section
 from kd_core.generation import encode_prompt, generate_batched
