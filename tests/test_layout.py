@@ -162,8 +162,9 @@ def test_bench_imports_exist():
                 if node.module not in known:
                     missing.append(f"{path.name}: no module {node.module}")
                     continue
+                names = defined_names(known[node.module])
                 for alias in node.names:
-                    if f"{node.module}.{alias.name}" not in known and alias.name not in defined_names(known[node.module]):
+                    if f"{node.module}.{alias.name}" not in known and alias.name not in names:
                         missing.append(f"{path.name}: {node.module} has no {alias.name}")
             elif isinstance(node, ast.Import):
                 missing += [f"{path.name}: no module {a.name}" for a in node.names

@@ -208,8 +208,9 @@ def training_config(
     set, flat and by keyword; every default is :class:`TrainConfig`'s own (a test keeps them equal), and the
     sections not named here keep theirs. Invalid values raise ValueError naming the field, as a YAML file would."""
     return TrainConfig(
-        output_dir=output_dir, resume=resume, max_steps=max_steps, per_device_train_batch_size=per_device_train_batch_size,
-        per_device_eval_batch_size=per_device_eval_batch_size, learning_rate=learning_rate, warmup_steps=warmup_steps,
+        output_dir=output_dir, resume=resume, max_steps=max_steps,
+        per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_eval_batch_size,
+        learning_rate=learning_rate, warmup_steps=warmup_steps,
         lr_scheduler_type=lr_scheduler_type, save_steps=save_steps, save_total_limit=save_total_limit,
         eval_steps=eval_steps, logging_steps=logging_steps, seed=seed, report_to=list(report_to),
         model=ModelSettings(student=student, teacher=teacher),
