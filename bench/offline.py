@@ -65,8 +65,8 @@ def zipf_logits(n: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
 
 def part_fidelity(vocab: int = 32_000, n: int = 512) -> None:
     from distill.losses import divergences as losses
-    from distill.losses.topk import topk_per_token
-    from distill.offline.store import Codec, TopKTargets
+    from distill.losses.topk import TopKTargets, topk_per_token
+    from distill.offline.store import Codec
 
     gen = torch.Generator().manual_seed(0)
     teacher = zipf_logits(n, vocab, gen)

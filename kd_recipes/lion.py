@@ -192,21 +192,20 @@ class Lion:
 
     def train_student(self, n: int, stage: Path) -> None:
         from distill.training import train
-        from kd_core.config import from_dict
+        from distill.training.config import training_config
 
         t = self.cfg.training
         local_teacher = self.cfg.teacher.backend == "local"
         # Logit KD needs the teacher's distributions: only possible with a local teacher (an API returns text).
         terms = {"forward_kl": t.kd_weight, "ce": 1.0 - t.kd_weight} if local_teacher else {"ce": 1.0}
-        tree = {
-            "output_dir": str(stage / "train"), "resume": "auto", "max_steps": t.max_steps,
-            "learning_rate": t.learning_rate, "per_device_train_batch_size": t.batch_size, "eval_steps": None,
-            "save_steps": max(1, t.max_steps // 2), "report_to": ["none"], "seed": self.cfg.seed + n,
-            "model": {"student": self.student_at(n), "teacher": self.cfg.teacher.model if local_teacher else None},
-            "data": {"train_file": str(stage / "data.jsonl"), "eval_fraction": 0.0, "max_length": t.max_length},
-            "loss": {"terms": terms},
-        }
-        result = train.run(from_dict(train.Config, tree))
+        train_cfg = training_config(
+            student=self.student_at(n), teacher=self.cfg.teacher.model if local_teacher else None,
+            train_file=str(stage / "data.jsonl"), eval_fraction=0.0, max_length=t.max_length,
+            output_dir=str(stage / "train"), loss_terms=terms, resume="auto", max_steps=t.max_steps,
+            learning_rate=t.learning_rate, per_device_train_batch_size=t.batch_size, eval_steps=None,
+            save_steps=max(1, t.max_steps // 2), report_to=("none",), seed=self.cfg.seed + n,
+        )
+        result = train.run(train_cfg)
         if result.stopped:
             raise Stopped(result.stopped)  # preempted: the checkpoint is saved, a rerun resumes the training
 

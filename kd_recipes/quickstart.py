@@ -242,45 +242,32 @@ def make_teacher_init(cfg: QuickstartConfig, problems: list[dict[str, Any]], pat
         model.save_pretrained(tmp)
 
 
-def train_stage(cfg: QuickstartConfig, out: Path, train_file: Path, eval_file: Path, student: Path,
-                teacher: Path | None, terms: dict[str, float], steps: int, lora: bool,
+def train_stage(cfg: QuickstartConfig, out: Path, *, train_file: Path, eval_file: Path, student: Path,
+                teacher: Path | None = None, terms: dict[str, float], steps: int, lora: bool,
                 batch_size: int | None = None, on_policy: OnPolicySettings | None = None,
                 learning_rate: float | None = None) -> Path:
     """``distill train`` in-process, resumable; skipped when the stage already finished. Returns ``final/``.
     ``batch_size`` (default ``cfg.batch_size``) is smaller only when the teacher kept fewer rationales than that;
     ``on_policy`` makes the student (or teacher) sample the completions; ``learning_rate`` defaults to
     ``cfg.learning_rate``."""
-    from distill.data.datasets import DataSettings
-    from distill.student.models import ModelSettings
     from distill.training import train
+    from distill.training.config import training_config
 
     if (out / "summary.json").exists():
         print(f"quickstart: {out.name}: finished earlier, skipped")
         return out / "final"
     loss = LossSettings(terms=dict(terms))
-    train_cfg = train.Config(
-        output_dir=str(out),
-        resume="auto",  # a rerun after an interruption continues the stage from its last checkpoint
-        max_steps=steps,
-        per_device_train_batch_size=batch_size or cfg.batch_size,
-        per_device_eval_batch_size=64,
-        learning_rate=learning_rate or cfg.learning_rate,
-        warmup_steps=max(1, steps // 20),
-        lr_scheduler_type="cosine",
-        save_steps=max(1, steps // 4),
-        save_total_limit=1,
-        eval_steps=max(1, steps // 4),
-        logging_steps=max(1, steps // 50),
-        seed=cfg.seed,
-        report_to=["tensorboard"],
-        model=ModelSettings(student=str(student), teacher=str(teacher) if teacher else None),
+    train_cfg = training_config(
+        student=str(student), teacher=str(teacher) if teacher else None, train_file=str(train_file),
+        eval_file=str(eval_file), output_dir=str(out), loss_terms=terms, max_length=128,
         # Packed rows (no padding) wherever the terms allow: same loss, fewer tokens run.
-        data=DataSettings(train_file=str(train_file), eval_file=str(eval_file), max_length=128,
-                          packing=not loss.feature_terms),
-        loss=loss,
-        on_policy=on_policy or OnPolicySettings(),
-        lora=dataclasses.replace(cfg.lora, enabled=lora and cfg.lora.enabled),
-        lora_export="merged",
+        packing=not loss.feature_terms,
+        resume="auto",  # a rerun after an interruption continues the stage from its last checkpoint
+        max_steps=steps, per_device_train_batch_size=batch_size or cfg.batch_size, per_device_eval_batch_size=64,
+        learning_rate=learning_rate or cfg.learning_rate, warmup_steps=max(1, steps // 20), lr_scheduler_type="cosine",
+        save_steps=max(1, steps // 4), save_total_limit=1, eval_steps=max(1, steps // 4),
+        logging_steps=max(1, steps // 50), seed=cfg.seed, report_to=("tensorboard",), on_policy=on_policy,
+        lora=dataclasses.replace(cfg.lora, enabled=lora and cfg.lora.enabled), lora_export="merged",
     )
     result = train.run(train_cfg)
     if result.stopped:
@@ -388,42 +375,46 @@ def _stages(cfg: QuickstartConfig, root: Path) -> dict[str, Any]:
     print(f"quickstart: writing to {root.resolve()}")
     timings = json.loads((root / "timings.json").read_text()) if (root / "timings.json").exists() else {}
 
-    def timed(name: str, fn, *args):
+    def timed(name: str, fn, *args, **kwargs):
         began = time.time()
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:  # an interrupted stage's time counts too: the figures are summed over resumed runs
             timings[name] = timings.get(name, 0.0) + time.time() - began
             atomic_write_json(root / "timings.json", timings)
 
     data = root / "data"
+    held_out = data / "eval.jsonl"
     print("quickstart: [1/8] problems")
     problems = timed("data", make_data, cfg, data)
     print("quickstart: [2/8] tokenizer and teacher (CE on gold rationales)")
     timed("teacher_init", make_teacher_init, cfg, problems, root / "teacher_init")
-    teacher = timed("teacher", train_stage, cfg, root / "teacher", data / "train.jsonl", data / "eval.jsonl",
-                    root / "teacher_init", None, {"ce": 1.0}, cfg.teacher_steps, False)
+    teacher = timed("teacher", train_stage, cfg, root / "teacher", train_file=data / "train.jsonl",
+                    eval_file=held_out, student=root / "teacher_init", terms={"ce": 1.0}, steps=cfg.teacher_steps,
+                    lora=False)
     print("quickstart: [3/8] teacher rationales (data-gen cot, local backend)")
     rationales = timed("cot", make_rationales, cfg, teacher, data, root / "cot")
     print("quickstart: [4/8] pruning the teacher into the student (distill prune)")
     student_init = timed("prune", make_student_init, cfg, teacher, data, root / "student_init")
     students = root / "students"
     print("quickstart: [5/8] student on gold answers only")
-    timed("labels", train_stage, cfg, students / "labels", data / "train_labels.jsonl", data / "eval.jsonl",
-          student_init, None, {"ce": 1.0}, cfg.student_steps, True)
+    timed("labels", train_stage, cfg, students / "labels", train_file=data / "train_labels.jsonl", eval_file=held_out,
+          student=student_init, terms={"ce": 1.0}, steps=cfg.student_steps, lora=True)
     print("quickstart: [6/8] student on teacher rationales, then distilled on them")
     cot_stats = json.loads((root / "cot" / "stats.json").read_text())
     batch = min(cfg.batch_size, cot_stats["rows"])  # a weak teacher may keep fewer rationales than one batch
-    timed("rationales", train_stage, cfg, students / "rationales", rationales, data / "eval.jsonl",
-          student_init, None, {"ce": 1.0}, cfg.student_steps, True, batch)
-    timed("distilled", train_stage, cfg, students / "distilled", rationales, data / "eval.jsonl",
-          student_init, teacher, cfg.loss_terms, cfg.student_steps, True, batch)
+    timed("rationales", train_stage, cfg, students / "rationales", train_file=rationales, eval_file=held_out,
+          student=student_init, terms={"ce": 1.0}, steps=cfg.student_steps, lora=True, batch_size=batch)
+    timed("distilled", train_stage, cfg, students / "distilled", train_file=rationales, eval_file=held_out,
+          student=student_init, teacher=teacher, terms=cfg.loss_terms, steps=cfg.student_steps, lora=True,
+          batch_size=batch)
     print("quickstart: [7/8] the rationale student continued on-policy (it samples, the teacher scores)")
     # Every batch is sampled from the training questions (the gold rationales serve only the batches that
     # on_policy.student_fraction < 1 leaves off-policy), so the teacher's unsolved questions are used too.
-    timed("on_policy", train_stage, cfg, students / "on_policy", data / "train.jsonl", data / "eval.jsonl",
-          students / "rationales" / "final", teacher, cfg.on_policy.terms, cfg.on_policy.steps, True, None,
-          cfg.on_policy.settings(), cfg.on_policy.learning_rate)
+    timed("on_policy", train_stage, cfg, students / "on_policy", train_file=data / "train.jsonl", eval_file=held_out,
+          student=students / "rationales" / "final", teacher=teacher, terms=cfg.on_policy.terms,
+          steps=cfg.on_policy.steps, lora=True, on_policy=cfg.on_policy.settings(),
+          learning_rate=cfg.on_policy.learning_rate)
     print("quickstart: [8/8] evaluating and writing the report")
     results = {name: timed(f"eval_{name}", evaluate_stage, root / path, data, teacher, root / "eval" / f"{name}.json",
                            cfg)

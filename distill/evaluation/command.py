@@ -119,78 +119,92 @@ def load_model(path: str | Path, device: str, field: str):
     return load_causal_lm(path, field).to(device).eval()
 
 
-def measure(cfg: EvalConfig) -> dict[str, Any]:
-    """Every figure of the module docstring for one model on one dataset, plus the per-record generations."""
+def checked_tokenizer(cfg: EvalConfig):
+    """The model's tokenizer; a teacher with another tokenizer is refused (KL needs one vocabulary). Tokenizers are
+    compared before any weight loads: a 70B teacher takes minutes to load only to be refused."""
+    from kd_core.pretrained import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model, "model")
+    if cfg.teacher is not None and load_tokenizer(cfg.teacher, "teacher").get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"teacher: {cfg.teacher} has a different tokenizer from {cfg.model}; KL needs one "
+                          "vocabulary")
+    return tokenizer
+
+
+def token_figures(cfg: EvalConfig, records: list[dict[str, Any]], model, tokenizer, teacher) -> dict[str, Any]:
+    """Loss, perplexity, KL and top-1 agreement over the records' counted tokens, through the objective's chunked
+    kernels (its default ``loss.chunk_size``)."""
     from distill.data.datasets import DataSettings, collate, tokenize_records
     from distill.evaluation.metrics import token_metrics
     from distill.losses.divergences import shared_vocab_size
-    from kd_core.pretrained import load_tokenizer
-    from kd_core.records import load_records
+    from distill.losses.objective import LossSettings
 
-    model_dir, data, teacher_dir, device = cfg.model, cfg.data, cfg.teacher, cfg.device
-    batch_size, max_new_tokens, max_length, num_samples = cfg.batch_size, cfg.max_new_tokens, cfg.max_length, \
-        cfg.num_samples
-    from distill.student.models import require_model_dir
-
-    require_model_dir(model_dir, "model")  # both directories are checked before anything reads them
-    if teacher_dir is not None:
-        require_model_dir(teacher_dir, "teacher")
-    tokenizer = load_tokenizer(model_dir, "model")
-    # Tokenizers are compared before any weight loads: a 70B teacher takes minutes to load only to be refused.
-    if teacher_dir is not None and load_tokenizer(teacher_dir, "teacher").get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"teacher: {teacher_dir} has a different tokenizer from {model_dir}; KL needs one vocabulary")
-    records = [as_trainer_record(r) for r in load_records(data, "data")][:num_samples]
-    model = load_model(model_dir, device, "model")
-    teacher = load_model(teacher_dir, device, "teacher") if teacher_dir is not None else None
-    vocab = shared_vocab_size(
-        model.config.vocab_size, teacher.config.vocab_size if teacher is not None else model.config.vocab_size,
-        len(tokenizer),
-    )
+    teacher_vocab = teacher.config.vocab_size if teacher is not None else model.config.vocab_size
+    vocab = shared_vocab_size(model.config.vocab_size, teacher_vocab, len(tokenizer))
     # The source names the file, so a bad row reads `file:line` (records keep the file's order; only a prefix is cut).
-    dataset = tokenize_records(records, tokenizer, DataSettings(train_file=str(data), max_length=max_length),
-                               str(data))
+    dataset = tokenize_records(records, tokenizer, DataSettings(train_file=str(cfg.data), max_length=cfg.max_length),
+                               str(cfg.data))
+    size, batch_size = len(dataset), cfg.batch_size
     batches = (
-        {k: v.to(device) for k, v in collate([dataset[i] for i in range(j, min(j + batch_size, len(dataset)))],
-                                              tokenizer.pad_token_id).items()}
-        for j in range(0, len(dataset), batch_size)
+        {k: v.to(cfg.device) for k, v in collate([dataset[i] for i in range(j, min(j + batch_size, size))],
+                                                  tokenizer.pad_token_id).items()}
+        for j in range(0, size, batch_size)
     )
-    tokens = token_metrics(model, teacher, batches, vocab)
-    results: dict[str, Any] = {
-        "model": str(model_dir),
-        "data": str(data),
-        "records": len(records),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "loss": tokens["loss"],
-        "perplexity": math.exp(min(tokens["loss"], 50.0)),
-        "tokens": tokens["tokens"],
-        "kl": tokens.get("kl"),
-        "top1_agreement": tokens.get("top1_agreement"),
-    }
+    tokens = token_metrics(model, teacher, batches, vocab, chunk_size=LossSettings().chunk_size)
+    return {"loss": tokens["loss"], "perplexity": math.exp(min(tokens["loss"], 50.0)), "tokens": tokens["tokens"],
+            "kl": tokens.get("kl"), "top1_agreement": tokens.get("top1_agreement")}
+
+
+def generation_figures(cfg: EvalConfig, records: list[dict[str, Any]], model, tokenizer) -> dict[str, Any]:
+    """Accuracy of the greedy answers against the gold ones, generation speed, and the per-record samples."""
     extractor = cfg.extractor
     tasks = [(i, pg) for i, pg in enumerate(prompt_and_gold(r, extractor) for r in records) if pg is not None]
     generations, seconds = generate_batched(model, tokenizer, [encode_prompt(tokenizer, pg[0]) for _, pg in tasks],
-                                            max_new_tokens, batch_size)
-    texts = [g.text for g in generations]
+                                            cfg.max_new_tokens, cfg.batch_size)
     generated = sum(g.new_tokens for g in generations)
     samples = []
     correct = scored = 0
-    for (row, (_, gold)), text in zip(tasks, texts):
-        predicted = extractor.extract(text)
+    for (row, (_, gold)), generation in zip(tasks, generations):
+        predicted = extractor.extract(generation.text)
         match = gold is not None and predicted == gold
         scored += gold is not None
         correct += match
-        samples.append({"row": row, "generation": text, "predicted": predicted, "gold": gold, "correct": match})
-    results["accuracy"] = correct / scored if scored else None
-    results["scored"] = scored
-    results["generated_tokens"] = generated
-    results["tokens_per_second"] = generated / seconds if seconds > 0 else None
-    if teacher is not None and cfg.draft.num_prompts > 0 and tasks:
+        samples.append({"row": row, "generation": generation.text, "predicted": predicted, "gold": gold,
+                        "correct": match})
+    return {"accuracy": correct / scored if scored else None, "scored": scored, "generated_tokens": generated,
+            "tokens_per_second": generated / seconds if seconds > 0 else None, "samples": samples,
+            "prompts": [pg[0] for _, pg in tasks]}
+
+
+def measure(cfg: EvalConfig) -> dict[str, Any]:
+    """Every figure of the module docstring for one model on one dataset, plus the per-record generations."""
+    from distill.student.models import require_model_dir
+    from kd_core.records import load_records
+
+    require_model_dir(cfg.model, "model")  # both directories are checked before anything reads them
+    if cfg.teacher is not None:
+        require_model_dir(cfg.teacher, "teacher")
+    tokenizer = checked_tokenizer(cfg)
+    records = [as_trainer_record(r) for r in load_records(cfg.data, "data")][: cfg.num_samples]
+    model = load_model(cfg.model, cfg.device, "model")
+    teacher = load_model(cfg.teacher, cfg.device, "teacher") if cfg.teacher is not None else None
+    results: dict[str, Any] = {
+        "model": str(cfg.model),
+        "data": str(cfg.data),
+        "records": len(records),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **token_figures(cfg, records, model, tokenizer, teacher),
+    }
+    generated = generation_figures(cfg, records, model, tokenizer)
+    samples, prompts = generated.pop("samples"), generated.pop("prompts")
+    results.update(generated)
+    if teacher is not None and cfg.draft.num_prompts > 0 and prompts:
         from distill.evaluation.speculative import draft_metrics
 
-        prompts = [encode_prompt(tokenizer, pg[0]) for _, pg in tasks[: cfg.draft.num_prompts]]
+        encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts[: cfg.draft.num_prompts]]
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        results.update(draft_metrics(model, teacher, prompts, cfg.draft.max_new_tokens, pad, eos))
+        results.update(draft_metrics(model, teacher, encoded, cfg.draft.max_new_tokens, pad, eos))
     results["samples"] = samples
     return results
 

@@ -12,12 +12,11 @@ import dataclasses
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distill.losses import divergences as losses
 from distill.losses.objective import target_labels, target_positions
-from distill.training.runtime import zero3_gathered
+from distill.runtime import zero3_gathered
 from kd_core.answers import AnswerExtractor, load_questions
 from kd_core.config import option, section
 from kd_core.generation import encode_prompt, generate_batched
@@ -31,8 +30,16 @@ def token_metrics(
     vocab_size: int,
     reduce=None,
     zero3: bool = False,
+    *,
+    chunk_size: int,
 ) -> dict[str, float]:
-    """``student``/``teacher`` are plain causal LMs (unwrapped); ``reduce`` sums a tensor across processes."""
+    """``student``/``teacher`` are plain causal LMs (unwrapped); ``reduce`` sums a tensor across processes;
+    ``chunk_size`` is the objective's ``loss.chunk_size``.
+
+    Through the objective's chunked kernels, ``chunk_size`` counted tokens at a time: neither model's full
+    ``[tokens, vocab]`` logits ever exist. A batch whose labels are all ``-100`` counts nothing but still runs both
+    models (and, under ZeRO-3, the collectives of their forwards and head gathers): how a rank with fewer eval rows
+    keeps step with the others."""
     sums = torch.zeros(4, dtype=torch.float64)  # kl, agreement, ce, tokens
     student_head = student.get_output_embeddings().weight
     teacher_head = teacher.get_output_embeddings().weight if teacher is not None else None
@@ -48,13 +55,16 @@ def token_metrics(
             teacher_hidden = teacher.get_decoder()(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
             ).last_hidden_state[positions]
-        with zero3_gathered(heads, zero3):
-            student_logits = (student_hidden @ student_head.t()).float()[:, :vocab_size]
-            sums[2] += F.cross_entropy(student_logits, targets, reduction="sum").item()
+        with zero3_gathered(heads, zero3):  # a collective: every rank enters it for every batch
+            # Detached: the kernels would otherwise fill a full fp32 head gradient that evaluation never uses.
+            s_head = student_head.detach()[:vocab_size]
+            sums[2] += losses.chunked_cross_entropy_sum(student_hidden, s_head, targets, chunk_size).item()
             if teacher is not None:
-                teacher_logits = (teacher_hidden @ teacher_head.t()).float()[:, :vocab_size]
-                sums[0] += losses.per_token_divergence(student_logits, teacher_logits, "forward_kl").sum().item()
-                sums[1] += (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum().item()
+                t_head = teacher_head.detach()[:vocab_size]
+                sums[0] += losses.chunked_divergence(
+                    student_hidden, s_head, teacher_hidden, t_head, "forward_kl", chunk_size=chunk_size
+                ).item()
+                sums[1] += top1_agreements(student_hidden, s_head, teacher_hidden, t_head, chunk_size)
         sums[3] += targets.numel()
     if reduce is not None:
         sums = reduce(sums)
@@ -64,6 +74,20 @@ def token_metrics(
         metrics["kl"] = sums[0].item() / tokens
         metrics["top1_agreement"] = sums[1].item() / tokens
     return metrics
+
+
+def top1_agreements(
+    student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_hidden: torch.Tensor,
+    teacher_head: torch.Tensor, chunk_size: int,
+) -> int:
+    """Tokens where both models' most likely next token is the same, ``chunk_size`` tokens at a time (one
+    ``[chunk, vocab]`` product per model in its own dtype, as its lm_head would compute it)."""
+    agree = 0
+    for start in range(0, student_hidden.shape[0], chunk_size):
+        s = student_hidden[start : start + chunk_size] @ student_head.t()
+        t = teacher_hidden[start : start + chunk_size] @ teacher_head.t()
+        agree += int((s.argmax(-1) == t.argmax(-1)).sum())
+    return agree
 
 
 @dataclasses.dataclass

@@ -18,16 +18,28 @@ are divided by the same temperature here.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from distill.losses import divergences as losses
-from distill.offline.store import TopKTargets
 
 # log(0) stand-in: losses.per_token_divergence expects finite logits, and exp(-1e4) is exactly 0 in fp32, so an
 # empty bucket (the tail when k = V) contributes exactly 0 instead of 0 * inf = NaN.
 LOG_ZERO = -1.0e4
+
+
+@dataclasses.dataclass
+class TopKTargets:
+    """Teacher targets of the counted tokens of a batch, in the trainer's row-major order of counted positions (what
+    :class:`distill.offline.store.LogitStore` reads back; it lives here, with the terms that consume it, so that
+    losses never import storage)."""
+
+    ids: Tensor  # [N, k] int64
+    logp: Tensor  # [N, k] float32, log-probabilities at the store's temperature
+    log_tail: Tensor  # [N] float32, log of the probability mass outside the k ids (-inf if none)
 
 
 def teacher_buckets(logp: Tensor, log_tail: Tensor) -> Tensor:

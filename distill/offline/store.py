@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distill.losses.topk import TopKTargets
 from kd_core import checksum
 from kd_core.atomic import atomic_open, atomic_write_json
 from kd_core.config import ConfigError
@@ -223,15 +224,6 @@ class ShardWriter:
         return {"data": self.data_name, "index": self.index_name, "samples": len(self.index), "tokens": self.rows,
                 "bytes": self.rows * self.codec.record_bytes, DATA_HASH: self.data_digest.hexdigest(),
                 INDEX_HASH: self.index_digest}
-
-
-@dataclass
-class TopKTargets:
-    """Teacher targets of the counted tokens of a batch, in the trainer's row-major order of counted positions."""
-
-    ids: torch.Tensor  # [N, k] int64
-    logp: torch.Tensor  # [N, k] float32, log-probabilities at the store's temperature
-    log_tail: torch.Tensor  # [N] float32, log of the probability mass outside the k ids (-inf if none)
 
 
 class LogitStore:

@@ -315,3 +315,42 @@ def logged_history(metrics_file: Path, step: int) -> list[dict[str, Any]]:
                 k.startswith("train/") for k in record):
             by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
+
+
+def check_compatible(state: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """A checkpoint's trainer state against the run about to resume from it: the same student config and loss
+    terms, else one ConfigError naming what differs (at most five keys)."""
+    for key in ("student_config", "loss_terms"):
+        if state[key] != current[key]:
+            differing = sorted(
+                k for k in set(state[key]) | set(current[key]) if state[key].get(k) != current[key].get(k)
+            )
+            details = ", ".join(f"{k}: checkpoint {state[key].get(k)!r} vs now {current[key].get(k)!r}"
+                                for k in differing[:5])
+            raise ConfigError(f"resume: checkpoint {path} has a different {key.replace('_', ' ')} ({details})")
+
+
+def load_for_resume(
+    resume: str | None, output_dir: Path, accelerator, current: dict[str, Any], tokenizer, settings: dict[str, Any]
+) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint ``resume`` names (``auto``: the newest valid one in ``output_dir``; else a path), checked
+    against ``current`` (the run's trainer state) and the run's identity (``tokenizer``, ``settings``: see
+    :func:`check_identity`), and loaded into ``accelerator``'s prepared objects. Returns it
+    with its trainer state, for the caller to restore the data position; None to start fresh. Every rank calls it."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = find_resume_checkpoint(output_dir, accelerator)
+        if found is None:
+            logger.info("no checkpoint in %s: starting fresh", output_dir)
+            return None
+    else:
+        found = Path(resume)
+        problem = validate(found, accelerator) if found.is_dir() else "not a directory"
+        if problem:
+            raise ConfigError(f"resume: cannot use checkpoint {found}: {problem}")
+    state = read_state(found)
+    check_compatible(state, current, found)
+    check_identity(found, tokenizer, settings)
+    accelerator.load_state(str(found))
+    return found, state

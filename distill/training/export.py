@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from distill.runtime import inner
 from distill.training import checkpoint as ckpt
 from kd_core import ownership
 from kd_core.atomic import atomic_directory
@@ -135,6 +136,26 @@ def export_checkpoint(checkpoint: Path, output_dir: Path, dtype: str = "float32"
 
 # An exported model is the whole directory, written to a temporary sibling and renamed into place when complete.
 OUTPUT = ownership.OutputKind("distill export", ("*",), published=True)
+
+
+def export_run(accelerator, prepared: torch.nn.Module, tokenizer, lora: bool, last_checkpoint: Path,
+               directory: Path) -> None:
+    """The end of a training run: a Hugging Face model directory of the student alone (gathered from ZeRO-3
+    shards), with the tokenizer. With LoRA: the merged model and/or the adapter (``final/adapter``), as the run's
+    ``lora_export`` says, through ``last_checkpoint``. Every rank calls it."""
+    if lora:
+        # Through the final checkpoint, whose consolidation also gathers ZeRO-3-sharded adapters: one code path
+        # for every launch mode. The merge re-applies the frozen base weights' zeros (never densifies).
+        if accelerator.is_main_process:
+            export_checkpoint(last_checkpoint, directory)
+        accelerator.wait_for_everyone()
+        return
+    state = accelerator.get_state_dict(prepared)  # collective under ZeRO-3: every rank calls it
+    if accelerator.is_main_process:
+        inner(prepared).student.save_pretrained(directory, state_dict=student_state(state))
+        tokenizer.save_pretrained(directory)
+    accelerator.wait_for_everyone()
+
 
 Config = ExportConfig
 

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
+# The ZeRO-3 helpers moved down to distill.runtime (evaluation uses them and must not import training); re-exported
+# here so that code written against their old home keeps working while the parallel branches merge.
+from distill.runtime import inner, register_external_parameter, zero3_enabled, zero3_gathered  # noqa: F401
 from kd_core.config import ConfigError
 
 if TYPE_CHECKING:
@@ -82,40 +84,6 @@ def make_accelerator(
         # micro-batch size from; its error message names this key as the way to give it.
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
     return accelerator
-
-
-def zero3_enabled(accelerator: Accelerator) -> bool:
-    """Whether parameters are partitioned across ranks (DeepSpeed ZeRO stage 3)."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return False
-    return accelerator.state.deepspeed_plugin.zero_stage == 3
-
-
-def register_external_parameter(module: nn.Module, parameter: nn.Parameter) -> None:
-    """Lets ZeRO-3 gather ``parameter`` for ``module``'s forward and backward although another module owns it.
-
-    DeepSpeed 0.19.8 gathers a parameter only around its owner's ``forward``; the chunked kernels read the student's
-    lm_head weight directly, outside ``lm_head.forward``."""
-    import deepspeed
-
-    deepspeed.zero.register_external_parameter(module, parameter)
-
-
-def zero3_gathered(params: list[nn.Parameter], enabled: bool) -> contextlib.AbstractContextManager[object]:
-    """Gathers ZeRO-3 partitioned parameters for read-only use (DeepSpeed 0.19.8 ``GatheredParameters``, a
-    collective: every rank must enter it); a no-op otherwise."""
-    if not enabled:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-def inner(model: nn.Module) -> nn.Module:
-    """The plain module inside a DDP or DeepSpeed wrapper."""
-    return model.module if hasattr(model, "module") else model
 
 
 def exit_launched_process(code: int) -> int:

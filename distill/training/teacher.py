@@ -23,9 +23,9 @@ from transformers.utils import ModelOutput
 from distill.losses.divergences import chunked_cross_entropy_sum, chunked_divergence
 from distill.losses.objective import LossSettings, TeacherTargets
 from distill.losses.registry import Need
-from distill.losses.topk import chunked_topk_divergence
-from distill.offline.store import LogitStore, TopKTargets
-from distill.training.runtime import inner, zero3_enabled, zero3_gathered
+from distill.losses.topk import TopKTargets, chunked_topk_divergence
+from distill.offline.store import LogitStore
+from distill.runtime import inner, zero3_enabled, zero3_gathered
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

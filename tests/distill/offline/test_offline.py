@@ -14,9 +14,9 @@ import torch
 
 from distill.losses import divergences as losses
 from distill.losses.registry import DIVERGENCES
-from distill.losses.topk import chunked_topk_divergence, topk_per_token
+from distill.losses.topk import TopKTargets, chunked_topk_divergence, topk_per_token
 from distill.offline.precompute import PrecomputeConfig, run, teacher_topk
-from distill.offline.store import Codec, LogitStore, TopKTargets
+from distill.offline.store import Codec, LogitStore
 from distill.training import train
 from distill.training.train import Distiller, TrainConfig
 from kd_core.config import from_dict

@@ -1,6 +1,7 @@
 """Real 2-process DeepSpeed runs on CPU (gloo): ZeRO-2 and ZeRO-3 training, exact resume after ``kill -9`` (during
 training and during a checkpoint save), two nodes on loopback, a hidden-state feature loss with a projector under
-ZeRO-3, and ``distill export`` from ZeRO-3 shards.
+ZeRO-3, held-out evaluation under ZeRO-3 with an eval set that does not divide, and ``distill export`` from ZeRO-3
+shards.
 
 Each run takes tens of seconds on 2 cores (mostly imports and process-group start); the first DeepSpeed run on a
 clean machine also JIT-builds a small comm op once (cached in ~/.cache/torch_extensions).
@@ -23,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT, free_port, slowed_steps
+from tests.conftest import REPO_ROOT, addition_rows, free_port, slowed_steps, write_jsonl
 
 pytest.importorskip("deepspeed")
 
@@ -330,3 +331,36 @@ def test_zero3_with_cpu_offload_trains_like_zero3(model_dirs, train_file, zero3_
     out = tmp_path / "offload"
     run("zero3_offload.yaml", train_args(model_dirs, train_file, out, terms=FEATURE_TERMS))
     assert_same_run(zero3_reference, out)
+
+
+@pytest.mark.slow
+def test_zero3_evaluates_an_eval_set_that_does_not_divide(model_dirs, train_file, tmp_path):
+    """Eval on under ZeRO-3 with 2 processes, 5 eval rows and eval batch 2: rank 0 has 2 batches, rank 1 one and an
+    uncounted one. Each forward and head gather is a collective, so unequal counts hung the first evaluation; the
+    final figures equal a one-process full-logit evaluation of the exported student."""
+    from distill.data.datasets import DataSettings, build_datasets, collate
+    from kd_core.pretrained import load_causal_lm, load_tokenizer
+    from tests.distill.evaluation.test_evaluator import full_logit_sums
+
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", addition_rows(5))
+    out = tmp_path / "run"
+    args = train_args(model_dirs, train_file, out, "--eval_steps", "2", "--data.eval_file", str(eval_file),
+                      "--per_device_eval_batch_size", "2")
+    command = launch_command("zero3.yaml", args, "--main_process_port", str(free_port()))
+    result = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/kl" in r]
+    assert [r["step"] for r in evals] == [2, STEPS]
+
+    tokenizer = load_tokenizer(model_dirs["student"], "model")
+    _, eval_set = build_datasets(DataSettings(train_file=str(train_file), eval_file=str(eval_file)), tokenizer, 42)
+    student = load_causal_lm(out / "final", "model").eval()
+    teacher = load_causal_lm(model_dirs["teacher"], "teacher").eval()
+    batches = [collate([eval_set[i] for i in range(j, min(j + 2, 5))], tokenizer.pad_token_id) for j in (0, 2, 4)]
+    kl, agreement, ce, tokens = full_logit_sums(student, teacher, batches, len(tokenizer)).tolist()
+    final = json.loads((out / "summary.json").read_text())["final_eval"]
+    assert final["eval/tokens"] == evals[-1]["eval/tokens"] == tokens
+    assert final["eval/loss"] == pytest.approx(ce / tokens, rel=1e-4)
+    assert final["eval/kl"] == pytest.approx(kl / tokens, rel=1e-3)
+    assert final["eval/top1_agreement"] == pytest.approx(agreement / tokens, abs=1e-9)

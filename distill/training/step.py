@@ -1,0 +1,135 @@
+"""One optimizer step of ``distill train``, top to bottom: :func:`training_step`.
+
+The step's micro-batches (with completions sampled by the student or the teacher where ``on_policy`` says so,
+:mod:`distill.training.on_policy`), the teacher signal's targets (:mod:`distill.training.teacher`), the student
+module returning its loss terms already normalised by the tokens of the full optimizer step, their weighted sum,
+backward, clipping, the optimizer and schedule, the sparsity masks. The functions take the run
+(:class:`distill.training.loop.Distiller`) whose state they advance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from distill.data.datasets import collate, collate_packed
+from distill.losses.objective import TeacherTargets, step_token_scale, target_labels, target_positions
+from distill.runtime import inner
+from distill.training.on_policy import OFF_POLICY, REPLAY, STUDENT, unwrapped_for_generation
+from distill.training.teacher import TeacherSignal
+
+
+def next_micro_batches(run) -> tuple[list[dict[str, torch.Tensor]], list[str], list[dict[str, float]]]:
+    """The step's micro-batches, where each one's completions came from (:mod:`distill.training.on_policy`), and
+    the sampling figures of each."""
+    cfg = run.cfg
+    batches, sources, stats = [], [], []
+    for _ in range(cfg.gradient_accumulation_steps):
+        examples = [run.train_set[i] for i in run.stream.next_indices()]
+        source, figures = OFF_POLICY, {}
+        if run.sampler is not None:
+            source = run.sampler.draw(len(examples))
+            if source == REPLAY:
+                examples, figures = run.sampler.replay(len(examples))
+            elif source != OFF_POLICY:
+                examples, figures = sample(run, examples, source)
+        pad = run.tokenizer.pad_token_id
+        if cfg.data.packing:
+            batch = collate_packed(examples, pad, cfg.data.max_length, run.packing_weight)
+        else:
+            batch = collate(examples, pad)
+        batches.append({k: v.to(run.accelerator.device) for k, v in batch.items()})
+        sources.append(source)
+        stats.append(figures)
+    return batches, sources, stats
+
+
+def sample(run, examples: list[dict[str, Any]], source: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The examples with completions sampled by the student or the teacher (weights gathered under ZeRO-3, so
+    every rank generates on its own: no ``synced_gpus``)."""
+    prepared = run.module if source == STUDENT else run.teacher.prepared
+    with unwrapped_for_generation(prepared, run.accelerator) as model:
+        model = model.student if source == STUDENT else model
+        return run.sampler.sample(model, examples, run.tokenizer, run.cfg.data.max_length, source)
+
+
+def teacher_targets(
+    teacher: TeacherSignal | None, batch: dict[str, torch.Tensor]
+) -> contextlib.AbstractContextManager[TeacherTargets | None]:
+    """The teacher's side of a micro-batch (see :class:`TeacherSignal`); None without a teacher."""
+    return teacher.targets(batch) if teacher is not None else contextlib.nullcontext()
+
+
+def training_step(run) -> dict[str, float]:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the step's term values (summed
+    over ranks: each rank adds its share of the mean)."""
+    acc, cfg, weights = run.accelerator, run.cfg, run.cfg.loss.terms
+    micro_batches, sources, sampling = run.next_micro_batches()
+    token_scale = step_token_scale(
+        [b["labels"] for b in micro_batches], lambda t: acc.reduce(t.to(acc.device), reduction="sum"),
+        acc.num_processes, cfg.gradient_accumulation_steps,
+    )
+    share = 1.0 / (acc.num_processes * cfg.gradient_accumulation_steps)
+    logged: dict[str, float] = {}
+    teacher_logprobs: list[tuple[float, int]] = []
+    for batch, source in zip(micro_batches, sources):
+        with acc.accumulate(run.module):
+            with run.teacher_targets(batch) as teacher:
+                terms = run.module(
+                    batch["input_ids"], batch["attention_mask"], batch["labels"], teacher=teacher,
+                    loss_weights=batch["loss_weights"], token_scale=token_scale,
+                    position_ids=batch.get("position_ids"),
+                )
+                if source in (STUDENT, REPLAY) and (run.step + 1) % cfg.logging_steps == 0:
+                    teacher_logprobs.extend(teacher_logprob(teacher, batch["labels"], cfg.loss.chunk_size))
+            loss = sum(weights[k] * v for k, v in terms.items())
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(run.module.parameters(), cfg.max_grad_norm)
+            run.optimizer.step()
+            if acc.sync_gradients:  # once per optimizer step, whatever the number of processes
+                run.scheduler.step()
+            run.optimizer.zero_grad()
+            if acc.sync_gradients and len(run.masks):
+                run.masks.apply(inner(run.module).student)  # pruned zeros stay zero
+        for k, v in terms.items():  # per-step value: token terms sum to the step mean, others average
+            logged[k] = logged.get(k, 0.0) + v.detach().item() * share
+        logged["loss"] = logged.get("loss", 0.0) + loss.detach().item() / (
+            acc.num_processes * cfg.gradient_accumulation_steps
+        )
+    if run.sampler is not None:  # every rank has the same sources, so the same keys
+        logged.update(on_policy_figures(sources, sampling, teacher_logprobs, acc.num_processes))
+    totals = acc.reduce(torch.tensor(list(logged.values()), dtype=torch.float64, device=acc.device), "sum")
+    return dict(zip(logged, totals.tolist()))
+
+
+def teacher_logprob(teacher, labels: torch.Tensor, chunk_size: int) -> list[tuple[float, int]]:
+    """The teacher's summed log-probability of a micro-batch's sampled tokens and their count (logged on logging
+    steps; it needs the teacher's logits, so nothing with feature terms only)."""
+    if teacher is None or getattr(teacher, "head", None) is None:
+        return []
+    positions = target_positions(labels)
+    targets = target_labels(labels, positions)
+    return [(-teacher.label_nll_sum(positions, targets, chunk_size), int(positions.sum()))]
+
+
+def on_policy_figures(
+    sources: list[str], sampling: list[dict[str, float]], teacher_logprobs: list[tuple[float, int]], processes: int
+) -> dict[str, float]:
+    """A step's sampling figures as this rank's share of the all-rank mean (the step's values are summed over
+    ranks): sampled fraction, seconds spent sampling, mean sampled length, student and teacher log-probabilities per
+    sampled token (the teacher's on logging steps only)."""
+    figures = {"on_policy/sampled_fraction": sum(s != OFF_POLICY for s in sources) / len(sources) / processes}
+    sampled = [f for f in sampling if f]
+    if sampled:
+        figures["on_policy/sample_seconds"] = sum(f["on_policy/sample_seconds"] for f in sampled) / processes
+        for key in ("on_policy/sampled_length", "on_policy/student_logprob"):
+            values = [f[key] for f in sampled if key in f]
+            if values:
+                figures[key] = sum(values) / len(values) / processes
+    if teacher_logprobs:
+        tokens = sum(n for _, n in teacher_logprobs)
+        figures["on_policy/teacher_logprob"] = sum(lp for lp, _ in teacher_logprobs) / max(tokens, 1) / processes
+    return figures
