@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.losses import divergences as losses
+from distill.losses.head import output_head
 from distill.losses.objective import target_labels, target_positions
 from distill.training.runtime import zero3_gathered
 from kd_core.answers import AnswerExtractor, load_questions
@@ -34,9 +35,10 @@ def token_metrics(
 ) -> dict[str, float]:
     """``student``/``teacher`` are plain causal LMs (unwrapped); ``reduce`` sums a tensor across processes."""
     sums = torch.zeros(4, dtype=torch.float64)  # kl, agreement, ce, tokens
-    student_head = student.get_output_embeddings().weight
-    teacher_head = teacher.get_output_embeddings().weight if teacher is not None else None
-    heads = [p for p in (student_head, teacher_head) if p is not None]
+    # Each model's own head (bias, scale, soft-cap: distill.losses.head), as model(...).logits computes it.
+    student_head = output_head(student)
+    teacher_head = output_head(teacher) if teacher is not None else None
+    heads = student_head.parameters + (teacher_head.parameters if teacher_head is not None else [])
     for batch in batches:
         positions = target_positions(batch["labels"])
         targets = target_labels(batch["labels"], positions)
@@ -49,10 +51,10 @@ def token_metrics(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
             ).last_hidden_state[positions]
         with zero3_gathered(heads, zero3):
-            student_logits = (student_hidden @ student_head.t()).float()[:, :vocab_size]
+            student_logits = student_head.logits(student_hidden, vocab_size)
             sums[2] += F.cross_entropy(student_logits, targets, reduction="sum").item()
             if teacher is not None:
-                teacher_logits = (teacher_hidden @ teacher_head.t()).float()[:, :vocab_size]
+                teacher_logits = teacher_head.logits(teacher_hidden, vocab_size)
                 sums[0] += losses.per_token_divergence(student_logits, teacher_logits, "forward_kl").sum().item()
                 sums[1] += (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum().item()
         sums[3] += targets.numel()

@@ -28,6 +28,7 @@ from distill.data.datasets import DataSettings, attention_weight, build_datasets
 from distill.evaluation.embedding import embedding_metrics
 from distill.evaluation.metrics import AccuracySettings, answer_accuracy, load_accuracy_set, token_metrics
 from distill.losses.divergences import shared_vocab_size
+from distill.losses.head import output_head
 from distill.losses.objective import (
     LossSettings,
     StudentWithObjective,
@@ -304,7 +305,8 @@ class Distiller:
             raise ConfigError("keep_sparsity: a sparse student cannot be trained under ZeRO-3 (partitioned weights "
                               "cannot be masked); use ZeRO-2 or DDP, or set keep_sparsity: false")
         if self.zero3 and self.task == "causal_lm":
-            register_external_parameter(inner(self.module), student.get_output_embeddings().weight)
+            for parameter in output_head(student).parameters:  # the lm_head weight, and its bias if it has one
+                register_external_parameter(inner(self.module), parameter)
         self.teacher: TeacherSignal | None = None  # None: no term learns from a teacher, and none is kept for eval
         if teacher is not None:
             self.teacher = OnlineTeacher.prepare(teacher, acc, cfg.loss)
