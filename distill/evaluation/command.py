@@ -124,6 +124,7 @@ def measure(cfg: EvalConfig) -> dict[str, Any]:
     from distill.data.datasets import DataSettings, collate, tokenize_records
     from distill.evaluation.metrics import token_metrics
     from distill.losses.divergences import shared_vocab_size
+    from distill.losses.head import output_head
     from kd_core.pretrained import load_tokenizer
     from kd_core.records import load_records
 
@@ -135,11 +136,13 @@ def measure(cfg: EvalConfig) -> dict[str, Any]:
 
         require_model_dir(teacher_dir, "teacher")  # both directories are checked before any weight loads
     model = load_model(model_dir, device, "model")  # checks the directory before anything else reads it
+    output_head(model)  # a family whose output head cannot be reproduced is refused before any work
     records = [as_trainer_record(r) for r in load_records(data, "data")][:num_samples]
     tokenizer = load_tokenizer(model_dir, "model")
     teacher = None
     if teacher_dir is not None:
         teacher = load_model(teacher_dir, device, "teacher")
+        output_head(teacher)
         if load_tokenizer(teacher_dir, "teacher").get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"teacher: {teacher_dir} has a different tokenizer from {model_dir}; KL needs one vocabulary")
     vocab = shared_vocab_size(

@@ -259,3 +259,35 @@ def test_head_dataclass_is_frozen():
     head = OutputHead(torch.zeros(3, 2), scale=2.0)
     with pytest.raises(AttributeError):
         head.scale = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("command", ["eval", "precompute"])
+def test_commands_refuse_an_unreproducible_head(command, model_dirs, train_file, tmp_path, capsys):
+    """`distill eval` and `distill precompute` on a model whose head cannot be reproduced: one line naming the
+    model type, exit 2, nothing written."""
+    import json
+    import shutil
+
+    from kd_core.commands import run_command
+    from tests.conftest import tree_digest
+
+    model = tmp_path / "scaled"
+    shutil.copytree(model_dirs["teacher"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "logits_scale": 3.0}))
+    data = tmp_path / "data.jsonl"
+    shutil.copy(train_file, data)
+    if command == "eval":
+        from distill.evaluation.command import main
+
+        argv = [str(model), "--data", str(data), "--output", str(tmp_path / "out" / "eval.json")]
+    else:
+        from distill.offline.precompute import main
+
+        argv = ["--teacher", str(model), "--output_dir", str(tmp_path / "store"), "--data.train_file", str(data)]
+    before = tree_digest(tmp_path)
+    capsys.readouterr()
+    assert run_command(main, argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # after progress bars
+    assert len(errors) == 1 and errors[0].startswith("error: model_type 'llama': its config sets logits_scale")
+    assert tree_digest(tmp_path) == before
