@@ -133,9 +133,9 @@ def _softcap(name: str) -> Reader:
     return read
 
 
-_COHERE, _GRANITE, _GEMMA = _scale("logit_scale"), _scale("logits_scaling", inverse=True), _softcap(
-    "final_logit_softcapping"
-)
+_COHERE = _scale("logit_scale")  # logits * logit_scale
+_GRANITE = _scale("logits_scaling", inverse=True)  # logits / logits_scaling
+_GEMMA = _softcap("final_logit_softcapping")  # tanh(logits / cap) * cap
 FAMILIES: dict[str, Reader] = {
     "cohere": _COHERE, "cohere2": _COHERE, "cohere2_moe": _COHERE,
     "granite": _GRANITE, "granite_swa": _GRANITE, "granitemoe": _GRANITE, "granitemoe_swa": _GRANITE,

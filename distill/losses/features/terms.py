@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -24,9 +24,6 @@ from distill.losses.features.masking import pool
 from distill.losses.features.minilm import minilm_v1, minilm_v2
 from kd_core.config import ConfigError
 
-if TYPE_CHECKING:
-    from distill.losses.features.distiller import FeatureSettings
-
 Pair = tuple[int, int]
 
 
@@ -34,6 +31,15 @@ def projector_key(pair: Pair) -> str:
     """The name of a mapped pair's projector (student width -> teacher width) in the distiller's ModuleDict."""
     student, teacher = ("emb" if layer == EMBEDDINGS else str(layer) for layer in pair)
     return f"student{student}_teacher{teacher}"
+
+
+class TermSettings(Protocol):
+    """What the term functions read of the ``features`` section (:class:`~distill.losses.features.FeatureSettings`,
+    which imports this module)."""
+
+    pooling: str
+    attention_loss: str
+    head_map: list[int] | str
 
 
 @dataclasses.dataclass
@@ -44,7 +50,7 @@ class FeatureBatch:
     student_out: ModelOutput
     teacher_out: ModelOutput
     mask: Tensor  # [B, T] bool, True = a real token
-    settings: FeatureSettings
+    settings: TermSettings
     pairs: list[Pair]
     projectors: nn.ModuleDict
     relation_layers: Pair
