@@ -261,10 +261,10 @@ def test_head_dataclass_is_frozen():
         head.scale = 1.0  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("command", ["eval", "precompute"])
+@pytest.mark.parametrize("command", ["eval", "precompute", "train"])
 def test_commands_refuse_an_unreproducible_head(command, model_dirs, train_file, tmp_path, capsys):
-    """`distill eval` and `distill precompute` on a model whose head cannot be reproduced: one line naming the
-    model type, exit 2, nothing written."""
+    """`distill eval`, `precompute` and `train` (as the teacher) on a model whose head cannot be reproduced: one
+    line naming the model type, exit 2, nothing written."""
     import json
     import shutil
 
@@ -281,10 +281,16 @@ def test_commands_refuse_an_unreproducible_head(command, model_dirs, train_file,
         from distill.evaluation.command import main
 
         argv = [str(model), "--data", str(data), "--output", str(tmp_path / "out" / "eval.json")]
-    else:
+    elif command == "precompute":
         from distill.offline.precompute import main
 
         argv = ["--teacher", str(model), "--output_dir", str(tmp_path / "store"), "--data.train_file", str(data)]
+    else:
+        from distill.training.train import main
+
+        argv = ["--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--report_to", "[none]",
+                "--data.eval_fraction", "0", "--model.student", str(model_dirs["student"]), "--model.teacher",
+                str(model), "--data.train_file", str(data), "--loss.terms", "{forward_kl: 1}"]
     before = tree_digest(tmp_path)
     capsys.readouterr()
     assert run_command(main, argv) == 2
