@@ -19,9 +19,10 @@ Numerics: everything is computed in fp32 from log-probabilities (``log_softmax``
 log of a probability, so underflowing probabilities give exact zeros instead of ``0 * -inf = NaN``. Logits are
 assumed finite.
 
-:func:`chunked_divergence` computes the same per-token values from hidden states and lm_head weights, a chunk of
-tokens at a time, together with the analytic gradient with respect to the student logits, so neither model's full
-``[N, V]`` logits ever exist and backward needs no recomputation. See ``docs/losses.md``.
+:func:`chunked_divergence` computes the same per-token values from hidden states through each model's own output
+head (:mod:`distill.losses.head`), a chunk of tokens at a time, together with the analytic gradient with respect to
+the student's hidden states and head, so neither model's full ``[N, V]`` logits ever exist and backward needs no
+recomputation. The kinds' code is in :mod:`distill.losses.kinds`, one row each. See ``docs/losses.md``.
 """
 
 from __future__ import annotations
