@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=0.5, help="jsd mixture weight")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk of our kernel")
+    parser.add_argument("--softcap", type=float, default=0.0,
+                        help="both heads soft-capped as Gemma-2/3's (c * tanh(logits / c)); 0 = plain heads")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -55,18 +57,24 @@ def loss_fn(args: argparse.Namespace, variant: str):
 
     from distill.losses.divergences import chunked_divergence, per_token_divergence
 
+    cap = args.softcap
     if variant == "naive":
 
         def naive(hs, ws, ht, wt):
             with torch.no_grad():
                 teacher_logits = (ht @ wt.t()).float()
             student_logits = (hs @ ws.t()).float()
+            if cap:  # what Gemma2ForCausalLM.forward does to its logits (transformers 5.24)
+                teacher_logits = torch.tanh(teacher_logits / cap) * cap
+                student_logits = torch.tanh(student_logits / cap) * cap
             return per_token_divergence(
                 student_logits, teacher_logits, args.kind, temperature=args.temperature, beta=args.beta
             ).sum()
 
         return naive
     if variant == "trl":
+        if cap:
+            raise SystemExit("--softcap: TRL's kernel has no soft-capped head")
         from trl.kernels.chunked_divergence import ChunkedDivergenceFunction  # trl 1.16 signature
 
         beta = TRL_BETA.get(args.kind, args.beta)
@@ -78,7 +86,11 @@ def loss_fn(args: argparse.Namespace, variant: str):
 
         return trl
 
+    from distill.losses.head import OutputHead
+
     def ours(hs, ws, ht, wt):
+        if cap:
+            ws, wt = OutputHead(ws, softcap=cap), OutputHead(wt, softcap=cap)
         return chunked_divergence(
             hs, ws, ht, wt, args.kind, temperature=args.temperature, beta=args.beta, chunk_size=args.chunk_size
         )
@@ -168,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"vocab={args.vocab} hidden={args.hidden} teacher_hidden={args.teacher_hidden or args.hidden} "
         f"tokens={args.tokens} kind={args.kind} T={args.temperature} chunk_size={args.chunk_size} "
-        f"device={args.device} repeats={args.repeats}"
+        f"softcap={args.softcap} device={args.device} repeats={args.repeats}"
     )
     base = results.get("naive")
     print(f"{'variant':<8}{'peak extra MiB':>16}{'median s':>10}{'mem/naive':>11}{'time/naive':>12}{'loss':>14}")

@@ -22,6 +22,7 @@ A run's examples are never held in Python lists: the tokenized rows live in Arro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -65,10 +66,26 @@ def cache_root(cache_dir: str | None) -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "distill_kd"
 
 
+def vocab_hash(tokenizer) -> str:
+    """sha256 of the token -> id map (what the ids in the store mean)."""
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the vocabulary plus everything else that changes tokenization of chat data."""
+    extra = {
+        "vocab": vocab_hash(tokenizer),
+        "chat_template": tokenizer.chat_template,
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "class": type(tokenizer).__name__,
+    }
+    return hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()
+
+
 def tokenizer_identity(tokenizer) -> dict[str, Any]:
     """What decides the tokens a tokenizer gives: the offline store's hash plus, for a fast tokenizer, its whole
     pipeline (normalizer, pre-tokenizer, merges, post-processor: e.g. whether a BOS is added)."""
-    from distill.offline.store import tokenizer_hash
 
     pipeline = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else repr(tokenizer.init_kwargs)
     return {"tokenizer": tokenizer_hash(tokenizer), "pipeline": checksum.bytes_hash(pipeline.encode())}

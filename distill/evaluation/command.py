@@ -178,6 +178,7 @@ def generation_figures(cfg: EvalConfig, records: list[dict[str, Any]], model, to
 
 def measure(cfg: EvalConfig) -> dict[str, Any]:
     """Every figure of the module docstring for one model on one dataset, plus the per-record generations."""
+    from distill.losses.head import output_head
     from distill.student.models import require_model_dir
     from kd_core.records import load_records
 
@@ -187,7 +188,10 @@ def measure(cfg: EvalConfig) -> dict[str, Any]:
     tokenizer = checked_tokenizer(cfg)
     records = [as_trainer_record(r) for r in load_records(cfg.data, "data")][: cfg.num_samples]
     model = load_model(cfg.model, cfg.device, "model")
+    output_head(model)  # a family whose output head cannot be reproduced is refused before any work
     teacher = load_model(cfg.teacher, cfg.device, "teacher") if cfg.teacher is not None else None
+    if teacher is not None:
+        output_head(teacher)
     results: dict[str, Any] = {
         "model": str(cfg.model),
         "data": str(cfg.data),

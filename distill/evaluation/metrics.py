@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from distill.losses import divergences as losses
+from distill.losses.head import OutputHead, output_head
 from distill.losses.objective import target_labels, target_positions
 from distill.runtime import zero3_gathered
 from kd_core.answers import AnswerExtractor, load_questions
@@ -41,9 +42,10 @@ def token_metrics(
     models (and, under ZeRO-3, the collectives of their forwards and head gathers): how a rank with fewer eval rows
     keeps step with the others."""
     sums = torch.zeros(4, dtype=torch.float64)  # kl, agreement, ce, tokens
-    student_head = student.get_output_embeddings().weight
-    teacher_head = teacher.get_output_embeddings().weight if teacher is not None else None
-    heads = [p for p in (student_head, teacher_head) if p is not None]
+    # Each model's own head (bias, scale, soft-cap: distill.losses.head), as model(...).logits computes it.
+    student_head = output_head(student)
+    teacher_head = output_head(teacher) if teacher is not None else None
+    heads = student_head.parameters + (teacher_head.parameters if teacher_head is not None else [])
     for batch in batches:
         positions = target_positions(batch["labels"])
         targets = target_labels(batch["labels"], positions)
@@ -56,11 +58,11 @@ def token_metrics(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
             ).last_hidden_state[positions]
         with zero3_gathered(heads, zero3):  # a collective: every rank enters it for every batch
-            # Detached: the kernels would otherwise fill a full fp32 head gradient that evaluation never uses.
-            s_head = student_head.detach()[:vocab_size]
+            # Detached and cropped: the kernels would otherwise fill a full fp32 head gradient that eval never uses.
+            s_head = frozen(student_head, vocab_size)
             sums[2] += losses.chunked_cross_entropy_sum(student_hidden, s_head, targets, chunk_size).item()
             if teacher is not None:
-                t_head = teacher_head.detach()[:vocab_size]
+                t_head = frozen(teacher_head, vocab_size)
                 sums[0] += losses.chunked_divergence(
                     student_hidden, s_head, teacher_hidden, t_head, "forward_kl", chunk_size=chunk_size
                 ).item()
@@ -76,16 +78,22 @@ def token_metrics(
     return metrics
 
 
+def frozen(head: OutputHead, vocab: int) -> OutputHead:
+    """``head`` cropped to the shared ``vocab`` rows and detached from autograd (evaluation needs no gradient)."""
+    bias = head.bias.detach()[:vocab] if head.bias is not None else None
+    return dataclasses.replace(head, weight=head.weight.detach()[:vocab], bias=bias)
+
+
 def top1_agreements(
-    student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_hidden: torch.Tensor,
-    teacher_head: torch.Tensor, chunk_size: int,
+    student_hidden: torch.Tensor, student_head: OutputHead, teacher_hidden: torch.Tensor, teacher_head: OutputHead,
+    chunk_size: int,
 ) -> int:
     """Tokens where both models' most likely next token is the same, ``chunk_size`` tokens at a time (one
-    ``[chunk, vocab]`` product per model in its own dtype, as its lm_head would compute it)."""
+    ``[chunk, vocab]`` product per model through its own head, as its lm_head would compute it)."""
     agree = 0
     for start in range(0, student_hidden.shape[0], chunk_size):
-        s = student_hidden[start : start + chunk_size] @ student_head.t()
-        t = teacher_hidden[start : start + chunk_size] @ teacher_head.t()
+        s = student_head.logits(student_hidden[start : start + chunk_size])
+        t = teacher_head.logits(teacher_hidden[start : start + chunk_size])
         agree += int((s.argmax(-1) == t.argmax(-1)).sum())
     return agree
 

@@ -19,104 +19,53 @@ Numerics: everything is computed in fp32 from log-probabilities (``log_softmax``
 log of a probability, so underflowing probabilities give exact zeros instead of ``0 * -inf = NaN``. Logits are
 assumed finite.
 
-:func:`chunked_divergence` computes the same per-token values from hidden states and lm_head weights, a chunk of
-tokens at a time, together with the analytic gradient with respect to the student logits, so neither model's full
-``[N, V]`` logits ever exist and backward needs no recomputation. See ``docs/losses.md``.
+:func:`chunked_divergence` computes the same per-token values from hidden states through each model's own output
+head (:mod:`distill.losses.head`), a chunk of tokens at a time, together with the analytic gradient with respect to
+the student's hidden states and head, so neither model's full ``[N, V]`` logits ever exist and backward needs no
+recomputation. The kinds' code is in :mod:`distill.losses.kinds`, one row each. See ``docs/losses.md``.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from distill.losses.registry import DIVERGENCES
+from distill.losses.head import OutputHead, as_head, chain_head, matmul_head, project_into, slope_tile
+from distill.losses.kinds import CHUNK_SIZE, DivergenceSpec, as_spec
 from kd_core.config import ConfigError
 
 
-def _check(kind: str, temperature: float, beta: float, skew: float) -> None:
-    """Rejects unknown kinds and out-of-range coefficients (programming errors: configs validate earlier)."""
-    if kind not in DIVERGENCES:
-        raise ValueError(f"kind: expected one of {', '.join(DIVERGENCES)}, got {kind!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta: expected 0 <= beta <= 1, got {beta}")
-    if not 0.0 <= skew <= 1.0:
-        raise ValueError(f"skew: expected 0 <= skew <= 1, got {skew}")
-
-
-def _log(x: float) -> float:
-    """``log`` with ``log(0) = -inf``, so a zero-weight mixture component drops out of ``logaddexp`` exactly."""
-    return math.log(x) if x > 0 else -math.inf
-
-
-def _log_mixture(log_p: Tensor, log_q: Tensor, weight_p: float) -> Tensor:
-    """log(weight_p * p + (1 - weight_p) * q) from log-probabilities, without ever exponentiating to zero first."""
-    return torch.logaddexp(log_p + _log(weight_p), log_q + _log(1.0 - weight_p))
-
-
-def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p || q) over the last dim from log-probabilities. An underflowed p contributes exactly 0."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
 def per_token_divergence(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    kind: str,
-    *,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
+    student_logits: Tensor, teacher_logits: Tensor, kind: str | DivergenceSpec, **options: float
 ) -> Tensor:
     """Per-token divergence ``[...]`` of logits ``[..., V]``, already multiplied by ``temperature**2``.
 
-    Differentiable by autograd with respect to both inputs; the teacher is usually passed detached.
+    ``kind``: a :class:`~distill.losses.kinds.DivergenceSpec`, or a kind name with the spec's other fields as
+    keywords. Differentiable by autograd with respect to both inputs; the teacher is usually passed detached.
     """
-    _check(kind, temperature, beta, skew)
+    spec = as_spec(kind, options)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logits: student {tuple(student_logits.shape)} != teacher {tuple(teacher_logits.shape)}")
     student_logits, teacher_logits = student_logits.float(), teacher_logits.float()  # no-op for fp32 inputs
+    temperature = spec.temperature
     if temperature != 1.0:  # skipping the division at T = 1 saves a full [..., V] copy per model
         student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
     s = F.log_softmax(student_logits, dim=-1)
     t = F.log_softmax(teacher_logits, dim=-1)
-    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
-        value = _kl(t, s)
-    elif kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
-        # TRL special-cases beta in {0, 1}: the mixture formula itself tends to 0 there, not to a KL.
-        value = _kl(s, t)
-    elif kind == "jsd":
-        m = _log_mixture(t, s, beta)
-        value = beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
-    elif kind == "skew_forward_kl":
-        value = _kl(t, _log_mixture(t, s, skew))
-    elif kind == "skew_reverse_kl":
-        value = _kl(s, _log_mixture(s, t, skew))
-    else:  # tvd
-        value = 0.5 * (s.exp() - t.exp()).abs().sum(-1)
-    return value * temperature**2
+    return spec.row.value(s, t, spec.beta, spec.skew) * temperature**2
 
 
 def divergence(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    kind: str,
-    *,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    mask: Tensor | None = None,
+    student_logits: Tensor, teacher_logits: Tensor, kind: str | DivergenceSpec, *, mask: Tensor | None = None,
+    **options: float,
 ) -> Tensor:
     """Mean over unmasked tokens of :func:`per_token_divergence` (0 with a live graph when no token counts).
 
     logits ``[..., V]``; mask ``[...]`` bool, True = counted.
     """
-    values = per_token_divergence(student_logits, teacher_logits, kind, temperature=temperature, beta=beta, skew=skew)
+    values = per_token_divergence(student_logits, teacher_logits, kind, **options)
     if mask is None:
         return values.mean()
     if mask.shape != values.shape:
@@ -125,109 +74,22 @@ def divergence(
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
 
 
-def _log_mixture_into(log_p: Tensor, log_q: Tensor, weight_p: float, out: Tensor, scratch: Tensor) -> Tensor:
-    """:func:`_log_mixture` written into preallocated ``out`` (``scratch`` is clobbered)."""
-    torch.add(log_p, _log(weight_p), out=out)
-    torch.add(log_q, _log(1.0 - weight_p), out=scratch)
-    return torch.logaddexp(out, scratch, out=out)
-
-
-def divergence_and_grad(
-    s: Tensor, t: Tensor, w1: Tensor, w2: Tensor | None, kind: str, beta: float, skew: float
-) -> tuple[Tensor, Tensor]:
-    """Per-row divergence and its gradient w.r.t. the (temperature-scaled) student logits ``z_s``.
-
-    ``s`` and ``t`` are fp32 log-probabilities ``[n, V]``; they and the scratch tiles ``w1``/``w2`` (``w2`` only
-    for the mixture kinds) are OVERWRITTEN: every ``[n, V]`` intermediate lives in one of these four preallocated
-    tiles, because a fresh multi-MB allocation per op costs page faults that dominate elementwise time on CPU.
-    With ``g = dL/dp_s``, the softmax Jacobian gives ``dL/dz_s = p_s * (g - <p_s, g>)``; each branch below is that
-    identity simplified for its kind. The returned gradient aliases ``s``.
-    """
-    if kind == "jsd" and beta in (0.0, 1.0):
-        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
-    if kind == "forward_kl":
-        # L = <p_t, t - s>;  dL/dz_s = p_s - p_t
-        pt = torch.exp(t, out=w1)
-        value = t.sub_(s).mul_(pt).sum(-1)
-        return value, s.exp_().sub_(pt)
-    if kind == "reverse_kl":
-        # L = <p_s, s - t>;  dL/dz_s = p_s * (s - t - L)
-        ps = torch.exp(s, out=w1)
-        d = s.sub_(t)
-        value = torch.mul(ps, d, out=t).sum(-1)
-        return value, d.sub_(value[:, None]).mul_(ps)
-    if kind == "tvd":
-        # L = 0.5 sum |p_s - p_t|;  g = 0.5 sign(p_s - p_t);  dL/dz_s = p_s * (g - <p_s, g>)
-        ps = s.exp_()
-        d = t.exp_().neg_().add_(ps)
-        value = 0.5 * torch.abs(d, out=w1).sum(-1)
-        g = d.sign_().mul_(0.5)
-        return value, g.sub_(torch.mul(ps, g, out=w1).sum(-1)[:, None]).mul_(ps)
-    assert w2 is not None, "mixture kinds need a second scratch tile"
-    if kind == "jsd":
-        # m = beta p_t + (1-beta) p_s;  g = (1-beta)(s - log m) (the 1/m terms cancel)
-        # dL/dz_s = (1-beta) p_s * (s - log m - KL(p_s || m))
-        log_m = _log_mixture_into(t, s, beta, out=w1, scratch=w2)
-        pt = torch.exp(t, out=w2)
-        kl_t = t.sub_(log_m).mul_(pt).sum(-1)
-        ps = torch.exp(s, out=w2)
-        d = s.sub_(log_m)
-        kl_s = torch.mul(ps, d, out=t).sum(-1)
-        return beta * kl_t + (1.0 - beta) * kl_s, d.sub_(kl_s[:, None]).mul_(ps).mul_(1.0 - beta)
-    if kind == "skew_forward_kl":
-        # m = a p_t + (1-a) p_s, L = <p_t, t - log m>;  g = -w / p_s with w = (1-a) p_s p_t / m
-        # dL/dz_s = p_s * sum(w) - w
-        log_m = _log_mixture_into(t, s, skew, out=w1, scratch=w2)
-        pt = torch.exp(t, out=w2)
-        d = t.sub_(log_m)
-        value = torch.mul(pt, d, out=w1).sum(-1)
-        w = d.add_(s).add_(_log(1.0 - skew)).exp_()
-        return value, s.exp_().mul_(w.sum(-1)[:, None]).sub_(w)
-    # skew_reverse_kl: m = a p_s + (1-a) p_t, L = <p_s, s - log m>;  g = 1 + u with u = s - log m - a p_s / m
-    # dL/dz_s = p_s * (u - <p_s, u>)
-    log_m = _log_mixture_into(s, t, skew, out=w1, scratch=w2)
-    ps = torch.exp(s, out=w2)
-    d = s.sub_(log_m)
-    value = torch.mul(ps, d, out=t).sum(-1)
-    u = d.sub_(torch.add(d, _log(skew), out=w1).exp_())
-    return value, u.sub_(torch.mul(ps, u, out=t).sum(-1)[:, None]).mul_(ps)
-
-
-def matmul_head(head: Tensor) -> Tensor:
-    """The head as the kernels multiply with it: cast once to autocast's dtype when autocast is on (bf16 mixed
-    precision), as the model's own lm_head matmuls would run, instead of in fp32 or cast again for every chunk.
-    Only the products run in it: log-softmax, divergences and the gradient accumulators stay fp32."""
-    device = head.device.type
-    if torch.is_autocast_enabled(device) and head.dtype == torch.float32:
-        return head.to(torch.get_autocast_dtype(device))
-    return head
-
-
-def project_into(out: Tensor, hidden: Tensor, head: Tensor, inv_t: float) -> Tensor:
-    """``out = (hidden @ head.T) / T`` in fp32. Low-precision inputs are projected in their own dtype first
-    (what the model's own lm_head would output), then upcast."""
-    if hidden.dtype == torch.float32 and head.dtype == torch.float32:
-        torch.mm(hidden, head.t(), out=out)
-    else:
-        out.copy_(hidden @ head.t())
-    return out.mul_(inv_t) if inv_t != 1.0 else out
-
-
 def gradient_accumulators(
-    ctx: torch.autograd.function.FunctionCtx, hidden: Tensor, head: Tensor
-) -> tuple[Tensor | None, Tensor | None]:
-    """Zeroed fp32 gradients for a kernel's ``hidden`` and (full-size) ``head`` inputs, where autograd wants them.
+    ctx: torch.autograd.function.FunctionCtx, hidden: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Zeroed fp32 gradients for a kernel's ``hidden``, (full-size) head ``weight`` and ``bias`` inputs (its first
+    three), where autograd wants them.
 
     fp32 because bf16 sums over many chunks would lose the small per-chunk contributions; the head's is full-size
     (padding rows stay 0) so that autograd receives it without a copy."""
     grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
-    grad_head = torch.zeros_like(head, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-    return grad_hidden, grad_head
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+    return grad_hidden, grad_weight, grad_bias
 
 
 def hold_gradients(
-    ctx: torch.autograd.function.FunctionCtx, grads: tuple[Tensor | None, Tensor | None],
-    dtypes: tuple[torch.dtype, torch.dtype],
+    ctx: torch.autograd.function.FunctionCtx, grads: tuple[Tensor | None, ...], inputs: tuple[Tensor | None, ...]
 ) -> None:
     """Keep a kernel's finished gradients for :func:`release_gradients`, with the dtypes of the inputs (the
     parameters' own: the head may have been multiplied in autocast's dtype).
@@ -235,22 +97,21 @@ def hold_gradients(
     Kept as ctx attributes, not save_for_backward: backward hands these very tensors to autograd, and a tensor still
     referenced by a SavedVariable would be cloned by AccumulateGrad (one more [V, H] copy)."""
     ctx.grads = list(grads)
-    ctx.dtypes = dtypes
-
-
-def needs_mixture_scratch(kind: str, beta: float) -> bool:
-    """Whether :func:`divergence_and_grad` needs its second scratch tile (the kinds that build a mixture)."""
-    return kind in ("jsd", "skew_forward_kl", "skew_reverse_kl") and not (kind == "jsd" and beta in (0, 1))
+    ctx.dtypes = [None if x is None else x.dtype for x in inputs]
 
 
 HEAD_SLICE = 8192  # vocabulary rows per low-precision head-gradient product (8192 x 4096 in bf16: 64 MiB)
 
 
 def backprop_chunk(
-    grad_z: Tensor, hidden: Tensor, head: Tensor, grad_hidden: Tensor | None, grad_head: Tensor | None, start: int
+    grad_z: Tensor, hidden: Tensor, head: Tensor, grad_hidden: Tensor | None, grad_head: Tensor | None, start: int,
+    grad_bias: Tensor | None = None,
 ) -> None:
-    """Through ``logits = hidden @ head.T`` for one chunk of rows starting at ``start``: write the hidden-state
-    gradient rows and add to the (full-size, fp32) head gradient. ``head`` is already cropped to ``grad_z``'s width."""
+    """Through ``logits = hidden @ head.T + bias`` for one chunk of rows starting at ``start``: write the
+    hidden-state gradient rows and add to the (full-size, fp32) head weight and bias gradients. ``head`` is already
+    cropped to ``grad_z``'s width; ``grad_z`` is w.r.t. that linear part (:func:`~distill.losses.head.chain_head`)."""
+    if grad_bias is not None:
+        grad_bias[: grad_z.shape[1]].add_(grad_z.sum(0))
     if head.dtype == torch.float32:
         if grad_hidden is not None:
             torch.mm(grad_z, head, out=grad_hidden[start : start + grad_z.shape[0]])
@@ -273,34 +134,35 @@ class _ChunkedDivergence(torch.autograd.Function):
     """Sum of per-token divergences from hidden states; gradients are computed in forward, backward only scales.
 
     Inputs are restricted to the counted tokens; the heads are cropped to ``vocab`` rows here. The teacher arrives
-    detached and backward returns None for it, so no graph is ever built on its side.
+    detached and backward returns None for it, so no graph is ever built on its side. Each model's logits go
+    through its own :class:`~distill.losses.head.OutputHead` (``heads``; its weight and bias are also passed as
+    inputs, for autograd).
     """
 
     @staticmethod
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
         student_hidden: Tensor,
-        student_head: Tensor,
+        student_weight: Tensor,
+        student_bias: Tensor | None,
         teacher_hidden: Tensor,
-        teacher_head: Tensor,
-        kind: str,
-        temperature: float,
-        beta: float,
-        skew: float,
-        chunk_size: int,
+        heads: tuple[OutputHead, OutputHead],
+        spec: DivergenceSpec,
         vocab: int,
     ) -> Tensor:
-        n_tokens = student_hidden.shape[0]
+        n_tokens, chunk_size, temperature = student_hidden.shape[0], spec.chunk_size, spec.temperature
         device = student_hidden.device
         total = torch.zeros((), dtype=torch.float32, device=device)
-        grad_hidden, grad_head = gradient_accumulators(ctx, student_hidden, student_head)
-        dtypes = (student_hidden.dtype, student_head.dtype)
+        grads = gradient_accumulators(ctx, student_hidden, student_weight, student_bias)
+        inputs = (student_hidden, student_weight, student_bias)
         # Cropping inside the Function, not before it: a slice taken outside would make autograd scatter our
         # gradient into a fresh zero [V, H] tensor (SliceBackward), a second head-sized copy at peak.
-        student_head, teacher_head = matmul_head(student_head[:vocab]), matmul_head(teacher_head[:vocab])
+        student_head, teacher_head = heads
+        s_weight, t_weight = matmul_head(student_weight[:vocab]), matmul_head(teacher_head.weight.detach()[:vocab])
         rows = min(chunk_size, n_tokens)
-        mixture = needs_mixture_scratch(kind, beta)
+        mixture = spec.row.needs_second_scratch(spec.beta)
         tiles = [torch.empty((rows, vocab), dtype=torch.float32, device=device) for _ in range(4 if mixture else 3)]
+        slope_rows = slope_tile(student_head, rows, vocab, device)
         inv_t = 1.0 / temperature
         with torch.no_grad():
             for start in range(0, n_tokens, chunk_size):
@@ -308,25 +170,25 @@ class _ChunkedDivergence(torch.autograd.Function):
                 n = h_s.shape[0]
                 s, t, w1 = (tile[:n] for tile in tiles[:3])
                 w2 = tiles[3][:n] if mixture else None
+                slope = None if slope_rows is None else slope_rows[:n]
                 # log_softmax is one fused kernel that reads each row before writing it, so it may run in place
                 # (checked on CPU with torch 2.13 by the parity tests); this saves a tile per model.
-                s = torch.log_softmax(project_into(s, h_s, student_head, inv_t), -1, out=s)
-                z_t = project_into(t, teacher_hidden[start : start + chunk_size], teacher_head, inv_t)
+                s = torch.log_softmax(project_into(s, h_s, s_weight, student_head, inv_t, slope), -1, out=s)
+                z_t = project_into(t, teacher_hidden[start : start + chunk_size], t_weight, teacher_head, inv_t)
                 t = torch.log_softmax(z_t, -1, out=t)
-                value, grad_z = divergence_and_grad(s, t, w1, w2, kind, beta, skew)
+                value, grad_z = spec.row.value_and_grad(s, t, w1, w2, spec.beta, spec.skew)
                 total += value.sum()
                 # d(T^2 L)/d(logits) = T^2 * (1/T) * dL/dz
-                if temperature != 1.0:
-                    grad_z.mul_(temperature)
-                backprop_chunk(grad_z, h_s, student_head, grad_hidden, grad_head, start)
-        del tiles
-        hold_gradients(ctx, (grad_hidden, grad_head), dtypes)
+                grad_z = chain_head(grad_z, student_head, slope, temperature)
+                backprop_chunk(grad_z, h_s, s_weight, grads[0], grads[1], start, grads[2])
+        del tiles, slope_rows
+        hold_gradients(ctx, grads, inputs)
         return total * temperature**2
 
     @staticmethod
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        return (*release_gradients(ctx, grad_output), *(None,) * 8)
+        return (*release_gradients(ctx, grad_output), *(None,) * 4)
 
 
 def release_gradients(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> list[Tensor | None]:
@@ -347,89 +209,93 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
         hidden: Tensor,
-        head: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        head: OutputHead,
         targets: Tensor,
         weights: Tensor | None,
         chunk_size: int,
     ) -> Tensor:
-        grad_hidden, grad_head = gradient_accumulators(ctx, hidden, head)
-        dtypes = (hidden.dtype, head.dtype)
-        head = matmul_head(head)
-        n_tokens = hidden.shape[0]
-        tile = torch.empty((min(chunk_size, n_tokens), head.shape[0]), dtype=torch.float32, device=hidden.device)
+        grads = gradient_accumulators(ctx, hidden, weight, bias)
+        inputs = (hidden, weight, bias)
+        cast = matmul_head(weight)
+        n_tokens, rows = hidden.shape[0], min(chunk_size, hidden.shape[0])
+        tile = torch.empty((rows, cast.shape[0]), dtype=torch.float32, device=hidden.device)
+        slope_rows = slope_tile(head, rows, cast.shape[0], hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.no_grad():
             for start in range(0, n_tokens, chunk_size):
                 h, target = hidden[start : start + chunk_size], targets[start : start + chunk_size, None]
-                log_p = torch.log_softmax(project_into(tile[: h.shape[0]], h, head, 1.0), -1, out=tile[: h.shape[0]])
+                z, slope = tile[: h.shape[0]], None if slope_rows is None else slope_rows[: h.shape[0]]
+                log_p = torch.log_softmax(project_into(z, h, cast, head, 1.0, slope), -1, out=z)
                 nll = log_p.gather(1, target).neg_().squeeze(1)
                 grad_z = log_p.exp_().scatter_add_(1, target, torch.full_like(nll, -1.0)[:, None])
                 if weights is not None:
                     w = weights[start : start + chunk_size].float()
                     nll, grad_z = nll * w, grad_z.mul_(w[:, None])
                 total += nll.sum()
-                backprop_chunk(grad_z, h, head, grad_hidden, grad_head, start)
-        hold_gradients(ctx, (grad_hidden, grad_head), dtypes)
+                backprop_chunk(chain_head(grad_z, head, slope), h, cast, grads[0], grads[1], start, grads[2])
+        hold_gradients(ctx, grads, inputs)
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        return (*release_gradients(ctx, grad_output), None, None, None)
+        return (*release_gradients(ctx, grad_output), None, None, None, None)
 
 
 def chunked_cross_entropy_sum(
-    hidden: Tensor, head: Tensor, targets: Tensor, chunk_size: int, token_weights: Tensor | None = None
+    hidden: Tensor, head: Tensor | OutputHead, targets: Tensor, chunk_size: int = CHUNK_SIZE,
+    token_weights: Tensor | None = None,
 ) -> Tensor:
-    """Sum over tokens of the cross-entropy of ``hidden [N, H] @ head.T`` against ``targets [N]``, each times its
-    weight if given, ``chunk_size`` tokens at a time (full logits never exist, nothing is recomputed in backward).
-    The trainer divides by the counted tokens, not by the weights, so weights of 1 give exactly the unweighted loss
-    and a weighted step does not depend on how it is split into micro-batches."""
+    """Sum over tokens of the cross-entropy of ``head(hidden [N, H])`` (an :class:`~distill.losses.head.OutputHead`,
+    or a bare lm_head weight) against ``targets [N]``, each times its weight if given, ``chunk_size`` tokens at a
+    time (full logits never exist, nothing is recomputed in backward). The trainer divides by the counted tokens,
+    not by the weights, so weights of 1 give exactly the unweighted loss and a weighted step does not depend on how
+    it is split into micro-batches."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
     weights = None if token_weights is None else token_weights.detach()
-    return _ChunkedCrossEntropy.apply(hidden, head, targets, weights, chunk_size)
+    head = as_head(head)
+    return _ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, head, targets, weights, chunk_size)
 
 
 def chunked_divergence(
     student_hidden: Tensor,
-    student_head: Tensor,
+    student_head: Tensor | OutputHead,
     teacher_hidden: Tensor,
-    teacher_head: Tensor,
-    kind: str,
+    teacher_head: Tensor | OutputHead,
+    kind: str | DivergenceSpec,
     *,
     mask: Tensor | None = None,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
     vocab_size: int | None = None,
-    chunk_size: int = 1024,
+    **options: float,
 ) -> Tensor:
     """SUM over unmasked tokens of the per-token divergence, computed ``chunk_size`` tokens at a time.
 
     The caller divides by the global number of counted tokens, so gradient accumulation and data parallelism
-    normalise correctly. ``student_hidden [N, Hs]`` (after the final norm), ``student_head [Vs, Hs]`` (lm_head
-    weight), ``teacher_hidden [N, Ht]``, ``teacher_head [Vt, Ht]``; ``vocab_size`` crops both heads to their first
-    ``vocab_size`` rows (padding rows). Differentiable w.r.t. ``student_hidden`` and ``student_head`` only.
-    Working memory: 3 fp32 ``[chunk_size, V]`` tiles (4 for the mixture kinds) plus the fp32 head gradient.
-    The default ``chunk_size`` keeps the agreed signature; at V ~ 152K use 128-256 (see docs/benchmarks.md).
+    normalise correctly. ``student_hidden [N, Hs]`` (after the final norm), ``student_head`` (its
+    :class:`~distill.losses.head.OutputHead`, or a bare ``[Vs, Hs]`` lm_head weight), ``teacher_hidden [N, Ht]``,
+    ``teacher_head`` likewise; ``vocab_size`` crops both heads to their first ``vocab_size`` rows (padding rows).
+    Differentiable w.r.t. ``student_hidden`` and the student head's weight and bias only.
+    ``kind``: a :class:`~distill.losses.kinds.DivergenceSpec`, or a kind name with the spec's other fields as
+    keywords (its ``chunk_size`` is the tokens per chunk). Working memory: 3 fp32 ``[chunk_size, V]`` tiles (4 for
+    the mixture kinds, one more for a soft-capped student head) plus the fp32 head gradient.
     """
-    _check(kind, temperature, beta, skew)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+    spec = as_spec(kind, options)
     if student_hidden.dim() != 2 or teacher_hidden.dim() != 2 or student_hidden.shape[0] != teacher_hidden.shape[0]:
-        raise ValueError(
-            f"hidden: expected [N, H] for both models, got {tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
-        )
+        raise ValueError(f"hidden: expected [N, H] for both models, got {tuple(student_hidden.shape)} and "
+                         f"{tuple(teacher_hidden.shape)}")
+    student_head, teacher_head = as_head(student_head), as_head(teacher_head)
+    rows_s, rows_t = student_head.weight.shape[0], teacher_head.weight.shape[0]
     if vocab_size is None:
-        if student_head.shape[0] != teacher_head.shape[0]:
+        if rows_s != rows_t:
             raise ValueError(
-                f"vocab_size: heads have {student_head.shape[0]} and {teacher_head.shape[0]} rows; pass vocab_size "
-                "(see shared_vocab_size)"
+                f"vocab_size: heads have {rows_s} and {rows_t} rows; pass vocab_size (see shared_vocab_size)"
             )
-        vocab_size = student_head.shape[0]
-    if vocab_size > min(student_head.shape[0], teacher_head.shape[0]):
-        raise ValueError(f"vocab_size: {vocab_size} exceeds a head ({student_head.shape[0]}, {teacher_head.shape[0]})")
+        vocab_size = rows_s
+    if vocab_size > min(rows_s, rows_t):
+        raise ValueError(f"vocab_size: {vocab_size} exceeds a head ({rows_s}, {rows_t})")
     s_hidden, t_hidden = student_hidden, teacher_hidden.detach()
     if mask is not None:
         mask = mask.reshape(-1)
@@ -439,16 +305,7 @@ def chunked_divergence(
         rows = mask.nonzero().squeeze(1)
         s_hidden, t_hidden = s_hidden.index_select(0, rows), t_hidden.index_select(0, rows)
     return _ChunkedDivergence.apply(
-        s_hidden,
-        student_head,
-        t_hidden,
-        teacher_head.detach(),
-        kind,
-        float(temperature),
-        float(beta),
-        float(skew),
-        chunk_size,
-        vocab_size,
+        s_hidden, student_head.weight, student_head.bias, t_hidden, (student_head, teacher_head), spec, vocab_size
     )
 
 

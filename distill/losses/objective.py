@@ -30,6 +30,8 @@ from transformers.utils import ModelOutput
 from distill.data.datasets import IGNORE_INDEX
 from distill.losses.divergences import chunked_cross_entropy_sum
 from distill.losses.features.distiller import FeatureDistiller, FeatureSettings
+from distill.losses.head import OutputHead, output_head
+from distill.losses.kinds import CHUNK_SIZE, DivergenceSpec
 from distill.losses.registry import CE, DIVERGENCES, FEATURE_TERMS, TERMS, Need, check_weights, needs
 from kd_core.config import option, section
 
@@ -46,7 +48,7 @@ class LossSettings:
     beta: float = option(0.5, help="Interpolation of the generalized JSD (0 = forward KL, 1 = reverse KL).")
     skew: float = option(0.1, help="Mixing weight of the skew KL divergences (DistiLLM).")
     chunk_size: int = option(
-        128, help="Tokens per chunk when computing logit losses from hidden states; working memory is about "
+        CHUNK_SIZE, help="Tokens per chunk when computing logit losses from hidden states; working memory is about "
         "3 x chunk_size x vocab fp32 values (128 at a 152K vocabulary: 0.18x the naive peak and no slower than 256, "
         "see docs/benchmarks.md)."
     )
@@ -70,6 +72,10 @@ class LossSettings:
             raise ValueError(f"chunk_size: expected >= 1, got {self.chunk_size}")
         if self.teacher_store and self.feature_terms:
             raise ValueError(f"teacher_store: feature terms {sorted(self.feature_terms)} need an online teacher")
+
+    def spec(self, kind: str) -> DivergenceSpec:
+        """The divergence ``kind`` with this section's temperature, beta, skew and chunk size."""
+        return DivergenceSpec(kind, self.temperature, self.beta, self.skew, self.chunk_size)
 
     @property
     def logit_terms(self) -> dict[str, float]:
@@ -100,12 +106,12 @@ class TeacherTargets(Protocol):
         """The teacher model's outputs (hidden states, attentions) for feature terms; None without a model."""
 
     def divergence(
-        self, student_hidden: Tensor, student_head: Tensor, positions: Tensor, kind: str, settings: LossSettings,
+        self, student_hidden: Tensor, student_head: OutputHead, positions: Tensor, spec: DivergenceSpec,
         vocab_size: int,
     ) -> Tensor:
-        """SUM over the counted tokens of the divergence ``kind`` (times ``T**2``) of the student against the
+        """SUM over the counted tokens of the divergence ``spec`` (times ``T**2``) of the student against the
         teacher: ``student_hidden [N, H]`` are the student's final hidden states at ``positions [B, T]``
-        (:func:`target_positions`), ``student_head`` its lm_head weight; differentiable w.r.t. both."""
+        (:func:`target_positions`), ``student_head`` its output head; differentiable w.r.t. both."""
 
 
 def target_positions(labels: Tensor) -> Tensor:
@@ -147,6 +153,8 @@ class StudentWithObjective(nn.Module):
         self.settings = settings
         self.vocab_size = vocab_size
         self.features = None
+        if Need.STUDENT_LOGITS in settings.needs:
+            output_head(student)  # refuses, up front, a family whose head the kernels cannot reproduce
         if settings.feature_terms:
             self.features = FeatureDistiller(settings.feature_terms, settings.features, student.config, teacher_config)
 
@@ -207,7 +215,7 @@ class StudentWithObjective(nn.Module):
         terms: dict[str, Tensor] = {}
         positions = target_positions(labels)
         student_hidden = last_hidden[positions]
-        student_head = self.student.get_output_embeddings().weight
+        student_head = output_head(self.student)  # read per step: the parameters themselves, as ZeRO-3 holds them
         if s.terms.get(CE, 0) > 0:
             targets = target_labels(labels, positions)
             token_weights = None
@@ -219,6 +227,6 @@ class StudentWithObjective(nn.Module):
             if teacher is None:
                 raise ValueError(f"logit terms {sorted(s.logit_terms)} need a teacher (a model or a store)")
             for kind in s.logit_terms:
-                terms[kind] = teacher.divergence(student_hidden, student_head, positions, kind, s, self.vocab_size)
+                terms[kind] = teacher.divergence(student_hidden, student_head, positions, s.spec(kind), self.vocab_size)
         return terms
 

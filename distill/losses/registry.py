@@ -8,6 +8,11 @@ What a term needs decides what is computed in a step: the student's logits at co
 the teacher's next-token distribution (an online teacher's hidden states and head, or a top-k store), hidden
 states or attention probabilities of both models, or the q/k/v projection outputs of one layer (recorded by
 hooks). ``loss.terms`` is validated against this table once, in :class:`distill.losses.objective.LossSettings`.
+
+Each row carries its code (``compute``): a logit divergence's row is its :class:`~distill.losses.kinds.Divergence`
+(the rows of :data:`distill.losses.kinds.KINDS`, so adding a divergence touches that table only); a feature or
+relation term's is its function of a :class:`~distill.losses.features.terms.FeatureBatch`. ``ce`` is the label
+cross-entropy of the chunked head kernel (:func:`distill.losses.divergences.chunked_cross_entropy_sum`).
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
+
+from distill.losses.features import terms as feature
+from distill.losses.kinds import KINDS, Divergence
 
 Family = Literal["labels", "divergence", "feature"]
 
@@ -41,10 +49,14 @@ class Term:
     token_level: bool  # a sum over counted tokens, normalised by the step's token count; else a micro-batch mean
     needs: frozenset[Need]
     min_batch: int = 1  # relation terms relate the samples of a batch: distances need a pair, angles a triplet
+    compute: Divergence | Callable[[feature.FeatureBatch], object] | None = None  # None: `ce`, the head kernel's
 
 
-def _term(name: str, family: Family, token_level: bool, *needs: Need, min_batch: int = 1) -> Term:
-    return Term(name, family, token_level, frozenset(needs), min_batch)
+def _term(
+    name: str, family: Family, token_level: bool, *needs: Need, min_batch: int = 1,
+    compute: Divergence | Callable[[feature.FeatureBatch], object] | None = None,
+) -> Term:
+    return Term(name, family, token_level, frozenset(needs), min_batch, compute)
 
 
 _LOGITS = (Need.STUDENT_LOGITS, Need.TEACHER_LOGITS)
@@ -52,23 +64,22 @@ _LOGITS = (Need.STUDENT_LOGITS, Need.TEACHER_LOGITS)
 TERMS: dict[str, Term] = {term.name: term for term in (
     #     name                     family        token-level  needs
     _term("ce",                    "labels",     True,        Need.STUDENT_LOGITS),
-    _term("forward_kl",            "divergence", True,        *_LOGITS),
-    _term("reverse_kl",            "divergence", True,        *_LOGITS),
-    _term("jsd",                   "divergence", True,        *_LOGITS),
-    _term("skew_forward_kl",       "divergence", True,        *_LOGITS),
-    _term("skew_reverse_kl",       "divergence", True,        *_LOGITS),
-    _term("tvd",                   "divergence", True,        *_LOGITS),
-    _term("hidden_mse",            "feature",    False,       Need.HIDDEN_STATES),
-    _term("hidden_cosine",         "feature",    False,       Need.HIDDEN_STATES),
-    _term("hidden_nmse",           "feature",    False,       Need.HIDDEN_STATES),
-    _term("attention_transfer",    "feature",    False,       Need.ATTENTIONS),
-    _term("minilm_v1",             "feature",    False,       Need.ATTENTIONS, Need.V),
-    _term("minilm_v2",             "feature",    False,       Need.Q, Need.K, Need.V),
-    _term("rkd_distance",          "feature",    False,       Need.HIDDEN_STATES, min_batch=2),
-    _term("rkd_angle",             "feature",    False,       Need.HIDDEN_STATES, min_batch=3),
-    _term("gram",                  "feature",    False,       Need.HIDDEN_STATES),
-    _term("fsp",                   "feature",    False,       Need.HIDDEN_STATES),
-    _term("similarity_preserving", "feature",    False,       Need.HIDDEN_STATES, min_batch=2),
+    *(_term(name,                  "divergence", True,        *_LOGITS, compute=row) for name, row in KINDS.items()),
+    _term("hidden_mse",            "feature",    False,       Need.HIDDEN_STATES, compute=feature.hidden_mse),
+    _term("hidden_cosine",         "feature",    False,       Need.HIDDEN_STATES, compute=feature.hidden_cosine),
+    _term("hidden_nmse",           "feature",    False,       Need.HIDDEN_STATES, compute=feature.hidden_nmse),
+    _term("attention_transfer",    "feature",    False,       Need.ATTENTIONS, compute=feature.attention),
+    _term("minilm_v1",             "feature",    False,       Need.ATTENTIONS, Need.V,
+          compute=feature.minilm_attention_values),
+    _term("minilm_v2",             "feature",    False,       Need.Q, Need.K, Need.V, compute=feature.minilm_relations),
+    _term("rkd_distance",          "feature",    False,       Need.HIDDEN_STATES, min_batch=2,
+          compute=feature.rkd_distance),
+    _term("rkd_angle",             "feature",    False,       Need.HIDDEN_STATES, min_batch=3,
+          compute=feature.rkd_angle),
+    _term("gram",                  "feature",    False,       Need.HIDDEN_STATES, compute=feature.gram),
+    _term("fsp",                   "feature",    False,       Need.HIDDEN_STATES, compute=feature.fsp),
+    _term("similarity_preserving", "feature",    False,       Need.HIDDEN_STATES, min_batch=2,
+          compute=feature.similarity_preserving),
 )}
 # fmt: on
 CE = "ce"

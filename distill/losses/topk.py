@@ -25,6 +25,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from distill.losses import divergences as losses
+from distill.losses.head import OutputHead, as_head, chain_head, matmul_head, project_into, slope_tile
+from distill.losses.kinds import DivergenceSpec, as_spec
 
 # log(0) stand-in: losses.per_token_divergence expects finite logits, and exp(-1e4) is exactly 0 in fp32, so an
 # empty bucket (the tail when k = V) contributes exactly 0 instead of 0 * inf = NaN.
@@ -60,19 +62,16 @@ def student_buckets(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
 
 
 def topk_per_token(
-    student_logits: Tensor,
-    targets: TopKTargets,
-    kind: str,
-    *,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
+    student_logits: Tensor, targets: TopKTargets, kind: str | DivergenceSpec, **options: float
 ) -> Tensor:
-    """Per-token bucketed divergence ``[N]`` (times ``T**2``) of student logits ``[N, V]`` against the targets."""
-    s = student_buckets(student_logits, targets.ids, temperature)
+    """Per-token bucketed divergence ``[N]`` (times ``T**2``) of student logits ``[N, V]`` against the targets
+    (``kind``: a :class:`~distill.losses.kinds.DivergenceSpec`, or a kind name with its other fields as keywords)."""
+    spec = as_spec(kind, options)
+    s = student_buckets(student_logits, targets.ids, spec.temperature)
     t = teacher_buckets(targets.logp, targets.log_tail)
     # Bucket log-probabilities are valid logits (log_softmax leaves them unchanged); the temperature is applied.
-    return losses.per_token_divergence(s, t, kind, temperature=1.0, beta=beta, skew=skew) * temperature**2
+    at_one = dataclasses.replace(spec, temperature=1.0)
+    return losses.per_token_divergence(s, t, at_one) * spec.temperature**2
 
 
 class _ChunkedTopK(torch.autograd.Function):
@@ -88,30 +87,31 @@ class _ChunkedTopK(torch.autograd.Function):
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
         hidden: Tensor,
-        head: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        head: OutputHead,
         ids: Tensor,
         logp: Tensor,
         log_tail: Tensor,
-        kind: str,
-        temperature: float,
-        beta: float,
-        skew: float,
-        chunk_size: int,
+        spec: DivergenceSpec,
         vocab: int,
     ) -> Tensor:
-        grad_hidden, grad_head = losses.gradient_accumulators(ctx, hidden, head)
-        dtypes = (hidden.dtype, head.dtype)
+        chunk_size, temperature, row = spec.chunk_size, spec.temperature, spec.row
+        grads = losses.gradient_accumulators(ctx, hidden, weight, bias)
+        inputs = (hidden, weight, bias)
         # Cropped inside the Function, so autograd gets the full-size gradient without a copy.
-        cropped = losses.matmul_head(head[:vocab])
-        n_tokens = hidden.shape[0]
-        tile = torch.empty((min(chunk_size, n_tokens), vocab), dtype=torch.float32, device=hidden.device)
+        cropped = matmul_head(weight[:vocab])
+        n_tokens, n_rows = hidden.shape[0], min(chunk_size, hidden.shape[0])
+        tile = torch.empty((n_rows, vocab), dtype=torch.float32, device=hidden.device)
+        slope_rows = slope_tile(head, n_rows, vocab, hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        mixture = losses.needs_mixture_scratch(kind, beta)
+        mixture = row.needs_second_scratch(spec.beta)
         with torch.no_grad():
             for start in range(0, n_tokens, chunk_size):
                 rows = slice(start, start + chunk_size)
                 h, chunk_ids = hidden[rows], ids[rows]
-                z = losses.project_into(tile[: h.shape[0]], h, cropped, 1.0 / temperature)
+                slope = None if slope_rows is None else slope_rows[: h.shape[0]]
+                z = project_into(tile[: h.shape[0]], h, cropped, head, 1.0 / temperature, slope)
                 picked = z.gather(1, chunk_ids)
                 # The tail: softmax over the ids not stored, computed in place (the ids set to -inf first).
                 z.scatter_(1, chunk_ids, float("-inf"))
@@ -124,8 +124,8 @@ class _ChunkedTopK(torch.autograd.Function):
                 clamped = raw.clamp_min(LOG_ZERO)
                 s = torch.log_softmax(clamped, 1)
                 t = teacher_buckets(logp[rows], log_tail[rows])
-                value, grad_s = losses.divergence_and_grad(
-                    s, t, torch.empty_like(s), torch.empty_like(s) if mixture else None, kind, beta, skew
+                value, grad_s = row.value_and_grad(
+                    s, t, torch.empty_like(s), torch.empty_like(s) if mixture else None, spec.beta, spec.skew
                 )
                 total += value.sum()
                 # Back through clamp_min and the normalisation s = b - logsumexp(b) to the bucket logits b.
@@ -134,29 +134,28 @@ class _ChunkedTopK(torch.autograd.Function):
                 grad_b.mul_(temperature)  # d(T^2 L)/d(logits) = T^2 * (1/T) * dL/dz
                 grad_z = z.div_(tail_sum.clamp_min(torch.finfo(torch.float32).tiny)).mul_(grad_b[:, -1:])
                 grad_z.scatter_add_(1, chunk_ids, grad_b[:, :-1])
-                losses.backprop_chunk(grad_z, h, cropped, grad_hidden, grad_head, start)
-        losses.hold_gradients(ctx, (grad_hidden, grad_head), dtypes)
+                grad_z = chain_head(grad_z, head, slope)  # back through the head's soft-cap and scale
+                losses.backprop_chunk(grad_z, h, cropped, grads[0], grads[1], start, grads[2])
+        losses.hold_gradients(ctx, grads, inputs)
         return total * temperature**2
 
     @staticmethod
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        return (*losses.release_gradients(ctx, grad_output), *(None,) * 9)
+        return (*losses.release_gradients(ctx, grad_output), *(None,) * 6)
 
 
 def chunked_topk_divergence(
     student_hidden: Tensor,
-    student_head: Tensor,
+    student_head: Tensor | OutputHead,
     targets: TopKTargets,
-    kind: str,
+    kind: str | DivergenceSpec,
     *,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
     vocab_size: int | None = None,
-    chunk_size: int = 1024,
+    **options: float,
 ) -> Tensor:
-    """SUM over tokens of :func:`topk_per_token`, from hidden states ``[N, H]`` and the lm_head weight ``[V, H]``.
+    """SUM over tokens of :func:`topk_per_token`, from hidden states ``[N, H]`` and the student's
+    :class:`~distill.losses.head.OutputHead` (or a bare lm_head weight ``[V, H]``).
 
     Only one fp32 ``[chunk_size, V]`` tile exists at a time, and the gradient is computed in the same pass
     (:class:`_ChunkedTopK`). ``vocab_size`` crops the head's padding rows, as the online kernel does.
@@ -167,9 +166,9 @@ def chunked_topk_divergence(
             f"targets: {targets.ids.shape[0]} stored tokens for {student_hidden.shape[0]} counted positions "
             "(the store was built from differently tokenized data)"
         )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+    spec = as_spec(kind, options)
+    head = as_head(student_head)
     return _ChunkedTopK.apply(
-        student_hidden, student_head, targets.ids, targets.logp, targets.log_tail, kind, float(temperature),
-        float(beta), float(skew), chunk_size, vocab_size or student_head.shape[0],
+        student_hidden, head.weight, head.bias, head, targets.ids, targets.logp, targets.log_tail, spec,
+        vocab_size or head.weight.shape[0],
     )

@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 from distill.data.datasets import DataSettings, build_datasets, collate
 from distill.losses.divergences import shared_vocab_size
+from distill.losses.head import OutputHead, as_head, output_head
+from distill.losses.kinds import CHUNK_SIZE
 from distill.losses.objective import target_positions
 from distill.offline import store as ls
 from distill.student.models import ModelSettings, load_teacher, load_tokenizer, require_model_dir
@@ -42,7 +44,7 @@ class PrecomputeConfig:
     value_bits: int = option(8, help="Bits per stored log-probability (2..16): 8 keeps them within 0.03 nats.")
     value_range: float = option(16.0, help="Log-probabilities below -value_range are stored as -value_range.")
     batch_size: int = option(8, help="Sequences per teacher forward.")
-    chunk_size: int = option(1024, help="Tokens per chunk when projecting hidden states to logits.")
+    chunk_size: int = option(CHUNK_SIZE, help="Tokens per chunk when projecting hidden states to logits.")
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="Teacher weights dtype.")
     attn_implementation: Literal["sdpa", "eager"] = option("sdpa", help="Teacher attention kernel.")
     seed: int = option(42, help="The training seed: it picks the held-out split, so it must match `distill train`.")
@@ -69,12 +71,15 @@ class PrecomputeConfig:
 
 @torch.no_grad()
 def teacher_topk(
-    hidden: torch.Tensor, head: torch.Tensor, k: int, temperature: float, chunk_size: int
+    hidden: torch.Tensor, head: torch.Tensor | OutputHead, k: int, temperature: float, chunk_size: int,
+    vocab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k ids ``[N, k]``, their log-probabilities ``[N, k]`` and the log tail mass ``[N]`` (fp32), chunk by chunk."""
+    """Top-k ids ``[N, k]``, their log-probabilities ``[N, k]`` and the log tail mass ``[N]`` (fp32), chunk by chunk,
+    from the teacher's own head (bias, scale, soft-cap: :mod:`distill.losses.head`) cropped to ``vocab`` rows."""
+    head = as_head(head)
     ids, values, tails = [], [], []
     for start in range(0, hidden.shape[0], chunk_size):
-        logp = torch.log_softmax((hidden[start : start + chunk_size] @ head.t()).float() / temperature, dim=-1)
+        logp = torch.log_softmax(head.logits(hidden[start : start + chunk_size], vocab) / temperature, dim=-1)
         top, top_ids = logp.topk(k, dim=-1)
         # Tail from the remaining log-probabilities, not log(1 - sum): exact even when the top k hold ~all mass.
         tails.append(torch.logsumexp(logp.scatter(1, top_ids, float("-inf")), dim=-1))
@@ -141,7 +146,8 @@ def _write_store(cfg: PrecomputeConfig, output: ownership.Output) -> Path:
     train_set, _ = build_datasets(cfg.data, tokenizer, cfg.seed)
     _require_completions(train_set, cfg.data.train_file)
     teacher = load_teacher(model_settings, bf16=False).to(state.device)
-    head_rows = teacher.get_output_embeddings().weight.shape[0]
+    head = output_head(teacher)  # refuses a family whose head cannot be reproduced, before anything is written
+    head_rows = head.weight.shape[0]
     vocab = shared_vocab_size(head_rows, head_rows, len(tokenizer))
     if cfg.k > vocab:
         raise ConfigError(f"k: {cfg.k} is larger than the vocabulary ({vocab} tokens)")
@@ -153,7 +159,6 @@ def _write_store(cfg: PrecomputeConfig, output: ownership.Output) -> Path:
     state.wait_for_everyone()
     writer = ls.ShardWriter(out, state.process_index, state.num_processes, codec)
     mine = list(range(state.process_index, len(train_set), state.num_processes))
-    head = teacher.get_output_embeddings().weight[:vocab]
     for start in tqdm(range(0, len(mine), cfg.batch_size), desc="precompute", disable=not state.is_main_process):
         examples = [train_set[i] for i in mine[start : start + cfg.batch_size]]
         batch = collate(examples, tokenizer.pad_token_id)
@@ -163,7 +168,7 @@ def _write_store(cfg: PrecomputeConfig, output: ownership.Output) -> Path:
         ).last_hidden_state
         positions = target_positions(batch["labels"]).to(state.device)
         ids, values, tails = (t.cpu().numpy() for t in teacher_topk(hidden[positions], head, cfg.k, cfg.temperature,
-                                                                    cfg.chunk_size))
+                                                                    cfg.chunk_size, vocab))
         first = 0
         for example, count in zip(examples, positions.sum(1).tolist()):
             rows = slice(first, first + count)

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distill.data.tokenized import tokenizer_hash, vocab_hash  # noqa: F401  (the store's identity checks)
 from distill.losses.topk import TopKTargets
 from kd_core import checksum
 from kd_core.atomic import atomic_open, atomic_write_json
@@ -54,23 +55,6 @@ INDEX_HASH = f"index_{checksum.ALGORITHM}"
 # ---------------------------------------------------------------------------------------------------------------
 # Fingerprints: what a store was built from
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def vocab_hash(tokenizer) -> str:
-    """sha256 of the token -> id map (what the ids in the store mean)."""
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the vocabulary plus everything else that changes tokenization of chat data."""
-    extra = {
-        "vocab": vocab_hash(tokenizer),
-        "chat_template": tokenizer.chat_template,
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-        "class": type(tokenizer).__name__,
-    }
-    return hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()
 
 
 def file_hash(path: str | os.PathLike) -> str:

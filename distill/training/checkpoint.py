@@ -291,11 +291,10 @@ def check_identity(checkpoint: Path, tokenizer, settings: dict[str, Any]) -> Non
 
 def _tokenizer_identity(tokenizer) -> tuple[str, str]:
     """What makes token ids mean the same: the token -> id map and the special tokens."""
-    import hashlib
+    from distill.data.tokenized import vocab_hash
 
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     special = sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())
-    return (hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest(), json.dumps(special))
+    return vocab_hash(tokenizer), json.dumps(special)
 
 
 def logged_history(metrics_file: Path, step: int) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from torch import nn
 from distill.data.batching import BatchStream
 from distill.data.datasets import TokenizedDataset, attention_weight, build_datasets
 from distill.losses.divergences import shared_vocab_size
+from distill.losses.head import output_head
 from distill.losses.objective import StudentWithObjective
 from distill.losses.registry import Need
 from distill.offline.store import LogitStore
@@ -130,7 +131,8 @@ def check_zero3(prepared: nn.Module, models: Models, task: str, zero3: bool) -> 
         raise ConfigError("keep_sparsity: a sparse student cannot be trained under ZeRO-3 (partitioned weights "
                           "cannot be masked); use ZeRO-2 or DDP, or set keep_sparsity: false")
     if task == "causal_lm":
-        register_external_parameter(inner(prepared), models.student.get_output_embeddings().weight)
+        for parameter in output_head(models.student).parameters:  # the lm_head weight, and its bias if it has one
+            register_external_parameter(inner(prepared), parameter)
 
 
 def setup_teacher_signal(

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
 from distill.losses.divergences import chunked_cross_entropy_sum, chunked_divergence
+from distill.losses.head import OutputHead, output_head
+from distill.losses.kinds import DivergenceSpec
 from distill.losses.objective import LossSettings, TeacherTargets
 from distill.losses.registry import Need
 from distill.losses.topk import TopKTargets, chunked_topk_divergence
@@ -45,23 +47,20 @@ class TeacherSignal(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class ModelTargets:
-    """An online teacher's outputs on a micro-batch, and its lm_head weight (None when no term needs logits)."""
+    """An online teacher's outputs on a micro-batch, and its output head (None when no term needs logits)."""
 
     outputs: ModelOutput
-    head: Tensor | None
+    head: OutputHead | None
 
     def divergence(
-        self, student_hidden: Tensor, student_head: Tensor, positions: Tensor, kind: str, settings: LossSettings,
+        self, student_hidden: Tensor, student_head: OutputHead, positions: Tensor, spec: DivergenceSpec,
         vocab_size: int,
     ) -> Tensor:
         """See :meth:`distill.losses.objective.TeacherTargets.divergence` (full-vocabulary chunked kernel)."""
         if self.head is None:
-            raise ValueError(f"{kind}: the teacher's head was not fetched (no logit term was configured)")
-        return chunked_divergence(
-            student_hidden, student_head, self.outputs.last_hidden_state[positions], self.head, kind,
-            temperature=settings.temperature, beta=settings.beta, skew=settings.skew, vocab_size=vocab_size,
-            chunk_size=settings.chunk_size,
-        )
+            raise ValueError(f"{spec.kind}: the teacher's head was not fetched (no logit term was configured)")
+        teacher_hidden = self.outputs.last_hidden_state[positions]
+        return chunked_divergence(student_hidden, student_head, teacher_hidden, self.head, spec, vocab_size=vocab_size)
 
 
     def label_nll_sum(self, positions: Tensor, targets: Tensor, chunk_size: int) -> float:
@@ -79,15 +78,12 @@ class StoreTargets:
     outputs: None = None  # a store holds next-token distributions only (no hidden states for feature terms)
 
     def divergence(
-        self, student_hidden: Tensor, student_head: Tensor, positions: Tensor, kind: str, settings: LossSettings,
+        self, student_hidden: Tensor, student_head: OutputHead, positions: Tensor, spec: DivergenceSpec,
         vocab_size: int,
     ) -> Tensor:
         """See :meth:`distill.losses.objective.TeacherTargets.divergence` (bucketed top-k kernel; the stored rows
         are already the counted ``positions``)."""
-        return chunked_topk_divergence(
-            student_hidden, student_head, self.targets, kind, temperature=settings.temperature, beta=settings.beta,
-            skew=settings.skew, vocab_size=vocab_size, chunk_size=settings.chunk_size,
-        )
+        return chunked_topk_divergence(student_hidden, student_head, self.targets, spec, vocab_size=vocab_size)
 
 
 class OnlineTeacher(TeacherSignal):
@@ -98,6 +94,8 @@ class OnlineTeacher(TeacherSignal):
         self.model = inner(prepared)
         self.settings = settings
         self.zero3 = zero3
+        if Need.TEACHER_LOGITS in settings.needs:
+            output_head(self.model)  # refuses, up front, a family whose head the kernels cannot reproduce
 
     @classmethod
     def prepare(cls, teacher: nn.Module, accelerator: Accelerator, settings: LossSettings) -> OnlineTeacher:
@@ -135,8 +133,8 @@ class OnlineTeacher(TeacherSignal):
                 output_attentions=Need.ATTENTIONS in wanted,
                 use_cache=False,
             )
-        head = self.model.get_output_embeddings().weight if Need.TEACHER_LOGITS in wanted else None
-        with zero3_gathered([head] if head is not None else [], self.zero3):
+        head = output_head(self.model) if Need.TEACHER_LOGITS in wanted else None
+        with zero3_gathered(head.parameters if head is not None else [], self.zero3):
             yield ModelTargets(outputs, head)
 
 

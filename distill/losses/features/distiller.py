@@ -17,20 +17,16 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 from transformers.utils import ModelOutput
 
-from distill.losses.features import hidden, relations
-from distill.losses.features.attention import attention_transfer, check_attention_implementation
-from distill.losses.features.mapping import EMBEDDINGS, hidden_index, layer_pairs, resolve_layer
-from distill.losses.features.masking import as_bool_mask, pool
-from distill.losses.features.minilm import QKVCapture, minilm_v1, minilm_v2
+from distill.losses.features.attention import check_attention_implementation
+from distill.losses.features.mapping import layer_pairs, resolve_layer
+from distill.losses.features.masking import as_bool_mask
+from distill.losses.features.minilm import QKVCapture
+from distill.losses.features.terms import FeatureBatch, projector_key
 from distill.losses.registry import FEATURE_TERMS, QKV, TERMS, Need, check_weights, needs
 from kd_core.config import ConfigError, option
 
-# How each term is computed; its name, normalisation and needs are in distill.losses.registry.
-HIDDEN_TERMS = {"hidden_mse": hidden.hidden_mse, "hidden_cosine": hidden.hidden_cosine, "hidden_nmse": hidden.hidden_nmse}
-RELATION_TERMS = {
-    "rkd_distance": relations.rkd_distance, "rkd_angle": relations.rkd_angle,
-    "similarity_preserving": relations.similarity_preserving,
-}
+# Terms that compare mapped layer pairs; of them, those comparing coordinates need projectors between widths.
+PROJECTED_TERMS = ("hidden_mse", "hidden_cosine", "hidden_nmse", "fsp")
 LAYER_MAP_TERMS = ("hidden_mse", "hidden_cosine", "hidden_nmse", "attention_transfer", "gram", "fsp")
 
 
@@ -69,11 +65,6 @@ class FeatureSettings:
             raise ValueError(f"relation_heads: expected 0 (teacher heads) or a positive number, got {self.relation_heads}")
         if self.last_k < 0:
             raise ValueError(f"last_k: expected 0 (all student layers) or a positive number, got {self.last_k}")
-
-
-def _key(pair: tuple[int, int]) -> str:
-    student, teacher = ("emb" if layer == EMBEDDINGS else str(layer) for layer in pair)
-    return f"student{student}_teacher{teacher}"
 
 
 class FeatureDistiller(nn.Module):
@@ -130,10 +121,10 @@ class FeatureDistiller(nn.Module):
         # have to compromise between them. Only hidden and FSP terms compare coordinates and need them.
         self.projectors = nn.ModuleDict()
         if student_config.hidden_size != teacher_config.hidden_size and any(
-            t in HIDDEN_TERMS or t == "fsp" for t in self.terms
+            t in PROJECTED_TERMS for t in self.terms
         ):
             for pair in self.pairs:
-                self.projectors[_key(pair)] = nn.Linear(student_config.hidden_size, teacher_config.hidden_size)
+                self.projectors[projector_key(pair)] = nn.Linear(student_config.hidden_size, teacher_config.hidden_size)
         self._student_qkv = QKVCapture()
         self._teacher_qkv = QKVCapture()
 
@@ -179,68 +170,22 @@ class FeatureDistiller(nn.Module):
     # ----------------------------------------------------------------------------------------------------------
 
     def forward(self, student_out: ModelOutput, teacher_out: ModelOutput, attention_mask: Tensor) -> dict[str, Tensor]:
-        """``{term: unweighted scalar loss}`` for every term with a positive weight; padding never counts."""
+        """``{term: unweighted scalar loss}`` for every term with a positive weight; padding never counts. Each term
+        is computed by the function its registry row carries (:mod:`distill.losses.features.terms`)."""
         self.check_batch_size(attention_mask.shape[0])
-        s_hidden, t_hidden = student_out.hidden_states, teacher_out.hidden_states
-        if self.needs_hidden_states and not (s_hidden and t_hidden):
+        if self.needs_hidden_states and not (student_out.hidden_states and teacher_out.hidden_states):
             raise ValueError("feature losses: run both models with output_hidden_states=True")
         if self.needs_attentions and not (student_out.attentions and teacher_out.attentions):
             raise ConfigError("attention losses: the models returned no attentions; use attn_implementation: eager "
                               "and output_attentions=True")
         # The trainer passes the mask on the student's device; teacher tensors are moved there (it may live elsewhere).
         device = attention_mask.device
-        mask = as_bool_mask(attention_mask)
-
-        def states(outputs: tuple[Tensor, ...], layer: int) -> Tensor:
-            # float32 on the student's device: teachers may live elsewhere and run in bf16.
-            return outputs[hidden_index(layer)].to(device=device, dtype=torch.float32)
-
-        projected: dict[tuple[int, int], Tensor] = {}
-
-        def student_projected(pair: tuple[int, int]) -> Tensor:
-            if pair not in projected:
-                h = states(s_hidden, pair[0])
-                projected[pair] = self.projectors[_key(pair)](h) if _key(pair) in self.projectors else h
-            return projected[pair]
-
-        losses: dict[str, Tensor] = {}
-        for term in self.terms:
-            if term in HIDDEN_TERMS:
-                losses[term] = _mean(
-                    HIDDEN_TERMS[term](student_projected(p), states(t_hidden, p[1]), mask) for p in self.pairs
-                )
-            elif term == "gram":
-                losses[term] = _mean(
-                    hidden.gram(states(s_hidden, p[0]), states(t_hidden, p[1]), mask) for p in self.pairs
-                )
-            elif term == "fsp":
-                losses[term] = _mean(
-                    hidden.fsp(student_projected(a), student_projected(b), states(t_hidden, a[1]),
-                               states(t_hidden, b[1]), mask)
-                    for a, b in zip(self.pairs, self.pairs[1:])
-                )
-            elif term == "attention_transfer":
-                losses[term] = _mean(
-                    attention_transfer(student_out.attentions[s], teacher_out.attentions[t].to(device), mask,
-                                       self.settings.attention_loss, self.settings.head_map)
-                    for s, t in self.pairs if s != EMBEDDINGS
-                )
-            elif term in RELATION_TERMS:
-                s_layer, t_layer = self.relation_layers
-                losses[term] = RELATION_TERMS[term](
-                    pool(states(s_hidden, s_layer), mask, self.settings.pooling),
-                    pool(states(t_hidden, t_layer), mask, self.settings.pooling),
-                )
-            elif term == "minilm_v2":
-                losses[term] = minilm_v2(self._captured(self._student_qkv, device),
-                                         self._captured(self._teacher_qkv, device), mask, self.relation_heads)
-            elif term == "minilm_v1":
-                s_layer, t_layer = self.minilm_layers
-                losses[term] = minilm_v1(
-                    student_out.attentions[s_layer], teacher_out.attentions[t_layer].to(device),
-                    self._captured(self._student_qkv, device)["v"], self._captured(self._teacher_qkv, device)["v"],
-                    mask, self.relation_heads, self.settings.head_map,
-                )
+        batch = FeatureBatch(
+            student_out, teacher_out, as_bool_mask(attention_mask), self.settings, self.pairs, self.projectors,
+            self.relation_layers, self.minilm_layers, self.relation_heads,
+            qkv=lambda: (self._captured(self._student_qkv, device), self._captured(self._teacher_qkv, device)),
+        )
+        losses = {term: TERMS[term].compute(batch) for term in self.terms}
         # Drop the recorded q/k/v: they hold the student's graph, and a later forward must never reuse stale ones.
         self._student_qkv.outputs.clear()
         self._teacher_qkv.outputs.clear()
@@ -253,9 +198,3 @@ class FeatureDistiller(nn.Module):
                                "run both models before each FeatureDistiller forward")
         return {kind: out.to(device) for kind, out in capture.outputs.items()}
 
-
-def _mean(values) -> Tensor:
-    items = list(values)
-    if not items:  # e.g. attention_transfer with only the embedding pair mapped
-        raise ConfigError("feature losses: no mapped transformer layer pair for this term")
-    return torch.stack(items).mean()
