@@ -126,8 +126,10 @@ def backprop_chunk(
         hidden = hidden.to(head.dtype)
         # addmm_ wants one dtype (torch 2.13's mm(out_dtype=) has no CPU kernel), so each product is a temporary:
         # taken HEAD_SLICE vocabulary rows at a time, it never is a second [V, H] tensor at the peak.
-        for v in range(0, grad_z.shape[1], HEAD_SLICE):
-            grad_head[v : v + HEAD_SLICE].add_(grad_z[:, v : v + HEAD_SLICE].t() @ hidden)
+        vocab = grad_z.shape[1]  # the cropped vocabulary: grad_head may have more (padding) rows than that
+        for v in range(0, vocab, HEAD_SLICE):
+            end = min(v + HEAD_SLICE, vocab)
+            grad_head[v:end].add_(grad_z[:, v:end].t() @ hidden)
 
 
 class _ChunkedDivergence(torch.autograd.Function):

@@ -218,6 +218,30 @@ def test_chunked_under_bf16_autocast_matches_the_autocast_reference(kind: str, h
     torch.testing.assert_close(g_head, want_head, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_bf16_head_gradient_slices_stop_at_the_cropped_vocabulary(kind: str, monkeypatch) -> None:
+    # Head padded to 40 rows, 37 shared tokens (Qwen2.5: 151,936 rows, 151,665 tokens), slices of 16 rows: the last
+    # slice is partial within the vocabulary and the head's padding rows are never touched. Found on an H200 under
+    # bf16, where the last slice of the padded head and of the cropped gradient had different heights (a crash).
+    monkeypatch.setattr("distill.losses.divergences.HEAD_SLICE", 16)
+    h_s, w_s, h_t, w_t = _heads(9, 16, 16, 40, 40)
+    grads = []
+    for chunked in (True, False):
+        hidden, head = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if chunked:
+                total = chunked_divergence(hidden, head, h_t, w_t, kind, vocab_size=37, chunk_size=4)
+            else:
+                total = per_token_divergence(hidden @ head[:37].t(), h_t @ w_t[:37].t(), kind).sum()
+        total.backward()
+        grads.append((total.detach(), hidden.grad, head.grad))
+    (value, g_hidden, g_head), (want, want_hidden, want_head) = grads
+    torch.testing.assert_close(value, want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(g_hidden, want_hidden, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(g_head, want_head, rtol=3e-2, atol=3e-2)
+    assert (g_head[37:] == 0).all()
+
+
 def test_shared_vocab_size() -> None:
     assert shared_vocab_size(151_936, 152_064, 151_665) == 151_665
     assert shared_vocab_size(300, 300, 300) == 300
