@@ -124,6 +124,25 @@ def test_prompts_only_data_is_refused_before_anything_is_written(model_dirs, tmp
     assert not (tmp_path / "store").exists()
 
 
+def test_teacher_dtype_auto_is_bf16_on_a_bf16_gpu_and_float32_on_cpu(model_dirs, train_file, tmp_path, monkeypatch):
+    from distill.offline.precompute import store_settings, teacher_dtype
+
+    cfg = precompute_config(model_dirs, train_file, tmp_path / "s")
+    assert cfg.teacher_dtype == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert teacher_dtype(cfg) == "float32" and store_settings(cfg)["teacher_dtype"] == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert teacher_dtype(cfg) == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
+    assert teacher_dtype(cfg) == "float32"
+    assert teacher_dtype(precompute_config(model_dirs, train_file, tmp_path / "s", teacher_dtype="float16")) == "float16"
+    with pytest.raises(ValueError, match="teacher_device_map: expected one of"):
+        precompute_config(model_dirs, train_file, tmp_path / "s", teacher_device_map="everywhere")
+    with pytest.raises(ValueError, match="teacher_device_map: teacher_max_memory and teacher_offload_dir need"):
+        precompute_config(model_dirs, train_file, tmp_path / "s", teacher_max_memory={"cpu": "1GiB"})
+
+
 def test_teacher_sharded_by_a_device_map_gives_the_same_store(small_store, model_dirs, train_file, tmp_path):
     """teacher_device_map with too little memory for the whole teacher: the layers that do not fit, the output head
     among them, are offloaded (to disk here; to the CPU or other GPUs on a GPU machine) and dispatched by
