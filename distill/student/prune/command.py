@@ -230,9 +230,8 @@ def _prune(cfg: PruneConfig, output: ownership.Output) -> dict[str, Any]:
         c = cfg.calibration
         calibration = load_calibration(c.data, tokenizer, c.num_samples, c.max_length, c.min_tokens)
 
-    # One copy of the model, in the checkpoint's dtype (bf16 for most LLMs; a float32 copy would double it): the
-    # statistics are accumulated in float32 layer by layer (importance.py), the student is sliced from these weights.
-    # transformers 5.23 resolves the saved "dtype" to a torch.dtype (None when the checkpoint does not say).
+    # One copy, in the checkpoint's dtype (transformers 5.23 resolves its "dtype" to a torch.dtype, None if unsaid):
+    # statistics are float32 per layer (importance.py); the student is sliced from these weights, not a float32 copy.
     dtype = DTYPES.get(cfg.dtype) or config.dtype or torch.float32
     if is_gguf(model_dir):
         teacher = load_causal_lm(model_dir, "model", dtype).to(cfg.device).eval()

@@ -136,7 +136,8 @@ def test_teacher_dtype_auto_is_bf16_on_a_bf16_gpu_and_float32_on_cpu(model_dirs,
     assert teacher_dtype(cfg) == "bfloat16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
     assert teacher_dtype(cfg) == "float32"
-    assert teacher_dtype(precompute_config(model_dirs, train_file, tmp_path / "s", teacher_dtype="float16")) == "float16"
+    half = precompute_config(model_dirs, train_file, tmp_path / "s", teacher_dtype="float16")
+    assert teacher_dtype(half) == "float16"
     with pytest.raises(ValueError, match="teacher_device_map: expected one of"):
         precompute_config(model_dirs, train_file, tmp_path / "s", teacher_device_map="everywhere")
     with pytest.raises(ValueError, match="teacher_device_map: teacher_max_memory and teacher_offload_dir need"):
