@@ -1,8 +1,11 @@
 """``distill precompute``: run the teacher once over a training set and store its top-k log-probabilities.
 
-Run it alone or under ``accelerate launch --num_processes N``: process ``r`` handles training examples ``r, r + N,
-...`` and writes one shard; the main process writes ``store.json`` last, after every shard is complete. Train from
-the store with ``loss.teacher_store: DIR`` (no ``model.teacher``): see ``docs/offline.md``.
+Run it alone or under ``accelerate launch --num_processes N``: the training set is cut into segments of
+``segment_samples`` examples, dealt round-robin to the processes; each segment is committed on its own (see
+:mod:`distill.offline.segments`), and the main process writes ``store.json`` last, once every segment is. A run
+killed part-way (``kill -9``, preemption) is resumed by running the same command again: committed segments are
+kept and only the rest is computed, with any number of processes. Train from the store with
+``loss.teacher_store: DIR`` (no ``model.teacher``): see ``docs/offline.md``.
 
 The data settings (and ``seed``, which picks the held-out split) must be the ones training will use: the store
 records the dataset's hash and a fingerprint of every tokenized example, and training refuses a mismatch.
@@ -12,26 +15,33 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from distill.data.datasets import DataSettings, build_datasets, collate
 from distill.losses.divergences import shared_vocab_size
 from distill.losses.head import OutputHead, as_head, output_head
 from distill.losses.kinds import CHUNK_SIZE
 from distill.losses.objective import target_positions
+from distill.offline import segments
 from distill.offline import store as ls
-from distill.student.models import ModelSettings, load_teacher, load_tokenizer, require_model_dir
+from distill.student.models import DTYPES, ModelSettings, load_teacher, load_tokenizer, require_model_dir
 from kd_core import checksum, ownership
 from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section
-from kd_core.pretrained import is_gguf
+from kd_core.pretrained import is_gguf, load_causal_lm
 
 logger = logging.getLogger("distill")
+
+
+DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclasses.dataclass
@@ -45,9 +55,23 @@ class PrecomputeConfig:
     value_range: float = option(16.0, help="Log-probabilities below -value_range are stored as -value_range.")
     batch_size: int = option(8, help="Sequences per teacher forward.")
     chunk_size: int = option(CHUNK_SIZE, help="Tokens per chunk when projecting hidden states to logits.")
-    teacher_dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="Teacher weights dtype.")
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", help="Teacher weights dtype; `auto` = bfloat16 on a CUDA GPU that supports it, else float32 (bf16 "
+        "matmuls are slow on most CPUs).")
+    teacher_device_map: str = option(
+        "", help="Shard one teacher over this process's devices: `auto`, `balanced`, `balanced_low_0` or "
+        "`sequential` (transformers' device_map); empty = the whole teacher on this process's device.")
+    teacher_max_memory: dict[str, str] = option(
+        {}, help="With teacher_device_map: memory per device, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}.")
+    teacher_offload_dir: str = option(
+        "", help="With teacher_device_map: directory for the weights that fit on no device (slow; disk offload).")
     attn_implementation: Literal["sdpa", "eager"] = option("sdpa", help="Teacher attention kernel.")
     seed: int = option(42, help="The training seed: it picks the held-out split, so it must match `distill train`.")
+    segment_samples: int = option(
+        1024, help="Examples per committed segment: a killed run loses at most one segment per process.")
+    overwrite: bool = option(
+        False, help="Start again in an unfinished store made with other settings (its segments are removed); "
+        "without it such a store is refused. An unfinished store with the same settings is always resumed.")
     data: DataSettings = section(DataSettings, help="Training data, exactly as `distill train` will read it.")
 
     def __post_init__(self) -> None:
@@ -67,6 +91,13 @@ class PrecomputeConfig:
             raise ValueError(f"value_range: expected > 0, got {self.value_range}")
         if self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError("batch_size and chunk_size must be >= 1")
+        if self.segment_samples < 1:
+            raise ValueError(f"segment_samples: expected >= 1, got {self.segment_samples}")
+        if self.teacher_device_map not in DEVICE_MAPS:
+            raise ValueError(f"teacher_device_map: expected one of {', '.join(map(repr, DEVICE_MAPS))}, got "
+                             f"{self.teacher_device_map!r}")
+        if (self.teacher_max_memory or self.teacher_offload_dir) and not self.teacher_device_map:
+            raise ValueError("teacher_device_map: teacher_max_memory and teacher_offload_dir need a device map (auto)")
 
 
 @torch.no_grad()
@@ -91,7 +122,8 @@ def teacher_topk(
 def _require_completions(train_set, train_file: str) -> None:
     """The store holds the teacher's distributions over completion tokens: prompts-only rows (on-policy data) have
     none, so a dataset of them is refused before the teacher loads or anything is written."""
-    empty = sum(1 for i in range(len(train_set)) if not train_set[i]["has_completion"])
+    # A column read of the memory-mapped set (build_datasets' ArrowExamples), not a Python pass over every row.
+    empty = int((~train_set.column("has_completion")).sum())
     if empty:
         raise ConfigError(f"data.train_file: {train_file}: {empty} of {len(train_set)} examples are prompts only (no "
                           "completion); precompute needs prompt/completion, messages ending in an assistant turn, or "
@@ -112,27 +144,70 @@ OUTPUT = ownership.OutputKind(
     legacy=lambda d: (d / "store.json").is_file() and (d / "precompute_config.yaml").is_file(), done="store.json")
 
 
+def teacher_dtype(cfg: PrecomputeConfig) -> str:
+    """The dtype the teacher loads in: ``auto`` is bfloat16 where CUDA runs bf16 matmuls natively, float32 on a CPU
+    (the same on every rank of a launch: one kind of machine)."""
+    if cfg.teacher_dtype != "auto":
+        return cfg.teacher_dtype
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
+def store_settings(cfg: PrecomputeConfig) -> dict[str, Any]:
+    """What a resumed run must share with the run that committed the segments, recorded in the directory's marker:
+    everything that changes a stored byte. Not the process count (segments do not depend on it), nor where the
+    teacher's layers sit (``teacher_device_map``: a teacher that did not fit may be sharded on the rerun)."""
+    placement = ("output_dir", "overwrite", "teacher_device_map", "teacher_max_memory", "teacher_offload_dir")
+    settings = {key: value for key, value in dataclasses.asdict(cfg).items() if key not in placement}
+    settings.update(teacher_dtype=teacher_dtype(cfg), teacher_identity=teacher_identity(cfg.teacher),
+                    dataset_sha256=ls.file_hash(cfg.data.train_file))
+    return settings
+
+
 def run(cfg: PrecomputeConfig) -> Path:
-    """Writes the store into ``cfg.output_dir`` (every process its shard, the main one ``store.json`` last); returns
-    the store directory. The main process holds the directory's lock throughout (:mod:`kd_core.ownership`)."""
+    """Writes the store into ``cfg.output_dir`` (every process its segments, the main one ``store.json`` last);
+    returns the store directory. The main process holds the directory's lock throughout (:mod:`kd_core.ownership`).
+    """
     require_model_dir(cfg.teacher, "teacher")
+    if cfg.teacher_device_map and is_gguf(cfg.teacher):
+        raise ConfigError("teacher_device_map: a .gguf teacher is dequantized on one device; save it as a model "
+                          "directory (save_pretrained) to shard it")
+    if cfg.teacher_device_map and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise ConfigError("teacher_device_map: each process shards the teacher over all of its machine's devices; "
+                          "launch one process per machine (--num_processes = number of machines)")
 
     def refuse_a_finished_store(owner: ownership.Owner) -> None:
-        # A finished store is never rewritten; an unfinished one (its precompute was killed: no store.json, so
-        # nothing trusts its shards) is written again from scratch.
+        # A finished store is never rewritten; an unfinished one resumes (same settings) or, with --overwrite,
+        # starts again.
         if owner.finished:
             raise ConfigError(f"output_dir: {cfg.output_dir} holds a finished store; choose a new directory for it")
 
     # Every rank checks before any rank writes (the main one claims after a barrier), so the check never sees a
-    # sibling's fresh shard; only the main one locks, before the process group forms.
-    output = ownership.prepare(cfg.output_dir, OUTPUT, {"teacher": str(cfg.teacher), "k": cfg.k}, resume=False,
-                               overwrite=True, check=refuse_a_finished_store)
+    # sibling's fresh segment; only the main one locks, before the process group forms.
+    output = ownership.prepare(cfg.output_dir, OUTPUT, store_settings(cfg), resume=True, overwrite=cfg.overwrite,
+                               check=refuse_a_finished_store,
+                               remedy="pass --overwrite to start again (its segments are removed) or choose a new "
+                               "directory")
     with output:
         return _write_store(cfg, output)
 
 
+def _load_teacher(cfg: PrecomputeConfig, device: torch.device) -> PreTrainedModel:
+    """The teacher on this process's device, or sharded over its devices by ``teacher_device_map``."""
+    settings = ModelSettings(teacher=cfg.teacher, teacher_dtype=teacher_dtype(cfg),
+                             attn_implementation=cfg.attn_implementation)
+    if not cfg.teacher_device_map:
+        return load_teacher(settings, bf16=False).to(device)
+    # Integer keys are GPU indices; YAML and the command line give every key as a string.
+    memory = {int(key) if str(key).isdigit() else key: value for key, value in cfg.teacher_max_memory.items()}
+    teacher = load_causal_lm(cfg.teacher, "teacher", DTYPES[settings.teacher_dtype],
+                             attn_implementation=cfg.attn_implementation, device_map=cfg.teacher_device_map,
+                             max_memory=memory or None, offload_folder=cfg.teacher_offload_dir or None)
+    return teacher.eval().requires_grad_(False)
+
+
 def _write_store(cfg: PrecomputeConfig, output: ownership.Output) -> Path:
     from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
 
     out = output.path
     # accelerate 1.15 sees one process per rank on a CPU-only machine unless told `cpu` (it then uses gloo); and
@@ -140,75 +215,105 @@ def _write_store(cfg: PrecomputeConfig, output: ownership.Output) -> Path:
     # `--multi_gpu --num_processes N` (torchrun), as docs/offline.md shows.
     state = PartialState(cpu=not torch.cuda.is_available())
     state.wait_for_everyone()
-    model_settings = ModelSettings(teacher=cfg.teacher, teacher_dtype=cfg.teacher_dtype,
-                                   attn_implementation=cfg.attn_implementation)
-    tokenizer = load_tokenizer(model_settings)
+    tokenizer = load_tokenizer(ModelSettings(teacher=cfg.teacher))
     train_set, _ = build_datasets(cfg.data, tokenizer, cfg.seed)
     _require_completions(train_set, cfg.data.train_file)
-    teacher = load_teacher(model_settings, bf16=False).to(state.device)
+    teacher = _load_teacher(cfg, state.device)
     head = output_head(teacher)  # refuses a family whose head cannot be reproduced, before anything is written
     head_rows = head.weight.shape[0]
     vocab = shared_vocab_size(head_rows, head_rows, len(tokenizer))
     if cfg.k > vocab:
         raise ConfigError(f"k: {cfg.k} is larger than the vocabulary ({vocab} tokens)")
     codec = ls.Codec(vocab, cfg.k, cfg.value_bits, cfg.value_range)
+    all_spans = segments.spans(len(train_set), cfg.segment_samples)
+    # The main process decides what is left (and removes uncommitted pieces) before any process writes; the others
+    # receive its list: one broadcast on every rank.
+    todo: list[list[int] | None] = [None]
     if state.is_main_process:  # every rank has checked the directory (the barrier above); nothing failed since
-        removed = output.claim()  # running: a kill from here on leaves a restartable store
-        if removed:
-            logger.info("output_dir: %s holds an interrupted precompute (%s); starting again", out, ", ".join(removed))
+        todo[0] = _claim(cfg, output, train_set, all_spans, codec)
+    broadcast_object_list(todo, from_process=0)
+    mine = todo[0][state.process_index :: state.num_processes]
+    for number in tqdm(mine, desc="precompute segments", disable=not state.is_main_process):
+        span = all_spans[number]
+        segments.write(out, number, span, codec, _span_targets(cfg, teacher, tokenizer, train_set, span, vocab))
+    state.wait_for_everyone()  # every segment is committed
+    if state.is_main_process:
+        _finish(cfg, output, tokenizer, codec, [segments.read_record(out, n) for n in range(len(all_spans))])
     state.wait_for_everyone()
-    writer = ls.ShardWriter(out, state.process_index, state.num_processes, codec)
-    mine = list(range(state.process_index, len(train_set), state.num_processes))
-    for start in tqdm(range(0, len(mine), cfg.batch_size), desc="precompute", disable=not state.is_main_process):
-        examples = [train_set[i] for i in mine[start : start + cfg.batch_size]]
+    return out
+
+
+def _claim(cfg: PrecomputeConfig, output: ownership.Output, train_set, all_spans: list[range],
+           codec: ls.Codec) -> list[int]:
+    """Main process: takes the directory (removing the previous output if --overwrite replaces it) and returns the
+    segments still to compute."""
+    removed = output.claim()  # running: a kill from here on leaves a resumable store
+    if removed:
+        logger.info("output_dir: %s holds an unfinished precompute with other settings; --overwrite: starting again",
+                    output.path)
+
+    def expected(span: range) -> np.ndarray:
+        rows = [(e["sample_id"], ls.sample_fingerprint(e)) for e in (train_set[i] for i in span)]
+        return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+
+    todo = segments.pending(output.path, all_spans, codec, expected)
+    if output.resumed:
+        logger.info("output_dir: %s holds an interrupted precompute; keeping %d of %d committed segments, computing "
+                    "%d", output.path, len(all_spans) - len(todo), len(all_spans), len(todo))
+    return todo
+
+
+def _span_targets(cfg: PrecomputeConfig, teacher: PreTrainedModel, tokenizer, train_set, span: range,
+                  vocab: int) -> Iterator[segments.Sample]:
+    """The teacher's top-k targets of the span's examples, one sample at a time, computed batch by batch."""
+    from accelerate.utils import align_module_device
+
+    lm_head = teacher.get_output_embeddings()
+    for start in range(span.start, span.stop, cfg.batch_size):
+        examples = [train_set[i] for i in range(start, min(start + cfg.batch_size, span.stop))]
         batch = collate(examples, tokenizer.pad_token_id)
+        device = teacher.get_input_embeddings().weight.device  # a device map's first device
         hidden = teacher.get_decoder()(
-            input_ids=batch["input_ids"].to(state.device), attention_mask=batch["attention_mask"].to(state.device),
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
             use_cache=False,
         ).last_hidden_state
-        positions = target_positions(batch["labels"]).to(state.device)
-        ids, values, tails = (t.cpu().numpy() for t in teacher_topk(hidden[positions], head, cfg.k, cfg.temperature,
-                                                                    cfg.chunk_size, vocab))
+        # Offloaded by a device map (weights on the meta device), the head is brought in for the batch.
+        with align_module_device(lm_head):
+            head = output_head(teacher)  # the model's own head (bias, scale, soft-cap), brought in
+            hidden = hidden.to(head.weight.device)
+            positions = target_positions(batch["labels"]).to(hidden.device)
+            ids, values, tails = (t.cpu().numpy() for t in teacher_topk(hidden[positions], head, cfg.k,
+                                                                        cfg.temperature, cfg.chunk_size, vocab))
         first = 0
         for example, count in zip(examples, positions.sum(1).tolist()):
             rows = slice(first, first + count)
-            writer.add(example["sample_id"], ls.sample_fingerprint(example), ids[rows], values[rows], tails[rows])
+            yield example["sample_id"], ls.sample_fingerprint(example), ids[rows], values[rows], tails[rows]
             first += count
-    from accelerate.utils import gather_object
 
-    # Every rank's shard checksums (computed while writing), to the main process (a collective: all ranks call it).
-    written = {d["data"]: d for d in gather_object([writer.close()])}
-    state.wait_for_everyone()
-    if state.is_main_process:
-        shards = []
-        for rank in range(state.num_processes):
-            data_name, index_name = ls.shard_names(rank, state.num_processes)
-            index = np.load(out / index_name)
-            tokens = int(index[:, 2].sum())
-            shards.append({"data": data_name, "index": index_name, "samples": int(index.shape[0]), "tokens": tokens,
-                           "bytes": tokens * codec.record_bytes,
-                           **{key: written[data_name][key] for key in (ls.DATA_HASH, ls.INDEX_HASH)}})
-        meta = {
-            "format": ls.FORMAT,
-            "codec": dataclasses.asdict(codec),
-            "record_bytes": codec.record_bytes,
-            "temperature": cfg.temperature,
-            "teacher": {"path": str(cfg.teacher), **teacher_identity(cfg.teacher), "dtype": cfg.teacher_dtype},
-            "vocab_sha256": ls.vocab_hash(tokenizer),
-            "tokenizer_sha256": ls.tokenizer_hash(tokenizer),
-            "dataset": {"file": cfg.data.train_file, "sha256": ls.file_hash(cfg.data.train_file),
-                        **dataclasses.asdict(cfg.data), "seed": cfg.seed},
-            "samples": sum(s["samples"] for s in shards),
-            "tokens": sum(s["tokens"] for s in shards),
-            "shards": shards,
-        }
-        save_config(cfg, out / "precompute_config.yaml")
-        ls.write_meta(out, meta)  # the store is complete (and trusted) from here on
-        output.finish()
-        logger.info("store %s: %d samples, %d tokens, %d bytes per token", out, meta["samples"], meta["tokens"],
-                     codec.record_bytes)
-    state.wait_for_everyone()
-    return out
+
+def _finish(cfg: PrecomputeConfig, output: ownership.Output, tokenizer, codec: ls.Codec,
+            shards: list[dict[str, Any]]) -> None:
+    """Main process, once every segment is committed: ``store.json`` (the store is trusted from then on)."""
+    out = output.path
+    meta = {
+        "format": ls.FORMAT,
+        "codec": dataclasses.asdict(codec),
+        "record_bytes": codec.record_bytes,
+        "temperature": cfg.temperature,
+        "teacher": {"path": str(cfg.teacher), **teacher_identity(cfg.teacher), "dtype": teacher_dtype(cfg)},
+        "vocab_sha256": ls.vocab_hash(tokenizer),
+        "tokenizer_sha256": ls.tokenizer_hash(tokenizer),
+        "dataset": {"file": cfg.data.train_file, "sha256": ls.file_hash(cfg.data.train_file),
+                    **dataclasses.asdict(cfg.data), "seed": cfg.seed},
+        "samples": sum(s["samples"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
+        "shards": shards,
+    }
+    save_config(cfg, out / "precompute_config.yaml")
+    ls.write_meta(out, meta)  # the store is complete (and trusted) from here on
+    output.finish()
+    logger.info("store %s: %d samples, %d tokens, %d bytes per token", out, meta["samples"], meta["tokens"],
+                codec.record_bytes)
 
 
 Config = PrecomputeConfig

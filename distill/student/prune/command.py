@@ -18,7 +18,7 @@ import torch
 import transformers
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.student.models import require_model_dir
+from distill.student.models import DTYPES, require_model_dir
 from distill.student.prune.calibration import Calibration, load_calibration
 from distill.student.prune.families import Family, family_for
 from distill.student.prune.importance import Importance, cached_importance
@@ -110,6 +110,9 @@ class PruneConfig:
     sparsity: SparsitySettings = section(SparsitySettings, help="unstructured or N:M masks (dense output)")
     cache_dir: str | None = option(None, help="importance cache; default $XDG_CACHE_HOME/distill/prune")
     device: str = option("cpu", help="device for the calibration pass only (e.g. cuda); pruning runs on cpu")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", help="dtype the model is loaded, run and saved in (importance statistics are always float32); "
+        "auto = the checkpoint's own (float32 when it does not say)")
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -227,14 +230,14 @@ def _prune(cfg: PruneConfig, output: ownership.Output) -> dict[str, Any]:
         c = cfg.calibration
         calibration = load_calibration(c.data, tokenizer, c.num_samples, c.max_length, c.min_tokens)
 
-    # Computation in float32 for stable statistics; the output keeps the teacher's stored dtype.
+    # One copy, in the checkpoint's dtype (transformers 5.23 resolves its "dtype" to a torch.dtype, None if unsaid):
+    # statistics are float32 per layer (importance.py); the student is sliced from these weights, not a float32 copy.
+    dtype = DTYPES.get(cfg.dtype) or config.dtype or torch.float32
     if is_gguf(model_dir):
-        teacher = load_causal_lm(model_dir, "model", torch.float32).to(cfg.device).eval()
+        teacher = load_causal_lm(model_dir, "model", dtype).to(cfg.device).eval()
     else:
         model_cls = getattr(transformers, config.architectures[0])  # checked by family_for
-        teacher = model_cls.from_pretrained(model_dir, dtype=torch.float32).to(cfg.device).eval()
-    # transformers 5.23 resolves the saved "dtype" to a torch.dtype (None when the checkpoint does not say).
-    stored_dtype = config.dtype or torch.float32
+        teacher = model_cls.from_pretrained(model_dir, dtype=dtype).to(cfg.device).eval()
     importance, cache = None, None
     if calibration is not None:
         importance, path, hit = cached_importance(
@@ -253,7 +256,7 @@ def _prune(cfg: PruneConfig, output: ownership.Output) -> dict[str, Any]:
     else:
         plan = plan_pruning(config, family, targets, teacher.state_dict(), importance)
         student, kept, per_weight = build_pruned_model(teacher, family, plan), plan.kept_layers, {}
-    student = student.to("cpu", stored_dtype)
+    student = student.to("cpu")
 
     with atomic_directory(out_dir) as tmp:  # a failed run leaves nothing behind
         report = _report(cfg, family, config, teacher_params, student, kept, per_weight, calibration, importance, cache)

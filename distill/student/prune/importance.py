@@ -157,7 +157,9 @@ def cached_importance(
 
     Returns the statistics, the cache file and whether it was a cache hit.
     """
-    key = f"{model_fingerprint(model_dir)}-{calibration.fingerprint()}-v{CACHE_FORMAT}"
+    # The dtype the model runs in changes the statistics (a bf16 forward is not a float32 one): part of the key.
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    key = f"{model_fingerprint(model_dir)}-{calibration.fingerprint()}-{dtype}-v{CACHE_FORMAT}"
     path = cache_dir / f"importance-{key}.safetensors"
     if path.is_file():
         return Importance.from_tensors(load_file(path)), path, True

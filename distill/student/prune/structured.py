@@ -245,8 +245,10 @@ def build_pruned_model(teacher: PreTrainedModel, family: Family, plan: Plan) -> 
     """A new model of the teacher's class and config, holding exactly the kept weights (strict load)."""
     state = prune_state_dict(teacher.state_dict(), family, plan)
     config = pruned_config(teacher.config, family, plan)
-    with no_init_weights():  # every weight is overwritten below; random init would only cost time
-        student = type(teacher)(config)
-    student.load_state_dict(state, strict=True)
+    # Built in the teacher's dtype, uninitialised (every weight is replaced below), and given the sliced tensors
+    # themselves (assign): no float32 student, no second copy of its weights.
+    with no_init_weights():
+        student = type(teacher)._from_config(config, dtype=teacher.dtype)
+    student.load_state_dict(state, strict=True, assign=True)
     student.tie_weights()
-    return student.to(teacher.dtype).eval()
+    return student.eval()

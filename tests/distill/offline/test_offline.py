@@ -124,6 +124,48 @@ def test_prompts_only_data_is_refused_before_anything_is_written(model_dirs, tmp
     assert not (tmp_path / "store").exists()
 
 
+def test_teacher_dtype_auto_is_bf16_on_a_bf16_gpu_and_float32_on_cpu(model_dirs, train_file, tmp_path, monkeypatch):
+    from distill.offline.precompute import store_settings, teacher_dtype
+
+    cfg = precompute_config(model_dirs, train_file, tmp_path / "s")
+    assert cfg.teacher_dtype == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert teacher_dtype(cfg) == "float32" and store_settings(cfg)["teacher_dtype"] == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert teacher_dtype(cfg) == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
+    assert teacher_dtype(cfg) == "float32"
+    half = precompute_config(model_dirs, train_file, tmp_path / "s", teacher_dtype="float16")
+    assert teacher_dtype(half) == "float16"
+    with pytest.raises(ValueError, match="teacher_device_map: expected one of"):
+        precompute_config(model_dirs, train_file, tmp_path / "s", teacher_device_map="everywhere")
+    with pytest.raises(ValueError, match="teacher_device_map: teacher_max_memory and teacher_offload_dir need"):
+        precompute_config(model_dirs, train_file, tmp_path / "s", teacher_max_memory={"cpu": "1GiB"})
+
+
+def test_teacher_sharded_by_a_device_map_gives_the_same_store(small_store, model_dirs, train_file, tmp_path):
+    """teacher_device_map with too little memory for the whole teacher: the layers that do not fit, the output head
+    among them, are offloaded (to disk here; to the CPU or other GPUs on a GPU machine) and dispatched by
+    accelerate's hooks. The store is that of the teacher on one device."""
+    from accelerate.utils import has_offloaded_params
+
+    from distill.offline.precompute import _load_teacher
+
+    cfg = precompute_config(model_dirs, train_file, tmp_path / "sharded", teacher_device_map="auto",
+                            teacher_max_memory={"cpu": "600KB"}, teacher_offload_dir=str(tmp_path / "offload"))
+    teacher = _load_teacher(cfg, torch.device("cpu"))
+    assert has_offloaded_params(teacher.get_output_embeddings())  # the case the head is brought in batch by batch
+    assert set(teacher.hf_device_map.values()) == {"cpu", "disk"}
+    a, b = LogitStore(small_store), LogitStore(run(cfg))
+    assert sorted(a.location) == sorted(b.location) and a.meta["tokens"] == b.meta["tokens"]
+    for sample_id in a.location:
+        (ids_a, logp_a, tail_a), (ids_b, logp_b, tail_b) = a.sample(sample_id), b.sample(sample_id)
+        np.testing.assert_array_equal(ids_a, ids_b)
+        assert np.abs(logp_a - logp_b).max() <= 16.0 / 255 + 1e-5
+        np.testing.assert_allclose(tail_a, tail_b, rtol=2e-3)
+
+
 def cli(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     command = (launcher or [sys.executable, "-m"]) + ["distill", *args]
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
@@ -131,29 +173,34 @@ def cli(args: list[str], launcher: list[str] | None = None) -> subprocess.Comple
 
 def precompute_args(model_dirs, train_file, out) -> list[str]:
     return ["precompute", "--teacher", str(model_dirs["teacher"]), "--output_dir", str(out), "--k", "8",
-            "--batch_size", "3", "--data.train_file", str(train_file), "--data.eval_fraction", "0.1"]
+            "--batch_size", "3", "--segment_samples", "10", "--data.train_file", str(train_file),
+            "--data.eval_fraction", "0.1"]
 
 
 @pytest.mark.slow
-def test_two_process_precompute_equals_one_process(model_dirs, train_file, tmp_path):
-    from kd_core.config import parse_command_line
+def test_two_process_precompute_resumes_a_one_process_store_identically(model_dirs, train_file, tmp_path):
+    """One process killed after committing 2 of 5 segments; two processes resume it (rank 0 computes segments 2 and
+    4, rank 1 segment 3): the store is byte for byte the one a single uninterrupted process writes."""
+    from distill.offline.segments import names
+    from tests.conftest import kill_9
 
-    run(parse_command_line(PrecomputeConfig, precompute_args(model_dirs, train_file, tmp_path / "one")[1:], "p"))
+    one = cli(precompute_args(model_dirs, train_file, tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    command = [sys.executable, "-m", "distill", *precompute_args(model_dirs, train_file, tmp_path / "two")]
+    assert kill_9(command, ENV, point=f"reserve:{names(2)[2]}")
     # `--cpu --num_processes 2` would start a single process in accelerate 1.15 (no MPI hostfile): torchrun it is.
     launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
     two = cli(precompute_args(model_dirs, train_file, tmp_path / "two"), launcher)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "keeping 2 of 5 committed segments, computing 3" in two.stderr
     a, b = LogitStore(tmp_path / "one"), LogitStore(tmp_path / "two")
-    assert len(a.meta["shards"]) == 1 and len(b.meta["shards"]) == 2
+    assert len(a.meta["shards"]) == len(b.meta["shards"]) == 5
     assert sorted(a.location) == sorted(b.location) and len(a.location) == 44  # 48 rows minus int(4.8) held out
-    assert a.meta["tokens"] == b.meta["tokens"]
-    for sample_id in a.location:
-        (ids_a, logp_a, tail_a), (ids_b, logp_b, tail_b) = a.sample(sample_id), b.sample(sample_id)
-        np.testing.assert_array_equal(ids_a, ids_b)
-        # Different batch padding may move a float by an ulp, so a value may land one quantum away.
-        assert np.abs(logp_a - logp_b).max() <= 16.0 / 255 + 1e-5
-        np.testing.assert_allclose(tail_a, tail_b, rtol=2e-3)
+    assert a.meta["shards"] == b.meta["shards"]  # sizes and XXH3 checksums of every segment's data and index
+    for number in range(5):
+        for name in names(number):
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
     # The stores lack the held-out rows: training on every row is refused, naming the sample.
     from kd_core.config import ConfigError
 

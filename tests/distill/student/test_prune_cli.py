@@ -152,6 +152,34 @@ def test_stored_dtype_is_kept(tmp_path, tokenizer, capsys) -> None:
     assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 2
 
 
+def test_bf16_checkpoint_is_pruned_in_bf16_with_float32_scores(tmp_path, tokenizer, calibration_file, capsys) -> None:
+    """A bf16 checkpoint is loaded, scored and sliced in bf16 (no float32 copy): the kept weights are the teacher's
+    bf16 values bit for bit, the importance statistics are float32 (cached under the bf16 key), and --dtype picks
+    the saved dtype."""
+    from safetensors.torch import load_file
+
+    teacher_dir = tmp_path / "bf16"
+    tiny_llama(len(tokenizer), hidden_size=64, num_layers=3, intermediate_size=256).to(torch.bfloat16) \
+        .save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    common = ["prune", "--model", str(teacher_dir), "--width.intermediate_size", "128", "--calibration.data",
+              str(calibration_file), "--calibration.min_tokens", "4", "--cache_dir", str(tmp_path / "cache")]
+    assert cli([*common, "--output-dir", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype="auto")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype="auto")
+    assert student.dtype == torch.bfloat16 and student.config.intermediate_size == 128
+    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.norm.weight"):
+        assert torch.equal(student.get_parameter(name), teacher.get_parameter(name))
+    up_t, up_s = teacher.model.layers[0].mlp.up_proj.weight, student.model.layers[0].mlp.up_proj.weight
+    assert all(any(torch.equal(row, kept) for kept in up_t) for row in up_s)  # kept channels: exact bf16 rows
+    (cached,) = (tmp_path / "cache").glob("importance-*-bfloat16-v*.safetensors")
+    assert {t.dtype for t in load_file(cached).values()} == {torch.float32}
+    assert cli([*common, "--output-dir", str(tmp_path / "f32"), "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "f32", dtype="auto").dtype == torch.float32
+
+
 def test_bad_input_exits_2_before_writing(teacher_dir, calibration_file, tmp_path) -> None:
     out = tmp_path / "never"
     result = _run(
