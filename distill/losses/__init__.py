@@ -4,5 +4,5 @@ Modules, in the order a step uses them: ``registry`` (every term of ``loss.terms
 token-level, what it needs; ``loss.terms`` is validated against it), ``objective`` (which terms are computed from
 what, and how each is normalised), ``divergences`` (logit divergences and the chunked kernel whose gradient is
 computed in the forward pass), ``topk`` (divergences against an offline top-k store), ``features`` (hidden-state,
-attention and relation terms).
+attention and relation terms), ``logprobs`` (log-probabilities of given tokens, chunked: on-policy figures).
 """
