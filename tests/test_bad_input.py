@@ -68,6 +68,10 @@ def model_no_tokenizer(model_dirs, tmp_path):
     return _train_argv(model_dirs, tmp_path, student=str(broken))
 
 
+def attention_not_installed(model_dirs, tmp_path):
+    return _train_argv(model_dirs, tmp_path, "--model.attn_implementation", "flash_attention_2")
+
+
 # --- datasets -----------------------------------------------------------------------------------------------------
 
 def data_messages_string(model_dirs, tmp_path):
@@ -280,6 +284,8 @@ CASES = [
     ("kd_recipes.lion", lion_student_missing, r"student: model directory not found: .*no_student"),
     ("kd_recipes.quickstart", quickstart_output_is_file, r"output_dir: .*a_file\.txt is a file"),
     ("kd_recipes.quickstart", quickstart_nan_learning_rate, r"learning_rate: expected a finite number, got 'nan'"),
+    (TRAIN, attention_not_installed, r"model\.attn_implementation: 'flash_attention_2' cannot run here \(its package "
+                                     r"or a CUDA device is missing\); this machine supports sdpa, eager"),
     (TRAIN, on_policy_fractions_over_one, r"on_policy: student_fraction \+ teacher_fraction: expected at most 1, got "
                                           r"0\.8 \+ 0\.5"),
 ]
