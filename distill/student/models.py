@@ -177,15 +177,16 @@ def check_paths(settings: ModelSettings) -> None:
 
 
 def installed_attention() -> list[str]:
-    """The attention kernels that can run on this machine: eager and sdpa always; flex_attention with torch's
-    ``torch.nn.attention.flex_attention`` (torch >= 2.5); flash_attention_N where transformers finds its package
-    (flash_attn, flash_attn_interface for 3, flash_attn.cute for 4) and a CUDA device."""
+    """The attention kernels that can train on this machine: eager and sdpa always; flex_attention with torch's
+    ``torch.nn.attention.flex_attention`` (torch >= 2.5) and a CUDA device (torch 2.13 has no flex backward on
+    CPU); flash_attention_N where transformers finds its package (flash_attn, flash_attn_interface for 3,
+    flash_attn.cute for 4) and a CUDA device."""
     import importlib.util
 
     from transformers.utils import import_utils
 
     names = ["sdpa", "eager"]
-    if importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
+    if torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
         names.append("flex_attention")
     for version in (2, 3, 4):
         # transformers 5.24 has all three checks; older 5.x releases lack the newer ones (then: not installed).

@@ -24,7 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.data.batching import BatchStream
-from distill.data.datasets import DataSettings, attention_weight, build_datasets, collate, collate_packed
+from distill.data.datasets import (
+    DataSettings, attention_weight, build_datasets, collate, collate_packed, varlen_attention,
+)
 from distill.evaluation.embedding import embedding_metrics
 from distill.evaluation.metrics import AccuracySettings, answer_accuracy, load_accuracy_set, token_metrics
 from distill.losses.divergences import shared_vocab_size
@@ -336,7 +338,8 @@ class Distiller:
                     examples, figures = self.sample(examples, source)
             pad = self.tokenizer.pad_token_id
             if self.cfg.data.packing:
-                batch = collate_packed(examples, pad, self.cfg.data.max_length, self.packing_weight)
+                batch = collate_packed(examples, pad, self.cfg.data.max_length, self.packing_weight,
+                                       varlen_attention(self.cfg.model.attn_implementation))
             else:
                 batch = collate(examples, pad)
             batches.append({k: v.to(self.accelerator.device) for k, v in batch.items()})

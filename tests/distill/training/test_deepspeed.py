@@ -330,3 +330,12 @@ def test_zero3_with_cpu_offload_trains_like_zero3(model_dirs, train_file, zero3_
     out = tmp_path / "offload"
     run("zero3_offload.yaml", train_args(model_dirs, train_file, out, terms=FEATURE_TERMS))
     assert_same_run(zero3_reference, out)
+
+
+def test_zero3_with_gradient_checkpointing_trains_like_zero3(model_dirs, train_file, zero3_reference, tmp_path):
+    """model.gradient_checkpointing under ZeRO-3 (partitioned weights gathered again for the recomputation): the
+    same losses and final weights as the run that keeps its activations."""
+    out = tmp_path / "checkpointing"
+    run("zero3.yaml", train_args(model_dirs, train_file, out, "--model.gradient_checkpointing", "true",
+                                 terms=FEATURE_TERMS))
+    assert_same_run(zero3_reference, out)
