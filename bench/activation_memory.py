@@ -67,6 +67,7 @@ def worker(args, length: int, checkpointing: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         distiller = distiller_for(args, length, checkpointing, Path(tmp) / "run")
         grads = sum(p.numel() * 4 for p in distiller.module.parameters() if p.requires_grad) / MIB
+        distiller.module.train()  # as Distiller.train() does: checkpointing (and dropout) act in training mode only
         distiller.training_step()  # warm-up: the optimizer state is allocated here
         steps = []
         for _ in range(args.steps):

@@ -80,6 +80,7 @@ def measure(distiller, steps: int, warmup: int) -> dict:
         return batches, sources, stats
 
     distiller.next_micro_batches = counted
+    distiller.module.train()  # as Distiller.train() does: checkpointing (and dropout) act in training mode only
     for _ in range(warmup):
         distiller.training_step()
     if cuda:
