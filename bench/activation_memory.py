@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from smollm2_pair import SMOKE_SHAPE, VOCAB, build_pair, token_rows  # noqa: E402
+from smollm2_pair import VOCAB, build_pair, token_rows  # noqa: E402
 
 MIB = 2**20
 

@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from distill.data.datasets import IGNORE_INDEX
-from kd_core.config import ConfigError, option
 from distill.losses.logprobs import chunked_token_logprobs
+from kd_core.config import ConfigError, option
 from kd_core.generation import check_generation_kwargs, generate_tokens, stop_token_ids
 
 if TYPE_CHECKING:
