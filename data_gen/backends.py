@@ -301,6 +301,7 @@ class LocalBackend:
         generations, _ = generate_batched(
             self.model, self.tokenizer, prompts, params["max_tokens"], batch_size=len(prompts),
             temperature=params["temperature"], top_p=params["top_p"], seed=params.get("seed"),
+            generation_kwargs=params.get("generation_kwargs"),
         )
         return [Completion(g.text, "stop" if g.stopped else "length", g.prompt_tokens, g.new_tokens)
                 for g in generations]

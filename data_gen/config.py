@@ -10,7 +10,7 @@ built from them by :func:`data_gen.engine.build_engine`. The API key itself neve
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from kd_core.config import option, section
 from kd_core.redact import check_env_var_name
@@ -25,8 +25,17 @@ class DecodingConfig:
     max_tokens: int = option(512, help="maximum new tokens per answer")
     stop: list[str] = option([], help="stop sequences (API backend)")
     seed: int | None = option(None, help="per-call seed sent to the server (OpenAI 'seed'); local backend seeds torch")
+    generation_kwargs: dict[str, Any] = option(
+        {}, help="local backend: transformers GenerationConfig settings to switch on, e.g. {repetition_penalty: 1.1}; "
+        "every other knob the model's generation_config.json sets (repetition penalty, min_p, n-gram bans, ...) is "
+        "neutral"
+    )
 
     def __post_init__(self) -> None:
+        if self.generation_kwargs:  # imports transformers: only when set (an API run need not pay for it)
+            from kd_core.generation import check_generation_kwargs
+
+            check_generation_kwargs(self.generation_kwargs, "generation_kwargs")
         if self.temperature < 0:
             raise ValueError("temperature: expected >= 0")
         if not 0 < self.top_p <= 1:
@@ -106,6 +115,9 @@ class TeacherConfig:
             raise ValueError("price_input_per_m: expected >= 0")
         if self.batch_size < 1:
             raise ValueError("batch_size: expected >= 1")
+        if self.backend == "api" and self.decoding.generation_kwargs:
+            raise ValueError("decoding.generation_kwargs: transformers settings of the local backend; an API server "
+                             "takes only temperature, top_p, max_tokens, stop and seed")
 
     @property
     def in_flight(self) -> int:

@@ -155,6 +155,8 @@ class Engine:
         d = self.cfg.decoding
         params = {"temperature": d.temperature, "top_p": d.top_p, "max_tokens": d.max_tokens, "stop": d.stop,
                   "seed": d.seed}
+        if d.generation_kwargs:  # only when set, so the cache keys of earlier runs stay valid
+            params["generation_kwargs"] = d.generation_kwargs
         params.update(request.decoding)
         return params
 

@@ -68,6 +68,10 @@ def model_no_tokenizer(model_dirs, tmp_path):
     return _train_argv(model_dirs, tmp_path, student=str(broken))
 
 
+def attention_not_installed(model_dirs, tmp_path):
+    return _train_argv(model_dirs, tmp_path, "--model.attn_implementation", "flash_attention_2")
+
+
 # --- datasets -----------------------------------------------------------------------------------------------------
 
 def data_messages_string(model_dirs, tmp_path):
@@ -445,6 +449,8 @@ CASES = [
                                                             r"finished distill train output\)"),
     ("kd_recipes.lion", lion_pool_without_instructions, r"questions\.jsonl:1: field 'instruction': expected a "
                                                         r"non-empty string"),
+    (TRAIN, attention_not_installed, r"model\.attn_implementation: 'flash_attention_2' cannot run here \(its package "
+                                     r"or a CUDA device is missing\); this machine supports sdpa, eager"),
     (TRAIN, on_policy_fractions_over_one, r"on_policy: student_fraction \+ teacher_fraction: expected at most 1, got "
                                           r"0\.8 \+ 0\.5"),
     (TRAIN, gguf_without_tensors, r"model\.teacher: .*header_only\.gguf holds 0 tensor\(s\) but its llama architecture"),

@@ -394,8 +394,17 @@ def packing_rows(lengths: list[int], max_length: int | None, weight: float | Non
     return min([rows, *fewer], key=cost)  # ties keep the max_length rows
 
 
+def varlen_attention(attn_implementation: str) -> bool:
+    """Whether packed rows go to the model as one flat row: transformers 5.24's flash-attention path reads packed
+    sequences from position ids (``flash_attn_varlen_func`` on ``cu_seqlens``, no mask) only for a batch of one row
+    (``modeling_flash_attention_utils._is_packed_sequence``); several rows would attend across examples. sdpa, eager
+    and flex_attention build a block-diagonal mask from the position ids of any number of rows
+    (``masking_utils.find_packed_sequence_indices``)."""
+    return attn_implementation.startswith("flash_attention")
+
+
 def collate_packed(examples: list[dict[str, Any]], pad_token_id: int, max_length: int | None = None,
-                   weight: float | None = None) -> dict[str, torch.Tensor]:
+                   weight: float | None = None, varlen: bool = False) -> dict[str, torch.Tensor]:
     """Examples back to back in rows chosen by :func:`packing_rows` (first-fit decreasing into rows of ``max_length``
     tokens, or fewer, longer rows where ``weight``, the student's :func:`attention_weight`, says they are cheaper),
     padded only to the longest row: ``position_ids`` restart at 0 for each example, from which transformers (5.24
@@ -404,8 +413,9 @@ def collate_packed(examples: list[dict[str, Any]], pad_token_id: int, max_length
     label -100 and loss weight 0. The first token of each example is never a target (its label is set to -100), so no
     example predicts the next one's start. ``sample_ids`` follow the packed order (row by row), as the offline store's
     targets must. ``attention_mask`` marks the real tokens; the trainer passes None to the models when ``position_ids``
-    is present."""
-    rows = packing_rows([len(e["input_ids"]) for e in examples], max_length, weight)
+    is present. ``varlen`` (:func:`varlen_attention`): every example in one row, no padding."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    rows = [list(range(len(examples)))] if varlen else packing_rows(lengths, max_length, weight)
     width = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)

@@ -22,6 +22,9 @@ from kd_core.pretrained import check_gguf, is_gguf, load_causal_lm, load_config
 from kd_core.pretrained import load_tokenizer as load_pretrained_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The attention kernels transformers 5.24 dispatches to (modeling_utils.AttentionInterface, plus eager); which of
+# them can run here is checked up front (check_attention).
+ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
 @dataclasses.dataclass
@@ -39,10 +42,18 @@ class ModelSettings:
         "{num_hidden_layers: 2, hidden_size: 256, intermediate_size: 512}."
     )
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", help="Teacher weights dtype; `auto` = bfloat16 when training in bf16, else float32."
+        "auto", help="Teacher weights dtype; `auto` = bfloat16 when training in bf16 or on a GPU with bf16 support "
+        "(the frozen teacher needs no fp32 master weights), else float32."
     )
-    attn_implementation: Literal["sdpa", "eager"] = option(
-        "sdpa", help="Attention kernel for both models; attention-map losses need `eager`."
+    attn_implementation: Literal[ATTENTION] = option(  # type: ignore[valid-type]
+        "sdpa", help="Attention kernel for both models: sdpa, eager, flex_attention, flash_attention_2/3/4 (checked "
+        "against what is installed); attention-map losses need `eager`. Packed rows run varlen (one row, "
+        "position ids) under flash_attention_*, a block-diagonal mask otherwise."
+    )
+    gradient_checkpointing: bool = option(
+        False, help="Recompute the student's layer activations in the backward pass (non-reentrant, "
+        "use_reentrant=False) instead of keeping them: activation memory of one layer instead of all, for about "
+        "one extra forward pass; works with LoRA and ZeRO-3. The teacher never keeps activations (no_grad)."
     )
     task: Literal["auto", "causal_lm", "encoder"] = option(
         "auto", help="`causal_lm` loads AutoModelForCausalLM (logit and feature losses); `encoder` loads AutoModel "
@@ -150,12 +161,63 @@ def _model_class(task: str):
 
 
 def check_paths(settings: ModelSettings) -> None:
-    """Fails fast on missing model directories, before any weights load."""
+    """Fails fast on missing model directories, an attention kernel or checkpointing the models cannot run, before
+    any weights load and before anything is written."""
     if settings.teacher:
         require_model_dir(settings.teacher, "model.teacher")
     if settings.student:
         require_model_dir(settings.student, "model.student")
     check_student_overrides(settings)
+    check_attention(settings.attn_implementation)
+    task = resolve_task(settings)
+    for field in ("teacher", "student"):
+        path = getattr(settings, field) or (settings.teacher if field == "student" else None)
+        if path:  # a student built from the teacher's config has the teacher's class
+            check_model_class(settings, load_config(path, f"model.{field}"), task, field)
+
+
+def installed_attention() -> list[str]:
+    """The attention kernels that can train on this machine: eager and sdpa always; flex_attention with torch's
+    ``torch.nn.attention.flex_attention`` (torch >= 2.5) and a CUDA device (torch 2.13 has no flex backward on
+    CPU); flash_attention_N where transformers finds its package (flash_attn, flash_attn_interface for 3,
+    flash_attn.cute for 4) and a CUDA device."""
+    import importlib.util
+
+    from transformers.utils import import_utils
+
+    names = ["sdpa", "eager"]
+    if torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
+        names.append("flex_attention")
+    for version in (2, 3, 4):
+        # transformers 5.24 has all three checks; older 5.x releases lack the newer ones (then: not installed).
+        check = getattr(import_utils, f"is_flash_attn_{version}_available", None)
+        if check is not None and check():
+            names.append(f"flash_attention_{version}")
+    return names
+
+
+def check_attention(name: str) -> None:
+    installed = installed_attention()
+    if name not in installed:
+        raise ConfigError(f"model.attn_implementation: {name!r} cannot run here (its package or a CUDA device is "
+                          f"missing); this machine supports {', '.join(installed)}")
+
+
+def check_model_class(settings: ModelSettings, config, task: str, field: str) -> None:
+    """The model class of ``config`` implements the attention kernel and (student) gradient checkpointing."""
+    mapping = AutoModelForCausalLM._model_mapping if task == "causal_lm" else AutoModel._model_mapping
+    if type(config) not in mapping:
+        return  # a class transformers does not map is refused where it loads, with its own message
+    cls = mapping[type(config)]
+    kernel = settings.attn_implementation
+    flags = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn"}
+    supported = kernel == "eager" or bool(getattr(cls, flags.get(kernel, "_supports_flash_attn")))
+    if not supported:
+        raise ConfigError(f"model.attn_implementation: {config.model_type} ({cls.__name__}) does not implement "
+                          f"{kernel!r}; use sdpa or eager for model.{field}")
+    if field == "student" and settings.gradient_checkpointing and not cls.supports_gradient_checkpointing:
+        raise ConfigError(f"model.gradient_checkpointing: {config.model_type} ({cls.__name__}) does not support "
+                          "gradient checkpointing; set it to false")
 
 
 def check_student_overrides(settings: ModelSettings) -> None:
@@ -220,8 +282,16 @@ def _load(path: str, field: str, task: str, dtype: torch.dtype, attn_implementat
     return _model_class(task).from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
 
 
+def teacher_dtype(settings: ModelSettings, bf16: bool) -> torch.dtype:
+    """``teacher_dtype``; ``auto``: bf16 when training in bf16 or on a GPU that has it, else float32."""
+    if settings.teacher_dtype != "auto":
+        return DTYPES[settings.teacher_dtype]
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16 or gpu_bf16 else torch.float32
+
+
 def load_teacher(settings: ModelSettings, bf16: bool, task: str = "causal_lm") -> PreTrainedModel:
-    dtype = DTYPES.get(settings.teacher_dtype) or (torch.bfloat16 if bf16 else torch.float32)
+    dtype = teacher_dtype(settings, bf16)
     teacher = _load(settings.teacher, "model.teacher", task, dtype, settings.attn_implementation)
     teacher.eval()
     teacher.requires_grad_(False)
@@ -229,9 +299,26 @@ def load_teacher(settings: ModelSettings, bf16: bool, task: str = "causal_lm") -
 
 
 def load_student(settings: ModelSettings, seed: int, task: str = "causal_lm") -> PreTrainedModel:
-    """From its directory, or a fresh model from the teacher's config with ``student_overrides`` applied."""
+    """From its directory, or a fresh model from the teacher's config with ``student_overrides`` applied; with
+    ``gradient_checkpointing`` on."""
     if settings.student:
-        return _load(settings.student, "model.student", task, torch.float32, settings.attn_implementation)
+        student = _load(settings.student, "model.student", task, torch.float32, settings.attn_implementation)
+    else:
+        student = _student_from_teacher_config(settings, seed, task)
+    if settings.gradient_checkpointing:
+        # Non-reentrant: the reentrant variant gives no gradient to parameters whose layer inputs do not require
+        # one, and is what torch deprecates. Both calls also make the embeddings' output require gradients, which
+        # peft's LoRA (frozen embeddings) needs. transformers 5.24 renamed the call (the old name warns); the GPU
+        # check's 5.17 has only the old one.
+        kwargs = {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return student
+
+
+def _student_from_teacher_config(settings: ModelSettings, seed: int, task: str) -> PreTrainedModel:
     config = load_config(settings.teacher, "model.teacher")
     for key, value in settings.student_overrides.items():
         if not hasattr(config, key):

@@ -12,12 +12,18 @@ token; everything after it is padding, which the labels never count. The loss is
 those tokens: every logit divergence and feature term as on fixed data, with ``ce`` switched off on student samples
 (cross-entropy on one's own samples teaches nothing; on teacher samples it is sequence-level KD).
 
-Sampling runs :func:`kd_core.generation.generate_tokens` (KV cache, left padding) on the unwrapped model: under
-ZeRO-3 trl's ``unwrap_model_for_generation`` gathers the student's full weights on every rank for the duration of
-the sampling (memory of one whole student per rank, as trl's GKDTrainer does). Its randomness comes from this
-module's own per-rank generator state, restored around each call, so nothing else (dropout, evaluation) shifts it,
-and it is saved in every checkpoint with the draw generator and the replay buffer: a resumed run samples what the
-uninterrupted one would have.
+Sampling runs :func:`kd_core.generation.generate_tokens` (KV cache, left padding) on the unwrapped model, under the
+training's autocast (bf16 mixed precision samples in bf16, as the student trains): under ZeRO-3 trl's
+``unwrap_model_for_generation`` gathers the student's full weights on every rank for the duration of the sampling
+(memory of one whole student per rank, as trl's GKDTrainer does). Samples come from the model's own distribution at
+``temperature`` / ``top_p`` / ``top_k``: whatever its generation config switches on (a repetition penalty, ``min_p``,
+...) is neutral unless ``generation_kwargs`` names it. The logged mean log-probability of the student's sampled tokens
+comes from one extra forward pass over the samples and the chunked head
+(:func:`distill.losses.logprobs.chunked_token_logprobs`), never from ``[batch, new tokens, vocabulary]`` logits.
+
+Sampling's randomness comes from this module's own per-rank generator state, restored around each call, so nothing
+else (dropout, evaluation) shifts it, and it is saved in every checkpoint with the draw generator and the replay
+buffer: a resumed run samples what the uninterrupted one would have.
 
 ``replay_ratio`` reuses earlier student samples (DistiLLM's off-policy replay, Ko et al., 2024): a student-sampled
 micro-batch is, with that probability and once the buffer holds a batch, drawn from a buffer of the
@@ -37,8 +43,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from distill.data.datasets import IGNORE_INDEX
+from distill.losses.head import output_head
+from distill.losses.logprobs import chunked_token_logprobs
 from kd_core.config import ConfigError, option
-from kd_core.generation import generate_tokens, stop_token_ids
+from kd_core.generation import check_generation_kwargs, generate_tokens, stop_token_ids
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -60,6 +68,10 @@ class OnPolicySettings:
     temperature: float = option(1.0, help="Sampling temperature; 0 = greedy.")
     top_p: float = option(1.0, help="Nucleus sampling: keep the smallest set of tokens with this probability mass.")
     top_k: int = option(0, help="Sample from the k most likely tokens only; 0 = no top-k cut.")
+    generation_kwargs: dict[str, Any] = option(
+        {}, help="transformers GenerationConfig settings to switch on while sampling, e.g. {repetition_penalty: 1.1}; "
+        "every other knob the model's generation_config.json sets is neutral, so samples follow the policy."
+    )
     replay_ratio: float = option(
         0.0, help="DistiLLM's off-policy replay: probability that a student-sampled micro-batch reuses earlier student "
         "samples from the replay buffer instead of generating; 0 = always generate."
@@ -86,6 +98,7 @@ class OnPolicySettings:
         if self.replay_ratio > 0 and self.student_fraction == 0:
             raise ValueError(f"replay_ratio: {self.replay_ratio} replays student samples, and student_fraction is 0: "
                              "nothing would ever be replayed; set student_fraction or leave replay_ratio at 0")
+        check_generation_kwargs(self.generation_kwargs, "generation_kwargs")
 
     def check_replay_buffer(self, batch_size: int) -> None:
         """A micro-batch is replayed only once the buffer holds a whole one (:meth:`Sampler.draw`): a smaller buffer
@@ -184,10 +197,9 @@ class Sampler:
             samples = generate_tokens(
                 model, prompts, pad_token_id=pad, eos_token_ids=stop_token_ids(model, tokenizer),
                 max_new_tokens=budget, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                logprobs=source == STUDENT,
+                generation_kwargs=s.generation_kwargs,
             )
         seconds = time.perf_counter() - began
-        model.train(was_training)
         built = []
         for example, prompt, sample in zip(examples, prompts, samples):
             tokens = (prompt + sample.tokens)[:max_length]
@@ -206,7 +218,8 @@ class Sampler:
         stats = {"on_policy/sample_seconds": seconds, "on_policy/sampled_length": sum(new_tokens) / len(built)}
         if source == STUDENT:
             self.remember(built)
-            stats["on_policy/student_logprob"] = sum(x.logprob for x in samples) / max(sum(new_tokens), 1)
+            stats["on_policy/student_logprob"] = sampled_logprob_sum(model, built, pad) / max(sum(new_tokens), 1)
+        model.train(was_training)
         return built, stats
 
     # -- replay ------------------------------------------------------------------------------------------------
@@ -249,13 +262,38 @@ class Sampler:
         return True
 
 
-def unwrapped_for_generation(prepared, accelerator: Accelerator):
+def sampled_logprob_sum(model, examples: list[dict[str, Any]], pad_token_id: int) -> float:
+    """The sum of the log-probabilities (T = 1) ``model`` gives the completion tokens of ``examples``: one forward
+    pass without gradients, then the chunked head, so no ``[batch, tokens, vocabulary]`` logits exist."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):  # right-padded: causal attention never sees the padding
+        n = len(example["input_ids"])
+        input_ids[row, :n], labels[row, :n] = torch.tensor(example["input_ids"]), torch.tensor(example["labels"])
+        attention_mask[row, :n] = 1
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                     use_cache=False).last_hidden_state
+    counted = (labels[:, 1:] != IGNORE_INDEX).to(device)  # hidden state t predicts token t + 1
+    targets = labels[:, 1:].to(device)[counted]
+    return float(chunked_token_logprobs(hidden[:, :-1][counted], output_head(model), targets).sum())
+
+
+@contextlib.contextmanager
+def unwrapped_for_generation(prepared, accelerator: Accelerator) -> Iterator[Any]:
     """The plain module of a prepared (DDP / DeepSpeed) model, with ZeRO-3 weights gathered for the block (trl
-    1.16's ``unwrap_model_for_generation``); a plain module as it is."""
+    1.16's ``unwrap_model_for_generation``; a plain module as it is), under the training's autocast: the plain
+    module's forward is not the one accelerate wrapped in autocast, so bf16 mixed precision is entered here."""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.NO or not hasattr(prepared, "module"):
-        return contextlib.nullcontext(prepared)
-    from trl.models.utils import unwrap_model_for_generation
+    with accelerator.autocast():
+        if accelerator.distributed_type == DistributedType.NO or not hasattr(prepared, "module"):
+            yield prepared
+            return
+        from trl.models.utils import unwrap_model_for_generation
 
-    return unwrap_model_for_generation(prepared, accelerator)
+        with unwrap_model_for_generation(prepared, accelerator) as model:
+            yield model

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from distill.data.datasets import collate, collate_packed
+from distill.data.datasets import collate, collate_packed, varlen_attention
 from distill.losses.objective import TeacherTargets, step_token_scale, target_labels, target_positions
 from distill.runtime import inner
 from distill.training.on_policy import OFF_POLICY, REPLAY, STUDENT, unwrapped_for_generation
@@ -37,7 +37,8 @@ def next_micro_batches(run) -> tuple[list[dict[str, torch.Tensor]], list[str], l
                 examples, figures = sample(run, examples, source)
         pad = run.tokenizer.pad_token_id
         if cfg.data.packing:
-            batch = collate_packed(examples, pad, cfg.data.max_length, run.packing_weight)
+            batch = collate_packed(examples, pad, cfg.data.max_length, run.packing_weight,
+                                   varlen_attention(cfg.model.attn_implementation))
         else:
             batch = collate(examples, pad)
         batches.append({k: v.to(run.accelerator.device) for k, v in batch.items()})

@@ -338,3 +338,32 @@ def test_local_backend_shards_across_processes(model_dirs, tmp_path):
     records = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1)]
     ids = [f"r{i}" for i in range(6)]
     assert records == [[0, 2, 3, ids], [1, 2, 3, ids]]
+
+
+def test_local_backend_ignores_the_checkpoint_generation_config(model_dirs, tmp_path):
+    """A teacher whose generation_config.json sets a repetition penalty, min_p and an n-gram ban answers as the
+    same weights without it (neutral settings); ``decoding.generation_kwargs`` switches a knob back on."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    opinionated = tmp_path / "opinionated"
+    shutil.copytree(model_dirs["teacher"], opinionated)
+    settings = GenerationConfig(do_sample=True, repetition_penalty=1.3, min_p=0.2, no_repeat_ngram_size=1)
+    settings.save_pretrained(opinionated)
+    prompts = [Request(f"g{i}", [{"role": "user", "content": "word " * (1 + 3 * i)}]) for i in range(3)]
+
+    def answers(model_dir, name, **decoding) -> dict[str, str]:
+        cfg = teacher(str(model_dir), None, backend="local", batch_size=4,
+                      decoding=DecodingConfig(temperature=0.0, max_tokens=12, **decoding))
+        engine = Engine(cfg, AnswerCache(tmp_path / f"{name}.sqlite"), LocalBackend(cfg), progress=False)
+        return {r.request.id: r.text for r in asyncio.run(collect(engine, prompts))}
+
+    plain = answers(model_dirs["teacher"], "plain")
+    assert answers(opinionated, "neutral") == plain
+    # no_repeat_ngram_size 1 bans every token already in the context: the greedy answers change
+    assert answers(opinionated, "banned", generation_kwargs={"no_repeat_ngram_size": 1}) != plain
+    with pytest.raises(ValueError, match="decoding.generation_kwargs: transformers settings of the local backend"):
+        teacher("gpt", None, decoding=DecodingConfig(generation_kwargs={"min_p": 0.1}))
+    with pytest.raises(ValueError, match="generation_kwargs.temperature: set by its own option"):
+        DecodingConfig(generation_kwargs={"temperature": 0.1})

@@ -364,3 +364,12 @@ def test_zero3_evaluates_an_eval_set_that_does_not_divide(model_dirs, train_file
     assert final["eval/loss"] == pytest.approx(ce / tokens, rel=1e-4)
     assert final["eval/kl"] == pytest.approx(kl / tokens, rel=1e-3)
     assert final["eval/top1_agreement"] == pytest.approx(agreement / tokens, abs=1e-9)
+
+
+def test_zero3_with_gradient_checkpointing_trains_like_zero3(model_dirs, train_file, zero3_reference, tmp_path):
+    """model.gradient_checkpointing under ZeRO-3 (partitioned weights gathered again for the recomputation): the
+    same losses and final weights as the run that keeps its activations."""
+    out = tmp_path / "checkpointing"
+    run("zero3.yaml", train_args(model_dirs, train_file, out, "--model.gradient_checkpointing", "true",
+                                 terms=FEATURE_TERMS))
+    assert_same_run(zero3_reference, out)

@@ -52,6 +52,7 @@ def prompts_file(tmp_path_factory):
     ({"top_p": 0}, r"on_policy: top_p: expected a number in \(0, 1\], got 0"),
     ({"top_k": -2}, r"on_policy: top_k: expected >= 0"),
     ({"replay_ratio": 2}, r"on_policy: replay_ratio: expected a number in \[0, 1\], got 2"),
+    ({"generation_kwargs": {"min_pp": 0.1}}, "on_policy: generation_kwargs.min_pp: not a transformers GenerationConfig"),
 ])
 def test_out_of_range_settings_are_refused_naming_the_field(settings, message):
     with pytest.raises(ConfigError, match=message):
@@ -125,7 +126,14 @@ def test_samples_keep_the_prompt_end_after_eos_and_resume_from_the_saved_state(m
         assert example["labels"] == [IGNORE_INDEX] * len(prompt_ids) + completion
         assert example["loss_weight"] == 0.0  # no `ce` on the student's own samples
     assert stats["on_policy/sampled_length"] == sum(len(e["input_ids"]) - e["prompt_length"] for e in built) / 6
-    assert stats["on_policy/student_logprob"] < 0
+    # the logged figure (chunked head, one forward pass) is the mean log-softmax of the model's own logits
+    with torch.no_grad():
+        reference = []
+        for example in built:
+            logits = model(torch.tensor([example["input_ids"]])).logits[0, :-1]
+            reference += torch.log_softmax(logits, -1)[torch.arange(len(logits)), example["input_ids"][1:]][
+                example["prompt_length"] - 1 :].tolist()
+    assert stats["on_policy/student_logprob"] == pytest.approx(sum(reference) / len(reference), rel=1e-5)
 
     torch.manual_seed(0)
     before = torch.rand(3)

@@ -8,16 +8,17 @@ import pytest
 import torch
 
 from distill.data.datasets import (
-    IGNORE_INDEX, attention_weight, collate, collate_packed, pack_rows, packing_rows,
+    IGNORE_INDEX, attention_weight, collate, collate_packed, pack_rows, packing_rows, varlen_attention,
 )
 from distill.training.train import Distiller, TrainConfig
 from kd_core.config import ConfigError, from_dict
 
 
-def config(model_dirs, train_file, out, packing, terms) -> TrainConfig:
+def config(model_dirs, train_file, out, packing, terms, attention="sdpa") -> TrainConfig:
     return from_dict(TrainConfig, {
         "output_dir": str(out), "max_steps": 2, "per_device_train_batch_size": 6, "report_to": ["none"],
-        "eval_steps": None, "model": {"teacher": str(model_dirs["teacher"]), "student": str(model_dirs["student"])},
+        "eval_steps": None, "model": {"teacher": str(model_dirs["teacher"]), "student": str(model_dirs["student"]),
+                                      "attn_implementation": attention},
         "data": {"train_file": str(train_file), "eval_fraction": 0.0, "packing": packing},
         "loss": {"terms": terms, "chunk_size": 7},
     })
@@ -60,17 +61,21 @@ def test_rows_grow_past_max_length_only_where_padding_costs_more_than_attention(
     assert packing_rows(lengths, None, 1.0) == [[1, 0, 3, 2]]  # no max_length: one row, as before
 
 
-@pytest.mark.parametrize("rows", ["one", "several"])
-def test_packed_batch_gives_the_padded_batch_terms_and_gradients(model_dirs, train_file, tmp_path, rows):
+# Each attention kernel that trains on CPU (flex_attention has no CPU backward in torch 2.13; it and flash run in
+# bench/gpu_check.sh): "one" row is the varlen layout (what flash_attention_* get), "several" rows rely on the
+# block-diagonal mask transformers builds from the position ids.
+@pytest.mark.parametrize(("attention", "rows"), [("sdpa", "one"), ("sdpa", "several"), ("eager", "one"),
+                                                 ("eager", "several")])
+def test_packed_batch_gives_the_padded_batch_terms_and_gradients(model_dirs, train_file, tmp_path, attention, rows):
     terms = {"forward_kl": 0.5, "reverse_kl": 0.2, "ce": 0.3}
-    padded_run = Distiller(config(model_dirs, train_file, tmp_path / "a", False, terms))
-    packed_run = Distiller(config(model_dirs, train_file, tmp_path / "b", True, terms))
+    padded_run = Distiller(config(model_dirs, train_file, tmp_path / "a", False, terms, attention))
+    packed_run = Distiller(config(model_dirs, train_file, tmp_path / "b", True, terms, attention))
     examples = [padded_run.train_set[i] for i in range(6)]
     examples[2] = {**examples[2], "loss_weight": 0.25}  # per-example ce weights survive packing
     pad = padded_run.tokenizer.pad_token_id
     lengths = [len(e["input_ids"]) for e in examples]
-    capacity = None if rows == "one" else sum(sorted(lengths)[-2:])  # about two examples a row
-    padded, packed = collate(examples, pad), collate_packed(examples, pad, capacity)
+    capacity = sum(sorted(lengths)[-2:])  # about two examples a row, unless varlen
+    padded, packed = collate(examples, pad), collate_packed(examples, pad, capacity, varlen=rows == "one")
     if rows == "one":
         assert packed["input_ids"].shape == (1, sum(lengths))
     else:
@@ -96,3 +101,13 @@ def test_training_with_packing_runs_and_feature_terms_are_refused(model_dirs, tr
     assert distiller.training_step()["forward_kl"] > 0
     with pytest.raises(ConfigError, match="data.packing: feature and relation terms compare whole padded sequences"):
         config(model_dirs, train_file, tmp_path / "x", True, {"forward_kl": 1.0, "hidden_mse": 1.0})
+
+
+def test_flash_attention_packs_into_one_unpadded_row():
+    assert varlen_attention("flash_attention_2") and varlen_attention("flash_attention_3")
+    assert not any(varlen_attention(name) for name in ("sdpa", "eager", "flex_attention"))
+    examples = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1)), "sample_id": n}
+                for n in (5, 9, 3)]
+    packed = collate_packed(examples, 0, 8, varlen=True)
+    assert packed["input_ids"].shape == (1, 17) and packed["attention_mask"].all()
+    assert packed["position_ids"][0].tolist() == list(range(5)) + list(range(9)) + list(range(3))
