@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from distill.evaluation.embedding import embedding_agreement
-from distill.losses.features import FeatureDistiller, FeatureSettings
+from distill.losses.features.distiller import FeatureDistiller, FeatureSettings
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "feature_sentences.txt"

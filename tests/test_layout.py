@@ -180,15 +180,8 @@ ALLOWED_LONG_FILES = {
     "data_gen/engine.py",  # 472 lines (H3: splitting long data_gen files)
     "data_gen/testing.py",  # 492 (H3)
     "data_gen/self_instruct.py",  # 460 (H3)
-    "distill/losses/divergences.py",  # 467 (H4: kernels with the model's own head, loss rows that carry code)
 }
-ALLOWED_LONG_FUNCTIONS = {
-    "kd_core/generation.py:generate_tokens",  # 61 lines (H4/H6: generation)
-    "kd_core/config.py:_coerce",  # 78 (H5: config did-you-mean)
-    "distill/losses/features/distiller.py:forward",  # 67 (H4: feature rows that carry code)
-    "distill/student/prune/command.py:run",  # 67 (H2: output-directory flow)
-    "distill/offline/precompute.py:run",  # 92 (H2: output-directory flow)
-}
+ALLOWED_LONG_FUNCTIONS: set[str] = set()
 
 
 def library_files() -> list[Path]:

@@ -206,6 +206,16 @@ def run(cfg: PruneConfig) -> dict[str, Any]:
         return _prune(cfg, output)
 
 
+def _load_model(cfg: PruneConfig, config) -> torch.nn.Module:
+    """One copy, in the checkpoint's dtype (transformers 5.23 resolves its "dtype" to a torch.dtype, None if unsaid):
+    statistics are float32 per layer (importance.py); the student is sliced from these weights, not a float32 copy."""
+    dtype = DTYPES.get(cfg.dtype) or config.dtype or torch.float32
+    if is_gguf(cfg.model):
+        return load_causal_lm(cfg.model, "model", dtype).to(cfg.device).eval()
+    model_cls = getattr(transformers, config.architectures[0])  # checked by family_for
+    return model_cls.from_pretrained(cfg.model, dtype=dtype).to(cfg.device).eval()
+
+
 def _prune(cfg: PruneConfig, output: ownership.Output) -> dict[str, Any]:
     model_dir, out_dir = Path(cfg.model), output.path
     config = load_config(model_dir, "model")
@@ -230,14 +240,7 @@ def _prune(cfg: PruneConfig, output: ownership.Output) -> dict[str, Any]:
         c = cfg.calibration
         calibration = load_calibration(c.data, tokenizer, c.num_samples, c.max_length, c.min_tokens)
 
-    # One copy, in the checkpoint's dtype (transformers 5.23 resolves its "dtype" to a torch.dtype, None if unsaid):
-    # statistics are float32 per layer (importance.py); the student is sliced from these weights, not a float32 copy.
-    dtype = DTYPES.get(cfg.dtype) or config.dtype or torch.float32
-    if is_gguf(model_dir):
-        teacher = load_causal_lm(model_dir, "model", dtype).to(cfg.device).eval()
-    else:
-        model_cls = getattr(transformers, config.architectures[0])  # checked by family_for
-        teacher = model_cls.from_pretrained(model_dir, dtype=dtype).to(cfg.device).eval()
+    teacher = _load_model(cfg, config)
     importance, cache = None, None
     if calibration is not None:
         importance, path, hit = cached_importance(

@@ -186,7 +186,7 @@ def test_eval_metrics(family):
     with torch.no_grad():
         s_logits = student(input_ids=b["input_ids"]).logits[positions]
         t_logits = teacher(input_ids=b["input_ids"]).logits[positions]
-    metrics = token_metrics(student, teacher, [b], V)
+    metrics = token_metrics(student, teacher, [b], V, chunk_size=4)
     tokens = int(positions.sum())
     assert metrics["tokens"] == tokens
     assert metrics["loss"] == pytest.approx(
