@@ -144,7 +144,7 @@ def test_training_on_the_divergence_lowers_it():
     first = None
     for _ in range(30):
         loss = chunked_cross_divergence(h_s, student, h_t, teacher, spec, match) / 8
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
