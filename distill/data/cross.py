@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distill.data.datasets import IGNORE_INDEX
 from kd_core.config import ConfigError
 
 CROSS_FEATURES = {"teacher_input_ids": ("list", "int32"), "align_student": ("list", "int32"),
@@ -108,18 +107,20 @@ def _prefix_positions(offsets: list[tuple[int, int]]) -> dict[int, int]:
 
 
 def align(student_offsets: list[tuple[int, int]], teacher_offsets: list[tuple[int, int]],
-          labels: list[int]) -> tuple[list[int], list[int]]:
+          counted: list[bool]) -> tuple[list[int], list[int]]:
     """Aligned positions (module docstring): ``(student_positions, teacher_positions)``, in increasing order; a
-    student position is kept when its next label is counted."""
+    student position ``i`` is kept when the label of token ``i + 1`` is ``counted``."""
     teacher = _prefix_positions(teacher_offsets)
     pairs = sorted((i, teacher[end]) for end, i in _prefix_positions(student_offsets).items()
-                   if end in teacher and i + 1 < len(labels) and labels[i + 1] != IGNORE_INDEX)
+                   if end in teacher and i + 1 < len(counted) and counted[i + 1])
     return [i for i, _ in pairs], [j for _, j in pairs]
 
 
-def cross_columns(record: dict[str, Any], shape: str, example: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
-                  teacher_tokenizer: PreTrainedTokenizerBase, max_length: int, where: str) -> dict[str, list[int]]:
-    """The teacher's ids (truncated to ``max_length`` tokens) and the aligned positions of one example."""
+def cross_columns(record: dict[str, Any], shape: str, example: dict[str, Any], counted: list[bool],
+                  tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase, max_length: int,
+                  where: str) -> dict[str, list[int]]:
+    """The teacher's ids (truncated to ``max_length`` tokens) and the aligned positions of one example, whose
+    ``counted`` says which of its labels count."""
     pieces = segments(record, shape, tokenizer)
     ids, offsets = encode(pieces, tokenizer)
     n = len(example["input_ids"])
@@ -128,7 +129,7 @@ def cross_columns(record: dict[str, Any], shape: str, example: dict[str, Any], t
                           "data layer's; it cannot be aligned with the teacher's tokens (loss.cross_tokenizer)")
     teacher_ids, teacher_offsets = encode(pieces, teacher_tokenizer)
     teacher_ids, teacher_offsets = teacher_ids[:max_length], teacher_offsets[:max_length]
-    student_pos, teacher_pos = align(offsets[:n], teacher_offsets, example["labels"])
+    student_pos, teacher_pos = align(offsets[:n], teacher_offsets, counted)
     return {"teacher_input_ids": teacher_ids, "align_student": student_pos, "align_teacher": teacher_pos}
 
 

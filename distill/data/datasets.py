@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from distill.data.cross import collate_teacher, cross_columns
 from kd_core.config import ConfigError, option
 from kd_core.records import iter_json_objects
 
@@ -264,7 +265,6 @@ def examples_of(record: dict[str, Any], shape: str, tokenizer: PreTrainedTokeniz
     until a model writes them. ``first`` (where the shape was detected) checks that the row has that shape.
     ``teacher_tokenizer`` (cross-tokenizer distillation) adds the teacher's ids and the aligned positions
     (:func:`distill.data.cross.cross_columns`)."""
-    from distill.data.cross import cross_columns  # here: cross imports this module
     w = settings.step_by_step_label_weight
     if w is None:
         check_record(record, shape, "", 0, where, first if settings.format == "auto" else None)
@@ -282,8 +282,9 @@ def examples_of(record: dict[str, Any], shape: str, tokenizer: PreTrainedTokeniz
         if not example["has_completion"] or any(label != IGNORE_INDEX for label in example["labels"][1:]):
             example["loss_weight"] = weight
             if teacher_tokenizer is not None:
-                example.update(cross_columns(one, shape, example, tokenizer, teacher_tokenizer, settings.max_length,
-                                             where))
+                counted = [label != IGNORE_INDEX for label in example["labels"]]
+                example.update(cross_columns(one, shape, example, counted, tokenizer, teacher_tokenizer,
+                                             settings.max_length, where))
             examples.append(example)
     return examples
 
@@ -340,8 +341,6 @@ def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sample_ids": sample_ids,
              "loss_weights": loss_weights}
     if "teacher_input_ids" in examples[0]:  # cross-tokenizer distillation
-        from distill.data.cross import collate_teacher  # here: cross imports this module
-
         batch.update(collate_teacher(examples))
     return batch
 

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from distill.data.cross import CROSS_FEATURES
 from kd_core import checksum
 from kd_core.atomic import atomic_write_json, atomic_write_text, publish_directory
 from kd_core.config import ConfigError
@@ -182,8 +183,6 @@ FEATURE_TYPES = {"input_ids": ("list", "int32"), "labels": ("list", "int32"), "p
 
 def _feature_types(teacher_tokenizer) -> dict[str, Any]:
     """The cached columns: with a teacher tokenizer, also the teacher's tokens and the aligned positions."""
-    from distill.data.cross import CROSS_FEATURES
-
     return FEATURE_TYPES if teacher_tokenizer is None else {**FEATURE_TYPES, **CROSS_FEATURES}
 
 

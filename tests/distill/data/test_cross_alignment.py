@@ -45,11 +45,15 @@ def _pairs(text, student_tok, teacher_tok, max_length=512):
     """Aligned pairs of a text example, as (student prefix read, teacher prefix read) strings, plus the encodings."""
     record = {"text": text}
     example = tokenize_example(record, "text", student_tok, max_length, True)
-    columns = cross_columns(record, "text", example, student_tok, teacher_tok, max_length, "row 1")
+    columns = cross_columns(record, "text", example, _counted(example), student_tok, teacher_tok, max_length, "row 1")
     _, s_off = encode(segments(record, "text", student_tok), student_tok)
     _, t_off = encode(segments(record, "text", teacher_tok), teacher_tok)
     pairs = list(zip(columns["align_student"], columns["align_teacher"]))
     return pairs, s_off, t_off, example, columns
+
+
+def _counted(example):
+    return [label != IGNORE_INDEX for label in example["labels"]]
 
 
 def _read(text, offsets, i):
@@ -106,7 +110,8 @@ def test_special_tokens_bos_eos_and_the_chat_template(student_tok, teacher_tok):
     # Chat data: both read the student's rendering; the template's special tokens are single tokens in both.
     record = {"prompt": "What is 12 plus 7?", "completion": "The answer is 19."}
     example = tokenize_example(record, "prompt_completion", student_tok, 512, True)
-    columns = cross_columns(record, "prompt_completion", example, student_tok, teacher_tok, 512, "row 1")
+    columns = cross_columns(record, "prompt_completion", example, _counted(example), student_tok, teacher_tok, 512,
+                            "row 1")
     (text, _), = segments(record, "prompt_completion", student_tok)[0]
     _, s_off = encode(segments(record, "prompt_completion", student_tok), student_tok)
     _, t_off = encode(segments(record, "prompt_completion", student_tok), teacher_tok)
@@ -178,5 +183,5 @@ def test_alignment_by_hand():
     # student "ab|c|d", teacher "a|bc|d": prefixes "abc" and "abcd" are shared; "ab" and "a" are not
     student = [(0, 2), (2, 3), (3, 4)]
     teacher = [(0, 0), (0, 1), (1, 3), (3, 4)]
-    assert align(student, teacher, [5, 6, 7]) == ([1], [2])
-    assert align(student, teacher, [5, IGNORE_INDEX, IGNORE_INDEX]) == ([], [])
+    assert align(student, teacher, [True, True, True]) == ([1], [2])
+    assert align(student, teacher, [True, False, False]) == ([], [])
