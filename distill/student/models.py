@@ -156,7 +156,12 @@ def _model_class(task: str):
 def check_paths(settings: ModelSettings) -> None:
     """Fails fast on missing model directories, before any weights load."""
     if settings.teacher:
-        require_model_dir(settings.teacher, "model.teacher")
+        require_model_dir(settings.teacher, "model.teacher", tokenizer=not settings.teacher_tokenizer)
+    if settings.teacher_tokenizer and not is_gguf(settings.teacher_tokenizer):
+        folder = Path(settings.teacher_tokenizer)
+        if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise ConfigError(f"model.teacher_tokenizer: expected a tokenizer directory (one of "
+                              f"{', '.join(TOKENIZER_FILES)}) or a .gguf file, got {str(folder)!r}")
     if settings.student:
         require_model_dir(settings.student, "model.student")
     check_student_overrides(settings)

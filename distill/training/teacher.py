@@ -137,6 +137,8 @@ class OnlineTeacher(TeacherSignal):
         trl's ``prepare_deepspeed`` does); under DDP or a single process it is simply moved to the device."""
         from accelerate.utils import DistributedType
 
+        if match is not None:
+            match = match.to(accelerator.device)  # once, not per micro-batch
         if accelerator.distributed_type != DistributedType.DEEPSPEED:
             return cls(teacher.to(accelerator.device), settings, zero3=False, match=match)
         from trl.models.utils import prepare_deepspeed

@@ -99,6 +99,18 @@ def test_the_teacher_reads_its_own_tokens_and_the_step_matches_the_kernel(pair, 
     assert set(terms) == {"jsd", "ce"}
 
 
+def test_the_teacher_tokenizer_may_live_elsewhere(pair, tmp_path):
+    import shutil
+
+    weights_only = tmp_path / "teacher_weights"
+    shutil.copytree(pair["teacher"], weights_only, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    cfg = _config(pair, tmp_path / "elsewhere", "uld", max_steps=1,
+                  **{"model.teacher": str(weights_only), "model.teacher_tokenizer": str(pair["teacher"])})
+    assert run(cfg).steps == 1
+    with pytest.raises(ConfigError, match=r"model\.teacher_tokenizer: expected a tokenizer directory"):
+        Distiller(_config(pair, tmp_path / "missing", "uld", **{"model.teacher_tokenizer": str(tmp_path / "no")}))
+
+
 def test_without_cross_tokenizer_a_mismatch_is_still_refused(pair, tmp_path):
     with pytest.raises(ConfigError, match=r"tokenizer mismatch: .*or loss\.cross_tokenizer \(uld or gold\)"):
         Distiller(_config(pair, tmp_path / "refused", None))
@@ -109,6 +121,7 @@ def test_without_cross_tokenizer_a_mismatch_is_still_refused(pair, tmp_path):
     ({"loss.terms": {"forward_kl": 1.0, "hidden_mse": 1.0}}, r"cross_tokenizer: feature terms"),
     ({"data.packing": True}, r"data\.packing: not supported with loss\.cross_tokenizer"),
     ({"on_policy.student_fraction": 0.5}, r"loss\.cross_tokenizer: on-policy training across tokenizers"),
+    ({"loss.cross_tokenizer": None, "model.teacher_tokenizer": "x"}, r"model\.teacher_tokenizer: only used with"),
 ])
 def test_what_is_not_supported_yet_is_refused_up_front(pair, tmp_path, overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):
