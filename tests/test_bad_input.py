@@ -391,6 +391,49 @@ def hex_key_as_env_name(model_dirs, tmp_path):
     return ["--input_file", str(_questions(tmp_path)), "--teacher.model", "m", "--teacher.api_key_env",
             "0f3a9c2e7b1d4f6a8c0e2b4d6f8a1c3e", "--output.dir", str(tmp_path / "cot")]
 
+# --- issue 28: cross-tokenizer distillation -----------------------------------------------------------------------
+
+def _teacher_with_tokenizer(model_dirs, tmp_path: Path, tokenizer) -> Path:
+    """The tiny teacher's weights with another tokenizer saved beside them."""
+    teacher = tmp_path / "other_teacher"
+    shutil.copytree(model_dirs["teacher"], teacher, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    tokenizer.save_pretrained(teacher)
+    return teacher
+
+
+def cross_slow_teacher_tokenizer(model_dirs, tmp_path):
+    from transformers import BertTokenizerLegacy
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "what", "is", "plus", "the", "answer"]) + "\n")
+    teacher = _teacher_with_tokenizer(model_dirs, tmp_path, BertTokenizerLegacy(str(vocab)))
+    vocab.unlink()
+    return _train_argv(model_dirs, tmp_path, "--model.teacher", str(teacher), "--loss.cross_tokenizer", "uld")
+
+
+def cross_gold_no_shared_strings(model_dirs, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["\u03b1\u03b2\u03b3 \u03b4\u03b5\u03b6 \u03b7\u03b8"] * 10,
+                            trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[UNK]"], show_progress=False))
+    teacher = _teacher_with_tokenizer(model_dirs, tmp_path, PreTrainedTokenizerFast(tokenizer_object=tok,
+                                                                                    unk_token="[UNK]"))
+    return _train_argv(model_dirs, tmp_path, "--model.teacher", str(teacher), "--loss.cross_tokenizer", "gold")
+
+
+def cross_other_chat_template(model_dirs, tmp_path):
+    from distill.student.tiny import train_sentencepiece_style_tokenizer
+    from tests.conftest import CORPUS
+
+    tokenizer = train_sentencepiece_style_tokenizer(CORPUS, vocab_size=400)
+    tokenizer.chat_template = "{% for m in messages %}<start_of_turn>{{ m['content'] }}<end_of_turn>{% endfor %}"
+    teacher = _teacher_with_tokenizer(model_dirs, tmp_path, tokenizer)
+    return _train_argv(model_dirs, tmp_path, "--model.teacher", str(teacher), "--loss.cross_tokenizer", "uld")
+
+
 TRAIN = "distill.training.train"
 CASES = [
     (TRAIN, model_not_json, r"model\.student: .*config\.json is not valid JSON"),
@@ -466,6 +509,11 @@ CASES = [
                                            r"\(per_device_train_batch_size 4\)"),
     ("distill.evaluation.command", eval_teacher_other_tokenizer, r"teacher: .*other_teacher has a different tokenizer"),
     ("data_gen.cot", hex_key_as_env_name, r"teacher: api_key_env: expected the NAME of an environment variable"),
+    (TRAIN, cross_slow_teacher_tokenizer, r"model\.teacher: BertTokenizerLegacy is a slow \(Python\) tokenizer without "
+                                          r"character offsets; loss\.cross_tokenizer aligns"),
+    (TRAIN, cross_gold_no_shared_strings, r"loss\.cross_tokenizer: gold found no token whose text is the same in both "
+                                          r"vocabularies .*use uld"),
+    (TRAIN, cross_other_chat_template, r"model\.teacher: the teacher's chat template differs from the student's"),
 ]
 
 

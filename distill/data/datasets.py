@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from distill.data.cross import collate_teacher, cross_columns
 from kd_core.config import ConfigError, option
 from kd_core.records import iter_json_objects
 
@@ -256,11 +257,14 @@ def record_shape(record: dict[str, Any], settings: DataSettings, where: str) -> 
 
 
 def examples_of(record: dict[str, Any], shape: str, tokenizer: PreTrainedTokenizerBase, settings: DataSettings,
-                where: str, first: str | None = None) -> list[dict[str, Any]]:
+                where: str, first: str | None = None, teacher_tokenizer: PreTrainedTokenizerBase | None = None
+                ) -> list[dict[str, Any]]:
     """A record checked (ConfigError naming ``where``) and tokenized into its examples, each with a ``loss_weight``:
     one example (weight 1), or two with ``step_by_step_label_weight`` w (a label example, weight w, and a rationale
     example, 1 - w). Examples truncated to no target are left out; prompts only (on-policy) are kept, having none
-    until a model writes them. ``first`` (where the shape was detected) checks that the row has that shape."""
+    until a model writes them. ``first`` (where the shape was detected) checks that the row has that shape.
+    ``teacher_tokenizer`` (cross-tokenizer distillation) adds the teacher's ids and the aligned positions
+    (:func:`distill.data.cross.cross_columns`)."""
     w = settings.step_by_step_label_weight
     if w is None:
         check_record(record, shape, "", 0, where, first if settings.format == "auto" else None)
@@ -277,6 +281,10 @@ def examples_of(record: dict[str, Any], shape: str, tokenizer: PreTrainedTokeniz
         example = tokenize_example(one, shape, tokenizer, settings.max_length, settings.completion_only_loss)
         if not example["has_completion"] or any(label != IGNORE_INDEX for label in example["labels"][1:]):
             example["loss_weight"] = weight
+            if teacher_tokenizer is not None:
+                counted = [label != IGNORE_INDEX for label in example["labels"]]
+                example.update(cross_columns(one, shape, example, counted, tokenizer, teacher_tokenizer,
+                                             settings.max_length, where))
             examples.append(example)
     return examples
 
@@ -287,6 +295,7 @@ def tokenize_records(
     settings: DataSettings,
     source: str,
     row_ids: list[int] | None = None,
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> TokenizedDataset:
     """Tokenizes records in memory (small sets: the eval command, tests); ``row_ids`` are their rows in the source
     file (default 0..n-1). Each example carries a ``loss_weight`` (see :func:`examples_of`)."""
@@ -297,7 +306,7 @@ def tokenize_records(
     shape = record_shape(records[0], settings, wheres[0]) if records else "text"
     examples = []
     for row, record, where in zip(row_ids, records, wheres):
-        for example in examples_of(record, shape, tokenizer, settings, where, wheres[0]):
+        for example in examples_of(record, shape, tokenizer, settings, where, wheres[0], teacher_tokenizer):
             example["sample_id"] = row
             examples.append(example)
     if not examples:
@@ -305,13 +314,15 @@ def tokenize_records(
     return TokenizedDataset(examples)
 
 
-def build_datasets(settings: DataSettings, tokenizer: PreTrainedTokenizerBase, seed: int):
+def build_datasets(settings: DataSettings, tokenizer: PreTrainedTokenizerBase, seed: int,
+                   teacher_tokenizer: PreTrainedTokenizerBase | None = None):
     """Train and eval sets (:class:`distill.data.tokenized.ArrowExamples`) from the tokenized cache of each file;
     eval is carved from train (deterministically for ``seed``) when no file is given, and keeps only examples with
-    a completion (token metrics need targets); None when there is no eval set."""
+    a completion (token metrics need targets); None when there is no eval set. ``teacher_tokenizer``: each example
+    also holds the teacher's tokens and the aligned positions (cross-tokenizer distillation)."""
     from distill.data.tokenized import RowFunctions, split_examples
 
-    return split_examples(settings, tokenizer, seed, RowFunctions(record_shape, examples_of))
+    return split_examples(settings, tokenizer, seed, RowFunctions(record_shape, examples_of), teacher_tokenizer)
 
 
 def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -327,8 +338,11 @@ def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
         attention_mask[row, :n] = 1
     sample_ids = torch.tensor([e["sample_id"] for e in examples], dtype=torch.long)
     loss_weights = torch.tensor([e.get("loss_weight", 1.0) for e in examples], dtype=torch.float32)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sample_ids": sample_ids,
-            "loss_weights": loss_weights}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sample_ids": sample_ids,
+             "loss_weights": loss_weights}
+    if "teacher_input_ids" in examples[0]:  # cross-tokenizer distillation
+        batch.update(collate_teacher(examples))
+    return batch
 
 
 def pack_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from distill.data.cross import CROSS_FEATURES
 from kd_core import checksum
 from kd_core.atomic import atomic_write_json, atomic_write_text, publish_directory
 from kd_core.config import ConfigError
@@ -101,7 +102,7 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(path: Path, tokenizer, settings) -> str:
+def cache_key(path: Path, tokenizer, settings, teacher_tokenizer=None) -> str:
     import datasets
     import tokenizers
     import transformers
@@ -116,6 +117,8 @@ def cache_key(path: Path, tokenizer, settings) -> str:
         "step_by_step_label_weight": settings.step_by_step_label_weight,
         "libraries": [transformers.__version__, tokenizers.__version__, datasets.__version__],
     }
+    if teacher_tokenizer is not None:  # cross-tokenizer distillation: the teacher's tokens are cached too
+        key["teacher"] = tokenizer_identity(teacher_tokenizer)
     return checksum.bytes_hash(json.dumps(key, sort_keys=True).encode())
 
 
@@ -160,14 +163,16 @@ def _chunk_records(chunk: dict[str, int], source: dict[str, Any]):
 
 
 def _tokenize_chunk(batch: dict[str, list[int]], source: dict[str, Any], tokenizer, settings,
-                    examples_of: Callable) -> dict[str, list]:
+                    examples_of: Callable, teacher_tokenizer=None) -> dict[str, list]:
     """The ``Dataset.map`` function: one chunk (``batch_size`` 1) in, its kept examples out."""
-    out: dict[str, list] = {name: [] for name in FEATURE_TYPES}
+    names = _feature_types(teacher_tokenizer)
+    out: dict[str, list] = {name: [] for name in names}
     chunk = {name: values[0] for name, values in batch.items()}
     for row, where, record in _chunk_records(chunk, source):
-        for example in examples_of(record, source["shape"], tokenizer, settings, where, source["first"]):
+        for example in examples_of(record, source["shape"], tokenizer, settings, where, source["first"],
+                                   teacher_tokenizer):
             example["sample_id"] = row
-            for name in FEATURE_TYPES:
+            for name in names:
                 out[name].append(example[name])
     return out
 
@@ -176,12 +181,17 @@ FEATURE_TYPES = {"input_ids": ("list", "int32"), "labels": ("list", "int32"), "p
                  "has_completion": "bool", "sample_id": "int64", "loss_weight": "float64"}
 
 
-def _features():
+def _feature_types(teacher_tokenizer) -> dict[str, Any]:
+    """The cached columns: with a teacher tokenizer, also the teacher's tokens and the aligned positions."""
+    return FEATURE_TYPES if teacher_tokenizer is None else {**FEATURE_TYPES, **CROSS_FEATURES}
+
+
+def _features(teacher_tokenizer=None):
     import datasets
 
     return datasets.Features({
         name: datasets.List(datasets.Value(kind[1])) if isinstance(kind, tuple) else datasets.Value(kind)
-        for name, kind in FEATURE_TYPES.items()
+        for name, kind in _feature_types(teacher_tokenizer).items()
     })
 
 
@@ -208,7 +218,8 @@ def _source(path: Path, field: str, settings, record_shape: Callable) -> tuple[d
     return {"path": str(path), "field": field, "raw": raw, "shape": shape, "first": first_where}, chunks, rows
 
 
-def _build(path: Path, field: str, tokenizer, settings, target: Path, rows_of: RowFunctions) -> None:
+def _build(path: Path, field: str, tokenizer, settings, target: Path, rows_of: RowFunctions,
+           teacher_tokenizer=None) -> None:
     """Tokenizes ``path`` into ``target``: filled in a hidden temporary folder beside it, then renamed."""
     import datasets
 
@@ -222,9 +233,10 @@ def _build(path: Path, field: str, tokenizer, settings, target: Path, rows_of: R
         started = time.monotonic()
         table.map(
             _tokenize_chunk, batched=True, batch_size=1, num_proc=processes if processes > 1 else None,
-            remove_columns=table.column_names, features=_features(), cache_file_name=str(tmp / "tokens.arrow"),
-            new_fingerprint=target.name, fn_kwargs={"source": source, "tokenizer": tokenizer, "settings": settings,
-                                                 "examples_of": rows_of.examples_of},
+            remove_columns=table.column_names, features=_features(teacher_tokenizer),
+            cache_file_name=str(tmp / "tokens.arrow"), new_fingerprint=target.name,
+            fn_kwargs={"source": source, "tokenizer": tokenizer, "settings": settings,
+                       "examples_of": rows_of.examples_of, "teacher_tokenizer": teacher_tokenizer},
             desc=f"tokenizing {path.name}",
         )
         files = sorted(p.name for p in tmp.glob("tokens*.arrow"))
@@ -261,12 +273,13 @@ def _builds_here() -> bool:
     return int(os.environ.get("LOCAL_RANK", torch.distributed.get_rank())) == 0
 
 
-def tokenized_file(source: str, field: str, tokenizer, settings, rows_of: RowFunctions):
+def tokenized_file(source: str, field: str, tokenizer, settings, rows_of: RowFunctions, teacher_tokenizer=None):
     """The examples of one data file (a memory-mapped ``datasets.Dataset``: ``sample_id`` is the record's row) and
-    its number of records; built once per key, mapped afterwards (see the module docstring)."""
+    its number of records; built once per key, mapped afterwards (see the module docstring). ``teacher_tokenizer``:
+    with the teacher's tokens and aligned positions (:mod:`distill.data.cross`)."""
     path = check_data_path(source, field)
     root = cache_root(settings.cache_dir)
-    target = root / cache_key(path, tokenizer, settings)
+    target = root / cache_key(path, tokenizer, settings, teacher_tokenizer)
     verdict = root / f"{target.name}.error"
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     builder = _builds_here()
@@ -278,7 +291,7 @@ def tokenized_file(source: str, field: str, tokenizer, settings, rows_of: RowFun
         _wait_for(target, verdict, field)
     elif not (target / META).exists():
         try:
-            _build(path, field, tokenizer, settings, target, rows_of)
+            _build(path, field, tokenizer, settings, target, rows_of, teacher_tokenizer)
         except ConfigError as err:
             if distributed:
                 atomic_write_text(verdict, str(err))
@@ -338,14 +351,17 @@ class ArrowExamples(torch.utils.data.Dataset):
         return int(self.column("sample_id")[missing[0]]) if len(missing) else None
 
 
-def split_examples(settings, tokenizer, seed: int, rows_of: RowFunctions) -> tuple[ArrowExamples, ArrowExamples | None]:
+def split_examples(settings, tokenizer, seed: int, rows_of: RowFunctions,
+                   teacher_tokenizer=None) -> tuple[ArrowExamples, ArrowExamples | None]:
     """Train and eval examples (:func:`distill.data.datasets.build_datasets`)."""
-    table, rows = tokenized_file(settings.train_file, "data.train_file", tokenizer, settings, rows_of)
+    table, rows = tokenized_file(settings.train_file, "data.train_file", tokenizer, settings, rows_of,
+                                 teacher_tokenizer)
     sample_ids = table.data.column("sample_id").to_numpy()
     held = np.zeros(rows, dtype=bool)
     eval_set = None
     if settings.eval_file:
-        eval_table, _ = tokenized_file(settings.eval_file, "data.eval_file", tokenizer, settings, rows_of)
+        eval_table, _ = tokenized_file(settings.eval_file, "data.eval_file", tokenizer, settings, rows_of,
+                                       teacher_tokenizer)
         if not len(eval_table):
             raise ConfigError(f"{settings.eval_file}: no example has target tokens within "
                               f"max_length={settings.max_length}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,12 @@ class LossSettings:
         None, help="Offline distillation: a store written by `distill precompute`; logit terms then use its top-k "
         "teacher log-probabilities (with a tail bucket) and no teacher is loaded (leave model.teacher unset)."
     )
+    cross_tokenizer: Literal["uld", "gold"] | None = option(
+        None, help="Distil across tokenizers (the teacher reads the same text in its own tokens; the models are "
+        "compared where both have read the same characters): `uld` = L1 between the sorted probability vectors "
+        "(Boizard et al.), `gold` = the logit term's divergence on tokens whose text maps one to one between the "
+        "vocabularies plus `uld` on the rest. null: the tokenizers must be the same (different ones are refused)."
+    )
     features: FeatureSettings = section(FeatureSettings, help="Settings of feature- and relation-based terms.")
 
     def __post_init__(self) -> None:
@@ -72,6 +78,24 @@ class LossSettings:
             raise ValueError(f"chunk_size: expected >= 1, got {self.chunk_size}")
         if self.teacher_store and self.feature_terms:
             raise ValueError(f"teacher_store: feature terms {sorted(self.feature_terms)} need an online teacher")
+        if self.cross_tokenizer is not None:
+            self._check_cross_tokenizer()
+
+    def _check_cross_tokenizer(self) -> None:
+        """One cross-tokenizer divergence, from an online teacher: the term names the exact part of `gold` (with
+        `uld` every kind would give the same value), and hidden states or a store in the teacher's vocabulary cannot
+        be compared position by position."""
+        if self.cross_tokenizer not in ("uld", "gold"):
+            raise ValueError(f"cross_tokenizer: expected uld, gold or null, got {self.cross_tokenizer!r}")
+        if len(self.logit_terms) != 1:
+            raise ValueError(f"cross_tokenizer: expected exactly one logit divergence in loss.terms (the exact part "
+                             f"of gold; uld ignores its kind), got {sorted(self.logit_terms) or 'none'}")
+        if self.feature_terms:
+            raise ValueError(f"cross_tokenizer: feature terms {sorted(self.feature_terms)} compare positions one to "
+                             "one and cannot be used across tokenizers")
+        if self.teacher_store:
+            raise ValueError("cross_tokenizer: an offline store (loss.teacher_store) is not supported across "
+                             "tokenizers yet; use an online model.teacher")
 
     def spec(self, kind: str) -> DivergenceSpec:
         """The divergence ``kind`` with this section's temperature, beta, skew and chunk size."""

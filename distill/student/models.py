@@ -41,6 +41,10 @@ class ModelSettings:
         {}, help="Config fields changed from the teacher's to build a randomly initialised student, e.g. "
         "{num_hidden_layers: 2, hidden_size: 256, intermediate_size: 512}."
     )
+    teacher_tokenizer: str | None = option(
+        None, help="With loss.cross_tokenizer: the teacher's tokenizer (a directory, or a .gguf file), when it is not "
+        "the one in model.teacher's directory."
+    )
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", help="Teacher weights dtype; `auto` = bfloat16 when training in bf16 or on a GPU with bf16 support "
         "(the frozen teacher needs no fp32 master weights), else float32."
@@ -164,7 +168,12 @@ def check_paths(settings: ModelSettings) -> None:
     """Fails fast on missing model directories, an attention kernel or checkpointing the models cannot run, before
     any weights load and before anything is written."""
     if settings.teacher:
-        require_model_dir(settings.teacher, "model.teacher")
+        require_model_dir(settings.teacher, "model.teacher", tokenizer=not settings.teacher_tokenizer)
+    if settings.teacher_tokenizer and not is_gguf(settings.teacher_tokenizer):
+        folder = Path(settings.teacher_tokenizer)
+        if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise ConfigError(f"model.teacher_tokenizer: expected a tokenizer directory (one of "
+                              f"{', '.join(TOKENIZER_FILES)}) or a .gguf file, got {str(folder)!r}")
     if settings.student:
         require_model_dir(settings.student, "model.student")
     check_student_overrides(settings)
@@ -255,19 +264,21 @@ def check_student_overrides(settings: ModelSettings) -> None:
                           f"({heads})")
 
 
-def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
+def load_tokenizer(settings: ModelSettings, same_vocabulary: bool = True) -> PreTrainedTokenizerBase:
     """The student's tokenizer (the teacher's when the student is built from its config), checked against the
-    teacher's: distillation over logits needs the same vocabulary, not just the same size."""
+    teacher's: distillation over logits needs the same vocabulary, not just the same size (unless
+    ``same_vocabulary`` is False: cross-tokenizer distillation loads the teacher's on its own)."""
     if not settings.student:
         tokenizer = load_pretrained_tokenizer(settings.teacher, "model.teacher")
     else:
         tokenizer = load_pretrained_tokenizer(settings.student, "model.student")
-        teacher_tok = load_pretrained_tokenizer(settings.teacher, "model.teacher") if settings.teacher else tokenizer
+        teacher_tok = load_pretrained_tokenizer(settings.teacher, "model.teacher") if settings.teacher and \
+            same_vocabulary else tokenizer
         if tokenizer.get_vocab() != teacher_tok.get_vocab():
             raise ConfigError(
                 f"tokenizer mismatch: student {settings.student} ({len(tokenizer)} tokens) and teacher "
                 f"{settings.teacher} ({len(teacher_tok)} tokens) have different vocabularies; logit distillation "
-                "needs the same tokenizer"
+                "needs the same tokenizer, or loss.cross_tokenizer (uld or gold)"
             )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # the collator needs an id; padded positions are masked anyway

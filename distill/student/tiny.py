@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
@@ -28,10 +28,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on ``texts``; every byte is in the alphabet, so nothing is ever unknown."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 512, individual_digits: bool = False
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on ``texts``; every byte is in the alphabet, so nothing is ever unknown.
+    ``individual_digits`` writes numbers digit by digit (as Llama-3 and Qwen do; GPT-2 style merges them)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if individual_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -47,6 +53,28 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
         eos_token="</s>",
         unk_token="<unk>",
     )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def train_sentencepiece_style_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A BPE in SentencePiece's style (Llama-2, Gemma): ``▁`` marks a word's leading space, characters outside the
+    trained alphabet fall back to byte tokens ``<0xNN>``, and numbers merge into multi-digit tokens. With a BOS added
+    to every sequence and the same chat template as :func:`train_tokenizer`: a teacher tokenizer unlike the
+    student's in every way the cross-tokenizer alignment must survive."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + byte_pieces,
+                                  limit_alphabet=60, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
 

@@ -102,6 +102,8 @@ class TrainConfig:
             if self.on_policy.student_fraction > 0 and not (self.loss.logit_terms or self.loss.feature_terms):
                 raise ValueError(f"loss.terms: on the student's own samples `ce` is off and only teacher terms train; "
                                  f"add a logit divergence (e.g. reverse_kl or jsd), got {self.loss.terms}")
+        if self.loss.cross_tokenizer or self.model.teacher_tokenizer:
+            self._check_cross_tokenizer()
         if self.data.packing and self.loss.feature_terms:
             raise ValueError(f"data.packing: feature and relation terms compare whole padded sequences; pack with logit "
                              f"terms and `ce` only, got {sorted(self.loss.feature_terms)}")
@@ -109,6 +111,21 @@ class TrainConfig:
             # Per-example weights reach the `ce` term only; a divergence would silently ignore them.
             raise ValueError(f"data.step_by_step_label_weight: trains with loss.terms {{ce: 1}} only, got "
                              f"{self.loss.terms}")
+
+
+    def _check_cross_tokenizer(self) -> None:
+        """What cross-tokenizer distillation supports in this version: off-policy on dataset text, unpacked."""
+        if not self.loss.cross_tokenizer:
+            raise ValueError("model.teacher_tokenizer: only used with loss.cross_tokenizer (uld or gold)")
+        if not self.model.teacher or not self.model.student:
+            raise ValueError("loss.cross_tokenizer: needs model.teacher and model.student (a student built from the "
+                             "teacher's config shares its tokenizer)")
+        if self.on_policy.enabled:
+            raise ValueError("loss.cross_tokenizer: on-policy training across tokenizers is not supported yet; set "
+                             "on_policy.student_fraction and teacher_fraction to 0")
+        if self.data.packing:
+            raise ValueError("data.packing: not supported with loss.cross_tokenizer (the teacher's rows would be "
+                             "packed differently); set data.packing: false")
 
 
 def ownership_settings(cfg: TrainConfig) -> dict[str, Any]:

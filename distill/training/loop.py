@@ -64,8 +64,9 @@ class Distiller:
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
-        self.tokenizer = load_tokenizer(cfg.model)
-        self.train_set, eval_set = setup.setup_data(cfg, self.tokenizer, acc.num_processes)
+        self.tokenizer = load_tokenizer(cfg.model, same_vocabulary=not cfg.loss.cross_tokenizer)
+        cross_tokenizer = setup.setup_cross_tokenizer(cfg, self.tokenizer)
+        self.train_set, eval_set = setup.setup_data(cfg, self.tokenizer, acc.num_processes, cross_tokenizer)
         accuracy_pairs = load_accuracy_set(cfg.accuracy) if cfg.accuracy.file else []
         self.task = resolve_task(cfg.model)
         setup.check_task(cfg, self.task)
@@ -81,7 +82,8 @@ class Distiller:
         self.module, self.optimizer, self.scheduler = acc.prepare(module, optimizer, scheduler)
         self.zero3 = zero3_enabled(acc)
         setup.check_zero3(self.module, models, self.task, self.zero3)
-        self.teacher = setup.setup_teacher_signal(cfg, acc, models.teacher, store)
+        match = setup.vocab_match(cross_tokenizer, self.tokenizer, models) if cross_tokenizer is not None else None
+        self.teacher = setup.setup_teacher_signal(cfg, acc, models.teacher, store, match)
         self.sampler = Sampler(cfg.on_policy, cfg.seed, acc.process_index, acc.device) if cfg.on_policy.enabled \
             else None
         self.evaluator = Evaluator(

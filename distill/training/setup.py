@@ -16,8 +16,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from transformers import PreTrainedTokenizerBase
+
+from distill.data import cross
 from distill.data.batching import BatchStream
 from distill.data.datasets import TokenizedDataset, attention_weight, build_datasets
+from distill.losses.cross import VocabMatch
 from distill.losses.divergences import shared_vocab_size
 from distill.losses.head import output_head
 from distill.losses.objective import StudentWithObjective
@@ -31,6 +35,7 @@ from distill.training.config import TrainConfig, check_batch_fits
 from distill.training.on_policy import check_dataset
 from distill.training.teacher import OnlineTeacher, StoreTeacher, TeacherSignal
 from kd_core.config import ConfigError
+from kd_core.pretrained import load_tokenizer as load_pretrained_tokenizer
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -38,12 +43,56 @@ if TYPE_CHECKING:
 logger = logging.getLogger("distill")
 
 
+@dataclasses.dataclass(frozen=True)
+class CrossTokenizer:
+    """Cross-tokenizer distillation (``loss.cross_tokenizer``): the teacher's tokenizer and, for ``gold``, the ids
+    whose text maps one to one between the vocabularies (:func:`distill.data.cross.match_vocabularies`)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    student_ids: list[int]
+    teacher_ids: list[int]
+
+
+def setup_cross_tokenizer(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> CrossTokenizer | None:
+    """The teacher's own tokenizer, checked before any model loads: both give character offsets, the chat templates
+    agree, and ``gold`` finds tokens to match. None without ``loss.cross_tokenizer``."""
+    if not cfg.loss.cross_tokenizer:
+        return None
+    field = "model.teacher_tokenizer" if cfg.model.teacher_tokenizer else "model.teacher"
+    teacher_tokenizer = load_pretrained_tokenizer(cfg.model.teacher_tokenizer or cfg.model.teacher, field)
+    cross.check_offsets(tokenizer, "model.student")
+    cross.check_offsets(teacher_tokenizer, field)
+    if cfg.data.format != "text":
+        cross.check_templates(tokenizer, teacher_tokenizer, field)
+    if cfg.loss.cross_tokenizer == "uld":
+        return CrossTokenizer(teacher_tokenizer, [], [])
+    student_ids, teacher_ids = cross.match_vocabularies(tokenizer, teacher_tokenizer, "loss.cross_tokenizer")
+    logger.info("gold: %d tokens match one to one between the student's %d and the teacher's %d", len(student_ids),
+                len(tokenizer), len(teacher_tokenizer))
+    return CrossTokenizer(teacher_tokenizer, student_ids, teacher_ids)
+
+
+def vocab_match(cross_tokenizer: CrossTokenizer, tokenizer: PreTrainedTokenizerBase, models: Models) -> VocabMatch:
+    """Each head cropped to its own tokenizer (padding rows beyond it are never produced), refused when a
+    tokenizer has more tokens than its model's head."""
+    teacher_tokenizer = cross_tokenizer.tokenizer
+    for name, tok, model in (("student", tokenizer, models.student), ("teacher", teacher_tokenizer, models.teacher)):
+        rows = model.get_output_embeddings().weight.shape[0]
+        if len(tok) > rows:
+            raise ConfigError(f"model.{name}: its tokenizer has {len(tok)} tokens but its output head {rows} rows; "
+                              "the tokenizer does not belong to the model")
+    return VocabMatch.build(cross_tokenizer.student_ids, cross_tokenizer.teacher_ids, len(tokenizer),
+                            len(teacher_tokenizer))
+
+
 def setup_data(
-    cfg: TrainConfig, tokenizer, processes: int
+    cfg: TrainConfig, tokenizer, processes: int, cross_tokenizer: CrossTokenizer | None = None
 ) -> tuple[TokenizedDataset, TokenizedDataset | None]:
     """The training set and the held-out set of the token figures (:func:`build_datasets` leaves prompts without a
-    completion out of it: they have no counted token), checked to fill one batch across ``processes``."""
-    train_set, eval_set = build_datasets(cfg.data, tokenizer, cfg.seed)
+    completion out of it: they have no counted token), checked to fill one batch across ``processes``; across
+    tokenizers, each example also holds the teacher's tokens and the aligned positions."""
+    teacher_tokenizer = cross_tokenizer.tokenizer if cross_tokenizer is not None else None
+    train_set, eval_set = build_datasets(cfg.data, tokenizer, cfg.seed, teacher_tokenizer)
     check_dataset(cfg.on_policy, train_set, cfg.data.train_file)
     check_batch_fits(len(train_set), cfg, processes)
     return train_set, eval_set
@@ -79,7 +128,9 @@ def setup_models(cfg: TrainConfig, task: str, tokenizer) -> Models:
     if cfg.lora.enabled:
         student = apply_lora(student, cfg.lora)
     teacher = load_teacher(cfg.model, cfg.bf16, task) if cfg.model.teacher else None
-    teacher_vocab = teacher.config.vocab_size if teacher is not None else student.config.vocab_size
+    # Across tokenizers, vocab_size is the student's own (the teacher's is in the VocabMatch).
+    same = teacher is not None and not cfg.loss.cross_tokenizer
+    teacher_vocab = teacher.config.vocab_size if same else student.config.vocab_size
     vocab_size = shared_vocab_size(student.config.vocab_size, teacher_vocab, len(tokenizer))
     return Models(student, teacher, masks, packing_weight, vocab_size)
 
@@ -136,12 +187,13 @@ def check_zero3(prepared: nn.Module, models: Models, task: str, zero3: bool) -> 
 
 
 def setup_teacher_signal(
-    cfg: TrainConfig, accelerator: Accelerator, teacher: nn.Module | None, store: LogitStore | None
+    cfg: TrainConfig, accelerator: Accelerator, teacher: nn.Module | None, store: LogitStore | None,
+    match: VocabMatch | None = None,
 ) -> TeacherSignal | None:
-    """An online teacher (prepared for DeepSpeed where launched so), the store, or None: no term learns from a
-    teacher, and none is kept for eval."""
+    """An online teacher (prepared for DeepSpeed where launched so; reading its own tokens when ``match`` is given),
+    the store, or None: no term learns from a teacher, and none is kept for eval."""
     if teacher is not None:
-        return OnlineTeacher.prepare(teacher, accelerator, cfg.loss)
+        return OnlineTeacher.prepare(teacher, accelerator, cfg.loss, match)
     if store is not None:
         return StoreTeacher(store, accelerator.device)
     return None

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
+from distill.losses.cross import VocabMatch, chunked_cross_divergence
 from distill.losses.divergences import chunked_cross_entropy_sum, chunked_divergence
 from distill.losses.head import OutputHead, output_head
 from distill.losses.kinds import DivergenceSpec
@@ -86,25 +87,60 @@ class StoreTargets:
         return chunked_topk_divergence(student_hidden, student_head, self.targets, spec, vocab_size=vocab_size)
 
 
-class OnlineTeacher(TeacherSignal):
-    """A frozen teacher model run on every micro-batch, with what the loss terms need from it."""
+@dataclasses.dataclass(frozen=True)
+class CrossTargets:
+    """An online teacher's outputs on its own tokens of a micro-batch, its head, the aligned pairs ``[P, 3]`` (row,
+    student position, teacher position; :func:`distill.data.cross.collate_teacher`) and the vocabulary match."""
 
-    def __init__(self, prepared: nn.Module, settings: LossSettings, zero3: bool) -> None:
+    outputs: ModelOutput
+    head: OutputHead
+    pairs: Tensor
+    match: VocabMatch
+
+    def divergence(
+        self, student_hidden: Tensor, student_head: OutputHead, positions: Tensor, spec: DivergenceSpec,
+        vocab_size: int,
+    ) -> Tensor:
+        """See :meth:`distill.losses.objective.TeacherTargets.divergence` (cross-tokenizer kernel over the aligned
+        pairs; ``student_hidden`` holds the counted ``positions`` in row-major order, so a pair's row in it is the
+        number of counted positions before it)."""
+        rows, s_pos, t_pos = self.pairs.unbind(1)
+        counted = positions.reshape(-1)
+        flat = rows * positions.shape[1] + s_pos
+        if not bool(counted[flat].all()):
+            raise ValueError("cross_pairs: an aligned student position is not a counted position")
+        index = (counted.long().cumsum(0) - 1)[flat]
+        teacher_hidden = self.outputs.last_hidden_state[rows, t_pos]
+        return chunked_cross_divergence(student_hidden.index_select(0, index), student_head, teacher_hidden,
+                                        self.head, spec, self.match)
+
+
+class OnlineTeacher(TeacherSignal):
+    """A frozen teacher model run on every micro-batch, with what the loss terms need from it; with a vocabulary
+    ``match`` (cross-tokenizer distillation) it reads its own tokens of the batch (``teacher_input_ids``)."""
+
+    def __init__(self, prepared: nn.Module, settings: LossSettings, zero3: bool, match: VocabMatch | None = None):
         self.prepared = prepared  # the DeepSpeed inference engine is kept alive with its module's ZeRO-3 hooks
-        self.model = inner(prepared)
+        self.network = inner(prepared)
+        # Held-out figures (KL, agreement) compare the models token by token: not across tokenizers.
+        self.model = self.network if match is None else None
         self.settings = settings
         self.zero3 = zero3
+        self.match = match
         if Need.TEACHER_LOGITS in settings.needs:
-            output_head(self.model)  # refuses, up front, a family whose head the kernels cannot reproduce
+            output_head(self.network)  # refuses, up front, a family whose head the kernels cannot reproduce
 
     @classmethod
-    def prepare(cls, teacher: nn.Module, accelerator: Accelerator, settings: LossSettings) -> OnlineTeacher:
+    def prepare(cls, teacher: nn.Module, accelerator: Accelerator, settings: LossSettings,
+                match: VocabMatch | None = None) -> OnlineTeacher:
         """Under DeepSpeed the teacher becomes an inference engine (sharded under ZeRO-3, replicated otherwise, as
         trl's ``prepare_deepspeed`` does); under DDP or a single process it is simply moved to the device."""
         from accelerate.utils import DistributedType
 
+        if match is not None:
+            match = match.to(accelerator.device)  # once, not per micro-batch
         if accelerator.distributed_type != DistributedType.DEEPSPEED:
-            return cls(teacher.to(accelerator.device), settings, zero3=False)
+            return cls(teacher.to(accelerator.device), settings, zero3=False, match=match)
         from trl.models.utils import prepare_deepspeed
 
         engine = prepare_deepspeed(teacher, accelerator)
@@ -113,7 +149,7 @@ class OnlineTeacher(TeacherSignal):
             held = sum(p.ds_tensor.numel() for p in engine.module.parameters())
             total = sum(p.ds_numel for p in engine.module.parameters())
             logger.info("teacher sharded by ZeRO-3: this rank holds %d of %d parameters", held, total)
-        return cls(engine, settings, zero3)
+        return cls(engine, settings, zero3, match)
 
     @contextlib.contextmanager
     def targets(self, batch: dict[str, Tensor]) -> Iterator[ModelTargets | None]:
@@ -123,19 +159,23 @@ class OnlineTeacher(TeacherSignal):
             yield None
             return
         wanted = self.settings.needs
+        prefix = "" if self.match is None else "teacher_"  # across tokenizers: the teacher's own tokens
         with torch.no_grad():
-            outputs = self.model.get_decoder()(
-                input_ids=batch["input_ids"],
+            outputs = self.network.get_decoder()(
+                input_ids=batch[f"{prefix}input_ids"],
                 # A packed batch (position_ids present) leaves the mask to transformers' packed-sequence masks.
-                attention_mask=batch["attention_mask"] if "position_ids" not in batch else None,
+                attention_mask=batch[f"{prefix}attention_mask"] if "position_ids" not in batch else None,
                 position_ids=batch.get("position_ids"),
                 output_hidden_states=Need.HIDDEN_STATES in wanted,
                 output_attentions=Need.ATTENTIONS in wanted,
                 use_cache=False,
             )
-        head = output_head(self.model) if Need.TEACHER_LOGITS in wanted else None
+        head = output_head(self.network) if Need.TEACHER_LOGITS in wanted else None
         with zero3_gathered(head.parameters if head is not None else [], self.zero3):
-            yield ModelTargets(outputs, head)
+            if self.match is None:
+                yield ModelTargets(outputs, head)
+            else:
+                yield CrossTargets(outputs, head, batch["cross_pairs"], self.match)
 
 
 class StoreTeacher(TeacherSignal):

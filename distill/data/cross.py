@@ -1,0 +1,196 @@
+"""The teacher's own tokenization of each example, and which positions of the two sequences are compared.
+
+Cross-tokenizer distillation (``loss.cross_tokenizer``) gives the teacher the same TEXT as the student, tokenized by
+the teacher's tokenizer, and compares the two models where both predict the continuation of the same text.
+
+**The text.** Each example is rendered once as the student's tokenization renders it (:func:`segments`: plain text,
+prompt then completion, or the chat template's output, with the same special-token settings), and both tokenizers
+encode those segments with character offsets (fast tokenizers' ``return_offsets_mapping``). An EOS the data layer
+appends after the text gets the zero-width offset ``(len, len)``; so do special tokens a tokenizer adds itself (BOS).
+The student's ids re-encoded this way must equal the example's ids, else the example cannot be aligned (ConfigError).
+
+**Aligned positions.** The model at position ``i`` has read the text up to the END offset of token ``i`` and predicts
+what follows. Student position ``i`` and teacher position ``j`` are aligned when both have read exactly the same
+prefix: ``end_s[i] == end_t[j]``, taking for each end offset the LAST token of each sequence that ends there and has a
+width (the byte pieces of one character share its offsets: only the last has read it all), else a zero-width one (a
+BOS at the start; a zero-width EOS after a real token adds no text, so it never replaces it). Only student positions
+whose next token is a counted label are kept. Consequences, each tested: inside a number that one tokenizer splits
+digit by digit and the other keeps whole, only the boundaries before and after the number align; a leading space
+carried by the next token (``Ġworld``, ``▁world``) or dropped (WordPiece) changes nothing, since only the prefix read
+counts; byte-fallback pieces of one character align only after the character's last byte; sequences truncated at
+different places align only where both still have the text.
+
+**Matched tokens** (``gold``): :func:`match_vocabularies` pairs the ids whose text is the same in both vocabularies
+and unique within each (text = what the token adds after a plain letter, so ``Ġthe``, ``▁the`` and a WordPiece
+``the`` are all `` the``); special tokens and partial UTF-8 byte pieces are never matched. When one tokenizer splits
+numbers digit by digit and the other has multi-digit tokens, tokens with digits are left unmatched: the digit-wise
+``1`` means "a number starting with 1", the other's ``1`` "the number 1", and comparing them exactly misleads the
+student (the X-Token paper's GSM8K failure of GOLD); they go to the ULD part.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from kd_core.config import ConfigError
+
+CROSS_FEATURES = {"teacher_input_ids": ("list", "int32"), "align_student": ("list", "int32"),
+                  "align_teacher": ("list", "int32")}
+Segments = tuple[list[tuple[str, bool]], bool]  # [(text, add_special_tokens)], whether an EOS follows
+
+
+def check_offsets(tokenizer: PreTrainedTokenizerBase, field: str) -> None:
+    """A tokenizer that gives character offsets, else one ConfigError naming ``field``."""
+    if not tokenizer.is_fast:
+        raise ConfigError(f"{field}: {type(tokenizer).__name__} is a slow (Python) tokenizer without character "
+                          "offsets; loss.cross_tokenizer aligns the two sequences by offsets and needs a fast "
+                          "tokenizer (a tokenizer.json, as AutoTokenizer loads by default)")
+
+
+def check_templates(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, field: str) -> None:
+    """The teacher reads the student's rendering of chat data: a teacher trained on another chat template would be
+    given text it never saw (and the data's turns would mean different things), so a different template is refused.
+    A teacher without a template reads the student's."""
+    if teacher.chat_template and student.chat_template and teacher.chat_template != student.chat_template:
+        raise ConfigError(f"{field}: the teacher's chat template differs from the student's; loss.cross_tokenizer "
+                          "gives both models the same rendered text, so the templates must be the same (or use "
+                          "data.format: text, or a teacher tokenizer without a chat template)")
+
+
+def segments(record: dict[str, Any], shape: str, tokenizer: PreTrainedTokenizerBase) -> Segments:
+    """The pieces :func:`distill.data.datasets.tokenize_example` tokenizes for ``record``, as text."""
+    if shape == "text":
+        return [(record["text"], True)], True
+    if tokenizer.chat_template is None and shape in ("prompt_completion", "prompt"):
+        if shape == "prompt":
+            return [(record["prompt"], True)], False
+        return [(record["prompt"], True), (record["completion"], False)], True
+    if shape == "messages":
+        messages = record["messages"]
+    elif shape == "prompt":
+        messages = [{"role": "user", "content": record["prompt"]}]
+    else:
+        messages = [{"role": "user", "content": record["prompt"]},
+                    {"role": "assistant", "content": record["completion"]}]
+    prompt_only = messages[-1]["role"] != "assistant"
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt_only)
+    return [(text, False)], False
+
+
+def encode(pieces: Segments, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets (into the concatenated text) of the pieces, with the EOS if one follows."""
+    parts, eos = pieces
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    start = 0
+    for text, special in parts:
+        encoded = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+        ids += encoded["input_ids"]
+        offsets += [(start + a, start + b) for a, b in encoded["offset_mapping"]]
+        start += len(text)
+    if eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        offsets.append((start, start))
+    return ids, offsets
+
+
+def _prefix_positions(offsets: list[tuple[int, int]]) -> dict[int, int]:
+    """For each prefix end, the position that has read exactly that prefix (see the module docstring)."""
+    chosen: dict[int, int] = {}
+    for i, (start, end) in enumerate(offsets):
+        if end > start or end not in chosen:
+            chosen[end] = i
+    return chosen
+
+
+def align(student_offsets: list[tuple[int, int]], teacher_offsets: list[tuple[int, int]],
+          counted: list[bool]) -> tuple[list[int], list[int]]:
+    """Aligned positions (module docstring): ``(student_positions, teacher_positions)``, in increasing order; a
+    student position ``i`` is kept when the label of token ``i + 1`` is ``counted``."""
+    teacher = _prefix_positions(teacher_offsets)
+    pairs = sorted((i, teacher[end]) for end, i in _prefix_positions(student_offsets).items()
+                   if end in teacher and i + 1 < len(counted) and counted[i + 1])
+    return [i for i, _ in pairs], [j for _, j in pairs]
+
+
+def cross_columns(record: dict[str, Any], shape: str, example: dict[str, Any], counted: list[bool],
+                  tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase, max_length: int,
+                  where: str) -> dict[str, list[int]]:
+    """The teacher's ids (truncated to ``max_length`` tokens) and the aligned positions of one example, whose
+    ``counted`` says which of its labels count."""
+    pieces = segments(record, shape, tokenizer)
+    ids, offsets = encode(pieces, tokenizer)
+    n = len(example["input_ids"])
+    if ids[:n] != list(example["input_ids"]):
+        raise ConfigError(f"{where}: re-encoding the example's text with offsets gives other student tokens than the "
+                          "data layer's; it cannot be aligned with the teacher's tokens (loss.cross_tokenizer)")
+    teacher_ids, teacher_offsets = encode(pieces, teacher_tokenizer)
+    teacher_ids, teacher_offsets = teacher_ids[:max_length], teacher_offsets[:max_length]
+    student_pos, teacher_pos = align(offsets[:n], teacher_offsets, counted)
+    return {"teacher_input_ids": teacher_ids, "align_student": student_pos, "align_teacher": teacher_pos}
+
+
+def token_texts(tokenizer: PreTrainedTokenizerBase) -> dict[int, str]:
+    """The text each ordinary token adds after a plain letter (so a leading-space marker becomes a space, a
+    WordPiece ``##`` continuation none); special tokens and pieces of a UTF-8 character are left out."""
+    probe = tokenizer("a", add_special_tokens=False)["input_ids"][-1]
+    backend = tokenizer.backend_tokenizer
+    base = backend.decode([probe], skip_special_tokens=False)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    decoded = backend.decode_batch([[probe, i] for i in range(len(tokenizer))], skip_special_tokens=False)
+    texts = {}
+    for i, text in enumerate(decoded):
+        if i in special or not text.startswith(base):
+            continue
+        text = text[len(base):]
+        if text and "\ufffd" not in text:
+            texts[i] = text
+    return texts
+
+
+def _unique(texts: dict[int, str]) -> dict[str, int]:
+    by_text: dict[str, list[int]] = {}
+    for i, text in texts.items():
+        by_text.setdefault(text, []).append(i)
+    return {text: ids[0] for text, ids in by_text.items() if len(ids) == 1}
+
+
+def splits_digits(texts: dict[int, str]) -> bool:
+    """Whether a vocabulary writes every number digit by digit (no token holds two digits)."""
+    return not any(sum(c.isdigit() for c in text) > 1 for text in texts.values())
+
+
+def match_vocabularies(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase,
+                       field: str = "loss.cross_tokenizer") -> tuple[list[int], list[int]]:
+    """``(student_ids, teacher_ids)`` of the tokens whose text maps one to one between the vocabularies (module
+    docstring); ConfigError naming ``field`` when none does (``gold`` would then be ``uld``)."""
+    s_texts, t_texts = token_texts(student), token_texts(teacher)
+    s_unique, t_unique = _unique(s_texts), _unique(t_texts)
+    digits_differ = splits_digits(s_texts) != splits_digits(t_texts)
+    shared = sorted(text for text in s_unique.keys() & t_unique.keys()
+                    if not (digits_differ and any(c.isdigit() for c in text)))
+    if not shared:
+        raise ConfigError(f"{field}: gold found no token whose text is the same in both vocabularies (student "
+                          f"{len(student)} tokens, teacher {len(teacher)}); nothing can be compared exactly: use uld")
+    return [s_unique[text] for text in shared], [t_unique[text] for text in shared]
+
+
+def collate_teacher(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Cross-tokenizer distillation: the teacher's own tokens, right-padded (with id 0: padding is masked and
+    causal attention never reads it from a real token), and the aligned pairs ``[P, 3]`` = (row, student position,
+    teacher position), in row-major order of the student positions."""
+    width = max(len(e["teacher_input_ids"]) for e in examples)
+    ids = torch.zeros((len(examples), width), dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    pairs = []
+    for row, example in enumerate(examples):
+        n = len(example["teacher_input_ids"])
+        ids[row, :n] = torch.tensor(example["teacher_input_ids"])
+        mask[row, :n] = 1
+        pairs += [(row, s, t) for s, t in zip(example["align_student"], example["align_teacher"])]
+    return {"teacher_input_ids": ids, "teacher_attention_mask": mask,
+            "cross_pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 3)}
+
