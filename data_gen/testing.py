@@ -10,7 +10,9 @@
   schedule: 429 with ``Retry-After``, 500, a hang past the client timeout, malformed JSON, a body cut mid-transfer,
   or an answer truncated to ``finish_reason="length"`` (streamed answers too). With ``serial=True`` and
   ``token_delay_s`` it turns a fast server into a slow one that answers one request at a time, as a CPU
-  ``transformers serve`` does, and counts the time it spends on answers nobody received.
+  ``transformers serve`` does, and counts the time it spends on answers nobody received. Its pace is its own clock:
+  token k of an answer is due k x ``token_delay_s`` after the answer started, however long the real server took to
+  produce it, so an answer costs the same on a busy machine as on an idle one (while the server keeps ahead).
 
 Both are plain asyncio HTTP/1.1 on 127.0.0.1 running in a background thread, so a test can start them in-process.
 """
@@ -219,7 +221,8 @@ class FaultProxy(_ThreadedServer):
     """Forwards to ``upstream`` (host, port); the n-th chat request suffers ``schedule[n]`` (None = pass through).
 
     ``serial=True``: one chat request reaches the upstream at a time, the others wait in a queue, as in a server with
-    one generation thread; ``token_delay_s``: each answer token costs that long, inside that one slot. A streamed
+    one generation thread; ``token_delay_s``: each answer token costs that long, inside that one slot, counted from
+    the answer's start (the upstream's own time is absorbed, not added: see the module docstring). A streamed
     answer's client hanging up ends its work at once (a queued one is dropped before it starts), which is what
     transformers serve 5.24 does with streamed requests (``DirectStreamer.cancel`` on disconnect); a plain JSON
     answer is generated to the end whether anyone still waits for it or not, as transformers serve does too.
@@ -319,9 +322,10 @@ class FaultProxy(_ThreadedServer):
                 up_reader, up_writer, status, up_headers = await self._upstream("POST", path, headers, body)
                 try:
                     if up_headers.get("content-type", "").startswith("text/event-stream"):
-                        delivered = await self._relay_stream(writer, up_reader, up_headers, fault, gone)
+                        delivered = await self._relay_stream(writer, up_reader, up_headers, fault, gone, started)
                     else:
-                        delivered = await self._relay_json(writer, up_reader, up_headers, status, fault, gone)
+                        delivered = await self._relay_json(writer, up_reader, up_headers, status, fault, gone,
+                                                           started)
                 finally:
                     up_writer.close()  # also what tells the upstream that nobody listens any more
             finally:
@@ -338,9 +342,10 @@ class FaultProxy(_ThreadedServer):
             gone.cancel()
 
     async def _relay_stream(self, writer: asyncio.StreamWriter, up_reader: asyncio.StreamReader,
-                            up_headers: dict[str, str], fault: str | None, gone: asyncio.Future[bytes]) -> bool:
-        """Forwards the events (each token after ``token_delay_s``); whether the client received them all. The
-        client hanging up ends the relay at once, even while the upstream is silent (still queued, or thinking)."""
+                            up_headers: dict[str, str], fault: str | None, gone: asyncio.Future[bytes],
+                            started: float) -> bool:
+        """Forwards the events (token k at ``started`` + k x ``token_delay_s``); whether the client received them all.
+        The client hanging up ends the relay at once, even while the upstream is silent (still queued, or thinking)."""
         writer.write(stream_head(keep_alive=False))
         if fault in ("cut", "length"):
             events = [e async for e in self._events(up_reader, up_headers)]
@@ -369,8 +374,9 @@ class FaultProxy(_ThreadedServer):
                     usage = json.loads(event.decode()[len("data: "):]).get("usage") or {}
                     owed = max(owed, (usage.get("completion_tokens") or 0) - paid)
                 paid += owed
-                if owed:
-                    await asyncio.wait({gone}, timeout=self.token_delay_s * owed)  # unless nobody waits any more
+                if owed:  # due on the proxy's clock; the wait ends early when nobody waits any more
+                    due = started + paid * self.token_delay_s
+                    await asyncio.wait({gone}, timeout=max(0.0, due - time.monotonic()))
             if gone.done():
                 return False
             writer.write(http_chunk(event))
@@ -381,12 +387,13 @@ class FaultProxy(_ThreadedServer):
 
     async def _relay_json(self, writer: asyncio.StreamWriter, up_reader: asyncio.StreamReader,
                           up_headers: dict[str, str], status: int, fault: str | None,
-                          gone: asyncio.Future[bytes]) -> bool:
-        """Forwards a plain answer once generated (``token_delay_s`` per completion token, client or not)."""
+                          gone: asyncio.Future[bytes], started: float) -> bool:
+        """Forwards a plain answer once generated: at ``started`` + ``token_delay_s`` per completion token, client or
+        not."""
         payload = b"".join([piece async for piece in self._body(up_reader, up_headers)])
         if self.token_delay_s and status == 200:
             tokens = (json.loads(payload).get("usage") or {}).get("completion_tokens") or 0
-            await asyncio.sleep(self.token_delay_s * tokens)
+            await asyncio.sleep(max(0.0, started + self.token_delay_s * tokens - time.monotonic()))
         answer = http_response(status, payload, keep_alive=False)
         if fault == "cut":  # promise the full body, send half, hang up
             head, _, rest = answer.partition(b"\r\n\r\n")
