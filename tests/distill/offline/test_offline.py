@@ -20,7 +20,7 @@ from distill.offline.store import Codec, LogitStore, TopKTargets
 from distill.training import train
 from distill.training.train import Distiller, TrainConfig
 from kd_core.config import from_dict
-from tests.conftest import nested_config, slowed_steps
+from tests.conftest import free_port, nested_config, slowed_steps
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -114,8 +114,9 @@ def test_two_process_precompute_equals_one_process(model_dirs, train_file, tmp_p
 
     run(parse_command_line(PrecomputeConfig, precompute_args(model_dirs, train_file, tmp_path / "one")[1:], "p"))
     # `--cpu --num_processes 2` would start a single process in accelerate 1.15 (no MPI hostfile): torchrun it is.
+    # A free port, not torchrun's default 29500, which a launch in the other pytest-xdist worker may hold.
     launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m"]
     two = cli(precompute_args(model_dirs, train_file, tmp_path / "two"), launcher)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = LogitStore(tmp_path / "one"), LogitStore(tmp_path / "two")
