@@ -39,7 +39,7 @@ def slowed_steps(env: dict[str, str], seconds: float) -> dict[str, str]:
     return {**env, "SLOW_STEP_SECONDS": str(seconds), "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
-def kill_9(command: list[str], env: dict[str, str], point: str | None = None, until=None, timeout: float = 60) -> bool:
+def kill_9(command: list[str], env: dict[str, str], point: str | None = None, until=None, timeout: float = 600) -> bool:
     """Starts ``command`` and sends it SIGKILL: at the write point ``point`` (``publish:NAME`` or ``reserve:NAME``,
     held there by tests/kill_points) or, with ``until``, as soon as ``until()`` is true. Returns whether the kill
     landed (False: the process had already exited)."""
