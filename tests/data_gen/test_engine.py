@@ -97,7 +97,11 @@ async def run_until_stormed(engine: Engine, requests: list[Request], proxy: Faul
     """Runs the engine until it has sent more than two rounds of requests (so it cannot pass :func:`storm_verdict`),
     finishes, gives up or ``deadline_s`` passes; returns the seconds it ran. Ending on the count, not on a duration,
     keeps the test as short on a slow machine as on a fast one."""
-    task = asyncio.ensure_future(collect(engine, requests))
+    async def answer() -> None:
+        async for _ in engine.run(requests):
+            pass
+
+    task = asyncio.ensure_future(answer())
     started = time.monotonic()
     while not task.done() and proxy.received <= len(requests) + 2 * engine.concurrency.maximum:
         if time.monotonic() - started > deadline_s:
