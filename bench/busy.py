@@ -6,8 +6,10 @@
 A test that passes idle and fails here depends on the machine's speed (issue 32). The busy processes spin in pure
 Python at normal priority, so the command competes with them as with other jobs on a shared CI runner. They are
 stopped when the command ends, on Ctrl-C or SIGTERM, and they stop themselves when this script dies (they watch
-their parent) or ``--max-s`` passes, so none is ever left behind. Exits with the command's exit status (124 when
-``--max-s`` stopped it, 130 on Ctrl-C); prints the busy processes' count and the command's wall time to stderr.
+their parent) or ``--max-s`` passes, so none is ever left behind. The command itself is stopped as by Ctrl-C first
+(pytest then prints its summary of what ran), SIGTERM and SIGKILL only if it lingers. Exits with the command's exit
+status (124 when ``--max-s`` stopped it, 130 on Ctrl-C, 143 on SIGTERM); prints the busy processes' count and the
+command's wall time to stderr.
 """
 
 from __future__ import annotations
@@ -50,8 +52,22 @@ def stop(processes: list[subprocess.Popen], grace_s: float = 5.0) -> None:
             proc.wait()
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM takes the Ctrl-C path: the command and the busy processes are stopped
+class _Terminated(Exception):
+    """This script received SIGTERM."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def interrupt(command: subprocess.Popen, *, signalled: bool = False, grace_s: float = 120.0) -> None:
+    """Ctrl-C to the command (unless it had it already), then SIGTERM and SIGKILL if it is still running."""
+    if not signalled and command.poll() is None:
+        command.send_signal(signal.SIGINT)
+    try:
+        command.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        stop([command], grace_s=30.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("command: expected a command after --")
     if args.per_core < 0 or args.max_s <= 0:
         parser.error("--per-core: expected >= 0; --max-s: expected > 0")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     cores = os.cpu_count() or 1
     busy = start_busy(args.per_core * cores, time.time() + args.max_s + 30)
     print(f"busy.py: {len(busy)} busy processes on {cores} cores (pids {' '.join(str(p.pid) for p in busy)})",
@@ -78,13 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             code = child.wait(args.max_s)
         except subprocess.TimeoutExpired:
             print(f"busy.py: the command ran past --max-s {args.max_s:.0f}; stopping it", file=sys.stderr, flush=True)
-            stop([child], grace_s=30.0)
+            interrupt(child)
             code = 124
-    except KeyboardInterrupt:
-        # Ctrl-C in a terminal reached the command too (same process group); SIGTERM did not: forward it.
+    except KeyboardInterrupt:  # Ctrl-C in a terminal reached the command too (same process group)
         if child is not None:
-            stop([child], grace_s=30.0)
+            interrupt(child, signalled=True)
         code = 130
+    except _Terminated:
+        if child is not None:
+            interrupt(child)
+        code = 143
     finally:
         stop(busy)
     code = 128 - code if code < 0 else code  # killed by a signal: the shell's convention

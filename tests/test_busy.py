@@ -36,10 +36,12 @@ def test_the_command_runs_loaded_and_its_exit_status_comes_back():
     assert_gone(pids)
 
 
-def test_max_s_stops_the_command_and_the_load():
-    proc = subprocess.run([*BUSY, "--max-s", "2", "--", sys.executable, "-c", "import time; time.sleep(60)"],
+def test_max_s_stops_the_command_as_ctrl_c_does_and_the_load():
+    code = "import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('summary printed')"
+    proc = subprocess.run([*BUSY, "--max-s", "2", "--", sys.executable, "-c", code],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 124 and "ran past --max-s 2" in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == "summary printed"  # what pytest does on Ctrl-C: report what ran
     assert_gone(busy_pids(proc.stderr))
 
 
@@ -53,7 +55,7 @@ def test_sigterm_stops_the_command_and_the_load(tmp_path):
         time.sleep(0.05)
     runner.send_signal(signal.SIGTERM)
     _, stderr = runner.communicate(timeout=60)
-    assert runner.returncode == 130, stderr
+    assert runner.returncode == 143, stderr
     assert_gone(busy_pids(stderr))
     command = [p for p in psutil.process_iter(["cmdline"]) if str(marker) in " ".join(p.info["cmdline"] or [])]
     assert not command, "the command outlived the runner"
