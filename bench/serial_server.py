@@ -4,9 +4,9 @@
     python bench/serial_server.py --smollm2 --token-delay 0 --requests 8 --max-tokens 64 --timeout 20
 
 A real ``transformers serve`` on 127.0.0.1 (a tiny random Llama built here, or ``--smollm2``: the real
-SmolLM2-135M-Instruct) behind :class:`data_gen.testing.FaultProxy` with ``serial=True``: one chat request at a time
-reaches the server and each answer token costs ``--token-delay`` seconds more, so the tiny model behaves like a CPU
-``transformers serve`` of a real model. A streamed answer whose client hangs up stops at once (transformers serve
+SmolLM2-135M-Instruct) behind :class:`data_gen.fault_proxy.FaultProxy` with ``serial=True``: one chat request at a time
+reaches the server and each answer token costs ``--token-delay`` seconds (on the proxy's clock, which absorbs the
+server's own time), so the tiny model behaves like a CPU ``transformers serve`` of a real model. A streamed answer whose client hangs up stops at once (transformers serve
 5.24 cancels it on disconnect: the probe below measures it); a plain JSON answer is generated to the end, as
 transformers serve does.
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_gen.config import DecodingConfig, TeacherConfig  # noqa: E402
 from data_gen.engine import EngineError, Request, build_engine  # noqa: E402
-from data_gen.testing import FaultProxy  # noqa: E402
+from data_gen.fault_proxy import FaultProxy  # noqa: E402
 
 
 def tiny_model(root: Path) -> Path:

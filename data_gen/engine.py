@@ -26,9 +26,7 @@ import asyncio
 import random
 import signal
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,91 +34,25 @@ from tqdm.auto import tqdm
 
 from data_gen.backends import ApiBackend, Completion, FatalError, LocalBackend, TransientError, estimate_tokens
 from data_gen.cache import AnswerCache, cache_key
+from data_gen.calls import (
+    BudgetError,  # noqa: F401 (the driver and pipelines import it from here, with the rest of this vocabulary)
+    CallPlan,
+    EngineError,
+    ParseError,
+    ParseFn,
+    Request,
+    Result,
+    Stats,
+    preflight,
+)
 from data_gen.config import TeacherConfig
 from data_gen.limiter import AdaptiveConcurrency, RateLimiter
 from kd_core.redact import scrub, url_secrets
 
 
-class ParseError(Exception):
-    """Raised by a pipeline's parse function; ``reason`` names the rejection in the stats (e.g. 'no_json')."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class EngineError(Exception):
-    """The run cannot continue (teacher unreachable after retries, request refused); saved work is kept."""
-
-
-class BudgetError(EngineError):
-    """The cost estimate already exceeds ``max_cost_usd``: nothing was called."""
-
-
-ParseFn = Callable[[str, str], Any]
-
 # Transient failures that mean "too much in flight" and halve the adaptive concurrency limit. A 500, a cut body or
 # a refused connection says nothing about load.
 OVERLOAD_REASONS = frozenset({"timeout", "429", "503", "504", "408"})
-
-
-@dataclass
-class Request:
-    """One teacher call. ``id`` must be stable across reruns; ``sample`` distinguishes samples of one prompt."""
-
-    id: str
-    messages: list[dict[str, str]]
-    sample: int = 0
-    decoding: dict[str, Any] = field(default_factory=dict)  # per-request overrides of TeacherConfig.decoding
-    meta: dict[str, Any] = field(default_factory=dict)  # carried through untouched for the pipeline
-    parse: ParseFn | None = None  # overrides the parse function given to run()/map() for this request
-
-
-@dataclass
-class CallPlan:
-    """A line of the pre-flight estimate: ``calls`` new calls of about this many tokens each."""
-
-    label: str
-    calls: int
-    input_tokens: int
-    output_tokens: int | None = None  # None = decoding.max_tokens, the worst case
-
-
-@dataclass
-class Result:
-    """The answer to a request. ``error`` is None, or 'parse:<reason>' when every parse attempt failed."""
-
-    request: Request
-    text: str | None
-    finish_reason: str | None
-    parsed: Any = None
-    error: str | None = None
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    cached: bool = False
-    attempts: int = 0
-    params: dict[str, Any] = field(default_factory=dict)
-    started: float = 0.0
-    finished: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass
-class Stats:
-    """Counters shown in the progress bar and the final summary."""
-
-    calls: int = 0
-    cached: int = 0
-    retries: Counter[str] = field(default_factory=Counter)
-    rejections: Counter[str] = field(default_factory=Counter)
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    truncated: int = 0
 
 
 class Engine:
@@ -405,37 +337,6 @@ def teacher_secrets(cfg: TeacherConfig) -> list[str]:
 
     key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     return [s for s in (key, *url_secrets(cfg.base_url), *cfg.headers.values()) if s]
-
-
-def estimate_cost(cfg: TeacherConfig, plan: list[CallPlan]) -> float:
-    """Upper-bound cost of the planned new calls (output at ``max_tokens`` unless a plan line says otherwise)."""
-    total = 0.0
-    for item in plan:
-        out = cfg.decoding.max_tokens if item.output_tokens is None else item.output_tokens
-        total += item.calls * (item.input_tokens * cfg.price_input_per_m + out * cfg.price_output_per_m) / 1e6
-    return total
-
-
-def preflight(cfg: TeacherConfig, plan: list[CallPlan], *, quiet: bool = False) -> float:
-    """Prints the estimate; raises BudgetError (exit 2) when it alone exceeds ``max_cost_usd``.
-
-    Needs no engine, so a pipeline can call it before it creates anything on disk.
-    """
-    estimate = estimate_cost(cfg, plan)
-    budget = "none" if cfg.max_cost_usd is None else f"${cfg.max_cost_usd:.4f}"
-    if not quiet:
-        for item in plan:
-            out = cfg.decoding.max_tokens if item.output_tokens is None else item.output_tokens
-            print(f"estimate: {item.label}: ~{item.calls} calls x ({item.input_tokens} in + <= {out} out tokens)",
-                  flush=True)
-        print(f"estimate: at most ${estimate:.4f} for new calls (budget {budget}; cached answers are free)",
-              flush=True)
-    if cfg.max_cost_usd is not None and estimate > cfg.max_cost_usd:
-        raise BudgetError(
-            f"teacher.max_cost_usd: the estimated cost ${estimate:.4f} exceeds the budget "
-            f"${cfg.max_cost_usd:.4f}; raise the budget or lower the target"
-        )
-    return estimate
 
 
 def _process_rank() -> tuple[int, int]:

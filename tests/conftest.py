@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # before anything imports datasets (it reads the variable once), and inherited by subprocesses (accelerate launch).
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(tempfile.gettempdir(), f"distill_kd_tests_{os.getuid()}"))
 
+# Under pytest-xdist (the README's test command: two workers on a 2-core machine) each worker and the processes it
+# starts use one thread: torch's default, one per core, has the workers and their subprocesses fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER") and "torch" in sys.modules:  # imported before OMP_NUM_THREADS was set
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def slowed_steps(env: dict[str, str], seconds: float) -> dict[str, str]:
@@ -33,7 +44,7 @@ def slowed_steps(env: dict[str, str], seconds: float) -> dict[str, str]:
     return {**env, "SLOW_STEP_SECONDS": str(seconds), "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
-def kill_9(command: list[str], env: dict[str, str], point: str | None = None, until=None, timeout: float = 60) -> bool:
+def kill_9(command: list[str], env: dict[str, str], point: str | None = None, until=None, timeout: float = 600) -> bool:
     """Starts ``command`` and sends it SIGKILL: at the write point ``point`` (``publish:NAME`` or ``reserve:NAME``,
     held there by tests/kill_points) or, with ``until``, as soon as ``until()`` is true. Returns whether the kill
     landed (False: the process had already exited)."""

@@ -11,7 +11,8 @@ import pytest
 from data_gen.config import DecodingConfig, TeacherConfig
 from data_gen.engine import Request, build_engine
 from data_gen.limiter import AdaptiveConcurrency
-from data_gen.testing import FaultProxy, ScriptedServer
+from data_gen.fault_proxy import FaultProxy
+from data_gen.testing import ScriptedServer
 from kd_core.config import ConfigError, from_dict
 
 
@@ -95,12 +96,14 @@ def test_bad_settings_are_one_line_errors_naming_the_field(field, value, message
 
 
 def test_a_streamed_answer_that_keeps_coming_outlives_a_shorter_timeout(tmp_path):
-    """24 words at 40 ms each (about 1 s) with timeout_s 0.3: the timeout bounds each silence, not the answer."""
-    text = " ".join(f"w{i}" for i in range(24))
+    """40 words at 50 ms each (2 s) with timeout_s 1: the timeout bounds each silence, not the answer. Each silence
+    is 50 ms on the proxy's clock, so only a stall of nearly a second (not a busy machine's usual hiccups) could cut
+    it."""
+    text = " ".join(f"w{i}" for i in range(40))
     server = ScriptedServer(lambda body: text).start()
-    proxy = FaultProxy(("127.0.0.1", server.port), [], token_delay_s=0.04).start()
+    proxy = FaultProxy(("127.0.0.1", server.port), [], token_delay_s=0.05).start()
     try:
-        cfg = TeacherConfig(model="m", base_url=proxy.base_url, api_key_env=None, timeout_s=0.3, max_retries=0,
+        cfg = TeacherConfig(model="m", base_url=proxy.base_url, api_key_env=None, timeout_s=1.0, max_retries=0,
                             decoding=DecodingConfig(max_tokens=64))
         engine = build_engine(cfg, tmp_path, progress=False)
 
@@ -111,7 +114,7 @@ def test_a_streamed_answer_that_keeps_coming_outlives_a_shorter_timeout(tmp_path
 
         started = time.monotonic()
         [result] = asyncio.run(ask())
-        assert time.monotonic() - started >= 0.9
+        assert time.monotonic() - started >= 1.9  # longer than the timeout: it was not one silence
         assert result.ok and result.text == text and not engine.stats.retries
         assert proxy.completed == 1 and proxy.abandoned == 0
     finally:

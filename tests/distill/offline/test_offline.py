@@ -20,7 +20,7 @@ from distill.offline.store import Codec, LogitStore
 from distill.training import train
 from distill.training.train import Distiller, TrainConfig
 from kd_core.config import from_dict
-from tests.conftest import nested_config, slowed_steps
+from tests.conftest import free_port, nested_config, slowed_steps
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -189,8 +189,9 @@ def test_two_process_precompute_resumes_a_one_process_store_identically(model_di
     command = [sys.executable, "-m", "distill", *precompute_args(model_dirs, train_file, tmp_path / "two")]
     assert kill_9(command, ENV, point=f"reserve:{names(2)[2]}")
     # `--cpu --num_processes 2` would start a single process in accelerate 1.15 (no MPI hostfile): torchrun it is.
+    # A free port, not torchrun's default 29500, which a launch in the other pytest-xdist worker may hold.
     launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m"]
     two = cli(precompute_args(model_dirs, train_file, tmp_path / "two"), launcher)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "keeping 2 of 5 committed segments, computing 3" in two.stderr

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from distill.training.train import Distiller, TrainConfig, run
 from distill.training.train import main as train_main
 from kd_core.commands import EXIT_PREEMPTED, run_command
-from tests.conftest import nested_config, slowed_steps
+from tests.conftest import free_port, nested_config, slowed_steps
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -91,8 +91,9 @@ def test_two_process_ddp_matches_one_process(model_dirs, train_file, tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     # `--cpu` would pick accelerate's single-process launcher; `--multi_gpu` runs torchrun, which on a machine
     # without CUDA gives 2 CPU processes (gloo).
+    # A free port, not torchrun's default 29500, which a launch in the other pytest-xdist worker may hold.
     launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m"]
     ddp = run_cli(cli_args(model_dirs, train_file, tmp_path / "two", "--per_device_train_batch_size", "4"), launcher)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     state = json.loads((tmp_path / "two" / "checkpoint-3" / "trainer_state.json").read_text())
