@@ -47,6 +47,7 @@ from data_gen.calls import (
 )
 from data_gen.config import TeacherConfig
 from data_gen.limiter import AdaptiveConcurrency, RateLimiter
+from kd_core.commands import INTERRUPTED
 from kd_core.redact import scrub, url_secrets
 
 
@@ -108,14 +109,16 @@ class Engine:
             self.stopped = reason
 
     def install_signal_handlers(self) -> None:
-        """Ctrl-C / SIGTERM: stop gracefully the first time; a second Ctrl-C interrupts at once."""
+        """Ctrl-C / SIGTERM: stop gracefully the first time (paid calls in flight are saved); a second Ctrl-C
+        interrupts at once."""
         loop = asyncio.get_running_loop()
 
         def handle(signum: int) -> None:
-            if self.stopped == "interrupted" and signum == signal.SIGINT:
+            if self.stopped == INTERRUPTED and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             print(f"\n{signal.Signals(signum).name}: finishing calls in flight, then stopping", flush=True)
-            self.stop("interrupted")
+            # Ctrl-C exits 130 as every command does (kd_core.commands.stop_code); SIGTERM (a scheduler) exits 3.
+            self.stop(INTERRUPTED if signum == signal.SIGINT else "terminated")
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, handle, signum)

@@ -35,7 +35,7 @@ from kd_core.config import ConfigError
 
 EXIT_OK = 0
 EXIT_USAGE = 2  # a user mistake, reported in one line; nothing on disk was touched
-EXIT_STOPPED = 3  # a data-gen run stopped cleanly (budget cap, signal): rerun the same command to resume
+EXIT_STOPPED = 3  # a data-gen run stopped cleanly (budget cap, SIGTERM): rerun the same command to resume
 EXIT_PREEMPTED = 75  # training saved a checkpoint on SIGTERM/SIGUSR1 (EX_TEMPFAIL): requeue and --resume auto
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it): stopped at once, nothing half-written kept
 
@@ -46,12 +46,15 @@ INTERRUPTED_LINE = ("interrupted (Ctrl-C): stopped; every finished output is who
                     "(rerun the same command to continue or start again)")
 
 PREEMPTED = "preempted"  # the ``stopped`` reason of a training run that saved a checkpoint on SIGTERM/SIGUSR1
+INTERRUPTED = "interrupted"  # the ``stopped`` reason of a data-gen run stopped cleanly by Ctrl-C
 
 
 def stop_code(stopped: str | None) -> int:
     """The exit code of a run whose result says it ``stopped`` early for this reason (None: it finished)."""
     if stopped is None:
         return EXIT_OK
+    if stopped == INTERRUPTED:  # Ctrl-C, after in-flight calls were saved: 130, as for every other command
+        return EXIT_INTERRUPTED
     return EXIT_PREEMPTED if stopped == PREEMPTED else EXIT_STOPPED
 
 
