@@ -100,10 +100,10 @@ def worker_trl(args, variant: str, out: Path) -> dict:
     from datasets import load_dataset
     from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from distill.data.batching import BatchStream
     from kd_core.pretrained import load_causal_lm, load_tokenizer
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     rows = args.data.read_text().splitlines()
     order = BatchStream(len(rows), args.batch_size, 1, 0, seed=0)._epoch_order(0)  # our trainer's first epoch

@@ -17,8 +17,8 @@ from data_gen.backends import LocalBackend
 from data_gen.cache import AnswerCache
 from data_gen.config import DecodingConfig, TeacherConfig
 from data_gen.engine import BudgetError, CallPlan, Engine, EngineError, ParseError, Request, build_engine, preflight
-from data_gen.journal import Journal
 from data_gen.fault_proxy import FaultProxy
+from data_gen.journal import Journal
 from data_gen.testing import ScriptedServer, echo_responder
 from kd_core.config import ConfigError
 from tests.conftest import REPO_ROOT, free_port, transformers_serve

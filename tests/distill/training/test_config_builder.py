@@ -12,7 +12,6 @@ from distill.student.models import ModelSettings
 from distill.training.config import TrainConfig, training_config
 from kd_core.config import from_dict
 
-
 NESTED = {"teacher": ModelSettings, "eval_file": DataSettings, "eval_fraction": DataSettings,
           "max_length": DataSettings, "packing": DataSettings}  # the flat parameters that set a section's field
 
