@@ -19,7 +19,8 @@ AdamW. Variants (each measured on its own, then together):
 
 Each process reports the median seconds of ``--steps`` steps after one warm-up step, its peak RSS (ru_maxrss), and
 the loss of the first four rows as one batch before any update (the same value for every fp32 variant, trl's
-included: the same objective). Rounds run the variants in alternating order, so load on the machine spreads over all of them.
+included: the same objective). Rounds run the variants in alternating order, so load on the machine spreads over all
+of them.
 """
 
 from __future__ import annotations
