@@ -159,7 +159,8 @@ def test_signal_stops_gracefully_and_resumes(server, tmp_path, signum):
     proc.send_signal(signum)
     stdout, _ = proc.communicate(timeout=60)
     assert proc.returncode == 3, stdout
-    assert signal.Signals(signum).name in stdout and "stopped early (interrupted)" in stdout and "teacher calls:" in stdout
+    assert signal.Signals(signum).name in stdout and "stopped early (interrupted)" in stdout
+    assert "teacher calls:" in stdout
     assert (out / "data.jsonl").exists() and (out / "README.md").exists()
     server.latency_s = 0.0
     assert subprocess.run(command, env=env, capture_output=True, timeout=120).returncode == 0

@@ -74,7 +74,7 @@ def assert_same_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor
         # fp32 sums in another order: tolerances relative to the largest entry (a head left out moves them by O(1))
         scale = want[name].abs().max().item()
         torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4 * scale + 1e-7,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
