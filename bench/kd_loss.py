@@ -3,7 +3,8 @@
     python bench/kd_loss.py --vocab 151936 --hidden 896 --tokens 1024 --kind forward_kl --chunk-size 128
 
 Variants (each in a fresh subprocess, so peak memory of one cannot hide inside another's):
-  naive  full student and teacher logits in fp32, log_softmax, KL (``distill.losses.divergences.per_token_divergence``), backward
+  naive  full student and teacher logits in fp32, log_softmax, KL
+         (``distill.losses.divergences.per_token_divergence``), backward
   trl    ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` (forward_kl / reverse_kl / jsd only)
   ours   ``distill.losses.divergences.chunked_divergence``
 

@@ -32,8 +32,8 @@ from transformers import AutoModel, AutoTokenizer, BertModel, PreTrainedTokenize
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from distill.evaluation.embedding import embedding_agreement
-from distill.losses.features.distiller import FeatureDistiller, FeatureSettings
+from distill.evaluation.embedding import embedding_agreement  # noqa: E402 (after the sys.path line above)
+from distill.losses.features.distiller import FeatureDistiller, FeatureSettings  # noqa: E402
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "feature_sentences.txt"
@@ -154,20 +154,23 @@ def run(steps: int = 150, batch_size: int = 16, max_length: int = 32, lr: float 
     train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
 
     after = {
-        name: embedding_agreement(sentence_embeddings(students[name], tokenizer, held_out, EVAL_MAX_LENGTH), teacher_emb)
+        name: embedding_agreement(
+            sentence_embeddings(students[name], tokenizer, held_out, EVAL_MAX_LENGTH), teacher_emb
+        )
         for name in runs
     }
     return {"source": source, "train_sentences": len(train), "held_out": len(held_out), "steps": steps,
             "batch_size": batch_size, "train_seconds": train_seconds,
-            "train_cpu_seconds": train_cpu_seconds, "threads": torch.get_num_threads(), "before": before, "after": after,
-            "history": history}
+            "train_cpu_seconds": train_cpu_seconds, "threads": torch.get_num_threads(), "before": before,
+            "after": after, "history": history}
 
 
 def print_table(result: dict) -> None:
     print(f"\nteacher all-MiniLM-L6-v2 -> 3-layer student; data {result['source']} "
           f"({result['train_sentences']} train, {result['held_out']} held-out sentences); "
           f"{result['steps']} steps x batch {result['batch_size']}, both students trained in "
-          f"{result['train_seconds']:.0f}s wall, {result['train_cpu_seconds']:.0f} CPU-s on {result['threads']} threads")
+          f"{result['train_seconds']:.0f}s wall, {result['train_cpu_seconds']:.0f} CPU-s "
+          f"on {result['threads']} threads")
     print(f"{'student':<26}{'mean cosine to teacher':>24}{'top-1 retrieval agreement':>28}")
     print(f"{'init (copied layers)':<26}{result['before'][0]:>24.4f}{result['before'][1]:>28.3f}")
     for name, (cosine, top1) in result["after"].items():

@@ -31,7 +31,7 @@ from rouge_score import rouge_scorer
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from data_gen.rouge import NoveltyIndex
+from data_gen.rouge import NoveltyIndex  # noqa: E402 (after the sys.path line above)
 
 T = TypeVar("T")
 

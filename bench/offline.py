@@ -148,7 +148,8 @@ def part_step(args: argparse.Namespace) -> None:
         "distill.data.datasets", fromlist=["DataSettings"]).DataSettings(train_file=str(root / "train.jsonl"),
                                                                 eval_fraction=0.0, max_length=256)))
     print(f"\n## step time (vocab {len(tokenizer)}, student {args.layers} layers x {args.hidden}, teacher "
-          f"{2 * args.layers} layers, k = {args.k}, KD terms {args.kd_terms}; precompute of 256 examples took {time.perf_counter() - started:.1f} s)")
+          f"{2 * args.layers} layers, k = {args.k}, KD terms {args.kd_terms}; "
+          f"precompute of 256 examples took {time.perf_counter() - started:.1f} s)")
     results = {}
     for variant in ("sft", "offline", "online"):
         out = subprocess.run([sys.executable, __file__, "--worker", variant, "--root", str(root), "--steps",
@@ -157,10 +158,12 @@ def part_step(args: argparse.Namespace) -> None:
     print("| variant | median step (s) | vs SFT | peak RSS (MB) |")
     print("|---|---|---|---|")
     for variant, r in results.items():
-        print(f"| {variant} | {r['step_s']:.3f} | {r['step_s'] / results['sft']['step_s']:.2f}x | {r['peak_rss_mb']:.0f} |")
+        ratio = r["step_s"] / results["sft"]["step_s"]
+        print(f"| {variant} | {r['step_s']:.3f} | {ratio:.2f}x | {r['peak_rss_mb']:.0f} |")
     off, on = results["offline"], results["online"]
     print(f"\noffline / SFT step time: {off['step_s'] / results['sft']['step_s']:.2f}x (target <= 1.10x); "
-          f"online / offline: step {on['step_s'] / off['step_s']:.2f}x, peak RSS {on['peak_rss_mb'] / off['peak_rss_mb']:.2f}x")
+          f"online / offline: step {on['step_s'] / off['step_s']:.2f}x, "
+          f"peak RSS {on['peak_rss_mb'] / off['peak_rss_mb']:.2f}x")
     interleaved(root, args)
 
 

@@ -19,7 +19,8 @@ AdamW. Variants (each measured on its own, then together):
 
 Each process reports the median seconds of ``--steps`` steps after one warm-up step, its peak RSS (ru_maxrss), and
 the loss of the first four rows as one batch before any update (the same value for every fp32 variant, trl's
-included: the same objective). Rounds run the variants in alternating order, so load on the machine spreads over all of them.
+included: the same objective). Rounds run the variants in alternating order, so load on the machine spreads over all
+of them.
 """
 
 from __future__ import annotations
@@ -100,10 +101,10 @@ def worker_trl(args, variant: str, out: Path) -> dict:
     from datasets import load_dataset
     from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from distill.data.batching import BatchStream
     from kd_core.pretrained import load_causal_lm, load_tokenizer
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     rows = args.data.read_text().splitlines()
     order = BatchStream(len(rows), args.batch_size, 1, 0, seed=0)._epoch_order(0)  # our trainer's first epoch

@@ -216,7 +216,7 @@ def print_table(rows) -> None:
           "assisted speedup | s/step | peak RSS GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, f, cost, agree in rows:
-        def cell(key, fmt="{:.3f}"):
+        def cell(key, fmt="{:.3f}", f=f):  # this row's f, bound explicitly (ruff B023)
             return "-" if f.get(key) is None else fmt.format(f[key])
 
         print(f"| {name} | {f['perplexity']:.2f} | {cell('kl')} | {cell('top1_agreement')} | {agree:.3f} | "

@@ -136,7 +136,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--launcher", choices=["single", "zero3"], default="single")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--manifest-mb", nargs="+", type=float, help="only time the manifest on checkpoints of these MB")
+    parser.add_argument("--manifest-mb", nargs="+", type=float,
+                        help="only time the manifest on checkpoints of these MB")
     args = parser.parse_args()
     if args.manifest_mb:
         manifest_cost(args.manifest_mb)

@@ -6,9 +6,9 @@
 A real ``transformers serve`` on 127.0.0.1 (a tiny random Llama built here, or ``--smollm2``: the real
 SmolLM2-135M-Instruct) behind :class:`data_gen.fault_proxy.FaultProxy` with ``serial=True``: one chat request at a time
 reaches the server and each answer token costs ``--token-delay`` seconds (on the proxy's clock, which absorbs the
-server's own time), so the tiny model behaves like a CPU ``transformers serve`` of a real model. A streamed answer whose client hangs up stops at once (transformers serve
-5.24 cancels it on disconnect: the probe below measures it); a plain JSON answer is generated to the end, as
-transformers serve does.
+server's own time), so the tiny model behaves like a CPU ``transformers serve`` of a real model. A streamed answer
+whose client hangs up stops at once (transformers serve 5.24 cancels it on disconnect: the probe below measures it); a
+plain JSON answer is generated to the end, as transformers serve does.
 
 1. The serial rate: the requests strictly one at a time (concurrency 1, no timeouts): calls/s = 1.0x.
 2. The adaptive engine (the defaults: streaming, adaptive concurrency), at most ``--concurrency`` in flight, with a

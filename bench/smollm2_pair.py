@@ -53,7 +53,7 @@ def half_of(teacher, student_config):
     source = teacher.state_dict()
     width = student_config.intermediate_size
     weights = {}
-    for name, tensor in student.state_dict().items():
+    for name in student.state_dict():
         value = source[name]
         if name.endswith(("gate_proj.weight", "up_proj.weight")):
             value = value[:width]

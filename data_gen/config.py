@@ -49,7 +49,8 @@ class TeacherConfig:
     """Which teacher answers, how fast we may call it, what it costs."""
 
     backend: Literal["api", "local"] = option("api", help="'api': OpenAI-compatible server; 'local': transformers")
-    model: str = option("", help="model name sent to the API, or a local model directory or .gguf file for backend=local")
+    model: str = option("", help="model name sent to the API, or a local model directory or .gguf file "
+                                 "for backend=local")
     base_url: str | None = option(None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1; None = OpenAI")
     api_key_env: str | None = option(
         "OPENAI_API_KEY", help="name of the environment variable holding the key; None = no auth (local server)"

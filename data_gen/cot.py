@@ -38,7 +38,7 @@ from data_gen.output import dataset_card
 from kd_core import answers
 from kd_core.answers import AnswerExtractor, majority
 from kd_core.commands import stop_code
-from kd_core.config import ConfigError, option, parse_command_line, section, to_dict
+from kd_core.config import option, parse_command_line, section, to_dict
 from kd_core.redact import redact_value
 
 DEFAULT_SHOTS = [

@@ -50,7 +50,6 @@ from data_gen.limiter import AdaptiveConcurrency, RateLimiter
 from kd_core.commands import INTERRUPTED
 from kd_core.redact import scrub, url_secrets
 
-
 # Transient failures that mean "too much in flight" and halve the adaptive concurrency limit. A 500, a cut body or
 # a refused connection says nothing about load.
 OVERLOAD_REASONS = frozenset({"timeout", "429", "503", "504", "408"})

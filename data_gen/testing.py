@@ -218,7 +218,8 @@ def echo_responder(body: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    """``python -m data_gen.testing --latency 0.2``: serve echo answers on a free port; prints the port, runs until killed."""
+    """``python -m data_gen.testing --latency 0.2``: serve echo answers on a free port; prints the port, runs until
+    killed."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     args = parser.parse_args()

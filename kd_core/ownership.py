@@ -36,6 +36,7 @@ process group forms, so the other ranks wait for it at the rendezvous, and the l
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -257,7 +258,7 @@ def prepare(output_dir: str | Path, kind: OutputKind, settings: dict[str, Any], 
     path = Path(output_dir)
     lock = main_process() if lock is None else lock
     check_writable(path, field)
-    decide = (lambda: _decide(path, kind, settings, resume, overwrite, field, remedy, check))
+    decide = functools.partial(_decide, path, kind, settings, resume, overwrite, field, remedy, check)
     if not lock:
         return Output(path, kind, settings, *decide())
     home = path.parent if kind.published else path  # the directory the lock file is in

@@ -346,7 +346,8 @@ class Lion:
                          "new_hard": len(g["added"]["hard"]), "new_easy": len(g["added"]["easy"])})
         summary = {"iterations": rows}
         atomic_write_json(self.out / "lion_summary.json", summary, ensure_ascii=False)
-        print(f"{'iter':>4} {'train':>6} {'cache':>6} {'hard':>5} {'easy':>5} {'win rate':>9} {'+hard':>6} {'+easy':>6}")
+        print(f"{'iter':>4} {'train':>6} {'cache':>6} {'hard':>5} {'easy':>5} {'win rate':>9} "
+              f"{'+hard':>6} {'+easy':>6}")
         for r in rows:
             win = "n/a" if r["win_rate"] is None else f"{r['win_rate']:.3f}"
             print(f"{r['iteration']:>4} {r['train_pool']:>6} {r['cache_pool']:>6} {r['hard']:>5} {r['easy']:>5} "

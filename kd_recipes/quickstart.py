@@ -124,7 +124,8 @@ class QuickstartConfig:
         if self.student_layers > self.teacher_layers:
             raise ValueError(f"student_layers: expected at most teacher_layers ({self.teacher_layers})")
         if self.teacher_hidden % 32:
-            raise ValueError(f"teacher_hidden: expected a multiple of 32 (heads of 32 channels), got {self.teacher_hidden}")
+            raise ValueError(f"teacher_hidden: expected a multiple of 32 (heads of 32 channels), "
+                             f"got {self.teacher_hidden}")
         if self.cot_temperature < 0:
             raise ValueError(f"cot_temperature: expected >= 0, got {self.cot_temperature}")
         if not self.loss_terms:

@@ -227,9 +227,10 @@ def transformers_serve(model_dir: Path, log_path: Path, startup_s: float = 180.0
                 try:
                     urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
                     break
-                except OSError:
+                except OSError as error:
                     if proc.poll() is not None or time.time() > deadline:
-                        raise RuntimeError(f"transformers serve did not start: {log_path.read_text()[-2000:]}")
+                        log = log_path.read_text()[-2000:]
+                        raise RuntimeError(f"transformers serve did not start: {log}") from error
                     time.sleep(0.5)
             body = json.dumps({"model": str(model_dir), "max_tokens": 2,
                                "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -333,7 +334,8 @@ def interrupt_at(command: list[str], env: dict[str, str], point: str, timeout: f
 
     flag = Path(tempfile.mkdtemp()) / "reached"
     paths = [str(REPO_ROOT / "tests" / "kill_points"), str(REPO_ROOT), env.get("PYTHONPATH", "")]
-    env = {**env, "KILL_POINT": point, "KILL_POINT_FLAG": str(flag), "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    env = {**env, "KILL_POINT": point, "KILL_POINT_FLAG": str(flag),
+           "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     log = flag.parent / "stderr"  # a file, not a pipe: a full pipe would stall the command before the point
     with log.open("w") as err:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)

@@ -168,7 +168,8 @@ def eval_no_tokenizer(model_dirs, tmp_path):
 # --- every other command -------------------------------------------------------------------------------------------
 
 def _local_teacher(model_dirs) -> list[str]:
-    return ["--teacher.backend", "local", "--teacher.model", str(model_dirs["teacher"]), "--teacher.api_key_env", "null"]
+    return ["--teacher.backend", "local", "--teacher.model", str(model_dirs["teacher"]),
+            "--teacher.api_key_env", "null"]
 
 
 def _questions(tmp_path: Path, bad_row: bool = False) -> Path:
@@ -496,7 +497,8 @@ CASES = [
                                      r"or a CUDA device is missing\); this machine supports sdpa, eager"),
     (TRAIN, on_policy_fractions_over_one, r"on_policy: student_fraction \+ teacher_fraction: expected at most 1, got "
                                           r"0\.8 \+ 0\.5"),
-    (TRAIN, gguf_without_tensors, r"model\.teacher: .*header_only\.gguf holds 0 tensor\(s\) but its llama architecture"),
+    (TRAIN, gguf_without_tensors,
+     r"model\.teacher: .*header_only\.gguf holds 0 tensor\(s\) but its llama architecture"),
     ("distill.student.prune.command", gguf_general_architecture, r"model: .*general\.gguf: architecture 'general' "
                                                                  r"cannot be loaded by transformers as a causal LM"),
     ("distill.evaluation.command", gguf_is_a_directory, r"model: .*x\.gguf is a directory; expected a GGUF file"),

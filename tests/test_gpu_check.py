@@ -17,8 +17,8 @@ def test_gpu_check_smoke_runs_and_prints_its_tables():
     out = result.stdout
     assert "random weights of the real shapes (timings and memory are the same" in out
     assert "gradient checkpointing, packing, on-policy 0.25" in out
-    table = out.splitlines()[out.splitlines().index(next(l for l in out.splitlines() if l.startswith("| step s")))
-                             + 1]
+    table = out.splitlines()[out.splitlines().index(next(line for line in out.splitlines()
+                                                         if line.startswith("| step s"))) + 1]
     step, tokens_per_s = (float(cell.replace(",", "")) for cell in table.strip("| ").split(" | ")[:2])
     assert step > 0 and tokens_per_s > 0
     assert "activation memory (cpu)" in out and "\n     64 " in out

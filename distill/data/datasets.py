@@ -38,7 +38,8 @@ SHAPES = ("messages", "prompt_completion", "text", "prompt")
 
 @dataclasses.dataclass
 class DataSettings:
-    train_file: str = option("", help="Training data: a .jsonl/.json/.parquet file or a `datasets.save_to_disk` folder.")
+    train_file: str = option("", help="Training data: a .jsonl/.json/.parquet file or a `datasets.save_to_disk` "
+                                      "folder.")
     eval_file: str | None = option(None, help="Held-out data in the same shapes; if unset, `eval_fraction` of train.")
     eval_fraction: float = option(0.05, help="Fraction of the training file held out for eval when eval_file is unset.")
     format: Literal["auto", "messages", "prompt_completion", "text", "prompt"] = option(
@@ -209,7 +210,8 @@ def tokenize_example(
     elif shape == "prompt":
         messages = [{"role": "user", "content": record["prompt"]}]
     else:
-        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+        messages = [{"role": "user", "content": record["prompt"]},
+                    {"role": "assistant", "content": record["completion"]}]
     if messages[-1]["role"] != "assistant":  # a conversation waiting for its answer: a prompt only
         ids = _template_ids(tokenizer, messages, add_generation_prompt=True)[:max_length]
         return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "prompt_length": len(ids),

@@ -75,7 +75,8 @@ def as_trainer_record(record: dict[str, Any]) -> dict[str, Any]:
     if "question" in record and "answer" in record:
         return {**record, "prompt": record["question"], "completion": record["answer"]}
     raise ConfigError(
-        f"data: no usable columns; expected messages, prompt/completion, text or question/answer, found {sorted(record)}"
+        f"data: no usable columns; expected messages, prompt/completion, text or question/answer, "
+        f"found {sorted(record)}"
     )
 
 

@@ -213,7 +213,7 @@ class StudentWithObjective(nn.Module):
         None = all 1. ``position_ids``: a packed batch (:func:`distill.data.datasets.collate_packed`); the attention
         mask is then left to transformers' packed-sequence masks. Pass ``teacher`` and what follows by keyword:
         ZeRO-3's module hooks then leave them alone (they only see positional inputs)."""
-        s, wanted = self.settings, self.settings.needs
+        wanted = self.settings.needs
         student_out = self.student.get_decoder()(
             input_ids=input_ids,
             attention_mask=attention_mask if position_ids is None else None,

@@ -2,7 +2,8 @@
 
 The store keeps, per token, the teacher's k most likely ids with their log-probabilities and the log of the mass
 left outside them (the *tail*). Both distributions are collapsed onto the same k + 1 buckets -- the k ids, and
-"everything else" -- and every kind of :mod:`distill.losses.divergences` is computed between the two bucketed distributions:
+"everything else" -- and every kind of :mod:`distill.losses.divergences` is computed between the two bucketed
+distributions:
 
     p = (p_t[i_1], ..., p_t[i_k], tail_t)      q = (p_s[i_1], ..., p_s[i_k], 1 - sum_j p_s[i_j])
 

@@ -8,9 +8,9 @@ Layout of a store directory (written by ``distill precompute``)::
     shard-00000-of-00002.bin      fixed-size records, one per counted token (row-major over samples)
     shard-00000-of-00002.idx.npy  int64 [samples, 4]: sample_id, first record, tokens, fingerprint of the sample
 
-Records are keyed by the sample id (the row of the source file, see ``distill.data.datasets``) and the rank of the counted
-token within the sample -- never by step or process -- so shuffling, accumulation and any number of processes read
-the right rows.
+Records are keyed by the sample id (the row of the source file, see ``distill.data.datasets``) and the rank of the
+counted token within the sample -- never by step or process -- so shuffling, accumulation and any number of processes
+read the right rows.
 
 One record (``record_bytes`` bytes) holds the k token ids and their log-probabilities in an ORDER-FREE form (the
 divergences only need pairs, not their ranks), plus the log of the tail mass (everything outside the top k):
@@ -123,15 +123,15 @@ class Codec:
         order = np.argsort(ids, axis=1, kind="stable")
         ids = np.take_along_axis(ids.astype(np.int64), order, axis=1)
         logp = np.take_along_axis(logp.astype(np.float32), order, axis=1)
-        l = self.low_bits
+        lb = self.low_bits
         bits = np.zeros((n, self.packed_bits), dtype=np.uint8)
         # Upper half: bit (high_i + i) set for the i-th smallest id -- a strictly increasing set of positions.
-        bits[np.arange(n)[:, None], (ids >> l) + np.arange(k)] = 1
+        bits[np.arange(n)[:, None], (ids >> lb) + np.arange(k)] = 1
         start = self.upper_bits
-        if l:
-            low = ids & ((1 << l) - 1)
-            bits[:, start : start + k * l] = ((low[:, :, None] >> np.arange(l - 1, -1, -1)) & 1).reshape(n, k * l)
-        start += k * l
+        if lb:
+            low = ids & ((1 << lb) - 1)
+            bits[:, start : start + k * lb] = ((low[:, :, None] >> np.arange(lb - 1, -1, -1)) & 1).reshape(n, k * lb)
+        start += k * lb
         levels = (1 << self.value_bits) - 1
         scaled = (np.clip(logp, -self.value_range, 0.0) + self.value_range) * (levels / self.value_range)
         codes = np.rint(scaled).astype(np.int64)
@@ -142,20 +142,21 @@ class Codec:
         return np.concatenate([packed, tail], axis=1)
 
     def decode(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """uint8 ``[N, record_bytes]`` -> ids int64 ``[N, k]`` (ascending), logp float32 ``[N, k]``, log_tail ``[N]``."""
-        n, k, l, b = records.shape[0], self.k, self.low_bits, self.value_bits
+        """uint8 ``[N, record_bytes]`` -> ids int64 ``[N, k]`` (ascending), logp float32 ``[N, k]``,
+        log_tail ``[N]``."""
+        n, k, lb, b = records.shape[0], self.k, self.low_bits, self.value_bits
         body = np.ascontiguousarray(records[:, :-2])
         bits = np.unpackbits(body, axis=1, count=self.packed_bits)
         upper = bits[:, : self.upper_bits]
         rows, cols = np.nonzero(upper)  # row-major: each row's k set bits, in increasing position
         if rows.shape[0] != n * k:
             raise ValueError("corrupt record: the id bit vector does not hold k ids")
-        ids = (cols.reshape(n, k) - np.arange(k)) << l
+        ids = (cols.reshape(n, k) - np.arange(k)) << lb
         start = self.upper_bits
-        if l:
-            low = bits[:, start : start + k * l].reshape(n, k, l).astype(np.int64)
-            ids |= (low << np.arange(l - 1, -1, -1)).sum(-1)
-        start += k * l
+        if lb:
+            low = bits[:, start : start + k * lb].reshape(n, k, lb).astype(np.int64)
+            ids |= (low << np.arange(lb - 1, -1, -1)).sum(-1)
+        start += k * lb
         codes = (bits[:, start:].reshape(n, k, b).astype(np.int64) << np.arange(b - 1, -1, -1)).sum(-1)
         logp = codes.astype(np.float32) * (self.value_range / ((1 << b) - 1)) - self.value_range
         log_tail = np.ascontiguousarray(records[:, -2:]).view(np.float16).reshape(n).astype(np.float32)
@@ -310,11 +311,13 @@ class LogitStore:
             )
         if meta["tokenizer_sha256"] != tokenizer_hash(tokenizer):
             raise ConfigError(
-                f"{self.field}: {meta_file} was built with a tokenizer that differs from the student's (same vocabulary, "
-                "different chat template or special tokens)"
+                f"{self.field}: {meta_file} was built with a tokenizer that differs from the student's "
+                "(same vocabulary, different chat template or special tokens)"
             )
         if self.codec.vocab != vocab_size:
-            raise ConfigError(f"{self.field}: {meta_file} has vocabulary size {self.codec.vocab}, the student {vocab_size}")
+            raise ConfigError(
+                f"{self.field}: {meta_file} has vocabulary size {self.codec.vocab}, the student {vocab_size}"
+            )
         if not math.isclose(self.temperature, temperature):
             raise ConfigError(
                 f"{self.field}: {meta_file} holds log-probabilities at temperature {self.temperature}, "
@@ -324,8 +327,9 @@ class LogitStore:
         digest = file_hash(train_file)
         if digest != dataset["sha256"]:
             raise ConfigError(
-                f"{self.field}: {meta_file} was built from dataset {dataset['file']} (sha256 {dataset['sha256'][:12]}), "
-                f"but data.train_file {train_file} has sha256 {digest[:12]} (another dataset or version)"
+                f"{self.field}: {meta_file} was built from dataset {dataset['file']} "
+                f"(sha256 {dataset['sha256'][:12]}), but data.train_file {train_file} has sha256 {digest[:12]} "
+                "(another dataset or version)"
             )
         for example in examples:
             sample_id = example["sample_id"]

@@ -257,8 +257,8 @@ def check_student_overrides(settings: ModelSettings) -> None:
             and hidden % heads:
         name = "num_attention_heads" if "num_attention_heads" in overrides else "hidden_size"
         raise ConfigError(f"{prefix}{name}: num_attention_heads ({heads}) must divide hidden_size ({hidden})")
-    if isinstance(heads, int) and isinstance(kv_heads, int) and {"num_attention_heads", "num_key_value_heads"} & changed \
-            and heads % kv_heads:
+    if isinstance(heads, int) and isinstance(kv_heads, int) \
+            and {"num_attention_heads", "num_key_value_heads"} & changed and heads % kv_heads:
         name = "num_key_value_heads" if "num_key_value_heads" in overrides else "num_attention_heads"
         raise ConfigError(f"{prefix}{name}: num_key_value_heads ({kv_heads}) must divide num_attention_heads "
                           f"({heads})")

@@ -9,9 +9,9 @@ Layout of an output directory::
 A save writes everything into a hidden temporary directory, writes ``manifest.json`` (every file with its size and
 its XXH3-128 content hash, :mod:`kd_core.checksum`) last, fsyncs, and only then renames the directory into place
 and moves ``latest`` (both with :mod:`kd_core.atomic`, which fsyncs the parent directory after each rename). A
-checkpoint whose files do not match its manifest (truncated by a crash or a full disk: the size; corrupted in place: the hash) is skipped with a
-warning naming it and the file, and the previous valid one is used. Manifests of the earlier version (sizes only) are
-checked on sizes alone.
+checkpoint whose files do not match its manifest (truncated by a crash or a full disk: the size; corrupted in place:
+the hash) is skipped with a warning naming it and the file, and the previous valid one is used. Manifests of the
+earlier version (sizes only) are checked on sizes alone.
 
 With several processes the hashing is shared: at a save each rank hashes the files it wrote itself (DeepSpeed's
 ``zero_pp_rank_<r>_*`` shards, ``random_states_<r>.pkl``) while they are in its page cache, the main process gathers

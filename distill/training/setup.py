@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-
 from transformers import PreTrainedTokenizerBase
 
 from distill.data import cross

@@ -10,8 +10,8 @@ import pytest
 
 from data_gen.config import DecodingConfig, TeacherConfig
 from data_gen.engine import Request, build_engine
-from data_gen.limiter import AdaptiveConcurrency
 from data_gen.fault_proxy import FaultProxy
+from data_gen.limiter import AdaptiveConcurrency
 from data_gen.testing import ScriptedServer
 from kd_core.config import ConfigError, from_dict
 

@@ -214,7 +214,8 @@ def test_gsm8k_slice(server, shared_data, tmp_path):
 
 
 def test_shipped_config_parses():
-    cfg = parse_command_line(CotConfig, ["--config", str(REPO_ROOT / "configs/data_gen/cot_gsm8k.yaml")], "data-gen cot")
+    cfg = parse_command_line(CotConfig, ["--config", str(REPO_ROOT / "configs/data_gen/cot_gsm8k.yaml")],
+                             "data-gen cot")
     assert cfg.mode == "gold" and cfg.extractor.kind == "answer_is"
 
 

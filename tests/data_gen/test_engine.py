@@ -17,8 +17,8 @@ from data_gen.backends import LocalBackend
 from data_gen.cache import AnswerCache
 from data_gen.config import DecodingConfig, TeacherConfig
 from data_gen.engine import BudgetError, CallPlan, Engine, EngineError, ParseError, Request, build_engine, preflight
-from data_gen.journal import Journal
 from data_gen.fault_proxy import FaultProxy
+from data_gen.journal import Journal
 from data_gen.testing import ScriptedServer, echo_responder
 from kd_core.config import ConfigError
 from tests.conftest import REPO_ROOT, free_port, transformers_serve
@@ -379,8 +379,9 @@ def test_local_backend_shards_across_processes(model_dirs, tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script),
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(free_port()), str(script),
          str(model_dirs["teacher"]), str(tmp_path / "out"), str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=180,
     )

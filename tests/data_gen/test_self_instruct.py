@@ -161,7 +161,8 @@ def test_signal_stops_gracefully_and_resumes(server, tmp_path, signum):
     # Ctrl-C exits 130 as every command does; SIGTERM (a scheduler) 3; both after saving the calls in flight.
     reason, code = ("interrupted", 130) if signum == signal.SIGINT else ("terminated", 3)
     assert proc.returncode == code, stdout
-    assert signal.Signals(signum).name in stdout and f"stopped early ({reason})" in stdout and "teacher calls:" in stdout
+    assert signal.Signals(signum).name in stdout and f"stopped early ({reason})" in stdout
+    assert "teacher calls:" in stdout
     assert (out / "data.jsonl").exists() and (out / "README.md").exists()
     server.latency_s = 0.0
     assert subprocess.run(command, env=env, capture_output=True, timeout=120).returncode == 0

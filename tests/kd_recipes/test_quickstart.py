@@ -47,7 +47,8 @@ def finished(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("qs") / "run"
     logs = out.parent
     with open(logs / "first.log", "w") as log:
-        first = subprocess.Popen(quickstart(out), cwd=REPO_ROOT, env=slowed_steps(environment(), 0.05), stdout=log, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(quickstart(out), cwd=REPO_ROOT, env=slowed_steps(environment(), 0.05), stdout=log,
+                                 stderr=subprocess.STDOUT)
         # Kill once the on-policy student has written its first checkpoint, i.e. in the middle of that stage.
         deadline = time.time() + 600  # a guard against a hung run, far above a busy machine's pace
         while time.time() < deadline and first.poll() is None:

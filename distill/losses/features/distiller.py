@@ -62,7 +62,8 @@ class FeatureSettings:
         if isinstance(self.head_map, str) and self.head_map != "average":
             raise ValueError(f"head_map: expected 'average' or a list of teacher head indices, got {self.head_map!r}")
         if self.relation_heads < 0:
-            raise ValueError(f"relation_heads: expected 0 (teacher heads) or a positive number, got {self.relation_heads}")
+            raise ValueError(f"relation_heads: expected 0 (teacher heads) or a positive number, "
+                             f"got {self.relation_heads}")
         if self.last_k < 0:
             raise ValueError(f"last_k: expected 0 (all student layers) or a positive number, got {self.last_k}")
 
@@ -194,7 +195,7 @@ class FeatureDistiller(nn.Module):
     @staticmethod
     def _captured(capture: QKVCapture, device: torch.device) -> dict[str, Tensor]:
         if not capture.outputs:
-            raise RuntimeError("MiniLM losses: no q/k/v recorded; call FeatureDistiller.attach(student, teacher) once and "
-                               "run both models before each FeatureDistiller forward")
+            raise RuntimeError("MiniLM losses: no q/k/v recorded; call FeatureDistiller.attach(student, teacher) "
+                               "once and run both models before each FeatureDistiller forward")
         return {kind: out.to(device) for kind, out in capture.outputs.items()}
 

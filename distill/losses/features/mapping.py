@@ -18,7 +18,8 @@ def resolve_layer(index: int, num_layers: int, what: str) -> int:
     """A possibly negative layer index as 0-based, or ConfigError naming ``what`` and the valid range."""
     resolved = index + num_layers if index < 0 else index
     if not 0 <= resolved < num_layers:
-        raise ConfigError(f"{what}: layer {index} does not exist (the model has {num_layers} layers: 0..{num_layers - 1})")
+        raise ConfigError(f"{what}: layer {index} does not exist "
+                          f"(the model has {num_layers} layers: 0..{num_layers - 1})")
     return resolved
 
 

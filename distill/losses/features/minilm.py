@@ -25,8 +25,10 @@ from kd_core.config import ConfigError
 # Module names of the q/k/v projections of layer N, by architecture. Anchored at the end so a peft LoRA wrapper's
 # inner ``q_proj.base_layer`` is not matched: the wrapper's own output (base + LoRA delta) is the effective one.
 _PROJECTION_PATTERNS = (
-    (re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)$"), {"q_proj": "q", "k_proj": "k", "v_proj": "v"}),
-    (re.compile(r"(?:^|\.)layer\.(\d+)\.attention\.self\.(query|key|value)$"), {"query": "q", "key": "k", "value": "v"}),
+    (re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)$"),
+     {"q_proj": "q", "k_proj": "k", "v_proj": "v"}),
+    (re.compile(r"(?:^|\.)layer\.(\d+)\.attention\.self\.(query|key|value)$"),
+     {"query": "q", "key": "k", "value": "v"}),
 )
 
 

@@ -40,7 +40,8 @@ def triplet_angles(x: Tensor) -> Tensor:
 
 
 def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:
-    """RKD angle loss (Park et al. 2019): Huber loss between triplet angle cosines, over triplets of 3 distinct samples."""
+    """RKD angle loss (Park et al. 2019): Huber loss between triplet angle cosines, over triplets of 3 distinct
+    samples."""
     n = student.shape[0]
     idx = torch.arange(n, device=student.device)
     j, i, k = idx.view(n, 1, 1), idx.view(1, n, 1), idx.view(1, 1, n)

@@ -1,4 +1,5 @@
-"""``distill plot``: PNGs from a real (tiny) training run's metrics.jsonl, a resumed run's duplicate steps, bad input."""
+"""``distill plot``: PNGs from a real (tiny) training run's metrics.jsonl, a resumed run's duplicate steps, bad
+input."""
 
 from __future__ import annotations
 

@@ -121,7 +121,8 @@ def test_gradient_is_the_finite_difference():
     spec = DivergenceSpec("jsd", beta=0.5, chunk_size=4)
     zs, zt = torch.randn(3, VS, dtype=torch.float64, requires_grad=True), torch.randn(3, VT, dtype=torch.float64)
     for m in (match, VocabMatch.none(VS, VT)):
-        assert torch.autograd.gradcheck(lambda z: cross_per_token_divergence(z, zt, spec, m).sum(), (zs,), eps=1e-7)
+        assert torch.autograd.gradcheck(lambda z, m=m: cross_per_token_divergence(z, zt, spec, m).sum(), (zs,),
+                                        eps=1e-7)
     student, teacher = _heads()
     h_s, h_t = torch.randn(6, 16, requires_grad=True), torch.randn(6, 24)
     grad = torch.autograd.grad(chunked_cross_divergence(h_s, student, h_t, teacher, spec, match), h_s)[0]

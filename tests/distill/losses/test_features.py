@@ -83,7 +83,8 @@ def ref_gram(s, t, mask):
 
 def ref_fsp_matrix(lower, upper, mask, b):
     tokens = real_tokens(mask, b)
-    return sum(torch.outer(lower[b, t] / lower[b, t].norm(), upper[b, t] / upper[b, t].norm()) for t in tokens) / len(tokens)
+    outers = (torch.outer(lower[b, t] / lower[b, t].norm(), upper[b, t] / upper[b, t].norm()) for t in tokens)
+    return sum(outers) / len(tokens)
 
 
 def ref_fsp(s_low, s_up, t_low, t_up, mask):

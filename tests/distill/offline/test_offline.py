@@ -105,7 +105,8 @@ def test_precompute_from_a_gguf_teacher_equals_its_model_directory(small_store, 
 
     out = run(precompute_config({"teacher": teacher_gguf}, train_file, tmp_path / "from_gguf", k=16))
     a, b = LogitStore(small_store), LogitStore(out)
-    assert b.meta["teacher"][f"file_{ALGORITHM}"] == file_hash(teacher_gguf) and "config_sha256" not in b.meta["teacher"]
+    assert b.meta["teacher"][f"file_{ALGORITHM}"] == file_hash(teacher_gguf)
+    assert "config_sha256" not in b.meta["teacher"]
     assert "config_sha256" in a.meta["teacher"]
     assert sorted(a.location) == sorted(b.location) and a.meta["tokens"] == b.meta["tokens"]
     for sample_id in list(a.location)[:8]:
@@ -414,7 +415,8 @@ def test_training_refuses_a_mismatched_store(small_store, model_dirs, train_file
     assert f"{meta} was built with another vocabulary" in result.stderr
     assert not (tmp_path / "e" / "metrics.jsonl").exists()
     with pytest.raises(ConfigError, match="leave it unset with loss.teacher_store"):
-        train_config(model_dirs, train_file, tmp_path / "f", small_store, **{"model.teacher": str(model_dirs["teacher"])})
+        train_config(model_dirs, train_file, tmp_path / "f", small_store,
+                     **{"model.teacher": str(model_dirs["teacher"])})
 
 
 @pytest.mark.slow

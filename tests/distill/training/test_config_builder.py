@@ -12,7 +12,6 @@ from distill.student.models import ModelSettings
 from distill.training.config import TrainConfig, training_config
 from kd_core.config import from_dict
 
-
 NESTED = {"teacher": ModelSettings, "eval_file": DataSettings, "eval_fraction": DataSettings,
           "max_length": DataSettings, "packing": DataSettings}  # the flat parameters that set a section's field
 
@@ -35,7 +34,7 @@ def test_every_parameter_is_keyword_only_with_the_configs_own_default():
         else:
             assert p.default == field_default(TrainConfig, p.name), p.name
     with pytest.raises(TypeError):
-        training_config("student", "train.jsonl", "out", {"ce": 1.0})  # noqa: the point: no positional use
+        training_config("student", "train.jsonl", "out", {"ce": 1.0})  # the point: no positional use
 
 
 def test_builder_equals_the_config_tree_and_validates():

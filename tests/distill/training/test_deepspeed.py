@@ -286,7 +286,8 @@ def test_sigterm_to_a_zero3_job_exits_75_requeues_and_resumes(model_dirs, train_
                                       f'else echo "$@" >> {requeued}; fi\n')
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
-    args = train_args(model_dirs, train_file, out, "--max_steps", "8", "--save_steps", "1000")[2:]  # slurm.sbatch adds --output_dir "$OUTPUT_DIR" --resume auto
+    # slurm.sbatch adds --output_dir "$OUTPUT_DIR" --resume auto
+    args = train_args(model_dirs, train_file, out, "--max_steps", "8", "--save_steps", "1000")[2:]
 
     def job_env(slow: float) -> dict[str, str]:
         job_id = slurm_job_id()

@@ -52,7 +52,8 @@ def prompts_file(tmp_path_factory):
     ({"top_p": 0}, r"on_policy: top_p: expected a number in \(0, 1\], got 0"),
     ({"top_k": -2}, r"on_policy: top_k: expected >= 0"),
     ({"replay_ratio": 2}, r"on_policy: replay_ratio: expected a number in \[0, 1\], got 2"),
-    ({"generation_kwargs": {"min_pp": 0.1}}, "on_policy: generation_kwargs.min_pp: not a transformers GenerationConfig"),
+    ({"generation_kwargs": {"min_pp": 0.1}},
+     "on_policy: generation_kwargs.min_pp: not a transformers GenerationConfig"),
 ])
 def test_out_of_range_settings_are_refused_naming_the_field(settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from distill.data.datasets import (
-    IGNORE_INDEX, attention_weight, collate, collate_packed, pack_rows, packing_rows, varlen_attention,
+    IGNORE_INDEX,
+    attention_weight,
+    collate,
+    collate_packed,
+    pack_rows,
+    packing_rows,
+    varlen_attention,
 )
 from distill.training.train import Distiller, TrainConfig
 from kd_core.config import ConfigError, from_dict

@@ -132,7 +132,8 @@ def test_export_of_a_single_process_checkpoint_matches_final(finished_run, tmp_p
     exported = AutoModelForCausalLM.from_pretrained(target).state_dict()
     for name, tensor in load_file(str(finished_run / "final" / "model.safetensors")).items():
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
-    half = subprocess.run([sys.executable, "-m", "distill", "export", "--checkpoint", str(finished_run / "checkpoint-3"),
+    half = subprocess.run([sys.executable, "-m", "distill", "export",
+                           "--checkpoint", str(finished_run / "checkpoint-3"),
                            "--output-dir", str(tmp_path / "bf16"), "--dtype", "bfloat16"],
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert half.returncode == 0, half.stderr[-3000:]
