@@ -140,8 +140,9 @@ def chat(text: str) -> list[dict[str, str]]:
 async def answers(engine: Engine, prefix: str, instructions: list[str]) -> list[str | None]:
     results = await engine.map([Request(f"{prefix}-{i}", chat(text)) for i, text in enumerate(instructions)])
     if any(r is None for r in results):
-        raise Stopped(engine.stopped or "interrupted",
-                      "stopped before all answers were in; rerun the same command to continue")
+        raise Stopped(
+            engine.stopped or "interrupted", "stopped before all answers were in; rerun the same command to continue"
+        )
     return [r.text if r.ok else None for r in results]
 
 
@@ -199,11 +200,21 @@ class Lion:
         # Logit KD needs the teacher's distributions: only possible with a local teacher (an API returns text).
         terms = {"forward_kl": t.kd_weight, "ce": 1.0 - t.kd_weight} if local_teacher else {"ce": 1.0}
         train_cfg = training_config(
-            student=self.student_at(n), teacher=self.cfg.teacher.model if local_teacher else None,
-            train_file=str(stage / "data.jsonl"), eval_fraction=0.0, max_length=t.max_length,
-            output_dir=str(stage / "train"), loss_terms=terms, resume="auto", max_steps=t.max_steps,
-            learning_rate=t.learning_rate, per_device_train_batch_size=t.batch_size, eval_steps=None,
-            save_steps=max(1, t.max_steps // 2), report_to=("none",), seed=self.cfg.seed + n,
+            student=self.student_at(n),
+            teacher=self.cfg.teacher.model if local_teacher else None,
+            train_file=str(stage / "data.jsonl"),
+            eval_fraction=0.0,
+            max_length=t.max_length,
+            output_dir=str(stage / "train"),
+            loss_terms=terms,
+            resume="auto",
+            max_steps=t.max_steps,
+            learning_rate=t.learning_rate,
+            per_device_train_batch_size=t.batch_size,
+            eval_steps=None,
+            save_steps=max(1, t.max_steps // 2),
+            report_to=("none",),
+            seed=self.cfg.seed + n,
         )
         result = train.run(train_cfg)
         if result.stopped:
@@ -216,11 +227,19 @@ class Lion:
         student_dir = str(self.iteration_dir(n) / "imitation" / "train" / "final")
         cfg = self.cfg
         student_cfg = TeacherConfig(
-            backend="local", model=student_dir, batch_size=cfg.student_batch_size, device=cfg.student_device,
-            decoding=DecodingConfig(temperature=0.0, max_tokens=cfg.student_max_new_tokens), concurrency=64,
-            cache_path=str(stage / "student_cache.sqlite"))
-        referee_cfg = dataclasses.replace(cfg.teacher, model=cfg.referee_model or cfg.teacher.model,
-                                          decoding=DecodingConfig(temperature=0.0, max_tokens=32))
+            backend="local",
+            model=student_dir,
+            batch_size=cfg.student_batch_size,
+            device=cfg.student_device,
+            decoding=DecodingConfig(temperature=0.0, max_tokens=cfg.student_max_new_tokens),
+            concurrency=64,
+            cache_path=str(stage / "student_cache.sqlite"),
+        )
+        referee_cfg = dataclasses.replace(
+            cfg.teacher,
+            model=cfg.referee_model or cfg.teacher.model,
+            decoding=DecodingConfig(temperature=0.0, max_tokens=32),
+        )
 
         async def judge() -> list[dict[str, Any]]:
             teacher = self.teacher_engine(self.out)
@@ -231,14 +250,24 @@ class Lion:
                 s_texts = await answers(student, f"student-{n}", pool)
                 requests = []
                 for i, (inst, t, s) in enumerate(zip(pool, t_texts, s_texts)):
-                    requests.append(Request(f"ref-{n}-{i}-ts", chat(REFEREE_TEMPLATE.format(
-                        instruction=inst, first=t or "", second=s or ""))))
-                    requests.append(Request(f"ref-{n}-{i}-st", chat(REFEREE_TEMPLATE.format(
-                        instruction=inst, first=s or "", second=t or ""))))
+                    requests.append(
+                        Request(
+                            f"ref-{n}-{i}-ts",
+                            chat(REFEREE_TEMPLATE.format(instruction=inst, first=t or "", second=s or "")),
+                        )
+                    )
+                    requests.append(
+                        Request(
+                            f"ref-{n}-{i}-st",
+                            chat(REFEREE_TEMPLATE.format(instruction=inst, first=s or "", second=t or "")),
+                        )
+                    )
                 scored = await referee.map(requests, parse_scores)
                 if any(r is None for r in scored):
-                    raise Stopped(referee.stopped or "interrupted",
-                                  "stopped before all referee scores were in; rerun the same command to continue")
+                    raise Stopped(
+                        referee.stopped or "interrupted",
+                        "stopped before all referee scores were in; rerun the same command to continue",
+                    )
                 items = []
                 for i, inst in enumerate(pool):
                     first, second = scored[2 * i], scored[2 * i + 1]
@@ -247,8 +276,14 @@ class Lion:
                         continue
                     teacher_score = (first.parsed[0] + second.parsed[1]) / 2  # positions swapped, then averaged
                     student_score = (first.parsed[1] + second.parsed[0]) / 2
-                    items.append({"instruction": inst, "teacher_score": teacher_score, "student_score": student_score,
-                                  "hard": teacher_score - student_score >= cfg.hard_threshold})
+                    items.append(
+                        {
+                            "instruction": inst,
+                            "teacher_score": teacher_score,
+                            "student_score": student_score,
+                            "hard": teacher_score - student_score >= cfg.hard_threshold,
+                        }
+                    )
                 return items
             finally:
                 for engine in (teacher, student, referee):
@@ -256,13 +291,24 @@ class Lion:
 
         items = asyncio.run(judge())
         scored = [it for it in items if "skipped" not in it]
-        wins = sum(1.0 if it["student_score"] > it["teacher_score"] else 0.5 if it["student_score"] ==
-                   it["teacher_score"] else 0.0 for it in scored)
-        result = {"items": items, "scored": len(scored), "skipped": len(items) - len(scored),
-                  "hard": sum(it["hard"] for it in scored), "easy": sum(not it["hard"] for it in scored),
-                  "win_rate": wins / len(scored) if scored else None,
-                  "mean_teacher": sum(it["teacher_score"] for it in scored) / max(1, len(scored)),
-                  "mean_student": sum(it["student_score"] for it in scored) / max(1, len(scored))}
+        wins = sum(
+            1.0
+            if it["student_score"] > it["teacher_score"]
+            else 0.5
+            if it["student_score"] == it["teacher_score"]
+            else 0.0
+            for it in scored
+        )
+        result = {
+            "items": items,
+            "scored": len(scored),
+            "skipped": len(items) - len(scored),
+            "hard": sum(it["hard"] for it in scored),
+            "easy": sum(not it["hard"] for it in scored),
+            "win_rate": wins / len(scored) if scored else None,
+            "mean_teacher": sum(it["teacher_score"] for it in scored) / max(1, len(scored)),
+            "mean_student": sum(it["student_score"] for it in scored) / max(1, len(scored)),
+        }
         atomic_write_json(stage / "done.json", result, ensure_ascii=False)
 
     def generation(self, n: int) -> None:
@@ -276,8 +322,10 @@ class Lion:
         easy = [it["instruction"] for it in judged if "skipped" not in it and not it["hard"]]
         rng = random.Random(f"{self.cfg.seed}:{n}")
         requests = []
-        for kind, seeds, template, count in (("hard", hard, HARD_TEMPLATE, self.cfg.new_hard),
-                                             ("easy", easy, EASY_TEMPLATE, self.cfg.new_easy)):
+        for kind, seeds, template, count in (
+            ("hard", hard, HARD_TEMPLATE, self.cfg.new_hard),
+            ("easy", easy, EASY_TEMPLATE, self.cfg.new_easy),
+        ):
             if seeds and count:
                 shown = rng.sample(seeds, min(self.cfg.seeds_per_prompt, len(seeds)))
                 text = template.format(examples="".join(f"- {s}\n" for s in shown), n=count)
@@ -288,8 +336,10 @@ class Lion:
             try:
                 results = await engine.map(requests, parse_instructions)
                 if any(r is None for r in results):
-                    raise Stopped(engine.stopped or "interrupted",
-                                  "stopped before all instructions were generated; rerun the same command to continue")
+                    raise Stopped(
+                        engine.stopped or "interrupted",
+                        "stopped before all instructions were generated; rerun the same command to continue",
+                    )
                 return results
             finally:
                 await engine.aclose()
@@ -311,8 +361,9 @@ class Lion:
                     rejected += 1
         new = added["hard"] + added["easy"]
         grown = {"train": pools["train"] + new, "cache": pools["cache"] + new}
-        atomic_write_json(stage / "done.json", {"added": added, "rejected_not_novel": rejected, "pools": grown},
-                          ensure_ascii=False)
+        atomic_write_json(
+            stage / "done.json", {"added": added, "rejected_not_novel": rejected, "pools": grown}, ensure_ascii=False
+        )
 
     # ------------------------------------------------------------------------------------------ driver
     def iterate(self) -> dict[str, Any]:
@@ -326,8 +377,11 @@ class Lion:
             ownership.held(self.out).claim()
         save_config(self.cfg, self.out / "config.yaml")
         for n in range(1, self.cfg.iterations + 1):
-            for name, stage in (("imitation", self.imitation), ("discrimination", self.discrimination),
-                                ("generation", self.generation)):
+            for name, stage in (
+                ("imitation", self.imitation),
+                ("discrimination", self.discrimination),
+                ("generation", self.generation),
+            ):
                 if not (self.iteration_dir(n) / name / "done.json").is_file():
                     print(f"iteration {n}: {name}", flush=True)
                     stage(n)
@@ -339,42 +393,64 @@ class Lion:
             d = read_json(self.iteration_dir(n) / "discrimination" / "done.json")
             g = read_json(self.iteration_dir(n) / "generation" / "done.json")
             pools = self.pools(n)
-            rows.append({"iteration": n, "train_pool": len(pools["train"]), "cache_pool": len(pools["cache"]),
-                         "hard": d["hard"], "easy": d["easy"], "skipped": d["skipped"],
-                         "hard_ratio": d["hard"] / max(1, d["hard"] + d["easy"]), "win_rate": d["win_rate"],
-                         "mean_teacher": d["mean_teacher"], "mean_student": d["mean_student"],
-                         "new_hard": len(g["added"]["hard"]), "new_easy": len(g["added"]["easy"])})
+            rows.append(
+                {
+                    "iteration": n,
+                    "train_pool": len(pools["train"]),
+                    "cache_pool": len(pools["cache"]),
+                    "hard": d["hard"],
+                    "easy": d["easy"],
+                    "skipped": d["skipped"],
+                    "hard_ratio": d["hard"] / max(1, d["hard"] + d["easy"]),
+                    "win_rate": d["win_rate"],
+                    "mean_teacher": d["mean_teacher"],
+                    "mean_student": d["mean_student"],
+                    "new_hard": len(g["added"]["hard"]),
+                    "new_easy": len(g["added"]["easy"]),
+                }
+            )
         summary = {"iterations": rows}
         atomic_write_json(self.out / "lion_summary.json", summary, ensure_ascii=False)
-        print(f"{'iter':>4} {'train':>6} {'cache':>6} {'hard':>5} {'easy':>5} {'win rate':>9} "
-              f"{'+hard':>6} {'+easy':>6}")
+        print(
+            f"{'iter':>4} {'train':>6} {'cache':>6} {'hard':>5} {'easy':>5} {'win rate':>9} {'+hard':>6} {'+easy':>6}"
+        )
         for r in rows:
             win = "n/a" if r["win_rate"] is None else f"{r['win_rate']:.3f}"
-            print(f"{r['iteration']:>4} {r['train_pool']:>6} {r['cache_pool']:>6} {r['hard']:>5} {r['easy']:>5} "
-                  f"{win:>9} {r['new_hard']:>6} {r['new_easy']:>6}")
+            print(
+                f"{r['iteration']:>4} {r['train_pool']:>6} {r['cache_pool']:>6} {r['hard']:>5} {r['easy']:>5} "
+                f"{win:>9} {r['new_hard']:>6} {r['new_easy']:>6}"
+            )
         return summary
 
 
 def lion_settings(cfg: LionConfig) -> dict[str, Any]:
     """What a rerun must share with the run in ``output_dir`` to continue it (the ownership marker's settings)."""
-    return {"train_pool": cfg.train_pool, "cache_pool": cfg.cache_pool, "student": cfg.student, "seed": cfg.seed,
-            "teacher.model": cfg.teacher.model}
+    return {
+        "train_pool": cfg.train_pool,
+        "cache_pool": cfg.cache_pool,
+        "student": cfg.student,
+        "seed": cfg.seed,
+        "teacher.model": cfg.teacher.model,
+    }
 
 
 # What `data-gen lion` writes in its output_dir (kd_core.ownership); an unmarked Lion run of an earlier version is
 # recognised by its pools.
 OUTPUT = ownership.OutputKind(
-    "data-gen lion", ("config.yaml", "pools_initial.json", "iter_*", "lion_summary.json", "cache.sqlite*", ".*.tmp"),
+    "data-gen lion",
+    ("config.yaml", "pools_initial.json", "iter_*", "lion_summary.json", "cache.sqlite*", ".*.tmp"),
     legacy=lambda d: (d / "pools_initial.json").is_file() or (d / "lion_summary.json").is_file(),
-    done="lion_summary.json")
+    done="lion_summary.json",
+)
 
 
 def prepare_output_dir(cfg: LionConfig) -> ownership.Output:
     """Continue only a Lion run with the same pools, student, seed and teacher; refuse any other directory (a
     training run, another command's output, a user's folder, one another process writes) before anything is
     written; the returned output holds the directory's lock."""
-    return ownership.prepare(cfg.output_dir, OUTPUT, lion_settings(cfg), resume=True, overwrite=False,
-                             remedy="choose another output_dir")
+    return ownership.prepare(
+        cfg.output_dir, OUTPUT, lion_settings(cfg), resume=True, overwrite=False, remedy="choose another output_dir"
+    )
 
 
 Config = LionConfig
