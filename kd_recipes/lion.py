@@ -26,25 +26,20 @@ import asyncio
 import dataclasses
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from data_gen.config import DecodingConfig, TeacherConfig
-from data_gen.engine import Engine, EngineError, ParseError, Request, build_engine
+from data_gen.engine import Engine, EngineError, Request, build_engine
 from data_gen.self_instruct import parse_instructions
 from kd_core import ownership
 from kd_core.atomic import atomic_write_json, atomic_write_text
 from kd_core.commands import Stopped, stop_code
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section
 from kd_core.records import iter_json_objects
+from kd_recipes.lion_referee import REFEREE_TEMPLATE, discrimination_result, parse_scores, verdicts
 
-REFEREE_TEMPLATE = (
-    "You are a fair judge. Rate how helpful, correct and complete each of the two answers to the instruction is, "
-    "on a scale from 1 to 10. Reply with exactly two lines: 'Assistant 1: <score>' and 'Assistant 2: <score>'.\n\n"
-    "Instruction: {instruction}\n\n[Assistant 1]\n{first}\n\n[Assistant 2]\n{second}\n"
-)
 HARD_TEMPLATE = (
     "Here are instructions from one domain:\n{examples}\nWrite {n} new instructions of the same domain and task type "
     "as these, but harder: they need more steps, knowledge or care. List them as 'Task N: <instruction>'."
@@ -53,7 +48,6 @@ EASY_TEMPLATE = (
     "Here are instructions from one domain:\n{examples}\nWrite {n} new instructions of the same domain, of any task "
     "type, varied and different from these. List them as 'Task N: <instruction>'."
 )
-_SCORE = re.compile(r"assistant\s*([12])\s*[:=]\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
 @dataclass
@@ -123,16 +117,6 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def parse_scores(text: str, finish_reason: str) -> tuple[float, float]:
-    """(score of assistant 1, score of assistant 2), each in 1..10; anything else is a ParseError (retried)."""
-    found = {int(k): float(v) for k, v in _SCORE.findall(text)}
-    if set(found) != {1, 2}:
-        raise ParseError("referee_unparsed")
-    if not all(1 <= found[k] <= 10 for k in (1, 2)):
-        raise ParseError("referee_out_of_range")
-    return found[1], found[2]
-
-
 def chat(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
@@ -144,6 +128,19 @@ async def answers(engine: Engine, prefix: str, instructions: list[str]) -> list[
             engine.stopped or "interrupted", "stopped before all answers were in; rerun the same command to continue"
         )
     return [r.text if r.ok else None for r in results]
+
+
+def referee_requests(n: int, pool: list[str], t_texts: list[str | None], s_texts: list[str | None]) -> list[Request]:
+    """Two referee requests per instruction, teacher's answer first then student's first (against position bias)."""
+    requests = []
+    for i, (inst, t, s) in enumerate(zip(pool, t_texts, s_texts)):
+        requests.append(
+            Request(f"ref-{n}-{i}-ts", chat(REFEREE_TEMPLATE.format(instruction=inst, first=t or "", second=s or "")))
+        )
+        requests.append(
+            Request(f"ref-{n}-{i}-st", chat(REFEREE_TEMPLATE.format(instruction=inst, first=s or "", second=t or "")))
+        )
+    return requests
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -248,68 +245,19 @@ class Lion:
             try:
                 t_texts = await answers(teacher, f"cache-{n}", pool)
                 s_texts = await answers(student, f"student-{n}", pool)
-                requests = []
-                for i, (inst, t, s) in enumerate(zip(pool, t_texts, s_texts)):
-                    requests.append(
-                        Request(
-                            f"ref-{n}-{i}-ts",
-                            chat(REFEREE_TEMPLATE.format(instruction=inst, first=t or "", second=s or "")),
-                        )
-                    )
-                    requests.append(
-                        Request(
-                            f"ref-{n}-{i}-st",
-                            chat(REFEREE_TEMPLATE.format(instruction=inst, first=s or "", second=t or "")),
-                        )
-                    )
-                scored = await referee.map(requests, parse_scores)
+                scored = await referee.map(referee_requests(n, pool, t_texts, s_texts), parse_scores)
                 if any(r is None for r in scored):
                     raise Stopped(
                         referee.stopped or "interrupted",
                         "stopped before all referee scores were in; rerun the same command to continue",
                     )
-                items = []
-                for i, inst in enumerate(pool):
-                    first, second = scored[2 * i], scored[2 * i + 1]
-                    if not (first.ok and second.ok):
-                        items.append({"instruction": inst, "skipped": first.error or second.error})
-                        continue
-                    teacher_score = (first.parsed[0] + second.parsed[1]) / 2  # positions swapped, then averaged
-                    student_score = (first.parsed[1] + second.parsed[0]) / 2
-                    items.append(
-                        {
-                            "instruction": inst,
-                            "teacher_score": teacher_score,
-                            "student_score": student_score,
-                            "hard": teacher_score - student_score >= cfg.hard_threshold,
-                        }
-                    )
-                return items
+                return verdicts(pool, scored, cfg.hard_threshold)
             finally:
                 for engine in (teacher, student, referee):
                     await engine.aclose()
 
         items = asyncio.run(judge())
-        scored = [it for it in items if "skipped" not in it]
-        wins = sum(
-            1.0
-            if it["student_score"] > it["teacher_score"]
-            else 0.5
-            if it["student_score"] == it["teacher_score"]
-            else 0.0
-            for it in scored
-        )
-        result = {
-            "items": items,
-            "scored": len(scored),
-            "skipped": len(items) - len(scored),
-            "hard": sum(it["hard"] for it in scored),
-            "easy": sum(not it["hard"] for it in scored),
-            "win_rate": wins / len(scored) if scored else None,
-            "mean_teacher": sum(it["teacher_score"] for it in scored) / max(1, len(scored)),
-            "mean_student": sum(it["student_score"] for it in scored) / max(1, len(scored)),
-        }
-        atomic_write_json(stage / "done.json", result, ensure_ascii=False)
+        atomic_write_json(stage / "done.json", discrimination_result(items), ensure_ascii=False)
 
     def generation(self, n: int) -> None:
         from data_gen.rouge import NoveltyIndex
