@@ -22,7 +22,6 @@ for twice and nothing is duplicated.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any, Literal
 from data_gen import driver
 from data_gen.backends import estimate_tokens
 from data_gen.config import OutputConfig, TeacherConfig
+from data_gen.cot_prompts import PromptConfig, teacher_messages, template_hash
 from data_gen.driver import GenerationResult, Method
 from data_gen.engine import CallPlan, Engine, Request, Result
 from data_gen.journal import Journal
@@ -40,52 +40,6 @@ from kd_core.answers import AnswerExtractor, majority
 from kd_core.commands import stop_code
 from kd_core.config import option, parse_command_line, section, to_dict
 from kd_core.redact import redact_value
-
-DEFAULT_SHOTS = [
-    {
-        "question": "A baker makes 4 trays of 12 rolls and sells 30 rolls. How many rolls are left?",
-        "rationale": "The baker makes 4 * 12 = 48 rolls. After selling 30, 48 - 30 = 18 rolls are left. "
-        "So the answer is 18.",
-    },
-    {
-        "question": "Mia reads 15 pages a day. How many days does she need for a 120-page book?",
-        "rationale": "Each day covers 15 pages, so she needs 120 / 15 = 8 days. So the answer is 8.",
-    },
-    {
-        "question": "A ticket costs $7 and Leo buys 3 tickets with a $50 note. How much change does he get?",
-        "rationale": "Three tickets cost 3 * 7 = 21 dollars. The change is 50 - 21 = 29 dollars. So the answer is 29.",
-    },
-]
-
-
-@dataclass
-class PromptConfig:
-    """The few-shot prompt the teacher sees (never saved with the records)."""
-
-    instruction: str = option(
-        "Solve the problem. Reason step by step, then end with 'So the answer is <answer>.'",
-        help="first line of the teacher prompt",
-    )
-    shots: list[dict[str, str]] = option(DEFAULT_SHOTS, help="worked examples: [{question, rationale}]")
-    template: str = option("Question: {question}\nAnswer:", help="how each question is shown; needs {question}")
-    hint_template: str = option(
-        "Question: {question}\n(The correct answer is {hint}. Write the reasoning that leads to it as if solving the "
-        "problem yourself, without mentioning that the answer was given.)\nAnswer:",
-        help="STaR rationalization prompt; needs {question} and {hint}",
-    )
-    hint_words: list[str] = option(
-        ["hint", "answer was given", "were told", "was told"],
-        help="a rationalized rationale containing one of these is rejected",
-    )
-
-    def __post_init__(self) -> None:
-        if "{question}" not in self.template:
-            raise ValueError("template: expected a {question} placeholder")
-        if "{question}" not in self.hint_template or "{hint}" not in self.hint_template:
-            raise ValueError("hint_template: expected {question} and {hint} placeholders")
-        for i, shot in enumerate(self.shots):
-            if set(shot) != {"question", "rationale"}:
-                raise ValueError(f"shots[{i}]: expected keys question and rationale, got {sorted(shot)}")
 
 
 @dataclass
@@ -154,21 +108,6 @@ def load_questions(cfg: CotConfig) -> list[dict[str, Any]]:
     ]
 
 
-# ------------------------------------------------------------------------------------------------ prompts
-def teacher_messages(cfg: PromptConfig, question: str, hint: str | None = None) -> list[dict[str, str]]:
-    shots = "".join(cfg.template.format(question=s["question"]) + " " + s["rationale"] + "\n\n" for s in cfg.shots)
-    asked = (
-        cfg.template.format(question=question)
-        if hint is None
-        else cfg.hint_template.format(question=question, hint=hint)
-    )
-    return [{"role": "user", "content": f"{cfg.instruction}\n\n{shots}{asked}"}]
-
-
-def template_hash(cfg: PromptConfig) -> str:
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
-
-
 # ------------------------------------------------------------------------------------------------ pipeline
 class ChainOfThought:
     """Samples, checks, rationalizes and journals questions chunk by chunk."""
@@ -228,46 +167,57 @@ class ChainOfThought:
         results = await self.engine.map([self._request(q, j) for q in chunk for j in range(k)])
         if any(r is None for r in results):
             return False
-        state: dict[str, dict[str, Any]] = {}
-        for i, q in enumerate(chunk):
-            samples = results[i * k : (i + 1) * k]
-            rejections: Counter[str] = Counter()
-            kept: list[dict[str, Any]] = []
-            target = q["gold"]
-            label = q["gold"]
-            votes = 0
-            if self.cfg.mode == "vote":
-                answers = [self.judge(r, None, False)[0] for r in samples]
-                label, votes = majority(answers)
-                if label is None or votes < self.cfg.min_vote_share * k:
-                    rejections["no_majority"] += 1
-                    label = None
-                target = label
-            for n, result in enumerate(samples, start=1):
-                if label is None and self.cfg.mode == "vote":
-                    break
-                answer, reason = self.judge(result, target, False)
+        state = {q["id"]: self._judge_samples(q, results[i * k : (i + 1) * k]) for i, q in enumerate(chunk)}
+        if self.cfg.mode == "gold" and not await self._rationalize(chunk, state):
+            return False
+        self._journal_chunk(chunk, state)
+        return True
+
+    def _judge_samples(self, q: dict[str, Any], samples: list[Result]) -> dict[str, Any]:
+        """One question's state after its ``k`` plain samples: kept rationales, rejections, the label and its votes."""
+        rejections: Counter[str] = Counter()
+        kept: list[dict[str, Any]] = []
+        target = q["gold"]
+        label = q["gold"]
+        votes = 0
+        if self.cfg.mode == "vote":
+            answers = [self.judge(r, None, False)[0] for r in samples]
+            label, votes = majority(answers)
+            if label is None or votes < self.cfg.min_vote_share * self.cfg.k:
+                rejections["no_majority"] += 1
+                label = None
+            target = label
+        for n, result in enumerate(samples, start=1):
+            if label is None and self.cfg.mode == "vote":
+                break
+            answer, reason = self.judge(result, target, False)
+            if reason is not None:
+                rejections[reason] += 1
+            elif not self._keep(kept, result, answer, n, False):
+                rejections["surplus"] += 1
+        return {"kept": kept, "rejections": rejections, "label": label, "votes": votes, "calls": self.cfg.k}
+
+    async def _rationalize(self, chunk: list[dict[str, Any]], state: dict[str, dict[str, Any]]) -> bool:
+        """STaR: hinted retries for the questions with no correct sample yet; False when the engine stopped first."""
+        for attempt in range(self.cfg.rationalization_attempts):
+            todo = [q for q in chunk if not state[q["id"]]["kept"]]
+            if not todo:
+                break
+            hinted = await self.engine.map([self._request(q, self.cfg.k + attempt, q["gold"]) for q in todo])
+            if any(r is None for r in hinted):
+                return False
+            for q, result in zip(todo, hinted):
+                s = state[q["id"]]
+                s["calls"] += 1
+                answer, reason = self.judge(result, q["gold"], True)
                 if reason is not None:
-                    rejections[reason] += 1
-                elif not self._keep(kept, result, answer, n, False):
-                    rejections["surplus"] += 1
-            state[q["id"]] = {"kept": kept, "rejections": rejections, "label": label, "votes": votes, "calls": k}
-        if self.cfg.mode == "gold":
-            for attempt in range(self.cfg.rationalization_attempts):
-                todo = [q for q in chunk if not state[q["id"]]["kept"]]
-                if not todo:
-                    break
-                hinted = await self.engine.map([self._request(q, k + attempt, q["gold"]) for q in todo])
-                if any(r is None for r in hinted):
-                    return False
-                for q, result in zip(todo, hinted):
-                    s = state[q["id"]]
-                    s["calls"] += 1
-                    answer, reason = self.judge(result, q["gold"], True)
-                    if reason is not None:
-                        s["rejections"][f"rationalized_{reason}"] += 1
-                    else:
-                        self._keep(s["kept"], result, answer, s["calls"], True)
+                    s["rejections"][f"rationalized_{reason}"] += 1
+                else:
+                    self._keep(s["kept"], result, answer, s["calls"], True)
+        return True
+
+    def _journal_chunk(self, chunk: list[dict[str, Any]], state: dict[str, dict[str, Any]]) -> None:
+        """Counts each question's rejections with the engine and journals one record per question (rank 0 writes)."""
         for q in chunk:
             s = state[q["id"]]
             if not s["kept"] and self.cfg.mode == "gold":
@@ -288,7 +238,6 @@ class ChainOfThought:
             }
             if self.engine.rank == 0 and self.journal.append(record):
                 self.engine.advance()
-        return True
 
     async def run(self, questions: list[dict[str, Any]]) -> None:
         todo = [q for q in questions if q["id"] not in self.journal]

@@ -166,7 +166,30 @@ class SelfInstruct:
         generated = await self.engine.map(self._round_requests(round_no), parse_instructions)
         if any(r is None for r in generated):
             return False
-        candidates: list[tuple[str, str, Result]] = []  # (record id, instruction, generation result)
+        candidates = self._filter_candidates(generated)
+        rng = random.Random(f"{self.cfg.seed}:{round_no}:shots")
+        cls_shots = rng.sample(self.seeds, min(len(self.seeds), 6))
+        labels = await self.engine.map(
+            [
+                Request(
+                    f"{cid}-cls", classification_prompt(text, cls_shots), decoding={"max_tokens": CLASSIFY_MAX_TOKENS}
+                )
+                for cid, text, _ in candidates
+            ],
+            parse_yes_no,
+        )
+        if any(r is None for r in labels):
+            return False
+        instances = await self.engine.map(self._instance_requests(candidates, labels))
+        if any(r is None for r in instances):
+            return False
+        self._journal_round(round_no, candidates, labels, instances)
+        return True
+
+    def _filter_candidates(self, generated: list[Result]) -> list[tuple[str, str, Result]]:
+        """The round's proposals that pass the filters and ROUGE-L novelty, as (record id, instruction, generation
+        result); each is added to the novelty pool and the machine pool at once, rejections are counted."""
+        candidates: list[tuple[str, str, Result]] = []
         for result in generated:
             if not result.ok:
                 continue
@@ -184,26 +207,18 @@ class SelfInstruct:
                     continue
                 candidates.append((f"si-{result.request.id}-{k:02d}", instruction, result))
                 self.machine.append(instruction)
-        rng = random.Random(f"{self.cfg.seed}:{round_no}:shots")
-        cls_shots = rng.sample(self.seeds, min(len(self.seeds), 6))
-        labels = await self.engine.map(
-            [
-                Request(
-                    f"{cid}-cls", classification_prompt(text, cls_shots), decoding={"max_tokens": CLASSIFY_MAX_TOKENS}
-                )
-                for cid, text, _ in candidates
-            ],
-            parse_yes_no,
-        )
-        if any(r is None for r in labels):
-            return False
-        inst_requests = []
+        return candidates
+
+    def _instance_requests(self, candidates: list[tuple[str, str, Result]], labels: list[Result]) -> list[Request]:
+        """One instance-generation request per candidate, output-first for classification tasks, with two seed shots
+        of the same kind."""
+        requests = []
         for (cid, text, _), label in zip(candidates, labels):
             is_cls = bool(label.ok and label.parsed)
             pool = [t for t in self.seeds if t["is_classification"] == is_cls] or self.seeds
             shots = random.Random(f"{self.cfg.seed}:{cid}").sample(pool, min(2, len(pool)))
             # A partial (not a lambda) so results stay picklable for gather_object across processes.
-            inst_requests.append(
+            requests.append(
                 Request(
                     f"{cid}-inst",
                     instance_prompt(text, is_cls, shots, self.cfg.max_instances),
@@ -211,9 +226,16 @@ class SelfInstruct:
                     parse=functools.partial(parse_instances, is_classification=is_cls),
                 )
             )
-        instances = await self.engine.map(inst_requests)
-        if any(r is None for r in instances):
-            return False
+        return requests
+
+    def _journal_round(
+        self,
+        round_no: int,
+        candidates: list[tuple[str, str, Result]],
+        labels: list[Result],
+        instances: list[Result],
+    ) -> None:
+        """Keeps the candidates with valid instances, in request order, up to ``target``; rank 0 journals them."""
         for (cid, text, gen), label, inst in zip(candidates, labels, instances):
             is_cls = inst.request.meta["is_classification"]
             if not inst.ok:
@@ -234,7 +256,6 @@ class SelfInstruct:
             self.kept_ids.append(cid)
             if self.engine.rank == 0 and self.journal.append(record):
                 self.engine.advance()
-        return True
 
     async def run(self) -> None:
         for round_no in range(self.cfg.max_rounds):
