@@ -22,7 +22,6 @@ for twice and nothing is duplicated.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any, Literal
 from data_gen import driver
 from data_gen.backends import estimate_tokens
 from data_gen.config import OutputConfig, TeacherConfig
+from data_gen.cot_prompts import PromptConfig, teacher_messages, template_hash
 from data_gen.driver import GenerationResult, Method
 from data_gen.engine import CallPlan, Engine, Request, Result
 from data_gen.journal import Journal
@@ -41,42 +41,6 @@ from kd_core.commands import stop_code
 from kd_core.config import option, parse_command_line, section, to_dict
 from kd_core.redact import redact_value
 
-DEFAULT_SHOTS = [
-    {"question": "A baker makes 4 trays of 12 rolls and sells 30 rolls. How many rolls are left?",
-     "rationale": "The baker makes 4 * 12 = 48 rolls. After selling 30, 48 - 30 = 18 rolls are left. "
-                  "So the answer is 18."},
-    {"question": "Mia reads 15 pages a day. How many days does she need for a 120-page book?",
-     "rationale": "Each day covers 15 pages, so she needs 120 / 15 = 8 days. So the answer is 8."},
-    {"question": "A ticket costs $7 and Leo buys 3 tickets with a $50 note. How much change does he get?",
-     "rationale": "Three tickets cost 3 * 7 = 21 dollars. The change is 50 - 21 = 29 dollars. So the answer is 29."},
-]
-
-
-@dataclass
-class PromptConfig:
-    """The few-shot prompt the teacher sees (never saved with the records)."""
-
-    instruction: str = option(
-        "Solve the problem. Reason step by step, then end with 'So the answer is <answer>.'",
-        help="first line of the teacher prompt")
-    shots: list[dict[str, str]] = option(DEFAULT_SHOTS, help="worked examples: [{question, rationale}]")
-    template: str = option("Question: {question}\nAnswer:", help="how each question is shown; needs {question}")
-    hint_template: str = option(
-        "Question: {question}\n(The correct answer is {hint}. Write the reasoning that leads to it as if solving the "
-        "problem yourself, without mentioning that the answer was given.)\nAnswer:",
-        help="STaR rationalization prompt; needs {question} and {hint}")
-    hint_words: list[str] = option(["hint", "answer was given", "were told", "was told"],
-                                   help="a rationalized rationale containing one of these is rejected")
-
-    def __post_init__(self) -> None:
-        if "{question}" not in self.template:
-            raise ValueError("template: expected a {question} placeholder")
-        if "{question}" not in self.hint_template or "{hint}" not in self.hint_template:
-            raise ValueError("hint_template: expected {question} and {hint} placeholders")
-        for i, shot in enumerate(self.shots):
-            if set(shot) != {"question", "rationale"}:
-                raise ValueError(f"shots[{i}]: expected keys question and rationale, got {sorted(shot)}")
-
 
 @dataclass
 class CotConfig:
@@ -84,8 +48,9 @@ class CotConfig:
 
     input_file: str = option("", help="questions: .jsonl/.json/.parquet (GSM8K's {question, answer} works as is)")
     question_field: str = option("question", help="column holding the question")
-    answer_field: str | None = option("answer", help="column holding the gold answer (text after '####' if any); "
-                                                     "null = none")
+    answer_field: str | None = option(
+        "answer", help="column holding the gold answer (text after '####' if any); null = none"
+    )
     max_questions: int | None = option(None, help="use the first N questions")
     mode: Literal["gold", "vote"] = option("gold", help="gold: check against gold answers; vote: self-consistency")
     k: int = option(4, help="rationales sampled per question")
@@ -94,8 +59,11 @@ class CotConfig:
     min_vote_share: float = option(0.5, help="mode=vote: the majority needs at least this share of the k samples")
     chunk_size: int = option(64, help="questions per chunk (a chunk is journaled when complete)")
     seed: int = option(0, help="per-sample seeds are seed + sample index (sent to the server)")
-    extractor: AnswerExtractor = section(AnswerExtractor, help="final-answer extraction (the same section as the "
-                                         "trainer's accuracy.extractor and distill eval's extractor)")
+    extractor: AnswerExtractor = section(
+        AnswerExtractor,
+        help="final-answer extraction (the same section as the "
+        "trainer's accuracy.extractor and distill eval's extractor)",
+    )
     prompt: PromptConfig = section(PromptConfig, help="teacher prompt")
     teacher: TeacherConfig = section(TeacherConfig, help="teacher backend, limits and prices")
     output: OutputConfig = section(OutputConfig, help="output directory and formats")
@@ -120,23 +88,24 @@ class CotConfig:
 def load_questions(cfg: CotConfig) -> list[dict[str, Any]]:
     """``[{id, row, question, gold}]`` (:func:`kd_core.answers.load_questions`); in gold mode a question without a
     usable gold answer is a ConfigError naming it."""
-    rows = answers.load_questions(cfg.input_file, "input_file", cfg.question_field, cfg.answer_field,
-                                  numeric=cfg.extractor.numeric, require_gold=cfg.mode == "gold",
-                                  limit=cfg.max_questions)
-    return [{"id": "q" + hashlib.sha256(r.question.encode()).hexdigest()[:12] + f"-{r.row}", "row": r.row,
-             "question": r.question, "gold": r.gold} for r in rows]
-
-
-# ------------------------------------------------------------------------------------------------ prompts
-def teacher_messages(cfg: PromptConfig, question: str, hint: str | None = None) -> list[dict[str, str]]:
-    shots = "".join(cfg.template.format(question=s["question"]) + " " + s["rationale"] + "\n\n" for s in cfg.shots)
-    asked = cfg.template.format(question=question) if hint is None else \
-        cfg.hint_template.format(question=question, hint=hint)
-    return [{"role": "user", "content": f"{cfg.instruction}\n\n{shots}{asked}"}]
-
-
-def template_hash(cfg: PromptConfig) -> str:
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    rows = answers.load_questions(
+        cfg.input_file,
+        "input_file",
+        cfg.question_field,
+        cfg.answer_field,
+        numeric=cfg.extractor.numeric,
+        require_gold=cfg.mode == "gold",
+        limit=cfg.max_questions,
+    )
+    return [
+        {
+            "id": "q" + hashlib.sha256(r.question.encode()).hexdigest()[:12] + f"-{r.row}",
+            "row": r.row,
+            "question": r.question,
+            "gold": r.gold,
+        }
+        for r in rows
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -152,8 +121,13 @@ class ChainOfThought:
     def _request(self, q: dict[str, Any], sample: int, hint: str | None = None) -> Request:
         kind = "h" if hint is not None else "s"
         # A per-sample seed makes the k calls differ (and reproducible) on servers and the local backend alike.
-        return Request(f"{q['id']}-{kind}{sample}", teacher_messages(self.cfg.prompt, q["question"], hint),
-                       sample=sample, decoding={"seed": self.cfg.seed + sample}, meta={"qid": q["id"]})
+        return Request(
+            f"{q['id']}-{kind}{sample}",
+            teacher_messages(self.cfg.prompt, q["question"], hint),
+            sample=sample,
+            decoding={"seed": self.cfg.seed + sample},
+            meta={"qid": q["id"]},
+        )
 
     def judge(self, result: Result, target: str | None, hinted: bool) -> tuple[str | None, str | None]:
         """(extracted answer, rejection reason or None)."""
@@ -174,8 +148,17 @@ class ChainOfThought:
         text = result.text.strip()
         if len(kept) >= self.cfg.keep_per_question or any(k["rationale"] == text for k in kept):
             return False
-        kept.append({"rationale": text, "answer": answer, "attempts": attempts, "rationalized": hinted,
-                     "sample": result.request.sample, "cached": result.cached, "cost_usd": result.cost_usd})
+        kept.append(
+            {
+                "rationale": text,
+                "answer": answer,
+                "attempts": attempts,
+                "rationalized": hinted,
+                "sample": result.request.sample,
+                "cached": result.cached,
+                "cost_usd": result.cost_usd,
+            }
+        )
         return True
 
     async def run_chunk(self, chunk: list[dict[str, Any]]) -> bool:
@@ -184,64 +167,82 @@ class ChainOfThought:
         results = await self.engine.map([self._request(q, j) for q in chunk for j in range(k)])
         if any(r is None for r in results):
             return False
-        state: dict[str, dict[str, Any]] = {}
-        for i, q in enumerate(chunk):
-            samples = results[i * k:(i + 1) * k]
-            rejections: Counter[str] = Counter()
-            kept: list[dict[str, Any]] = []
-            target = q["gold"]
-            label = q["gold"]
-            votes = 0
-            if self.cfg.mode == "vote":
-                answers = [self.judge(r, None, False)[0] for r in samples]
-                label, votes = majority(answers)
-                if label is None or votes < self.cfg.min_vote_share * k:
-                    rejections["no_majority"] += 1
-                    label = None
-                target = label
-            for n, result in enumerate(samples, start=1):
-                if label is None and self.cfg.mode == "vote":
-                    break
-                answer, reason = self.judge(result, target, False)
+        state = {q["id"]: self._judge_samples(q, results[i * k : (i + 1) * k]) for i, q in enumerate(chunk)}
+        if self.cfg.mode == "gold" and not await self._rationalize(chunk, state):
+            return False
+        self._journal_chunk(chunk, state)
+        return True
+
+    def _judge_samples(self, q: dict[str, Any], samples: list[Result]) -> dict[str, Any]:
+        """One question's state after its ``k`` plain samples: kept rationales, rejections, the label and its votes."""
+        rejections: Counter[str] = Counter()
+        kept: list[dict[str, Any]] = []
+        target = q["gold"]
+        label = q["gold"]
+        votes = 0
+        if self.cfg.mode == "vote":
+            answers = [self.judge(r, None, False)[0] for r in samples]
+            label, votes = majority(answers)
+            if label is None or votes < self.cfg.min_vote_share * self.cfg.k:
+                rejections["no_majority"] += 1
+                label = None
+            target = label
+        for n, result in enumerate(samples, start=1):
+            if label is None and self.cfg.mode == "vote":
+                break
+            answer, reason = self.judge(result, target, False)
+            if reason is not None:
+                rejections[reason] += 1
+            elif not self._keep(kept, result, answer, n, False):
+                rejections["surplus"] += 1
+        return {"kept": kept, "rejections": rejections, "label": label, "votes": votes, "calls": self.cfg.k}
+
+    async def _rationalize(self, chunk: list[dict[str, Any]], state: dict[str, dict[str, Any]]) -> bool:
+        """STaR: hinted retries for the questions with no correct sample yet; False when the engine stopped first."""
+        for attempt in range(self.cfg.rationalization_attempts):
+            todo = [q for q in chunk if not state[q["id"]]["kept"]]
+            if not todo:
+                break
+            hinted = await self.engine.map([self._request(q, self.cfg.k + attempt, q["gold"]) for q in todo])
+            if any(r is None for r in hinted):
+                return False
+            for q, result in zip(todo, hinted):
+                s = state[q["id"]]
+                s["calls"] += 1
+                answer, reason = self.judge(result, q["gold"], True)
                 if reason is not None:
-                    rejections[reason] += 1
-                elif not self._keep(kept, result, answer, n, False):
-                    rejections["surplus"] += 1
-            state[q["id"]] = {"kept": kept, "rejections": rejections, "label": label, "votes": votes,
-                              "calls": k}
-        if self.cfg.mode == "gold":
-            for attempt in range(self.cfg.rationalization_attempts):
-                todo = [q for q in chunk if not state[q["id"]]["kept"]]
-                if not todo:
-                    break
-                hinted = await self.engine.map([self._request(q, k + attempt, q["gold"]) for q in todo])
-                if any(r is None for r in hinted):
-                    return False
-                for q, result in zip(todo, hinted):
-                    s = state[q["id"]]
-                    s["calls"] += 1
-                    answer, reason = self.judge(result, q["gold"], True)
-                    if reason is not None:
-                        s["rejections"][f"rationalized_{reason}"] += 1
-                    else:
-                        self._keep(s["kept"], result, answer, s["calls"], True)
+                    s["rejections"][f"rationalized_{reason}"] += 1
+                else:
+                    self._keep(s["kept"], result, answer, s["calls"], True)
+        return True
+
+    def _journal_chunk(self, chunk: list[dict[str, Any]], state: dict[str, dict[str, Any]]) -> None:
+        """Counts each question's rejections with the engine and journals one record per question (rank 0 writes)."""
         for q in chunk:
             s = state[q["id"]]
             if not s["kept"] and self.cfg.mode == "gold":
                 s["rejections"]["unsolved"] += 1
             for reason, n in s["rejections"].items():
                 self.engine.reject(reason, n)
-            record = {"id": q["id"], "row": q["row"], "question": q["question"], "gold": q["gold"],
-                      "label": s["label"], "votes": s["votes"], "calls": s["calls"], "kept": s["kept"],
-                      "rejections": dict(s["rejections"]), "recorded": time.time()}
+            record = {
+                "id": q["id"],
+                "row": q["row"],
+                "question": q["question"],
+                "gold": q["gold"],
+                "label": s["label"],
+                "votes": s["votes"],
+                "calls": s["calls"],
+                "kept": s["kept"],
+                "rejections": dict(s["rejections"]),
+                "recorded": time.time(),
+            }
             if self.engine.rank == 0 and self.journal.append(record):
                 self.engine.advance()
-        return True
 
     async def run(self, questions: list[dict[str, Any]]) -> None:
         todo = [q for q in questions if q["id"] not in self.journal]
         for start in range(0, len(todo), self.cfg.chunk_size):
-            if self.engine.stopped or not await self.run_chunk(todo[start:start + self.cfg.chunk_size]):
+            if self.engine.stopped or not await self.run_chunk(todo[start : start + self.cfg.chunk_size]):
                 return
 
 
@@ -253,18 +254,38 @@ def to_rows(cfg: CotConfig, records: list[dict[str, Any]]) -> list[dict[str, Any
     for record in records:
         for j, kept in enumerate(record["kept"]):
             matched = kept["answer"] == record["gold"] if record["gold"] is not None else None
-            rows.append({
-                "id": f"{record['id']}-{j}", "question": record["question"], "rationale": kept["rationale"],
-                "answer": kept["answer"], "gold": record["gold"], "label": record["label"] or kept["answer"],
-                "correct": matched, "attempts": kept["attempts"], "rationalized": kept["rationalized"],
-                "prompt": record["question"], "completion": kept["rationale"],
-                "messages": [{"role": "user", "content": record["question"]},
-                             {"role": "assistant", "content": kept["rationale"]}],
-                "provenance": {"teacher": t.model, "backend": t.backend, "base_url": redact_value(t.base_url),
-                               "prompt_template_sha256": template_hash(cfg.prompt), "seed": cfg.seed,
-                               "sample": kept["sample"], "cached": kept["cached"], "cost_usd": kept["cost_usd"],
-                               "mode": cfg.mode, "votes": record["votes"], "recorded": record["recorded"]},
-            })
+            rows.append(
+                {
+                    "id": f"{record['id']}-{j}",
+                    "question": record["question"],
+                    "rationale": kept["rationale"],
+                    "answer": kept["answer"],
+                    "gold": record["gold"],
+                    "label": record["label"] or kept["answer"],
+                    "correct": matched,
+                    "attempts": kept["attempts"],
+                    "rationalized": kept["rationalized"],
+                    "prompt": record["question"],
+                    "completion": kept["rationale"],
+                    "messages": [
+                        {"role": "user", "content": record["question"]},
+                        {"role": "assistant", "content": kept["rationale"]},
+                    ],
+                    "provenance": {
+                        "teacher": t.model,
+                        "backend": t.backend,
+                        "base_url": redact_value(t.base_url),
+                        "prompt_template_sha256": template_hash(cfg.prompt),
+                        "seed": cfg.seed,
+                        "sample": kept["sample"],
+                        "cached": kept["cached"],
+                        "cost_usd": kept["cost_usd"],
+                        "mode": cfg.mode,
+                        "votes": record["votes"],
+                        "recorded": record["recorded"],
+                    },
+                }
+            )
     return rows
 
 
@@ -291,8 +312,13 @@ class CotMethod(Method):
     def resume_keys(self) -> dict[str, Any]:
         """Resume only a cot run with the same input, mode, seed and teacher."""
         cfg = self.cfg
-        return {"input_file": cfg.input_file, "mode": cfg.mode, "seed": cfg.seed, "k": cfg.k,
-                "teacher.model": cfg.teacher.model}
+        return {
+            "input_file": cfg.input_file,
+            "mode": cfg.mode,
+            "seed": cfg.seed,
+            "k": cfg.k,
+            "teacher.model": cfg.teacher.model,
+        }
 
     def total(self) -> int:
         return len(self.questions)
@@ -301,8 +327,10 @@ class CotMethod(Method):
         cfg = self.cfg
         prompt_tokens = estimate_tokens(teacher_messages(cfg.prompt, self.questions[0]["question"]))
         extra = cfg.rationalization_attempts if cfg.mode == "gold" else 0
-        return [CallPlan("rationales", remaining * cfg.k, prompt_tokens),
-                CallPlan("rationalization (worst case)", remaining * extra, prompt_tokens + 40)]
+        return [
+            CallPlan("rationales", remaining * cfg.k, prompt_tokens),
+            CallPlan("rationalization (worst case)", remaining * extra, prompt_tokens + 40),
+        ]
 
     async def generate(self, engine: Engine, journal: Journal) -> None:
         await ChainOfThought(self.cfg, engine, journal).run(self.questions)
@@ -319,15 +347,26 @@ class CotMethod(Method):
 
     def card(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], summary: str) -> str:
         cfg = self.cfg
-        return dataset_card("Chain-of-thought rationales", f"Teacher rationales checked by mode '{cfg.mode}' "
-                            "(answer extractor '" + cfg.extractor.kind + "'); STaR rationalization for "
-                            "questions without a correct sample. Prompts are the plain questions.",
-                            len(rows), cfg.output.formats, to_dict(cfg.teacher), summary)
+        return dataset_card(
+            "Chain-of-thought rationales",
+            f"Teacher rationales checked by mode '{cfg.mode}' "
+            "(answer extractor '" + cfg.extractor.kind + "'); STaR rationalization for "
+            "questions without a correct sample. Prompts are the plain questions.",
+            len(rows),
+            cfg.output.formats,
+            to_dict(cfg.teacher),
+            summary,
+        )
 
     def stats(self, records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"questions": len(self.questions), "done": len(records), "solved": sum(1 for r in records if r["kept"]),
-                "rows": len(rows), "rationalized": sum(1 for row in rows if row["rationalized"]),
-                "rejections": rejection_totals(records)}
+        return {
+            "questions": len(self.questions),
+            "done": len(records),
+            "solved": sum(1 for r in records if r["kept"]),
+            "rows": len(rows),
+            "rationalized": sum(1 for row in rows if row["rationalized"]),
+            "rejections": rejection_totals(records),
+        }
 
     def done_line(self, records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
         solved = sum(1 for r in records if r["kept"])
@@ -348,5 +387,14 @@ def main(argv: list[str]) -> int:
     return stop_code(run(cfg).stopped)
 
 
-__all__ = ["ChainOfThought", "Config", "CotConfig", "PromptConfig", "load_questions",
-           "main", "run", "teacher_messages", "to_rows"]
+__all__ = [
+    "ChainOfThought",
+    "Config",
+    "CotConfig",
+    "PromptConfig",
+    "load_questions",
+    "main",
+    "run",
+    "teacher_messages",
+    "to_rows",
+]

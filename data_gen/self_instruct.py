@@ -54,6 +54,7 @@ from kd_core.redact import redact_value
 PACKAGED_SEEDS = Path(__file__).parent / "assets" / "seed_tasks.jsonl"
 CLASSIFY_MAX_TOKENS = 16  # a Yes/No answer: a small cap keeps a rambling teacher cheap and the budget reservation low
 
+
 @dataclass
 class SelfInstructConfig:
     """Settings of ``data-gen self-instruct``."""
@@ -98,9 +99,10 @@ def load_seed_tasks(path: str | Path) -> list[dict[str, Any]]:
         if not task["instances"]:
             raise ConfigError(f"{where}: field 'instances': expected at least one {{input, output}}")
         for k, inst in enumerate(task["instances"]):
-            if not (isinstance(inst, dict) and isinstance(inst.get("input"), str)
-                    and isinstance(inst.get("output"), str)):
-                raise ConfigError(f"{where}: field 'instances[{k}]': expected {{\"input\": str, \"output\": str}}")
+            if not (
+                isinstance(inst, dict) and isinstance(inst.get("input"), str) and isinstance(inst.get("output"), str)
+            ):
+                raise ConfigError(f'{where}: field \'instances[{k}]\': expected {{"input": str, "output": str}}')
         tasks.append(task)
     if len(tasks) < 2:
         raise ConfigError(f"seed_tasks: {path} has {len(tasks)} tasks; expected at least 2")
@@ -127,11 +129,17 @@ class SelfInstruct:
     def _provenance(self, round_no: int, results: list[Any]) -> dict[str, Any]:
         t = self.cfg.teacher
         return {
-            "teacher": t.model, "backend": t.backend, "base_url": redact_value(t.base_url),
-            "decoding": results[-1].params, "prompt_template_sha256": TEMPLATE_HASH, "seed": self.cfg.seed,
-            "round": round_no, "cached": all(r.cached for r in results),
+            "teacher": t.model,
+            "backend": t.backend,
+            "base_url": redact_value(t.base_url),
+            "decoding": results[-1].params,
+            "prompt_template_sha256": TEMPLATE_HASH,
+            "seed": self.cfg.seed,
+            "round": round_no,
+            "cached": all(r.cached for r in results),
             "cost_usd": sum(r.cost_usd for r in results),
-            "started": min(r.started for r in results), "finished": max(r.finished for r in results),
+            "started": min(r.started for r in results),
+            "finished": max(r.finished for r in results),
             "recorded": time.time(),
         }
 
@@ -144,8 +152,13 @@ class SelfInstruct:
             n_seed = min(self.cfg.num_prompt_instructions - n_machine, len(self.seeds))
             examples += [t["instruction"] for t in rng.sample(self.seeds, n_seed)]
             rng.shuffle(examples)
-            requests.append(Request(f"r{round_no:05d}-p{p:03d}", generation_prompt(examples, self.cfg.new_per_prompt),
-                                    meta={"round": round_no}))
+            requests.append(
+                Request(
+                    f"r{round_no:05d}-p{p:03d}",
+                    generation_prompt(examples, self.cfg.new_per_prompt),
+                    meta={"round": round_no},
+                )
+            )
         return requests
 
     async def run_round(self, round_no: int) -> bool:
@@ -153,7 +166,30 @@ class SelfInstruct:
         generated = await self.engine.map(self._round_requests(round_no), parse_instructions)
         if any(r is None for r in generated):
             return False
-        candidates: list[tuple[str, str, Result]] = []  # (record id, instruction, generation result)
+        candidates = self._filter_candidates(generated)
+        rng = random.Random(f"{self.cfg.seed}:{round_no}:shots")
+        cls_shots = rng.sample(self.seeds, min(len(self.seeds), 6))
+        labels = await self.engine.map(
+            [
+                Request(
+                    f"{cid}-cls", classification_prompt(text, cls_shots), decoding={"max_tokens": CLASSIFY_MAX_TOKENS}
+                )
+                for cid, text, _ in candidates
+            ],
+            parse_yes_no,
+        )
+        if any(r is None for r in labels):
+            return False
+        instances = await self.engine.map(self._instance_requests(candidates, labels))
+        if any(r is None for r in instances):
+            return False
+        self._journal_round(round_no, candidates, labels, instances)
+        return True
+
+    def _filter_candidates(self, generated: list[Result]) -> list[tuple[str, str, Result]]:
+        """The round's proposals that pass the filters and ROUGE-L novelty, as (record id, instruction, generation
+        result); each is added to the novelty pool and the machine pool at once, rejections are counted."""
+        candidates: list[tuple[str, str, Result]] = []
         for result in generated:
             if not result.ok:
                 continue
@@ -171,26 +207,35 @@ class SelfInstruct:
                     continue
                 candidates.append((f"si-{result.request.id}-{k:02d}", instruction, result))
                 self.machine.append(instruction)
-        rng = random.Random(f"{self.cfg.seed}:{round_no}:shots")
-        cls_shots = rng.sample(self.seeds, min(len(self.seeds), 6))
-        labels = await self.engine.map(
-            [Request(f"{cid}-cls", classification_prompt(text, cls_shots), decoding={"max_tokens": CLASSIFY_MAX_TOKENS})
-             for cid, text, _ in candidates],
-            parse_yes_no)
-        if any(r is None for r in labels):
-            return False
-        inst_requests = []
+        return candidates
+
+    def _instance_requests(self, candidates: list[tuple[str, str, Result]], labels: list[Result]) -> list[Request]:
+        """One instance-generation request per candidate, output-first for classification tasks, with two seed shots
+        of the same kind."""
+        requests = []
         for (cid, text, _), label in zip(candidates, labels):
             is_cls = bool(label.ok and label.parsed)
             pool = [t for t in self.seeds if t["is_classification"] == is_cls] or self.seeds
             shots = random.Random(f"{self.cfg.seed}:{cid}").sample(pool, min(2, len(pool)))
             # A partial (not a lambda) so results stay picklable for gather_object across processes.
-            inst_requests.append(Request(f"{cid}-inst", instance_prompt(text, is_cls, shots, self.cfg.max_instances),
-                                         meta={"is_classification": is_cls},
-                                         parse=functools.partial(parse_instances, is_classification=is_cls)))
-        instances = await self.engine.map(inst_requests)
-        if any(r is None for r in instances):
-            return False
+            requests.append(
+                Request(
+                    f"{cid}-inst",
+                    instance_prompt(text, is_cls, shots, self.cfg.max_instances),
+                    meta={"is_classification": is_cls},
+                    parse=functools.partial(parse_instances, is_classification=is_cls),
+                )
+            )
+        return requests
+
+    def _journal_round(
+        self,
+        round_no: int,
+        candidates: list[tuple[str, str, Result]],
+        labels: list[Result],
+        instances: list[Result],
+    ) -> None:
+        """Keeps the candidates with valid instances, in request order, up to ``target``; rank 0 journals them."""
         for (cid, text, gen), label, inst in zip(candidates, labels, instances):
             is_cls = inst.request.meta["is_classification"]
             if not inst.ok:
@@ -199,14 +244,18 @@ class SelfInstruct:
             if not pairs:
                 self.engine.reject("no_valid_instances")
                 continue
-            record = {"id": cid, "instruction": text, "is_classification": is_cls, "instances": pairs,
-                      "provenance": self._provenance(round_no, [gen, label, inst])}
+            record = {
+                "id": cid,
+                "instruction": text,
+                "is_classification": is_cls,
+                "instances": pairs,
+                "provenance": self._provenance(round_no, [gen, label, inst]),
+            }
             if len(self.kept_ids) >= self.cfg.target:
                 break
             self.kept_ids.append(cid)
             if self.engine.rank == 0 and self.journal.append(record):
                 self.engine.advance()
-        return True
 
     async def run(self) -> None:
         for round_no in range(self.cfg.max_rounds):
@@ -224,28 +273,32 @@ def to_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for record in records:
         for j, inst in enumerate(record["instances"]):
             prompt = record["instruction"] + (f"\n\n{inst['input']}" if inst["input"] else "")
-            rows.append({
-                "id": f"{record['id']}-{j}",
-                "instruction": record["instruction"],
-                "input": inst["input"],
-                "output": inst["output"],
-                "is_classification": record["is_classification"],
-                "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": inst["output"]}],
-                "provenance": record["provenance"],
-            })
+            rows.append(
+                {
+                    "id": f"{record['id']}-{j}",
+                    "instruction": record["instruction"],
+                    "input": inst["input"],
+                    "output": inst["output"],
+                    "is_classification": record["is_classification"],
+                    "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": inst["output"]}],
+                    "provenance": record["provenance"],
+                }
+            )
     return rows
 
 
 def estimate_plan(cfg: SelfInstructConfig, seeds: list[dict[str, Any]], remaining: int) -> list[CallPlan]:
     """Calls needed for ``remaining`` instructions, assuming half the proposals survive the filters."""
-    example_prompt = generation_prompt([t["instruction"] for t in seeds[: cfg.num_prompt_instructions]],
-                                       cfg.new_per_prompt)
+    example_prompt = generation_prompt(
+        [t["instruction"] for t in seeds[: cfg.num_prompt_instructions]], cfg.new_per_prompt
+    )
     inst_prompt = instance_prompt(seeds[0]["instruction"], False, seeds[:2], cfg.max_instances)
     rounds = math.ceil(remaining / max(1, cfg.prompts_per_round * cfg.new_per_prompt * 0.5))
     return [
         CallPlan("instruction generation", rounds * cfg.prompts_per_round, estimate_tokens(example_prompt)),
-        CallPlan("classification", remaining, estimate_tokens(classification_prompt("x", seeds[:6])),
-                 CLASSIFY_MAX_TOKENS),
+        CallPlan(
+            "classification", remaining, estimate_tokens(classification_prompt("x", seeds[:6])), CLASSIFY_MAX_TOKENS
+        ),
         CallPlan("instances", remaining, estimate_tokens(inst_prompt)),
     ]
 
@@ -283,9 +336,15 @@ class SelfInstructMethod(Method):
         return to_rows(records)
 
     def card(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], summary: str) -> str:
-        return dataset_card("Self-Instruct data", "Instructions bootstrapped from seed tasks with the "
-                            "Self-Instruct method (generate, filter, ROUGE-L novelty, classify, instances).",
-                            len(records), self.cfg.output.formats, to_dict(self.cfg.teacher), summary)
+        return dataset_card(
+            "Self-Instruct data",
+            "Instructions bootstrapped from seed tasks with the "
+            "Self-Instruct method (generate, filter, ROUGE-L novelty, classify, instances).",
+            len(records),
+            self.cfg.output.formats,
+            to_dict(self.cfg.teacher),
+            summary,
+        )
 
     def done_line(self, records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
         return f"{len(records)} instructions ({len(rows)} rows)"
