@@ -103,8 +103,9 @@ def redact_value(value: Any) -> Any:
 
 def url_secrets(url: str | None) -> list[str]:
     """The secrets the URL carries: its query and fragment secrets (see :func:`redact_urls`) and, from its user info,
-    the password (or a lone user part), raw and percent-decoded, and the ``Basic`` credentials an HTTP client derives from them (httpx sends ``Authorization: Basic base64(user:pass)``
-    for such a URL, and a server may echo that header back)."""
+    the password (or a lone user part), raw and percent-decoded, and the ``Basic`` credentials an HTTP client
+    derives from them (httpx sends ``Authorization: Basic base64(user:pass)`` for such a URL, and a server may echo
+    that header back)."""
     if not url:
         return []
     found: list[str] = []

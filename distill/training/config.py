@@ -105,8 +105,8 @@ class TrainConfig:
         if self.loss.cross_tokenizer or self.model.teacher_tokenizer:
             self._check_cross_tokenizer()
         if self.data.packing and self.loss.feature_terms:
-            raise ValueError(f"data.packing: feature and relation terms compare whole padded sequences; pack with logit "
-                             f"terms and `ce` only, got {sorted(self.loss.feature_terms)}")
+            raise ValueError(f"data.packing: feature and relation terms compare whole padded sequences; pack with "
+                             f"logit terms and `ce` only, got {sorted(self.loss.feature_terms)}")
         if self.data.step_by_step_label_weight is not None and (self.loss.logit_terms or self.loss.feature_terms):
             # Per-example weights reach the `ce` term only; a divergence would silently ignore them.
             raise ValueError(f"data.step_by_step_label_weight: trains with loss.terms {{ce: 1}} only, got "
@@ -184,7 +184,8 @@ def claim_output_dir(cfg: TrainConfig, out: Path) -> None:
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
-                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                    "trackio": "trackio"}
 
 
 def check_trackers(report_to: list[str]) -> None:

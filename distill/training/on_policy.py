@@ -104,9 +104,9 @@ class OnPolicySettings:
         """A micro-batch is replayed only once the buffer holds a whole one (:meth:`Sampler.draw`): a smaller buffer
         would never replay, without a word."""
         if self.replay_ratio > 0 and self.replay_buffer_size < batch_size:
-            raise ValueError(f"on_policy.replay_buffer_size: {self.replay_buffer_size} samples never hold one micro-batch "
-                             f"(per_device_train_batch_size {batch_size}), so replay_ratio {self.replay_ratio} would "
-                             f"never replay; expected a buffer of at least {batch_size}")
+            raise ValueError(f"on_policy.replay_buffer_size: {self.replay_buffer_size} samples never hold one "
+                             f"micro-batch (per_device_train_batch_size {batch_size}), so replay_ratio "
+                             f"{self.replay_ratio} would never replay; expected a buffer of at least {batch_size}")
 
     @property
     def enabled(self) -> bool:
