@@ -21,6 +21,7 @@ from distill.losses.objective import LossSettings, StudentWithObjective, target_
 from distill.losses.topk import chunked_topk_divergence, topk_per_token
 from distill.offline.precompute import teacher_topk
 from distill.offline.store import TopKTargets
+from distill.training.on_policy import sampled_logprob_sum
 from distill.training.teacher import OnlineTeacher
 from kd_core.config import ConfigError
 from kd_core.generation import generate_tokens
@@ -199,17 +200,18 @@ def test_eval_metrics(family):
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
 def test_on_policy_log_probs(family):
-    """The on-policy figures: the student's sampled-token log-probabilities (generation's raw logits) and the
-    teacher's log-likelihood of them (its chunked head) are the models' own."""
+    """The on-policy figures: the student's sampled-token log-probabilities and the teacher's log-likelihood of
+    them (each through its chunked head) are the models' own."""
     student, teacher = build(family, 0), build(family, 1)
     prompt = batch()["input_ids"][0, :4].tolist()
     sample = generate_tokens(student, [prompt], pad_token_id=0, eos_token_ids=[], max_new_tokens=5,
-                             temperature=0.0, top_p=1.0, top_k=0, logprobs=True)[0]
+                             temperature=0.0, top_p=1.0, top_k=0)[0]
     sequence = torch.tensor([prompt + sample.tokens])
     with torch.no_grad():
         logp = torch.log_softmax(student(input_ids=sequence).logits[0, len(prompt) - 1 : -1], -1)
     want = logp.gather(1, torch.tensor(sample.tokens)[:, None]).sum().item()
-    assert sample.logprob == pytest.approx(want, rel=1e-4, abs=1e-4)
+    example = {"input_ids": prompt + sample.tokens, "labels": [IGNORE_INDEX] * len(prompt) + sample.tokens}
+    assert sampled_logprob_sum(student, [example], pad_token_id=0) == pytest.approx(want, rel=1e-4, abs=1e-4)
 
     labels = sequence.clone()
     labels[:, : len(prompt)] = IGNORE_INDEX
