@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distill.data.cross import collate_teacher, cross_columns
+from distill.data.cross import chat_messages, collate_teacher, cross_columns
 from kd_core.config import ConfigError, option
 from kd_core.records import iter_json_objects
 
@@ -193,12 +193,7 @@ def tokenize_example(
         return {"input_ids": ids, "labels": labels if completion_only else list(ids),
                 "prompt_length": min(len(prompt_ids), max_length), "has_completion": shape == "prompt_completion"}
 
-    if shape == "messages":
-        messages = record["messages"]
-    elif shape == "prompt":
-        messages = [{"role": "user", "content": record["prompt"]}]
-    else:
-        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+    messages = chat_messages(record, shape)
     if messages[-1]["role"] != "assistant":  # a conversation waiting for its answer: a prompt only
         ids = _template_ids(tokenizer, messages, add_generation_prompt=True)[:max_length]
         return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "prompt_length": len(ids),
