@@ -210,7 +210,8 @@ def test_on_policy_log_probs(family):
     with torch.no_grad():
         logp = torch.log_softmax(student(input_ids=sequence).logits[0, len(prompt) - 1 : -1], -1)
     want = logp.gather(1, torch.tensor(sample.tokens)[:, None]).sum().item()
-    example = {"input_ids": prompt + sample.tokens, "labels": [IGNORE_INDEX] * len(prompt) + sample.tokens}
+    example = {"input_ids": prompt + sample.tokens, "labels": [IGNORE_INDEX] * len(prompt) + sample.tokens,
+               "sample_id": 0}
     assert sampled_logprob_sum(student, [example], pad_token_id=0) == pytest.approx(want, rel=1e-4, abs=1e-4)
 
     labels = sequence.clone()
