@@ -9,9 +9,9 @@ directory, each command declaring what it writes; resume only its own output, ``
 ``dirlock`` (one writer per output directory: an advisory lock the kernel drops with its process), ``records`` (reading
 users' JSON-lines/JSON/parquet/``datasets`` files with file:line errors), ``pretrained`` (models and tokenizers from a
 directory or a GGUF file, as plain transformers models), ``generation`` (batched, left-padded greedy or sampled
-generation with a local model: ``distill eval``, the
-trainer's accuracy metric, ``data-gen``'s local teacher), ``answers`` (final-answer extraction and normalisation, and
-the one ``extractor`` config section of ``data-gen cot``, ``distill eval`` and the trainer's accuracy metric),
-``atomic`` (every result and progress file written atomically and fsynced: temporary sibling, ``os.replace``,
-directory fsync), ``checksum`` (content hashes of checkpoint files, store shards and journal lines).
+generation with a local model: ``distill eval``, the trainer's accuracy metric, ``data-gen``'s local teacher),
+``answers`` (final-answer extraction and normalisation, and the one ``extractor`` config section of ``data-gen cot``,
+``distill eval`` and the trainer's accuracy metric), ``atomic`` (every result and progress file written atomically and
+fsynced: temporary sibling, ``os.replace``, directory fsync), ``checksum`` (content hashes of checkpoint files, store
+shards and journal lines).
 """

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One machine's share of a multi-node `distill train` run: one `accelerate launch` per node, which starts this
 # node's processes. launch/slurm.sbatch runs it once per node through srun; outside Slurm set the same variables
-# by hand (tests/test_deepspeed.py runs two "nodes" on 127.0.0.1 this way).
+# by hand (tests/distill/training/test_deepspeed.py runs two "nodes" on 127.0.0.1 this way).
 #
 #   SLURM_NNODES     number of machines             SLURM_NODEID   this machine's rank (0 = main)
 #   MASTER_ADDR      address of machine rank 0      MASTER_PORT    a free TCP port on it (default 29500)

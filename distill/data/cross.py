@@ -60,6 +60,17 @@ def check_templates(student: PreTrainedTokenizerBase, teacher: PreTrainedTokeniz
                           "data.format: text, or a teacher tokenizer without a chat template)")
 
 
+def chat_messages(record: dict[str, Any], shape: str) -> list[dict[str, Any]]:
+    """The conversation a record of a chat-rendered shape is: its messages, or its prompt as the user's turn (and
+    its completion as the assistant's). Here, below the data layer, so that
+    :func:`distill.data.datasets.tokenize_example` and :func:`segments` render the same text."""
+    if shape == "messages":
+        return record["messages"]
+    if shape == "prompt":
+        return [{"role": "user", "content": record["prompt"]}]
+    return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+
+
 def segments(record: dict[str, Any], shape: str, tokenizer: PreTrainedTokenizerBase) -> Segments:
     """The pieces :func:`distill.data.datasets.tokenize_example` tokenizes for ``record``, as text."""
     if shape == "text":
@@ -68,13 +79,7 @@ def segments(record: dict[str, Any], shape: str, tokenizer: PreTrainedTokenizerB
         if shape == "prompt":
             return [(record["prompt"], True)], False
         return [(record["prompt"], True), (record["completion"], False)], True
-    if shape == "messages":
-        messages = record["messages"]
-    elif shape == "prompt":
-        messages = [{"role": "user", "content": record["prompt"]}]
-    else:
-        messages = [{"role": "user", "content": record["prompt"]},
-                    {"role": "assistant", "content": record["completion"]}]
+    messages = chat_messages(record, shape)
     prompt_only = messages[-1]["role"] != "assistant"
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt_only)
     return [(text, False)], False

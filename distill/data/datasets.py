@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distill.data.cross import collate_teacher, cross_columns
+from distill.data.cross import chat_messages, collate_teacher, cross_columns
 from kd_core.config import ConfigError, option
 from kd_core.records import iter_json_objects
 
@@ -112,31 +112,20 @@ def detect_shape(record: dict[str, Any], requested: str, source: str) -> str:
     )
 
 
-def _where(source: str, row: int) -> str:
-    """``file:line`` for a row of a JSON lines file (blank lines hold no row), else ``file: row N``."""
-    path = Path(source)
-    if path.suffix == ".jsonl" and path.is_file():
-        for index, (line, _, _) in enumerate(iter_json_objects(path)):
-            if index == row:
-                return f"{source}:{line}"
-    return f"{source}: row {row}"
-
-
 def _kind(value: Any) -> str:
     return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
 
 
-def check_record(record: dict[str, Any], shape: str, source: str, row: int, where: str | None = None,
-                 first: str | None = None) -> None:
-    """Raises ConfigError naming ``file:line`` (or ``file: row N``; ``where`` when the caller knows it) and the
-    field when a record does not have the types its shape needs: a list of {role, content} messages with known
-    roles, or string prompt/completion/text. ``first`` (where the shape was detected) makes a row of another shape
-    an error of its own: it names this row, its shape and the one expected."""
+def check_record(record: dict[str, Any], shape: str, where: str, first: str | None = None) -> None:
+    """Raises ConfigError naming ``where`` (``file:line``, or ``file: row N``) and the field when a record does not
+    have the types its shape needs: a list of {role, content} messages with known roles, or string
+    prompt/completion/text. ``first`` (where the shape was detected) makes a row of another shape an error of its
+    own: it names this row, its shape and the one expected."""
     def fail(problem: str) -> typing.NoReturn:
-        raise ConfigError(f"{where or _where(source, row)}: {problem}")
+        raise ConfigError(f"{where}: {problem}")
 
     if first is not None:
-        own = detect_shape(record, "auto", where or _where(source, row))
+        own = detect_shape(record, "auto", where)
         if own != shape:
             fail(f"this row has the {own!r} shape (columns {NEEDED[own]}), but the data's shape is {shape!r}, "
                  f"detected from its first row ({first}): expected column(s) {NEEDED[shape]} in every row")
@@ -205,13 +194,7 @@ def tokenize_example(
         return {"input_ids": ids, "labels": labels if completion_only else list(ids),
                 "prompt_length": min(len(prompt_ids), max_length), "has_completion": shape == "prompt_completion"}
 
-    if shape == "messages":
-        messages = record["messages"]
-    elif shape == "prompt":
-        messages = [{"role": "user", "content": record["prompt"]}]
-    else:
-        messages = [{"role": "user", "content": record["prompt"]},
-                    {"role": "assistant", "content": record["completion"]}]
+    messages = chat_messages(record, shape)
     if messages[-1]["role"] != "assistant":  # a conversation waiting for its answer: a prompt only
         ids = _template_ids(tokenizer, messages, add_generation_prompt=True)[:max_length]
         return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "prompt_length": len(ids),
@@ -269,7 +252,7 @@ def examples_of(record: dict[str, Any], shape: str, tokenizer: PreTrainedTokeniz
     (:func:`distill.data.cross.cross_columns`)."""
     w = settings.step_by_step_label_weight
     if w is None:
-        check_record(record, shape, "", 0, where, first if settings.format == "auto" else None)
+        check_record(record, shape, where, first if settings.format == "auto" else None)
         weighted = [(record, 1.0)]
     else:
         missing = [c for c in ("prompt", "rationale", "label") if not isinstance(record.get(c), str)]

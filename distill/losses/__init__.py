@@ -5,6 +5,7 @@ token-level, what it needs, and its code; ``loss.terms`` is validated against it
 computed from what, and how each is normalised), ``head`` (each model's own output head: bias, scale, soft-cap),
 ``kinds`` (the divergences, one row each, and the ``DivergenceSpec`` every divergence function takes),
 ``divergences`` (logit divergences and the chunked kernels whose gradient is computed in the forward pass), ``topk``
-(divergences against an offline top-k store), ``features`` (hidden-state, attention and relation terms),
-``logprobs`` (log-probabilities of given tokens, chunked: on-policy figures).
+(divergences against an offline top-k store), ``cross`` (ULD and GOLD across tokenizers, at aligned positions),
+``features`` (hidden-state, attention and relation terms), ``logprobs`` (log-probabilities of given tokens, chunked:
+on-policy figures).
 """

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from distill.losses.divergences import backprop_chunk, gradient_accumulators, hold_gradients, release_gradients
-from distill.losses.head import OutputHead, as_head, chain_head, matmul_head, project_into, slope_tile
+from distill.losses.divergences import pair_chunks, release_gradients
+from distill.losses.head import OutputHead, as_head
 from distill.losses.kinds import DivergenceSpec
 
 # The log-probability of an empty bucket (one side matched every token): finite, as the kinds' code assumes, and
@@ -154,7 +154,8 @@ def cross_per_token_divergence(
 
 class _ChunkedCrossDivergence(torch.autograd.Function):
     """Sum over aligned pairs of :func:`cross_value_and_grad` times ``T**2``, from both models' hidden states; the
-    student's gradients are computed in forward (as :class:`distill.losses.divergences._ChunkedDivergence` does)."""
+    student's gradients are computed in forward (:func:`distill.losses.divergences.pair_chunks`, with each head
+    cropped to its own tokenizer's length)."""
 
     @staticmethod
     def forward(
@@ -167,34 +168,10 @@ class _ChunkedCrossDivergence(torch.autograd.Function):
         spec: DivergenceSpec,
         match: VocabMatch,
     ) -> Tensor:
-        n_tokens, chunk, temperature = student_hidden.shape[0], spec.chunk_size, spec.temperature
-        device = student_hidden.device
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        grads = gradient_accumulators(ctx, student_hidden, student_weight, student_bias)
-        student_head, teacher_head = heads
-        # Each head cropped to its own tokenizer's length (inside the Function: see _ChunkedDivergence).
-        s_weight = matmul_head(student_weight[: match.student_vocab])
-        t_weight = matmul_head(teacher_head.weight.detach()[: match.teacher_vocab])
-        rows = min(chunk, n_tokens)
-        s_tile = torch.empty((rows, match.student_vocab), dtype=torch.float32, device=device)
-        t_tile = torch.empty((rows, match.teacher_vocab), dtype=torch.float32, device=device)
-        slope_rows = slope_tile(student_head, rows, match.student_vocab, device)
-        inv_t = 1.0 / temperature
-        with torch.no_grad():
-            for start in range(0, n_tokens, chunk):
-                h_s = student_hidden[start : start + chunk]
-                n = h_s.shape[0]
-                slope = None if slope_rows is None else slope_rows[:n]
-                s = torch.log_softmax(project_into(s_tile[:n], h_s, s_weight, student_head, inv_t, slope), -1,
-                                      out=s_tile[:n])
-                z_t = project_into(t_tile[:n], teacher_hidden[start : start + chunk], t_weight, teacher_head, inv_t)
-                t = torch.log_softmax(z_t, -1, out=t_tile[:n])
-                value, grad_z = cross_value_and_grad(s, t, match, spec)
-                total += value.sum()
-                grad_z = chain_head(grad_z, student_head, slope, temperature)  # d(T^2 L)/dz = T dL/d(z/T)
-                backprop_chunk(grad_z, h_s, s_weight, grads[0], grads[1], start, grads[2])
-        hold_gradients(ctx, grads, (student_hidden, student_weight, student_bias))
-        return total * temperature**2
+        inputs = (student_hidden, student_weight, student_bias)
+        vocabs = (match.student_vocab, match.teacher_vocab)
+        return pair_chunks(ctx, inputs, teacher_hidden, heads, spec, vocabs, 0,
+                           lambda s, t, scratch: cross_value_and_grad(s, t, match, spec))
 
     @staticmethod
     @once_differentiable

@@ -27,6 +27,8 @@ recomputation. The kinds' code is in :mod:`distill.losses.kinds`, one row each. 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -132,13 +134,69 @@ def backprop_chunk(
             grad_head[v:end].add_(grad_z[:, v:end].t() @ hidden)
 
 
+# The per-chunk rule of a two-model kernel: value [n] and d(value)/d(z_s / T) from the fp32 log-probabilities
+# s [n, Vs] and t [n, Vt] (which it may overwrite) and its scratch tiles [n, Vs].
+PairRule = Callable[[Tensor, Tensor, list[Tensor]], tuple[Tensor, Tensor]]
+
+
+def pair_chunks(
+    ctx: torch.autograd.function.FunctionCtx,
+    inputs: tuple[Tensor, Tensor, Tensor | None],
+    teacher_hidden: Tensor,
+    heads: tuple[OutputHead, OutputHead],
+    spec: DivergenceSpec,
+    vocabs: tuple[int, int],
+    scratch: int,
+    rule: PairRule,
+) -> Tensor:
+    """The forward of a kernel comparing two models' heads (:class:`_ChunkedDivergence`, and the cross-tokenizer
+    one): ``spec.chunk_size`` rows at a time, each head's logits ``/ T`` in a preallocated fp32 tile, log-softmaxed,
+    ``rule`` applied, its gradient taken back through the student's head into the accumulators; returns the sum
+    times ``T**2`` and holds the gradients for :func:`release_gradients`.
+
+    ``inputs`` are the student's hidden states ``[N, Hs]``, head weight and bias; the heads are cropped to
+    ``vocabs`` (student, teacher) rows here, inside the Function: a slice taken outside would make autograd scatter
+    our gradient into a fresh zero ``[V, H]`` tensor (SliceBackward), a second head-sized copy at peak."""
+    student_hidden, student_weight, _ = inputs
+    n_tokens, chunk, temperature = student_hidden.shape[0], spec.chunk_size, spec.temperature
+    device = student_hidden.device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    grads = gradient_accumulators(ctx, *inputs)
+    student_head, teacher_head = heads
+    s_weight = matmul_head(student_weight[: vocabs[0]])
+    t_weight = matmul_head(teacher_head.weight.detach()[: vocabs[1]])
+    rows = min(chunk, n_tokens)
+    s_tile, t_tile, *scratch_tiles = (torch.empty((rows, vocab), dtype=torch.float32, device=device)
+                                      for vocab in (*vocabs, *(vocabs[0],) * scratch))
+    slope_rows = slope_tile(student_head, rows, vocabs[0], device)
+    inv_t = 1.0 / temperature
+    with torch.no_grad():
+        for start in range(0, n_tokens, chunk):
+            h_s = student_hidden[start : start + chunk]
+            n = h_s.shape[0]
+            slope = None if slope_rows is None else slope_rows[:n]
+            # log_softmax is one fused kernel that reads each row before writing it, so it may run in place
+            # (checked on CPU with torch 2.13 by the parity tests); this saves a tile per model.
+            z_s = project_into(s_tile[:n], h_s, s_weight, student_head, inv_t, slope)
+            s = torch.log_softmax(z_s, -1, out=s_tile[:n])
+            z_t = project_into(t_tile[:n], teacher_hidden[start : start + chunk], t_weight, teacher_head, inv_t)
+            t = torch.log_softmax(z_t, -1, out=t_tile[:n])
+            value, grad_z = rule(s, t, [tile[:n] for tile in scratch_tiles])
+            total += value.sum()
+            grad_z = chain_head(grad_z, student_head, slope, temperature)  # d(T^2 L)/dz = T dL/d(z/T)
+            backprop_chunk(grad_z, h_s, s_weight, grads[0], grads[1], start, grads[2])
+    del s_tile, t_tile, scratch_tiles, slope_rows
+    hold_gradients(ctx, grads, inputs)
+    return total * temperature**2
+
+
 class _ChunkedDivergence(torch.autograd.Function):
     """Sum of per-token divergences from hidden states; gradients are computed in forward, backward only scales.
 
-    Inputs are restricted to the counted tokens; the heads are cropped to ``vocab`` rows here. The teacher arrives
-    detached and backward returns None for it, so no graph is ever built on its side. Each model's logits go
-    through its own :class:`~distill.losses.head.OutputHead` (``heads``; its weight and bias are also passed as
-    inputs, for autograd).
+    Inputs are restricted to the counted tokens; the heads are cropped to ``vocab`` rows (:func:`pair_chunks`). The
+    teacher arrives detached and backward returns None for it, so no graph is ever built on its side. Each model's
+    logits go through its own :class:`~distill.losses.head.OutputHead` (``heads``; its weight and bias are also
+    passed as inputs, for autograd).
     """
 
     @staticmethod
@@ -152,40 +210,13 @@ class _ChunkedDivergence(torch.autograd.Function):
         spec: DivergenceSpec,
         vocab: int,
     ) -> Tensor:
-        n_tokens, chunk_size, temperature = student_hidden.shape[0], spec.chunk_size, spec.temperature
-        device = student_hidden.device
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        grads = gradient_accumulators(ctx, student_hidden, student_weight, student_bias)
-        inputs = (student_hidden, student_weight, student_bias)
-        # Cropping inside the Function, not before it: a slice taken outside would make autograd scatter our
-        # gradient into a fresh zero [V, H] tensor (SliceBackward), a second head-sized copy at peak.
-        student_head, teacher_head = heads
-        s_weight, t_weight = matmul_head(student_weight[:vocab]), matmul_head(teacher_head.weight.detach()[:vocab])
-        rows = min(chunk_size, n_tokens)
         mixture = spec.row.needs_second_scratch(spec.beta)
-        tiles = [torch.empty((rows, vocab), dtype=torch.float32, device=device) for _ in range(4 if mixture else 3)]
-        slope_rows = slope_tile(student_head, rows, vocab, device)
-        inv_t = 1.0 / temperature
-        with torch.no_grad():
-            for start in range(0, n_tokens, chunk_size):
-                h_s = student_hidden[start : start + chunk_size]
-                n = h_s.shape[0]
-                s, t, w1 = (tile[:n] for tile in tiles[:3])
-                w2 = tiles[3][:n] if mixture else None
-                slope = None if slope_rows is None else slope_rows[:n]
-                # log_softmax is one fused kernel that reads each row before writing it, so it may run in place
-                # (checked on CPU with torch 2.13 by the parity tests); this saves a tile per model.
-                s = torch.log_softmax(project_into(s, h_s, s_weight, student_head, inv_t, slope), -1, out=s)
-                z_t = project_into(t, teacher_hidden[start : start + chunk_size], t_weight, teacher_head, inv_t)
-                t = torch.log_softmax(z_t, -1, out=t)
-                value, grad_z = spec.row.value_and_grad(s, t, w1, w2, spec.beta, spec.skew)
-                total += value.sum()
-                # d(T^2 L)/d(logits) = T^2 * (1/T) * dL/dz
-                grad_z = chain_head(grad_z, student_head, slope, temperature)
-                backprop_chunk(grad_z, h_s, s_weight, grads[0], grads[1], start, grads[2])
-        del tiles, slope_rows
-        hold_gradients(ctx, grads, inputs)
-        return total * temperature**2
+
+        def rule(s: Tensor, t: Tensor, scratch: list[Tensor]) -> tuple[Tensor, Tensor]:
+            return spec.row.value_and_grad(s, t, scratch[0], scratch[1] if mixture else None, spec.beta, spec.skew)
+
+        inputs = (student_hidden, student_weight, student_bias)
+        return pair_chunks(ctx, inputs, teacher_hidden, heads, spec, (vocab, vocab), 2 if mixture else 1, rule)
 
     @staticmethod
     @once_differentiable

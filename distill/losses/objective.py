@@ -12,8 +12,8 @@ The terms, what each needs and which are token-level are in :mod:`distill.losses
 micro-batches, all ranks), so the gradient does not depend on how a batch is split. Feature and relation terms are
 per-micro-batch means. The training step only weights and sums what ``forward`` returns.
 
-The teacher's side arrives as :class:`TeacherTargets` (an online teacher's outputs, or a top-k store's targets; see
-:mod:`distill.training.teacher`).
+The teacher's side arrives as :class:`TeacherTargets` (an online teacher's outputs, on the student's tokens or, across
+tokenizers, on its own with the aligned pairs; or a top-k store's targets; see :mod:`distill.training.teacher`).
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ class LossSettings:
 
 
 class TeacherTargets(Protocol):
-    """The teacher's side of one micro-batch; the two implementations are in :mod:`distill.training.teacher`."""
+    """The teacher's side of one micro-batch; the implementations (online, cross-tokenizer, store) are in
+    :mod:`distill.training.teacher`."""
 
     @property
     def outputs(self) -> ModelOutput | None:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from distill.data.datasets import DataSettings, build_datasets, collate
+from distill.data.tokenized import tokenizer_hash, vocab_hash
 from distill.losses.divergences import shared_vocab_size
 from distill.losses.head import OutputHead, as_head, output_head
 from distill.losses.kinds import CHUNK_SIZE
@@ -301,8 +302,8 @@ def _finish(cfg: PrecomputeConfig, output: ownership.Output, tokenizer, codec: l
         "record_bytes": codec.record_bytes,
         "temperature": cfg.temperature,
         "teacher": {"path": str(cfg.teacher), **teacher_identity(cfg.teacher), "dtype": teacher_dtype(cfg)},
-        "vocab_sha256": ls.vocab_hash(tokenizer),
-        "tokenizer_sha256": ls.tokenizer_hash(tokenizer),
+        "vocab_sha256": vocab_hash(tokenizer),
+        "tokenizer_sha256": tokenizer_hash(tokenizer),
         "dataset": {"file": cfg.data.train_file, "sha256": ls.file_hash(cfg.data.train_file),
                     **dataclasses.asdict(cfg.data), "seed": cfg.seed},
         "samples": sum(s["samples"] for s in shards),

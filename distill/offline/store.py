@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.data.tokenized import tokenizer_hash, vocab_hash  # noqa: F401  (the store's identity checks)
+from distill.data.tokenized import tokenizer_hash, vocab_hash
 from distill.losses.topk import TopKTargets
 from kd_core import checksum
 from kd_core.atomic import atomic_open, atomic_write_json

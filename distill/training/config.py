@@ -163,20 +163,23 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     (:mod:`kd_core.ownership`)."""
     if ownership.held(cfg.output_dir) is not None:  # prepared (and locked) by run(); the trainer checks again
         return Path(cfg.output_dir)
+    return _prepare(cfg, cfg.output_dir).path
+
+
+def _prepare(cfg: TrainConfig, out: str | Path) -> ownership.Output:
+    """The one ownership check of a training run's directory, before loading and when a trainer claims it."""
     return ownership.prepare(
-        cfg.output_dir, OUTPUT, ownership_settings(cfg), resume=cfg.resume is not None and not cfg.overwrite_output_dir,
+        out, OUTPUT, ownership_settings(cfg), resume=cfg.resume is not None and not cfg.overwrite_output_dir,
         overwrite=cfg.overwrite_output_dir,
         remedy="pass --resume auto to continue it (with the same settings), --overwrite_output_dir to start it again, "
-        "or choose another output_dir").path
+        "or choose another output_dir")
 
 
 def claim_output_dir(cfg: TrainConfig, out: Path) -> None:
     """Main process only, once the run is checked (and resumed): with ``overwrite_output_dir``, removes the previous
     run's checkpoints, ``latest``, metrics, summary and ``final/`` (said in one line on stderr; nothing that
     training did not write), and records this run as the directory's owner (:mod:`kd_core.ownership`)."""
-    output = ownership.held(out) or ownership.prepare(  # held since run(); a trainer built without run() locks here
-        out, OUTPUT, ownership_settings(cfg), resume=cfg.resume is not None and not cfg.overwrite_output_dir,
-        overwrite=cfg.overwrite_output_dir)
+    output = ownership.held(out) or _prepare(cfg, out)  # held since run(); a trainer built without run() locks here
     removed = output.claim()
     if removed:
         print(f"overwrite_output_dir: removed the previous run in {out} ({', '.join(removed)})", file=sys.stderr,

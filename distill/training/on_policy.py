@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from distill.data.datasets import IGNORE_INDEX
+from distill.data.datasets import IGNORE_INDEX, collate
 from distill.losses.head import output_head
 from distill.losses.logprobs import chunked_token_logprobs
 from kd_core.config import ConfigError, option
@@ -265,14 +265,8 @@ class Sampler:
 def sampled_logprob_sum(model, examples: list[dict[str, Any]], pad_token_id: int) -> float:
     """The sum of the log-probabilities (T = 1) ``model`` gives the completion tokens of ``examples``: one forward
     pass without gradients, then the chunked head, so no ``[batch, tokens, vocabulary]`` logits exist."""
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):  # right-padded: causal attention never sees the padding
-        n = len(example["input_ids"])
-        input_ids[row, :n], labels[row, :n] = torch.tensor(example["input_ids"]), torch.tensor(example["labels"])
-        attention_mask[row, :n] = 1
+    batch = collate(examples, pad_token_id)  # right-padded: causal attention never sees the padding
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     device = next(model.parameters()).device
     with torch.no_grad():
         hidden = model.get_decoder()(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),

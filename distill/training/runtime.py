@@ -16,9 +16,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-# The ZeRO-3 helpers moved down to distill.runtime (evaluation uses them and must not import training); re-exported
-# here so that code written against their old home keeps working while the parallel branches merge.
-from distill.runtime import inner, register_external_parameter, zero3_enabled, zero3_gathered  # noqa: F401
 from kd_core.config import ConfigError
 
 if TYPE_CHECKING:

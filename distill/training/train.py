@@ -16,12 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distill.training.config import (  # noqa: F401  (public names)
-    OUTPUT,
-    TrainConfig,
-    prepare_output_dir,
-    training_config,
-)
+from distill.training.config import TrainConfig, prepare_output_dir
 from distill.training.loop import Distiller
 from distill.training.runtime import exit_launched_process
 from kd_core import ownership

@@ -75,7 +75,7 @@ def assert_same_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor
         # fp32 sums in another order: tolerances relative to the largest entry (a head left out moves them by O(1))
         scale = want[name].abs().max().item()
         torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4 * scale + 1e-7,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+                                   msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -200,8 +200,8 @@ def test_eval_metrics(family):
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
 def test_on_policy_log_probs(family):
-    """The on-policy figures: the student's sampled-token log-probabilities (one forward pass and its chunked
-    head) and the teacher's log-likelihood of them (its chunked head) are the models' own."""
+    """The on-policy figures: the student's sampled-token log-probabilities and the teacher's log-likelihood of
+    them (each through its chunked head) are the models' own."""
     student, teacher = build(family, 0), build(family, 1)
     prompt = batch()["input_ids"][0, :4].tolist()
     sample = generate_tokens(student, [prompt], pad_token_id=0, eos_token_ids=[], max_new_tokens=5,
@@ -210,7 +210,8 @@ def test_on_policy_log_probs(family):
     with torch.no_grad():
         logp = torch.log_softmax(student(input_ids=sequence).logits[0, len(prompt) - 1 : -1], -1)
     want = logp.gather(1, torch.tensor(sample.tokens)[:, None]).sum().item()
-    example = {"input_ids": sequence[0].tolist(), "labels": [IGNORE_INDEX] * len(prompt) + sample.tokens}
+    example = {"input_ids": prompt + sample.tokens, "labels": [IGNORE_INDEX] * len(prompt) + sample.tokens,
+               "sample_id": 0}
     assert sampled_logprob_sum(student, [example], pad_token_id=0) == pytest.approx(want, rel=1e-4, abs=1e-4)
 
     labels = sequence.clone()

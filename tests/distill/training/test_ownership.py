@@ -9,7 +9,7 @@ import json
 import pytest
 
 from distill.training import checkpoint as ckpt
-from distill.training.train import OUTPUT
+from distill.training.config import OUTPUT
 from distill.training.train import main as train_main
 from kd_core import ownership
 from kd_core.commands import run_command
