@@ -49,14 +49,30 @@ def distiller_for(args, length: int, checkpointing: bool, out: Path):
 
     vocab = 512 if args.smoke else VOCAB
     rows = token_rows(out.parent / f"rows_{length}.jsonl", args.steps + 4, length, vocab)
-    return Distiller(from_dict(TrainConfig, {
-        "output_dir": str(out), "max_steps": 10_000, "per_device_train_batch_size": 1, "report_to": ["none"],
-        "eval_steps": None, "save_steps": 10_000, "logging_steps": 10_000, "bf16": args.bf16, "learning_rate": 1e-5,
-        "model": {"teacher": str(args.teacher), "student": str(args.student), "gradient_checkpointing": checkpointing,
-                  "attn_implementation": args.attn_implementation},
-        "data": {"train_file": str(rows), "eval_fraction": 0.0, "max_length": length},
-        "loss": {"terms": {"forward_kl": 1.0}, "chunk_size": 128},
-    }))
+    return Distiller(
+        from_dict(
+            TrainConfig,
+            {
+                "output_dir": str(out),
+                "max_steps": 10_000,
+                "per_device_train_batch_size": 1,
+                "report_to": ["none"],
+                "eval_steps": None,
+                "save_steps": 10_000,
+                "logging_steps": 10_000,
+                "bf16": args.bf16,
+                "learning_rate": 1e-5,
+                "model": {
+                    "teacher": str(args.teacher),
+                    "student": str(args.student),
+                    "gradient_checkpointing": checkpointing,
+                    "attn_implementation": args.attn_implementation,
+                },
+                "data": {"train_file": str(rows), "eval_fraction": 0.0, "max_length": length},
+                "loss": {"terms": {"forward_kl": 1.0}, "chunk_size": 128},
+            },
+        )
+    )
 
 
 def worker(args, length: int, checkpointing: bool) -> dict:
@@ -85,16 +101,34 @@ def worker(args, length: int, checkpointing: bool) -> dict:
             seconds = time.perf_counter() - began
             peak = torch.cuda.max_memory_allocated() / MIB if cuda else cpu_memory()["VmHWM"]
             steps.append({"base": base, "peak": peak, "seconds": seconds})
-    return {"length": length, "checkpointing": checkpointing, "grads_mib": grads, "steps": steps,
-            "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    return {
+        "length": length,
+        "checkpointing": checkpointing,
+        "grads_mib": grads,
+        "steps": steps,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+    }
 
 
 def run_worker(args, length: int, checkpointing: bool) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TOKENIZERS_PARALLELISM": "false"}
-        command = [sys.executable, __file__, "--worker", str(length), str(int(checkpointing)), result.name,
-                   "--teacher", str(args.teacher), "--student", str(args.student), "--steps", str(args.steps),
-                   "--attn_implementation", args.attn_implementation]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            str(length),
+            str(int(checkpointing)),
+            result.name,
+            "--teacher",
+            str(args.teacher),
+            "--student",
+            str(args.student),
+            "--steps",
+            str(args.steps),
+            "--attn_implementation",
+            args.attn_implementation,
+        ]
         command += ["--bf16"] * args.bf16 + ["--smoke"] * args.smoke
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
         return json.loads(Path(result.name).read_text())
@@ -105,13 +139,17 @@ def summarise(results: list[dict]) -> list[dict]:
     for length in sorted({r["length"] for r in results}):
         row: dict = {"length": length}
         for checkpointing in (False, True):
-            steps = [s for r in results if r["length"] == length and r["checkpointing"] == checkpointing
-                     for s in r["steps"]]
+            steps = [
+                s for r in results if r["length"] == length and r["checkpointing"] == checkpointing for s in r["steps"]
+            ]
             grads = next(r["grads_mib"] for r in results if r["length"] == length)
             extra = statistics.median(s["peak"] - s["base"] for s in steps)
             key = "on" if checkpointing else "off"
-            row |= {f"extra_{key}": extra, f"act_{key}": extra - grads,
-                    f"seconds_{key}": statistics.median(s["seconds"] for s in steps)}
+            row |= {
+                f"extra_{key}": extra,
+                f"act_{key}": extra - grads,
+                f"seconds_{key}": statistics.median(s["seconds"] for s in steps),
+            }
         row["extra_ratio"] = row["extra_off"] / max(row["extra_on"], 1e-9)
         row["act_ratio"] = row["act_off"] / max(row["act_on"], 1e-9)
         row["time_ratio"] = row["seconds_on"] / row["seconds_off"]
@@ -121,12 +159,16 @@ def summarise(results: list[dict]) -> list[dict]:
 
 def print_table(table: list[dict], device: str) -> None:
     print(f"activation memory ({device}), MiB; extra = peak - (weights + optimizer state); act = extra - grads")
-    print(f"{'tokens':>7} {'extra off':>10} {'extra on':>9} {'ratio':>6} {'act off':>8} {'act on':>7} {'ratio':>6}"
-          f" {'s off':>7} {'s on':>7} {'time x':>7}")
+    print(
+        f"{'tokens':>7} {'extra off':>10} {'extra on':>9} {'ratio':>6} {'act off':>8} {'act on':>7} {'ratio':>6}"
+        f" {'s off':>7} {'s on':>7} {'time x':>7}"
+    )
     for r in table:
-        print(f"{r['length']:>7} {r['extra_off']:>10.0f} {r['extra_on']:>9.0f} {r['extra_ratio']:>6.2f} "
-              f"{r['act_off']:>8.0f} {r['act_on']:>7.0f} {r['act_ratio']:>6.2f} {r['seconds_off']:>7.2f} "
-              f"{r['seconds_on']:>7.2f} {r['time_ratio']:>7.2f}")
+        print(
+            f"{r['length']:>7} {r['extra_off']:>10.0f} {r['extra_on']:>9.0f} {r['extra_ratio']:>6.2f} "
+            f"{r['act_off']:>8.0f} {r['act_on']:>7.0f} {r['act_ratio']:>6.2f} {r['seconds_off']:>7.2f} "
+            f"{r['seconds_on']:>7.2f} {r['time_ratio']:>7.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -34,8 +34,10 @@ while os.getppid() == parent and time.time() < deadline:
 
 
 def start_busy(count: int, deadline: float) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", SPIN, str(os.getpid()), str(deadline)],
-                             stdin=subprocess.DEVNULL) for _ in range(count)]
+    return [
+        subprocess.Popen([sys.executable, "-c", SPIN, str(os.getpid()), str(deadline)], stdin=subprocess.DEVNULL)
+        for _ in range(count)
+    ]
 
 
 def stop(processes: list[subprocess.Popen], grace_s: float = 5.0) -> None:
@@ -84,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_terminated)
     cores = os.cpu_count() or 1
     busy = start_busy(args.per_core * cores, time.time() + args.max_s + 30)
-    print(f"busy.py: {len(busy)} busy processes on {cores} cores (pids {' '.join(str(p.pid) for p in busy)})",
-          file=sys.stderr, flush=True)
+    print(
+        f"busy.py: {len(busy)} busy processes on {cores} cores (pids {' '.join(str(p.pid) for p in busy)})",
+        file=sys.stderr,
+        flush=True,
+    )
     started = time.monotonic()
     child = None
     try:
@@ -107,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop(busy)
     code = 128 - code if code < 0 else code  # killed by a signal: the shell's convention
-    print(f"busy.py: exit {code} after {time.monotonic() - started:.0f} s under {len(busy)} busy processes",
-          file=sys.stderr, flush=True)
+    print(
+        f"busy.py: exit {code} after {time.monotonic() - started:.0f} s under {len(busy)} busy processes",
+        file=sys.stderr,
+        flush=True,
+    )
     return code
 
 

@@ -61,8 +61,9 @@ def measure(vocab: int, hidden_size: int, tokens: int, chunk_size: int, repeats:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="384:128:3000,2000:256:1536,32000:512:1024",
-                        help="comma-separated vocab:hidden:tokens")
+    parser.add_argument(
+        "--sizes", default="384:128:3000,2000:256:1536,32000:512:1024", help="comma-separated vocab:hidden:tokens"
+    )
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()

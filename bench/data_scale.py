@@ -71,8 +71,12 @@ def old_modules(ref: str):
     """``datasets`` and ``batching`` of ``ref``, imported from ``git show`` under other names."""
     loaded = []
     for name in ("datasets", "batching"):
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:distill/data/{name}.py"], check=True,
-                                capture_output=True, text=True).stdout
+        source = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{ref}:distill/data/{name}.py"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         path = Path(tempfile.mkdtemp()) / f"old_{name}.py"
         path.write_text(source)
         spec = importlib.util.spec_from_file_location(f"old_{name}", path)
@@ -95,8 +99,9 @@ def child(args: argparse.Namespace) -> None:
         from distill.data import batching
         from distill.data import datasets as data_module
 
-        settings = data_module.DataSettings(train_file=args.data, eval_fraction=0.0, cache_dir=args.cache,
-                                            num_proc=args.num_proc)
+        settings = data_module.DataSettings(
+            train_file=args.data, eval_fraction=0.0, cache_dir=args.cache, num_proc=args.num_proc
+        )
     before = status()
     started = time.perf_counter()
     train, _ = data_module.build_datasets(settings, tokenizer, 0)
@@ -115,18 +120,41 @@ def child(args: argparse.Namespace) -> None:
         import pyarrow.compute as pc
 
         tokens = pc.sum(pc.list_value_length(train.table.data.column("input_ids"))).as_py()
-    print(json.dumps({
-        "examples": len(train), "tokens": tokens, "first_batch_s": round(first, 2),
-        "rss_mb": round(after["VmRSS"] - before["VmRSS"]), "anon_mb": round(after["RssAnon"] - before["RssAnon"]),
-        "file_mb": round(after["RssFile"] - before["RssFile"]), "peak_mb": round(after["VmHWM"] - before["VmRSS"]),
-        "batch_ms": round(1000 * statistics.median(per_batch), 3),
-        "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-    }))
+    print(
+        json.dumps(
+            {
+                "examples": len(train),
+                "tokens": tokens,
+                "first_batch_s": round(first, 2),
+                "rss_mb": round(after["VmRSS"] - before["VmRSS"]),
+                "anon_mb": round(after["RssAnon"] - before["RssAnon"]),
+                "file_mb": round(after["RssFile"] - before["RssFile"]),
+                "peak_mb": round(after["VmHWM"] - before["VmRSS"]),
+                "batch_ms": round(1000 * statistics.median(per_batch), 3),
+                "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            }
+        )
+    )
 
 
 def measure(args: argparse.Namespace, variant: str, data: Path, cache: Path, tokenizer: Path) -> dict:
-    command = [sys.executable, __file__, "--child", "--variant", variant, "--data", str(data), "--cache", str(cache),
-               "--tokenizer", str(tokenizer), "--num_proc", str(args.num_proc), "--old_ref", args.old_ref]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--variant",
+        variant,
+        "--data",
+        str(data),
+        "--cache",
+        str(cache),
+        "--tokenizer",
+        str(tokenizer),
+        "--num_proc",
+        str(args.num_proc),
+        "--old_ref",
+        args.old_ref,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -137,8 +165,12 @@ def measure(args: argparse.Namespace, variant: str, data: Path, cache: Path, tok
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[20_000, 200_000, 2_000_000])
-    parser.add_argument("--old_up_to", type=int, default=200_000, help="Run the old path up to this many rows "
-                        "(it holds about 72 bytes a token: 2M rows would need about 20 GB).")
+    parser.add_argument(
+        "--old_up_to",
+        type=int,
+        default=200_000,
+        help="Run the old path up to this many rows (it holds about 72 bytes a token: 2M rows would need about 20 GB).",
+    )
     parser.add_argument("--num_proc", type=int, default=2)
     parser.add_argument("--old_ref", default="3b9972c", help="The commit whose data path is `old`.")
     parser.add_argument("--workdir", default=None, help="Where the files go (default: a temporary folder, removed).")
@@ -158,8 +190,10 @@ def main() -> None:
             data = work / f"rows_{rows}.jsonl"
             tick = time.perf_counter()
             write_rows(data, rows)
-            print(f"{rows} rows: {data.stat().st_size / 1e6:.0f} MB written in {time.perf_counter() - tick:.0f} s",
-                  flush=True)
+            print(
+                f"{rows} rows: {data.stat().st_size / 1e6:.0f} MB written in {time.perf_counter() - tick:.0f} s",
+                flush=True,
+            )
             cache = work / f"cache_{rows}"
             variants = (["old"] if rows <= args.old_up_to else []) + ["cold", "warm"]
             for variant in variants:

@@ -63,15 +63,31 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {"full": [], "chunked": []}
     for round_ in range(args.rounds):
         for variant in ("full", "chunked") if round_ % 2 == 0 else ("chunked", "full"):
-            out = subprocess.run([sys.executable, __file__, "--variant", variant, "--vocab", str(args.vocab),
-                                  "--tokens", str(args.tokens), "--chunk-size", str(args.chunk_size)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--variant",
+                    variant,
+                    "--vocab",
+                    str(args.vocab),
+                    "--tokens",
+                    str(args.tokens),
+                    "--chunk-size",
+                    str(args.chunk_size),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
     full = max(r["peak_extra_mib"] for r in results["full"])
     chunked = max(r["peak_extra_mib"] for r in results["chunked"])
-    print(f"vocab {args.vocab}, {args.tokens} tokens, chunk {args.chunk_size}: full {full:.0f} MiB, chunked "
-          f"{chunked:.0f} MiB ({chunked / full:.3f}x); KL full {results['full'][0]['kl']:.7f}, chunked "
-          f"{results['chunked'][0]['kl']:.7f}")
+    print(
+        f"vocab {args.vocab}, {args.tokens} tokens, chunk {args.chunk_size}: full {full:.0f} MiB, chunked "
+        f"{chunked:.0f} MiB ({chunked / full:.3f}x); KL full {results['full'][0]['kl']:.7f}, chunked "
+        f"{results['chunked'][0]['kl']:.7f}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,15 @@ from data_gen.engine import Request, build_engine
 
 
 async def measure(base_url: str, concurrency: int, n: int, cache_dir: str, stream: bool) -> tuple[float, int]:
-    cfg = TeacherConfig(model="bench", base_url=base_url, api_key_env=None, concurrency=concurrency,
-                        decoding=DecodingConfig(max_tokens=16), timeout_s=30.0, stream=stream)
+    cfg = TeacherConfig(
+        model="bench",
+        base_url=base_url,
+        api_key_env=None,
+        concurrency=concurrency,
+        decoding=DecodingConfig(max_tokens=16),
+        timeout_s=30.0,
+        stream=stream,
+    )
     engine = build_engine(cfg, cache_dir, progress=False)
     requests = [Request(f"b{i}", [{"role": "user", "content": f"Benchmark prompt number {i}."}]) for i in range(n)]
     # Warm the connection pool outside the timed region (the first connections' setup is not steady state).
@@ -50,8 +57,10 @@ async def openai_baseline(port: int, concurrency: int, n: int) -> float:
     """The same calls through bare ``openai`` clients (pools of 8 connections, as the engine uses), nothing else."""
     import openai
 
-    clients = [openai.AsyncOpenAI(api_key="x", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
-               for _ in range(-(-concurrency // 8))]
+    clients = [
+        openai.AsyncOpenAI(api_key="x", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+        for _ in range(-(-concurrency // 8))
+    ]
 
     async def worker(k: int, count: int) -> None:
         for i in range(count):
@@ -69,12 +78,16 @@ async def openai_baseline(port: int, concurrency: int, n: int) -> float:
 
 async def raw_baseline(port: int, concurrency: int, n: int) -> float:
     """The same calls over ``concurrency`` bare keep-alive asyncio connections: what this machine allows at all."""
+
     async def worker(count: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         for i in range(count):
             body = json.dumps({"model": "raw", "messages": [{"role": "user", "content": f"raw {i}"}]}).encode()
-            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            writer.write(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
             head = await reader.readuntil(b"\r\n\r\n")
             length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
             await reader.readexactly(length)
@@ -92,13 +105,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--no-stream", action="store_true", help="plain JSON answers (teacher.stream: false)")
     args = parser.parse_args()
-    server = subprocess.Popen([sys.executable, "-m", "data_gen.testing", "--latency", str(args.latency)],
-                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    server = subprocess.Popen(
+        [sys.executable, "-m", "data_gen.testing", "--latency", str(args.latency)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     try:
         port = int(server.stdout.readline())
         with tempfile.TemporaryDirectory() as tmp:
-            elapsed, done = asyncio.run(measure(f"http://127.0.0.1:{port}/v1", args.concurrency, args.requests, tmp,
-                                                not args.no_stream))
+            elapsed, done = asyncio.run(
+                measure(f"http://127.0.0.1:{port}/v1", args.concurrency, args.requests, tmp, not args.no_stream)
+            )
         client_only = asyncio.run(openai_baseline(port, args.concurrency, args.requests))
         raw = asyncio.run(raw_baseline(port, args.concurrency, args.requests))
     finally:
@@ -106,13 +124,19 @@ def main() -> None:
         server.wait()
     ideal = args.concurrency / args.latency
     achieved = done / elapsed
-    print(f"requests: {done}/{args.requests} in {elapsed:.2f}s; concurrency {args.concurrency}, "
-          f"server latency {args.latency * 1000:.0f} ms, {'plain' if args.no_stream else 'streamed'} answers")
+    print(
+        f"requests: {done}/{args.requests} in {elapsed:.2f}s; concurrency {args.concurrency}, "
+        f"server latency {args.latency * 1000:.0f} ms, {'plain' if args.no_stream else 'streamed'} answers"
+    )
     print(f"achieved {achieved:.1f} req/s, ideal {ideal:.1f} req/s, achieved/ideal = {achieved / ideal:.3f}")
-    print(f"openai client alone on the same server: {client_only:.1f} req/s = {client_only / ideal:.3f} of ideal; "
-          f"engine/openai-alone = {achieved / client_only:.3f} (the engine's own overhead)")
-    print(f"bare asyncio client on the same server: {raw:.1f} req/s = {raw / ideal:.3f} of ideal "
-          f"(what this machine allows now); engine/bare = {achieved / raw:.3f}")
+    print(
+        f"openai client alone on the same server: {client_only:.1f} req/s = {client_only / ideal:.3f} of ideal; "
+        f"engine/openai-alone = {achieved / client_only:.3f} (the engine's own overhead)"
+    )
+    print(
+        f"bare asyncio client on the same server: {raw:.1f} req/s = {raw / ideal:.3f} of ideal "
+        f"(what this machine allows now); engine/bare = {achieved / raw:.3f}"
+    )
 
 
 if __name__ == "__main__":

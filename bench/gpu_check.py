@@ -26,8 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from smollm2_pair import VOCAB, build_pair, token_rows  # noqa: E402
 
 # Dense bf16 peak TFLOP/s (no sparsity) by device-name fragment, from NVIDIA's data sheets (SXM parts).
-BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1,
-                    "B200": 2250.0, "GH200": 989.4}
+BF16_PEAK_TFLOPS = {
+    "H200": 989.4,
+    "H100": 989.4,
+    "H800": 989.4,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.1,
+    "B200": 2250.0,
+    "GH200": 989.4,
+}
 
 
 def peak_tflops(device: str) -> tuple[float | None, str]:
@@ -54,16 +62,31 @@ def make_distiller(args, root: Path, teacher: Path, student: Path, attn: str):
 
     vocab = 512 if args.smoke else VOCAB
     rows = token_rows(root / "rows.jsonl", 256, args.length, vocab, prompt=args.prompt)
-    return Distiller(from_dict(TrainConfig, {
-        "output_dir": str(root / "run"), "max_steps": 10_000, "per_device_train_batch_size": args.batch,
-        "report_to": ["none"], "eval_steps": None, "save_steps": 10_000, "logging_steps": 10_000,
-        "bf16": torch.cuda.is_available(), "learning_rate": 1e-5,
-        "model": {"teacher": str(teacher), "student": str(student), "gradient_checkpointing": True,
-                  "attn_implementation": attn},
-        "data": {"train_file": str(rows), "eval_fraction": 0.0, "max_length": args.length, "packing": True},
-        "loss": {"terms": {"forward_kl": 0.9, "ce": 0.1}, "chunk_size": 256},
-        "on_policy": {"student_fraction": 0.25, "max_new_tokens": args.new_tokens, "temperature": 1.0},
-    }))
+    return Distiller(
+        from_dict(
+            TrainConfig,
+            {
+                "output_dir": str(root / "run"),
+                "max_steps": 10_000,
+                "per_device_train_batch_size": args.batch,
+                "report_to": ["none"],
+                "eval_steps": None,
+                "save_steps": 10_000,
+                "logging_steps": 10_000,
+                "bf16": torch.cuda.is_available(),
+                "learning_rate": 1e-5,
+                "model": {
+                    "teacher": str(teacher),
+                    "student": str(student),
+                    "gradient_checkpointing": True,
+                    "attn_implementation": attn,
+                },
+                "data": {"train_file": str(rows), "eval_fraction": 0.0, "max_length": args.length, "packing": True},
+                "loss": {"terms": {"forward_kl": 0.9, "ce": 0.1}, "chunk_size": 256},
+                "on_policy": {"student_fraction": 0.25, "max_new_tokens": args.new_tokens, "temperature": 1.0},
+            },
+        )
+    )
 
 
 def measure(distiller, steps: int, warmup: int) -> dict:
@@ -126,8 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
         teacher_dir, student_dir, weights = build_pair(root / "pair", args.smoke, args.gguf)
         attn = attention(args.attn_implementation)
         distiller = make_distiller(args, root, teacher_dir, student_dir, attn)
-        n_student = parameter_count(distiller.module.module if hasattr(distiller.module, "module")
-                                    else distiller.module)
+        n_student = parameter_count(
+            distiller.module.module if hasattr(distiller.module, "module") else distiller.module
+        )
         n_teacher = parameter_count(distiller.teacher.model)
         figures = measure(distiller, args.steps, args.warmup)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -136,20 +160,35 @@ def main(argv: list[str] | None = None) -> dict:
     peak, peak_note = peak_tflops(device)
     flops_per_s = (6 * n_student + 2 * n_teacher) * tokens_per_s
     mfu = flops_per_s / (peak * 1e12) if peak else None
-    result = {"device": device, "weights": weights, "attention": attn, "step_s": step, "tokens_per_s": tokens_per_s,
-              "model_tflops_per_s": flops_per_s / 1e12, "mfu": mfu, "peak_gib": figures["peak_gib"],
-              "student_params": n_student, "teacher_params": n_teacher}
+    result = {
+        "device": device,
+        "weights": weights,
+        "attention": attn,
+        "step_s": step,
+        "tokens_per_s": tokens_per_s,
+        "model_tflops_per_s": flops_per_s / 1e12,
+        "mfu": mfu,
+        "peak_gib": figures["peak_gib"],
+        "student_params": n_student,
+        "teacher_params": n_teacher,
+    }
     print(f"\nGPU check: {device}; torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"pair: {weights}")
-    print(f"settings: bf16={torch.cuda.is_available()}, attention {attn}, gradient checkpointing, packing, on-policy "
-          f"0.25 (<= {args.new_tokens} new tokens), micro-batch {args.batch} x {args.length} tokens, "
-          f"{args.steps} steps after {args.warmup} warm-up")
-    print(f"MFU peak: {peak_note}; model FLOPs = 6 x {n_student / 1e6:.1f}M (student) + 2 x "
-          f"{n_teacher / 1e6:.1f}M (teacher) per trained token")
+    print(
+        f"settings: bf16={torch.cuda.is_available()}, attention {attn}, gradient checkpointing, packing, on-policy "
+        f"0.25 (<= {args.new_tokens} new tokens), micro-batch {args.batch} x {args.length} tokens, "
+        f"{args.steps} steps after {args.warmup} warm-up"
+    )
+    print(
+        f"MFU peak: {peak_note}; model FLOPs = 6 x {n_student / 1e6:.1f}M (student) + 2 x "
+        f"{n_teacher / 1e6:.1f}M (teacher) per trained token"
+    )
     kind = "RSS" if device == "cpu" else "allocated"
     print(f"| step s (median) | tokens/s | model TFLOP/s | MFU | peak GiB ({kind}) |")
-    print(f"| {step:.3f} | {tokens_per_s:,.0f} | {flops_per_s / 1e12:.1f} | "
-          f"{'n/a' if mfu is None else f'{mfu:.1%}'} | {figures['peak_gib']:.2f} |")
+    print(
+        f"| {step:.3f} | {tokens_per_s:,.0f} | {flops_per_s / 1e12:.1f} | "
+        f"{'n/a' if mfu is None else f'{mfu:.1%}'} | {figures['peak_gib']:.2f} |"
+    )
     return result
 
 

@@ -41,8 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=0.5, help="jsd mixture weight")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk of our kernel")
-    parser.add_argument("--softcap", type=float, default=0.0,
-                        help="both heads soft-capped as Gemma-2/3's (c * tanh(logits / c)); 0 = plain heads")
+    parser.add_argument(
+        "--softcap",
+        type=float,
+        default=0.0,
+        help="both heads soft-capped as Gemma-2/3's (c * tanh(logits / c)); 0 = plain heads",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(

@@ -40,8 +40,13 @@ FIXTURE = REPO_ROOT / "tests" / "fixtures" / "feature_sentences.txt"
 
 # The feature + relation objective: hidden states of the three mapped layers, MiniLMv2 q/k/v relations at the last
 # layer, and the RKD / similarity-preserving relations between the sentence embeddings of a batch.
-FEATURE_WEIGHTS = {"hidden_mse": 1.0, "minilm_v2": 1.0, "rkd_distance": 1.0, "rkd_angle": 2.0,
-                   "similarity_preserving": 10.0}
+FEATURE_WEIGHTS = {
+    "hidden_mse": 1.0,
+    "minilm_v2": 1.0,
+    "rkd_distance": 1.0,
+    "rkd_angle": 2.0,
+    "similarity_preserving": 10.0,
+}
 BASELINE_WEIGHTS = {"hidden_mse": 1.0}  # with layers [[-1, -1]]: final hidden state MSE only
 # Training truncates to a short length to fit the CPU budget; evaluation embeds whole sentences.
 EVAL_MAX_LENGTH = 128
@@ -64,7 +69,7 @@ def make_student(teacher: BertModel, layers: list[int]) -> BertModel:
         if key.startswith("pooler."):
             continue
         if key.startswith("encoder.layer."):
-            index, rest = key[len("encoder.layer."):].split(".", 1)
+            index, rest = key[len("encoder.layer.") :].split(".", 1)
             if int(index) not in layers:
                 continue
             key = f"encoder.layer.{layers.index(int(index))}.{rest}"
@@ -76,6 +81,7 @@ def make_student(teacher: BertModel, layers: list[int]) -> BertModel:
 def load_sentences(data_dir: Path | None) -> tuple[list[str], list[str], str]:
     """(train, held-out, source). Held-out sentences come from files the training set never reads."""
     if data_dir is not None and data_dir.is_dir():
+
         def rows(name: str) -> list[dict]:
             return [json.loads(line) for line in (data_dir / name).read_text().splitlines() if line.strip()]
 
@@ -89,23 +95,32 @@ def load_sentences(data_dir: Path | None) -> tuple[list[str], list[str], str]:
 
 
 @torch.no_grad()
-def sentence_embeddings(model: BertModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
-                        max_length: int, batch_size: int = 64) -> torch.Tensor:
+def sentence_embeddings(
+    model: BertModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, batch_size: int = 64
+) -> torch.Tensor:
     """Mean pooling over real tokens then L2 normalisation (the model's sentence-transformers recipe)."""
     model.eval()
     out = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        enc = tokenizer(
+            texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         hidden = model(**enc).last_hidden_state
         weights = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         out.append(F.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1))
     return torch.cat(out)
 
 
-def run(steps: int = 150, batch_size: int = 16, max_length: int = 32, lr: float = 1e-4,
-        student_layers: tuple[int, ...] = (1, 3, 5), data_dir: Path | None = SHARED_DATA, seed: int = 0,
-        log_every: int = 50) -> dict:
+def run(
+    steps: int = 150,
+    batch_size: int = 16,
+    max_length: int = 32,
+    lr: float = 1e-4,
+    student_layers: tuple[int, ...] = (1, 3, 5),
+    data_dir: Path | None = SHARED_DATA,
+    seed: int = 0,
+    log_every: int = 50,
+) -> dict:
     """Trains both students side by side; returns figures and per-step loss histories."""
     torch.manual_seed(seed)
     path = teacher_path()
@@ -133,8 +148,9 @@ def run(steps: int = 150, batch_size: int = 16, max_length: int = 32, lr: float 
     order = random.Random(seed)
     start, start_cpu = time.perf_counter(), time.process_time()
     for step in range(steps):
-        batch = tokenizer(order.sample(train, batch_size), padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt")
+        batch = tokenizer(
+            order.sample(train, batch_size), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         # MiniLM hooks record the teacher's q/k/v into every distiller attached to it during this one forward.
         with torch.no_grad():
             teacher_out = teacher(**batch, output_hidden_states=True)
@@ -159,18 +175,29 @@ def run(steps: int = 150, batch_size: int = 16, max_length: int = 32, lr: float 
         )
         for name in runs
     }
-    return {"source": source, "train_sentences": len(train), "held_out": len(held_out), "steps": steps,
-            "batch_size": batch_size, "train_seconds": train_seconds,
-            "train_cpu_seconds": train_cpu_seconds, "threads": torch.get_num_threads(), "before": before,
-            "after": after, "history": history}
+    return {
+        "source": source,
+        "train_sentences": len(train),
+        "held_out": len(held_out),
+        "steps": steps,
+        "batch_size": batch_size,
+        "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
+        "threads": torch.get_num_threads(),
+        "before": before,
+        "after": after,
+        "history": history,
+    }
 
 
 def print_table(result: dict) -> None:
-    print(f"\nteacher all-MiniLM-L6-v2 -> 3-layer student; data {result['source']} "
-          f"({result['train_sentences']} train, {result['held_out']} held-out sentences); "
-          f"{result['steps']} steps x batch {result['batch_size']}, both students trained in "
-          f"{result['train_seconds']:.0f}s wall, {result['train_cpu_seconds']:.0f} CPU-s "
-          f"on {result['threads']} threads")
+    print(
+        f"\nteacher all-MiniLM-L6-v2 -> 3-layer student; data {result['source']} "
+        f"({result['train_sentences']} train, {result['held_out']} held-out sentences); "
+        f"{result['steps']} steps x batch {result['batch_size']}, both students trained in "
+        f"{result['train_seconds']:.0f}s wall, {result['train_cpu_seconds']:.0f} CPU-s "
+        f"on {result['threads']} threads"
+    )
     print(f"{'student':<26}{'mean cosine to teacher':>24}{'top-1 retrieval agreement':>28}")
     print(f"{'init (copied layers)':<26}{result['before'][0]:>24.4f}{result['before'][1]:>28.3f}")
     for name, (cosine, top1) in result["after"].items():
@@ -190,8 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures and per-step losses to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = run(args.steps, args.batch_size, args.max_length, args.lr, tuple(args.student_layers), args.data_dir,
-                 log_every=args.log_every)
+    result = run(
+        args.steps,
+        args.batch_size,
+        args.max_length,
+        args.lr,
+        tuple(args.student_layers),
+        args.data_dir,
+        log_every=args.log_every,
+    )
     print_table(result)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))

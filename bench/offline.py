@@ -47,8 +47,11 @@ def part_size() -> None:
                 codec = Codec(vocab, k, bits)
                 with tempfile.TemporaryDirectory() as tmp:
                     writer = ShardWriter(Path(tmp), 0, 1, codec)
-                    ids = np.argsort(rng.random((tokens, vocab)), axis=1)[:, :k] if vocab < 40_000 else np.stack(
-                        [rng.choice(vocab, k, replace=False) for _ in range(tokens)])
+                    ids = (
+                        np.argsort(rng.random((tokens, vocab)), axis=1)[:, :k]
+                        if vocab < 40_000
+                        else np.stack([rng.choice(vocab, k, replace=False) for _ in range(tokens)])
+                    )
                     logp = np.sort(-rng.exponential(3.0, (tokens, k)), axis=1)[:, ::-1].astype(np.float32)
                     writer.add(0, 0, ids, logp, np.full(tokens, -2.0, np.float32))
                     info = writer.close()
@@ -96,8 +99,10 @@ def write_data(path: Path, count: int) -> list[str]:
         rows = [json.loads(line) for line in shared.read_text().splitlines()[:count]]
         records = [{"prompt": r["question"], "completion": r["answer"]} for r in rows]
     else:
-        records = [{"prompt": f"What is {i} plus {i + 3}?", "completion": f"{i} + {i + 3} = {2 * i + 3}."}
-                   for i in range(count)]
+        records = [
+            {"prompt": f"What is {i} plus {i + 3}?", "completion": f"{i} + {i + 3} = {2 * i + 3}."}
+            for i in range(count)
+        ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return [r["prompt"] + " " + r["completion"] for r in records]
 
@@ -112,12 +117,21 @@ def make_distiller(root: Path, variant: str, kd_terms: str, steps: int):
         loss["teacher_store"] = str(root / "store")
     if variant == "online":
         model["teacher"] = str(root / "teacher")
-    cfg = from_dict(TrainConfig, {
-        "output_dir": str(root / f"run-{variant}"), "overwrite_output_dir": True, "max_steps": steps + 1,
-        "save_steps": 10_000, "eval_steps": None, "report_to": ["none"], "per_device_train_batch_size": 8,
-        "model": model, "data": {"train_file": str(root / "train.jsonl"), "eval_fraction": 0.0, "max_length": 256},
-        "loss": {**loss, "chunk_size": 512},
-    })
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "output_dir": str(root / f"run-{variant}"),
+            "overwrite_output_dir": True,
+            "max_steps": steps + 1,
+            "save_steps": 10_000,
+            "eval_steps": None,
+            "report_to": ["none"],
+            "per_device_train_batch_size": 8,
+            "model": model,
+            "data": {"train_file": str(root / "train.jsonl"), "eval_fraction": 0.0, "max_length": 256},
+            "loss": {**loss, "chunk_size": 512},
+        },
+    )
     return Distiller(cfg)
 
 
@@ -129,8 +143,14 @@ def worker(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         distiller.training_step()
         times.append(time.perf_counter() - start)
-    print(json.dumps({"step_s": statistics.median(times), "peak_rss_mb": resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "step_s": statistics.median(times),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def part_step(args: argparse.Namespace) -> None:
@@ -144,16 +164,40 @@ def part_step(args: argparse.Namespace) -> None:
         tiny_llama(len(tokenizer), hidden_size=args.hidden, num_layers=layers, seed=layers).save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     started = time.perf_counter()
-    run(PrecomputeConfig(teacher=str(root / "teacher"), output_dir=str(root / "store"), k=args.k, data=__import__(
-        "distill.data.datasets", fromlist=["DataSettings"]).DataSettings(train_file=str(root / "train.jsonl"),
-                                                                eval_fraction=0.0, max_length=256)))
-    print(f"\n## step time (vocab {len(tokenizer)}, student {args.layers} layers x {args.hidden}, teacher "
-          f"{2 * args.layers} layers, k = {args.k}, KD terms {args.kd_terms}; "
-          f"precompute of 256 examples took {time.perf_counter() - started:.1f} s)")
+    run(
+        PrecomputeConfig(
+            teacher=str(root / "teacher"),
+            output_dir=str(root / "store"),
+            k=args.k,
+            data=__import__("distill.data.datasets", fromlist=["DataSettings"]).DataSettings(
+                train_file=str(root / "train.jsonl"), eval_fraction=0.0, max_length=256
+            ),
+        )
+    )
+    print(
+        f"\n## step time (vocab {len(tokenizer)}, student {args.layers} layers x {args.hidden}, teacher "
+        f"{2 * args.layers} layers, k = {args.k}, KD terms {args.kd_terms}; "
+        f"precompute of 256 examples took {time.perf_counter() - started:.1f} s)"
+    )
     results = {}
     for variant in ("sft", "offline", "online"):
-        out = subprocess.run([sys.executable, __file__, "--worker", variant, "--root", str(root), "--steps",
-                              str(args.steps), "--kd-terms", args.kd_terms], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                variant,
+                "--root",
+                str(root),
+                "--steps",
+                str(args.steps),
+                "--kd-terms",
+                args.kd_terms,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     print("| variant | median step (s) | vs SFT | peak RSS (MB) |")
     print("|---|---|---|---|")
@@ -161,9 +205,11 @@ def part_step(args: argparse.Namespace) -> None:
         ratio = r["step_s"] / results["sft"]["step_s"]
         print(f"| {variant} | {r['step_s']:.3f} | {ratio:.2f}x | {r['peak_rss_mb']:.0f} |")
     off, on = results["offline"], results["online"]
-    print(f"\noffline / SFT step time: {off['step_s'] / results['sft']['step_s']:.2f}x (target <= 1.10x); "
-          f"online / offline: step {on['step_s'] / off['step_s']:.2f}x, "
-          f"peak RSS {on['peak_rss_mb'] / off['peak_rss_mb']:.2f}x")
+    print(
+        f"\noffline / SFT step time: {off['step_s'] / results['sft']['step_s']:.2f}x (target <= 1.10x); "
+        f"online / offline: step {on['step_s'] / off['step_s']:.2f}x, "
+        f"peak RSS {on['peak_rss_mb'] / off['peak_rss_mb']:.2f}x"
+    )
     interleaved(root, args)
 
 
@@ -180,9 +226,11 @@ def interleaved(root: Path, args: argparse.Namespace) -> None:
             distiller.training_step()
             times[variant].append(time.perf_counter() - start)
     med = {v: statistics.median(t) for v, t in times.items()}
-    print(f"interleaved medians (s): sft {med['sft']:.3f}, offline {med['offline']:.3f}, online {med['online']:.3f}; "
-          f"offline / SFT {med['offline'] / med['sft']:.2f}x (target <= 1.10x), online / offline "
-          f"{med['online'] / med['offline']:.2f}x")
+    print(
+        f"interleaved medians (s): sft {med['sft']:.3f}, offline {med['offline']:.3f}, online {med['online']:.3f}; "
+        f"offline / SFT {med['offline'] / med['sft']:.2f}x (target <= 1.10x), online / offline "
+        f"{med['online'] / med['offline']:.2f}x"
+    )
 
 
 def main() -> None:
@@ -193,8 +241,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2, help="student depth (the teacher has twice as many)")
     parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--kd-terms", default='{"forward_kl": 0.9, "ce": 0.1}',
-                        help="loss terms (JSON) of the offline and online variants; SFT is always {ce: 1}")
+    parser.add_argument(
+        "--kd-terms",
+        default='{"forward_kl": 0.9, "ce": 0.1}',
+        help="loss terms (JSON) of the offline and online variants; SFT is always {ce: 1}",
+    )
     parser.add_argument("--worker", choices=("sft", "offline", "online"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()

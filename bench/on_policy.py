@@ -50,8 +50,9 @@ def tiny_pair(root: Path, texts: list[str]) -> tuple[Path, Path]:
     paths = []
     for name, layers, hidden in (("teacher", 4, 128), ("student", 2, 64)):
         path = root / name
-        tiny_llama(len(tokenizer), hidden_size=hidden, num_layers=layers, num_heads=max(1, hidden // 32),
-                   seed=layers).save_pretrained(path)
+        tiny_llama(
+            len(tokenizer), hidden_size=hidden, num_layers=layers, num_heads=max(1, hidden // 32), seed=layers
+        ).save_pretrained(path)
         tokenizer.save_pretrained(path)
         paths.append(path)
     return paths[0], paths[1]
@@ -61,14 +62,23 @@ def ours(args, teacher: Path, student: Path, data: Path, out: Path):
     from distill.training.train import Distiller, TrainConfig
     from kd_core.config import from_dict
 
-    cfg = from_dict(TrainConfig, {
-        "output_dir": str(out), "max_steps": 10_000, "per_device_train_batch_size": args.batch_size,
-        "learning_rate": 1e-5, "lr_scheduler_type": "constant", "report_to": ["none"], "eval_steps": None,
-        "logging_steps": 1, "model": {"teacher": str(teacher), "student": str(student)},
-        "data": {"train_file": str(data), "eval_fraction": 0.0, "max_length": args.max_length},
-        "loss": {"terms": {"jsd": 1.0}, "beta": 0.5},
-        "on_policy": {"student_fraction": 1.0, "max_new_tokens": args.max_new_tokens, "temperature": 1.0},
-    })
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "output_dir": str(out),
+            "max_steps": 10_000,
+            "per_device_train_batch_size": args.batch_size,
+            "learning_rate": 1e-5,
+            "lr_scheduler_type": "constant",
+            "report_to": ["none"],
+            "eval_steps": None,
+            "logging_steps": 1,
+            "model": {"teacher": str(teacher), "student": str(student)},
+            "data": {"train_file": str(data), "eval_fraction": 0.0, "max_length": args.max_length},
+            "loss": {"terms": {"jsd": 1.0}, "beta": 0.5},
+            "on_policy": {"student_fraction": 1.0, "max_new_tokens": args.max_new_tokens, "temperature": 1.0},
+        },
+    )
     distiller = Distiller(cfg)
     distiller.module.train()
     distiller.training_step()  # warm-up
@@ -79,8 +89,13 @@ def ours(args, teacher: Path, student: Path, data: Path, out: Path):
             tokens_before = distiller.sampler.counts["generated_tokens"]
             began = time.perf_counter()
             values = distiller.training_step()
-            timed.append((time.perf_counter() - began, values["on_policy/sample_seconds"],
-                          distiller.sampler.counts["generated_tokens"] - tokens_before))
+            timed.append(
+                (
+                    time.perf_counter() - began,
+                    values["on_policy/sample_seconds"],
+                    distiller.sampler.counts["generated_tokens"] - tokens_before,
+                )
+            )
         return timed
 
     return steps
@@ -114,18 +129,34 @@ def trl_steps(args, teacher: Path, student: Path, data: Path, out: Path, n: int)
     timer = StepTimer()
     tokenizer = AutoTokenizer.from_pretrained(student)
     config = GKDConfig(
-        output_dir=str(out), per_device_train_batch_size=args.batch_size, max_steps=n + 1, learning_rate=1e-5,
-        lr_scheduler_type="constant", lmbda=1.0, beta=0.5, temperature=1.0, max_new_tokens=args.max_new_tokens,
-        max_length=args.max_length, report_to=[], save_strategy="no", logging_steps=10_000, use_cpu=True,
-        dataloader_num_workers=0, disable_tqdm=True, seed=0,
+        output_dir=str(out),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=n + 1,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        lmbda=1.0,
+        beta=0.5,
+        temperature=1.0,
+        max_new_tokens=args.max_new_tokens,
+        max_length=args.max_length,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10_000,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
         bf16=False,  # fp32 like ours (transformers 5.24's TrainingArguments turns bf16 on by default where supported)
     )
     GKDTrainer.generate_on_policy_outputs = staticmethod(counting)
     try:
         trainer = GKDTrainer(
-            model=AutoModelForCausalLM.from_pretrained(student), teacher_model=AutoModelForCausalLM.from_pretrained(
-                teacher), args=config, train_dataset=load_dataset("json", data_files=str(data), split="train"),
-            processing_class=tokenizer, callbacks=[timer],
+            model=AutoModelForCausalLM.from_pretrained(student),
+            teacher_model=AutoModelForCausalLM.from_pretrained(teacher),
+            args=config,
+            train_dataset=load_dataset("json", data_files=str(data), split="train"),
+            processing_class=tokenizer,
+            callbacks=[timer],
         )
         trainer.train()
     finally:
@@ -149,9 +180,12 @@ def main() -> None:
         texts = questions(256)
         teacher, student = (args.teacher, args.student) if args.teacher else tiny_pair(root, texts)
         data = root / "prompts.jsonl"  # `messages` with a final assistant turn: GKD's collator needs one to cut
-        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                         {"role": "assistant", "content": "-"}]}) + "\n"
-                                for q in texts))
+        data.write_text(
+            "".join(
+                json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "-"}]}) + "\n"
+                for q in texts
+            )
+        )
         ours_steps = ours(args, teacher, student, data, root / "ours")
         results = {"ours": [], "trl": []}
         for round_index in range(args.rounds):
@@ -160,8 +194,10 @@ def main() -> None:
     import transformers
     import trl
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
-          f"batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
+        f"batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, {args.rounds} rounds x {args.steps} steps"
+    )
     print("| trainer | s/step (median) | sampling share | sampled tokens/s of step time |")
     print("|---|---|---|---|")
     medians = {}

@@ -44,8 +44,14 @@ def build_teacher(root: Path, args: argparse.Namespace) -> tuple[Path, int]:
     from distill.student.tiny import tiny_llama, train_tokenizer
 
     tokenizer = train_tokenizer(TEXTS * 50, vocab_size=400)
-    model = tiny_llama(len(tokenizer), hidden_size=args.hidden, num_layers=args.layers, num_heads=8, num_kv_heads=4,
-                       intermediate_size=args.intermediate)
+    model = tiny_llama(
+        len(tokenizer),
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=8,
+        num_kv_heads=4,
+        intermediate_size=args.intermediate,
+    )
     model.to(torch.bfloat16).save_pretrained(root / "teacher")
     tokenizer.save_pretrained(root / "teacher")
     with (root / "cal.jsonl").open("w") as handle:
@@ -55,13 +61,29 @@ def build_teacher(root: Path, args: argparse.Namespace) -> tuple[Path, int]:
 
 
 def one_run(code: Path, root: Path, name: str, args: argparse.Namespace) -> tuple[float, float]:
-    argv = ["prune", "--model", str(root / "teacher"), "--output-dir", str(root / name), "--calibration.data",
-            str(root / "cal.jsonl"), "--calibration.num_samples", str(args.samples), "--calibration.max_length",
-            str(args.length), "--cache_dir", str(root / f"cache-{name}"), "--depth.num_layers", str(args.layers // 2),
-            "--width.intermediate_size", str(args.intermediate // 2)]
+    argv = [
+        "prune",
+        "--model",
+        str(root / "teacher"),
+        "--output-dir",
+        str(root / name),
+        "--calibration.data",
+        str(root / "cal.jsonl"),
+        "--calibration.num_samples",
+        str(args.samples),
+        "--calibration.max_length",
+        str(args.length),
+        "--cache_dir",
+        str(root / f"cache-{name}"),
+        "--depth.num_layers",
+        str(args.layers // 2),
+        "--width.intermediate_size",
+        str(args.intermediate // 2),
+    ]
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    result = subprocess.run([sys.executable, "-c", RUNNER, *argv], env=env, capture_output=True, text=True,
-                            cwd=code, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER, *argv], env=env, capture_output=True, text=True, cwd=code, check=True
+    )
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT"))
     rss, seconds = map(float, line.split()[1:])
     return rss, seconds
@@ -81,8 +103,13 @@ def main() -> None:
     teacher, params = build_teacher(root, args)
     weights = sum(f.stat().st_size for f in teacher.glob("*.safetensors")) / 2**20
     print(f"teacher: {params / 1e6:.1f} M parameters, {weights:.0f} MiB of bf16 safetensors")
-    floor = subprocess.run([sys.executable, "-c", FLOOR], env={**os.environ, "PYTHONPATH": str(REPO)},
-                           capture_output=True, text=True, check=True).stdout.split()[-1]
+    floor = subprocess.run(
+        [sys.executable, "-c", FLOOR],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()[-1]
     print(f"floor (imports only, no model): peak RSS {float(floor):.0f} MiB")
     results: dict[str, list[tuple[float, float]]] = {"baseline": [], "this": []}
     for repeat in range(args.repeats):

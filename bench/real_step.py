@@ -53,9 +53,20 @@ VARIANTS = {
 
 def write_rows(path: Path, count: int) -> None:
     rows = [json.loads(line) for line in (SHARED / "gsm8k_train.jsonl").read_text().splitlines()[:count]]
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["question"]},
-                                                     {"role": "assistant", "content": r["answer"]}]}) + "\n"
-                            for r in rows))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": r["question"]},
+                        {"role": "assistant", "content": r["answer"]},
+                    ]
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
 
 
 def our_config(args, overrides: dict, out: Path):
@@ -64,12 +75,23 @@ def our_config(args, overrides: dict, out: Path):
 
     tree = {
         "bf16": overrides.get("bf16", False),
-        "output_dir": str(out), "max_steps": 1000, "per_device_train_batch_size": args.batch_size,
-        "learning_rate": 1e-5, "lr_scheduler_type": "constant", "report_to": ["none"], "eval_steps": None,
-        "logging_steps": 1000, "save_steps": 100_000, "seed": 0,
+        "output_dir": str(out),
+        "max_steps": 1000,
+        "per_device_train_batch_size": args.batch_size,
+        "learning_rate": 1e-5,
+        "lr_scheduler_type": "constant",
+        "report_to": ["none"],
+        "eval_steps": None,
+        "logging_steps": 1000,
+        "save_steps": 100_000,
+        "seed": 0,
         "model": {"teacher": args.teacher, "student": args.student, **overrides.get("model", {})},
-        "data": {"train_file": str(args.data), "eval_fraction": 0.0, "max_length": args.max_length,
-                 **overrides.get("data", {})},
+        "data": {
+            "train_file": str(args.data),
+            "eval_fraction": 0.0,
+            "max_length": args.max_length,
+            **overrides.get("data", {}),
+        },
         "loss": {"terms": {"forward_kl": 1.0}, "temperature": 1.0},
     }
     return from_dict(TrainConfig, tree)
@@ -129,14 +151,33 @@ def worker_trl(args, variant: str, out: Path) -> dict:
     timer = StepTimer()
     tokenizer = load_tokenizer(args.student)
     config = GKDConfig(
-        output_dir=str(out), per_device_train_batch_size=args.batch_size, max_steps=args.steps + 1,
-        learning_rate=1e-5, lr_scheduler_type="constant", lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False,
-        max_length=args.max_length, report_to=[], save_strategy="no", logging_steps=1000, use_cpu=True,
-        dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=VARIANTS[variant]["bf16"],
+        output_dir=str(out),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps + 1,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        lmbda=0.0,
+        beta=0.0,
+        temperature=1.0,
+        seq_kd=False,
+        max_length=args.max_length,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1000,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        bf16=VARIANTS[variant]["bf16"],
     )
-    trainer = InOrder(model=load_causal_lm(args.student), teacher_model=load_causal_lm(args.teacher), args=config,
-                      train_dataset=load_dataset("json", data_files=str(args.data), split="train"),
-                      processing_class=tokenizer, callbacks=[timer])
+    trainer = InOrder(
+        model=load_causal_lm(args.student),
+        teacher_model=load_causal_lm(args.teacher),
+        args=config,
+        train_dataset=load_dataset("json", data_files=str(args.data), split="train"),
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
     first = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     with torch.no_grad(), trainer.accelerator.autocast():
         loss = trainer.compute_loss(trainer.model, first).item()
@@ -159,8 +200,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         with tempfile.TemporaryDirectory() as tmp:
-            result = (worker_trl(args, args.worker, Path(tmp)) if args.worker.startswith("trl")
-                      else worker_ours(args, args.worker, Path(tmp) / "out"))
+            result = (
+                worker_trl(args, args.worker, Path(tmp))
+                if args.worker.startswith("trl")
+                else worker_ours(args, args.worker, Path(tmp) / "out")
+            )
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         print("RESULT " + json.dumps(result))
         return
@@ -171,23 +215,41 @@ def main() -> None:
         write_rows(data, args.batch_size * (args.steps + 1) + 8)
         for round_index in range(args.rounds):
             for variant in variants if round_index % 2 == 0 else reversed(variants):
-                command = [sys.executable, __file__, "--worker", variant, "--data", str(data), "--teacher",
-                           args.teacher, "--student", args.student, "--batch_size", str(args.batch_size),
-                           "--max_length", str(args.max_length), "--steps", str(args.steps)]
-                done = subprocess.run(command, capture_output=True, text=True,
-                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    variant,
+                    "--data",
+                    str(data),
+                    "--teacher",
+                    args.teacher,
+                    "--student",
+                    args.student,
+                    "--batch_size",
+                    str(args.batch_size),
+                    "--max_length",
+                    str(args.max_length),
+                    "--steps",
+                    str(args.steps),
+                ]
+                done = subprocess.run(
+                    command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+                )
                 line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
                     sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
-                results[variant].append(json.loads(line[len("RESULT "):]))
+                results[variant].append(json.loads(line[len("RESULT ") :]))
                 print(f"round {round_index + 1}: {variant} done", file=sys.stderr, flush=True)
     import torch
     import transformers
     import trl
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; batch "
-          f"{args.batch_size} x up to {args.max_length} tokens, {args.rounds} rounds x {args.steps} steps, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; batch "
+        f"{args.batch_size} x up to {args.max_length} tokens, {args.rounds} rounds x {args.steps} steps, "
+        f"{os.cpu_count()} CPUs"
+    )
     print("| variant | s/step (median) | vs trl default (bf16) | peak RSS GB | vs trl default | loss of rows 0-3 |")
     print("|---|---|---|---|---|---|")
     summary = {}

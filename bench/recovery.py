@@ -51,8 +51,12 @@ VARIANTS: dict[str, list[str]] = {
     "kd_ce": [],
     "jsd": ["--loss.terms", "{jsd: 1.0, ce: 0.1}"],
     "reverse_kl": ["--loss.terms", "{reverse_kl: 1.0, ce: 0.1}"],
-    "kd_hidden": ["--loss.terms", "{forward_kl: 1.0, ce: 0.1, hidden_cosine: 1.0}", "--loss.features.layer_map",
-                  "explicit"],  # layers: student i <- the teacher layer it was copied from (set in main)
+    "kd_hidden": [
+        "--loss.terms",
+        "{forward_kl: 1.0, ce: 0.1, hidden_cosine: 1.0}",
+        "--loss.features.layer_map",
+        "explicit",
+    ],  # layers: student i <- the teacher layer it was copied from (set in main)
     "offline_topk": ["--model.teacher", "null"],  # --loss.teacher_store set in main
     "ce_lr1e-3": ["--loss.terms", "{ce: 1.0}", "--learning_rate", "1e-3"],
     # Minitron's teacher correction: the teacher first fine-tuned (CE) on the same rows, as the shipped config has it.
@@ -78,21 +82,38 @@ def prepare(root: Path, steps: int, batch: int, eval_records: int, data: Path) -
 
         load_causal_lm(gguf, "model").save_pretrained(teacher)
         load_tokenizer(gguf, "model").save_pretrained(teacher)
-    paths = {"teacher": teacher, "train": root / f"train_{steps * batch}.jsonl",
-             "eval": root / f"eval_{eval_records}.jsonl"}
+    paths = {
+        "teacher": teacher,
+        "train": root / f"train_{steps * batch}.jsonl",
+        "eval": root / f"eval_{eval_records}.jsonl",
+    }
     for key, source, n in (("train", "gsm8k_train.jsonl", steps * batch), ("eval", "gsm8k_test.jsonl", eval_records)):
         if not paths[key].is_file():
             rows = [json.loads(line) for line in (data / source).read_text().splitlines()[:n]]
-            paths[key].write_text("".join(json.dumps({"prompt": r["question"], "completion": r["answer"]}) + "\n"
-                                          for r in rows))
+            paths[key].write_text(
+                "".join(json.dumps({"prompt": r["question"], "completion": r["answer"]}) + "\n" for r in rows)
+            )
     student = root / "student"
     if not student.is_dir():
         calibration = root / "calibration.jsonl"
         rows = [json.loads(line) for line in (data / "gsm8k_train.jsonl").read_text().splitlines()[:64]]
-        calibration.write_text("".join(json.dumps({"prompt": r["question"], "completion": r["answer"]}) + "\n"
-                                       for r in rows))
-        sh("-m", "distill", "prune", "--config", str(PRUNE_CONFIG), "--model", str(gguf), "--output_dir",
-           str(student), "--calibration.data", str(calibration), log=log)
+        calibration.write_text(
+            "".join(json.dumps({"prompt": r["question"], "completion": r["answer"]}) + "\n" for r in rows)
+        )
+        sh(
+            "-m",
+            "distill",
+            "prune",
+            "--config",
+            str(PRUNE_CONFIG),
+            "--model",
+            str(gguf),
+            "--output_dir",
+            str(student),
+            "--calibration.data",
+            str(calibration),
+            log=log,
+        )
     paths["student"] = student
     return paths
 
@@ -121,11 +142,36 @@ def greedy_agreement(samples: list[dict], teacher_samples: list[dict], tokenizer
 
 def evaluate(model: Path, paths: dict[str, Path], out: Path, args, teacher: bool = True) -> dict:
     if not out.is_file():
-        extra = ["--teacher", str(paths["teacher"]), "--draft.num_prompts", str(args.draft_prompts),
-                 "--draft.max_new_tokens", str(args.max_new_tokens)] if teacher else []
-        sh("-m", "distill", "eval", str(model), "--data", str(paths["eval"]), "--max_new_tokens",
-           str(args.max_new_tokens), "--max_length", "256", "--batch_size", "8", "--output", str(out), *extra,
-           log=out.with_suffix(".log"))
+        extra = (
+            [
+                "--teacher",
+                str(paths["teacher"]),
+                "--draft.num_prompts",
+                str(args.draft_prompts),
+                "--draft.max_new_tokens",
+                str(args.max_new_tokens),
+            ]
+            if teacher
+            else []
+        )
+        sh(
+            "-m",
+            "distill",
+            "eval",
+            str(model),
+            "--data",
+            str(paths["eval"]),
+            "--max_new_tokens",
+            str(args.max_new_tokens),
+            "--max_length",
+            "256",
+            "--batch_size",
+            "8",
+            "--output",
+            str(out),
+            *extra,
+            log=out.with_suffix(".log"),
+        )
     return json.loads(out.read_text())
 
 
@@ -160,8 +206,14 @@ def main() -> None:
     if TEACHER_VARIANTS & set(args.variants.split(",")):
         corrected = corrected_teacher(paths, root, args)
         figures = evaluate(corrected, paths, root / f"{corrected.parent.name}.eval.json", args)
-        rows.append(("teacher, corrected", figures, {},
-                     greedy_agreement(figures["samples"], teacher_figures["samples"], tokenizer)))
+        rows.append(
+            (
+                "teacher, corrected",
+                figures,
+                {},
+                greedy_agreement(figures["samples"], teacher_figures["samples"], tokenizer),
+            )
+        )
     for variant in args.variants.split(","):
         name = variant + args.tag
         run_dir = root / "runs" / name
@@ -175,11 +227,29 @@ def main() -> None:
                     overrides += ["--loss.teacher_store", str(store(paths, root, args))]
                 teacher = corrected_teacher(paths, root, args) if variant in TEACHER_VARIANTS else paths["teacher"]
                 began = time.perf_counter()
-                sh(str(Path(__file__).resolve()), "--worker", str(result), "--config", str(CONFIG), "--model.student",
-                   str(paths["student"]), "--model.teacher", str(teacher), "--data.train_file",
-                   str(paths["train"]), "--max_steps", str(args.steps), "--per_device_train_batch_size",
-                   str(args.batch), "--output_dir", str(run_dir), "--overwrite_output_dir", *overrides,
-                   *args.extra.split(), log=root / "runs" / f"{name}.log")
+                sh(
+                    str(Path(__file__).resolve()),
+                    "--worker",
+                    str(result),
+                    "--config",
+                    str(CONFIG),
+                    "--model.student",
+                    str(paths["student"]),
+                    "--model.teacher",
+                    str(teacher),
+                    "--data.train_file",
+                    str(paths["train"]),
+                    "--max_steps",
+                    str(args.steps),
+                    "--per_device_train_batch_size",
+                    str(args.batch),
+                    "--output_dir",
+                    str(run_dir),
+                    "--overwrite_output_dir",
+                    *overrides,
+                    *args.extra.split(),
+                    log=root / "runs" / f"{name}.log",
+                )
                 print(f"trained {name} in {time.perf_counter() - began:.0f} s", flush=True)
             cost = json.loads(result.read_text())
             model = run_dir / "final"
@@ -194,10 +264,28 @@ def corrected_teacher(paths: dict[str, Path], root: Path, args) -> Path:
     cost is the teacher's, paid once per dataset, not the student's: the students' steps and tokens stay equal."""
     out = root / f"teacher_corrected_{args.correction_steps}_{args.correction_lr:g}"
     if not (out / "final").is_dir():
-        sh("-m", "distill", "train", "--config", str(CORRECTION_CONFIG), "--model.student", str(paths["teacher"]),
-           "--data.train_file", str(paths["train"]), "--max_steps", str(args.correction_steps),
-           "--learning_rate", str(args.correction_lr), "--per_device_train_batch_size", str(args.batch),
-           "--output_dir", str(out), "--overwrite_output_dir", *args.extra.split(), log=root / "correction.log")
+        sh(
+            "-m",
+            "distill",
+            "train",
+            "--config",
+            str(CORRECTION_CONFIG),
+            "--model.student",
+            str(paths["teacher"]),
+            "--data.train_file",
+            str(paths["train"]),
+            "--max_steps",
+            str(args.correction_steps),
+            "--learning_rate",
+            str(args.correction_lr),
+            "--per_device_train_batch_size",
+            str(args.batch),
+            "--output_dir",
+            str(out),
+            "--overwrite_output_dir",
+            *args.extra.split(),
+            log=root / "correction.log",
+        )
     return out / "final"
 
 
@@ -205,24 +293,42 @@ def store(paths: dict[str, Path], root: Path, args) -> Path:
     """The top-k teacher store of the training file (``distill precompute``, k = 64, 8-bit), made once."""
     out = root / f"store_{args.steps * args.batch}"
     if not out.is_dir():
-        sh("-m", "distill", "precompute", "--teacher", str(paths["teacher"]), "--output_dir", str(out),
-           "--data.train_file", str(paths["train"]), "--data.eval_fraction", "0", "--data.max_length", "256",
-           log=root / "precompute.log")
+        sh(
+            "-m",
+            "distill",
+            "precompute",
+            "--teacher",
+            str(paths["teacher"]),
+            "--output_dir",
+            str(out),
+            "--data.train_file",
+            str(paths["train"]),
+            "--data.eval_fraction",
+            "0",
+            "--data.max_length",
+            "256",
+            log=root / "precompute.log",
+        )
     return out
 
 
 def print_table(rows) -> None:
-    print("| variant | perplexity | KL to teacher | top-1 agreement | greedy agreement | draft acceptance | "
-          "assisted speedup | s/step | peak RSS GiB |")
+    print(
+        "| variant | perplexity | KL to teacher | top-1 agreement | greedy agreement | draft acceptance | "
+        "assisted speedup | s/step | peak RSS GiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, f, cost, agree in rows:
+
         def cell(key, fmt="{:.3f}", f=f):  # this row's f, bound explicitly (ruff B023)
             return "-" if f.get(key) is None else fmt.format(f[key])
 
-        print(f"| {name} | {f['perplexity']:.2f} | {cell('kl')} | {cell('top1_agreement')} | {agree:.3f} | "
-              f"{cell('acceptance_rate')} | {cell('speedup', '{:.2f}x')} | "
-              f"{cost.get('seconds_per_step', float('nan')):.2f} | {cost.get('peak_rss_gib', float('nan')):.2f} |",
-              flush=True)
+        print(
+            f"| {name} | {f['perplexity']:.2f} | {cell('kl')} | {cell('top1_agreement')} | {agree:.3f} | "
+            f"{cell('acceptance_rate')} | {cell('speedup', '{:.2f}x')} | "
+            f"{cost.get('seconds_per_step', float('nan')):.2f} | {cost.get('peak_rss_gib', float('nan')):.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

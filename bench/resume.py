@@ -48,10 +48,37 @@ def train_command(launcher: str, teacher: Path, student: Path, data: Path, out: 
     prefix = [sys.executable, "-m"]
     if launcher == "zero3":
         prefix = ["accelerate", "launch", "--config_file", "launch/zero3.yaml", "--num_processes", "2", "-m"]
-    return [*prefix, "distill", "train", "--output_dir", str(out), "--max_steps", str(steps), "--save_steps", "1",
-            "--save_total_limit", "null", "--logging_steps", "1", "--eval_steps", "null", "--report_to", "[none]",
-            "--per_device_train_batch_size", "2", "--model.teacher", str(teacher), "--model.student", str(student),
-            "--data.train_file", str(data), "--data.eval_fraction", "0", "--loss.terms", "{forward_kl: 1}"]
+    return [
+        *prefix,
+        "distill",
+        "train",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(steps),
+        "--save_steps",
+        "1",
+        "--save_total_limit",
+        "null",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "null",
+        "--report_to",
+        "[none]",
+        "--per_device_train_batch_size",
+        "2",
+        "--model.teacher",
+        str(teacher),
+        "--model.student",
+        str(student),
+        "--data.train_file",
+        str(data),
+        "--data.eval_fraction",
+        "0",
+        "--loss.terms",
+        "{forward_kl: 1}",
+    ]
 
 
 def directory_bytes(path: Path) -> int:
@@ -92,14 +119,18 @@ def measure(launcher: str, name: str, hidden: int, layers: int, root: Path) -> d
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": t, "completion": t}) + "\n" for t in CORPUS[:16]))
     out = root / "run"
-    fresh = subprocess.run(train_command(launcher, teacher, student, data, out, 2), cwd=REPO_ROOT, env=ENV,
-                           capture_output=True, text=True)
+    fresh = subprocess.run(
+        train_command(launcher, teacher, student, data, out, 2), cwd=REPO_ROOT, env=ENV, capture_output=True, text=True
+    )
     if fresh.returncode != 0:
         raise RuntimeError(fresh.stderr[-3000:])
     size = directory_bytes(out / "checkpoint-2")
     resume = train_command(launcher, teacher, student, data, out, 3) + ["--resume", "auto"]
     return {
-        "student": name, "parameters": params, "checkpoint_mb": size / 1e6, "bytes_per_parameter": size / params,
+        "student": name,
+        "parameters": params,
+        "checkpoint_mb": size / 1e6,
+        "bytes_per_parameter": size / params,
         "save_s": save_seconds(fresh.stderr),
         "launch_to_first_resumed_step_s": time_to_step(resume, out / "metrics.jsonl", 3),
     }
@@ -136,8 +167,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--launcher", choices=["single", "zero3"], default="single")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--manifest-mb", nargs="+", type=float,
-                        help="only time the manifest on checkpoints of these MB")
+    parser.add_argument(
+        "--manifest-mb", nargs="+", type=float, help="only time the manifest on checkpoints of these MB"
+    )
     args = parser.parse_args()
     if args.manifest_mb:
         manifest_cost(args.manifest_mb)
@@ -150,8 +182,10 @@ def main() -> None:
     print(f"\nlauncher: {args.launcher}")
     print(f"{'student':>8} {'params':>11} {'ckpt MB':>8} {'B/param':>8} {'save s':>7} {'launch->resumed step s':>23}")
     for r in rows:
-        print(f"{r['student']:>8} {r['parameters']:>11,} {r['checkpoint_mb']:>8.1f} {r['bytes_per_parameter']:>8.1f} "
-              f"{r['save_s']:>7.2f} {r['launch_to_first_resumed_step_s']:>23.1f}")
+        print(
+            f"{r['student']:>8} {r['parameters']:>11,} {r['checkpoint_mb']:>8.1f} {r['bytes_per_parameter']:>8.1f} "
+            f"{r['save_s']:>7.2f} {r['launch_to_first_resumed_step_s']:>23.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -68,14 +68,21 @@ def smollm2_model(root: Path) -> Path:
 
 
 def requests_for(n: int, tag: str) -> list[Request]:
-    return [Request(f"{tag}{i}", [{"role": "user", "content": f"Tell me about item {i} of run {tag}."}])
-            for i in range(n)]
+    return [
+        Request(f"{tag}{i}", [{"role": "user", "content": f"Tell me about item {i} of run {tag}."}]) for i in range(n)
+    ]
 
 
 async def run(proxy: FaultProxy, model: str, n: int, tag: str, deadline: float, **overrides) -> dict[str, float]:
     """Answers ``n`` new requests (or as many as fit in ``deadline`` s); figures of the server's side too."""
-    values = dict(model=model, base_url=proxy.base_url, api_key_env=None, backoff_base_s=0.2, backoff_max_s=2.0,
-                  decoding=DecodingConfig(temperature=0.0, max_tokens=ARGS.max_tokens))
+    values = dict(
+        model=model,
+        base_url=proxy.base_url,
+        api_key_env=None,
+        backoff_base_s=0.2,
+        backoff_max_s=2.0,
+        decoding=DecodingConfig(temperature=0.0, max_tokens=ARGS.max_tokens),
+    )
     values.update(overrides)
     engine = build_engine(TeacherConfig(**values), tempfile.mkdtemp(), progress=False)
     before = (proxy.received, proxy.abandoned, proxy.skipped, proxy.wasted_s)
@@ -97,11 +104,19 @@ async def run(proxy: FaultProxy, model: str, n: int, tag: str, deadline: float, 
     c = engine.concurrency
     await engine.aclose()
     await asyncio.sleep(0.5)  # let the proxy account for connections that just closed
-    return {"done": done, "elapsed": elapsed, "rate": done / elapsed, "failed": failed,
-            "received": proxy.received - before[0], "abandoned": proxy.abandoned - before[1], "backlog": proxy.backlog,
-            "skipped": proxy.skipped - before[2], "wasted_s": proxy.wasted_s - before[3],
-            "limit": f"{int(c.lowest)}-{min(c.maximum, int(c.highest))}" if c.adaptive else str(c.maximum),
-            "decreases": c.decreases}
+    return {
+        "done": done,
+        "elapsed": elapsed,
+        "rate": done / elapsed,
+        "failed": failed,
+        "received": proxy.received - before[0],
+        "abandoned": proxy.abandoned - before[1],
+        "backlog": proxy.backlog,
+        "skipped": proxy.skipped - before[2],
+        "wasted_s": proxy.wasted_s - before[3],
+        "limit": f"{int(c.lowest)}-{min(c.maximum, int(c.highest))}" if c.adaptive else str(c.maximum),
+        "decreases": c.decreases,
+    }
 
 
 def disconnect_probe(port: int, model: str, tokens: int) -> dict[str, float]:
@@ -111,8 +126,13 @@ def disconnect_probe(port: int, model: str, tokens: int) -> dict[str, float]:
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
 
     def body(max_tokens: int, stream: bool, text: str) -> dict:
-        return {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "stream": stream,
-                "messages": [{"role": "user", "content": text}]}
+        return {
+            "model": model,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": stream,
+            "messages": [{"role": "user", "content": text}],
+        }
 
     def small() -> float:
         started = time.monotonic()
@@ -148,8 +168,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=2.0, help="timeout_s of the old and the adaptive runs")
     parser.add_argument("--deadline", type=float, default=120.0, help="seconds each run may take")
     parser.add_argument("--probe-tokens", type=int, default=400, help="answer length of the disconnect probe")
-    parser.add_argument("--smollm2", action="store_true",
-                        help="serve the real SmolLM2-135M-Instruct instead of the tiny model (use --token-delay 0)")
+    parser.add_argument(
+        "--smollm2",
+        action="store_true",
+        help="serve the real SmolLM2-135M-Instruct instead of the tiny model (use --token-delay 0)",
+    )
     ARGS = parser.parse_args()
     from tests.conftest import transformers_serve
 
@@ -159,30 +182,48 @@ def main() -> None:
         probe = disconnect_probe(port, str(model), ARGS.probe_tokens)
         proxy = FaultProxy(("127.0.0.1", port), [], serial=True, token_delay_s=ARGS.token_delay).start()
         try:
-            print(f"transformers serve, a 2-token request: {probe['idle']:.2f} s idle; a {ARGS.probe_tokens}-token "
-                  f"answer takes {probe['full']:.2f} s; the 2-token request right after its client hung up: "
-                  f"{probe['after_streamed']:.2f} s (streamed, after the first token), "
-                  f"{probe['after_plain']:.2f} s (plain JSON, after 1 s)", flush=True)
-            print(f"model: {'SmolLM2-135M-Instruct' if ARGS.smollm2 else 'tiny random Llama'}; {ARGS.requests} "
-                  f"requests, at most {ARGS.max_tokens} tokens each, {ARGS.token_delay * 1000:.0f} ms/token added, "
-                  f"timeout {ARGS.timeout} s")
-            print("| run | answered | s | rate / serial | requests sent | answers nobody received (+ queued ones "
-                  "dropped) | server s on them | left queued at the end | limit | halved | stopped by |")
+            print(
+                f"transformers serve, a 2-token request: {probe['idle']:.2f} s idle; a {ARGS.probe_tokens}-token "
+                f"answer takes {probe['full']:.2f} s; the 2-token request right after its client hung up: "
+                f"{probe['after_streamed']:.2f} s (streamed, after the first token), "
+                f"{probe['after_plain']:.2f} s (plain JSON, after 1 s)",
+                flush=True,
+            )
+            print(
+                f"model: {'SmolLM2-135M-Instruct' if ARGS.smollm2 else 'tiny random Llama'}; {ARGS.requests} "
+                f"requests, at most {ARGS.max_tokens} tokens each, {ARGS.token_delay * 1000:.0f} ms/token added, "
+                f"timeout {ARGS.timeout} s"
+            )
+            print(
+                "| run | answered | s | rate / serial | requests sent | answers nobody received (+ queued ones "
+                "dropped) | server s on them | left queued at the end | limit | halved | stopped by |"
+            )
             print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
             serial = None
             runs = [
                 ("serial (1 at a time)", "s", dict(concurrency=1, adaptive_concurrency=False, timeout_s=600.0)),
-                (f"adaptive <= {ARGS.concurrency}, streamed", "a",
-                 dict(concurrency=ARGS.concurrency, timeout_s=ARGS.timeout)),
-                (f"old: fixed {ARGS.concurrency}, JSON", "o",
-                 dict(concurrency=ARGS.concurrency, adaptive_concurrency=False, stream=False, timeout_s=ARGS.timeout)),
+                (
+                    f"adaptive <= {ARGS.concurrency}, streamed",
+                    "a",
+                    dict(concurrency=ARGS.concurrency, timeout_s=ARGS.timeout),
+                ),
+                (
+                    f"old: fixed {ARGS.concurrency}, JSON",
+                    "o",
+                    dict(
+                        concurrency=ARGS.concurrency, adaptive_concurrency=False, stream=False, timeout_s=ARGS.timeout
+                    ),
+                ),
             ]
             for name, tag, overrides in runs:
                 r = asyncio.run(run(proxy, str(model), ARGS.requests, tag, ARGS.deadline, **overrides))
                 serial = serial or r["rate"]
-                print(f"| {name} | {r['done']}/{ARGS.requests} | {r['elapsed']:.1f} | {r['rate'] / serial:.2f}x | "
-                      f"{r['received']} | {r['abandoned']} (+{r['skipped']}) | {r['wasted_s']:.1f} | {r['backlog']} | "
-                      f"{r['limit']} | {r['decreases']} | {r['failed'] or '-'} |", flush=True)
+                print(
+                    f"| {name} | {r['done']}/{ARGS.requests} | {r['elapsed']:.1f} | {r['rate'] / serial:.2f}x | "
+                    f"{r['received']} | {r['abandoned']} (+{r['skipped']}) | {r['wasted_s']:.1f} | {r['backlog']} | "
+                    f"{r['limit']} | {r['decreases']} | {r['failed'] or '-'} |",
+                    flush=True,
+                )
             print(f"serial rate {serial:.3f} calls/s")
         finally:
             proxy.stop()

@@ -19,16 +19,33 @@ from pathlib import Path
 VOCAB = 49152
 TEACHER_SHAPE = {"num_hidden_layers": 30, "intermediate_size": 1536}
 STUDENT_SHAPE = {"num_hidden_layers": 16, "intermediate_size": 1024}
-SMOKE_SHAPE = {"num_hidden_layers": 2, "intermediate_size": 128, "hidden_size": 64, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "head_dim": 16}
+SMOKE_SHAPE = {
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
 
 
 def llama_config(vocab: int, **shape):
     from transformers import LlamaConfig
 
-    values = {"vocab_size": vocab, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
-              "head_dim": 64, "max_position_embeddings": 8192, "rope_theta": 100000.0, "tie_word_embeddings": True,
-              "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2} | shape
+    values = {
+        "vocab_size": vocab,
+        "hidden_size": 576,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+    } | shape
     # transformers 5.x keeps rope_theta in rope_parameters; LlamaConfig still accepts the old keyword.
     return LlamaConfig(**values)
 
@@ -41,8 +58,9 @@ def word_tokenizer(vocab: int):
     table = {f"t{i}": i for i in range(vocab)}
     core = Tokenizer(models.WordLevel(table, unk_token="t0"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="t0", bos_token="t1", eos_token="t2",
-                                   pad_token="t2")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="t0", bos_token="t1", eos_token="t2", pad_token="t2"
+    )
 
 
 def half_of(teacher, student_config):
@@ -102,7 +120,10 @@ def token_rows(path: Path, rows: int, length: int, vocab: int, seed: int = 0, pr
 
     with path.open("w") as handle:
         for _ in range(rows):
-            row = {"text": words(length)} if not prompt else {"prompt": words(prompt),
-                                                                "completion": words(length - prompt)}
+            row = (
+                {"text": words(length)}
+                if not prompt
+                else {"prompt": words(prompt), "completion": words(length - prompt)}
+            )
             handle.write(json.dumps(row) + "\n")
     return path

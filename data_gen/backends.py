@@ -112,8 +112,14 @@ class ApiBackend:
         n_clients = max(1, -(-cfg.concurrency // CONNECTIONS_PER_CLIENT))
         base_url, query = split_query(cfg.base_url)
         self.clients = [
-            openai.AsyncOpenAI(api_key=key, base_url=base_url, timeout=cfg.timeout_s, max_retries=0,
-                               default_headers=cfg.headers or None, default_query=query or None)
+            openai.AsyncOpenAI(
+                api_key=key,
+                base_url=base_url,
+                timeout=cfg.timeout_s,
+                max_retries=0,
+                default_headers=cfg.headers or None,
+                default_query=query or None,
+            )
             for _ in range(n_clients)
         ]
         self._next = 0
@@ -123,8 +129,9 @@ class ApiBackend:
         """The first client (all share key, URL and timeout)."""
         return self.clients[0]
 
-    async def complete(self, messages: list[dict[str, str]], params: dict[str, Any],
-                       on_first_token: Callable[[], None] | None = None) -> Completion:
+    async def complete(
+        self, messages: list[dict[str, str]], params: dict[str, Any], on_first_token: Callable[[], None] | None = None
+    ) -> Completion:
         openai = self._openai
         kwargs: dict[str, Any] = {
             "model": self.model,
@@ -143,8 +150,7 @@ class ApiBackend:
         first_token_s = None
         try:
             if self.stream:
-                text, finish_reason, usage, first_token_s = await self._stream(client, kwargs, started,
-                                                                               on_first_token)
+                text, finish_reason, usage, first_token_s = await self._stream(client, kwargs, started, on_first_token)
             else:
                 # client.post is the openai client's documented way to call an endpoint with a ready body; auth,
                 # timeouts and status-code errors stay the client's. With cast_to=dict it skips the recursive
@@ -182,8 +188,9 @@ class ApiBackend:
         the generation, also one still waiting in its queue.
         """
         body = {**kwargs, "stream": True, "stream_options": {"include_usage": True}}  # usage: OpenAI, vLLM
-        stream = await client.post("/chat/completions", body=body, cast_to=object, stream=True,
-                                   stream_cls=self._openai.AsyncStream[object])
+        stream = await client.post(
+            "/chat/completions", body=body, cast_to=object, stream=True, stream_cls=self._openai.AsyncStream[object]
+        )
         parts: list[str] = []
         finish_reason = None
         usage: dict[str, Any] = {}
@@ -203,8 +210,9 @@ class ApiBackend:
                         parts.append(content)
                     finish_reason = choice.get("finish_reason") or finish_reason
         if finish_reason is None:  # the stream ended without the final chunk: the connection was cut
-            raise self._openai.APIConnectionError(message="the stream ended before the answer did",
-                                                  request=stream.response.request)
+            raise self._openai.APIConnectionError(
+                message="the stream ended before the answer did", request=stream.response.request
+            )
         return "".join(parts), finish_reason, usage, first_token_s
 
     async def aclose(self) -> None:
@@ -261,8 +269,9 @@ class LocalBackend:
         self._queue: asyncio.Queue[tuple[list[int], dict[str, Any], asyncio.Future[Completion]]] | None = None
         self._worker: asyncio.Task[None] | None = None
 
-    async def complete(self, messages: list[dict[str, str]], params: dict[str, Any],
-                       on_first_token: Callable[[], None] | None = None) -> Completion:
+    async def complete(
+        self, messages: list[dict[str, str]], params: dict[str, Any], on_first_token: Callable[[], None] | None = None
+    ) -> Completion:
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._work())
@@ -299,12 +308,19 @@ class LocalBackend:
     def _generate(self, prompts: list[list[int]], params: dict[str, Any]) -> list[Completion]:
         """One ``model.generate`` call for the whole batch (``_work`` has sliced and length-sorted it)."""
         generations, _ = generate_batched(
-            self.model, self.tokenizer, prompts, params["max_tokens"], batch_size=len(prompts),
-            temperature=params["temperature"], top_p=params["top_p"], seed=params.get("seed"),
+            self.model,
+            self.tokenizer,
+            prompts,
+            params["max_tokens"],
+            batch_size=len(prompts),
+            temperature=params["temperature"],
+            top_p=params["top_p"],
+            seed=params.get("seed"),
             generation_kwargs=params.get("generation_kwargs"),
         )
-        return [Completion(g.text, "stop" if g.stopped else "length", g.prompt_tokens, g.new_tokens)
-                for g in generations]
+        return [
+            Completion(g.text, "stop" if g.stopped else "length", g.prompt_tokens, g.new_tokens) for g in generations
+        ]
 
     async def aclose(self) -> None:
         if self._worker is not None:

@@ -33,6 +33,7 @@ class BudgetError(EngineError):
 
 ParseFn = Callable[[str, str], Any]
 
+
 @dataclass
 class Request:
     """One teacher call. ``id`` must be stable across reruns; ``sample`` distinguishes samples of one prompt."""
@@ -92,7 +93,6 @@ class Stats:
     truncated: int = 0
 
 
-
 def estimate_cost(cfg: TeacherConfig, plan: list[CallPlan]) -> float:
     """Upper-bound cost of the planned new calls (output at ``max_tokens`` unless a plan line says otherwise)."""
     total = 0.0
@@ -112,10 +112,11 @@ def preflight(cfg: TeacherConfig, plan: list[CallPlan], *, quiet: bool = False) 
     if not quiet:
         for item in plan:
             out = cfg.decoding.max_tokens if item.output_tokens is None else item.output_tokens
-            print(f"estimate: {item.label}: ~{item.calls} calls x ({item.input_tokens} in + <= {out} out tokens)",
-                  flush=True)
-        print(f"estimate: at most ${estimate:.4f} for new calls (budget {budget}; cached answers are free)",
-              flush=True)
+            print(
+                f"estimate: {item.label}: ~{item.calls} calls x ({item.input_tokens} in + <= {out} out tokens)",
+                flush=True,
+            )
+        print(f"estimate: at most ${estimate:.4f} for new calls (budget {budget}; cached answers are free)", flush=True)
     if cfg.max_cost_usd is not None and estimate > cfg.max_cost_usd:
         raise BudgetError(
             f"teacher.max_cost_usd: the estimated cost ${estimate:.4f} exceeds the budget "

@@ -26,9 +26,10 @@ class DecodingConfig:
     stop: list[str] = option([], help="stop sequences (API backend)")
     seed: int | None = option(None, help="per-call seed sent to the server (OpenAI 'seed'); local backend seeds torch")
     generation_kwargs: dict[str, Any] = option(
-        {}, help="local backend: transformers GenerationConfig settings to switch on, e.g. {repetition_penalty: 1.1}; "
+        {},
+        help="local backend: transformers GenerationConfig settings to switch on, e.g. {repetition_penalty: 1.1}; "
         "every other knob the model's generation_config.json sets (repetition penalty, min_p, n-gram bans, ...) is "
-        "neutral"
+        "neutral",
     )
 
     def __post_init__(self) -> None:
@@ -49,32 +50,37 @@ class TeacherConfig:
     """Which teacher answers, how fast we may call it, what it costs."""
 
     backend: Literal["api", "local"] = option("api", help="'api': OpenAI-compatible server; 'local': transformers")
-    model: str = option("", help="model name sent to the API, or a local model directory or .gguf file "
-                                 "for backend=local")
+    model: str = option(
+        "", help="model name sent to the API, or a local model directory or .gguf file for backend=local"
+    )
     base_url: str | None = option(None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1; None = OpenAI")
     api_key_env: str | None = option(
         "OPENAI_API_KEY", help="name of the environment variable holding the key; None = no auth (local server)"
     )
     headers: dict[str, str] = option(
-        {}, help="api backend: extra HTTP headers sent with every call (an authenticating gateway's, e.g. "
-        "{X-Api-Key: ...}); their values are masked in every saved config and scrubbed from every printed line"
+        {},
+        help="api backend: extra HTTP headers sent with every call (an authenticating gateway's, e.g. "
+        "{X-Api-Key: ...}); their values are masked in every saved config and scrubbed from every printed line",
     )
     decoding: DecodingConfig = section(DecodingConfig, help="sampling parameters")
     concurrency: int = option(
         16, help="maximum requests in flight (the local backend keeps at least batch_size in flight, so batches fill)"
     )
     adaptive_concurrency: bool = option(
-        True, help="api backend: keep between min_concurrency and concurrency requests in flight, following the "
-        "server (halved on timeouts, 429/503/504 and queueing; grown while answers come back in time)"
+        True,
+        help="api backend: keep between min_concurrency and concurrency requests in flight, following the "
+        "server (halved on timeouts, 429/503/504 and queueing; grown while answers come back in time)",
     )
     min_concurrency: int = option(1, help="api backend: the adaptive limit's floor (and where it starts)")
     queue_latency_factor: float | None = option(
-        5.0, help="a streamed answer whose first token came this many times later than the fastest first token "
-        "seen waited in the server's queue: the adaptive limit is halved; null = only timeouts and 429/503/504 count"
+        5.0,
+        help="a streamed answer whose first token came this many times later than the fastest first token "
+        "seen waited in the server's queue: the adaptive limit is halved; null = only timeouts and 429/503/504 count",
     )
     stream: bool = option(
-        True, help="api backend: stream answers, so a call given up on closes its connection and the server stops "
-        "generating it (transformers serve, vLLM); timeout_s then bounds each wait for the next chunk, not the answer"
+        True,
+        help="api backend: stream answers, so a call given up on closes its connection and the server stops "
+        "generating it (transformers serve, vLLM); timeout_s then bounds each wait for the next chunk, not the answer",
     )
     requests_per_minute: float | None = option(None, help="request-rate limit; None = unlimited")
     tokens_per_minute: float | None = option(None, help="token-rate limit (prompt + max_tokens); None = unlimited")
@@ -117,8 +123,10 @@ class TeacherConfig:
         if self.batch_size < 1:
             raise ValueError("batch_size: expected >= 1")
         if self.backend == "api" and self.decoding.generation_kwargs:
-            raise ValueError("decoding.generation_kwargs: transformers settings of the local backend; an API server "
-                             "takes only temperature, top_p, max_tokens, stop and seed")
+            raise ValueError(
+                "decoding.generation_kwargs: transformers settings of the local backend; an API server "
+                "takes only temperature, top_p, max_tokens, stop and seed"
+            )
 
     @property
     def in_flight(self) -> int:

@@ -86,8 +86,12 @@ def read_records(path: Path, field: str) -> list[_Line]:
 # What dedup writes in its output_dir (kd_core.ownership): --overwrite replaces these files and nothing else. Dedup
 # wrote no ownership marker before, so its earlier output is recognised by its kept or dropped records.
 OUTPUT = ownership.OutputKind(
-    "data-gen dedup", ("kept.jsonl", "dropped.jsonl", "config.yaml", "summary.json", ".*.tmp"), label="dedup",
-    legacy=lambda d: (d / "kept.jsonl").is_file() or (d / "dropped.jsonl").is_file(), done="summary.json")
+    "data-gen dedup",
+    ("kept.jsonl", "dropped.jsonl", "config.yaml", "summary.json", ".*.tmp"),
+    label="dedup",
+    legacy=lambda d: (d / "kept.jsonl").is_file() or (d / "dropped.jsonl").is_file(),
+    done="summary.json",
+)
 
 
 def deduplicate(lines: list[_Line], field: str, threshold: float) -> tuple[list[_Line], list[dict[str, Any]]]:
@@ -122,8 +126,14 @@ Config = DedupConfig
 
 def run(cfg: DedupConfig) -> dict[str, Any]:
     """Writes ``kept.jsonl``, ``dropped.jsonl``, ``config.yaml`` and ``summary.json``; returns the summary."""
-    with ownership.prepare(cfg.output_dir, OUTPUT, {}, resume=False, overwrite=cfg.overwrite,
-                           remedy="pass --overwrite to replace its files, or choose another output_dir") as output:
+    with ownership.prepare(
+        cfg.output_dir,
+        OUTPUT,
+        {},
+        resume=False,
+        overwrite=cfg.overwrite,
+        remedy="pass --overwrite to replace its files, or choose another output_dir",
+    ) as output:
         return _write(cfg, output)
 
 

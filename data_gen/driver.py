@@ -107,12 +107,18 @@ class Method:
 def output_kind(method: Method) -> ownership.OutputKind:
     """What a journaled pipeline writes in its output directory (:mod:`kd_core.ownership`); an unmarked output of
     an earlier version is recognised by its ``config.yaml`` holding the method's resume keys."""
+
     def legacy(directory: Path) -> bool:
         return bool(method.legacy_keys) and all(_saved(directory, key) is not None for key in method.legacy_keys)
 
     owned = (CONFIG, JOURNAL, "cache.sqlite*", "data.jsonl", "data.parquet", "README.md", STATS, ".*.tmp")
-    return ownership.OutputKind(f"data-gen {method.name}", owned, label=method.name, legacy=legacy,
-                                done=STATS if type(method).stats is not Method.stats else None)
+    return ownership.OutputKind(
+        f"data-gen {method.name}",
+        owned,
+        label=method.name,
+        legacy=legacy,
+        done=STATS if type(method).stats is not Method.stats else None,
+    )
 
 
 def _saved(out: Path, key: str) -> Any:
@@ -132,6 +138,7 @@ def prepare_output_dir(method: Method, out: Path) -> ownership.Output:
     """Resume only a run of the same method with the same resume keys; never write into an unrelated directory
     (another method's output, a training run, a user's folder) nor one another process writes; the main process
     locks it (:mod:`kd_core.ownership`)."""
+
     def resumable(owner: ownership.Owner) -> str | None:
         # A marked run killed before it saved config.yaml resumes on its marker's settings; an unmarked one (an
         # earlier version's) is known only by its config.yaml, and its journal where the method needs one.
@@ -140,12 +147,20 @@ def prepare_output_dir(method: Method, out: Path) -> ownership.Output:
             raise ConfigError(f"output.dir: {out} exists and is not a {method.name} output directory; choose a new one")
         for key, now in method.resume_keys().items():
             if config and _saved(out, key) != now:
-                raise ConfigError(f"{key}: {out} was generated with {_saved(out, key)!r}, not {now!r}; use a new "
-                                  "output.dir")
+                raise ConfigError(
+                    f"{key}: {out} was generated with {_saved(out, key)!r}, not {now!r}; use a new output.dir"
+                )
         return None
 
-    return ownership.prepare(out, output_kind(method), method.resume_keys(), resume=True, overwrite=False,
-                             field="output.dir", check=resumable)
+    return ownership.prepare(
+        out,
+        output_kind(method),
+        method.resume_keys(),
+        resume=True,
+        overwrite=False,
+        field="output.dir",
+        check=resumable,
+    )
 
 
 def run(method: Method) -> GenerationResult:

@@ -67,9 +67,12 @@ class Engine:
         self.stopped: str | None = None  # 'budget' or 'interrupted' once the engine stops taking new calls
         self.limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
         # The local backend batches whatever is in flight: its concurrency stays at in_flight.
-        self.concurrency = AdaptiveConcurrency(cfg.in_flight, cfg.min_concurrency,
-                                               adaptive=cfg.adaptive_concurrency and cfg.backend == "api",
-                                               latency_factor=cfg.queue_latency_factor)
+        self.concurrency = AdaptiveConcurrency(
+            cfg.in_flight,
+            cfg.min_concurrency,
+            adaptive=cfg.adaptive_concurrency and cfg.backend == "api",
+            latency_factor=cfg.queue_latency_factor,
+        )
         self._reserved_usd = 0.0
         self._bar: tqdm | None = None
         self._started = time.time()
@@ -85,8 +88,13 @@ class Engine:
 
     def params_for(self, request: Request) -> dict[str, Any]:
         d = self.cfg.decoding
-        params = {"temperature": d.temperature, "top_p": d.top_p, "max_tokens": d.max_tokens, "stop": d.stop,
-                  "seed": d.seed}
+        params = {
+            "temperature": d.temperature,
+            "top_p": d.top_p,
+            "max_tokens": d.max_tokens,
+            "stop": d.stop,
+            "seed": d.seed,
+        }
         if d.generation_kwargs:  # only when set, so the cache keys of earlier runs stay valid
             params["generation_kwargs"] = d.generation_kwargs
         params.update(request.decoding)
@@ -163,8 +171,10 @@ class Engine:
         ]
         c = self.concurrency
         if c.adaptive:
-            lines.append(f"concurrency: {c.current} in flight at the end (between {int(c.lowest)} and "
-                         f"{min(c.maximum, int(c.highest))} of at most {c.maximum}; halved {c.decreases} times)")
+            lines.append(
+                f"concurrency: {c.current} in flight at the end (between {int(c.lowest)} and "
+                f"{min(c.maximum, int(c.highest))} of at most {c.maximum}; halved {c.decreases} times)"
+            )
         if self.stopped:
             lines.append(f"stopped early: {self.stopped}")
         return "\n".join(lines)
@@ -280,8 +290,9 @@ class Engine:
         finally:
             self._reserved_usd -= reservation
         # The answer is paid for: persist it before anything can go wrong downstream.
-        self.cache.put(key, completion.text, completion.finish_reason, completion.input_tokens,
-                       completion.output_tokens)
+        self.cache.put(
+            key, completion.text, completion.finish_reason, completion.input_tokens, completion.output_tokens
+        )
         cost = self.cost(completion.input_tokens, completion.output_tokens)
         self.stats.calls += 1
         self.stats.input_tokens += completion.input_tokens
@@ -301,8 +312,9 @@ class Engine:
                 sent = time.monotonic()
                 try:
                     completion = await self.backend.complete(request.messages, params, first_token)
-                    self.limiter.settle(est_in + params["max_tokens"], completion.input_tokens +
-                                        completion.output_tokens)
+                    self.limiter.settle(
+                        est_in + params["max_tokens"], completion.input_tokens + completion.output_tokens
+                    )
                     self.concurrency.on_success(sent, completion.first_token_s)
                     return completion
                 except FatalError as err:
@@ -321,10 +333,12 @@ class Engine:
             if attempt < self.cfg.max_retries:
                 await asyncio.sleep(delay)
         where = self.cfg.base_url or "the OpenAI API"
-        raise EngineError(self.scrub(
-            f"teacher at {where} failed request {request.id} {self.cfg.max_retries + 1} times "
-            f"(last: {last}); everything saved so far is kept, rerun to resume"
-        ))
+        raise EngineError(
+            self.scrub(
+                f"teacher at {where} failed request {request.id} {self.cfg.max_retries + 1} times "
+                f"(last: {last}); everything saved so far is kept, rerun to resume"
+            )
+        )
 
     async def aclose(self) -> None:
         self.close_progress()

@@ -44,8 +44,16 @@ class FaultProxy(ThreadedServer):
     answer is generated to the end whether anyone still waits for it or not, as transformers serve does too.
     """
 
-    def __init__(self, upstream: tuple[str, int], schedule: list[str | None], hang_s: float = 30.0,
-                 retry_after_s: float = 1.0, *, serial: bool = False, token_delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        schedule: list[str | None],
+        hang_s: float = 30.0,
+        retry_after_s: float = 1.0,
+        *,
+        serial: bool = False,
+        token_delay_s: float = 0.0,
+    ) -> None:
         super().__init__()
         unknown = [f for f in schedule if f is not None and f not in FAULTS]
         if unknown:
@@ -76,8 +84,9 @@ class FaultProxy(ThreadedServer):
         """Chat requests received and not yet answered, abandoned, dropped or faulted."""
         return self._n - sum(self.injected.values()) - self.completed - self.abandoned - self.skipped
 
-    async def _upstream(self, method: str, path: str, headers: dict[str, str],
-                        body: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, dict[str, str]]:
+    async def _upstream(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, dict[str, str]]:
         """Sends the request upstream; returns the connection with the status and headers of the answer."""
         reader, writer = await asyncio.open_connection(*self.upstream)
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.upstream[0]}:{self.upstream[1]}\r\n"
@@ -117,8 +126,15 @@ class FaultProxy(ThreadedServer):
                 if event.strip():
                     yield event + b"\n\n"
 
-    async def _chat(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str,
-                    headers: dict[str, str], body: bytes, fault: str | None) -> None:
+    async def _chat(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        fault: str | None,
+    ) -> None:
         """A chat request passed upstream: queued for the serial slot, slowed per token, maybe damaged."""
         gone = asyncio.ensure_future(reader.read())  # the client sends nothing more: this ends when it hangs up
         try:
@@ -140,8 +156,7 @@ class FaultProxy(ThreadedServer):
                     if up_headers.get("content-type", "").startswith("text/event-stream"):
                         delivered = await self._relay_stream(writer, up_reader, up_headers, fault, gone, started)
                     else:
-                        delivered = await self._relay_json(writer, up_reader, up_headers, status, fault, gone,
-                                                           started)
+                        delivered = await self._relay_json(writer, up_reader, up_headers, status, fault, gone, started)
                 finally:
                     up_writer.close()  # also what tells the upstream that nobody listens any more
             finally:
@@ -157,9 +172,15 @@ class FaultProxy(ThreadedServer):
         finally:
             gone.cancel()
 
-    async def _relay_stream(self, writer: asyncio.StreamWriter, up_reader: asyncio.StreamReader,
-                            up_headers: dict[str, str], fault: str | None, gone: asyncio.Future[bytes],
-                            started: float) -> bool:
+    async def _relay_stream(
+        self,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_headers: dict[str, str],
+        fault: str | None,
+        gone: asyncio.Future[bytes],
+        started: float,
+    ) -> bool:
         """Forwards the events (token k at ``started`` + k x ``token_delay_s``); whether the client received them all.
         The client hanging up ends the relay at once, even while the upstream is silent (still queued, or thinking)."""
         writer.write(stream_head(keep_alive=False))
@@ -187,7 +208,7 @@ class FaultProxy(ThreadedServer):
                 # part of a UTF-8 character, sends no chunk), so a streamed answer costs what a plain one does.
                 owed = 1 if b'"content"' in event else 0
                 if b'"completion_tokens"' in event:
-                    usage = json.loads(event.decode()[len("data: "):]).get("usage") or {}
+                    usage = json.loads(event.decode()[len("data: ") :]).get("usage") or {}
                     owed = max(owed, (usage.get("completion_tokens") or 0) - paid)
                 paid += owed
                 if owed:  # due on the proxy's clock; the wait ends early when nobody waits any more
@@ -201,9 +222,16 @@ class FaultProxy(ThreadedServer):
         await writer.drain()
         return not gone.done()
 
-    async def _relay_json(self, writer: asyncio.StreamWriter, up_reader: asyncio.StreamReader,
-                          up_headers: dict[str, str], status: int, fault: str | None,
-                          gone: asyncio.Future[bytes], started: float) -> bool:
+    async def _relay_json(
+        self,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_headers: dict[str, str],
+        status: int,
+        fault: str | None,
+        gone: asyncio.Future[bytes],
+        started: float,
+    ) -> bool:
         """Forwards a plain answer once generated: at ``started`` + ``token_delay_s`` per completion token, client or
         not."""
         payload = b"".join([piece async for piece in self._body(up_reader, up_headers)])
@@ -245,8 +273,14 @@ class FaultProxy(ThreadedServer):
             if fault is not None:
                 self.injected[fault] += 1
             if fault == "429":
-                writer.write(http_response(429, b'{"error":{"message":"slow down"}}',
-                                           {"Retry-After": str(self.retry_after_s)}, keep_alive=False))
+                writer.write(
+                    http_response(
+                        429,
+                        b'{"error":{"message":"slow down"}}',
+                        {"Retry-After": str(self.retry_after_s)},
+                        keep_alive=False,
+                    )
+                )
             elif fault == "500":
                 writer.write(http_response(500, b'{"error":{"message":"boom"}}', keep_alive=False))
             elif fault == "hang":  # say nothing until the client gives up (closes) or hang_s passes
@@ -256,8 +290,11 @@ class FaultProxy(ThreadedServer):
                     pass
             elif fault == "malformed":
                 if json.loads(body).get("stream"):
-                    writer.write(stream_head(keep_alive=False) + http_chunk(b'data: {"id": "x", "choices": [\n\n')
-                                 + http_chunk(b""))
+                    writer.write(
+                        stream_head(keep_alive=False)
+                        + http_chunk(b'data: {"id": "x", "choices": [\n\n')
+                        + http_chunk(b"")
+                    )
                 else:
                     writer.write(http_response(200, b'{"id": "x", "choices": [', keep_alive=False))
             else:
@@ -280,12 +317,12 @@ async def _aiter_list(items: list[bytes]) -> Any:
 def _truncate_events(events: list[bytes]) -> list[bytes]:
     """A streamed answer cut to half its content events, its finish chunk saying ``length``."""
     content = [i for i, e in enumerate(events) if b'"content"' in e]
-    drop = set(content[max(1, len(content) // 2):])
+    drop = set(content[max(1, len(content) // 2) :])
     out = []
     for i, event in enumerate(events):
         if i in drop:
             continue
-        text = event.decode()[len("data: "):].strip()
+        text = event.decode()[len("data: ") :].strip()
         if text != "[DONE]":
             data = json.loads(text)
             for choice in data.get("choices") or ():

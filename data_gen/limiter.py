@@ -92,8 +92,9 @@ class AdaptiveConcurrency:
     With ``adaptive=False`` the limit stays at ``maximum`` (the local backend: it batches whatever is in flight).
     """
 
-    def __init__(self, maximum: int, minimum: int = 1, *, adaptive: bool = True,
-                 latency_factor: float | None = None) -> None:
+    def __init__(
+        self, maximum: int, minimum: int = 1, *, adaptive: bool = True, latency_factor: float | None = None
+    ) -> None:
         self.maximum = maximum
         self.minimum = min(minimum, maximum)
         self.adaptive = adaptive
@@ -136,8 +137,9 @@ class AdaptiveConcurrency:
         started = time.monotonic()
         timer = None
         if self.adaptive and self.latency_factor is not None and self._baseline is not None:
-            timer = asyncio.get_running_loop().call_later(self.latency_factor * self._baseline, self.on_overload,
-                                                          started)
+            timer = asyncio.get_running_loop().call_later(
+                self.latency_factor * self._baseline, self.on_overload, started
+            )
         try:
             yield timer.cancel if timer is not None else _nothing
         finally:

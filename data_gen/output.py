@@ -44,8 +44,9 @@ def write_outputs(records: list[dict[str, Any]], out_dir: str | Path, formats: l
     return written
 
 
-def dataset_card(title: str, summary: str, n_records: int, formats: list[str], teacher: dict[str, Any],
-                 stats: str) -> str:
+def dataset_card(
+    title: str, summary: str, n_records: int, formats: list[str], teacher: dict[str, Any], stats: str
+) -> str:
     """A short card with the Hub's YAML header (so ``load_dataset(dir)`` finds the data) and how it was made."""
     data_file = "data.parquet" if "parquet" in formats else "data.jsonl"
     header = {"configs": [{"config_name": "default", "data_files": [{"split": "train", "path": data_file}]}]}
@@ -66,7 +67,7 @@ def dataset_card(title: str, summary: str, n_records: int, formats: list[str], t
         "- the resolved config is in `config.yaml`; per-record provenance gives the prompt-template hash, seed, "
         "decoding and timestamps",
         "",
-        "Load it with `datasets.load_dataset(\"<this directory>\")`, or train on it directly: the `messages` column "
+        'Load it with `datasets.load_dataset("<this directory>")`, or train on it directly: the `messages` column '
         "is what `distill train` reads.",
         "",
         "## Run summary",

@@ -15,8 +15,26 @@ from typing import Any
 from data_gen.engine import ParseError
 from kd_core.config import option
 
-DEFAULT_BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
-                     "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
+DEFAULT_BLACKLIST = [
+    "image",
+    "images",
+    "graph",
+    "graphs",
+    "picture",
+    "pictures",
+    "file",
+    "files",
+    "map",
+    "maps",
+    "draw",
+    "plot",
+    "go to",
+    "video",
+    "audio",
+    "music",
+    "flowchart",
+    "diagram",
+]
 
 
 @dataclass
@@ -71,13 +89,15 @@ def generation_prompt(examples: list[str], n: int) -> list[dict[str, str]]:
 
 
 def classification_prompt(instruction: str, seeds: list[dict[str, Any]]) -> list[dict[str, str]]:
-    shots = "".join(f"Task: {t['instruction']}\nClassification: {'Yes' if t['is_classification'] else 'No'}\n\n"
-                    for t in seeds)
+    shots = "".join(
+        f"Task: {t['instruction']}\nClassification: {'Yes' if t['is_classification'] else 'No'}\n\n" for t in seeds
+    )
     return [{"role": "user", "content": CLASSIFY_TEMPLATE.format(examples=shots, instruction=instruction)}]
 
 
-def instance_prompt(instruction: str, is_classification: bool, shots: list[dict[str, Any]], k: int
-                    ) -> list[dict[str, str]]:
+def instance_prompt(
+    instruction: str, is_classification: bool, shots: list[dict[str, Any]], k: int
+) -> list[dict[str, str]]:
     blocks = []
     for task in shots:
         lines = [f"Task: {task['instruction']}"]

@@ -57,8 +57,14 @@ async def read_http_request(reader: asyncio.StreamReader) -> tuple[str, str, dic
     return method, path, headers, body
 
 
-def http_response(status: int, body: bytes, extra_headers: dict[str, str] | None = None, *,
-                  keep_alive: bool = True, content_length: int | None = None) -> bytes:
+def http_response(
+    status: int,
+    body: bytes,
+    extra_headers: dict[str, str] | None = None,
+    *,
+    keep_alive: bool = True,
+    content_length: int | None = None,
+) -> bytes:
     reasons = {200: "OK", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error"}
     headers = {
         "Content-Type": "application/json",
@@ -78,15 +84,20 @@ def chat_completion_body(model: str, text: str, finish_reason: str, prompt_token
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": max(1, len(text) // 4),
-                  "total_tokens": prompt_tokens + max(1, len(text) // 4)},
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": max(1, len(text) // 4),
+            "total_tokens": prompt_tokens + max(1, len(text) // 4),
+        },
     }
 
 
 def stream_head(*, keep_alive: bool = True) -> bytes:
     """The head of a chunked ``text/event-stream`` response (the body follows as :func:`http_chunk` pieces)."""
-    return ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
-            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n").encode("latin-1")
+    return (
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+    ).encode("latin-1")
 
 
 def http_chunk(data: bytes) -> bytes:
@@ -108,8 +119,12 @@ def chat_completion_events(model: str, text: str, finish_reason: str, prompt_tok
         return sse_event({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
 
     words = [w for w in text.replace(" ", " \0").split("\0") if w]
-    return [chunk({"role": "assistant"}), *(chunk({"content": w}) for w in words),
-            chunk({}, finish_reason, usage=body["usage"]), sse_event("[DONE]")]
+    return [
+        chunk({"role": "assistant"}),
+        *(chunk({"content": w}) for w in words),
+        chunk({}, finish_reason, usage=body["usage"]),
+        sse_event("[DONE]"),
+    ]
 
 
 class ThreadedServer:

@@ -69,12 +69,16 @@ def normalize_text(text: str) -> str:
 class AnswerExtractor:
     """How the final answer is read from a generated text; ``extract`` returns the normalised answer or None."""
 
-    kind: Kind = option("answer_is", help="answer_is ('So the answer is X'), hash ('#### X'), final_number (the last "
-                        "number), or regex")
-    regex: str | None = option(None, help="kind=regex: the pattern; its group 'answer', else group 1, else the whole "
-                               "match (the last match wins)")
-    numeric: bool = option(True, help="compare as numbers (drops $ , % and trailing zeros; 3/4 = 0.75); false = as "
-                           "text, case-insensitive")
+    kind: Kind = option(
+        "answer_is", help="answer_is ('So the answer is X'), hash ('#### X'), final_number (the last number), or regex"
+    )
+    regex: str | None = option(
+        None,
+        help="kind=regex: the pattern; its group 'answer', else group 1, else the whole match (the last match wins)",
+    )
+    numeric: bool = option(
+        True, help="compare as numbers (drops $ , % and trailing zeros; 3/4 = 0.75); false = as text, case-insensitive"
+    )
 
     def __post_init__(self) -> None:
         # Also run for configs built from YAML or the command line, so a bad kind or pattern fails before any work.
@@ -100,7 +104,7 @@ class AnswerExtractor:
             matches = list(_ANSWER_IS.finditer(text))
             if not matches:
                 return None
-            tail = text[matches[-1].end():].strip()
+            tail = text[matches[-1].end() :].strip()
             return tail.splitlines()[0] if tail else None
         if self.kind == "final_number":
             numbers = _NUMBER.findall(text.replace("\u2212", "-"))
@@ -142,8 +146,14 @@ class QuestionRow:
 
 
 def load_questions(
-    path: str, field: str, question_field: str, answer_field: str | None, *, numeric: bool = True,
-    require_gold: bool = True, limit: int | None = None,
+    path: str,
+    field: str,
+    question_field: str,
+    answer_field: str | None,
+    *,
+    numeric: bool = True,
+    require_gold: bool = True,
+    limit: int | None = None,
 ) -> list[QuestionRow]:
     """The questions of ``path`` (any format :func:`kd_core.records.load_records` reads), with their gold answers
     (:func:`gold_answer`), the first ``limit`` only. A row without a question string, or, with ``require_gold``,
@@ -162,8 +172,11 @@ def load_questions(
         raw = record.get(answer_field) if answer_field else None
         gold = gold_answer(str(raw), numeric) if raw is not None and str(raw).strip() else None
         if gold is None and require_gold:
-            problem = f"no gold answer in {str(raw)[-60:]!r}" if raw is not None and str(raw).strip() else \
-                "missing gold answer"
+            problem = (
+                f"no gold answer in {str(raw)[-60:]!r}"
+                if raw is not None and str(raw).strip()
+                else "missing gold answer"
+            )
             raise ConfigError(f"{where}: field '{answer_field}': {problem}")
         rows.append(QuestionRow(row, question, gold))
     return rows

@@ -42,8 +42,10 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it): stopped 
 # Why a Ctrl-C leaves nothing to distrust: files and directories are published by atomic rename (kd_core/atomic.py),
 # whose unfinished temporaries are removed as the interrupt unwinds, and a store or run whose ownership marker still
 # says "running" is redone or resumed, never read as finished.
-INTERRUPTED_LINE = ("interrupted (Ctrl-C): stopped; every finished output is whole and nothing half-written was kept "
-                    "(rerun the same command to continue or start again)")
+INTERRUPTED_LINE = (
+    "interrupted (Ctrl-C): stopped; every finished output is whole and nothing half-written was kept "
+    "(rerun the same command to continue or start again)"
+)
 
 PREEMPTED = "preempted"  # the ``stopped`` reason of a training run that saved a checkpoint on SIGTERM/SIGUSR1
 INTERRUPTED = "interrupted"  # the ``stopped`` reason of a data-gen run stopped cleanly by Ctrl-C
@@ -93,10 +95,24 @@ def run_command(main: typing.Callable[[list[str]], int | None], argv: list[str] 
 
 
 # Errors of the filesystem about a path the user gave or a disk they filled; anything else is a bug.
-_FILESYSTEM_ERRNOS = frozenset({
-    errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOTEMPTY,
-    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG, errno.EMFILE,
-})
+_FILESYSTEM_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.ENOTEMPTY,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+        errno.EFBIG,
+        errno.EMFILE,
+    }
+)
 
 
 def filesystem_error_line(err: OSError) -> str | None:

@@ -124,8 +124,10 @@ def _coerce(value: Any, tp: Any, where: str, root: type | None = None) -> Any:
         if isinstance(value, tp):
             return value
         if value is None:  # YAML `loss:` with nothing under it: the defaults, silently, were not what was meant
-            raise ConfigError(f"{where}: the section is empty (`{where.rsplit('.', 1)[-1]}:` with nothing under it); "
-                              "give its fields, or remove the line to use the defaults")
+            raise ConfigError(
+                f"{where}: the section is empty (`{where.rsplit('.', 1)[-1]}:` with nothing under it); "
+                "give its fields, or remove the line to use the defaults"
+            )
         return from_dict(tp, value, where, root)
     if origin in (list, tuple, dict):
         return _coerce_container(value, tp, where, root)
@@ -312,8 +314,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
     except _DuplicateKey as dup:
-        raise ConfigError(f"{path}:{dup.line}: duplicate key '{dup.key}' (first given on line {dup.first_line}); "
-                          "give each field once") from None
+        raise ConfigError(
+            f"{path}:{dup.line}: duplicate key '{dup.key}' (first given on line {dup.first_line}); give each field once"
+        ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as err:
@@ -359,8 +362,9 @@ def parse_command_line(cls: type[T], argv: list[str], prog: str, description: st
         if tp is None:
             known = _all_dotted_fields(cls)
             leaf = key.rsplit(".", 1)[-1]  # a field given at the wrong level: the field of that name elsewhere
-            close = [k for k in known if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(key, known, n=1,
-                                                                                                   cutoff=0.5)
+            close = [k for k in known if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(
+                key, known, n=1, cutoff=0.5
+            )
             hint = f"; did you mean '--{close[0]}'?" if close else ""
             raise ConfigError(f"unknown option '--{key}'{hint} (see --help)")
         if not eq:

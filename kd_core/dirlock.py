@@ -101,8 +101,11 @@ class DirectoryLock:
                 if err.errno not in _UNSUPPORTED:
                     raise
                 path.unlink(missing_ok=True)  # nothing locks here: leave no file to make the directory non-empty
-                logger.warning("%s: the file system does not support flock (%s); writing without the one-writer "
-                               "lock", path.parent, err.strerror)
+                logger.warning(
+                    "%s: the file system does not support flock (%s); writing without the one-writer lock",
+                    path.parent,
+                    err.strerror,
+                )
                 return cls(path, None)
             try:
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
@@ -111,8 +114,12 @@ class DirectoryLock:
             if same:
                 break
             os.close(fd)  # released and unlinked by its holder meanwhile: lock the file now at the path
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(record).encode())
         return cls(path, fd)

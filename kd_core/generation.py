@@ -80,21 +80,57 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 # repetition_penalty 1.05-1.1); `generate` fills whatever a call leaves unset from that file.
 NEUTRAL_GENERATION: dict[str, Any] = {
     # logits processors (generation/utils.py `_get_logits_processor`, in its order)
-    "guidance_scale": None, "sequence_bias": None, "encoder_repetition_penalty": 1.0, "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
-    "min_new_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
-    "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "guidance_scale": None,
+    "sequence_bias": None,
+    "encoder_repetition_penalty": 1.0,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "remove_invalid_values": False,
+    "exponential_decay_length_penalty": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
     # sampling warpers besides temperature / top_p / top_k (which every call sets)
-    "top_h": None, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-    "watermarking_config": None, "renormalize_logits": False,
+    "top_h": None,
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "watermarking_config": None,
+    "renormalize_logits": False,
     # stopping criteria and decoding strategies other than plain sampling / greedy search
-    "max_time": None, "stop_strings": None, "num_beams": 1, "num_return_sequences": 1, "num_beam_groups": None,
-    "diversity_penalty": None, "penalty_alpha": None, "dola_layers": None, "low_memory": None,
-    "prompt_lookup_num_tokens": None, "assistant_early_exit": None,
+    "max_time": None,
+    "stop_strings": None,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "num_beam_groups": None,
+    "diversity_penalty": None,
+    "penalty_alpha": None,
+    "dola_layers": None,
+    "low_memory": None,
+    "prompt_lookup_num_tokens": None,
+    "assistant_early_exit": None,
 }
 # Set by generate_tokens itself (from its arguments), so a `generation_kwargs` field may not set them.
-OWN_GENERATION_KEYS = frozenset({"do_sample", "temperature", "top_p", "top_k", "max_new_tokens", "max_length",
-                                 "pad_token_id", "eos_token_id", "return_dict_in_generate", "synced_gpus"})
+OWN_GENERATION_KEYS = frozenset(
+    {
+        "do_sample",
+        "temperature",
+        "top_p",
+        "top_k",
+        "max_new_tokens",
+        "max_length",
+        "pad_token_id",
+        "eos_token_id",
+        "return_dict_in_generate",
+        "synced_gpus",
+    }
+)
 
 
 def generation_fields() -> set[str]:
@@ -110,12 +146,16 @@ def check_generation_kwargs(kwargs: Mapping[str, Any], field: str) -> None:
         return
     own = sorted(set(kwargs) & OWN_GENERATION_KEYS)
     if own:
-        raise ValueError(f"{field}.{own[0]}: set by its own option (temperature, top_p, top_k, max_new_tokens), "
-                         "not through generation_kwargs")
+        raise ValueError(
+            f"{field}.{own[0]}: set by its own option (temperature, top_p, top_k, max_new_tokens), "
+            "not through generation_kwargs"
+        )
     unknown = sorted(set(kwargs) - generation_fields())
     if unknown:
-        raise ValueError(f"{field}.{unknown[0]}: not a transformers GenerationConfig setting (expected e.g. "
-                         "repetition_penalty, min_p, no_repeat_ngram_size)")
+        raise ValueError(
+            f"{field}.{unknown[0]}: not a transformers GenerationConfig setting (expected e.g. "
+            "repetition_penalty, min_p, no_repeat_ngram_size)"
+        )
 
 
 def neutral_generation(generation_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -167,13 +207,19 @@ def generate_tokens(
     sample = temperature > 0
     with torch.no_grad():
         out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            **neutral_generation(generation_kwargs), do_sample=sample,
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            **neutral_generation(generation_kwargs),
+            do_sample=sample,
             # None when greedy: transformers 5.24 warns about sampling settings given to greedy search.
-            temperature=temperature if sample else None, top_p=top_p if sample else None,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
             top_k=top_k if sample else None,
-            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=list(eos_token_ids) or None,
-            return_dict_in_generate=True, synced_gpus=synced_gpus,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_token_id,
+            eos_token_id=list(eos_token_ids) or None,
+            return_dict_in_generate=True,
+            synced_gpus=synced_gpus,
         )
     eos = set(eos_token_ids)
     samples = []
@@ -215,8 +261,14 @@ def generate_batched(
         rows = order[start : start + batch_size]
         began = time.perf_counter()
         samples = generate_tokens(
-            model, [list(prompts[i]) for i in rows], pad_token_id=pad, eos_token_ids=stop_token_ids(model, tokenizer),
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generation_kwargs=generation_kwargs,
+            model,
+            [list(prompts[i]) for i in rows],
+            pad_token_id=pad,
+            eos_token_ids=stop_token_ids(model, tokenizer),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            generation_kwargs=generation_kwargs,
         )
         seconds += time.perf_counter() - began
         for row, sample in zip(rows, samples):

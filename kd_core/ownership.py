@@ -136,14 +136,19 @@ def differing(owner: Owner, settings: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(owner.settings) | set(now) if owner.settings.get(k) != now.get(k))
 
 
-def claim(directory: str | Path, command: str, settings: dict[str, Any] | None = None,
-          finished: bool = False) -> None:
+def claim(directory: str | Path, command: str, settings: dict[str, Any] | None = None, finished: bool = False) -> None:
     """Records ``command`` as the owner of ``directory`` (created if absent), atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(directory / MARKER, {"command": command, "version": VERSION,
-                                            "settings": json.loads(json.dumps(settings or {})),
-                                            "state": "finished" if finished else "running"})
+    atomic_write_json(
+        directory / MARKER,
+        {
+            "command": command,
+            "version": VERSION,
+            "settings": json.loads(json.dumps(settings or {})),
+            "state": "finished" if finished else "running",
+        },
+    )
 
 
 def mark_finished(directory: str | Path) -> None:
@@ -245,9 +250,18 @@ def held(output_dir: str | Path) -> Output | None:
     return _HELD.get(path.resolve()) if path.exists() else None
 
 
-def prepare(output_dir: str | Path, kind: OutputKind, settings: dict[str, Any], resume: bool, overwrite: bool, *,
-            field: str = "output_dir", remedy: str = "", check: Callable[[Owner], str | None] | None = None,
-            lock: bool | None = None) -> Output:
+def prepare(
+    output_dir: str | Path,
+    kind: OutputKind,
+    settings: dict[str, Any],
+    resume: bool,
+    overwrite: bool,
+    *,
+    field: str = "output_dir",
+    remedy: str = "",
+    check: Callable[[Owner], str | None] | None = None,
+    lock: bool | None = None,
+) -> Output:
     """Checks ``output_dir`` for a run of ``kind`` (the rules of the module docstring) and, with ``lock`` (the main
     process), creates it if absent and takes its lock, checking again under the lock. Raises one ConfigError.
 
@@ -273,8 +287,9 @@ def prepare(output_dir: str | Path, kind: OutputKind, settings: dict[str, Any], 
         output.lock = DirectoryLock.acquire(home / (f".{path.name}{LOCK}" if kind.published else LOCK), kind.command)
     except Busy as busy:
         output.release()
-        raise ConfigError(f"{field}: {path} is being written by {busy.describe()}; wait for it to end, or choose "
-                          "another directory") from None
+        raise ConfigError(
+            f"{field}: {path} is being written by {busy.describe()}; wait for it to end, or choose another directory"
+        ) from None
     try:
         output.owner, output.replace = decide()
     except BaseException:
@@ -284,15 +299,25 @@ def prepare(output_dir: str | Path, kind: OutputKind, settings: dict[str, Any], 
     return output
 
 
-def _decide(path: Path, kind: OutputKind, settings: dict[str, Any], resume: bool, overwrite: bool, field: str,
-            remedy: str, check: Callable[[Owner], str | None] | None) -> tuple[Owner | None, bool]:
+def _decide(
+    path: Path,
+    kind: OutputKind,
+    settings: dict[str, Any],
+    resume: bool,
+    overwrite: bool,
+    field: str,
+    remedy: str,
+    check: Callable[[Owner], str | None] | None,
+) -> tuple[Owner | None, bool]:
     """(the owner, whether the run replaces its output) of an own or new directory; a ConfigError otherwise."""
     owner = owner_of(path, kind)
     if owner is None:
         return None, False
     if owner.command != kind.command:
-        raise ConfigError(f"{field}: {path} exists and is not empty, and is not a {kind.name} output directory "
-                          f"(it holds {owner.describe()}); choose another directory")
+        raise ConfigError(
+            f"{field}: {path} exists and is not empty, and is not a {kind.name} output directory "
+            f"(it holds {owner.describe()}); choose another directory"
+        )
     problem = check(owner) if check is not None else None
     if problem is None and not resume:
         problem = "exists and is not empty"

@@ -23,8 +23,12 @@ def is_gguf(path: str | Path) -> bool:
 
 
 # GGUF architecture names that transformers (5.24, ``load_gguf_checkpoint``) renames before looking them up.
-_GGUF_ARCHITECTURE_NAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
-                            "minimax-m2": "minimax_m2"}
+_GGUF_ARCHITECTURE_NAMES = {
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "gpt-oss": "gpt_oss",
+    "minimax-m2": "minimax_m2",
+}
 # Keys of transformers' GGUF table that are not model architectures (``general``, ``tokenizer``: metadata sections a
 # file can name by mistake) or are not causal LMs (T5 loads as an encoder-decoder, which nothing here trains).
 _NOT_CAUSAL_LMS = frozenset({"general", "tokenizer", "t5", "t5encoder", "umt5"})
@@ -36,8 +40,10 @@ def check_gguf(path: str | Path, field: str) -> None:
     otherwise one ConfigError naming ``field``, the file and what was expected. Reads the header only (mmap)."""
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"{field}: {path} is a directory; expected a GGUF file (or a model directory whose name "
-                          "does not end in .gguf)")
+        raise ConfigError(
+            f"{field}: {path} is a directory; expected a GGUF file (or a model directory whose name "
+            "does not end in .gguf)"
+        )
     if not path.is_file():
         raise ConfigError(f"{field}: GGUF file not found: {path}")
     with path.open("rb") as handle:
@@ -72,11 +78,14 @@ def _check_architecture(reader, path: Path, field: str) -> str:
     supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - _NOT_CAUSAL_LMS)
     architecture = _field_value(reader, "general.architecture")
     if architecture is None:
-        raise ConfigError(f"{field}: {path} names no architecture (no general.architecture); expected one of "
-                          f"{', '.join(supported)}")
+        raise ConfigError(
+            f"{field}: {path} names no architecture (no general.architecture); expected one of {', '.join(supported)}"
+        )
     if _GGUF_ARCHITECTURE_NAMES.get(architecture, architecture) not in supported:
-        raise ConfigError(f"{field}: {path}: architecture '{architecture}' cannot be loaded by transformers as a "
-                          f"causal LM; supported: {', '.join(supported)}")
+        raise ConfigError(
+            f"{field}: {path}: architecture '{architecture}' cannot be loaded by transformers as a "
+            f"causal LM; supported: {', '.join(supported)}"
+        )
     return architecture
 
 
@@ -95,14 +104,18 @@ def _check_tensors(reader, architecture: str, path: Path, field: str) -> None:
     missing += [f"blk.{i}.*" for i in range(blocks) if str(i) not in present]
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise ConfigError(f"{field}: {path} holds {len(names)} tensor(s) but its {architecture} architecture with "
-                          f"{blocks} block(s) needs {shown}; expected a complete model file, not a tokenizer or "
-                          "metadata-only GGUF")
+        raise ConfigError(
+            f"{field}: {path} holds {len(names)} tensor(s) but its {architecture} architecture with "
+            f"{blocks} block(s) needs {shown}; expected a complete model file, not a tokenizer or "
+            "metadata-only GGUF"
+        )
     readable = {Q.F32, Q.F16, Q.BF16, *_type_traits}
     unsupported = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type not in readable})
     if unsupported:
-        raise ConfigError(f"{field}: {path}: quantization type(s) {', '.join(unsupported)} cannot be dequantized; "
-                          f"supported: {', '.join(sorted(q.name for q in readable))}")
+        raise ConfigError(
+            f"{field}: {path}: quantization type(s) {', '.join(unsupported)} cannot be dequantized; "
+            f"supported: {', '.join(sorted(q.name for q in readable))}"
+        )
 
 
 def load_config(path: str | Path, field: str = "model"):
@@ -163,8 +176,10 @@ def load_causal_lm(path: str | Path, field: str = "model", dtype: Any = None, **
     # Tied heads appear in one state dict and not the other; anything else is a real mismatch.
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or set(unexpected) - tied:
-        raise ConfigError(f"{field}: {path}: dequantized weights do not match {type(loaded).__name__} "
-                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise ConfigError(
+            f"{field}: {path}: dequantized weights do not match {type(loaded).__name__} "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
     plain.tie_weights()
     plain.generation_config = loaded.generation_config
     return plain.eval()

@@ -61,15 +61,19 @@ def _mask_userinfo(match: re.Match[str]) -> str:
 
 def _secret_param(name: str, value: str) -> bool:
     bare = unquote(name).lower().replace("-", "").replace("_", "")
-    return bool(value) and value != MASK and (any(word in bare for word in _SECRET_PARAM_WORDS)
-                                              or key_shaped(unquote(value)))
+    return (
+        bool(value)
+        and value != MASK
+        and (any(word in bare for word in _SECRET_PARAM_WORDS) or key_shaped(unquote(value)))
+    )
 
 
 def _tail_secrets(tail: str) -> list[str]:
     """The secret values of a URL's query and fragment (``?a=1&api-key=K#access_token=T``)."""
     query, _, fragment = tail.lstrip("?").partition("#") if tail.startswith("?") else ("", "", tail[1:])
-    found = [m["value"] for part in (query, fragment) for m in _PARAM.finditer(part) if _secret_param(m["name"],
-                                                                                                      m["value"])]
+    found = [
+        m["value"] for part in (query, fragment) for m in _PARAM.finditer(part) if _secret_param(m["name"], m["value"])
+    ]
     if fragment and "=" not in fragment and len(fragment) >= _BARE_FRAGMENT_SECRET:
         found.append(fragment)
     return found
@@ -112,7 +116,7 @@ def url_secrets(url: str | None) -> list[str]:
     for match in _URL_USERINFO.finditer(url):
         userinfo = match["userinfo"]
         user, colon, password = userinfo.partition(":")
-        for raw in ([password] if colon and password else [userinfo]):
+        for raw in [password] if colon and password else [userinfo]:
             found += [raw, unquote(raw)]
         basic = f"{unquote(user)}:{unquote(password)}" if colon else f"{unquote(user)}:"
         found.append(base64.b64encode(basic.encode()).decode())

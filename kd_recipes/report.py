@@ -22,8 +22,13 @@ MODELS = [
     ("on_policy", "students/on_policy/final", "rationale student continued on its own samples, scored by the teacher"),
 ]
 # Training runs whose curves are drawn (directory under the quickstart root -> plot folder name).
-RUNS = {"teacher": "teacher", "students/labels": "labels", "students/rationales": "rationales",
-        "students/distilled": "distilled", "students/on_policy": "on_policy"}
+RUNS = {
+    "teacher": "teacher",
+    "students/labels": "labels",
+    "students/rationales": "rationales",
+    "students/distilled": "distilled",
+    "students/on_policy": "on_policy",
+}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -42,8 +47,13 @@ def accuracy_plot(results: dict[str, dict[str, Any]], path: Path) -> Path:
     figure, ax = plt.subplots(figsize=(7, 3.6))
     bars = ax.bar(names, accuracy, color=["#555555"] + ["#4C72B0"] * (len(names) - 1))
     for bar, name in zip(bars, names):
-        ax.annotate(f"{accuracy[names.index(name)]:.1f}%\n{results[name]['parameters'] / 1e6:.2f}M",
-                    (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            f"{accuracy[names.index(name)]:.1f}%\n{results[name]['parameters'] / 1e6:.2f}M",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_ylim(0, max(100.0, max(accuracy) * 1.25))
     ax.set_title("Task accuracy (greedy generation, answer extractor)")
@@ -63,8 +73,10 @@ def verdict(results: dict[str, dict[str, Any]], on_policy_steps: int) -> str:
 
     distilled = accuracy("distilled")
     lines = []
-    for name, what in (("labels", "fine-tuning on gold labels only"),
-                       ("rationales", "fine-tuning on the teacher's rationales")):
+    for name, what in (
+        ("labels", "fine-tuning on gold labels only"),
+        ("rationales", "fine-tuning on the teacher's rationales"),
+    ):
         other = accuracy(name)
         if distilled > other:
             lines.append(f"Distillation beat {what} ({100 * distilled:.1f}% vs {100 * other:.1f}%).")
@@ -84,13 +96,17 @@ def gap_sentence(results: dict[str, dict[str, Any]], steps: int) -> str:
     kl = "" if kl_before is None or kl_after is None else f"; KL to the teacher {kl_before:.4f} -> {kl_after:.4f}"
     gap = teacher - before
     if gap <= 0:
-        return (f"The teacher ({teacher:.1f}%) does **not** beat the rationale student ({before:.1f}%), so there is no "
-                f"gap for on-policy distillation to close (on-policy student {after:.1f}%{kl}).")
+        return (
+            f"The teacher ({teacher:.1f}%) does **not** beat the rationale student ({before:.1f}%), so there is no "
+            f"gap for on-policy distillation to close (on-policy student {after:.1f}%{kl})."
+        )
     closed = after - before
     verb = f"closed {closed:.1f} points of it" if closed > 0 else f"did **not** close any of it ({closed:+.1f} points)"
-    return (f"The teacher beats the rationale student by {gap:.1f} points ({teacher:.1f}% vs {before:.1f}%); the "
-            f"on-policy student (the rationale student after {steps} more steps on its own samples) {verb}: "
-            f"{after:.1f}%, {100 * closed / gap:.0f}% of the gap{kl}.")
+    return (
+        f"The teacher beats the rationale student by {gap:.1f} points ({teacher:.1f}% vs {before:.1f}%); the "
+        f"on-policy student (the rationale student after {steps} more steps on its own samples) {verb}: "
+        f"{after:.1f}%, {100 * closed / gap:.0f}% of the gap{kl}."
+    )
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -98,10 +114,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Quickstart report",
         "",
-        (f"{results['teacher']['records']} held-out problems (multi-step arithmetic word problems, "
-         "`distill.data.synthetic`), greedy generation of at most "
-         f"{report['config']['max_new_tokens']} tokens, answers read by the `answer_is` extractor. KL and top-1 "
-         "agreement are per completion token against the teacher; perplexity is on the gold completions."),
+        (
+            f"{results['teacher']['records']} held-out problems (multi-step arithmetic word problems, "
+            "`distill.data.synthetic`), greedy generation of at most "
+            f"{report['config']['max_new_tokens']} tokens, answers read by the `answer_is` extractor. KL and top-1 "
+            "agreement are per completion token against the teacher; perplexity is on the gold completions."
+        ),
         "",
         "| model | what it is | parameters | accuracy | perplexity | KL to teacher | top-1 agreement | tokens/s |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -118,14 +136,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         report["verdict"],
         "",
-        (f"Teacher rationales (`data-gen cot`): {cot['rows']} kept for {cot['solved']} of {cot['questions']} "
-         f"training questions; rejections: {cot['rejections'] or 'none'}."),
+        (
+            f"Teacher rationales (`data-gen cot`): {cot['rows']} kept for {cot['solved']} of {cot['questions']} "
+            f"training questions; rejections: {cot['rejections'] or 'none'}."
+        ),
         "",
-        (f"Distillation loss terms: `{report['config']['loss_terms']}`"
-         f"{' (LoRA)' if report['config']['lora']['enabled'] else ' (full fine-tuning)'}; on-policy: "
-         f"`{report['config']['on_policy']['terms']}` on the student's samples at temperature "
-         f"{report['config']['on_policy']['temperature']} for {report['config']['on_policy']['steps']} steps "
-         f"(student_fraction {report['config']['on_policy']['student_fraction']})."),
+        (
+            f"Distillation loss terms: `{report['config']['loss_terms']}`"
+            f"{' (LoRA)' if report['config']['lora']['enabled'] else ' (full fine-tuning)'}; on-policy: "
+            f"`{report['config']['on_policy']['terms']}` on the student's samples at temperature "
+            f"{report['config']['on_policy']['temperature']} for {report['config']['on_policy']['steps']} steps "
+            f"(student_fraction {report['config']['on_policy']['student_fraction']})."
+        ),
         "",
         "![accuracy](plots/accuracy.png)",
         "",
@@ -135,15 +157,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     for folder in RUNS.values():
         lines += [f"### {folder}", "", f"![{folder}](plots/{folder}/train_terms.png)", ""]
     seconds = report["timings"]
-    lines += ["## Time per stage (seconds, summed over resumed runs)", "",
-              "| stage | seconds |", "|---|---:|"]
+    lines += ["## Time per stage (seconds, summed over resumed runs)", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {stage} | {value:.1f} |" for stage, value in seconds.items()]
     lines += [f"| total | {sum(seconds.values()):.1f} |", ""]
     return "\n".join(lines)
 
 
-def write_report(root: Path, cfg: Any, results: dict[str, dict[str, Any]], cot_stats: dict[str, Any],
-                 timings: dict[str, float]) -> dict[str, Any]:
+def write_report(
+    root: Path, cfg: Any, results: dict[str, dict[str, Any]], cot_stats: dict[str, Any], timings: dict[str, float]
+) -> dict[str, Any]:
     """Writes ``plots/``, ``report.md`` and, last (it marks the run finished), ``report.json``."""
     from distill.evaluation.plot import plot_run
     from kd_core.config import to_dict
@@ -154,8 +176,13 @@ def write_report(root: Path, cfg: Any, results: dict[str, dict[str, Any]], cot_s
     for run, folder in RUNS.items():
         plot_run(root / run, plots / folder, title=folder)
     summary = {name: {k: v for k, v in r.items() if k != "samples"} for name, r in results.items()}
-    report = {"results": summary, "verdict": verdict(summary, cfg.on_policy.steps), "cot": cot_stats,
-              "timings": timings, "config": to_dict(cfg)}
+    report = {
+        "results": summary,
+        "verdict": verdict(summary, cfg.on_policy.steps),
+        "cot": cot_stats,
+        "timings": timings,
+        "config": to_dict(cfg),
+    }
     markdown = render_markdown(report)
     atomic_write_text(root / "report.md", markdown)
     atomic_write_json(root / "report.json", report)  # last: its presence means the quickstart finished

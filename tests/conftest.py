@@ -56,8 +56,12 @@ def kill_9(command: list[str], env: dict[str, str], point: str | None = None, un
     flag = Path(tempfile.mkdtemp()) / "reached"
     if point is not None:
         paths = [str(REPO_ROOT / "tests" / "kill_points"), str(REPO_ROOT), env.get("PYTHONPATH", "")]
-        env = {**env, "KILL_POINT": point, "KILL_POINT_FLAG": str(flag),
-               "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        env = {
+            **env,
+            "KILL_POINT": point,
+            "KILL_POINT_FLAG": str(flag),
+            "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+        }
         until = flag.exists
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
@@ -219,8 +223,12 @@ def transformers_serve(model_dir: Path, log_path: Path, startup_s: float = 180.0
 
     port = free_port()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(["transformers", "serve", str(model_dir), "--port", str(port), "--device", "cpu"],
-                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.Popen(
+            ["transformers", "serve", str(model_dir), "--port", str(port), "--device", "cpu"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         try:
             deadline = time.time() + startup_s
             while True:
@@ -232,10 +240,12 @@ def transformers_serve(model_dir: Path, log_path: Path, startup_s: float = 180.0
                         log = log_path.read_text()[-2000:]
                         raise RuntimeError(f"transformers serve did not start: {log}") from error
                     time.sleep(0.5)
-            body = json.dumps({"model": str(model_dir), "max_tokens": 2,
-                               "messages": [{"role": "user", "content": "hi"}]}).encode()
-            warmup = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
-                                            {"Content-Type": "application/json"})
+            body = json.dumps(
+                {"model": str(model_dir), "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+            ).encode()
+            warmup = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions", body, {"Content-Type": "application/json"}
+            )
             urllib.request.urlopen(warmup, timeout=startup_s).read()
             yield port
         finally:
@@ -248,12 +258,22 @@ def transformers_serve(model_dir: Path, log_path: Path, startup_s: float = 180.0
 
 # --- Tiny GGUF files, written with the `gguf` package's own writer from a tiny Llama and the test tokenizer: the .gguf
 # paths of every command run on them in seconds (the real SmolLM2 file takes 20 s to load).
-_LLAMA_BLOCK_TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-                        "post_attention_layernorm": "ffn_norm"}
-_LLAMA_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                  "lm_head.weight": "output.weight"}
+_LLAMA_BLOCK_TENSORS = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_LLAMA_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 
 def _gguf_tensors(model):
@@ -305,7 +325,7 @@ def write_llama_gguf(path: Path, model, tokenizer, *, tensors: bool = True, arch
     writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_unk_token_id(tokenizer.unk_token_id)
     writer.add_chat_template(tokenizer.chat_template)
-    for name, array in (_gguf_tensors(model) if tensors else ()):
+    for name, array in _gguf_tensors(model) if tensors else ():
         writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -334,8 +354,12 @@ def interrupt_at(command: list[str], env: dict[str, str], point: str, timeout: f
 
     flag = Path(tempfile.mkdtemp()) / "reached"
     paths = [str(REPO_ROOT / "tests" / "kill_points"), str(REPO_ROOT), env.get("PYTHONPATH", "")]
-    env = {**env, "KILL_POINT": point, "KILL_POINT_FLAG": str(flag),
-           "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    env = {
+        **env,
+        "KILL_POINT": point,
+        "KILL_POINT_FLAG": str(flag),
+        "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+    }
     log = flag.parent / "stderr"  # a file, not a pipe: a full pipe would stall the command before the point
     with log.open("w") as err:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)

@@ -27,12 +27,28 @@ def _copy_model(model_dirs, tmp_path: Path, name: str = "student") -> Path:
     return target
 
 
-def _train_argv(model_dirs, tmp_path: Path, *extra: str, student: str | None = "default",
-                data: Path | None = None) -> list[str]:
+def _train_argv(
+    model_dirs, tmp_path: Path, *extra: str, student: str | None = "default", data: Path | None = None
+) -> list[str]:
     data = data or write_jsonl(tmp_path / "train.jsonl", ROWS)
-    argv = ["--output_dir", str(tmp_path / "new_run"), "--max_steps", "1", "--per_device_train_batch_size", "4",
-            "--report_to", "[none]", "--data.eval_fraction", "0", "--model.teacher", str(model_dirs["teacher"]),
-            "--data.train_file", str(data), "--loss.terms", "{forward_kl: 0.7, ce: 0.3}"]
+    argv = [
+        "--output_dir",
+        str(tmp_path / "new_run"),
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "4",
+        "--report_to",
+        "[none]",
+        "--data.eval_fraction",
+        "0",
+        "--model.teacher",
+        str(model_dirs["teacher"]),
+        "--data.train_file",
+        str(data),
+        "--loss.terms",
+        "{forward_kl: 0.7, ce: 0.3}",
+    ]
     if student == "default":
         argv += ["--model.student", str(model_dirs["student"])]
     elif student is not None:
@@ -41,6 +57,7 @@ def _train_argv(model_dirs, tmp_path: Path, *extra: str, student: str | None = "
 
 
 # --- model directories --------------------------------------------------------------------------------------------
+
 
 def model_not_json(model_dirs, tmp_path):
     broken = _copy_model(model_dirs, tmp_path)
@@ -73,6 +90,7 @@ def attention_not_installed(model_dirs, tmp_path):
 
 
 # --- datasets -----------------------------------------------------------------------------------------------------
+
 
 def data_messages_string(model_dirs, tmp_path):
     data = write_jsonl(tmp_path / "msgs.jsonl", [{"messages": "hello there"}] * 8)
@@ -111,6 +129,7 @@ def data_smaller_than_batch(model_dirs, tmp_path):
 
 
 # --- numbers, YAML, overrides, trackers, output paths ---------------------------------------------------------
+
 
 def nan_learning_rate(model_dirs, tmp_path):
     return _train_argv(model_dirs, tmp_path, "--learning_rate", "nan")
@@ -167,14 +186,23 @@ def eval_no_tokenizer(model_dirs, tmp_path):
 
 # --- every other command -------------------------------------------------------------------------------------------
 
+
 def _local_teacher(model_dirs) -> list[str]:
-    return ["--teacher.backend", "local", "--teacher.model", str(model_dirs["teacher"]),
-            "--teacher.api_key_env", "null"]
+    return [
+        "--teacher.backend",
+        "local",
+        "--teacher.model",
+        str(model_dirs["teacher"]),
+        "--teacher.api_key_env",
+        "null",
+    ]
 
 
 def _questions(tmp_path: Path, bad_row: bool = False) -> Path:
-    rows = [{"question": "What is 1 plus 1?", "answer": "#### 2"}, {"question": 5 if bad_row else "2 + 2?",
-                                                                      "answer": "#### 4"}]
+    rows = [
+        {"question": "What is 1 plus 1?", "answer": "#### 2"},
+        {"question": 5 if bad_row else "2 + 2?", "answer": "#### 4"},
+    ]
     return write_jsonl(tmp_path / "questions.jsonl", rows)
 
 
@@ -187,22 +215,44 @@ def _a_file(tmp_path: Path) -> Path:
 
 def precompute_output_is_file(model_dirs, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", ROWS)
-    return ["--teacher", str(model_dirs["teacher"]), "--data.train_file", str(data), "--output_dir",
-            str(_a_file(tmp_path))]
+    return [
+        "--teacher",
+        str(model_dirs["teacher"]),
+        "--data.train_file",
+        str(data),
+        "--output_dir",
+        str(_a_file(tmp_path)),
+    ]
 
 
 def precompute_nan_temperature(model_dirs, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", ROWS)
-    return ["--teacher", str(model_dirs["teacher"]), "--data.train_file", str(data), "--output_dir",
-            str(tmp_path / "store"), "--temperature", "nan"]
+    return [
+        "--teacher",
+        str(model_dirs["teacher"]),
+        "--data.train_file",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "store"),
+        "--temperature",
+        "nan",
+    ]
 
 
 def precompute_duplicate_yaml_key(model_dirs, tmp_path):
     config = tmp_path / "store.yaml"
     config.write_text("k: 4\nbatch_size: 2\nk: 8\n")
     data = write_jsonl(tmp_path / "train.jsonl", ROWS)
-    return ["--config", str(config), "--teacher", str(model_dirs["teacher"]), "--data.train_file", str(data),
-            "--output_dir", str(tmp_path / "store")]
+    return [
+        "--config",
+        str(config),
+        "--teacher",
+        str(model_dirs["teacher"]),
+        "--data.train_file",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "store"),
+    ]
 
 
 def export_not_a_checkpoint(model_dirs, tmp_path):
@@ -229,34 +279,66 @@ def dedup_field_missing(model_dirs, tmp_path):
 
 
 def cot_question_not_text(model_dirs, tmp_path):
-    return ["--input_file", str(_questions(tmp_path, bad_row=True)), *_local_teacher(model_dirs), "--output.dir",
-            str(tmp_path / "cot")]
+    return [
+        "--input_file",
+        str(_questions(tmp_path, bad_row=True)),
+        *_local_teacher(model_dirs),
+        "--output.dir",
+        str(tmp_path / "cot"),
+    ]
 
 
 def cot_output_is_file(model_dirs, tmp_path):
-    return ["--input_file", str(_questions(tmp_path)), *_local_teacher(model_dirs), "--output.dir",
-            str(_a_file(tmp_path))]
+    return [
+        "--input_file",
+        str(_questions(tmp_path)),
+        *_local_teacher(model_dirs),
+        "--output.dir",
+        str(_a_file(tmp_path)),
+    ]
 
 
 def self_instruct_seed_file_missing(model_dirs, tmp_path):
-    return ["--seed_tasks", str(tmp_path / "seed_tasks.jsonl"), *_local_teacher(model_dirs), "--output.dir",
-            str(tmp_path / "self_instruct")]
+    return [
+        "--seed_tasks",
+        str(tmp_path / "seed_tasks.jsonl"),
+        *_local_teacher(model_dirs),
+        "--output.dir",
+        str(tmp_path / "self_instruct"),
+    ]
 
 
 def lion_student_missing(model_dirs, tmp_path):
-    return ["--train_pool", str(_questions(tmp_path)), "--student", str(tmp_path / "no_student"),
-            *_local_teacher(model_dirs), "--output_dir", str(tmp_path / "lion")]
+    return [
+        "--train_pool",
+        str(_questions(tmp_path)),
+        "--student",
+        str(tmp_path / "no_student"),
+        *_local_teacher(model_dirs),
+        "--output_dir",
+        str(tmp_path / "lion"),
+    ]
 
 
 # --- output ownership and resume identity (issue 31) ---------------------------------------------------------------
+
 
 def _finished_run(model_dirs, tmp_path: Path, student: str | None = None) -> Path:
     """A finished 2-step training run (checkpoint-1, checkpoint-2) under tmp_path/finished_run."""
     from distill.training.train import main as train_main
 
     out = tmp_path / "finished_run"
-    argv = _train_argv(model_dirs, tmp_path, "--max_steps", "2", "--save_steps", "1", "--output_dir", str(out),
-                       student=student or "default")
+    argv = _train_argv(
+        model_dirs,
+        tmp_path,
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "1",
+        "--output_dir",
+        str(out),
+        student=student or "default",
+    )
     assert run_command(train_main, argv) == 0
     return out
 
@@ -289,23 +371,41 @@ def _size_only_manifest_with_corrupt_weights(model_dirs, tmp_path) -> Path:
 
 
 def export_size_only_manifest_corrupt_weights(model_dirs, tmp_path):
-    return ["--checkpoint", str(_size_only_manifest_with_corrupt_weights(model_dirs, tmp_path)), "--output_dir",
-            str(tmp_path / "exported")]
+    return [
+        "--checkpoint",
+        str(_size_only_manifest_with_corrupt_weights(model_dirs, tmp_path)),
+        "--output_dir",
+        str(tmp_path / "exported"),
+    ]
 
 
 def resume_size_only_manifest_corrupt_weights(model_dirs, tmp_path):
-    return _train_argv(model_dirs, tmp_path, "--resume", str(_size_only_manifest_with_corrupt_weights(model_dirs,
-                                                                                                       tmp_path)))
+    return _train_argv(
+        model_dirs, tmp_path, "--resume", str(_size_only_manifest_with_corrupt_weights(model_dirs, tmp_path))
+    )
 
 
 def dedup_overwrite_into_a_training_run(model_dirs, tmp_path):
-    return [str(write_jsonl(tmp_path / "records.jsonl", ROWS)), "--field", "prompt", "--overwrite", "--output_dir",
-            str(_finished_run(model_dirs, tmp_path))]
+    return [
+        str(write_jsonl(tmp_path / "records.jsonl", ROWS)),
+        "--field",
+        "prompt",
+        "--overwrite",
+        "--output_dir",
+        str(_finished_run(model_dirs, tmp_path)),
+    ]
 
 
 def lion_pool_without_instructions(model_dirs, tmp_path):
-    return ["--train_pool", str(_questions(tmp_path)), "--student", str(model_dirs["student"]),
-            *_local_teacher(model_dirs), "--output_dir", str(tmp_path / "lion")]
+    return [
+        "--train_pool",
+        str(_questions(tmp_path)),
+        "--student",
+        str(model_dirs["student"]),
+        *_local_teacher(model_dirs),
+        "--output_dir",
+        str(tmp_path / "lion"),
+    ]
 
 
 def quickstart_output_is_file(model_dirs, tmp_path):
@@ -317,12 +417,20 @@ def quickstart_nan_learning_rate(model_dirs, tmp_path):
 
 
 def on_policy_fractions_over_one(model_dirs, tmp_path):
-    return _train_argv(model_dirs, tmp_path, "--loss.terms", "{reverse_kl: 1}", "--on_policy.student_fraction", "0.8",
-                       "--on_policy.teacher_fraction", "0.5")
-
+    return _train_argv(
+        model_dirs,
+        tmp_path,
+        "--loss.terms",
+        "{reverse_kl: 1}",
+        "--on_policy.student_fraction",
+        "0.8",
+        "--on_policy.teacher_fraction",
+        "0.5",
+    )
 
 
 # --- issue 31: models that are what they claim, empty or misplaced config, replay, secrets --------------------------
+
 
 def _tiny_gguf(tmp_path: Path, name: str, **kwargs) -> Path:
     from distill.student.tiny import tiny_llama, train_tokenizer
@@ -349,14 +457,26 @@ def gguf_is_a_directory(model_dirs, tmp_path):
 
 
 def precompute_gguf_without_tensors(model_dirs, tmp_path):
-    return ["--teacher", str(_tiny_gguf(tmp_path, "empty.gguf", tensors=False)), "--data.train_file",
-            str(write_jsonl(tmp_path / "train.jsonl", ROWS)), "--output_dir", str(tmp_path / "store")]
+    return [
+        "--teacher",
+        str(_tiny_gguf(tmp_path, "empty.gguf", tensors=False)),
+        "--data.train_file",
+        str(write_jsonl(tmp_path / "train.jsonl", ROWS)),
+        "--output_dir",
+        str(tmp_path / "store"),
+    ]
 
 
 def precompute_prompts_only(model_dirs, tmp_path):
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in ROWS])
-    return ["--teacher", str(model_dirs["teacher"]), "--data.train_file", str(data), "--output_dir",
-            str(tmp_path / "store")]
+    return [
+        "--teacher",
+        str(model_dirs["teacher"]),
+        "--data.train_file",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "store"),
+    ]
 
 
 def empty_loss_section(model_dirs, tmp_path):
@@ -373,8 +493,18 @@ def key_at_the_wrong_level(model_dirs, tmp_path):
 
 
 def replay_buffer_below_one_batch(model_dirs, tmp_path):
-    return _train_argv(model_dirs, tmp_path, "--loss.terms", "{reverse_kl: 1}", "--on_policy.student_fraction", "0.5",
-                       "--on_policy.replay_ratio", "0.5", "--on_policy.replay_buffer_size", "2")
+    return _train_argv(
+        model_dirs,
+        tmp_path,
+        "--loss.terms",
+        "{reverse_kl: 1}",
+        "--on_policy.student_fraction",
+        "0.5",
+        "--on_policy.replay_ratio",
+        "0.5",
+        "--on_policy.replay_buffer_size",
+        "2",
+    )
 
 
 def eval_teacher_other_tokenizer(model_dirs, tmp_path):
@@ -389,10 +519,20 @@ def eval_teacher_other_tokenizer(model_dirs, tmp_path):
 
 
 def hex_key_as_env_name(model_dirs, tmp_path):
-    return ["--input_file", str(_questions(tmp_path)), "--teacher.model", "m", "--teacher.api_key_env",
-            "0f3a9c2e7b1d4f6a8c0e2b4d6f8a1c3e", "--output.dir", str(tmp_path / "cot")]
+    return [
+        "--input_file",
+        str(_questions(tmp_path)),
+        "--teacher.model",
+        "m",
+        "--teacher.api_key_env",
+        "0f3a9c2e7b1d4f6a8c0e2b4d6f8a1c3e",
+        "--output.dir",
+        str(tmp_path / "cot"),
+    ]
+
 
 # --- issue 28: cross-tokenizer distillation -----------------------------------------------------------------------
+
 
 def _teacher_with_tokenizer(model_dirs, tmp_path: Path, tokenizer) -> Path:
     """The tiny teacher's weights with another tokenizer saved beside them."""
@@ -418,10 +558,13 @@ def cross_gold_no_shared_strings(model_dirs, tmp_path):
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["\u03b1\u03b2\u03b3 \u03b4\u03b5\u03b6 \u03b7\u03b8"] * 10,
-                            trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[UNK]"], show_progress=False))
-    teacher = _teacher_with_tokenizer(model_dirs, tmp_path, PreTrainedTokenizerFast(tokenizer_object=tok,
-                                                                                    unk_token="[UNK]"))
+    tok.train_from_iterator(
+        ["\u03b1\u03b2\u03b3 \u03b4\u03b5\u03b6 \u03b7\u03b8"] * 10,
+        trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[UNK]"], show_progress=False),
+    )
+    teacher = _teacher_with_tokenizer(
+        model_dirs, tmp_path, PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    )
     return _train_argv(model_dirs, tmp_path, "--model.teacher", str(teacher), "--loss.cross_tokenizer", "gold")
 
 
@@ -444,13 +587,31 @@ CASES = [
     (TRAIN, data_messages_string, r"msgs\.jsonl:1: field 'messages': expected a non-empty list .*got str"),
     (TRAIN, data_message_without_content, r"msgs\.jsonl:6: field 'messages\[0\]': the message has no 'content'"),
     (TRAIN, data_number_as_text, r"nums\.jsonl:2: field 'prompt': expected a string, got int 0"),
-    (TRAIN, data_unknown_role, (r"msgs\.jsonl:7: field 'messages\[1\]\.role': unknown role 'assitant'; expected one "
-                                r"of system, user, assistant, tool")),
-    (TRAIN, data_mixed_shapes, (r"mixed\.jsonl:5: this row has the 'messages' shape .*but the data's shape is "
-                                r"'prompt_completion', detected from its first row \(.*mixed\.jsonl:1\): expected "
-                                r"column\(s\) \['prompt', 'completion'\] in every row")),
-    (TRAIN, data_smaller_than_batch, (r"data\.train_file: .*small\.jsonl has 3 usable .*fewer than one batch "
-                                      r"\(per_device_train_batch_size 4 x 1 process\(es\) = 4\)")),
+    (
+        TRAIN,
+        data_unknown_role,
+        (
+            r"msgs\.jsonl:7: field 'messages\[1\]\.role': unknown role 'assitant'; expected one "
+            r"of system, user, assistant, tool"
+        ),
+    ),
+    (
+        TRAIN,
+        data_mixed_shapes,
+        (
+            r"mixed\.jsonl:5: this row has the 'messages' shape .*but the data's shape is "
+            r"'prompt_completion', detected from its first row \(.*mixed\.jsonl:1\): expected "
+            r"column\(s\) \['prompt', 'completion'\] in every row"
+        ),
+    ),
+    (
+        TRAIN,
+        data_smaller_than_batch,
+        (
+            r"data\.train_file: .*small\.jsonl has 3 usable .*fewer than one batch "
+            r"\(per_device_train_batch_size 4 x 1 process\(es\) = 4\)"
+        ),
+    ),
     (TRAIN, nan_learning_rate, r"learning_rate: expected a finite number, got 'nan'"),
     (TRAIN, inf_loss_weight, r"loss\.terms\.forward_kl: expected a finite number, got inf"),
     (TRAIN, nan_temperature, r"loss\.temperature: expected a finite number"),
@@ -462,59 +623,130 @@ CASES = [
     (TRAIN, output_dir_is_file, r"output_dir: .*a_file\.txt is a file; expected a directory"),
     ("distill.student.prune.command", prune_no_weights, r"model: .*broken_teacher has no weights"),
     ("distill.evaluation.command", eval_no_tokenizer, r"model: .*broken_student has no tokenizer"),
-    ("distill.offline.precompute", precompute_output_is_file, r"output_dir: .*a_file\.txt is a file; expected a "
-                                                              r"directory"),
+    (
+        "distill.offline.precompute",
+        precompute_output_is_file,
+        r"output_dir: .*a_file\.txt is a file; expected a "
+        r"directory",
+    ),
     ("distill.offline.precompute", precompute_nan_temperature, r"temperature: expected a finite number, got 'nan'"),
-    ("distill.offline.precompute", precompute_duplicate_yaml_key, r"store\.yaml:3: duplicate key 'k' \(first given on "
-                                                                  r"line 1\)"),
+    (
+        "distill.offline.precompute",
+        precompute_duplicate_yaml_key,
+        r"store\.yaml:3: duplicate key 'k' \(first given on "
+        r"line 1\)",
+    ),
     ("distill.training.export", export_not_a_checkpoint, r"checkpoint: cannot use .*my_folder: no manifest\.json"),
     ("distill.evaluation.plot", plot_not_a_run, r"run_dir: .*my_folder/metrics\.jsonl not found"),
     ("data_gen.dedup", dedup_output_is_file, r"output_dir: .*a_file\.txt is a file; expected a directory"),
     ("data_gen.dedup", dedup_field_missing, r"train\.jsonl:1: record has no field 'instruction'"),
-    ("data_gen.cot", cot_question_not_text, r"input_file: .*questions\.jsonl: row 1: field 'question': expected a "
-                                            r"non-empty question string"),
+    (
+        "data_gen.cot",
+        cot_question_not_text,
+        r"input_file: .*questions\.jsonl: row 1: field 'question': expected a "
+        r"non-empty question string",
+    ),
     ("data_gen.cot", cot_output_is_file, r"output\.dir: .*a_file\.txt is a file; expected a directory"),
     ("data_gen.self_instruct", self_instruct_seed_file_missing, r"seed_tasks: file not found: .*seed_tasks\.jsonl"),
     ("kd_recipes.lion", lion_student_missing, r"student: model directory not found: .*no_student"),
     ("kd_recipes.quickstart", quickstart_output_is_file, r"output_dir: .*a_file\.txt is a file"),
     ("kd_recipes.quickstart", quickstart_nan_learning_rate, r"learning_rate: expected a finite number, got 'nan'"),
-    (TRAIN, resume_another_runs_checkpoint, r"resume: checkpoint .*checkpoint-2 belongs to another run "
-                                            r"\(model\.student: checkpoint '.*broken_student' vs now '.*student'\)"),
-    (TRAIN, resume_a_run_directory, r"resume: cannot use checkpoint .*finished_run: it is a training run's output "
-                                    r"directory, not a checkpoint; its newest checkpoint is .*checkpoint-2$"),
-    (TRAIN, resume_a_model_directory, r"resume: cannot use checkpoint .*broken_student: it is a model directory, "
-                                      r"not a checkpoint"),
-    (TRAIN, resume_size_only_manifest_corrupt_weights, r"resume: cannot use checkpoint .*checkpoint-2: "
-                                                       r"model\.safetensors cannot be read .*sizes only\)$"),
-    ("distill.training.export", export_size_only_manifest_corrupt_weights, r"checkpoint: cannot use .*checkpoint-2: "
-                                                                           r"model\.safetensors cannot be read"),
-    ("data_gen.dedup", dedup_overwrite_into_a_training_run, r"output_dir: .*finished_run exists and is not empty, "
-                                                            r"and is not a dedup output directory \(it holds a "
-                                                            r"finished distill train output\)"),
-    ("kd_recipes.lion", lion_pool_without_instructions, r"questions\.jsonl:1: field 'instruction': expected a "
-                                                        r"non-empty string"),
-    (TRAIN, attention_not_installed, r"model\.attn_implementation: 'flash_attention_2' cannot run here \(its package "
-                                     r"or a CUDA device is missing\); this machine supports sdpa, eager"),
-    (TRAIN, on_policy_fractions_over_one, r"on_policy: student_fraction \+ teacher_fraction: expected at most 1, got "
-                                          r"0\.8 \+ 0\.5"),
-    (TRAIN, gguf_without_tensors,
-     r"model\.teacher: .*header_only\.gguf holds 0 tensor\(s\) but its llama architecture"),
-    ("distill.student.prune.command", gguf_general_architecture, r"model: .*general\.gguf: architecture 'general' "
-                                                                 r"cannot be loaded by transformers as a causal LM"),
+    (
+        TRAIN,
+        resume_another_runs_checkpoint,
+        r"resume: checkpoint .*checkpoint-2 belongs to another run "
+        r"\(model\.student: checkpoint '.*broken_student' vs now '.*student'\)",
+    ),
+    (
+        TRAIN,
+        resume_a_run_directory,
+        r"resume: cannot use checkpoint .*finished_run: it is a training run's output "
+        r"directory, not a checkpoint; its newest checkpoint is .*checkpoint-2$",
+    ),
+    (
+        TRAIN,
+        resume_a_model_directory,
+        r"resume: cannot use checkpoint .*broken_student: it is a model directory, "
+        r"not a checkpoint",
+    ),
+    (
+        TRAIN,
+        resume_size_only_manifest_corrupt_weights,
+        r"resume: cannot use checkpoint .*checkpoint-2: "
+        r"model\.safetensors cannot be read .*sizes only\)$",
+    ),
+    (
+        "distill.training.export",
+        export_size_only_manifest_corrupt_weights,
+        r"checkpoint: cannot use .*checkpoint-2: "
+        r"model\.safetensors cannot be read",
+    ),
+    (
+        "data_gen.dedup",
+        dedup_overwrite_into_a_training_run,
+        r"output_dir: .*finished_run exists and is not empty, "
+        r"and is not a dedup output directory \(it holds a "
+        r"finished distill train output\)",
+    ),
+    (
+        "kd_recipes.lion",
+        lion_pool_without_instructions,
+        r"questions\.jsonl:1: field 'instruction': expected a "
+        r"non-empty string",
+    ),
+    (
+        TRAIN,
+        attention_not_installed,
+        r"model\.attn_implementation: 'flash_attention_2' cannot run here \(its package "
+        r"or a CUDA device is missing\); this machine supports sdpa, eager",
+    ),
+    (
+        TRAIN,
+        on_policy_fractions_over_one,
+        r"on_policy: student_fraction \+ teacher_fraction: expected at most 1, got "
+        r"0\.8 \+ 0\.5",
+    ),
+    (
+        TRAIN,
+        gguf_without_tensors,
+        r"model\.teacher: .*header_only\.gguf holds 0 tensor\(s\) but its llama architecture",
+    ),
+    (
+        "distill.student.prune.command",
+        gguf_general_architecture,
+        r"model: .*general\.gguf: architecture 'general' "
+        r"cannot be loaded by transformers as a causal LM",
+    ),
     ("distill.evaluation.command", gguf_is_a_directory, r"model: .*x\.gguf is a directory; expected a GGUF file"),
     ("distill.offline.precompute", precompute_gguf_without_tensors, r"teacher: .*empty\.gguf holds 0 tensor"),
-    ("distill.offline.precompute", precompute_prompts_only, r"data\.train_file: .*prompts\.jsonl: 15 of 15 examples "
-                                                            r"are prompts only"),
+    (
+        "distill.offline.precompute",
+        precompute_prompts_only,
+        r"data\.train_file: .*prompts\.jsonl: 15 of 15 examples "
+        r"are prompts only",
+    ),
     (TRAIN, empty_loss_section, r"loss: the section is empty"),
     (TRAIN, key_at_the_wrong_level, r"unknown config key 'temperature'; did you mean 'loss\.temperature'\?"),
-    (TRAIN, replay_buffer_below_one_batch, r"on_policy\.replay_buffer_size: 2 samples never hold one micro-batch "
-                                           r"\(per_device_train_batch_size 4\)"),
+    (
+        TRAIN,
+        replay_buffer_below_one_batch,
+        r"on_policy\.replay_buffer_size: 2 samples never hold one micro-batch "
+        r"\(per_device_train_batch_size 4\)",
+    ),
     ("distill.evaluation.command", eval_teacher_other_tokenizer, r"teacher: .*other_teacher has a different tokenizer"),
     ("data_gen.cot", hex_key_as_env_name, r"teacher: api_key_env: expected the NAME of an environment variable"),
-    (TRAIN, cross_slow_teacher_tokenizer, r"model\.teacher: BertTokenizerLegacy is a slow \(Python\) tokenizer without "
-                                          r"character offsets; loss\.cross_tokenizer aligns"),
-    (TRAIN, cross_gold_no_shared_strings, r"loss\.cross_tokenizer: gold found no token whose text is the same in both "
-                                          r"vocabularies .*use uld"),
+    (
+        TRAIN,
+        cross_slow_teacher_tokenizer,
+        r"model\.teacher: BertTokenizerLegacy is a slow \(Python\) tokenizer without "
+        r"character offsets; loss\.cross_tokenizer aligns",
+    ),
+    (
+        TRAIN,
+        cross_gold_no_shared_strings,
+        r"loss\.cross_tokenizer: gold found no token whose text is the same in both "
+        r"vocabularies .*use uld",
+    ),
     (TRAIN, cross_other_chat_template, r"model\.teacher: the teacher's chat template differs from the student's"),
 ]
 
@@ -589,8 +821,15 @@ def test_real_process_exit_status(model_dirs, tmp_path):
     argv = _train_argv(model_dirs, tmp_path, "--learning_rate", "inf")
     before = tree_digest(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "distill", "train", *argv], env=env, cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "distill", "train", *argv],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == "error: learning_rate: expected a finite number, got 'inf'"
     assert "Traceback" not in result.stderr

@@ -38,8 +38,9 @@ def test_the_command_runs_loaded_and_its_exit_status_comes_back():
 
 def test_max_s_stops_the_command_as_ctrl_c_does_and_the_load():
     code = "import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('summary printed')"
-    proc = subprocess.run([*BUSY, "--max-s", "2", "--", sys.executable, "-c", code],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*BUSY, "--max-s", "2", "--", sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 124 and "ran past --max-s 2" in proc.stderr, proc.stderr
     assert proc.stdout.strip() == "summary printed"  # what pytest does on Ctrl-C: report what ran
     assert_gone(busy_pids(proc.stderr))

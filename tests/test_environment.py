@@ -31,8 +31,18 @@ def pinned_versions() -> dict[str, str]:
 
 def test_constraints_pin_the_libraries_the_design_names():
     pins = pinned_versions()
-    for name in ("torch", "transformers", "tokenizers", "accelerate", "deepspeed", "peft", "trl", "datasets",
-                 "openai", "pytest"):
+    for name in (
+        "torch",
+        "transformers",
+        "tokenizers",
+        "accelerate",
+        "deepspeed",
+        "peft",
+        "trl",
+        "datasets",
+        "openai",
+        "pytest",
+    ):
         assert name in pins, f"constraints.txt does not pin {name}"
 
 
@@ -47,9 +57,11 @@ def test_installed_versions_match_constraints():
         # '==2.13.0' admits the local build '2.13.0+cpu' (PEP 440), so one file serves CPU and CUDA machines.
         if not SpecifierSet(f"=={version}").contains(installed, prereleases=True):
             drift.append(f"{name}: pinned {version}, installed {installed}")
-    assert not drift, ("installed versions differ from constraints.txt (install with "
-                       "'pip install -c constraints.txt ...', or regenerate it with 'bash .ci/latest --write'):\n  "
-                       + "\n  ".join(drift))
+    assert not drift, (
+        "installed versions differ from constraints.txt (install with "
+        "'pip install -c constraints.txt ...', or regenerate it with 'bash .ci/latest --write'):\n  "
+        + "\n  ".join(drift)
+    )
 
 
 def test_ci_runs_exactly_the_readme_test_command():

@@ -11,14 +11,16 @@ from tests.conftest import REPO_ROOT
 
 def test_gpu_check_smoke_runs_and_prints_its_tables():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke"], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--smoke"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "random weights of the real shapes (timings and memory are the same" in out
     assert "gradient checkpointing, packing, on-policy 0.25" in out
-    table = out.splitlines()[out.splitlines().index(next(line for line in out.splitlines()
-                                                         if line.startswith("| step s"))) + 1]
+    table = out.splitlines()[
+        out.splitlines().index(next(line for line in out.splitlines() if line.startswith("| step s"))) + 1
+    ]
     step, tokens_per_s = (float(cell.replace(",", "")) for cell in table.strip("| ").split(" | ")[:2])
     assert step > 0 and tokens_per_s > 0
     assert "activation memory (cpu)" in out and "\n     64 " in out

@@ -28,8 +28,18 @@ def no_temporaries(root) -> bool:
 
 def test_prune_interrupted_while_publishing_leaves_no_model(model_dirs, tmp_path):
     out = tmp_path / "pruned"
-    command = [*DISTILL, "prune", "--model", str(model_dirs["teacher"]), "--output_dir", str(out),
-               "--depth.num_layers", "2", "--depth.method", "uniform"]
+    command = [
+        *DISTILL,
+        "prune",
+        "--model",
+        str(model_dirs["teacher"]),
+        "--output_dir",
+        str(out),
+        "--depth.num_layers",
+        "2",
+        "--depth.method",
+        "uniform",
+    ]
     assert_one_line_stop(interrupt_at(command, ENV, f"publish:{out.name}"))
     assert not out.exists() and no_temporaries(tmp_path)
 
@@ -40,8 +50,20 @@ def test_precompute_interrupted_before_its_metadata_is_not_trusted_and_reruns(mo
 
     data = write_jsonl(tmp_path / "train.jsonl", addition_rows(12))
     out = tmp_path / "store"
-    command = [*DISTILL, "precompute", "--teacher", str(model_dirs["teacher"]), "--output_dir", str(out), "--k", "8",
-               "--data.train_file", str(data), "--data.eval_fraction", "0.0"]
+    command = [
+        *DISTILL,
+        "precompute",
+        "--teacher",
+        str(model_dirs["teacher"]),
+        "--output_dir",
+        str(out),
+        "--k",
+        "8",
+        "--data.train_file",
+        str(data),
+        "--data.eval_fraction",
+        "0.0",
+    ]
     # Held just after the temporary of store.json is reserved (outside the writer's own clean-up, by the test hook's
     # design): the marker still says running, so the rerun removes what is there and writes the store again.
     assert_one_line_stop(interrupt_at(command, ENV, "reserve:store.json"))
@@ -56,10 +78,32 @@ def test_precompute_interrupted_before_its_metadata_is_not_trusted_and_reruns(mo
 
 def test_export_and_train_interrupted_leave_no_half_model(model_dirs, train_file, tmp_path):
     run = tmp_path / "run"
-    train = [*DISTILL, "train", "--output_dir", str(run), "--max_steps", "2", "--per_device_train_batch_size", "4",
-             "--save_steps", "1", "--eval_steps", "null", "--report_to", "[none]", "--model.teacher",
-             str(model_dirs["teacher"]), "--model.student", str(model_dirs["student"]), "--data.train_file",
-             str(train_file), "--data.eval_fraction", "0", "--loss.terms", "{forward_kl: 1.0}"]
+    train = [
+        *DISTILL,
+        "train",
+        "--output_dir",
+        str(run),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--save_steps",
+        "1",
+        "--eval_steps",
+        "null",
+        "--report_to",
+        "[none]",
+        "--model.teacher",
+        str(model_dirs["teacher"]),
+        "--model.student",
+        str(model_dirs["student"]),
+        "--data.train_file",
+        str(train_file),
+        "--data.eval_fraction",
+        "0",
+        "--loss.terms",
+        "{forward_kl: 1.0}",
+    ]
     # Held while publishing the second checkpoint: the first is whole, the second never appears half-written.
     assert_one_line_stop(interrupt_at(train, ENV, "publish:checkpoint-2"))
     # The unfinished save stays as .checkpoint-2.tmp, which nothing reads (distill/training/checkpoint.py).

@@ -17,8 +17,13 @@ from pathlib import Path
 from data_gen.testing import ScriptedServer
 from tests.conftest import REPO_ROOT, addition_rows, tree_digest, write_jsonl
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-       "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+}
 
 
 @contextlib.contextmanager
@@ -58,11 +63,37 @@ def assert_refused(command: list[str], watched: Path, first: subprocess.Popen, n
 
 
 def train_command(model_dirs, data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "distill", "train", "--output_dir", str(out), "--max_steps", "3",
-            "--save_steps", "1", "--logging_steps", "1", "--per_device_train_batch_size", "4", "--eval_steps", "null",
-            "--report_to", "[none]", "--model.teacher", str(model_dirs["teacher"]),
-            "--model.student", str(model_dirs["student"]), "--data.train_file", str(data), "--data.eval_fraction", "0",
-            "--loss.terms", "{forward_kl: 0.7, ce: 0.3}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "distill",
+        "train",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "1",
+        "--logging_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "4",
+        "--eval_steps",
+        "null",
+        "--report_to",
+        "[none]",
+        "--model.teacher",
+        str(model_dirs["teacher"]),
+        "--model.student",
+        str(model_dirs["student"]),
+        "--data.train_file",
+        str(data),
+        "--data.eval_fraction",
+        "0",
+        "--loss.terms",
+        "{forward_kl: 0.7, ce: 0.3}",
+        *extra,
+    ]
 
 
 def test_train_second_writer_refused_with_resume_auto_and_overwrite_then_resumes_once_killed(model_dirs, tmp_path):
@@ -71,8 +102,9 @@ def test_train_second_writer_refused_with_resume_auto_and_overwrite_then_resumes
     with held_at(train_command(model_dirs, data, out), "publish:checkpoint-1") as first:
         for extra in (("--resume", "auto"), ("--overwrite_output_dir", "true")):
             assert_refused(train_command(model_dirs, data, out, *extra), tmp_path, first, "distill train")
-    resumed = subprocess.run(train_command(model_dirs, data, out, "--resume", "auto"), env=ENV, capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(
+        train_command(model_dirs, data, out, "--resume", "auto"), env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and [h["step"] for h in summary["history"]] == [1, 2, 3]
@@ -102,8 +134,22 @@ def test_cot_second_writer_refused_and_pays_for_nothing(tmp_path):
 def test_precompute_second_writer_refused_then_restarts_once_killed(model_dirs, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", addition_rows(12))
     out = tmp_path / "store"
-    command = [sys.executable, "-m", "distill", "precompute", "--teacher", str(model_dirs["teacher"]),
-               "--output_dir", str(out), "--k", "8", "--data.train_file", str(data), "--data.eval_fraction", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "distill",
+        "precompute",
+        "--teacher",
+        str(model_dirs["teacher"]),
+        "--output_dir",
+        str(out),
+        "--k",
+        "8",
+        "--data.train_file",
+        str(data),
+        "--data.eval_fraction",
+        "0",
+    ]
     with held_at(command, "reserve:store.json") as first:
         assert_refused(command, tmp_path, first, "distill precompute")
     again = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
@@ -114,8 +160,20 @@ def test_precompute_second_writer_refused_then_restarts_once_killed(model_dirs, 
 
 def test_prune_second_writer_refused_then_writes_once_killed(model_dirs, tmp_path):
     out = tmp_path / "pruned"
-    command = [sys.executable, "-m", "distill", "prune", "--model", str(model_dirs["teacher"]), "--output-dir",
-               str(out), "--depth.num_layers", "2", "--depth.method", "uniform"]
+    command = [
+        sys.executable,
+        "-m",
+        "distill",
+        "prune",
+        "--model",
+        str(model_dirs["teacher"]),
+        "--output-dir",
+        str(out),
+        "--depth.num_layers",
+        "2",
+        "--depth.method",
+        "uniform",
+    ]
     with held_at(command, f"publish:{out.name}") as first:
         assert_refused(command, tmp_path, first, "distill prune")
     again = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)

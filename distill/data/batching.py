@@ -61,7 +61,10 @@ class BatchStream:
         logger.warning(
             "resuming with %d processes from a checkpoint written by %d: continuing at epoch %d, sample %d of the "
             "epoch order (batches differ from an uninterrupted run)",
-            self.world_size, saved_world_size, epoch, within,
+            self.world_size,
+            saved_world_size,
+            epoch,
+            within,
         )
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:

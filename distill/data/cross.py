@@ -37,17 +37,22 @@ from transformers import PreTrainedTokenizerBase
 
 from kd_core.config import ConfigError
 
-CROSS_FEATURES = {"teacher_input_ids": ("list", "int32"), "align_student": ("list", "int32"),
-                  "align_teacher": ("list", "int32")}
+CROSS_FEATURES = {
+    "teacher_input_ids": ("list", "int32"),
+    "align_student": ("list", "int32"),
+    "align_teacher": ("list", "int32"),
+}
 Segments = tuple[list[tuple[str, bool]], bool]  # [(text, add_special_tokens)], whether an EOS follows
 
 
 def check_offsets(tokenizer: PreTrainedTokenizerBase, field: str) -> None:
     """A tokenizer that gives character offsets, else one ConfigError naming ``field``."""
     if not tokenizer.is_fast:
-        raise ConfigError(f"{field}: {type(tokenizer).__name__} is a slow (Python) tokenizer without character "
-                          "offsets; loss.cross_tokenizer aligns the two sequences by offsets and needs a fast "
-                          "tokenizer (a tokenizer.json, as AutoTokenizer loads by default)")
+        raise ConfigError(
+            f"{field}: {type(tokenizer).__name__} is a slow (Python) tokenizer without character "
+            "offsets; loss.cross_tokenizer aligns the two sequences by offsets and needs a fast "
+            "tokenizer (a tokenizer.json, as AutoTokenizer loads by default)"
+        )
 
 
 def check_templates(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, field: str) -> None:
@@ -55,9 +60,11 @@ def check_templates(student: PreTrainedTokenizerBase, teacher: PreTrainedTokeniz
     given text it never saw (and the data's turns would mean different things), so a different template is refused.
     A teacher without a template reads the student's."""
     if teacher.chat_template and student.chat_template and teacher.chat_template != student.chat_template:
-        raise ConfigError(f"{field}: the teacher's chat template differs from the student's; loss.cross_tokenizer "
-                          "gives both models the same rendered text, so the templates must be the same (or use "
-                          "data.format: text, or a teacher tokenizer without a chat template)")
+        raise ConfigError(
+            f"{field}: the teacher's chat template differs from the student's; loss.cross_tokenizer "
+            "gives both models the same rendered text, so the templates must be the same (or use "
+            "data.format: text, or a teacher tokenizer without a chat template)"
+        )
 
 
 def chat_messages(record: dict[str, Any], shape: str) -> list[dict[str, Any]]:
@@ -111,27 +118,40 @@ def _prefix_positions(offsets: list[tuple[int, int]]) -> dict[int, int]:
     return chosen
 
 
-def align(student_offsets: list[tuple[int, int]], teacher_offsets: list[tuple[int, int]],
-          counted: list[bool]) -> tuple[list[int], list[int]]:
+def align(
+    student_offsets: list[tuple[int, int]], teacher_offsets: list[tuple[int, int]], counted: list[bool]
+) -> tuple[list[int], list[int]]:
     """Aligned positions (module docstring): ``(student_positions, teacher_positions)``, in increasing order; a
     student position ``i`` is kept when the label of token ``i + 1`` is ``counted``."""
     teacher = _prefix_positions(teacher_offsets)
-    pairs = sorted((i, teacher[end]) for end, i in _prefix_positions(student_offsets).items()
-                   if end in teacher and i + 1 < len(counted) and counted[i + 1])
+    pairs = sorted(
+        (i, teacher[end])
+        for end, i in _prefix_positions(student_offsets).items()
+        if end in teacher and i + 1 < len(counted) and counted[i + 1]
+    )
     return [i for i, _ in pairs], [j for _, j in pairs]
 
 
-def cross_columns(record: dict[str, Any], shape: str, example: dict[str, Any], counted: list[bool],
-                  tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase, max_length: int,
-                  where: str) -> dict[str, list[int]]:
+def cross_columns(
+    record: dict[str, Any],
+    shape: str,
+    example: dict[str, Any],
+    counted: list[bool],
+    tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    where: str,
+) -> dict[str, list[int]]:
     """The teacher's ids (truncated to ``max_length`` tokens) and the aligned positions of one example, whose
     ``counted`` says which of its labels count."""
     pieces = segments(record, shape, tokenizer)
     ids, offsets = encode(pieces, tokenizer)
     n = len(example["input_ids"])
     if ids[:n] != list(example["input_ids"]):
-        raise ConfigError(f"{where}: re-encoding the example's text with offsets gives other student tokens than the "
-                          "data layer's; it cannot be aligned with the teacher's tokens (loss.cross_tokenizer)")
+        raise ConfigError(
+            f"{where}: re-encoding the example's text with offsets gives other student tokens than the "
+            "data layer's; it cannot be aligned with the teacher's tokens (loss.cross_tokenizer)"
+        )
     teacher_ids, teacher_offsets = encode(pieces, teacher_tokenizer)
     teacher_ids, teacher_offsets = teacher_ids[:max_length], teacher_offsets[:max_length]
     student_pos, teacher_pos = align(offsets[:n], teacher_offsets, counted)
@@ -150,7 +170,7 @@ def token_texts(tokenizer: PreTrainedTokenizerBase) -> dict[int, str]:
     for i, text in enumerate(decoded):
         if i in special or not text.startswith(base):
             continue
-        text = text[len(base):]
+        text = text[len(base) :]
         if text and "\ufffd" not in text:
             texts[i] = text
     return texts
@@ -168,18 +188,22 @@ def splits_digits(texts: dict[int, str]) -> bool:
     return not any(sum(c.isdigit() for c in text) > 1 for text in texts.values())
 
 
-def match_vocabularies(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase,
-                       field: str = "loss.cross_tokenizer") -> tuple[list[int], list[int]]:
+def match_vocabularies(
+    student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, field: str = "loss.cross_tokenizer"
+) -> tuple[list[int], list[int]]:
     """``(student_ids, teacher_ids)`` of the tokens whose text maps one to one between the vocabularies (module
     docstring); ConfigError naming ``field`` when none does (``gold`` would then be ``uld``)."""
     s_texts, t_texts = token_texts(student), token_texts(teacher)
     s_unique, t_unique = _unique(s_texts), _unique(t_texts)
     digits_differ = splits_digits(s_texts) != splits_digits(t_texts)
-    shared = sorted(text for text in s_unique.keys() & t_unique.keys()
-                    if not (digits_differ and any(c.isdigit() for c in text)))
+    shared = sorted(
+        text for text in s_unique.keys() & t_unique.keys() if not (digits_differ and any(c.isdigit() for c in text))
+    )
     if not shared:
-        raise ConfigError(f"{field}: gold found no token whose text is the same in both vocabularies (student "
-                          f"{len(student)} tokens, teacher {len(teacher)}); nothing can be compared exactly: use uld")
+        raise ConfigError(
+            f"{field}: gold found no token whose text is the same in both vocabularies (student "
+            f"{len(student)} tokens, teacher {len(teacher)}); nothing can be compared exactly: use uld"
+        )
     return [s_unique[text] for text in shared], [t_unique[text] for text in shared]
 
 
@@ -196,6 +220,8 @@ def collate_teacher(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(example["teacher_input_ids"])
         mask[row, :n] = 1
         pairs += [(row, s, t) for s, t in zip(example["align_student"], example["align_teacher"])]
-    return {"teacher_input_ids": ids, "teacher_attention_mask": mask,
-            "cross_pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 3)}
-
+    return {
+        "teacher_input_ids": ids,
+        "teacher_attention_mask": mask,
+        "cross_pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 3),
+    }

@@ -38,13 +38,15 @@ SHAPES = ("messages", "prompt_completion", "text", "prompt")
 
 @dataclasses.dataclass
 class DataSettings:
-    train_file: str = option("", help="Training data: a .jsonl/.json/.parquet file or a `datasets.save_to_disk` "
-                                      "folder.")
+    train_file: str = option(
+        "", help="Training data: a .jsonl/.json/.parquet file or a `datasets.save_to_disk` folder."
+    )
     eval_file: str | None = option(None, help="Held-out data in the same shapes; if unset, `eval_fraction` of train.")
     eval_fraction: float = option(0.05, help="Fraction of the training file held out for eval when eval_file is unset.")
     format: Literal["auto", "messages", "prompt_completion", "text", "prompt"] = option(
-        "auto", help="Dataset shape; `auto` picks messages, then prompt/completion, then text, then prompt alone "
-        "(prompts only: on-policy training samples every completion)."
+        "auto",
+        help="Dataset shape; `auto` picks messages, then prompt/completion, then text, then prompt alone "
+        "(prompts only: on-policy training samples every completion).",
     )
     max_length: int = option(512, help="Sequences are truncated to this many tokens.")
     completion_only_loss: bool = option(
@@ -52,33 +54,38 @@ class DataSettings:
     )
     max_samples: int | None = option(None, help="Use at most this many training examples (for quick runs).")
     packing: bool = option(
-        False, help="Pack each training micro-batch's examples back to back (first-fit decreasing into rows of "
+        False,
+        help="Pack each training micro-batch's examples back to back (first-fit decreasing into rows of "
         "`max_length` tokens, or fewer, longer rows where the student's shape makes them cheaper: padding costs "
         "every layer's matmuls, long rows cost attention); position ids restart per "
         "example, so attention stays within each one (transformers' packed-sequence masks); logit terms and `ce` "
-        "only. Held-out batches stay padded."
+        "only. Held-out batches stay padded.",
     )
     step_by_step_label_weight: float | None = option(
-        None, help="Distilling step-by-step: each record's `prompt`, `rationale` and `label` columns (as written by "
+        None,
+        help="Distilling step-by-step: each record's `prompt`, `rationale` and `label` columns (as written by "
         "`data-gen cot`) become two examples, '[label] ' + prompt -> label with loss weight w and '[rationale] ' + "
-        "prompt -> rationale with weight 1 - w; null = plain training on the detected shape."
+        "prompt -> rationale with weight 1 - w; null = plain training on the detected shape.",
     )
     cache_dir: str | None = option(
-        None, help="Where each data file is tokenized once (memory-mapped Arrow files, keyed by the file's content, "
+        None,
+        help="Where each data file is tokenized once (memory-mapped Arrow files, keyed by the file's content, "
         "the tokenizer and the settings that change tokens) and mapped by every later run; default "
-        "$HF_DATASETS_CACHE/distill_kd (~/.cache/huggingface/datasets/distill_kd). Delete the folder to clear it."
+        "$HF_DATASETS_CACHE/distill_kd (~/.cache/huggingface/datasets/distill_kd). Delete the folder to clear it.",
     )
     num_proc: int | None = option(
-        None, help="Processes that tokenize a file the first time (default: the CPUs this process may use, at most "
-        "32; 1 = in this process)."
+        None,
+        help="Processes that tokenize a file the first time (default: the CPUs this process may use, at most "
+        "32; 1 = in this process).",
     )
 
     def __post_init__(self) -> None:
         if self.num_proc is not None and self.num_proc < 1:
             raise ValueError(f"num_proc: expected at least 1 or null, got {self.num_proc}")
         if self.step_by_step_label_weight is not None and not 0.0 <= self.step_by_step_label_weight <= 1.0:
-            raise ValueError(f"step_by_step_label_weight: expected a number in [0, 1] or null, got "
-                             f"{self.step_by_step_label_weight}")
+            raise ValueError(
+                f"step_by_step_label_weight: expected a number in [0, 1] or null, got {self.step_by_step_label_weight}"
+            )
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction: expected a number in [0, 1), got {self.eval_fraction}")
         if self.max_length < 2:
@@ -86,8 +93,12 @@ class DataSettings:
 
 
 ROLES = ("system", "user", "assistant", "tool")
-NEEDED = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"], "text": ["text"],
-          "prompt": ["prompt"]}
+NEEDED = {
+    "messages": ["messages"],
+    "prompt_completion": ["prompt", "completion"],
+    "text": ["text"],
+    "prompt": ["prompt"],
+}
 
 
 def detect_shape(record: dict[str, Any], requested: str, source: str) -> str:
@@ -121,14 +132,17 @@ def check_record(record: dict[str, Any], shape: str, where: str, first: str | No
     have the types its shape needs: a list of {role, content} messages with known roles, or string
     prompt/completion/text. ``first`` (where the shape was detected) makes a row of another shape an error of its
     own: it names this row, its shape and the one expected."""
+
     def fail(problem: str) -> typing.NoReturn:
         raise ConfigError(f"{where}: {problem}")
 
     if first is not None:
         own = detect_shape(record, "auto", where)
         if own != shape:
-            fail(f"this row has the {own!r} shape (columns {NEEDED[own]}), but the data's shape is {shape!r}, "
-                 f"detected from its first row ({first}): expected column(s) {NEEDED[shape]} in every row")
+            fail(
+                f"this row has the {own!r} shape (columns {NEEDED[own]}), but the data's shape is {shape!r}, "
+                f"detected from its first row ({first}): expected column(s) {NEEDED[shape]} in every row"
+            )
     if shape == "messages":
         messages = record.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -166,6 +180,27 @@ def _template_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, A
     return list(ids)
 
 
+def _plain_prompt_example(
+    record: dict[str, Any], shape: str, tokenizer: PreTrainedTokenizerBase, max_length: int, completion_only: bool
+) -> dict[str, Any]:
+    """A prompt (and completion) for a tokenizer without a chat template: the two texts concatenated, EOS after the
+    completion."""
+    prompt_ids = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+    completion_ids = []
+    if shape == "prompt_completion":
+        completion_ids = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            completion_ids = completion_ids + [tokenizer.eos_token_id]
+    ids = (prompt_ids + completion_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
+    return {
+        "input_ids": ids,
+        "labels": labels if completion_only else list(ids),
+        "prompt_length": min(len(prompt_ids), max_length),
+        "has_completion": shape == "prompt_completion",
+    }
+
+
 def tokenize_example(
     record: dict[str, Any],
     shape: str,
@@ -183,22 +218,17 @@ def tokenize_example(
         return {"input_ids": ids, "labels": list(ids), "prompt_length": None, "has_completion": True}
 
     if tokenizer.chat_template is None and shape in ("prompt_completion", "prompt"):
-        prompt_ids = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
-        completion_ids = []
-        if shape == "prompt_completion":
-            completion_ids = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
-            if tokenizer.eos_token_id is not None:
-                completion_ids = completion_ids + [tokenizer.eos_token_id]
-        ids = (prompt_ids + completion_ids)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
-        return {"input_ids": ids, "labels": labels if completion_only else list(ids),
-                "prompt_length": min(len(prompt_ids), max_length), "has_completion": shape == "prompt_completion"}
+        return _plain_prompt_example(record, shape, tokenizer, max_length, completion_only)
 
     messages = chat_messages(record, shape)
     if messages[-1]["role"] != "assistant":  # a conversation waiting for its answer: a prompt only
         ids = _template_ids(tokenizer, messages, add_generation_prompt=True)[:max_length]
-        return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "prompt_length": len(ids),
-                "has_completion": False}
+        return {
+            "input_ids": ids,
+            "labels": [IGNORE_INDEX] * len(ids),
+            "prompt_length": len(ids),
+            "has_completion": False,
+        }
     # The prompt of the final assistant turn, as generation would be given it.
     prompt_ids = _template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
     if _has_generation_markers(tokenizer):
@@ -211,10 +241,14 @@ def tokenize_example(
     else:
         # Without markers, the target is the final assistant turn: the prompt is everything before it.
         ids = _template_ids(tokenizer, messages)
-        labels = [IGNORE_INDEX] * len(prompt_ids) + list(ids[len(prompt_ids):])
+        labels = [IGNORE_INDEX] * len(prompt_ids) + list(ids[len(prompt_ids) :])
     ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "labels": labels if completion_only else list(ids),
-            "prompt_length": min(len(prompt_ids), max_length), "has_completion": True}
+    return {
+        "input_ids": ids,
+        "labels": labels if completion_only else list(ids),
+        "prompt_length": min(len(prompt_ids), max_length),
+        "has_completion": True,
+    }
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
@@ -237,13 +271,22 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 def record_shape(record: dict[str, Any], settings: DataSettings, where: str) -> str:
     """The shape every row of a file must have, detected from its first row (``where``)."""
-    return "prompt_completion" if settings.step_by_step_label_weight is not None else detect_shape(
-        record, settings.format, where)
+    return (
+        "prompt_completion"
+        if settings.step_by_step_label_weight is not None
+        else detect_shape(record, settings.format, where)
+    )
 
 
-def examples_of(record: dict[str, Any], shape: str, tokenizer: PreTrainedTokenizerBase, settings: DataSettings,
-                where: str, first: str | None = None, teacher_tokenizer: PreTrainedTokenizerBase | None = None
-                ) -> list[dict[str, Any]]:
+def examples_of(
+    record: dict[str, Any],
+    shape: str,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: DataSettings,
+    where: str,
+    first: str | None = None,
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+) -> list[dict[str, Any]]:
     """A record checked (ConfigError naming ``where``) and tokenized into its examples, each with a ``loss_weight``:
     one example (weight 1), or two with ``step_by_step_label_weight`` w (a label example, weight w, and a rationale
     example, 1 - w). Examples truncated to no target are left out; prompts only (on-policy) are kept, having none
@@ -257,10 +300,14 @@ def examples_of(record: dict[str, Any], shape: str, tokenizer: PreTrainedTokeniz
     else:
         missing = [c for c in ("prompt", "rationale", "label") if not isinstance(record.get(c), str)]
         if missing:
-            raise ConfigError(f"{where}: step-by-step training needs string columns "
-                              f"{missing} (prompt, rationale, label; `data-gen cot` writes them)")
-        weighted = [({"prompt": "[label] " + record["prompt"], "completion": record["label"]}, w),
-                    ({"prompt": "[rationale] " + record["prompt"], "completion": record["rationale"]}, 1.0 - w)]
+            raise ConfigError(
+                f"{where}: step-by-step training needs string columns "
+                f"{missing} (prompt, rationale, label; `data-gen cot` writes them)"
+            )
+        weighted = [
+            ({"prompt": "[label] " + record["prompt"], "completion": record["label"]}, w),
+            ({"prompt": "[rationale] " + record["prompt"], "completion": record["rationale"]}, 1.0 - w),
+        ]
     examples = []
     for one, weight in weighted:
         example = tokenize_example(one, shape, tokenizer, settings.max_length, settings.completion_only_loss)
@@ -268,8 +315,11 @@ def examples_of(record: dict[str, Any], shape: str, tokenizer: PreTrainedTokeniz
             example["loss_weight"] = weight
             if teacher_tokenizer is not None:
                 counted = [label != IGNORE_INDEX for label in example["labels"]]
-                example.update(cross_columns(one, shape, example, counted, tokenizer, teacher_tokenizer,
-                                             settings.max_length, where))
+                example.update(
+                    cross_columns(
+                        one, shape, example, counted, tokenizer, teacher_tokenizer, settings.max_length, where
+                    )
+                )
             examples.append(example)
     return examples
 
@@ -299,8 +349,12 @@ def tokenize_records(
     return TokenizedDataset(examples)
 
 
-def build_datasets(settings: DataSettings, tokenizer: PreTrainedTokenizerBase, seed: int,
-                   teacher_tokenizer: PreTrainedTokenizerBase | None = None):
+def build_datasets(
+    settings: DataSettings,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+):
     """Train and eval sets (:class:`distill.data.tokenized.ArrowExamples`) from the tokenized cache of each file;
     eval is carved from train (deterministically for ``seed``) when no file is given, and keeps only examples with
     a completion (token metrics need targets); None when there is no eval set. ``teacher_tokenizer``: each example
@@ -323,117 +377,13 @@ def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
         attention_mask[row, :n] = 1
     sample_ids = torch.tensor([e["sample_id"] for e in examples], dtype=torch.long)
     loss_weights = torch.tensor([e.get("loss_weight", 1.0) for e in examples], dtype=torch.float32)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sample_ids": sample_ids,
-             "loss_weights": loss_weights}
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "sample_ids": sample_ids,
+        "loss_weights": loss_weights,
+    }
     if "teacher_input_ids" in examples[0]:  # cross-tokenizer distillation
         batch.update(collate_teacher(examples))
     return batch
-
-
-def pack_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
-    """First-fit decreasing: example indices grouped into rows of at most ``capacity`` tokens (None: one row).
-    Rows are bounded so attention, quadratic in a row's length, stays that of ``max_length``-long sequences; an
-    example longer than ``capacity`` gets a row of its own."""
-    longest_first = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    if capacity is None:
-        return [longest_first]
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for index in longest_first:
-        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
-        if row is None:
-            rows.append([])
-            room.append(capacity)
-            row = len(rows) - 1
-        rows[row].append(index)
-        room[row] -= lengths[index]
-    return rows
-
-
-def attention_weight(config) -> float:
-    """Cost of one query-key pair in attention relative to one token through the layer's matmuls, for a decoder
-    config (forward FLOPs per layer; backward scales both alike): QK^T and AV take 4 x heads x head_dim per pair,
-    the q/k/v/o projections and the gated MLP 2 x (hidden x (2 q + 2 kv widths) + 3 x hidden x intermediate) per
-    token. SmolLM2-135M: 1 / 3,070 (its half-width-MLP pruned student 1 / 2,300), so rows of a few thousand tokens
-    cost little attention; Llama-3-8B: 1 / 26,600."""
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
-    per_token = 2 * (hidden * (2 * heads * head_dim + 2 * kv_heads * head_dim) + 3 * hidden * intermediate)
-    return 4 * heads * head_dim / per_token
-
-
-def balanced_rows(lengths: list[int], count: int) -> list[list[int]]:
-    """Example indices in ``count`` rows of near-equal length: longest first, each into the shortest row so far."""
-    rows: list[list[int]] = [[] for _ in range(count)]
-    filled = [0] * count
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = filled.index(min(filled))
-        rows[row].append(index)
-        filled[row] += lengths[index]
-    return [row for row in rows if row]
-
-
-def packing_rows(lengths: list[int], max_length: int | None, weight: float | None) -> list[list[int]]:
-    """The rows :func:`collate_packed` uses: first-fit decreasing into rows of ``max_length`` tokens or, where a
-    balanced packing into fewer, longer rows costs less, that one. Cost = ``rows x width`` tokens (padding
-    included) + ``weight x rows x width^2`` attention pairs. Rows of ``max_length`` when ``weight`` is None; one
-    row when ``max_length`` is None."""
-    rows = pack_rows(lengths, max_length)
-    if max_length is None or weight is None:
-        return rows
-
-    def cost(rows: list[list[int]]) -> float:
-        width = max(sum(lengths[i] for i in row) for row in rows)
-        return len(rows) * width * (1 + weight * width)
-
-    fewer = [balanced_rows(lengths, count) for count in range(1, len(rows))]
-    return min([rows, *fewer], key=cost)  # ties keep the max_length rows
-
-
-def varlen_attention(attn_implementation: str) -> bool:
-    """Whether packed rows go to the model as one flat row: transformers 5.24's flash-attention path reads packed
-    sequences from position ids (``flash_attn_varlen_func`` on ``cu_seqlens``, no mask) only for a batch of one row
-    (``modeling_flash_attention_utils._is_packed_sequence``); several rows would attend across examples. sdpa, eager
-    and flex_attention build a block-diagonal mask from the position ids of any number of rows
-    (``masking_utils.find_packed_sequence_indices``)."""
-    return attn_implementation.startswith("flash_attention")
-
-
-def collate_packed(examples: list[dict[str, Any]], pad_token_id: int, max_length: int | None = None,
-                   weight: float | None = None, varlen: bool = False) -> dict[str, torch.Tensor]:
-    """Examples back to back in rows chosen by :func:`packing_rows` (first-fit decreasing into rows of ``max_length``
-    tokens, or fewer, longer rows where ``weight``, the student's :func:`attention_weight`, says they are cheaper),
-    padded only to the longest row: ``position_ids`` restart at 0 for each example, from which transformers (5.24
-    ``masking_utils.find_packed_sequence_indices``, used when the attention mask is None) builds a block-diagonal causal
-    mask, so each example attends to itself only, as if padded. A padding token has position 0 (a sequence of its own),
-    label -100 and loss weight 0. The first token of each example is never a target (its label is set to -100), so no
-    example predicts the next one's start. ``sample_ids`` follow the packed order (row by row), as the offline store's
-    targets must. ``attention_mask`` marks the real tokens; the trainer passes None to the models when ``position_ids``
-    is present. ``varlen`` (:func:`varlen_attention`): every example in one row, no padding."""
-    lengths = [len(e["input_ids"]) for e in examples]
-    rows = [list(range(len(examples)))] if varlen else packing_rows(lengths, max_length, weight)
-    width = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
-    shape = (len(rows), width)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    positions = torch.zeros(shape, dtype=torch.long)
-    attention_mask = torch.zeros(shape, dtype=torch.long)
-    loss_weights = torch.zeros(shape, dtype=torch.float32)  # per token: a row holds examples with their own `ce` weight
-    order = []
-    for r, row in enumerate(rows):
-        start = 0
-        for i in row:
-            example, n = examples[i], len(examples[i]["input_ids"])
-            span = slice(start, start + n)
-            input_ids[r, span] = torch.tensor(example["input_ids"])
-            labels[r, span] = torch.tensor([IGNORE_INDEX] + list(example["labels"][1:]))
-            positions[r, span] = torch.arange(n)
-            attention_mask[r, span] = 1
-            loss_weights[r, span] = example.get("loss_weight", 1.0)
-            order.append(example["sample_id"])
-            start += n
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": positions,
-            "sample_ids": torch.tensor(order, dtype=torch.long), "loss_weights": loss_weights}

@@ -14,8 +14,9 @@ NAMES = ["Ana", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun",
 OBJECTS = ["apples", "marbles", "books", "coins", "stickers", "pens", "cards", "shells"]
 
 
-def make_problem(rng: random.Random, steps: tuple[int, int] = (1, 3), start: int = 20, amount: int = 15
-                 ) -> dict[str, Any]:
+def make_problem(
+    rng: random.Random, steps: tuple[int, int] = (1, 3), start: int = 20, amount: int = 15
+) -> dict[str, Any]:
     """One problem of ``steps[0]..steps[1]`` steps of + and -: a first count in 2..``start``, then each step buys or
     finds 1..``amount`` more, or (half the time, when more than 3 are left) gives away or loses some of them."""
     name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
@@ -44,8 +45,9 @@ def make_problem(rng: random.Random, steps: tuple[int, int] = (1, 3), start: int
     }
 
 
-def make_problems(n: int, seed: int, steps: tuple[int, int] = (1, 3), start: int = 20, amount: int = 15
-                  ) -> list[dict[str, Any]]:
+def make_problems(
+    n: int, seed: int, steps: tuple[int, int] = (1, 3), start: int = 20, amount: int = 15
+) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     return [make_problem(rng, steps, start, amount) for _ in range(n)]
 

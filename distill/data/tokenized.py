@@ -162,23 +162,36 @@ def _chunk_records(chunk: dict[str, int], source: dict[str, Any]):
         yield row, f"{path}: row {row}", dict(zip(batch.keys(), values))
 
 
-def _tokenize_chunk(batch: dict[str, list[int]], source: dict[str, Any], tokenizer, settings,
-                    examples_of: Callable, teacher_tokenizer=None) -> dict[str, list]:
+def _tokenize_chunk(
+    batch: dict[str, list[int]],
+    source: dict[str, Any],
+    tokenizer,
+    settings,
+    examples_of: Callable,
+    teacher_tokenizer=None,
+) -> dict[str, list]:
     """The ``Dataset.map`` function: one chunk (``batch_size`` 1) in, its kept examples out."""
     names = _feature_types(teacher_tokenizer)
     out: dict[str, list] = {name: [] for name in names}
     chunk = {name: values[0] for name, values in batch.items()}
     for row, where, record in _chunk_records(chunk, source):
-        for example in examples_of(record, source["shape"], tokenizer, settings, where, source["first"],
-                                   teacher_tokenizer):
+        for example in examples_of(
+            record, source["shape"], tokenizer, settings, where, source["first"], teacher_tokenizer
+        ):
             example["sample_id"] = row
             for name in names:
                 out[name].append(example[name])
     return out
 
 
-FEATURE_TYPES = {"input_ids": ("list", "int32"), "labels": ("list", "int32"), "prompt_length": "int32",
-                 "has_completion": "bool", "sample_id": "int64", "loss_weight": "float64"}
+FEATURE_TYPES = {
+    "input_ids": ("list", "int32"),
+    "labels": ("list", "int32"),
+    "prompt_length": "int32",
+    "has_completion": "bool",
+    "sample_id": "int64",
+    "loss_weight": "float64",
+}
 
 
 def _feature_types(teacher_tokenizer) -> dict[str, Any]:
@@ -189,10 +202,12 @@ def _feature_types(teacher_tokenizer) -> dict[str, Any]:
 def _features(teacher_tokenizer=None):
     import datasets
 
-    return datasets.Features({
-        name: datasets.List(datasets.Value(kind[1])) if isinstance(kind, tuple) else datasets.Value(kind)
-        for name, kind in _feature_types(teacher_tokenizer).items()
-    })
+    return datasets.Features(
+        {
+            name: datasets.List(datasets.Value(kind[1])) if isinstance(kind, tuple) else datasets.Value(kind)
+            for name, kind in _feature_types(teacher_tokenizer).items()
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,8 +233,9 @@ def _source(path: Path, field: str, settings, record_shape: Callable) -> tuple[d
     return {"path": str(path), "field": field, "raw": raw, "shape": shape, "first": first_where}, chunks, rows
 
 
-def _build(path: Path, field: str, tokenizer, settings, target: Path, rows_of: RowFunctions,
-           teacher_tokenizer=None) -> None:
+def _build(
+    path: Path, field: str, tokenizer, settings, target: Path, rows_of: RowFunctions, teacher_tokenizer=None
+) -> None:
     """Tokenizes ``path`` into ``target``: filled in a hidden temporary folder beside it, then renamed."""
     import datasets
 
@@ -232,16 +248,34 @@ def _build(path: Path, field: str, tokenizer, settings, target: Path, rows_of: R
     try:
         started = time.monotonic()
         table.map(
-            _tokenize_chunk, batched=True, batch_size=1, num_proc=processes if processes > 1 else None,
-            remove_columns=table.column_names, features=_features(teacher_tokenizer),
-            cache_file_name=str(tmp / "tokens.arrow"), new_fingerprint=target.name,
-            fn_kwargs={"source": source, "tokenizer": tokenizer, "settings": settings,
-                       "examples_of": rows_of.examples_of, "teacher_tokenizer": teacher_tokenizer},
+            _tokenize_chunk,
+            batched=True,
+            batch_size=1,
+            num_proc=processes if processes > 1 else None,
+            remove_columns=table.column_names,
+            features=_features(teacher_tokenizer),
+            cache_file_name=str(tmp / "tokens.arrow"),
+            new_fingerprint=target.name,
+            fn_kwargs={
+                "source": source,
+                "tokenizer": tokenizer,
+                "settings": settings,
+                "examples_of": rows_of.examples_of,
+                "teacher_tokenizer": teacher_tokenizer,
+            },
             desc=f"tokenizing {path.name}",
         )
         files = sorted(p.name for p in tmp.glob("tokens*.arrow"))
-        atomic_write_json(tmp / META, {"source": str(path), "rows": rows, "shape": source["shape"], "files": files,
-                                       "seconds": round(time.monotonic() - started, 1)})
+        atomic_write_json(
+            tmp / META,
+            {
+                "source": str(path),
+                "rows": rows,
+                "shape": source["shape"],
+                "files": files,
+                "seconds": round(time.monotonic() - started, 1),
+            },
+        )
         try:
             publish_directory(tmp, target)
         except OSError:
@@ -351,20 +385,24 @@ class ArrowExamples(torch.utils.data.Dataset):
         return int(self.column("sample_id")[missing[0]]) if len(missing) else None
 
 
-def split_examples(settings, tokenizer, seed: int, rows_of: RowFunctions,
-                   teacher_tokenizer=None) -> tuple[ArrowExamples, ArrowExamples | None]:
+def split_examples(
+    settings, tokenizer, seed: int, rows_of: RowFunctions, teacher_tokenizer=None
+) -> tuple[ArrowExamples, ArrowExamples | None]:
     """Train and eval examples (:func:`distill.data.datasets.build_datasets`)."""
-    table, rows = tokenized_file(settings.train_file, "data.train_file", tokenizer, settings, rows_of,
-                                 teacher_tokenizer)
+    table, rows = tokenized_file(
+        settings.train_file, "data.train_file", tokenizer, settings, rows_of, teacher_tokenizer
+    )
     sample_ids = table.data.column("sample_id").to_numpy()
     held = np.zeros(rows, dtype=bool)
     eval_set = None
     if settings.eval_file:
-        eval_table, _ = tokenized_file(settings.eval_file, "data.eval_file", tokenizer, settings, rows_of,
-                                       teacher_tokenizer)
+        eval_table, _ = tokenized_file(
+            settings.eval_file, "data.eval_file", tokenizer, settings, rows_of, teacher_tokenizer
+        )
         if not len(eval_table):
-            raise ConfigError(f"{settings.eval_file}: no example has target tokens within "
-                              f"max_length={settings.max_length}")
+            raise ConfigError(
+                f"{settings.eval_file}: no example has target tokens within max_length={settings.max_length}"
+            )
         eval_set = ArrowExamples(eval_table, np.arange(len(eval_table)))
     elif settings.eval_fraction > 0 and rows > 1:
         # The same rows as when records were held in lists: the first of a seeded permutation of the rows.
@@ -377,12 +415,15 @@ def split_examples(settings, tokenizer, seed: int, rows_of: RowFunctions,
         train &= sample_ids <= (kept_rows[-1] if len(kept_rows) else -1)
     train_set = ArrowExamples(table, np.flatnonzero(train))
     if not len(train_set):
-        raise ConfigError(f"{settings.train_file}: no example has target tokens within "
-                          f"max_length={settings.max_length}")
+        raise ConfigError(
+            f"{settings.train_file}: no example has target tokens within max_length={settings.max_length}"
+        )
     if eval_set is not None:
         with_completion = np.flatnonzero(eval_set.column("has_completion"))
         if len(with_completion) < len(eval_set):
-            logger.info("eval: %d held-out prompt(s) without completion left out of the token metrics",
-                        len(eval_set) - len(with_completion))
+            logger.info(
+                "eval: %d held-out prompt(s) without completion left out of the token metrics",
+                len(eval_set) - len(with_completion),
+            )
         eval_set = ArrowExamples(eval_set.table, eval_set.rows[with_completion]) if len(with_completion) else None
     return train_set, eval_set

@@ -33,8 +33,17 @@ from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line, section
 from kd_core.generation import encode_prompt, generate_batched
 
-METRIC_NAMES = ("accuracy", "perplexity", "loss", "kl", "top1_agreement", "tokens_per_second", "acceptance_rate",
-                "speedup", "parameters")
+METRIC_NAMES = (
+    "accuracy",
+    "perplexity",
+    "loss",
+    "kl",
+    "top1_agreement",
+    "tokens_per_second",
+    "acceptance_rate",
+    "speedup",
+    "parameters",
+)
 
 
 @dataclasses.dataclass
@@ -127,8 +136,7 @@ def checked_tokenizer(cfg: EvalConfig):
 
     tokenizer = load_tokenizer(cfg.model, "model")
     if cfg.teacher is not None and load_tokenizer(cfg.teacher, "teacher").get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"teacher: {cfg.teacher} has a different tokenizer from {cfg.model}; KL needs one "
-                          "vocabulary")
+        raise ConfigError(f"teacher: {cfg.teacher} has a different tokenizer from {cfg.model}; KL needs one vocabulary")
     return tokenizer
 
 
@@ -143,25 +151,36 @@ def token_figures(cfg: EvalConfig, records: list[dict[str, Any]], model, tokeniz
     teacher_vocab = teacher.config.vocab_size if teacher is not None else model.config.vocab_size
     vocab = shared_vocab_size(model.config.vocab_size, teacher_vocab, len(tokenizer))
     # The source names the file, so a bad row reads `file:line` (records keep the file's order; only a prefix is cut).
-    dataset = tokenize_records(records, tokenizer, DataSettings(train_file=str(cfg.data), max_length=cfg.max_length),
-                               str(cfg.data))
+    dataset = tokenize_records(
+        records, tokenizer, DataSettings(train_file=str(cfg.data), max_length=cfg.max_length), str(cfg.data)
+    )
     size, batch_size = len(dataset), cfg.batch_size
     batches = (
-        {k: v.to(cfg.device) for k, v in collate([dataset[i] for i in range(j, min(j + batch_size, size))],
-                                                  tokenizer.pad_token_id).items()}
+        {
+            k: v.to(cfg.device)
+            for k, v in collate(
+                [dataset[i] for i in range(j, min(j + batch_size, size))], tokenizer.pad_token_id
+            ).items()
+        }
         for j in range(0, size, batch_size)
     )
     tokens = token_metrics(model, teacher, batches, vocab, chunk_size=LossSettings().chunk_size)
-    return {"loss": tokens["loss"], "perplexity": math.exp(min(tokens["loss"], 50.0)), "tokens": tokens["tokens"],
-            "kl": tokens.get("kl"), "top1_agreement": tokens.get("top1_agreement")}
+    return {
+        "loss": tokens["loss"],
+        "perplexity": math.exp(min(tokens["loss"], 50.0)),
+        "tokens": tokens["tokens"],
+        "kl": tokens.get("kl"),
+        "top1_agreement": tokens.get("top1_agreement"),
+    }
 
 
 def generation_figures(cfg: EvalConfig, records: list[dict[str, Any]], model, tokenizer) -> dict[str, Any]:
     """Accuracy of the greedy answers against the gold ones, generation speed, and the per-record samples."""
     extractor = cfg.extractor
     tasks = [(i, pg) for i, pg in enumerate(prompt_and_gold(r, extractor) for r in records) if pg is not None]
-    generations, seconds = generate_batched(model, tokenizer, [encode_prompt(tokenizer, pg[0]) for _, pg in tasks],
-                                            cfg.max_new_tokens, cfg.batch_size)
+    generations, seconds = generate_batched(
+        model, tokenizer, [encode_prompt(tokenizer, pg[0]) for _, pg in tasks], cfg.max_new_tokens, cfg.batch_size
+    )
     generated = sum(g.new_tokens for g in generations)
     samples = []
     correct = scored = 0
@@ -170,11 +189,17 @@ def generation_figures(cfg: EvalConfig, records: list[dict[str, Any]], model, to
         match = gold is not None and predicted == gold
         scored += gold is not None
         correct += match
-        samples.append({"row": row, "generation": generation.text, "predicted": predicted, "gold": gold,
-                        "correct": match})
-    return {"accuracy": correct / scored if scored else None, "scored": scored, "generated_tokens": generated,
-            "tokens_per_second": generated / seconds if seconds > 0 else None, "samples": samples,
-            "prompts": [pg[0] for _, pg in tasks]}
+        samples.append(
+            {"row": row, "generation": generation.text, "predicted": predicted, "gold": gold, "correct": match}
+        )
+    return {
+        "accuracy": correct / scored if scored else None,
+        "scored": scored,
+        "generated_tokens": generated,
+        "tokens_per_second": generated / seconds if seconds > 0 else None,
+        "samples": samples,
+        "prompts": [pg[0] for _, pg in tasks],
+    }
 
 
 def measure(cfg: EvalConfig) -> dict[str, Any]:
@@ -226,8 +251,9 @@ def format_table(rows: list[dict[str, Any]], names: list[str] | None = None) -> 
             line.append("-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4g}")
         cells.append(line)
     widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
-                     for line in cells)
+    return "\n".join(
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in cells
+    )
 
 
 Config = EvalConfig

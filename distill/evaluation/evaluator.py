@@ -81,8 +81,13 @@ class Evaluator:
         if self.zero3:
             raise ConfigError("accuracy.file: generation under ZeRO-3 is not supported; evaluate the exported model")
         acc = self.accelerator
-        metrics = answer_accuracy(student, self.tokenizer, self.accuracy_pairs[acc.process_index :: acc.num_processes],
-                                  self.accuracy, reduce=self.reduce())
+        metrics = answer_accuracy(
+            student,
+            self.tokenizer,
+            self.accuracy_pairs[acc.process_index :: acc.num_processes],
+            self.accuracy,
+            reduce=self.reduce(),
+        )
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     def evaluate(self, student: nn.Module, teacher: nn.Module | None) -> dict[str, Any]:
@@ -95,14 +100,25 @@ class Evaluator:
                 return figures
             acc, size = self.accelerator, len(self.eval_set)
             if self.task == "encoder":  # retrieval needs the whole set: every process embeds all of it
-                everything = [(list(range(j, min(j + self.batch_size, size))), True)
-                              for j in range(0, size, self.batch_size)]
-                metrics = {} if teacher is None else embedding_metrics(
-                    student, teacher, self.batches(everything), self.pooling)
+                everything = [
+                    (list(range(j, min(j + self.batch_size, size))), True) for j in range(0, size, self.batch_size)
+                ]
+                metrics = (
+                    {}
+                    if teacher is None
+                    else embedding_metrics(student, teacher, self.batches(everything), self.pooling)
+                )
             else:
                 shards = shard_batches(size, self.batch_size, acc.process_index, acc.num_processes)
-                metrics = token_metrics(student, teacher, self.batches(shards), self.vocab_size, reduce=self.reduce(),
-                                        zero3=self.zero3, chunk_size=self.chunk_size)
+                metrics = token_metrics(
+                    student,
+                    teacher,
+                    self.batches(shards),
+                    self.vocab_size,
+                    reduce=self.reduce(),
+                    zero3=self.zero3,
+                    chunk_size=self.chunk_size,
+                )
             return {**figures, **{f"eval/{k}": v for k, v in metrics.items()}}
         finally:
             student.train()

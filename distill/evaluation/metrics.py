@@ -85,7 +85,10 @@ def frozen(head: OutputHead, vocab: int) -> OutputHead:
 
 
 def top1_agreements(
-    student_hidden: torch.Tensor, student_head: OutputHead, teacher_hidden: torch.Tensor, teacher_head: OutputHead,
+    student_hidden: torch.Tensor,
+    student_head: OutputHead,
+    teacher_hidden: torch.Tensor,
+    teacher_head: OutputHead,
     chunk_size: int,
 ) -> int:
     """Tokens where both models' most likely next token is the same, ``chunk_size`` tokens at a time (one
@@ -103,8 +106,9 @@ class AccuracySettings:
     """Answer accuracy of the student on held-out questions: greedy generation, then the answer extractor of
     ``data-gen cot`` (:mod:`kd_core.answers`) against the gold answer."""
 
-    file: str | None = option(None, help="Held-out questions (.jsonl/.json/.parquet, e.g. GSM8K's test split); "
-                              "null = no accuracy metric.")
+    file: str | None = option(
+        None, help="Held-out questions (.jsonl/.json/.parquet, e.g. GSM8K's test split); null = no accuracy metric."
+    )
     question_field: str = option("question", help="Column holding the question.")
     answer_field: str = option("answer", help="Column holding the gold answer (the text after '####' if present).")
     prompt_prefix: str = option("", help="Prepended to each question, e.g. '[rationale] ' for a step-by-step student.")
@@ -121,8 +125,14 @@ class AccuracySettings:
 def load_accuracy_set(settings: AccuracySettings) -> list[tuple[str, str]]:
     """(prompt, gold) pairs (:func:`kd_core.answers.load_questions`: a row without a question or a usable gold answer
     is a ConfigError naming it)."""
-    rows = load_questions(settings.file, "accuracy.file", settings.question_field, settings.answer_field,
-                          numeric=settings.extractor.numeric, limit=settings.max_samples)
+    rows = load_questions(
+        settings.file,
+        "accuracy.file",
+        settings.question_field,
+        settings.answer_field,
+        numeric=settings.extractor.numeric,
+        limit=settings.max_samples,
+    )
     return [(settings.prompt_prefix + r.question, r.gold) for r in rows]
 
 

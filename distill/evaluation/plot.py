@@ -74,7 +74,7 @@ def _panels(series: dict[str, list[tuple[int, float]]], keys: list[str], title: 
         ax.set_title(key.split("/", 1)[-1])
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
     figure.suptitle(title)
     figure.tight_layout()

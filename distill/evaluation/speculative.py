@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 class DraftSettings:
     """Bounds on the cost of the speculative-decoding figures (each prompt is generated twice by the teacher)."""
 
-    num_prompts: int = option(8, help="Prompts (the first ones with a prompt) generated plain and assisted; 0 = skip "
-                              "the draft-model figures.")
+    num_prompts: int = option(
+        8, help="Prompts (the first ones with a prompt) generated plain and assisted; 0 = skip the draft-model figures."
+    )
     max_new_tokens: int = option(64, help="Greedy tokens per prompt in both generations.")
 
     def __post_init__(self) -> None:
@@ -62,8 +63,9 @@ class ForwardCounter:
         self._handle.remove()
 
 
-def _greedy(teacher: nn.Module, prompt: list[int], max_new_tokens: int, pad: int, eos: int,
-            assistant: nn.Module | None) -> tuple[list[int], float]:
+def _greedy(
+    teacher: nn.Module, prompt: list[int], max_new_tokens: int, pad: int, eos: int, assistant: nn.Module | None
+) -> tuple[list[int], float]:
     """New tokens (uncut: what the rounds produced) and the wall seconds of one greedy ``generate``."""
     import torch
 
@@ -71,25 +73,37 @@ def _greedy(teacher: nn.Module, prompt: list[int], max_new_tokens: int, pad: int
     input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
     began = time.perf_counter()
     with torch.no_grad():
-        out = teacher.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                               max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-                               assistant_model=assistant)
-    return out[0, len(prompt):].tolist(), time.perf_counter() - began
+        out = teacher.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            assistant_model=assistant,
+        )
+    return out[0, len(prompt) :].tolist(), time.perf_counter() - began
 
 
 def _cut(tokens: list[int], eos: int) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-def draft_metrics(student: nn.Module, teacher: nn.Module, prompts: Sequence[list[int]], max_new_tokens: int,
-                  pad_token_id: int, eos_token_id: int) -> dict[str, Any]:
+def draft_metrics(
+    student: nn.Module,
+    teacher: nn.Module,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_id: int,
+) -> dict[str, Any]:
     """The figures of the module docstring for ``student`` drafting for ``teacher`` (same tokenizer) on ``prompts``
     (token ids from :func:`kd_core.generation.encode_prompt`)."""
     plain_s = assisted_s = 0.0
     new_tokens = teacher_passes = proposed = equal = 0
     for i, prompt in enumerate(prompts):
         runs = {}
-        for assisted in ((False, True) if i % 2 == 0 else (True, False)):
+        for assisted in (False, True) if i % 2 == 0 else (True, False):
             if not assisted:
                 runs[False] = _greedy(teacher, prompt, max_new_tokens, pad_token_id, eos_token_id, None)
                 continue

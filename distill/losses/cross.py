@@ -51,16 +51,18 @@ class VocabMatch:
     teacher_rest: Tensor  # [Vt - K] long
 
     @classmethod
-    def build(cls, student: Tensor | list[int], teacher: Tensor | list[int], student_vocab: int,
-              teacher_vocab: int) -> VocabMatch:
+    def build(
+        cls, student: Tensor | list[int], teacher: Tensor | list[int], student_vocab: int, teacher_vocab: int
+    ) -> VocabMatch:
         student, teacher = torch.as_tensor(student, dtype=torch.long), torch.as_tensor(teacher, dtype=torch.long)
         if student.shape != teacher.shape or student.dim() != 1:
             raise ValueError(f"match: expected two [K] id lists, got {tuple(student.shape)} and {tuple(teacher.shape)}")
         for ids, vocab, side in ((student, student_vocab, "student"), (teacher, teacher_vocab, "teacher")):
             if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab or len(ids.unique()) != len(ids)):
                 raise ValueError(f"match: {side} ids must be distinct and in [0, {vocab})")
-        return cls(student, teacher, student_vocab, teacher_vocab, _rest(student, student_vocab),
-                   _rest(teacher, teacher_vocab))
+        return cls(
+            student, teacher, student_vocab, teacher_vocab, _rest(student, student_vocab), _rest(teacher, teacher_vocab)
+        )
 
     @classmethod
     def none(cls, student_vocab: int, teacher_vocab: int) -> VocabMatch:
@@ -84,8 +86,11 @@ def _rest(ids: Tensor, vocab: int) -> Tensor:
 
 def _bucketed(log_p: Tensor, matched: Tensor, rest: Tensor) -> Tensor:
     """``[n, K + 1]``: the log-probabilities of the matched tokens, then of all the other tokens together."""
-    tail = torch.logsumexp(log_p[:, rest], -1, keepdim=True) if len(rest) else log_p.new_full(
-        (log_p.shape[0], 1), EMPTY_LOG)
+    tail = (
+        torch.logsumexp(log_p[:, rest], -1, keepdim=True)
+        if len(rest)
+        else log_p.new_full((log_p.shape[0], 1), EMPTY_LOG)
+    )
     return torch.cat([log_p[:, matched], tail.clamp_min(EMPTY_LOG)], 1)
 
 
@@ -170,8 +175,16 @@ class _ChunkedCrossDivergence(torch.autograd.Function):
     ) -> Tensor:
         inputs = (student_hidden, student_weight, student_bias)
         vocabs = (match.student_vocab, match.teacher_vocab)
-        return pair_chunks(ctx, inputs, teacher_hidden, heads, spec, vocabs, 0,
-                           lambda s, t, scratch: cross_value_and_grad(s, t, match, spec))
+        return pair_chunks(
+            ctx,
+            inputs,
+            teacher_hidden,
+            heads,
+            spec,
+            vocabs,
+            0,
+            lambda s, t, scratch: cross_value_and_grad(s, t, match, spec),
+        )
 
     @staticmethod
     @once_differentiable
@@ -193,14 +206,23 @@ def chunked_cross_divergence(
     the same text); each head is cropped to its vocabulary in ``match``. Differentiable w.r.t. ``student_hidden`` and
     the student head's weight and bias only."""
     if student_hidden.dim() != 2 or teacher_hidden.dim() != 2 or student_hidden.shape[0] != teacher_hidden.shape[0]:
-        raise ValueError(f"hidden: expected [N, H] for both models, got {tuple(student_hidden.shape)} and "
-                         f"{tuple(teacher_hidden.shape)}")
+        raise ValueError(
+            f"hidden: expected [N, H] for both models, got {tuple(student_hidden.shape)} and "
+            f"{tuple(teacher_hidden.shape)}"
+        )
     student_head, teacher_head = as_head(student_head), as_head(teacher_head)
     if match.student_vocab > student_head.weight.shape[0] or match.teacher_vocab > teacher_head.weight.shape[0]:
-        raise ValueError(f"match: vocabularies ({match.student_vocab}, {match.teacher_vocab}) exceed the heads' rows "
-                         f"({student_head.weight.shape[0]}, {teacher_head.weight.shape[0]})")
+        raise ValueError(
+            f"match: vocabularies ({match.student_vocab}, {match.teacher_vocab}) exceed the heads' rows "
+            f"({student_head.weight.shape[0]}, {teacher_head.weight.shape[0]})"
+        )
     match = match.to(student_hidden.device)
     return _ChunkedCrossDivergence.apply(
-        student_hidden, student_head.weight, student_head.bias, teacher_hidden.detach(), (student_head, teacher_head),
-        spec, match,
+        student_hidden,
+        student_head.weight,
+        student_head.bias,
+        teacher_hidden.detach(),
+        (student_head, teacher_head),
+        spec,
+        match,
     )

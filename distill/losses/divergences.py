@@ -60,7 +60,11 @@ def per_token_divergence(
 
 
 def divergence(
-    student_logits: Tensor, teacher_logits: Tensor, kind: str | DivergenceSpec, *, mask: Tensor | None = None,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    kind: str | DivergenceSpec,
+    *,
+    mask: Tensor | None = None,
     **options: float,
 ) -> Tensor:
     """Mean over unmasked tokens of :func:`per_token_divergence` (0 with a live graph when no token counts).
@@ -106,7 +110,12 @@ HEAD_SLICE = 8192  # vocabulary rows per low-precision head-gradient product (81
 
 
 def backprop_chunk(
-    grad_z: Tensor, hidden: Tensor, head: Tensor, grad_hidden: Tensor | None, grad_head: Tensor | None, start: int,
+    grad_z: Tensor,
+    hidden: Tensor,
+    head: Tensor,
+    grad_hidden: Tensor | None,
+    grad_head: Tensor | None,
+    start: int,
     grad_bias: Tensor | None = None,
 ) -> None:
     """Through ``logits = hidden @ head.T + bias`` for one chunk of rows starting at ``start``: write the
@@ -166,8 +175,9 @@ def pair_chunks(
     s_weight = matmul_head(student_weight[: vocabs[0]])
     t_weight = matmul_head(teacher_head.weight.detach()[: vocabs[1]])
     rows = min(chunk, n_tokens)
-    s_tile, t_tile, *scratch_tiles = (torch.empty((rows, vocab), dtype=torch.float32, device=device)
-                                      for vocab in (*vocabs, *(vocabs[0],) * scratch))
+    s_tile, t_tile, *scratch_tiles = (
+        torch.empty((rows, vocab), dtype=torch.float32, device=device) for vocab in (*vocabs, *(vocabs[0],) * scratch)
+    )
     slope_rows = slope_tile(student_head, rows, vocabs[0], device)
     inv_t = 1.0 / temperature
     with torch.no_grad():
@@ -278,7 +288,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 
 def chunked_cross_entropy_sum(
-    hidden: Tensor, head: Tensor | OutputHead, targets: Tensor, chunk_size: int = CHUNK_SIZE,
+    hidden: Tensor,
+    head: Tensor | OutputHead,
+    targets: Tensor,
+    chunk_size: int = CHUNK_SIZE,
     token_weights: Tensor | None = None,
 ) -> Tensor:
     """Sum over tokens of the cross-entropy of ``head(hidden [N, H])`` (an :class:`~distill.losses.head.OutputHead`,
@@ -317,8 +330,10 @@ def chunked_divergence(
     """
     spec = as_spec(kind, options)
     if student_hidden.dim() != 2 or teacher_hidden.dim() != 2 or student_hidden.shape[0] != teacher_hidden.shape[0]:
-        raise ValueError(f"hidden: expected [N, H] for both models, got {tuple(student_hidden.shape)} and "
-                         f"{tuple(teacher_hidden.shape)}")
+        raise ValueError(
+            f"hidden: expected [N, H] for both models, got {tuple(student_hidden.shape)} and "
+            f"{tuple(teacher_hidden.shape)}"
+        )
     student_head, teacher_head = as_head(student_head), as_head(teacher_head)
     rows_s, rows_t = student_head.weight.shape[0], teacher_head.weight.shape[0]
     if vocab_size is None:

@@ -137,17 +137,39 @@ _COHERE = _scale("logit_scale")  # logits * logit_scale
 _GRANITE = _scale("logits_scaling", inverse=True)  # logits / logits_scaling
 _GEMMA = _softcap("final_logit_softcapping")  # tanh(logits / cap) * cap
 FAMILIES: dict[str, Reader] = {
-    "cohere": _COHERE, "cohere2": _COHERE, "cohere2_moe": _COHERE,
-    "granite": _GRANITE, "granite_swa": _GRANITE, "granitemoe": _GRANITE, "granitemoe_swa": _GRANITE,
-    "granitemoehybrid": _GRANITE, "granitemoeshared": _GRANITE,
-    "hyperclovax": _scale("logits_scaling"), "falcon_h1": _scale("lm_head_multiplier"),
-    "gemma2": _GEMMA, "gemma3_text": _GEMMA, "gemma3n_text": _GEMMA, "gemma4_text": _GEMMA, "vaultgemma": _GEMMA,
-    "nanochat": _GEMMA, "beam": _GEMMA, "recurrent_gemma": _softcap("logits_soft_cap"),
+    "cohere": _COHERE,
+    "cohere2": _COHERE,
+    "cohere2_moe": _COHERE,
+    "granite": _GRANITE,
+    "granite_swa": _GRANITE,
+    "granitemoe": _GRANITE,
+    "granitemoe_swa": _GRANITE,
+    "granitemoehybrid": _GRANITE,
+    "granitemoeshared": _GRANITE,
+    "hyperclovax": _scale("logits_scaling"),
+    "falcon_h1": _scale("lm_head_multiplier"),
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "gemma3n_text": _GEMMA,
+    "gemma4_text": _GEMMA,
+    "vaultgemma": _GEMMA,
+    "nanochat": _GEMMA,
+    "beam": _GEMMA,
+    "recurrent_gemma": _softcap("logits_soft_cap"),
 }
 # Config attributes that change logits after the lm_head in some family: an unknown family setting one is refused.
 HEAD_ATTRIBUTES = (
-    "logit_scale", "logits_scaling", "logits_scale", "logit_scaling", "lm_head_multiplier", "output_multiplier",
-    "final_logit_softcapping", "logits_soft_cap", "logit_softcapping", "output_logit_soft_cap", "final_logit_softcap",
+    "logit_scale",
+    "logits_scaling",
+    "logits_scale",
+    "logit_scaling",
+    "lm_head_multiplier",
+    "output_multiplier",
+    "final_logit_softcapping",
+    "logits_soft_cap",
+    "logit_softcapping",
+    "output_logit_soft_cap",
+    "final_logit_softcap",
 )
 _NEUTRAL = (None, 1, 1.0, 0, 0.0, False)
 

@@ -42,25 +42,29 @@ class LossSettings:
         {"forward_kl": 0.5, "ce": 0.5},
         help="Loss terms and their weights. Logit divergences: " + ", ".join(DIVERGENCES) + "; `ce` = "
         "cross-entropy on labels (Hinton's alpha is {kind: alpha, ce: 1 - alpha}); feature/relation terms: "
-        + ", ".join(FEATURE_TERMS) + ".",
+        + ", ".join(FEATURE_TERMS)
+        + ".",
     )
     temperature: float = option(1.0, help="Softmax temperature for logit divergences; the result is scaled by T**2.")
     beta: float = option(0.5, help="Interpolation of the generalized JSD (0 = forward KL, 1 = reverse KL).")
     skew: float = option(0.1, help="Mixing weight of the skew KL divergences (DistiLLM).")
     chunk_size: int = option(
-        CHUNK_SIZE, help="Tokens per chunk when computing logit losses from hidden states; working memory is about "
+        CHUNK_SIZE,
+        help="Tokens per chunk when computing logit losses from hidden states; working memory is about "
         "3 x chunk_size x vocab fp32 values (128 at a 152K vocabulary: 0.18x the naive peak and no slower than 256, "
-        "see docs/benchmarks.md)."
+        "see docs/benchmarks.md).",
     )
     teacher_store: str | None = option(
-        None, help="Offline distillation: a store written by `distill precompute`; logit terms then use its top-k "
-        "teacher log-probabilities (with a tail bucket) and no teacher is loaded (leave model.teacher unset)."
+        None,
+        help="Offline distillation: a store written by `distill precompute`; logit terms then use its top-k "
+        "teacher log-probabilities (with a tail bucket) and no teacher is loaded (leave model.teacher unset).",
     )
     cross_tokenizer: Literal["uld", "gold"] | None = option(
-        None, help="Distil across tokenizers (the teacher reads the same text in its own tokens; the models are "
+        None,
+        help="Distil across tokenizers (the teacher reads the same text in its own tokens; the models are "
         "compared where both have read the same characters): `uld` = L1 between the sorted probability vectors "
         "(Boizard et al.), `gold` = the logit term's divergence on tokens whose text maps one to one between the "
-        "vocabularies plus `uld` on the rest. null: the tokenizers must be the same (different ones are refused)."
+        "vocabularies plus `uld` on the rest. null: the tokenizers must be the same (different ones are refused).",
     )
     features: FeatureSettings = section(FeatureSettings, help="Settings of feature- and relation-based terms.")
 
@@ -88,14 +92,20 @@ class LossSettings:
         if self.cross_tokenizer not in ("uld", "gold"):
             raise ValueError(f"cross_tokenizer: expected uld, gold or null, got {self.cross_tokenizer!r}")
         if len(self.logit_terms) != 1:
-            raise ValueError(f"cross_tokenizer: expected exactly one logit divergence in loss.terms (the exact part "
-                             f"of gold; uld ignores its kind), got {sorted(self.logit_terms) or 'none'}")
+            raise ValueError(
+                f"cross_tokenizer: expected exactly one logit divergence in loss.terms (the exact part "
+                f"of gold; uld ignores its kind), got {sorted(self.logit_terms) or 'none'}"
+            )
         if self.feature_terms:
-            raise ValueError(f"cross_tokenizer: feature terms {sorted(self.feature_terms)} compare positions one to "
-                             "one and cannot be used across tokenizers")
+            raise ValueError(
+                f"cross_tokenizer: feature terms {sorted(self.feature_terms)} compare positions one to "
+                "one and cannot be used across tokenizers"
+            )
         if self.teacher_store:
-            raise ValueError("cross_tokenizer: an offline store (loss.teacher_store) is not supported across "
-                             "tokenizers yet; use an online model.teacher")
+            raise ValueError(
+                "cross_tokenizer: an offline store (loss.teacher_store) is not supported across "
+                "tokenizers yet; use an online model.teacher"
+            )
 
     def spec(self, kind: str) -> DivergenceSpec:
         """The divergence ``kind`` with this section's temperature, beta, skew and chunk size."""
@@ -131,7 +141,11 @@ class TeacherTargets(Protocol):
         """The teacher model's outputs (hidden states, attentions) for feature terms; None without a model."""
 
     def divergence(
-        self, student_hidden: Tensor, student_head: OutputHead, positions: Tensor, spec: DivergenceSpec,
+        self,
+        student_hidden: Tensor,
+        student_head: OutputHead,
+        positions: Tensor,
+        spec: DivergenceSpec,
         vocab_size: int,
     ) -> Tensor:
         """SUM over the counted tokens of the divergence ``spec`` (times ``T**2``) of the student against the
@@ -254,4 +268,3 @@ class StudentWithObjective(nn.Module):
             for kind in s.logit_terms:
                 terms[kind] = teacher.divergence(student_hidden, student_head, positions, s.spec(kind), self.vocab_size)
         return terms
-

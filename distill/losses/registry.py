@@ -53,7 +53,11 @@ class Term:
 
 
 def _term(
-    name: str, family: Family, token_level: bool, *needs: Need, min_batch: int = 1,
+    name: str,
+    family: Family,
+    token_level: bool,
+    *needs: Need,
+    min_batch: int = 1,
     compute: Divergence | Callable[[feature.FeatureBatch], object] | None = None,
 ) -> Term:
     return Term(name, family, token_level, frozenset(needs), min_batch, compute)
@@ -114,7 +118,8 @@ def check_weights(
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(known)})"
-            raise error(f"{field}: unknown loss term{hint}" if family is None else
-                        f"unknown {family} loss term '{name}'{hint}")
+            raise error(
+                f"{field}: unknown loss term{hint}" if family is None else f"unknown {family} loss term '{name}'{hint}"
+            )
         if weight < 0:
             raise error(f"{field}: weight must be >= 0, got {weight}")

@@ -170,6 +170,13 @@ def chunked_topk_divergence(
     spec = as_spec(kind, options)
     head = as_head(student_head)
     return _ChunkedTopK.apply(
-        student_hidden, head.weight, head.bias, head, targets.ids, targets.logp, targets.log_tail, spec,
+        student_hidden,
+        head.weight,
+        head.bias,
+        head,
+        targets.ids,
+        targets.logp,
+        targets.log_tail,
+        spec,
         vocab_size or head.weight.shape[0],
     )

@@ -47,8 +47,9 @@ DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
 
 @dataclasses.dataclass
 class PrecomputeConfig:
-    teacher: str = option("", help="Teacher model directory (anything AutoModelForCausalLM.from_pretrained loads) or "
-                          ".gguf file.")
+    teacher: str = option(
+        "", help="Teacher model directory (anything AutoModelForCausalLM.from_pretrained loads) or .gguf file."
+    )
     output_dir: str = option("", help="New (or empty) directory for the store.")
     k: int = option(64, help="Token ids (and log-probabilities) kept per counted token.")
     temperature: float = option(1.0, help="Softmax temperature of the stored log-probabilities (= loss.temperature).")
@@ -57,22 +58,31 @@ class PrecomputeConfig:
     batch_size: int = option(8, help="Sequences per teacher forward.")
     chunk_size: int = option(CHUNK_SIZE, help="Tokens per chunk when projecting hidden states to logits.")
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", help="Teacher weights dtype; `auto` = bfloat16 on a CUDA GPU that supports it, else float32 (bf16 "
-        "matmuls are slow on most CPUs).")
+        "auto",
+        help="Teacher weights dtype; `auto` = bfloat16 on a CUDA GPU that supports it, else float32 (bf16 "
+        "matmuls are slow on most CPUs).",
+    )
     teacher_device_map: str = option(
-        "", help="Shard one teacher over this process's devices: `auto`, `balanced`, `balanced_low_0` or "
-        "`sequential` (transformers' device_map); empty = the whole teacher on this process's device.")
+        "",
+        help="Shard one teacher over this process's devices: `auto`, `balanced`, `balanced_low_0` or "
+        "`sequential` (transformers' device_map); empty = the whole teacher on this process's device.",
+    )
     teacher_max_memory: dict[str, str] = option(
-        {}, help="With teacher_device_map: memory per device, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}.")
+        {}, help="With teacher_device_map: memory per device, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}."
+    )
     teacher_offload_dir: str = option(
-        "", help="With teacher_device_map: directory for the weights that fit on no device (slow; disk offload).")
+        "", help="With teacher_device_map: directory for the weights that fit on no device (slow; disk offload)."
+    )
     attn_implementation: Literal["sdpa", "eager"] = option("sdpa", help="Teacher attention kernel.")
     seed: int = option(42, help="The training seed: it picks the held-out split, so it must match `distill train`.")
     segment_samples: int = option(
-        1024, help="Examples per committed segment: a killed run loses at most one segment per process.")
+        1024, help="Examples per committed segment: a killed run loses at most one segment per process."
+    )
     overwrite: bool = option(
-        False, help="Start again in an unfinished store made with other settings (its segments are removed); "
-        "without it such a store is refused. An unfinished store with the same settings is always resumed.")
+        False,
+        help="Start again in an unfinished store made with other settings (its segments are removed); "
+        "without it such a store is refused. An unfinished store with the same settings is always resumed.",
+    )
     data: DataSettings = section(DataSettings, help="Training data, exactly as `distill train` will read it.")
 
     def __post_init__(self) -> None:
@@ -95,15 +105,21 @@ class PrecomputeConfig:
         if self.segment_samples < 1:
             raise ValueError(f"segment_samples: expected >= 1, got {self.segment_samples}")
         if self.teacher_device_map not in DEVICE_MAPS:
-            raise ValueError(f"teacher_device_map: expected one of {', '.join(map(repr, DEVICE_MAPS))}, got "
-                             f"{self.teacher_device_map!r}")
+            raise ValueError(
+                f"teacher_device_map: expected one of {', '.join(map(repr, DEVICE_MAPS))}, got "
+                f"{self.teacher_device_map!r}"
+            )
         if (self.teacher_max_memory or self.teacher_offload_dir) and not self.teacher_device_map:
             raise ValueError("teacher_device_map: teacher_max_memory and teacher_offload_dir need a device map (auto)")
 
 
 @torch.no_grad()
 def teacher_topk(
-    hidden: torch.Tensor, head: torch.Tensor | OutputHead, k: int, temperature: float, chunk_size: int,
+    hidden: torch.Tensor,
+    head: torch.Tensor | OutputHead,
+    k: int,
+    temperature: float,
+    chunk_size: int,
     vocab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k ids ``[N, k]``, their log-probabilities ``[N, k]`` and the log tail mass ``[N]`` (fp32), chunk by chunk,
@@ -126,9 +142,11 @@ def _require_completions(train_set, train_file: str) -> None:
     # A column read of the memory-mapped set (build_datasets' ArrowExamples), not a Python pass over every row.
     empty = int((~train_set.column("has_completion")).sum())
     if empty:
-        raise ConfigError(f"data.train_file: {train_file}: {empty} of {len(train_set)} examples are prompts only (no "
-                          "completion); precompute needs prompt/completion, messages ending in an assistant turn, or "
-                          "text (prompts-only data trains on-policy, with a live teacher)")
+        raise ConfigError(
+            f"data.train_file: {train_file}: {empty} of {len(train_set)} examples are prompts only (no "
+            "completion); precompute needs prompt/completion, messages ending in an assistant turn, or "
+            "text (prompts-only data trains on-policy, with a live teacher)"
+        )
 
 
 def teacher_identity(teacher: str) -> dict[str, str]:
@@ -141,8 +159,11 @@ def teacher_identity(teacher: str) -> dict[str, str]:
 
 # A store is the whole directory; unmarked, an earlier version's store is recognised by its two files.
 OUTPUT = ownership.OutputKind(
-    "distill precompute", ("*",),
-    legacy=lambda d: (d / "store.json").is_file() and (d / "precompute_config.yaml").is_file(), done="store.json")
+    "distill precompute",
+    ("*",),
+    legacy=lambda d: (d / "store.json").is_file() and (d / "precompute_config.yaml").is_file(),
+    done="store.json",
+)
 
 
 def teacher_dtype(cfg: PrecomputeConfig) -> str:
@@ -159,8 +180,11 @@ def store_settings(cfg: PrecomputeConfig) -> dict[str, Any]:
     teacher's layers sit (``teacher_device_map``: a teacher that did not fit may be sharded on the rerun)."""
     placement = ("output_dir", "overwrite", "teacher_device_map", "teacher_max_memory", "teacher_offload_dir")
     settings = {key: value for key, value in dataclasses.asdict(cfg).items() if key not in placement}
-    settings.update(teacher_dtype=teacher_dtype(cfg), teacher_identity=teacher_identity(cfg.teacher),
-                    dataset_sha256=ls.file_hash(cfg.data.train_file))
+    settings.update(
+        teacher_dtype=teacher_dtype(cfg),
+        teacher_identity=teacher_identity(cfg.teacher),
+        dataset_sha256=ls.file_hash(cfg.data.train_file),
+    )
     return settings
 
 
@@ -170,11 +194,15 @@ def run(cfg: PrecomputeConfig) -> Path:
     """
     require_model_dir(cfg.teacher, "teacher")
     if cfg.teacher_device_map and is_gguf(cfg.teacher):
-        raise ConfigError("teacher_device_map: a .gguf teacher is dequantized on one device; save it as a model "
-                          "directory (save_pretrained) to shard it")
+        raise ConfigError(
+            "teacher_device_map: a .gguf teacher is dequantized on one device; save it as a model "
+            "directory (save_pretrained) to shard it"
+        )
     if cfg.teacher_device_map and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-        raise ConfigError("teacher_device_map: each process shards the teacher over all of its machine's devices; "
-                          "launch one process per machine (--num_processes = number of machines)")
+        raise ConfigError(
+            "teacher_device_map: each process shards the teacher over all of its machine's devices; "
+            "launch one process per machine (--num_processes = number of machines)"
+        )
 
     def refuse_a_finished_store(owner: ownership.Owner) -> None:
         # A finished store is never rewritten; an unfinished one resumes (same settings) or, with --overwrite,
@@ -184,25 +212,37 @@ def run(cfg: PrecomputeConfig) -> Path:
 
     # Every rank checks before any rank writes (the main one claims after a barrier), so the check never sees a
     # sibling's fresh segment; only the main one locks, before the process group forms.
-    output = ownership.prepare(cfg.output_dir, OUTPUT, store_settings(cfg), resume=True, overwrite=cfg.overwrite,
-                               check=refuse_a_finished_store,
-                               remedy="pass --overwrite to start again (its segments are removed) or choose a new "
-                               "directory")
+    output = ownership.prepare(
+        cfg.output_dir,
+        OUTPUT,
+        store_settings(cfg),
+        resume=True,
+        overwrite=cfg.overwrite,
+        check=refuse_a_finished_store,
+        remedy="pass --overwrite to start again (its segments are removed) or choose a new directory",
+    )
     with output:
         return _write_store(cfg, output)
 
 
 def _load_teacher(cfg: PrecomputeConfig, device: torch.device) -> PreTrainedModel:
     """The teacher on this process's device, or sharded over its devices by ``teacher_device_map``."""
-    settings = ModelSettings(teacher=cfg.teacher, teacher_dtype=teacher_dtype(cfg),
-                             attn_implementation=cfg.attn_implementation)
+    settings = ModelSettings(
+        teacher=cfg.teacher, teacher_dtype=teacher_dtype(cfg), attn_implementation=cfg.attn_implementation
+    )
     if not cfg.teacher_device_map:
         return load_teacher(settings, bf16=False).to(device)
     # Integer keys are GPU indices; YAML and the command line give every key as a string.
     memory = {int(key) if str(key).isdigit() else key: value for key, value in cfg.teacher_max_memory.items()}
-    teacher = load_causal_lm(cfg.teacher, "teacher", DTYPES[settings.teacher_dtype],
-                             attn_implementation=cfg.attn_implementation, device_map=cfg.teacher_device_map,
-                             max_memory=memory or None, offload_folder=cfg.teacher_offload_dir or None)
+    teacher = load_causal_lm(
+        cfg.teacher,
+        "teacher",
+        DTYPES[settings.teacher_dtype],
+        attn_implementation=cfg.attn_implementation,
+        device_map=cfg.teacher_device_map,
+        max_memory=memory or None,
+        offload_folder=cfg.teacher_offload_dir or None,
+    )
     return teacher.eval().requires_grad_(False)
 
 
@@ -244,14 +284,17 @@ def _write_store(cfg: PrecomputeConfig, output: ownership.Output) -> Path:
     return out
 
 
-def _claim(cfg: PrecomputeConfig, output: ownership.Output, train_set, all_spans: list[range],
-           codec: ls.Codec) -> list[int]:
+def _claim(
+    cfg: PrecomputeConfig, output: ownership.Output, train_set, all_spans: list[range], codec: ls.Codec
+) -> list[int]:
     """Main process: takes the directory (removing the previous output if --overwrite replaces it) and returns the
     segments still to compute."""
     removed = output.claim()  # running: a kill from here on leaves a resumable store
     if removed:
-        logger.info("output_dir: %s holds an unfinished precompute with other settings; --overwrite: starting again",
-                    output.path)
+        logger.info(
+            "output_dir: %s holds an unfinished precompute with other settings; --overwrite: starting again",
+            output.path,
+        )
 
     def expected(span: range) -> np.ndarray:
         rows = [(e["sample_id"], ls.sample_fingerprint(e)) for e in (train_set[i] for i in span)]
@@ -259,13 +302,19 @@ def _claim(cfg: PrecomputeConfig, output: ownership.Output, train_set, all_spans
 
     todo = segments.pending(output.path, all_spans, codec, expected)
     if output.resumed:
-        logger.info("output_dir: %s holds an interrupted precompute; keeping %d of %d committed segments, computing "
-                    "%d", output.path, len(all_spans) - len(todo), len(all_spans), len(todo))
+        logger.info(
+            "output_dir: %s holds an interrupted precompute; keeping %d of %d committed segments, computing %d",
+            output.path,
+            len(all_spans) - len(todo),
+            len(all_spans),
+            len(todo),
+        )
     return todo
 
 
-def _span_targets(cfg: PrecomputeConfig, teacher: PreTrainedModel, tokenizer, train_set, span: range,
-                  vocab: int) -> Iterator[segments.Sample]:
+def _span_targets(
+    cfg: PrecomputeConfig, teacher: PreTrainedModel, tokenizer, train_set, span: range, vocab: int
+) -> Iterator[segments.Sample]:
     """The teacher's top-k targets of the span's examples, one sample at a time, computed batch by batch."""
     from accelerate.utils import align_module_device
 
@@ -275,7 +324,8 @@ def _span_targets(cfg: PrecomputeConfig, teacher: PreTrainedModel, tokenizer, tr
         batch = collate(examples, tokenizer.pad_token_id)
         device = teacher.get_input_embeddings().weight.device  # a device map's first device
         hidden = teacher.get_decoder()(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
             use_cache=False,
         ).last_hidden_state
         # Offloaded by a device map (weights on the meta device), the head is brought in for the batch.
@@ -283,8 +333,10 @@ def _span_targets(cfg: PrecomputeConfig, teacher: PreTrainedModel, tokenizer, tr
             head = output_head(teacher)  # the model's own head (bias, scale, soft-cap), brought in
             hidden = hidden.to(head.weight.device)
             positions = target_positions(batch["labels"]).to(hidden.device)
-            ids, values, tails = (t.cpu().numpy() for t in teacher_topk(hidden[positions], head, cfg.k,
-                                                                        cfg.temperature, cfg.chunk_size, vocab))
+            ids, values, tails = (
+                t.cpu().numpy()
+                for t in teacher_topk(hidden[positions], head, cfg.k, cfg.temperature, cfg.chunk_size, vocab)
+            )
         first = 0
         for example, count in zip(examples, positions.sum(1).tolist()):
             rows = slice(first, first + count)
@@ -292,8 +344,9 @@ def _span_targets(cfg: PrecomputeConfig, teacher: PreTrainedModel, tokenizer, tr
             first += count
 
 
-def _finish(cfg: PrecomputeConfig, output: ownership.Output, tokenizer, codec: ls.Codec,
-            shards: list[dict[str, Any]]) -> None:
+def _finish(
+    cfg: PrecomputeConfig, output: ownership.Output, tokenizer, codec: ls.Codec, shards: list[dict[str, Any]]
+) -> None:
     """Main process, once every segment is committed: ``store.json`` (the store is trusted from then on)."""
     out = output.path
     meta = {
@@ -304,8 +357,12 @@ def _finish(cfg: PrecomputeConfig, output: ownership.Output, tokenizer, codec: l
         "teacher": {"path": str(cfg.teacher), **teacher_identity(cfg.teacher), "dtype": teacher_dtype(cfg)},
         "vocab_sha256": vocab_hash(tokenizer),
         "tokenizer_sha256": tokenizer_hash(tokenizer),
-        "dataset": {"file": cfg.data.train_file, "sha256": ls.file_hash(cfg.data.train_file),
-                    **dataclasses.asdict(cfg.data), "seed": cfg.seed},
+        "dataset": {
+            "file": cfg.data.train_file,
+            "sha256": ls.file_hash(cfg.data.train_file),
+            **dataclasses.asdict(cfg.data),
+            "seed": cfg.seed,
+        },
         "samples": sum(s["samples"] for s in shards),
         "tokens": sum(s["tokens"] for s in shards),
         "shards": shards,
@@ -313,8 +370,9 @@ def _finish(cfg: PrecomputeConfig, output: ownership.Output, tokenizer, codec: l
     save_config(cfg, out / "precompute_config.yaml")
     ls.write_meta(out, meta)  # the store is complete (and trusted) from here on
     output.finish()
-    logger.info("store %s: %d samples, %d tokens, %d bytes per token", out, meta["samples"], meta["tokens"],
-                codec.record_bytes)
+    logger.info(
+        "store %s: %d samples, %d tokens, %d bytes per token", out, meta["samples"], meta["tokens"], codec.record_bytes
+    )
 
 
 Config = PrecomputeConfig

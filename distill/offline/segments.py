@@ -61,9 +61,17 @@ def write(directory: Path, number: int, span: range, codec: Codec, samples: Iter
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(index, dtype=np.int64).reshape(-1, 4))
     atomic_write_bytes(directory / index_name, buffer.getvalue())
-    record = {"data": data_name, "index": index_name, "first": span.start, "stop": span.stop, "samples": len(index),
-              "tokens": rows, "bytes": rows * codec.record_bytes, DATA_HASH: digest.hexdigest(),
-              INDEX_HASH: checksum.bytes_hash(buffer.getvalue())}
+    record = {
+        "data": data_name,
+        "index": index_name,
+        "first": span.start,
+        "stop": span.stop,
+        "samples": len(index),
+        "tokens": rows,
+        "bytes": rows * codec.record_bytes,
+        DATA_HASH: digest.hexdigest(),
+        INDEX_HASH: checksum.bytes_hash(buffer.getvalue()),
+    }
     atomic_write_json(directory / record_name, record)  # the commit
     return record
 
@@ -78,17 +86,20 @@ def _valid(directory: Path, number: int, span: range, codec: Codec, expected: Ca
     data_name, index_name, record_name = names(number)
     try:
         record = read_record(directory, number)
-        whole = (record["first"], record["stop"]) == (span.start, span.stop) \
-            and (directory / data_name).stat().st_size == record["bytes"] == record["tokens"] * codec.record_bytes \
-            and checksum.file_hash(directory / index_name) == record[INDEX_HASH] \
+        whole = (
+            (record["first"], record["stop"]) == (span.start, span.stop)
+            and (directory / data_name).stat().st_size == record["bytes"] == record["tokens"] * codec.record_bytes
+            and checksum.file_hash(directory / index_name) == record[INDEX_HASH]
             and checksum.file_hash(directory / data_name) == record[DATA_HASH]
+        )
         return whole and np.array_equal(np.load(directory / index_name)[:, [0, 3]], expected(span))
     except (OSError, ValueError, KeyError, TypeError, IndexError):  # absent or damaged: not committed
         return False
 
 
-def pending(directory: Path, all_spans: list[range], codec: Codec,
-            expected: Callable[[range], np.ndarray]) -> list[int]:
+def pending(
+    directory: Path, all_spans: list[range], codec: Codec, expected: Callable[[range], np.ndarray]
+) -> list[int]:
     """Main process, before any process writes: the segments still to compute. Committed, whole segments are kept;
     the files of every other segment, and writers' temporaries (``kill -9`` leftovers), are removed."""
     for stale in directory.glob(".*.tmp"):  # this process holds the directory's lock: no other writer's temporary

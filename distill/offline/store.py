@@ -206,9 +206,15 @@ class ShardWriter:
         return self.describe()
 
     def describe(self) -> dict[str, Any]:
-        return {"data": self.data_name, "index": self.index_name, "samples": len(self.index), "tokens": self.rows,
-                "bytes": self.rows * self.codec.record_bytes, DATA_HASH: self.data_digest.hexdigest(),
-                INDEX_HASH: self.index_digest}
+        return {
+            "data": self.data_name,
+            "index": self.index_name,
+            "samples": len(self.index),
+            "tokens": self.rows,
+            "bytes": self.rows * self.codec.record_bytes,
+            DATA_HASH: self.data_digest.hexdigest(),
+            INDEX_HASH: self.index_digest,
+        }
 
 
 class LogitStore:

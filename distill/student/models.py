@@ -30,38 +30,46 @@ ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_atte
 @dataclasses.dataclass
 class ModelSettings:
     teacher: str | None = option(
-        None, help="Teacher model directory (anything `AutoModelForCausalLM.from_pretrained` loads) or a .gguf file "
-        "(dequantized on load); may be unset for plain fine-tuning (loss terms `ce` only)."
+        None,
+        help="Teacher model directory (anything `AutoModelForCausalLM.from_pretrained` loads) or a .gguf file "
+        "(dequantized on load); may be unset for plain fine-tuning (loss terms `ce` only).",
     )
     student: str | None = option(
-        None, help="Student model directory or .gguf file. If unset, the student is built from the teacher's config "
-        "and `student_overrides`."
+        None,
+        help="Student model directory or .gguf file. If unset, the student is built from the teacher's config "
+        "and `student_overrides`.",
     )
     student_overrides: dict[str, Any] = option(
-        {}, help="Config fields changed from the teacher's to build a randomly initialised student, e.g. "
-        "{num_hidden_layers: 2, hidden_size: 256, intermediate_size: 512}."
+        {},
+        help="Config fields changed from the teacher's to build a randomly initialised student, e.g. "
+        "{num_hidden_layers: 2, hidden_size: 256, intermediate_size: 512}.",
     )
     teacher_tokenizer: str | None = option(
-        None, help="With loss.cross_tokenizer: the teacher's tokenizer (a directory, or a .gguf file), when it is not "
-        "the one in model.teacher's directory."
+        None,
+        help="With loss.cross_tokenizer: the teacher's tokenizer (a directory, or a .gguf file), when it is not "
+        "the one in model.teacher's directory.",
     )
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", help="Teacher weights dtype; `auto` = bfloat16 when training in bf16 or on a GPU with bf16 support "
-        "(the frozen teacher needs no fp32 master weights), else float32."
+        "auto",
+        help="Teacher weights dtype; `auto` = bfloat16 when training in bf16 or on a GPU with bf16 support "
+        "(the frozen teacher needs no fp32 master weights), else float32.",
     )
     attn_implementation: Literal[ATTENTION] = option(  # type: ignore[valid-type]
-        "sdpa", help="Attention kernel for both models: sdpa, eager, flex_attention, flash_attention_2/3/4 (checked "
+        "sdpa",
+        help="Attention kernel for both models: sdpa, eager, flex_attention, flash_attention_2/3/4 (checked "
         "against what is installed); attention-map losses need `eager`. Packed rows run varlen (one row, "
-        "position ids) under flash_attention_*, a block-diagonal mask otherwise."
+        "position ids) under flash_attention_*, a block-diagonal mask otherwise.",
     )
     gradient_checkpointing: bool = option(
-        False, help="Recompute the student's layer activations in the backward pass (non-reentrant, "
+        False,
+        help="Recompute the student's layer activations in the backward pass (non-reentrant, "
         "use_reentrant=False) instead of keeping them: activation memory of one layer instead of all, for about "
-        "one extra forward pass; works with LoRA and ZeRO-3. The teacher never keeps activations (no_grad)."
+        "one extra forward pass; works with LoRA and ZeRO-3. The teacher never keeps activations (no_grad).",
     )
     task: Literal["auto", "causal_lm", "encoder"] = option(
-        "auto", help="`causal_lm` loads AutoModelForCausalLM (logit and feature losses); `encoder` loads AutoModel "
-        "(BERT family: feature and relation losses only). `auto` reads the teacher's (or student's) architectures."
+        "auto",
+        help="`causal_lm` loads AutoModelForCausalLM (logit and feature losses); `encoder` loads AutoModel "
+        "(BERT family: feature and relation losses only). `auto` reads the teacher's (or student's) architectures.",
     )
 
     def __post_init__(self) -> None:
@@ -69,8 +77,15 @@ class ModelSettings:
             raise ValueError("teacher: a teacher (or, for plain fine-tuning, a student) model directory is required")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def require_model_dir(path: str | Path, field: str, *, tokenizer: bool = True) -> Path:
@@ -96,12 +111,15 @@ def require_model_dir(path: str | Path, field: str, *, tokenizer: bool = True) -
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{field}: {config_file} is not valid JSON ({err})") from None
     if not isinstance(config, dict):
-        raise ConfigError(f"{field}: {config_file}: expected a JSON object of model settings, got "
-                          f"{type(config).__name__}")
+        raise ConfigError(
+            f"{field}: {config_file}: expected a JSON object of model settings, got {type(config).__name__}"
+        )
     _check_weights(directory, field)
     if tokenizer and not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise ConfigError(f"{field}: {directory} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)}; "
-                          "save it with tokenizer.save_pretrained)")
+        raise ConfigError(
+            f"{field}: {directory} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)}; "
+            "save it with tokenizer.save_pretrained)"
+        )
     return directory
 
 
@@ -172,8 +190,10 @@ def check_paths(settings: ModelSettings) -> None:
     if settings.teacher_tokenizer and not is_gguf(settings.teacher_tokenizer):
         folder = Path(settings.teacher_tokenizer)
         if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_FILES):
-            raise ConfigError(f"model.teacher_tokenizer: expected a tokenizer directory (one of "
-                              f"{', '.join(TOKENIZER_FILES)}) or a .gguf file, got {str(folder)!r}")
+            raise ConfigError(
+                f"model.teacher_tokenizer: expected a tokenizer directory (one of "
+                f"{', '.join(TOKENIZER_FILES)}) or a .gguf file, got {str(folder)!r}"
+            )
     if settings.student:
         require_model_dir(settings.student, "model.student")
     check_student_overrides(settings)
@@ -208,8 +228,10 @@ def installed_attention() -> list[str]:
 def check_attention(name: str) -> None:
     installed = installed_attention()
     if name not in installed:
-        raise ConfigError(f"model.attn_implementation: {name!r} cannot run here (its package or a CUDA device is "
-                          f"missing); this machine supports {', '.join(installed)}")
+        raise ConfigError(
+            f"model.attn_implementation: {name!r} cannot run here (its package or a CUDA device is "
+            f"missing); this machine supports {', '.join(installed)}"
+        )
 
 
 def check_model_class(settings: ModelSettings, config, task: str, field: str) -> None:
@@ -222,11 +244,15 @@ def check_model_class(settings: ModelSettings, config, task: str, field: str) ->
     flags = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn"}
     supported = kernel == "eager" or bool(getattr(cls, flags.get(kernel, "_supports_flash_attn")))
     if not supported:
-        raise ConfigError(f"model.attn_implementation: {config.model_type} ({cls.__name__}) does not implement "
-                          f"{kernel!r}; use sdpa or eager for model.{field}")
+        raise ConfigError(
+            f"model.attn_implementation: {config.model_type} ({cls.__name__}) does not implement "
+            f"{kernel!r}; use sdpa or eager for model.{field}"
+        )
     if field == "student" and settings.gradient_checkpointing and not cls.supports_gradient_checkpointing:
-        raise ConfigError(f"model.gradient_checkpointing: {config.model_type} ({cls.__name__}) does not support "
-                          "gradient checkpointing; set it to false")
+        raise ConfigError(
+            f"model.gradient_checkpointing: {config.model_type} ({cls.__name__}) does not support "
+            "gradient checkpointing; set it to false"
+        )
 
 
 def check_student_overrides(settings: ModelSettings) -> None:
@@ -241,8 +267,14 @@ def check_student_overrides(settings: ModelSettings) -> None:
     for key in overrides:
         if not hasattr(config, key):
             raise ConfigError(f"{prefix}{key}: the teacher's config has no field {key!r}")
-    for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
-                "intermediate_size", "head_dim"):
+    for key in (
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "hidden_size",
+        "intermediate_size",
+        "head_dim",
+    ):
         value = overrides.get(key)
         nullable = key in ("num_key_value_heads", "head_dim") and value is None
         if key in overrides and not nullable and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -253,15 +285,22 @@ def check_student_overrides(settings: ModelSettings) -> None:
 
     heads, hidden, kv_heads = value_of("num_attention_heads"), value_of("hidden_size"), value_of("num_key_value_heads")
     changed = set(overrides)
-    if isinstance(heads, int) and isinstance(hidden, int) and {"num_attention_heads", "hidden_size"} & changed \
-            and hidden % heads:
+    if (
+        isinstance(heads, int)
+        and isinstance(hidden, int)
+        and {"num_attention_heads", "hidden_size"} & changed
+        and hidden % heads
+    ):
         name = "num_attention_heads" if "num_attention_heads" in overrides else "hidden_size"
         raise ConfigError(f"{prefix}{name}: num_attention_heads ({heads}) must divide hidden_size ({hidden})")
-    if isinstance(heads, int) and isinstance(kv_heads, int) \
-            and {"num_attention_heads", "num_key_value_heads"} & changed and heads % kv_heads:
+    if (
+        isinstance(heads, int)
+        and isinstance(kv_heads, int)
+        and {"num_attention_heads", "num_key_value_heads"} & changed
+        and heads % kv_heads
+    ):
         name = "num_key_value_heads" if "num_key_value_heads" in overrides else "num_attention_heads"
-        raise ConfigError(f"{prefix}{name}: num_key_value_heads ({kv_heads}) must divide num_attention_heads "
-                          f"({heads})")
+        raise ConfigError(f"{prefix}{name}: num_key_value_heads ({kv_heads}) must divide num_attention_heads ({heads})")
 
 
 def load_tokenizer(settings: ModelSettings, same_vocabulary: bool = True) -> PreTrainedTokenizerBase:
@@ -272,8 +311,11 @@ def load_tokenizer(settings: ModelSettings, same_vocabulary: bool = True) -> Pre
         tokenizer = load_pretrained_tokenizer(settings.teacher, "model.teacher")
     else:
         tokenizer = load_pretrained_tokenizer(settings.student, "model.student")
-        teacher_tok = load_pretrained_tokenizer(settings.teacher, "model.teacher") if settings.teacher and \
-            same_vocabulary else tokenizer
+        teacher_tok = (
+            load_pretrained_tokenizer(settings.teacher, "model.teacher")
+            if settings.teacher and same_vocabulary
+            else tokenizer
+        )
         if tokenizer.get_vocab() != teacher_tok.get_vocab():
             raise ConfigError(
                 f"tokenizer mismatch: student {settings.student} ({len(tokenizer)} tokens) and teacher "

@@ -270,9 +270,11 @@ def check_identity(checkpoint: Path, tokenizer, settings: dict[str, Any]) -> Non
 
         theirs = AutoTokenizer.from_pretrained(checkpoint / STUDENT_DIR)
         if _tokenizer_identity(theirs) != _tokenizer_identity(tokenizer):
-            raise ConfigError(f"resume: checkpoint {checkpoint} was trained with another tokenizer (its "
-                              f"{STUDENT_DIR}/ holds {len(theirs)} tokens, this run's has {len(tokenizer)}, or other "
-                              "ids or special tokens); resume a checkpoint of this run")
+            raise ConfigError(
+                f"resume: checkpoint {checkpoint} was trained with another tokenizer (its "
+                f"{STUDENT_DIR}/ holds {len(theirs)} tokens, this run's has {len(tokenizer)}, or other "
+                "ids or special tokens); resume a checkpoint of this run"
+            )
     saved = checkpoint / "config.yaml"
     if saved.is_file():
         config = yaml.safe_load(saved.read_text()) or {}
@@ -285,8 +287,10 @@ def check_identity(checkpoint: Path, tokenizer, settings: dict[str, Any]) -> Non
             if old != value:
                 differ.append(f"{key}: checkpoint {old!r} vs now {value!r}")
         if differ:
-            raise ConfigError(f"resume: checkpoint {checkpoint} belongs to another run ({'; '.join(differ)}); resume "
-                              "a checkpoint of this run, or start with those settings")
+            raise ConfigError(
+                f"resume: checkpoint {checkpoint} belongs to another run ({'; '.join(differ)}); resume "
+                "a checkpoint of this run, or start with those settings"
+            )
 
 
 def _tokenizer_identity(tokenizer) -> tuple[str, str]:
@@ -310,8 +314,12 @@ def logged_history(metrics_file: Path, step: int) -> list[dict[str, Any]]:
             record = json.loads(line)
         except ValueError:
             continue  # a line cut by a kill
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step and any(
-                k.startswith("train/") for k in record):
+        if (
+            isinstance(record, dict)
+            and isinstance(record.get("step"), int)
+            and record["step"] <= step
+            and any(k.startswith("train/") for k in record)
+        ):
             by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
 
@@ -324,8 +332,9 @@ def check_compatible(state: dict[str, Any], current: dict[str, Any], path: Path)
             differing = sorted(
                 k for k in set(state[key]) | set(current[key]) if state[key].get(k) != current[key].get(k)
             )
-            details = ", ".join(f"{k}: checkpoint {state[key].get(k)!r} vs now {current[key].get(k)!r}"
-                                for k in differing[:5])
+            details = ", ".join(
+                f"{k}: checkpoint {state[key].get(k)!r} vs now {current[key].get(k)!r}" for k in differing[:5]
+            )
             raise ConfigError(f"resume: checkpoint {path} has a different {key.replace('_', ' ')} ({details})")
 
 

@@ -25,9 +25,10 @@ from kd_core.config import ConfigError, option, section
 class TrainConfig:
     output_dir: str = option("runs/distill", help="Where checkpoints, logs, the resolved config and the model go.")
     overwrite_output_dir: bool = option(
-        False, help="Start a clean run in an output_dir holding an earlier training run: its checkpoints, latest, "
+        False,
+        help="Start a clean run in an output_dir holding an earlier training run: its checkpoints, latest, "
         "metrics, summary and final/ are removed (nothing that training did not write; never another command's "
-        "directory)."
+        "directory).",
     )
     resume: str | None = option(
         None, help="`auto`: continue from the newest valid checkpoint in output_dir (or start fresh); or a path."
@@ -55,17 +56,19 @@ class TrainConfig:
     data: DataSettings = section(DataSettings, help="Training and eval data.")
     loss: LossSettings = section(LossSettings, help="Loss terms and their settings.")
     on_policy: OnPolicySettings = section(
-        OnPolicySettings, help="On-policy distillation: micro-batches whose completions the student (GKD) or the "
-        "teacher (sequence-level KD) samples."
+        OnPolicySettings,
+        help="On-policy distillation: micro-batches whose completions the student (GKD) or the "
+        "teacher (sequence-level KD) samples.",
     )
     lora: LoraSettings = section(LoraSettings, help="Train LoRA adapters (peft) instead of all student weights.")
     lora_export: Literal["adapter", "merged", "both"] = option(
-        "both", help="With LoRA: export the merged model (output_dir/final), the adapter (output_dir/final/adapter), "
-        "or both."
+        "both",
+        help="With LoRA: export the merged model (output_dir/final), the adapter (output_dir/final/adapter), or both.",
     )
     keep_sparsity: bool = option(
-        True, help="If the student is sparse (e.g. Wanda/N:M pruned), re-apply its zero pattern after every "
-        "optimizer step so training never densifies it."
+        True,
+        help="If the student is sparse (e.g. Wanda/N:M pruned), re-apply its zero pattern after every "
+        "optimizer step so training never densifies it.",
     )
     accuracy: AccuracySettings = section(
         AccuracySettings, help="Answer accuracy on held-out questions (greedy generation + answer extractor)."
@@ -94,38 +97,51 @@ class TrainConfig:
         if self.on_policy.enabled:
             self.on_policy.check_replay_buffer(self.per_device_train_batch_size)
             if self.loss.teacher_store:
-                raise ValueError("loss.teacher_store: holds targets for the dataset's tokens only; on-policy training "
-                                 "(on_policy.student_fraction / teacher_fraction) needs an online model.teacher")
+                raise ValueError(
+                    "loss.teacher_store: holds targets for the dataset's tokens only; on-policy training "
+                    "(on_policy.student_fraction / teacher_fraction) needs an online model.teacher"
+                )
             if not self.model.teacher:
-                raise ValueError("model.teacher: on-policy training (on_policy.student_fraction / teacher_fraction) "
-                                 "needs a teacher")
+                raise ValueError(
+                    "model.teacher: on-policy training (on_policy.student_fraction / teacher_fraction) needs a teacher"
+                )
             if self.on_policy.student_fraction > 0 and not (self.loss.logit_terms or self.loss.feature_terms):
-                raise ValueError(f"loss.terms: on the student's own samples `ce` is off and only teacher terms train; "
-                                 f"add a logit divergence (e.g. reverse_kl or jsd), got {self.loss.terms}")
+                raise ValueError(
+                    f"loss.terms: on the student's own samples `ce` is off and only teacher terms train; "
+                    f"add a logit divergence (e.g. reverse_kl or jsd), got {self.loss.terms}"
+                )
         if self.loss.cross_tokenizer or self.model.teacher_tokenizer:
             self._check_cross_tokenizer()
         if self.data.packing and self.loss.feature_terms:
-            raise ValueError(f"data.packing: feature and relation terms compare whole padded sequences; pack with "
-                             f"logit terms and `ce` only, got {sorted(self.loss.feature_terms)}")
+            raise ValueError(
+                f"data.packing: feature and relation terms compare whole padded sequences; pack with "
+                f"logit terms and `ce` only, got {sorted(self.loss.feature_terms)}"
+            )
         if self.data.step_by_step_label_weight is not None and (self.loss.logit_terms or self.loss.feature_terms):
             # Per-example weights reach the `ce` term only; a divergence would silently ignore them.
-            raise ValueError(f"data.step_by_step_label_weight: trains with loss.terms {{ce: 1}} only, got "
-                             f"{self.loss.terms}")
-
+            raise ValueError(
+                f"data.step_by_step_label_weight: trains with loss.terms {{ce: 1}} only, got {self.loss.terms}"
+            )
 
     def _check_cross_tokenizer(self) -> None:
         """What cross-tokenizer distillation supports in this version: off-policy on dataset text, unpacked."""
         if not self.loss.cross_tokenizer:
             raise ValueError("model.teacher_tokenizer: only used with loss.cross_tokenizer (uld or gold)")
         if not self.model.teacher or not self.model.student:
-            raise ValueError("loss.cross_tokenizer: needs model.teacher and model.student (a student built from the "
-                             "teacher's config shares its tokenizer)")
+            raise ValueError(
+                "loss.cross_tokenizer: needs model.teacher and model.student (a student built from the "
+                "teacher's config shares its tokenizer)"
+            )
         if self.on_policy.enabled:
-            raise ValueError("loss.cross_tokenizer: on-policy training across tokenizers is not supported yet; set "
-                             "on_policy.student_fraction and teacher_fraction to 0")
+            raise ValueError(
+                "loss.cross_tokenizer: on-policy training across tokenizers is not supported yet; set "
+                "on_policy.student_fraction and teacher_fraction to 0"
+            )
         if self.data.packing:
-            raise ValueError("data.packing: not supported with loss.cross_tokenizer (the teacher's rows would be "
-                             "packed differently); set data.packing: false")
+            raise ValueError(
+                "data.packing: not supported with loss.cross_tokenizer (the teacher's rows would be "
+                "packed differently); set data.packing: false"
+            )
 
 
 def ownership_settings(cfg: TrainConfig) -> dict[str, Any]:
@@ -151,9 +167,22 @@ def _is_training_run(directory: Path) -> bool:
 
 # What `distill train` writes in its output_dir (what --overwrite_output_dir removes), see kd_core.ownership.
 OUTPUT = ownership.OutputKind(
-    "distill train", ("config.yaml", "metrics.jsonl", "checkpoint-*", ".checkpoint-*.tmp", "latest", "summary.json",
-                      "final", ".final.*.tmp", "distill", ".*.tmp"),
-    legacy=_is_training_run, done="summary.json")
+    "distill train",
+    (
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoint-*",
+        ".checkpoint-*.tmp",
+        "latest",
+        "summary.json",
+        "final",
+        ".final.*.tmp",
+        "distill",
+        ".*.tmp",
+    ),
+    legacy=_is_training_run,
+    done="summary.json",
+)
 
 
 def prepare_output_dir(cfg: TrainConfig) -> Path:
@@ -169,10 +198,14 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
 def _prepare(cfg: TrainConfig, out: str | Path) -> ownership.Output:
     """The one ownership check of a training run's directory, before loading and when a trainer claims it."""
     return ownership.prepare(
-        out, OUTPUT, ownership_settings(cfg), resume=cfg.resume is not None and not cfg.overwrite_output_dir,
+        out,
+        OUTPUT,
+        ownership_settings(cfg),
+        resume=cfg.resume is not None and not cfg.overwrite_output_dir,
         overwrite=cfg.overwrite_output_dir,
         remedy="pass --resume auto to continue it (with the same settings), --overwrite_output_dir to start it again, "
-        "or choose another output_dir")
+        "or choose another output_dir",
+    )
 
 
 def claim_output_dir(cfg: TrainConfig, out: Path) -> None:
@@ -182,13 +215,24 @@ def claim_output_dir(cfg: TrainConfig, out: Path) -> None:
     output = ownership.held(out) or _prepare(cfg, out)  # held since run(); a trainer built without run() locks here
     removed = output.claim()
     if removed:
-        print(f"overwrite_output_dir: removed the previous run in {out} ({', '.join(removed)})", file=sys.stderr,
-              flush=True)
+        print(
+            f"overwrite_output_dir: removed the previous run in {out} ({', '.join(removed)})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
-                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
-                    "trackio": "trackio"}
+TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+}
 
 
 def check_trackers(report_to: list[str]) -> None:
@@ -198,22 +242,27 @@ def check_trackers(report_to: list[str]) -> None:
         if name in ("none", "all"):
             continue
         if name not in TRACKER_PACKAGES:
-            raise ConfigError(f"report_to: unknown tracker {name!r}; expected some of "
-                              f"{', '.join(sorted(TRACKER_PACKAGES))}, all or none")
+            raise ConfigError(
+                f"report_to: unknown tracker {name!r}; expected some of "
+                f"{', '.join(sorted(TRACKER_PACKAGES))}, all or none"
+            )
         package = TRACKER_PACKAGES[name]
         if importlib.util.find_spec(package) is None:
-            raise ConfigError(f"report_to: tracker {name!r} is not installed (pip install {package}), or leave it "
-                              "out (--report_to none)")
+            raise ConfigError(
+                f"report_to: tracker {name!r} is not installed (pip install {package}), or leave it "
+                "out (--report_to none)"
+            )
 
 
 def check_batch_fits(train_size: int, cfg: TrainConfig, processes: int) -> None:
     """At least one full batch (per process micro-batch x processes) of usable training examples."""
     batch = cfg.per_device_train_batch_size * processes
     if train_size < batch:
-        raise ConfigError(f"data.train_file: {cfg.data.train_file} has {train_size} usable training example(s), fewer "
-                          f"than one batch (per_device_train_batch_size {cfg.per_device_train_batch_size} x "
-                          f"{processes} process(es) = {batch}); add data or lower per_device_train_batch_size")
-
+        raise ConfigError(
+            f"data.train_file: {cfg.data.train_file} has {train_size} usable training example(s), fewer "
+            f"than one batch (per_device_train_batch_size {cfg.per_device_train_batch_size} x "
+            f"{processes} process(es) = {batch}); add data or lower per_device_train_batch_size"
+        )
 
 
 def training_config(
@@ -248,14 +297,28 @@ def training_config(
     set, flat and by keyword; every default is :class:`TrainConfig`'s own (a test keeps them equal), and the
     sections not named here keep theirs. Invalid values raise ValueError naming the field, as a YAML file would."""
     return TrainConfig(
-        output_dir=output_dir, resume=resume, max_steps=max_steps,
-        per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_eval_batch_size,
-        learning_rate=learning_rate, warmup_steps=warmup_steps,
-        lr_scheduler_type=lr_scheduler_type, save_steps=save_steps, save_total_limit=save_total_limit,
-        eval_steps=eval_steps, logging_steps=logging_steps, seed=seed, report_to=list(report_to),
+        output_dir=output_dir,
+        resume=resume,
+        max_steps=max_steps,
+        per_device_train_batch_size=per_device_train_batch_size,
+        per_device_eval_batch_size=per_device_eval_batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        lr_scheduler_type=lr_scheduler_type,
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        eval_steps=eval_steps,
+        logging_steps=logging_steps,
+        seed=seed,
+        report_to=list(report_to),
         model=ModelSettings(student=student, teacher=teacher),
-        data=DataSettings(train_file=train_file, eval_file=eval_file, eval_fraction=eval_fraction,
-                          max_length=max_length, packing=packing),
+        data=DataSettings(
+            train_file=train_file,
+            eval_file=eval_file,
+            eval_fraction=eval_fraction,
+            max_length=max_length,
+            packing=packing,
+        ),
         loss=LossSettings(terms=dict(loss_terms)),
         on_policy=on_policy if on_policy is not None else OnPolicySettings(),
         lora=lora if lora is not None else LoraSettings(),

@@ -67,7 +67,7 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def student_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The student's weights, without the wrapper prefix; projectors and other loss parameters stay behind."""
-    return {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+    return {k[len(STUDENT_PREFIX) :]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
 
 
 def load_student_from_checkpoint(checkpoint: Path, run_config: dict[str, Any]) -> torch.nn.Module:
@@ -138,8 +138,9 @@ def export_checkpoint(checkpoint: Path, output_dir: Path, dtype: str = "float32"
 OUTPUT = ownership.OutputKind("distill export", ("*",), published=True)
 
 
-def export_run(accelerator, prepared: torch.nn.Module, tokenizer, lora: bool, last_checkpoint: Path,
-               directory: Path) -> None:
+def export_run(
+    accelerator, prepared: torch.nn.Module, tokenizer, lora: bool, last_checkpoint: Path, directory: Path
+) -> None:
     """The end of a training run: a Hugging Face model directory of the student alone (gathered from ZeRO-3
     shards), with the tokenizer. With LoRA: the merged model and/or the adapter (``final/adapter``), as the run's
     ``lora_export`` says, through ``last_checkpoint``. Every rank calls it."""
@@ -162,8 +163,14 @@ Config = ExportConfig
 
 def run(cfg: ExportConfig) -> Path:
     """Exports the checkpoint's student; returns the model directory (locked while it is written)."""
-    with ownership.prepare(cfg.output_dir, OUTPUT, {"checkpoint": cfg.checkpoint}, resume=False, overwrite=False,
-                           remedy="choose another directory") as output:
+    with ownership.prepare(
+        cfg.output_dir,
+        OUTPUT,
+        {"checkpoint": cfg.checkpoint},
+        resume=False,
+        overwrite=False,
+        remedy="choose another directory",
+    ) as output:
         out = export_checkpoint(Path(cfg.checkpoint), output.path, cfg.dtype)
     logger.info("exported %s to %s", cfg.checkpoint, out)
     return out

@@ -58,7 +58,10 @@ class Distiller:
         check_trackers(cfg.report_to)
         self.output_dir = output_dir if output_dir is not None else prepare_output_dir(cfg)
         self.accelerator = acc = make_accelerator(
-            cfg.gradient_accumulation_steps, cfg.bf16, [t for t in cfg.report_to if t != "none"], self.output_dir,
+            cfg.gradient_accumulation_steps,
+            cfg.bf16,
+            [t for t in cfg.report_to if t != "none"],
+            self.output_dir,
             cfg.per_device_train_batch_size,
         )
         from accelerate.utils import set_seed
@@ -84,12 +87,21 @@ class Distiller:
         setup.check_zero3(self.module, models, self.task, self.zero3)
         match = setup.vocab_match(cross_tokenizer, self.tokenizer, models) if cross_tokenizer is not None else None
         self.teacher = setup.setup_teacher_signal(cfg, acc, models.teacher, store, match)
-        self.sampler = Sampler(cfg.on_policy, cfg.seed, acc.process_index, acc.device) if cfg.on_policy.enabled \
-            else None
+        self.sampler = (
+            Sampler(cfg.on_policy, cfg.seed, acc.process_index, acc.device) if cfg.on_policy.enabled else None
+        )
         self.evaluator = Evaluator(
-            acc, self.tokenizer, eval_set, accuracy_pairs, cfg.accuracy, batch_size=cfg.per_device_eval_batch_size,
-            vocab_size=self.vocab_size, task=self.task, pooling=cfg.loss.features.pooling,
-            chunk_size=cfg.loss.chunk_size, zero3=self.zero3,
+            acc,
+            self.tokenizer,
+            eval_set,
+            accuracy_pairs,
+            cfg.accuracy,
+            batch_size=cfg.per_device_eval_batch_size,
+            vocab_size=self.vocab_size,
+            task=self.task,
+            pooling=cfg.loss.features.pooling,
+            chunk_size=cfg.loss.chunk_size,
+            zero3=self.zero3,
         )
         self.step = 0
         self.stop_signal: int | None = None
@@ -99,8 +111,9 @@ class Distiller:
     def next_micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], list[str], list[dict[str, float]]]:
         return step.next_micro_batches(self)
 
-    def teacher_targets(self, batch: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager[
-            TeacherTargets | None]:
+    def teacher_targets(
+        self, batch: dict[str, torch.Tensor]
+    ) -> contextlib.AbstractContextManager[TeacherTargets | None]:
         return step.teacher_targets(self.teacher, batch)
 
     def training_step(self) -> dict[str, float]:
@@ -125,7 +138,11 @@ class Distiller:
 
     def save(self) -> Path:
         return ckpt.save_checkpoint(
-            self.accelerator, self.output_dir, self.step, self.trainer_state(), self.cfg.save_total_limit,
+            self.accelerator,
+            self.output_dir,
+            self.step,
+            self.trainer_state(),
+            self.cfg.save_total_limit,
             write_extra=self.write_checkpoint_extras,
             write_rank_files=self.sampler.save if self.sampler is not None else None,
         )
@@ -138,16 +155,26 @@ class Distiller:
         self.tokenizer.save_pretrained(directory / ckpt.STUDENT_DIR)
 
     def resume(self) -> None:
-        found = ckpt.load_for_resume(self.cfg.resume, self.output_dir, self.accelerator, self.trainer_state(),
-                                     self.tokenizer, ownership_settings(self.cfg))
+        found = ckpt.load_for_resume(
+            self.cfg.resume,
+            self.output_dir,
+            self.accelerator,
+            self.trainer_state(),
+            self.tokenizer,
+            ownership_settings(self.cfg),
+        )
         if found is None:
             return
         path, state = found
         self.step = state["step"]
         self.stream.resume_at(state["samples_consumed"], state["world_size"])
         if self.sampler is not None and not self.sampler.load(path):
-            logger.warning("%s holds no on-policy sampler state for rank %d: sampling continues from the seed (the "
-                           "samples differ from an uninterrupted run)", path, self.accelerator.process_index)
+            logger.warning(
+                "%s holds no on-policy sampler state for rank %d: sampling continues from the seed (the "
+                "samples differ from an uninterrupted run)",
+                path,
+                self.accelerator.process_index,
+            )
         logger.info("resumed from %s at step %d", path, self.step)
 
     # Signals and logs
@@ -188,8 +215,9 @@ class Distiller:
         :class:`Stopped` (``PREEMPTED``) once every rank saved after a stop signal."""
         cfg = self.cfg
         self.start()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="distill",
-                   disable=not self.accelerator.is_main_process)
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, desc="distill", disable=not self.accelerator.is_main_process
+        )
         history: list[dict[str, float]] = []
         window: list[dict[str, float]] = []
         started = time.time()

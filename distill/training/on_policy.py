@@ -58,8 +58,9 @@ STATE_FILE = "on_policy_rank_{rank}.pt"  # one per rank in every checkpoint (dis
 @dataclasses.dataclass
 class OnPolicySettings:
     student_fraction: float = option(
-        0.0, help="Fraction of micro-batches whose completions the student samples (GKD's lambda); 0 = off-policy "
-        "training on the dataset's completions."
+        0.0,
+        help="Fraction of micro-batches whose completions the student samples (GKD's lambda); 0 = off-policy "
+        "training on the dataset's completions.",
     )
     teacher_fraction: float = option(
         0.0, help="Fraction of micro-batches whose completions the teacher samples (sequence-level KD)."
@@ -69,12 +70,14 @@ class OnPolicySettings:
     top_p: float = option(1.0, help="Nucleus sampling: keep the smallest set of tokens with this probability mass.")
     top_k: int = option(0, help="Sample from the k most likely tokens only; 0 = no top-k cut.")
     generation_kwargs: dict[str, Any] = option(
-        {}, help="transformers GenerationConfig settings to switch on while sampling, e.g. {repetition_penalty: 1.1}; "
-        "every other knob the model's generation_config.json sets is neutral, so samples follow the policy."
+        {},
+        help="transformers GenerationConfig settings to switch on while sampling, e.g. {repetition_penalty: 1.1}; "
+        "every other knob the model's generation_config.json sets is neutral, so samples follow the policy.",
     )
     replay_ratio: float = option(
-        0.0, help="DistiLLM's off-policy replay: probability that a student-sampled micro-batch reuses earlier student "
-        "samples from the replay buffer instead of generating; 0 = always generate."
+        0.0,
+        help="DistiLLM's off-policy replay: probability that a student-sampled micro-batch reuses earlier student "
+        "samples from the replay buffer instead of generating; 0 = always generate.",
     )
     replay_buffer_size: int = option(256, help="Student samples the replay buffer keeps (the newest ones).")
 
@@ -83,8 +86,10 @@ class OnPolicySettings:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: expected a number in [0, 1], got {getattr(self, name)}")
         if self.student_fraction + self.teacher_fraction > 1.0 + 1e-9:
-            raise ValueError(f"student_fraction + teacher_fraction: expected at most 1, got "
-                             f"{self.student_fraction} + {self.teacher_fraction}")
+            raise ValueError(
+                f"student_fraction + teacher_fraction: expected at most 1, got "
+                f"{self.student_fraction} + {self.teacher_fraction}"
+            )
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -96,17 +101,21 @@ class OnPolicySettings:
         if self.replay_buffer_size < 1:
             raise ValueError(f"replay_buffer_size: expected >= 1, got {self.replay_buffer_size}")
         if self.replay_ratio > 0 and self.student_fraction == 0:
-            raise ValueError(f"replay_ratio: {self.replay_ratio} replays student samples, and student_fraction is 0: "
-                             "nothing would ever be replayed; set student_fraction or leave replay_ratio at 0")
+            raise ValueError(
+                f"replay_ratio: {self.replay_ratio} replays student samples, and student_fraction is 0: "
+                "nothing would ever be replayed; set student_fraction or leave replay_ratio at 0"
+            )
         check_generation_kwargs(self.generation_kwargs, "generation_kwargs")
 
     def check_replay_buffer(self, batch_size: int) -> None:
         """A micro-batch is replayed only once the buffer holds a whole one (:meth:`Sampler.draw`): a smaller buffer
         would never replay, without a word."""
         if self.replay_ratio > 0 and self.replay_buffer_size < batch_size:
-            raise ValueError(f"on_policy.replay_buffer_size: {self.replay_buffer_size} samples never hold one "
-                             f"micro-batch (per_device_train_batch_size {batch_size}), so replay_ratio "
-                             f"{self.replay_ratio} would never replay; expected a buffer of at least {batch_size}")
+            raise ValueError(
+                f"on_policy.replay_buffer_size: {self.replay_buffer_size} samples never hold one "
+                f"micro-batch (per_device_train_batch_size {batch_size}), so replay_ratio "
+                f"{self.replay_ratio} would never replay; expected a buffer of at least {batch_size}"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -122,8 +131,10 @@ def check_dataset(settings: OnPolicySettings, examples, source: str) -> None:
     """Prompts are needed to sample from (not ``text`` rows), and completions for off-policy micro-batches."""
     first = examples[0]
     if settings.enabled and first["prompt_length"] is None:
-        raise ConfigError(f"data.train_file: {source} holds `text` rows; on-policy sampling needs prompts (`prompt`, "
-                          "`prompt`/`completion` or `messages` columns)")
+        raise ConfigError(
+            f"data.train_file: {source} holds `text` rows; on-policy sampling needs prompts (`prompt`, "
+            "`prompt`/`completion` or `messages` columns)"
+        )
     if not settings.always_sampled:
         missing = examples.first_without_completion()  # a column scan: a Python loop over rows costs minutes at 10M
         if missing is not None:
@@ -179,11 +190,11 @@ class Sampler:
                 for index, state in zip(devices, self.sampler_state["cuda"]):
                     torch.cuda.set_rng_state(state, index)
             yield
-            self.sampler_state = {"cpu": torch.get_rng_state(),
-                                  "cuda": [torch.cuda.get_rng_state(i) for i in devices]}
+            self.sampler_state = {"cpu": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(i) for i in devices]}
 
-    def sample(self, model, examples: list[dict[str, Any]], tokenizer, max_length: int,
-               source: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    def sample(
+        self, model, examples: list[dict[str, Any]], tokenizer, max_length: int, source: str
+    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """``examples`` with their completions written by ``model`` (a whole model: under ZeRO-3 the trainer gathers
         it first, so no rank waits on another); and what the sampling took."""
         s = self.settings
@@ -195,23 +206,31 @@ class Sampler:
         began = time.perf_counter()
         with self.own_rng():
             samples = generate_tokens(
-                model, prompts, pad_token_id=pad, eos_token_ids=stop_token_ids(model, tokenizer),
-                max_new_tokens=budget, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                model,
+                prompts,
+                pad_token_id=pad,
+                eos_token_ids=stop_token_ids(model, tokenizer),
+                max_new_tokens=budget,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
                 generation_kwargs=s.generation_kwargs,
             )
         seconds = time.perf_counter() - began
         built = []
         for example, prompt, sample in zip(examples, prompts, samples):
             tokens = (prompt + sample.tokens)[:max_length]
-            built.append({
-                "input_ids": tokens,
-                "labels": [IGNORE_INDEX] * len(prompt) + tokens[len(prompt):],
-                "sample_id": example["sample_id"],
-                # `ce` on the student's own samples teaches nothing; on the teacher's it is sequence-level KD.
-                "loss_weight": 0.0 if source == STUDENT else example.get("loss_weight", 1.0),
-                "prompt_length": len(prompt),
-                "has_completion": True,
-            })
+            built.append(
+                {
+                    "input_ids": tokens,
+                    "labels": [IGNORE_INDEX] * len(prompt) + tokens[len(prompt) :],
+                    "sample_id": example["sample_id"],
+                    # `ce` on the student's own samples teaches nothing; on the teacher's it is sequence-level KD.
+                    "loss_weight": 0.0 if source == STUDENT else example.get("loss_weight", 1.0),
+                    "prompt_length": len(prompt),
+                    "has_completion": True,
+                }
+            )
         new_tokens = [len(b["input_ids"]) - b["prompt_length"] for b in built]
         self.counts[source] += 1
         self.counts["generated_tokens"] += sum(new_tokens)
@@ -239,8 +258,12 @@ class Sampler:
     # -- checkpoints -------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"draws": self.draws.get_state(), "sampler_state": self.sampler_state, "buffer": self.buffer,
-                "counts": dict(self.counts)}
+        return {
+            "draws": self.draws.get_state(),
+            "sampler_state": self.sampler_state,
+            "buffer": self.buffer,
+            "counts": dict(self.counts),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.draws.set_state(state["draws"])
@@ -269,8 +292,9 @@ def sampled_logprob_sum(model, examples: list[dict[str, Any]], pad_token_id: int
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     device = next(model.parameters()).device
     with torch.no_grad():
-        hidden = model.get_decoder()(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                     use_cache=False).last_hidden_state
+        hidden = model.get_decoder()(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+        ).last_hidden_state
     counted = (labels[:, 1:] != IGNORE_INDEX).to(device)  # hidden state t predicts token t + 1
     targets = labels[:, 1:].to(device)[counted]
     return float(chunked_token_logprobs(hidden[:, :-1][counted], output_head(model), targets).sum())

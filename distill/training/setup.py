@@ -19,7 +19,8 @@ from transformers import PreTrainedTokenizerBase
 
 from distill.data import cross
 from distill.data.batching import BatchStream
-from distill.data.datasets import TokenizedDataset, attention_weight, build_datasets
+from distill.data.datasets import TokenizedDataset, build_datasets
+from distill.data.packing import attention_weight
 from distill.losses.cross import VocabMatch
 from distill.losses.divergences import shared_vocab_size
 from distill.losses.head import output_head
@@ -66,8 +67,12 @@ def setup_cross_tokenizer(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) 
     if cfg.loss.cross_tokenizer == "uld":
         return CrossTokenizer(teacher_tokenizer, [], [])
     student_ids, teacher_ids = cross.match_vocabularies(tokenizer, teacher_tokenizer, "loss.cross_tokenizer")
-    logger.info("gold: %d tokens match one to one between the student's %d and the teacher's %d", len(student_ids),
-                len(tokenizer), len(teacher_tokenizer))
+    logger.info(
+        "gold: %d tokens match one to one between the student's %d and the teacher's %d",
+        len(student_ids),
+        len(tokenizer),
+        len(teacher_tokenizer),
+    )
     return CrossTokenizer(teacher_tokenizer, student_ids, teacher_ids)
 
 
@@ -78,10 +83,13 @@ def vocab_match(cross_tokenizer: CrossTokenizer, tokenizer: PreTrainedTokenizerB
     for name, tok, model in (("student", tokenizer, models.student), ("teacher", teacher_tokenizer, models.teacher)):
         rows = model.get_output_embeddings().weight.shape[0]
         if len(tok) > rows:
-            raise ConfigError(f"model.{name}: its tokenizer has {len(tok)} tokens but its output head {rows} rows; "
-                              "the tokenizer does not belong to the model")
-    return VocabMatch.build(cross_tokenizer.student_ids, cross_tokenizer.teacher_ids, len(tokenizer),
-                            len(teacher_tokenizer))
+            raise ConfigError(
+                f"model.{name}: its tokenizer has {len(tok)} tokens but its output head {rows} rows; "
+                "the tokenizer does not belong to the model"
+            )
+    return VocabMatch.build(
+        cross_tokenizer.student_ids, cross_tokenizer.teacher_ids, len(tokenizer), len(teacher_tokenizer)
+    )
 
 
 def setup_data(
@@ -100,11 +108,14 @@ def setup_data(
 def check_task(cfg: TrainConfig, task: str) -> None:
     """An encoder student has no LM head and cannot generate: only feature and relation terms, no on-policy."""
     if task == "encoder" and cfg.on_policy.enabled:
-        raise ConfigError("on_policy: an encoder (model.task: encoder) cannot generate; on-policy training needs "
-                          "causal LMs")
+        raise ConfigError(
+            "on_policy: an encoder (model.task: encoder) cannot generate; on-policy training needs causal LMs"
+        )
     if task == "encoder" and Need.STUDENT_LOGITS in cfg.loss.needs:
-        raise ConfigError(f"loss.terms: an encoder (model.task: encoder) has no LM head; use feature/relation "
-                          f"terms only, got {cfg.loss.terms}")
+        raise ConfigError(
+            f"loss.terms: an encoder (model.task: encoder) has no LM head; use feature/relation "
+            f"terms only, got {cfg.loss.terms}"
+        )
 
 
 @dataclasses.dataclass
@@ -167,8 +178,9 @@ def setup_optimizer(
 
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=steps)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps
+    )
     return optimizer, scheduler
 
 
@@ -178,15 +190,20 @@ def check_zero3(prepared: nn.Module, models: Models, task: str, zero3: bool) -> 
     if not zero3:
         return
     if len(models.masks):
-        raise ConfigError("keep_sparsity: a sparse student cannot be trained under ZeRO-3 (partitioned weights "
-                          "cannot be masked); use ZeRO-2 or DDP, or set keep_sparsity: false")
+        raise ConfigError(
+            "keep_sparsity: a sparse student cannot be trained under ZeRO-3 (partitioned weights "
+            "cannot be masked); use ZeRO-2 or DDP, or set keep_sparsity: false"
+        )
     if task == "causal_lm":
         for parameter in output_head(models.student).parameters:  # the lm_head weight, and its bias if it has one
             register_external_parameter(inner(prepared), parameter)
 
 
 def setup_teacher_signal(
-    cfg: TrainConfig, accelerator: Accelerator, teacher: nn.Module | None, store: LogitStore | None,
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    teacher: nn.Module | None,
+    store: LogitStore | None,
     match: VocabMatch | None = None,
 ) -> TeacherSignal | None:
     """An online teacher (prepared for DeepSpeed where launched so; reading its own tokens when ``match`` is given),

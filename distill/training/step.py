@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from distill.data.datasets import collate, collate_packed, varlen_attention
+from distill.data.datasets import collate
+from distill.data.packing import collate_packed, varlen_attention
 from distill.losses.objective import TeacherTargets, step_token_scale, target_labels, target_positions
 from distill.runtime import inner
 from distill.training.on_policy import OFF_POLICY, REPLAY, STUDENT, unwrapped_for_generation
@@ -37,8 +38,9 @@ def next_micro_batches(run) -> tuple[list[dict[str, torch.Tensor]], list[str], l
                 examples, figures = sample(run, examples, source)
         pad = run.tokenizer.pad_token_id
         if cfg.data.packing:
-            batch = collate_packed(examples, pad, cfg.data.max_length, run.packing_weight,
-                                   varlen_attention(cfg.model.attn_implementation))
+            batch = collate_packed(
+                examples, pad, cfg.data.max_length, run.packing_weight, varlen_attention(cfg.model.attn_implementation)
+            )
         else:
             batch = collate(examples, pad)
         batches.append({k: v.to(run.accelerator.device) for k, v in batch.items()})
@@ -69,8 +71,10 @@ def training_step(run) -> dict[str, float]:
     acc, cfg, weights = run.accelerator, run.cfg, run.cfg.loss.terms
     micro_batches, sources, sampling = run.next_micro_batches()
     token_scale = step_token_scale(
-        [b["labels"] for b in micro_batches], lambda t: acc.reduce(t.to(acc.device), reduction="sum"),
-        acc.num_processes, cfg.gradient_accumulation_steps,
+        [b["labels"] for b in micro_batches],
+        lambda t: acc.reduce(t.to(acc.device), reduction="sum"),
+        acc.num_processes,
+        cfg.gradient_accumulation_steps,
     )
     share = 1.0 / (acc.num_processes * cfg.gradient_accumulation_steps)
     logged: dict[str, float] = {}
@@ -79,8 +83,12 @@ def training_step(run) -> dict[str, float]:
         with acc.accumulate(run.module):
             with run.teacher_targets(batch) as teacher:
                 terms = run.module(
-                    batch["input_ids"], batch["attention_mask"], batch["labels"], teacher=teacher,
-                    loss_weights=batch["loss_weights"], token_scale=token_scale,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["labels"],
+                    teacher=teacher,
+                    loss_weights=batch["loss_weights"],
+                    token_scale=token_scale,
                     position_ids=batch.get("position_ids"),
                 )
                 if source in (STUDENT, REPLAY) and (run.step + 1) % cfg.logging_steps == 0:

@@ -55,7 +55,11 @@ class ModelTargets:
     head: OutputHead | None
 
     def divergence(
-        self, student_hidden: Tensor, student_head: OutputHead, positions: Tensor, spec: DivergenceSpec,
+        self,
+        student_hidden: Tensor,
+        student_head: OutputHead,
+        positions: Tensor,
+        spec: DivergenceSpec,
         vocab_size: int,
     ) -> Tensor:
         """See :meth:`distill.losses.objective.TeacherTargets.divergence` (full-vocabulary chunked kernel)."""
@@ -64,13 +68,13 @@ class ModelTargets:
         teacher_hidden = self.outputs.last_hidden_state[positions]
         return chunked_divergence(student_hidden, student_head, teacher_hidden, self.head, spec, vocab_size=vocab_size)
 
-
     def label_nll_sum(self, positions: Tensor, targets: Tensor, chunk_size: int) -> float:
         """The teacher's negative log-likelihood of ``targets`` (the labels at ``positions``), summed: how likely
         the teacher finds sampled completions (on-policy figures)."""
         with torch.no_grad():
             hidden = self.outputs.last_hidden_state[positions]
             return float(chunked_cross_entropy_sum(hidden, self.head, targets, chunk_size))
+
 
 @dataclasses.dataclass(frozen=True)
 class StoreTargets:
@@ -80,7 +84,11 @@ class StoreTargets:
     outputs: None = None  # a store holds next-token distributions only (no hidden states for feature terms)
 
     def divergence(
-        self, student_hidden: Tensor, student_head: OutputHead, positions: Tensor, spec: DivergenceSpec,
+        self,
+        student_hidden: Tensor,
+        student_head: OutputHead,
+        positions: Tensor,
+        spec: DivergenceSpec,
         vocab_size: int,
     ) -> Tensor:
         """See :meth:`distill.losses.objective.TeacherTargets.divergence` (bucketed top-k kernel; the stored rows
@@ -99,7 +107,11 @@ class CrossTargets:
     match: VocabMatch
 
     def divergence(
-        self, student_hidden: Tensor, student_head: OutputHead, positions: Tensor, spec: DivergenceSpec,
+        self,
+        student_hidden: Tensor,
+        student_head: OutputHead,
+        positions: Tensor,
+        spec: DivergenceSpec,
         vocab_size: int,
     ) -> Tensor:
         """See :meth:`distill.losses.objective.TeacherTargets.divergence` (cross-tokenizer kernel over the aligned
@@ -112,8 +124,9 @@ class CrossTargets:
             raise ValueError("cross_pairs: an aligned student position is not a counted position")
         index = (counted.long().cumsum(0) - 1)[flat]
         teacher_hidden = self.outputs.last_hidden_state[rows, t_pos]
-        return chunked_cross_divergence(student_hidden.index_select(0, index), student_head, teacher_hidden,
-                                        self.head, spec, self.match)
+        return chunked_cross_divergence(
+            student_hidden.index_select(0, index), student_head, teacher_hidden, self.head, spec, self.match
+        )
 
 
 class OnlineTeacher(TeacherSignal):
@@ -132,8 +145,9 @@ class OnlineTeacher(TeacherSignal):
             output_head(self.network)  # refuses, up front, a family whose head the kernels cannot reproduce
 
     @classmethod
-    def prepare(cls, teacher: nn.Module, accelerator: Accelerator, settings: LossSettings,
-                match: VocabMatch | None = None) -> OnlineTeacher:
+    def prepare(
+        cls, teacher: nn.Module, accelerator: Accelerator, settings: LossSettings, match: VocabMatch | None = None
+    ) -> OnlineTeacher:
         """Under DeepSpeed the teacher becomes an inference engine (sharded under ZeRO-3, replicated otherwise, as
         trl's ``prepare_deepspeed`` does); under DDP or a single process it is simply moved to the device."""
         from accelerate.utils import DistributedType

@@ -54,9 +54,12 @@ def run(cfg: TrainConfig) -> TrainResult:
         # A larger max_steps extends a finished run from its last checkpoint (as Trainer's resume does); otherwise
         # the run is done and nothing may be rewritten.
         if summary is not None and (cfg.max_steps is None or cfg.max_steps <= summary.get("steps", 0)):
-            print(f"distill train: {out} holds a finished run ({summary.get('steps')} steps); nothing to do (pass "
-                  "--overwrite_output_dir to train it again, or choose another output_dir)", file=sys.stderr,
-                  flush=True)
+            print(
+                f"distill train: {out} holds a finished run ({summary.get('steps')} steps); nothing to do (pass "
+                "--overwrite_output_dir to train it again, or choose another output_dir)",
+                file=sys.stderr,
+                flush=True,
+            )
             return TrainResult(out, summary.get("steps", 0), summary)
         distiller = Distiller(cfg, out)
         try:

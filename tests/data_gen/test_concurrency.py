@@ -84,11 +84,14 @@ def test_slots_never_exceed_the_limit_and_a_cancelled_waiter_passes_its_turn():
     assert asyncio.run(scenario()) == (3, 0)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("min_concurrency", 0, "teacher: min_concurrency: expected 1 <= min_concurrency <= concurrency (16)"),
-    ("min_concurrency", 17, "teacher: min_concurrency: expected 1 <= min_concurrency <= concurrency (16)"),
-    ("queue_latency_factor", 1.0, "teacher: queue_latency_factor: expected a number > 1 or null"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("min_concurrency", 0, "teacher: min_concurrency: expected 1 <= min_concurrency <= concurrency (16)"),
+        ("min_concurrency", 17, "teacher: min_concurrency: expected 1 <= min_concurrency <= concurrency (16)"),
+        ("queue_latency_factor", 1.0, "teacher: queue_latency_factor: expected a number > 1 or null"),
+    ],
+)
 def test_bad_settings_are_one_line_errors_naming_the_field(field, value, message):
     with pytest.raises(ConfigError) as err:
         from_dict(TeacherConfig, {"model": "m", field: value}, "teacher")
@@ -103,8 +106,14 @@ def test_a_streamed_answer_that_keeps_coming_outlives_a_shorter_timeout(tmp_path
     server = ScriptedServer(lambda body: text).start()
     proxy = FaultProxy(("127.0.0.1", server.port), [], token_delay_s=0.05).start()
     try:
-        cfg = TeacherConfig(model="m", base_url=proxy.base_url, api_key_env=None, timeout_s=1.0, max_retries=0,
-                            decoding=DecodingConfig(max_tokens=64))
+        cfg = TeacherConfig(
+            model="m",
+            base_url=proxy.base_url,
+            api_key_env=None,
+            timeout_s=1.0,
+            max_retries=0,
+            decoding=DecodingConfig(max_tokens=64),
+        )
         engine = build_engine(cfg, tmp_path, progress=False)
 
         async def ask() -> list:

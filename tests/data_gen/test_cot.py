@@ -20,16 +20,24 @@ from tests.conftest import REPO_ROOT
 
 # question -> per-sample answers (by the seed the pipeline sends = sample index); "HINT" marks the hinted answer.
 TABLE = {
-    "Ann has 3 cats and gets 4 more. How many cats?": ["3 + 4 = 7. So the answer is 7.",
-                                                       "3 + 4 = 8. So the answer is 8.",
-                                                       "She has 7 cats. So the answer is 7.",
-                                                       "Cats are nice."],
-    "Bo has 10 pens and loses 6. How many pens?": ["10 - 6 = 5. So the answer is 5.",
-                                                   "10 - 6 = 3. So the answer is 3.",
-                                                   "So the answer is 16.", "So the answer is 5."],
-    "Cy has 2 bags of 5 plums. How many plums?": ["2 * 5 = 10. So the answer is $10.00.",
-                                                  "2 * 5 = 10. So the answer is 10.",
-                                                  "2 + 5 = 7. So the answer is 7.", "So the answer is 10."],
+    "Ann has 3 cats and gets 4 more. How many cats?": [
+        "3 + 4 = 7. So the answer is 7.",
+        "3 + 4 = 8. So the answer is 8.",
+        "She has 7 cats. So the answer is 7.",
+        "Cats are nice.",
+    ],
+    "Bo has 10 pens and loses 6. How many pens?": [
+        "10 - 6 = 5. So the answer is 5.",
+        "10 - 6 = 3. So the answer is 3.",
+        "So the answer is 16.",
+        "So the answer is 5.",
+    ],
+    "Cy has 2 bags of 5 plums. How many plums?": [
+        "2 * 5 = 10. So the answer is $10.00.",
+        "2 * 5 = 10. So the answer is 10.",
+        "2 + 5 = 7. So the answer is 7.",
+        "So the answer is 10.",
+    ],
 }
 HINTED = {
     "Bo has 10 pens and loses 6. How many pens?": "Bo keeps 10 - 6 = 4 pens. So the answer is 4.",
@@ -56,20 +64,38 @@ def server():
 
 
 def write_questions(path: Path, golds: dict[str, str | None]) -> Path:
-    lines = [json.dumps({"question": q, "answer": gold} if gold is not None else {"question": q}) for q, gold in
-             golds.items()]
+    lines = [
+        json.dumps({"question": q, "answer": gold} if gold is not None else {"question": q})
+        for q, gold in golds.items()
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-GOLDS = {"Ann has 3 cats and gets 4 more. How many cats?": "3 + 4 = 7\n#### 7",
-         "Bo has 10 pens and loses 6. How many pens?": "#### 4",
-         "Cy has 2 bags of 5 plums. How many plums?": "#### 10"}
+GOLDS = {
+    "Ann has 3 cats and gets 4 more. How many cats?": "3 + 4 = 7\n#### 7",
+    "Bo has 10 pens and loses 6. How many pens?": "#### 4",
+    "Cy has 2 bags of 5 plums. How many plums?": "#### 10",
+}
 
 
 def args(server: ScriptedServer, inp: Path, out: Path, *extra: str) -> list[str]:
-    return ["cot", "--input_file", str(inp), "--teacher.model", "scripted", "--teacher.base_url", server.base_url,
-            "--teacher.api_key_env", "null", "--output.dir", str(out), "--output.progress", "false", *extra]
+    return [
+        "cot",
+        "--input_file",
+        str(inp),
+        "--teacher.model",
+        "scripted",
+        "--teacher.base_url",
+        server.base_url,
+        "--teacher.api_key_env",
+        "null",
+        "--output.dir",
+        str(out),
+        "--output.progress",
+        "false",
+        *extra,
+    ]
 
 
 def rows(out: Path) -> list[dict]:
@@ -99,8 +125,10 @@ def test_verification_and_rationalization(server, tmp_path):
         saved = json.dumps(r)
         assert "correct answer is" not in saved and "Question:" not in saved  # no hint, no few-shot prompt
         assert r["prompt"] == r["question"] and r["completion"] == r["rationale"]
-        assert r["messages"] == [{"role": "user", "content": r["question"]},
-                                 {"role": "assistant", "content": r["rationale"]}]
+        assert r["messages"] == [
+            {"role": "user", "content": r["question"]},
+            {"role": "assistant", "content": r["rationale"]},
+        ]
     stats = json.loads((out / "stats.json").read_text())
     assert stats["solved"] == 3 and stats["rationalized"] == 1
     # Ann: one wrong (8), one without an answer; Bo: 3, 16 wrong twice... counted, never silently lost.
@@ -109,6 +137,7 @@ def test_verification_and_rationalization(server, tmp_path):
     assert stats["rejections"]["surplus"] == 1  # Cy's fourth correct sample, beyond keep_per_question=2
     # The trainer reads it directly.
     from distill.data.datasets import detect_shape
+
     assert detect_shape(data[0], "auto", "x") == "messages"
 
 
@@ -138,29 +167,40 @@ def test_failed_rationalization_is_counted_and_hint_words_rejected(tmp_path):
 def test_self_consistency_vote_without_gold(server, tmp_path):
     inp = write_questions(tmp_path / "q.jsonl", {q: None for q in GOLDS})
     out = tmp_path / "vote"
-    assert data_gen_main(args(server, inp, out, "--mode", "vote", "--answer_field", "null",
-                              "--keep_per_question", "4")) == 0
+    assert (
+        data_gen_main(args(server, inp, out, "--mode", "vote", "--answer_field", "null", "--keep_per_question", "4"))
+        == 0
+    )
     data = rows(out)
     labels = {r["question"]: r["label"] for r in data}
     # Ann: 7 twice, 8 once -> 7. Bo: 5, 3, 16, 5 -> 5 (the vote picks the majority, right or wrong). Cy: 10 x3.
-    assert labels == {"Ann has 3 cats and gets 4 more. How many cats?": "7",
-                      "Bo has 10 pens and loses 6. How many pens?": "5",
-                      "Cy has 2 bags of 5 plums. How many plums?": "10"}
+    assert labels == {
+        "Ann has 3 cats and gets 4 more. How many cats?": "7",
+        "Bo has 10 pens and loses 6. How many pens?": "5",
+        "Cy has 2 bags of 5 plums. How many plums?": "10",
+    }
     assert all(r["answer"] == r["label"] and r["gold"] is None and r["correct"] is None for r in data)
     assert len([r for r in data if r["question"].startswith("Cy")]) == 3  # three distinct texts agree on 10
     stats = json.loads((out / "stats.json").read_text())
     assert stats["rejections"]["minority"] == 1 + 2 + 1 and stats["rejections"]["no_answer"] == 1
     # A stricter share leaves Bo without a majority (2 of 4 < 0.75): counted, not kept.
     out2 = tmp_path / "vote2"
-    assert data_gen_main(args(server, inp, out2, "--mode", "vote", "--answer_field", "null",
-                              "--min_vote_share", "0.75")) == 0
+    assert (
+        data_gen_main(args(server, inp, out2, "--mode", "vote", "--answer_field", "null", "--min_vote_share", "0.75"))
+        == 0
+    )
     stats = json.loads((out2 / "stats.json").read_text())
     assert stats["rejections"]["no_majority"] == 2 and stats["solved"] == 1
 
 
 def test_bad_input_exits_2_before_writing(server, tmp_path, capsys):
-    missing = write_questions(tmp_path / "q.jsonl", {"Ann has 3 cats and gets 4 more. How many cats?": "#### 7",
-                                                     "Bo has 10 pens and loses 6. How many pens?": None})
+    missing = write_questions(
+        tmp_path / "q.jsonl",
+        {
+            "Ann has 3 cats and gets 4 more. How many cats?": "#### 7",
+            "Bo has 10 pens and loses 6. How many pens?": None,
+        },
+    )
     out = tmp_path / "cot"
     assert data_gen_main(args(server, missing, out)) == 2
     err = capsys.readouterr().err
@@ -214,20 +254,24 @@ def test_gsm8k_slice(server, shared_data, tmp_path):
 
 
 def test_shipped_config_parses():
-    cfg = parse_command_line(CotConfig, ["--config", str(REPO_ROOT / "configs/data_gen/cot_gsm8k.yaml")],
-                             "data-gen cot")
+    cfg = parse_command_line(
+        CotConfig, ["--config", str(REPO_ROOT / "configs/data_gen/cot_gsm8k.yaml")], "data-gen cot"
+    )
     assert cfg.mode == "gold" and cfg.extractor.kind == "answer_is"
 
 
-@pytest.mark.parametrize("kind,text,expected", [
-    ("answer_is", "3 + 4 = 7 apples. So the answer is 7 apples.", "7"),
-    ("answer_is", "The answer is: $1,250.", "1250"),
-    ("answer_is", "no conclusion here 12", None),
-    ("hash", "Work 2 + 2 = 4\n#### 4", "4"),
-    ("hash", "#### -3.50", "-3.5"),
-    ("final_number", "First 3, then 4.5 and finally 9.", "9"),
-    ("final_number", "nothing", None),
-])
+@pytest.mark.parametrize(
+    "kind,text,expected",
+    [
+        ("answer_is", "3 + 4 = 7 apples. So the answer is 7 apples.", "7"),
+        ("answer_is", "The answer is: $1,250.", "1250"),
+        ("answer_is", "no conclusion here 12", None),
+        ("hash", "Work 2 + 2 = 4\n#### 4", "4"),
+        ("hash", "#### -3.50", "-3.5"),
+        ("final_number", "First 3, then 4.5 and finally 9.", "9"),
+        ("final_number", "nothing", None),
+    ],
+)
 def test_extractors(kind, text, expected):
     assert AnswerExtractor(kind).extract(text) == expected
 
@@ -240,16 +284,39 @@ def test_regex_extractor_and_text_mode():
     with pytest.raises(ValueError, match="does not compile"):
         AnswerExtractor("regex", "(unclosed")
     with pytest.raises(ConfigError, match="extractor: regex: .* does not compile"):
-        parse_command_line(CotConfig, ["--input_file", "x", "--output.dir", "o", "--teacher.model", "m",
-                                       "--extractor.kind", "regex", "--extractor.regex", "[z-a]"], "data-gen cot")
-    cfg = parse_command_line(CotConfig, ["--input_file", "x", "--output.dir", "o", "--teacher.model", "m",
-                                         "--extractor.kind", "hash"], "data-gen cot")
+        parse_command_line(
+            CotConfig,
+            [
+                "--input_file",
+                "x",
+                "--output.dir",
+                "o",
+                "--teacher.model",
+                "m",
+                "--extractor.kind",
+                "regex",
+                "--extractor.regex",
+                "[z-a]",
+            ],
+            "data-gen cot",
+        )
+    cfg = parse_command_line(
+        CotConfig,
+        ["--input_file", "x", "--output.dir", "o", "--teacher.model", "m", "--extractor.kind", "hash"],
+        "data-gen cot",
+    )
     assert isinstance(cfg.extractor, AnswerExtractor) and cfg.extractor.extract("#### 5") == "5"
 
 
 def test_normalisation_and_vote():
-    assert [normalize_number(t) for t in ("18.00", "$72", "1,000", "3/4", "-0.0", "x")] == \
-        ["18", "72", "1000", "0.75", "0", None]
+    assert [normalize_number(t) for t in ("18.00", "$72", "1,000", "3/4", "-0.0", "x")] == [
+        "18",
+        "72",
+        "1000",
+        "0.75",
+        "0",
+        None,
+    ]
     # a sampled run of digits longer than Decimal's 28-digit context is kept exactly, not an error
     assert normalize_number("7" * 40) == "7" * 40 and normalize_number("100") == "100"
     assert gold_answer("He pays 3 * 4 = 12\n#### 12") == "12" and gold_answer("42") == "42"
@@ -275,8 +342,9 @@ def basic_token(password: str = URL_SECRET) -> str:
 
 def files_holding(out: Path, *secrets: str) -> list[str]:
     """Every file under ``out`` (cache, journal, data, card, config) that holds one of ``secrets``."""
-    return [f"{p.name}: {s}" for p in sorted(out.rglob("*")) if p.is_file() for s in secrets
-            if s.encode() in p.read_bytes()]
+    return [
+        f"{p.name}: {s}" for p in sorted(out.rglob("*")) if p.is_file() for s in secrets if s.encode() in p.read_bytes()
+    ]
 
 
 def test_credentials_in_base_url_authenticate_but_are_never_saved_or_printed(server, tmp_path, capfd):
@@ -315,8 +383,21 @@ def test_a_key_echoed_in_an_error_body_is_scrubbed(status, tmp_path, capfd, monk
         url_holder.append(with_credentials(srv))
         inp = write_questions(tmp_path / "q.jsonl", GOLDS)
         out = tmp_path / "cot"
-        code = data_gen_main(args(srv, inp, out, "--teacher.base_url", url_holder[0], "--teacher.api_key_env",
-                                  "DISTILL_TEST_KEY", "--teacher.max_retries", "1", "--teacher.backoff_base_s", "0.01"))
+        code = data_gen_main(
+            args(
+                srv,
+                inp,
+                out,
+                "--teacher.base_url",
+                url_holder[0],
+                "--teacher.api_key_env",
+                "DISTILL_TEST_KEY",
+                "--teacher.max_retries",
+                "1",
+                "--teacher.backoff_base_s",
+                "0.01",
+            )
+        )
     finally:
         srv.stop()
     printed = capfd.readouterr()
@@ -341,8 +422,24 @@ def test_a_key_given_as_api_key_env_is_refused_without_echoing_it(value, server,
     assert value not in printed.out + printed.err and value[:8] not in printed.err
     config = tmp_path / "c.yaml"
     config.write_text(f"teacher:\n  api_key_env: {value}\n")
-    assert data_gen_main(["cot", "--config", str(config), "--input_file", str(inp), "--teacher.model", "scripted",
-                          "--teacher.base_url", server.base_url, "--output.dir", str(out)]) == 2
+    assert (
+        data_gen_main(
+            [
+                "cot",
+                "--config",
+                str(config),
+                "--input_file",
+                str(inp),
+                "--teacher.model",
+                "scripted",
+                "--teacher.base_url",
+                server.base_url,
+                "--output.dir",
+                str(out),
+            ]
+        )
+        == 2
+    )
     printed = capfd.readouterr()
     assert printed.err.count("\n") == 1 and value not in printed.out + printed.err
     assert not out.exists() and server.total == 0

@@ -95,8 +95,13 @@ def test_dedup_refuses_non_empty_output_dir_unless_overwrite(tmp_path: Path) -> 
     result = run_dedup(str(FIXTURE), "--field", "instruction", "--output-dir", str(out), "--overwrite")
     assert result.returncode == 0, result.stderr
     assert (out / "kept.jsonl").read_text() != "precious\n"
-    assert sorted(p.name for p in out.iterdir()) == [".kd_owner.json", "config.yaml", "dropped.jsonl", "kept.jsonl",
-                                                     "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".kd_owner.json",
+        "config.yaml",
+        "dropped.jsonl",
+        "kept.jsonl",
+        "summary.json",
+    ]
 
 
 BAD_INPUTS = {

@@ -33,15 +33,26 @@ def serve(model_dirs):
 
 def teacher(model: str, base_url: str, **overrides) -> TeacherConfig:
     """A teacher config with short timeouts and backoff, so fault tests finish in seconds."""
-    values = dict(model=model, base_url=base_url, api_key_env=None, concurrency=4, timeout_s=3.0, max_retries=4,
-                  backoff_base_s=0.05, backoff_max_s=0.2, decoding=DecodingConfig(temperature=0.0, max_tokens=8))
+    values = dict(
+        model=model,
+        base_url=base_url,
+        api_key_env=None,
+        concurrency=4,
+        timeout_s=3.0,
+        max_retries=4,
+        backoff_base_s=0.05,
+        backoff_max_s=0.2,
+        decoding=DecodingConfig(temperature=0.0, max_tokens=8),
+    )
     values.update(overrides)
     return TeacherConfig(**values)
 
 
 def requests_for(n: int, prefix: str = "q") -> list[Request]:
-    return [Request(f"{prefix}{i}", [{"role": "user", "content": f"Say something about item number {i}."}])
-            for i in range(n)]
+    return [
+        Request(f"{prefix}{i}", [{"role": "user", "content": f"Say something about item number {i}."}])
+        for i in range(n)
+    ]
 
 
 async def collect(engine: Engine, requests: list[Request], parse=None) -> list:
@@ -97,6 +108,7 @@ async def run_until_stormed(engine: Engine, requests: list[Request], proxy: Faul
     """Runs the engine until it has sent more than two rounds of requests (so it cannot pass :func:`storm_verdict`),
     finishes, gives up or ``deadline_s`` passes; returns the seconds it ran. Ending on the count, not on a duration,
     keeps the test as short on a slow machine as on a fast one."""
+
     async def answer() -> None:
         async for _ in engine.run(requests):
             pass
@@ -121,11 +133,13 @@ def test_a_server_that_answers_one_at_a_time_is_not_stormed(serve, tmp_path):
     nobody receives, the server busy nearly all along. The old engine (fixed concurrency, plain answers) against the
     same proxy fails the same verdict, so the verdict tells a storm from convergence (bench/serial_server.py has the
     figures)."""
+
     def proxy() -> FaultProxy:
         return FaultProxy(("127.0.0.1", serve["port"]), [], serial=True, token_delay_s=0.06).start()
 
-    settings = dict(concurrency=8, timeout_s=3.0, max_retries=6,
-                    decoding=DecodingConfig(temperature=0.0, max_tokens=24))
+    settings = dict(
+        concurrency=8, timeout_s=3.0, max_retries=6, decoding=DecodingConfig(temperature=0.0, max_tokens=24)
+    )
     adaptive = proxy()
     try:
         engine = build_engine(teacher(serve["model"], adaptive.base_url, **settings), tmp_path / "a", progress=False)
@@ -134,8 +148,16 @@ def test_a_server_that_answers_one_at_a_time_is_not_stormed(serve, tmp_path):
         elapsed = time.monotonic() - started
     finally:
         adaptive.stop()
-    figures = (dict(engine.stats.retries), adaptive.received, adaptive.abandoned, adaptive.skipped, adaptive.wasted_s,
-               adaptive.busy_s, elapsed, engine.concurrency.highest)
+    figures = (
+        dict(engine.stats.retries),
+        adaptive.received,
+        adaptive.abandoned,
+        adaptive.skipped,
+        adaptive.wasted_s,
+        adaptive.busy_s,
+        elapsed,
+        engine.concurrency.highest,
+    )
     assert sorted(r.request.id for r in results) == [f"q{i}" for i in range(8)] and all(r.ok for r in results)
     limit = engine.concurrency
     assert limit.decreases >= 1 and limit.lowest <= 2 < limit.maximum, figures  # it backed off
@@ -226,8 +248,9 @@ def test_budget_cap_stops_cleanly_and_preflight_refuses(tmp_path):
     server = ScriptedServer(echo_responder).start()
     try:
         # Reservation per call = (est. input + 8 max_tokens) tokens at $1000/M; the cap fits only a few calls.
-        cfg = teacher("m", server.base_url, price_input_per_m=1000.0, price_output_per_m=1000.0, max_cost_usd=0.1,
-                      concurrency=1)
+        cfg = teacher(
+            "m", server.base_url, price_input_per_m=1000.0, price_output_per_m=1000.0, max_cost_usd=0.1, concurrency=1
+        )
         engine = build_engine(cfg, tmp_path, progress=False)
         results = asyncio.run(collect(engine, requests_for(20)))
         assert engine.stopped == "budget"
@@ -243,8 +266,9 @@ def test_rate_limiter_spaces_requests(tmp_path):
     server = ScriptedServer(echo_responder).start()
     try:
         # 120 rpm with a 10 s burst allowance = 20 immediate calls, then one every 0.5 s.
-        engine = build_engine(teacher("m", server.base_url, requests_per_minute=120, concurrency=8), tmp_path,
-                              progress=False)
+        engine = build_engine(
+            teacher("m", server.base_url, requests_per_minute=120, concurrency=8), tmp_path, progress=False
+        )
         started = time.monotonic()
         asyncio.run(collect(engine, requests_for(23)))
         assert time.monotonic() - started >= 1.4
@@ -281,7 +305,10 @@ def test_journal_drops_a_torn_last_line_and_resumes(tmp_path):
     journal.append({"id": "c", "x": 3})
     journal.close()
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
-        {"id": "a", "x": 1, "_sum": ANY}, {"id": "b", "x": 2, "_sum": ANY}, {"id": "c", "x": 3, "_sum": ANY}]
+        {"id": "a", "x": 1, "_sum": ANY},
+        {"id": "b", "x": 2, "_sum": ANY},
+        {"id": "c", "x": 3, "_sum": ANY},
+    ]
     path.write_text('{"id":"a"}\nnot json\n')
     with pytest.raises(ValueError, match="journal.jsonl:2: corrupt"):
         Journal(path).open()
@@ -379,11 +406,30 @@ def test_local_backend_shards_across_processes(model_dirs, tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(free_port()), str(script),
-         str(model_dirs["teacher"]), str(tmp_path / "out"), str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            str(script),
+            str(model_dirs["teacher"]),
+            str(tmp_path / "out"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1)]
@@ -405,8 +451,13 @@ def test_local_backend_ignores_the_checkpoint_generation_config(model_dirs, tmp_
     prompts = [Request(f"g{i}", [{"role": "user", "content": "word " * (1 + 3 * i)}]) for i in range(3)]
 
     def answers(model_dir, name, **decoding) -> dict[str, str]:
-        cfg = teacher(str(model_dir), None, backend="local", batch_size=4,
-                      decoding=DecodingConfig(temperature=0.0, max_tokens=12, **decoding))
+        cfg = teacher(
+            str(model_dir),
+            None,
+            backend="local",
+            batch_size=4,
+            decoding=DecodingConfig(temperature=0.0, max_tokens=12, **decoding),
+        )
         engine = Engine(cfg, AnswerCache(tmp_path / f"{name}.sqlite"), LocalBackend(cfg), progress=False)
         return {r.request.id: r.text for r in asyncio.run(collect(engine, prompts))}
 

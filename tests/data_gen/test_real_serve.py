@@ -16,17 +16,28 @@ QUESTIONS = ["What is the capital of France?", "Name a colour of the sky."]
 
 def test_real_model_behind_transformers_serve_answers_through_the_engine(smollm2, smollm2_dir, tmp_path):
     model, tokenizer = smollm2
-    local, _ = generate_batched(model, tokenizer, [encode_prompt(tokenizer, q) for q in QUESTIONS],
-                                max_new_tokens=16, batch_size=1)
+    local, _ = generate_batched(
+        model, tokenizer, [encode_prompt(tokenizer, q) for q in QUESTIONS], max_new_tokens=16, batch_size=1
+    )
     with transformers_serve(smollm2_dir, tmp_path / "serve.log") as port:
-        cfg = TeacherConfig(model=str(smollm2_dir), base_url=f"http://127.0.0.1:{port}/v1", api_key_env=None,
-                            concurrency=1, timeout_s=120.0, max_retries=2,
-                            decoding=DecodingConfig(temperature=0.0, max_tokens=16))
+        cfg = TeacherConfig(
+            model=str(smollm2_dir),
+            base_url=f"http://127.0.0.1:{port}/v1",
+            api_key_env=None,
+            concurrency=1,
+            timeout_s=120.0,
+            max_retries=2,
+            decoding=DecodingConfig(temperature=0.0, max_tokens=16),
+        )
         engine = build_engine(cfg, tmp_path / "out", progress=False)
 
         async def ask():
-            results = [r async for r in engine.run([Request(f"q{i}", [{"role": "user", "content": q}])
-                                                   for i, q in enumerate(QUESTIONS)])]
+            results = [
+                r
+                async for r in engine.run(
+                    [Request(f"q{i}", [{"role": "user", "content": q}]) for i, q in enumerate(QUESTIONS)]
+                )
+            ]
             await engine.aclose()
             return sorted(results, key=lambda r: r.request.id)
 

@@ -27,9 +27,25 @@ SECRETS = (QUERY_KEY, FRAGMENT_TOKEN, HEADER_SECRET, ENV_KEY)
 
 def cot(base_url: str, inp: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DISTILL_TEST_KEY": ENV_KEY}
-    command = [sys.executable, "-m", "data_gen", "cot", "--input_file", str(inp), "--teacher.model", "scripted",
-               "--teacher.base_url", base_url, "--teacher.api_key_env", "DISTILL_TEST_KEY", "--teacher.headers",
-               f"{{X-Gateway-Key: {HEADER_SECRET}}}", "--output.dir", str(out), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "data_gen",
+        "cot",
+        "--input_file",
+        str(inp),
+        "--teacher.model",
+        "scripted",
+        "--teacher.base_url",
+        base_url,
+        "--teacher.api_key_env",
+        "DISTILL_TEST_KEY",
+        "--teacher.headers",
+        f"{{X-Gateway-Key: {HEADER_SECRET}}}",
+        "--output.dir",
+        str(out),
+        *extra,
+    ]
     return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -58,8 +74,14 @@ def test_keys_in_the_url_query_fragment_and_headers_reach_the_server_and_nothing
     # The live client sent every credential: the key, the URL's query (the fragment stays in the client, as HTTP has
     # it) and the header.
     assert authorizations == {f"Bearer {ENV_KEY}"} and seen == {f"api-key={QUERY_KEY}&tier=2 {HEADER_SECRET}"}
-    assert {p.name for p in out.iterdir()} >= {"data.jsonl", "data.parquet", "README.md", "config.yaml",
-                                              "journal.jsonl", "cache.sqlite"}
+    assert {p.name for p in out.iterdir()} >= {
+        "data.jsonl",
+        "data.parquet",
+        "README.md",
+        "config.yaml",
+        "journal.jsonl",
+        "cache.sqlite",
+    }
     assert leaks(out, result.stdout + result.stderr) == []
     saved = (out / "config.yaml").read_text()
     assert "api-key=***&tier=2#access_token=***" in saved and "X-Gateway-Key: '***'" in saved
@@ -76,8 +98,11 @@ def test_an_unreachable_server_error_line_holds_no_key(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "?key=***#***" in errors[0]
-    assert leaks(out, result.stdout + result.stderr) == [] if out.exists() else not any(
-        s in result.stdout + result.stderr for s in SECRETS)
+    assert (
+        leaks(out, result.stdout + result.stderr) == []
+        if out.exists()
+        else not any(s in result.stdout + result.stderr for s in SECRETS)
+    )
 
 
 @pytest.mark.parametrize("field", ["--teacher.api_key_env"])

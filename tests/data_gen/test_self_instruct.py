@@ -31,8 +31,11 @@ from kd_core.config import ConfigError
 from kd_recipes.cli import data_gen_main
 from tests.conftest import REPO_ROOT
 
-WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "su", "te", "ra", "po", "ne") for b in ("x", "d", "ft", "rn", "lm",
-                                                                                       "q", "vy", "zz", "gh", "pt")]
+WORDS = [
+    f"{a}{b}"
+    for a in ("ka", "lo", "mi", "su", "te", "ra", "po", "ne")
+    for b in ("x", "d", "ft", "rn", "lm", "q", "vy", "zz", "gh", "pt")
+]
 
 
 def responder(body: dict) -> str:
@@ -41,16 +44,30 @@ def responder(body: dict) -> str:
     rng = random.Random(hashlib.sha256(content.encode()).hexdigest())
     if content.startswith("We are collecting"):
         tasks = ["Describe " + " ".join(rng.sample(WORDS, 9)) + "." for _ in range(5)]
-        tasks += ["Draw a picture of " + rng.choice(WORDS) + " on a map.",  # blacklist
-                  "Summarize the paragraph in one sentence."]  # copy of a seed: ROUGE-L 1.0
+        tasks += [
+            "Draw a picture of " + rng.choice(WORDS) + " on a map.",  # blacklist
+            "Summarize the paragraph in one sentence.",
+        ]  # copy of a seed: ROUGE-L 1.0
         return "Sure, here they are.\n" + "\n".join(f"Task {9 + i}: {t}" for i, t in enumerate(tasks))
     if content.endswith("Classification:"):
         return rng.choice([" Yes", "No."])
     if "classification task. First" in content:
-        return "Class label: " + rng.choice(WORDS) + "\nInput: " + " ".join(rng.sample(WORDS, 4)) + \
-               "\nClass label: other\nInput: " + " ".join(rng.sample(WORDS, 4))
-    return ("Example 1\nInput: <none>\nOutput: " + " ".join(rng.sample(WORDS, 6)) +
-            "\nExample 2\nInput: " + " ".join(rng.sample(WORDS, 3)) + "\nOutput: " + " ".join(rng.sample(WORDS, 5)))
+        return (
+            "Class label: "
+            + rng.choice(WORDS)
+            + "\nInput: "
+            + " ".join(rng.sample(WORDS, 4))
+            + "\nClass label: other\nInput: "
+            + " ".join(rng.sample(WORDS, 4))
+        )
+    return (
+        "Example 1\nInput: <none>\nOutput: "
+        + " ".join(rng.sample(WORDS, 6))
+        + "\nExample 2\nInput: "
+        + " ".join(rng.sample(WORDS, 3))
+        + "\nOutput: "
+        + " ".join(rng.sample(WORDS, 5))
+    )
 
 
 @pytest.fixture
@@ -61,9 +78,22 @@ def server():
 
 
 def args(server: ScriptedServer, out: Path, *extra: str) -> list[str]:
-    return ["self-instruct", "--teacher.model", "scripted", "--teacher.base_url", server.base_url,
-            "--teacher.api_key_env", "null", "--output.dir", str(out), "--output.progress", "false",
-            "--prompts_per_round", "4", *extra]
+    return [
+        "self-instruct",
+        "--teacher.model",
+        "scripted",
+        "--teacher.base_url",
+        server.base_url,
+        "--teacher.api_key_env",
+        "null",
+        "--output.dir",
+        str(out),
+        "--output.progress",
+        "false",
+        "--prompts_per_round",
+        "4",
+        *extra,
+    ]
 
 
 def read_rows(out: Path) -> list[dict]:
@@ -77,8 +107,10 @@ def test_generates_a_dataset_the_trainer_can_read(server, tmp_path, capsys):
     instructions = {r["instruction"] for r in rows}
     assert len(instructions) == 12 and len({r["id"] for r in rows}) == len(rows)
     for row in rows:
-        assert row["messages"][0]["role"] == "user" and row["messages"][1] == {"role": "assistant",
-                                                                                "content": row["output"]}
+        assert row["messages"][0]["role"] == "user" and row["messages"][1] == {
+            "role": "assistant",
+            "content": row["output"],
+        }
         assert row["instruction"] in row["messages"][0]["content"] and row["output"]
         assert row["provenance"]["teacher"] == "scripted" and len(row["provenance"]["prompt_template_sha256"]) == 16
         assert "picture" not in row["instruction"] and row["instruction"] != "Summarize the paragraph in one sentence."
@@ -134,8 +166,9 @@ def test_kill_9_at_several_points_then_resume(server, tmp_path):
     assert final.returncode == 0, final.stderr
     rows = read_rows(out)
     assert rows == [r for r in rows if r["id"] in {x["id"] for x in reference}]
-    assert [(r["id"], r["instruction"], r["input"], r["output"]) for r in rows] == \
-           [(r["id"], r["instruction"], r["input"], r["output"]) for r in reference]
+    assert [(r["id"], r["instruction"], r["input"], r["output"]) for r in rows] == [
+        (r["id"], r["instruction"], r["input"], r["output"]) for r in reference
+    ]
     journal_ids = [json.loads(line)["id"] for line in (out / "journal.jsonl").read_text().splitlines()]
     assert len(journal_ids) == len(set(journal_ids))  # nothing duplicated
     # Only calls in flight at a kill can have been sent twice (at most concurrency=16 per kill).
@@ -171,8 +204,9 @@ def test_signal_stops_gracefully_and_resumes(server, tmp_path, signum):
 
 def test_budget_estimate_over_cap_exits_2_before_any_call(server, tmp_path, capsys):
     out = tmp_path / "b"
-    code = data_gen_main(args(server, out, "--target", "100", "--teacher.price_output_per_m", "10",
-                              "--teacher.max_cost_usd", "0.01"))
+    code = data_gen_main(
+        args(server, out, "--target", "100", "--teacher.price_output_per_m", "10", "--teacher.max_cost_usd", "0.01")
+    )
     assert code == 2 and server.total == 0 and not out.exists()
     assert "teacher.max_cost_usd: the estimated cost" in capsys.readouterr().err
 
@@ -187,8 +221,17 @@ def test_budget_cap_during_the_run_stops_with_code_3(server, tmp_path, capsys):
     assert estimate < actual  # ~20 candidates per round need classifying and instances; the estimate assumed 4
     cap = (estimate + actual) / 2
     out = tmp_path / "capped"
-    code = data_gen_main(args(server, out, *priced, "--teacher.max_cost_usd", str(cap),
-                              "--teacher.cache_path", str(tmp_path / "capped_cache.sqlite")))
+    code = data_gen_main(
+        args(
+            server,
+            out,
+            *priced,
+            "--teacher.max_cost_usd",
+            str(cap),
+            "--teacher.cache_path",
+            str(tmp_path / "capped_cache.sqlite"),
+        )
+    )
     printed = capsys.readouterr().out
     assert code == 3 and "stopped early (budget)" in printed
     assert float(printed.split("cost: $")[1].split(";")[0]) <= cap
@@ -203,8 +246,11 @@ def test_credentials_in_base_url_reach_the_server_and_no_file_or_line(server, tm
     assert set(server.authorizations) == {f"Basic {basic}"}  # the client logged in with the URL's credentials
     printed = capfd.readouterr()
     assert secret not in printed.out + printed.err
-    leaks = [p.name for p in out.rglob("*") if p.is_file() and (secret.encode() in p.read_bytes()
-                                                                 or basic.encode() in p.read_bytes())]
+    leaks = [
+        p.name
+        for p in out.rglob("*")
+        if p.is_file() and (secret.encode() in p.read_bytes() or basic.encode() in p.read_bytes())
+    ]
     assert leaks == []  # config.yaml, journal.jsonl (provenance), cache.sqlite, data files, README.md
     masked = url.replace(secret, "***")
     journal = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
@@ -214,19 +260,45 @@ def test_credentials_in_base_url_reach_the_server_and_no_file_or_line(server, tm
 
 def test_bad_inputs_exit_2_with_a_clear_message(server, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
-    code = data_gen_main(["self-instruct", "--teacher.model", "m", "--teacher.api_key_env", "NO_SUCH_KEY_VAR",
-                          "--output.dir", str(tmp_path / "k")])
+    code = data_gen_main(
+        [
+            "self-instruct",
+            "--teacher.model",
+            "m",
+            "--teacher.api_key_env",
+            "NO_SUCH_KEY_VAR",
+            "--output.dir",
+            str(tmp_path / "k"),
+        ]
+    )
     assert code == 2 and "NO_SUCH_KEY_VAR" in capsys.readouterr().err and not (tmp_path / "k").exists()
 
     seeds = tmp_path / "seeds.jsonl"
-    good = {"id": "a", "name": "n", "instruction": "Do it.", "instances": [{"input": "", "output": "ok"}],
-            "is_classification": False}
+    good = {
+        "id": "a",
+        "name": "n",
+        "instruction": "Do it.",
+        "instances": [{"input": "", "output": "ok"}],
+        "is_classification": False,
+    }
     seeds.write_text(json.dumps(good) + "\n" + json.dumps({**good, "instances": [{"input": 3}]}) + "\n")
     code = data_gen_main(args(server, tmp_path / "s", "--seed_tasks", str(seeds)))
     assert code == 2 and f"{seeds}:2: field 'instances[0]'" in capsys.readouterr().err
 
-    code = data_gen_main(args(server, tmp_path / "u", "--teacher.base_url", "http://127.0.0.1:9/v1",
-                              "--teacher.max_retries", "1", "--teacher.backoff_base_s", "0.01", "--target", "2"))
+    code = data_gen_main(
+        args(
+            server,
+            tmp_path / "u",
+            "--teacher.base_url",
+            "http://127.0.0.1:9/v1",
+            "--teacher.max_retries",
+            "1",
+            "--teacher.backoff_base_s",
+            "0.01",
+            "--target",
+            "2",
+        )
+    )
     assert code == 2 and "failed request" in capsys.readouterr().err and server.total == 0
 
 
@@ -262,8 +334,14 @@ def test_parsing_and_filters():
     assert cls == [{"input": "win money", "output": "spam"}, {"input": "see you", "output": "ham"}]
     gen = parse_instances("Example 1\nInput: <none>\nOutput: a\nExample 2\nInput: b\nOutput: c", "stop", False)
     assert gen == [{"input": "", "output": "a"}, {"input": "b", "output": "c"}]
-    assert postprocess_instances("Task", gen + [{"input": "b", "output": "c"}, {"input": "x", "output": "x"},
-                                                {"input": "y", "output": ""}], 5) == gen
+    assert (
+        postprocess_instances(
+            "Task",
+            gen + [{"input": "b", "output": "c"}, {"input": "x", "output": "x"}, {"input": "y", "output": ""}],
+            5,
+        )
+        == gen
+    )
 
     f = FilterConfig()
     assert filter_reason("Write a haiku about autumn leaves.", f) is None
@@ -302,9 +380,25 @@ def test_shipped_config_parses():
 def test_documented_local_server_command_and_foreign_output_dir(server, tmp_path, capsys):
     """docs/data_gen.md: the shipped config pointed at a local no-auth server; a dir from another run is refused."""
     out = tmp_path / "si"
-    command = ["self-instruct", "--config", str(REPO_ROOT / "configs" / "data_gen" / "self_instruct.yaml"),
-               "--teacher.base_url", server.base_url, "--teacher.api_key_env", "null", "--teacher.model", "my-model",
-               "--target", "6", "--prompts_per_round", "2", "--output.dir", str(out), "--output.progress", "false"]
+    command = [
+        "self-instruct",
+        "--config",
+        str(REPO_ROOT / "configs" / "data_gen" / "self_instruct.yaml"),
+        "--teacher.base_url",
+        server.base_url,
+        "--teacher.api_key_env",
+        "null",
+        "--teacher.model",
+        "my-model",
+        "--target",
+        "6",
+        "--prompts_per_round",
+        "2",
+        "--output.dir",
+        str(out),
+        "--output.progress",
+        "false",
+    ]
     assert data_gen_main(command) == 0 and len({r["instruction"] for r in read_rows(out)}) == 6
     capsys.readouterr()
     assert data_gen_main([*command, "--seed", "1"]) == 2
@@ -338,9 +432,21 @@ def test_a_finished_cot_output_is_refused_untouched_and_still_resumes(tmp_path, 
         out = tmp_path / "cot"
         assert data_gen_main(test_cot.args(cot_server, questions, out)) == 0
         assert json.loads((out / ownership.MARKER).read_text())["command"] == "data-gen cot"
-        self_instruct = ["self-instruct", "--teacher.base_url", cot_server.base_url, "--teacher.api_key_env", "null",
-                         "--teacher.model", "scripted", "--target", "4", "--output.dir", str(out),
-                         "--output.progress", "false"]
+        self_instruct = [
+            "self-instruct",
+            "--teacher.base_url",
+            cot_server.base_url,
+            "--teacher.api_key_env",
+            "null",
+            "--teacher.model",
+            "scripted",
+            "--target",
+            "4",
+            "--output.dir",
+            str(out),
+            "--output.progress",
+            "false",
+        ]
         for legacy in (False, True):
             if legacy:
                 (out / ownership.MARKER).unlink()
@@ -349,8 +455,11 @@ def test_a_finished_cot_output_is_refused_untouched_and_still_resumes(tmp_path, 
             assert data_gen_main(self_instruct) == 2
             err = capsys.readouterr().err
             # Unmarked (a version before markers), another command's output is told from a user's folder by no one.
-            held = ("files not written by this command, and no ownership marker" if legacy
-                    else "a finished data-gen cot output")
+            held = (
+                "files not written by this command, and no ownership marker"
+                if legacy
+                else "a finished data-gen cot output"
+            )
             assert f"is not a self-instruct output directory (it holds {held})" in err, err
             assert tree_digest(out) == before
         calls = cot_server.total

@@ -51,8 +51,9 @@ PROMPTS = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11]]
 def test_sampled_distribution_is_the_raw_softmax_at_the_temperature(opinionated_model, monkeypatch, temperature):
     captured = spied_generate(opinionated_model, monkeypatch)
     torch.manual_seed(0)
-    samples = generate_tokens(opinionated_model, PROMPTS, pad_token_id=0, eos_token_ids=[], max_new_tokens=12,
-                              temperature=temperature)
+    samples = generate_tokens(
+        opinionated_model, PROMPTS, pad_token_id=0, eos_token_ids=[], max_new_tokens=12, temperature=temperature
+    )
     scores, raw = step_logprobs(captured[0], temperature)
     torch.testing.assert_close(scores, raw, rtol=0, atol=1e-5)
     assert [len(s.tokens) for s in samples] == [12, 12]
@@ -70,8 +71,16 @@ def test_the_checkpoint_settings_would_have_changed_the_distribution(opinionated
     another distribution than the raw softmax, so the tests above can fail."""
     torch.manual_seed(0)
     out = opinionated_model.generate(
-        input_ids=torch.tensor([PROMPTS[0]]), do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=12,
-        pad_token_id=0, return_dict_in_generate=True, output_logits=True, output_scores=True,
+        input_ids=torch.tensor([PROMPTS[0]]),
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=12,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_logits=True,
+        output_scores=True,
     )
     scores, raw = step_logprobs(out, 1.0)
     assert not torch.allclose(scores, raw, atol=1e-3)
@@ -80,8 +89,14 @@ def test_the_checkpoint_settings_would_have_changed_the_distribution(opinionated
 
 def test_generation_kwargs_turn_one_knob_on(opinionated_model, monkeypatch):
     captured = spied_generate(opinionated_model, monkeypatch)
-    generate_tokens(opinionated_model, PROMPTS, pad_token_id=0, eos_token_ids=[], max_new_tokens=6,
-                    generation_kwargs={"repetition_penalty": 1.3})
+    generate_tokens(
+        opinionated_model,
+        PROMPTS,
+        pad_token_id=0,
+        eos_token_ids=[],
+        max_new_tokens=6,
+        generation_kwargs={"repetition_penalty": 1.3},
+    )
     out = captured[0]
     logits, scores = torch.stack(out.logits, 1), torch.stack(out.scores, 1)
     width = out.sequences.shape[1] - logits.shape[1]
@@ -101,10 +116,16 @@ def test_neutral_settings_cover_every_processor_of_transformers():
     assert missing <= {"top_h"}, missing  # top_h arrived in transformers 5.x; older releases lack it
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"temperature": 0.5}, "on_policy.generation_kwargs.temperature: set by its own option"),
-    ({"repetiton_penalty": 1.1}, "on_policy.generation_kwargs.repetiton_penalty: not a transformers GenerationConfig"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": 0.5}, "on_policy.generation_kwargs.temperature: set by its own option"),
+        (
+            {"repetiton_penalty": 1.1},
+            "on_policy.generation_kwargs.repetiton_penalty: not a transformers GenerationConfig",
+        ),
+    ],
+)
 def test_generation_kwargs_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         check_generation_kwargs(kwargs, "on_policy.generation_kwargs")

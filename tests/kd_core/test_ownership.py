@@ -19,8 +19,9 @@ from kd_core.config import ConfigError
 from kd_core.dirlock import LOCK
 from tests.conftest import REPO_ROOT, tree_digest
 
-KIND = ownership.OutputKind("test write", ("out.txt", "parts"), legacy=lambda d: (d / "out.txt").is_file(),
-                            done="out.txt")
+KIND = ownership.OutputKind(
+    "test write", ("out.txt", "parts"), legacy=lambda d: (d / "out.txt").is_file(), done="out.txt"
+)
 OTHER = ownership.OutputKind("test other", ("*",))
 PUBLISHED = ownership.OutputKind("test publish", ("*",), published=True)
 
@@ -39,8 +40,12 @@ def test_new_run_resume_other_settings_and_overwrite(tmp_path):
     out = tmp_path / "run"
     first = write(out)
     assert first.owner is None and not first.resumed
-    assert json.loads((out / ownership.MARKER).read_text()) == {"command": "test write", "version": 1,
-                                                                 "settings": {"a": 1}, "state": "finished"}
+    assert json.loads((out / ownership.MARKER).read_text()) == {
+        "command": "test write",
+        "version": 1,
+        "settings": {"a": 1},
+        "state": "finished",
+    }
     assert not (out / LOCK).exists()  # released: the lock file goes with the lock
     assert write(out).resumed
     before = tree_digest(out)
@@ -65,8 +70,10 @@ def test_another_commands_or_a_users_directory_is_never_touched(tmp_path, overwr
     users = tmp_path / "users"
     users.mkdir()
     (users / "notes.txt").write_text("mine")
-    for directory, held in ((other, "an unfinished test other output"),
-                            (users, "files not written by this command, and no ownership marker")):
+    for directory, held in (
+        (other, "an unfinished test other output"),
+        (users, "files not written by this command, and no ownership marker"),
+    ):
         before = tree_digest(directory)
         with pytest.raises(ConfigError, match=f"is not a test write output directory \\(it holds {held}\\)"):
             ownership.prepare(directory, KIND, {}, resume=True, overwrite=overwrite)
@@ -102,8 +109,11 @@ def test_one_writer_per_directory_in_this_process(tmp_path):
         first.claim()
         assert ownership.held(out) is first
         before = tree_digest(out)
-        with pytest.raises(ConfigError, match=rf"output_dir: .*run is being written by pid {os.getpid()} on .*, "
-                                              r"test write, since .*; wait for it to end, or choose another"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"output_dir: .*run is being written by pid {os.getpid()} on .*, "
+            r"test write, since .*; wait for it to end, or choose another",
+        ):
             ownership.prepare(out, KIND, {}, resume=True, overwrite=True)
         assert tree_digest(out) == before
         # Not the main process of a launch: checks only, never locks (the main process holds the lock).

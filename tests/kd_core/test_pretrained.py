@@ -25,8 +25,9 @@ def write_gguf(path: Path, architecture: str, tensor_type=None) -> Path:
         writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
     else:  # raw bytes of a quantized tensor, one block per row (raw_shape is in bytes, gguf 0.19)
         _, size = gguf.GGML_QUANT_SIZES[tensor_type]
-        writer.add_tensor("token_embd.weight", np.zeros((4, size), dtype=np.uint8), raw_shape=(4, size),
-                          raw_dtype=tensor_type)
+        writer.add_tensor(
+            "token_embd.weight", np.zeros((4, size), dtype=np.uint8), raw_shape=(4, size), raw_dtype=tensor_type
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -51,8 +52,11 @@ def test_not_gguf_truncated_and_missing_files(tmp_path):
 def test_unsupported_architecture_and_quantization_type_name_what_is_supported(tmp_path):
     import gguf
 
-    with pytest.raises(ConfigError, match=r"architecture 'madeup' cannot be loaded by transformers as a causal LM; "
-                                          r"supported: .*llama"):
+    with pytest.raises(
+        ConfigError,
+        match=r"architecture 'madeup' cannot be loaded by transformers as a causal LM; "
+        r"supported: .*llama",
+    ):
         check_gguf(write_gguf(tmp_path / "arch.gguf", "madeup"), "model")
     path = write_gguf(tmp_path / "q81.gguf", "llama", gguf.GGMLQuantizationType.Q8_1)
     with pytest.raises(ConfigError, match=r"quantization type\(s\) Q8_1 cannot be dequantized; supported: .*Q4_1"):
@@ -66,16 +70,22 @@ def test_a_file_without_tensors_or_with_a_metadata_architecture_is_refused_befor
 
     model = tiny_llama(len(tokenizer), hidden_size=32, num_layers=2)
     empty = write_llama_gguf(tmp_path / "empty.gguf", model, tokenizer, tensors=False)
-    with pytest.raises(ConfigError, match=r"^model\.teacher: .*empty\.gguf holds 0 tensor\(s\) but its llama "
-                                          r"architecture with 2 block\(s\) needs token_embd\.weight, blk\.0\.\*, "
-                                          r"blk\.1\.\*; expected a complete model file"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^model\.teacher: .*empty\.gguf holds 0 tensor\(s\) but its llama "
+        r"architecture with 2 block\(s\) needs token_embd\.weight, blk\.0\.\*, "
+        r"blk\.1\.\*; expected a complete model file",
+    ):
         load_causal_lm(empty, "model.teacher")
     with pytest.raises(ConfigError, match="holds 0 tensor"):
         load_tokenizer(empty, "model.teacher")  # the tokenizer alone is there, but nothing would train on it
     for name in ("general", "tokenizer", "t5"):
         path = write_llama_gguf(tmp_path / f"{name}.gguf", model, tokenizer, architecture=name)
-        with pytest.raises(ConfigError, match=rf"architecture '{name}' cannot be loaded by transformers as a causal "
-                                              r"LM; supported: .*llama"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"architecture '{name}' cannot be loaded by transformers as a causal "
+            r"LM; supported: .*llama",
+        ):
             check_gguf(path, "model")
     folder = tmp_path / "x.gguf"
     folder.mkdir()

@@ -13,22 +13,29 @@ from kd_core.config import ConfigError, from_dict, option, save_config, section,
 from kd_core.redact import check_env_var_name, looks_like_key, redact_urls, redact_value, scrub, url_secrets
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("http://user:key@host/v1", "http://user:***@host/v1"),
-    ("https://sk-abc123@host:8443/v1", "https://***@host:8443/v1"),  # a lone user part is the token itself
-    ("http://:pw@host/", "http://***@host/"),
-    ("http://u:p@ss@host/v1?a=b", "http://u:***@host/v1?a=b"),  # an unescaped '@' in the password
-    ("error at 'http://u:k@h/v1': refused; retry http://u:k@h2/v1", "error at 'http://u:***@h/v1': refused; retry "
-     "http://u:***@h2/v1"),
-    ("http://host:8000/v1, mail a@b.c", "http://host:8000/v1, mail a@b.c"),  # no user info: untouched
-    ("plain text", "plain text"),
-    ("http://h:8/v1?api-key=ABC123def&n=2", "http://h:8/v1?api-key=***&n=2"),
-    ("at 'http://h/v1?key=k3y&token=t0k&access_token=a&sig=s%2F&X-Amz-Signature=f00': refused",
-     "at 'http://h/v1?key=***&token=***&access_token=***&sig=***&X-Amz-Signature=***': refused"),
-    ("https://h/cb#access_token=T0ken&state=4", "https://h/cb#access_token=***&state=4"),
-    ("https://h/cb#abcdefghijklmnop1234 and http://h/doc#intro", "https://h/cb#*** and http://h/doc#intro"),
-    ("http://u:p@h/v1?x=sk-live-0123456789&q=hello", "http://u:***@h/v1?x=***&q=hello"),  # a key's shape, any name
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("http://user:key@host/v1", "http://user:***@host/v1"),
+        ("https://sk-abc123@host:8443/v1", "https://***@host:8443/v1"),  # a lone user part is the token itself
+        ("http://:pw@host/", "http://***@host/"),
+        ("http://u:p@ss@host/v1?a=b", "http://u:***@host/v1?a=b"),  # an unescaped '@' in the password
+        (
+            "error at 'http://u:k@h/v1': refused; retry http://u:k@h2/v1",
+            "error at 'http://u:***@h/v1': refused; retry http://u:***@h2/v1",
+        ),
+        ("http://host:8000/v1, mail a@b.c", "http://host:8000/v1, mail a@b.c"),  # no user info: untouched
+        ("plain text", "plain text"),
+        ("http://h:8/v1?api-key=ABC123def&n=2", "http://h:8/v1?api-key=***&n=2"),
+        (
+            "at 'http://h/v1?key=k3y&token=t0k&access_token=a&sig=s%2F&X-Amz-Signature=f00': refused",
+            "at 'http://h/v1?key=***&token=***&access_token=***&sig=***&X-Amz-Signature=***': refused",
+        ),
+        ("https://h/cb#access_token=T0ken&state=4", "https://h/cb#access_token=***&state=4"),
+        ("https://h/cb#abcdefghijklmnop1234 and http://h/doc#intro", "https://h/cb#*** and http://h/doc#intro"),
+        ("http://u:p@h/v1?x=sk-live-0123456789&q=hello", "http://u:***@h/v1?x=***&q=hello"),  # a key's shape, any name
+    ],
+)
 def test_redact_urls(text, expected):
     assert redact_urls(text) == expected
     assert redact_urls(expected) == expected  # idempotent
@@ -42,7 +49,9 @@ def test_url_secrets_and_scrub():
     assert url_secrets(None) == [] and url_secrets("http://host/v1") == []
     assert url_secrets("http://h/v1?api-key=a%2Fb1&n=2#access_token=t0k3n") == ["a%2Fb1", "a/b1", "t0k3n"]
     message = f"bad key sk-live-XYZ123 (Basic {basic}; s3cret/pass) at {url}"
-    assert scrub(message, ["sk-live-XYZ123", *secrets]) == "bad key *** (Basic ***; ***) at http://proxyuser:***@host/v1"
+    assert (
+        scrub(message, ["sk-live-XYZ123", *secrets]) == "bad key *** (Basic ***; ***) at http://proxyuser:***@host/v1"
+    )
     assert scrub("a pw in a sentence", ["pw", None, ""]) == "a pw in a sentence"  # too short to mask in free text
     assert scrub("key sk-abcdef and sk-abcdef-longer", ["sk-abcdef", "sk-abcdef-longer"]) == "key *** and ***"
 
@@ -62,12 +71,22 @@ class Outer:
 
 
 def test_saved_configs_mask_url_credentials_in_every_field(tmp_path):
-    cfg = Outer(inner=Inner(url="https://tok3n@hub/x", mirrors=["http://a:b1b2@m/v1", "http://m2/v1"],
-                            headers={"via": "http://p:q1q2@gw/"}))
+    cfg = Outer(
+        inner=Inner(
+            url="https://tok3n@hub/x",
+            mirrors=["http://a:b1b2@m/v1", "http://m2/v1"],
+            headers={"via": "http://p:q1q2@gw/"},
+        )
+    )
     saved = to_dict(cfg)
-    assert saved == {"base_url": "http://u:***@proxy/v1",
-                     "inner": {"url": "https://***@hub/x", "mirrors": ["http://a:***@m/v1", "http://m2/v1"],
-                               "headers": {"via": "***"}}}  # every header value, URL or not
+    assert saved == {
+        "base_url": "http://u:***@proxy/v1",
+        "inner": {
+            "url": "https://***@hub/x",
+            "mirrors": ["http://a:***@m/v1", "http://m2/v1"],
+            "headers": {"via": "***"},
+        },
+    }  # every header value, URL or not
     assert to_dict(cfg, redact=False)["base_url"] == "http://u:topsecret@proxy/v1"  # the live value is kept
     assert cfg.base_url == "http://u:topsecret@proxy/v1"
     text = save_config(cfg, tmp_path / "config.yaml").read_text()
@@ -84,12 +103,22 @@ def test_variable_names_are_accepted(name):
     check_env_var_name("teacher.api_key_env", None)
 
 
-@pytest.mark.parametrize("value", [
-    "sk-proj-Abc123", "sk_live_abcdef", "hf_AbCdEfGhIjKlMnOpQrSt", "ghp_abcdefghijklmnopqrstuvwxyz12",
-    "AKIAIOSFODNN7EXAMPLE", "xoxb-123-456", "AIzaSyA1234567890abcdefghijklmnopqrstu", "key with spaces",
-    "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3z",  # a long random token that happens to be a valid name
-    "0f3a9c2e7b1d4f6a8c0e2b4d6f8a1c3e", "0F3A9C2E7B1D4F6A8C0E2B4D",  # hex keys, either case
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "sk-proj-Abc123",
+        "sk_live_abcdef",
+        "hf_AbCdEfGhIjKlMnOpQrSt",
+        "ghp_abcdefghijklmnopqrstuvwxyz12",
+        "AKIAIOSFODNN7EXAMPLE",
+        "xoxb-123-456",
+        "AIzaSyA1234567890abcdefghijklmnopqrstu",
+        "key with spaces",
+        "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3z",  # a long random token that happens to be a valid name
+        "0f3a9c2e7b1d4f6a8c0e2b4d6f8a1c3e",
+        "0F3A9C2E7B1D4F6A8C0E2B4D",  # hex keys, either case
+    ],
+)
 def test_key_shaped_values_are_refused_without_echo(value):
     assert looks_like_key(value)
     with pytest.raises(ValueError) as caught:

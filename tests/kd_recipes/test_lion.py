@@ -21,8 +21,12 @@ from data_gen.testing import ScriptedServer
 from kd_recipes.lion import LionConfig, parse_scores
 from tests.conftest import REPO_ROOT
 
-POOL = ["Add 3 and 4.", "Name a colour of the sky.", "Translate good morning into French.",
-        "Write a short poem about the sea."]
+POOL = [
+    "Add 3 and 4.",
+    "Name a colour of the sky.",
+    "Translate good morning into French.",
+    "Write a short poem about the sea.",
+]
 
 
 def responder(body: dict) -> str:
@@ -37,7 +41,7 @@ def responder(body: dict) -> str:
         return f"Assistant 1: {t if first_is_teacher else s}\nAssistant 2: {s if first_is_teacher else t}"
     if content.startswith("Here are instructions"):
         tag = hashlib.sha256(content.encode()).hexdigest()
-        words = [tag[i:i + 5] for i in range(0, 40, 5)]
+        words = [tag[i : i + 5] for i in range(0, 40, 5)]
         return "\n".join(f"Task {k}: Explain {words[k]} and {words[k + 2]} in detail." for k in range(1, 5))
     return "TEACHER: a careful answer to " + content
 
@@ -45,11 +49,23 @@ def responder(body: dict) -> str:
 def config(server: ScriptedServer, model_dirs, tmp_path: Path, out: Path) -> Path:
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps({"instruction": p}) + "\n" for p in POOL))
-    tree = {"train_pool": str(pool), "student": str(model_dirs["student"]), "output_dir": str(out),
-            "iterations": 2, "new_hard": 2, "new_easy": 1, "student_max_new_tokens": 8,
-            "training": {"max_steps": 2, "batch_size": 2, "max_length": 64},
-            "teacher": {"model": "scripted", "base_url": server.base_url, "api_key_env": None,
-                        "max_parse_retries": 1, "backoff_base_s": 0.01}}
+    tree = {
+        "train_pool": str(pool),
+        "student": str(model_dirs["student"]),
+        "output_dir": str(out),
+        "iterations": 2,
+        "new_hard": 2,
+        "new_easy": 1,
+        "student_max_new_tokens": 8,
+        "training": {"max_steps": 2, "batch_size": 2, "max_length": 64},
+        "teacher": {
+            "model": "scripted",
+            "base_url": server.base_url,
+            "api_key_env": None,
+            "max_parse_retries": 1,
+            "backoff_base_s": 0.01,
+        },
+    }
     path = tmp_path / f"{out.name}.yaml"
     path.write_text("# data-gen lion\n" + yaml.safe_dump(tree))
     return path
@@ -64,8 +80,15 @@ def server():
 
 def run_cli(cfg: Path, **popen) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "data_gen", "lion", "--config", str(cfg)], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "data_gen", "lion", "--config", str(cfg)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def test_two_iterations_then_resume_after_kill_in_each_stage(server, model_dirs, tmp_path):
@@ -82,8 +105,9 @@ def test_two_iterations_then_resume_after_kill_in_each_stage(server, model_dirs,
     assert second["train_pool"] == second["cache_pool"] == 7
     assert (out / "iter_002" / "imitation" / "train" / "final" / "config.json").is_file()
     judged = json.loads((out / "iter_001" / "discrimination" / "done.json").read_text())["items"]
-    assert {it["instruction"]: it.get("skipped") for it in judged}["Name a colour of the sky."] == \
-        "parse:referee_unparsed"
+    assert {it["instruction"]: it.get("skipped") for it in judged}[
+        "Name a colour of the sky."
+    ] == "parse:referee_unparsed"
     hard = {it["instruction"]: (it["teacher_score"], it["student_score"]) for it in judged if it.get("hard")}
     assert hard == {"Add 3 and 4.": (9, 2), "Translate good morning into French.": (9, 2)}
 
@@ -140,10 +164,32 @@ def test_a_directory_that_is_not_a_lion_run_is_refused_untouched(server, model_d
     from tests.conftest import tree_digest
 
     run = tmp_path / "run"
-    assert run_command(train_main, [
-        "--output_dir", str(run), "--max_steps", "1", "--per_device_train_batch_size", "4", "--eval_steps", "null",
-        "--report_to", "[none]", "--model.student", str(model_dirs["student"]), "--data.train_file", str(train_file),
-        "--data.eval_fraction", "0", "--loss.terms", "{ce: 1.0}"]) == 0
+    assert (
+        run_command(
+            train_main,
+            [
+                "--output_dir",
+                str(run),
+                "--max_steps",
+                "1",
+                "--per_device_train_batch_size",
+                "4",
+                "--eval_steps",
+                "null",
+                "--report_to",
+                "[none]",
+                "--model.student",
+                str(model_dirs["student"]),
+                "--data.train_file",
+                str(train_file),
+                "--data.eval_fraction",
+                "0",
+                "--loss.terms",
+                "{ce: 1.0}",
+            ],
+        )
+        == 0
+    )
     capsys.readouterr()
     before = tree_digest(run)
     assert main(["lion", "--config", str(config(server, model_dirs, tmp_path, run))]) == 2

@@ -23,12 +23,48 @@ from tests.conftest import REPO_ROOT, slowed_steps, tree_digest
 # Tiny sizes and few steps, on the easy problems of 1-3 steps: the teacher still memorises some training problems, so
 # data-gen cot keeps rationales.
 SMALL = [
-    "--problem_steps", "[1, 3]", "--problem_start", "20", "--problem_amount", "15",
-    "--on_policy.steps", "8", "--on_policy.max_new_tokens", "16", "--on_policy.terms", "{jsd: 1.0}",
-    "--num_train", "32", "--num_eval", "8", "--vocab_size", "300", "--teacher_layers", "2", "--teacher_hidden", "64",
-    "--teacher_steps", "120", "--student_layers", "1", "--student_intermediate_size", "128", "--student_steps", "12",
-    "--batch_size", "8", "--learning_rate", "1e-2", "--cot_samples", "2", "--max_new_tokens", "32",
-    "--lora.enabled", "true", "--lora.r", "4",  # students with LoRA (the default, full fine-tuning, is the README run)
+    "--problem_steps",
+    "[1, 3]",
+    "--problem_start",
+    "20",
+    "--problem_amount",
+    "15",
+    "--on_policy.steps",
+    "8",
+    "--on_policy.max_new_tokens",
+    "16",
+    "--on_policy.terms",
+    "{jsd: 1.0}",
+    "--num_train",
+    "32",
+    "--num_eval",
+    "8",
+    "--vocab_size",
+    "300",
+    "--teacher_layers",
+    "2",
+    "--teacher_hidden",
+    "64",
+    "--teacher_steps",
+    "120",
+    "--student_layers",
+    "1",
+    "--student_intermediate_size",
+    "128",
+    "--student_steps",
+    "12",
+    "--batch_size",
+    "8",
+    "--learning_rate",
+    "1e-2",
+    "--cot_samples",
+    "2",
+    "--max_new_tokens",
+    "32",
+    "--lora.enabled",
+    "true",
+    "--lora.r",
+    "4",  # students with LoRA (the default, full fine-tuning, is the README run)
 ]
 COMPARED = ["teacher", "pruned", "labels", "rationales", "distilled", "on_policy"]
 TRAINED = ["teacher", "labels", "rationales", "distilled", "on_policy"]
@@ -47,8 +83,9 @@ def finished(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("qs") / "run"
     logs = out.parent
     with open(logs / "first.log", "w") as log:
-        first = subprocess.Popen(quickstart(out), cwd=REPO_ROOT, env=slowed_steps(environment(), 0.05), stdout=log,
-                                 stderr=subprocess.STDOUT)
+        first = subprocess.Popen(
+            quickstart(out), cwd=REPO_ROOT, env=slowed_steps(environment(), 0.05), stdout=log, stderr=subprocess.STDOUT
+        )
         # Kill once the on-policy student has written its first checkpoint, i.e. in the middle of that stage.
         deadline = time.time() + 600  # a guard against a hung run, far above a busy machine's pace
         while time.time() < deadline and first.poll() is None:
@@ -58,8 +95,9 @@ def finished(tmp_path_factory) -> dict:
         killed_mid_stage = first.poll() is None and not (out / "students" / "on_policy" / "summary.json").exists()
         first.send_signal(signal.SIGKILL)
         first.wait()
-    second = subprocess.run(quickstart(out), cwd=REPO_ROOT, env=environment(), capture_output=True, text=True,
-                            timeout=300, check=False)
+    second = subprocess.run(
+        quickstart(out), cwd=REPO_ROOT, env=environment(), capture_output=True, text=True, timeout=300, check=False
+    )
     assert second.returncode == 0, (logs / "first.log").read_text()[-3000:] + second.stdout[-3000:] + second.stderr
     return {"out": out, "killed_mid_stage": killed_mid_stage, "log": second.stdout + second.stderr}
 
@@ -71,8 +109,10 @@ def test_kill_then_rerun_resumes_the_interrupted_stage(finished):
     for stage in ("teacher", "cot", "labels", "rationales", "distilled"):  # finished stages are not redone
         assert f"{stage}: finished earlier, skipped" in log
     assert f"resumed from {finished['out'] / 'students' / 'on_policy'}" in log  # the killed stage continues
-    rows = [json.loads(line) for line in (finished["out"] / "students" / "on_policy" / "metrics.jsonl").read_text()
-            .splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (finished["out"] / "students" / "on_policy" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert max(row["step"] for row in rows) == 8
     # every batch was sampled by the student, at most on_policy.max_new_tokens tokens, and trained with the jsd term
     train_rows = [row for row in rows if "train/loss" in row]

@@ -35,35 +35,47 @@ class FeatureSettings:
     """How feature and relation terms pick layers, pool sentences and match heads (config section)."""
 
     layer_map: Literal["uniform", "last_k", "explicit"] = option(
-        "uniform", help="Student->teacher layer mapping for hidden/attention/gram/fsp terms: uniform (PKD-Skip: "
-        "student layer i <- teacher layer (i+1)*T//S-1), last_k (PKD-Last) or explicit (see `layers`).")
+        "uniform",
+        help="Student->teacher layer mapping for hidden/attention/gram/fsp terms: uniform (PKD-Skip: "
+        "student layer i <- teacher layer (i+1)*T//S-1), last_k (PKD-Last) or explicit (see `layers`).",
+    )
     layers: list[list[int]] = option(
-        [], help="With layer_map: explicit, [[student_layer, teacher_layer], ...]; 0-based, -1 = last layer.")
+        [], help="With layer_map: explicit, [[student_layer, teacher_layer], ...]; 0-based, -1 = last layer."
+    )
     last_k: int = option(0, help="With layer_map: last_k, how many final layers to map (0 = all student layers).")
     include_embeddings: bool = option(False, help="Also match the embedding outputs (hidden_states[0]).")
     pooling: Literal["mean", "cls", "last"] = option(
-        "mean", help="Sentence vector for relation terms (rkd_*, similarity_preserving): mean over real tokens "
-        "(default, decoders and sentence encoders), cls (first token, BERT-style) or last (last real token).")
+        "mean",
+        help="Sentence vector for relation terms (rkd_*, similarity_preserving): mean over real tokens "
+        "(default, decoders and sentence encoders), cls (first token, BERT-style) or last (last real token).",
+    )
     relation_student_layer: int = option(-1, help="Student layer pooled for relation terms (-1 = last).")
     relation_teacher_layer: int = option(-1, help="Teacher layer pooled for relation terms (-1 = last).")
     attention_loss: Literal["mse", "kl"] = option(
-        "kl", help="attention_transfer divergence between attention probabilities: kl (teacher || student) or mse.")
+        "kl", help="attention_transfer divergence between attention probabilities: kl (teacher || student) or mse."
+    )
     head_map: list[int] | str = option(
-        "average", help="How heads are matched when counts differ: 'average' (average all heads on each side) or "
-        "a list giving, for each student head, the teacher head it learns from.")
+        "average",
+        help="How heads are matched when counts differ: 'average' (average all heads on each side) or "
+        "a list giving, for each student head, the teacher head it learns from.",
+    )
     minilm_student_layer: int = option(-1, help="Student layer whose self-attention relations MiniLM terms train.")
     minilm_teacher_layer: int = option(
-        -1, help="Teacher layer MiniLM terms learn from (-1 = last; MiniLMv2 suggests an upper-middle layer "
-        "for large teachers).")
+        -1,
+        help="Teacher layer MiniLM terms learn from (-1 = last; MiniLMv2 suggests an upper-middle layer "
+        "for large teachers).",
+    )
     relation_heads: int = option(
-        0, help="MiniLM relation heads (q/k/v widths of both models must divide by it); 0 = teacher's head count.")
+        0, help="MiniLM relation heads (q/k/v widths of both models must divide by it); 0 = teacher's head count."
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.head_map, str) and self.head_map != "average":
             raise ValueError(f"head_map: expected 'average' or a list of teacher head indices, got {self.head_map!r}")
         if self.relation_heads < 0:
-            raise ValueError(f"relation_heads: expected 0 (teacher heads) or a positive number, "
-                             f"got {self.relation_heads}")
+            raise ValueError(
+                f"relation_heads: expected 0 (teacher heads) or a positive number, got {self.relation_heads}"
+            )
         if self.last_k < 0:
             raise ValueError(f"last_k: expected 0 (all student layers) or a positive number, got {self.last_k}")
 
@@ -72,8 +84,11 @@ class FeatureDistiller(nn.Module):
     """Computes the configured feature/relation terms from student and teacher model outputs."""
 
     def __init__(
-        self, weights: dict[str, float], settings: FeatureSettings,
-        student_config: PretrainedConfig, teacher_config: PretrainedConfig,
+        self,
+        weights: dict[str, float],
+        settings: FeatureSettings,
+        student_config: PretrainedConfig,
+        teacher_config: PretrainedConfig,
     ) -> None:
         """Validates terms, layers and heads against both configs (ConfigError) and builds the projectors."""
         super().__init__()
@@ -89,19 +104,14 @@ class FeatureDistiller(nn.Module):
         self.pairs: list[tuple[int, int]] = []
         if any(term in LAYER_MAP_TERMS for term in self.terms):
             self.pairs = layer_pairs(
-                settings.layer_map, s_layers, t_layers, layers=settings.layers, last_k=settings.last_k,
+                settings.layer_map,
+                s_layers,
+                t_layers,
+                layers=settings.layers,
+                last_k=settings.last_k,
                 include_embeddings=settings.include_embeddings,
             )
-        if "fsp" in self.terms and len(self.pairs) < 2:
-            raise ConfigError("fsp: needs at least two mapped layer pairs (FSP relates consecutive mapped layers)")
-        uses_head_map = isinstance(settings.head_map, list) and bool(self.attention_terms)
-        if uses_head_map and (
-            len(settings.head_map) != s_heads or not all(0 <= h < t_heads for h in settings.head_map)
-        ):
-            raise ConfigError(
-                f"head_map: expected {s_heads} teacher head indices in 0..{t_heads - 1} (one per student head), "
-                f"got {settings.head_map}"
-            )
+        self._check_pairs_and_heads(s_heads, t_heads)
         self.relation_layers = (
             resolve_layer(settings.relation_student_layer, s_layers, "relation_student_layer"),
             resolve_layer(settings.relation_teacher_layer, t_layers, "relation_teacher_layer"),
@@ -121,13 +131,25 @@ class FeatureDistiller(nn.Module):
         # One projector per mapped pair: layers of one model differ in scale and role, so a shared map would
         # have to compromise between them. Only hidden and FSP terms compare coordinates and need them.
         self.projectors = nn.ModuleDict()
-        if student_config.hidden_size != teacher_config.hidden_size and any(
-            t in PROJECTED_TERMS for t in self.terms
-        ):
+        if student_config.hidden_size != teacher_config.hidden_size and any(t in PROJECTED_TERMS for t in self.terms):
             for pair in self.pairs:
                 self.projectors[projector_key(pair)] = nn.Linear(student_config.hidden_size, teacher_config.hidden_size)
         self._student_qkv = QKVCapture()
         self._teacher_qkv = QKVCapture()
+
+    def _check_pairs_and_heads(self, s_heads: int, t_heads: int) -> None:
+        """FSP relates consecutive mapped layers, so it needs two pairs; a head map names one teacher head per
+        student head."""
+        if "fsp" in self.terms and len(self.pairs) < 2:
+            raise ConfigError("fsp: needs at least two mapped layer pairs (FSP relates consecutive mapped layers)")
+        head_map = self.settings.head_map
+        if not (isinstance(head_map, list) and self.attention_terms):
+            return
+        if len(head_map) != s_heads or not all(0 <= h < t_heads for h in head_map):
+            raise ConfigError(
+                f"head_map: expected {s_heads} teacher head indices in 0..{t_heads - 1} (one per student head), "
+                f"got {head_map}"
+            )
 
     # ----------------------------------------------------------------------------------------------------------
 
@@ -177,13 +199,22 @@ class FeatureDistiller(nn.Module):
         if self.needs_hidden_states and not (student_out.hidden_states and teacher_out.hidden_states):
             raise ValueError("feature losses: run both models with output_hidden_states=True")
         if self.needs_attentions and not (student_out.attentions and teacher_out.attentions):
-            raise ConfigError("attention losses: the models returned no attentions; use attn_implementation: eager "
-                              "and output_attentions=True")
+            raise ConfigError(
+                "attention losses: the models returned no attentions; use attn_implementation: eager "
+                "and output_attentions=True"
+            )
         # The trainer passes the mask on the student's device; teacher tensors are moved there (it may live elsewhere).
         device = attention_mask.device
         batch = FeatureBatch(
-            student_out, teacher_out, as_bool_mask(attention_mask), self.settings, self.pairs, self.projectors,
-            self.relation_layers, self.minilm_layers, self.relation_heads,
+            student_out,
+            teacher_out,
+            as_bool_mask(attention_mask),
+            self.settings,
+            self.pairs,
+            self.projectors,
+            self.relation_layers,
+            self.minilm_layers,
+            self.relation_heads,
             qkv=lambda: (self._captured(self._student_qkv, device), self._captured(self._teacher_qkv, device)),
         )
         losses = {term: TERMS[term].compute(batch) for term in self.terms}
@@ -195,7 +226,8 @@ class FeatureDistiller(nn.Module):
     @staticmethod
     def _captured(capture: QKVCapture, device: torch.device) -> dict[str, Tensor]:
         if not capture.outputs:
-            raise RuntimeError("MiniLM losses: no q/k/v recorded; call FeatureDistiller.attach(student, teacher) "
-                               "once and run both models before each FeatureDistiller forward")
+            raise RuntimeError(
+                "MiniLM losses: no q/k/v recorded; call FeatureDistiller.attach(student, teacher) "
+                "once and run both models before each FeatureDistiller forward"
+            )
         return {kind: out.to(device) for kind, out in capture.outputs.items()}
-

@@ -18,8 +18,9 @@ def resolve_layer(index: int, num_layers: int, what: str) -> int:
     """A possibly negative layer index as 0-based, or ConfigError naming ``what`` and the valid range."""
     resolved = index + num_layers if index < 0 else index
     if not 0 <= resolved < num_layers:
-        raise ConfigError(f"{what}: layer {index} does not exist "
-                          f"(the model has {num_layers} layers: 0..{num_layers - 1})")
+        raise ConfigError(
+            f"{what}: layer {index} does not exist (the model has {num_layers} layers: 0..{num_layers - 1})"
+        )
     return resolved
 
 
@@ -59,8 +60,13 @@ def explicit_pairs(layers: list[list[int]], student_layers: int, teacher_layers:
 
 
 def layer_pairs(
-    strategy: str, student_layers: int, teacher_layers: int, *, layers: list[list[int]] | None = None,
-    last_k: int = 0, include_embeddings: bool = False,
+    strategy: str,
+    student_layers: int,
+    teacher_layers: int,
+    *,
+    layers: list[list[int]] | None = None,
+    last_k: int = 0,
+    include_embeddings: bool = False,
 ) -> list[tuple[int, int]]:
     """The mapped ``(student_layer, teacher_layer)`` pairs, the embedding pair first when included."""
     if strategy == "uniform":

@@ -25,10 +25,14 @@ from kd_core.config import ConfigError
 # Module names of the q/k/v projections of layer N, by architecture. Anchored at the end so a peft LoRA wrapper's
 # inner ``q_proj.base_layer`` is not matched: the wrapper's own output (base + LoRA delta) is the effective one.
 _PROJECTION_PATTERNS = (
-    (re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)$"),
-     {"q_proj": "q", "k_proj": "k", "v_proj": "v"}),
-    (re.compile(r"(?:^|\.)layer\.(\d+)\.attention\.self\.(query|key|value)$"),
-     {"query": "q", "key": "k", "value": "v"}),
+    (
+        re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)$"),
+        {"q_proj": "q", "k_proj": "k", "v_proj": "v"},
+    ),
+    (
+        re.compile(r"(?:^|\.)layer\.(\d+)\.attention\.self\.(query|key|value)$"),
+        {"query": "q", "key": "k", "value": "v"},
+    ),
 )
 
 
@@ -91,8 +95,11 @@ def relation_log_probs(x: Tensor, mask: Tensor, heads: int) -> Tensor:
 def relation_kl(student: Tensor, teacher: Tensor, mask: Tensor, heads: int) -> Tensor:
     """KL(teacher relation || student relation), averaged over relation heads and real query rows."""
     keys = mask[:, None, None, :]
-    per_row = kl_rows(relation_log_probs(teacher, mask, heads), relation_log_probs(student, mask, heads),
-                      keys.expand(-1, heads, mask.shape[1], -1))
+    per_row = kl_rows(
+        relation_log_probs(teacher, mask, heads),
+        relation_log_probs(student, mask, heads),
+        keys.expand(-1, heads, mask.shape[1], -1),
+    )
     return masked_mean(per_row, mask[:, None, :])
 
 
@@ -102,8 +109,13 @@ def minilm_v2(student_qkv: dict[str, Tensor], teacher_qkv: dict[str, Tensor], ma
 
 
 def minilm_v1(
-    student_attention: Tensor, teacher_attention: Tensor, student_value: Tensor, teacher_value: Tensor,
-    mask: Tensor, heads: int, head_map: list[int] | str,
+    student_attention: Tensor,
+    teacher_attention: Tensor,
+    student_value: Tensor,
+    teacher_value: Tensor,
+    mask: Tensor,
+    heads: int,
+    head_map: list[int] | str,
 ) -> Tensor:
     """MiniLM: attention-distribution KL plus value-value relation KL (with ``heads`` relation heads)."""
     attention = attention_transfer(student_attention, teacher_attention, mask, "kl", head_map)

@@ -110,7 +110,8 @@ def attention(b: FeatureBatch) -> Tensor:
     s = b.settings
     return mean_over(
         attention_transfer(*b.attentions(ls, lt), b.mask, s.attention_loss, s.head_map)
-        for ls, lt in b.pairs if ls != EMBEDDINGS
+        for ls, lt in b.pairs
+        if ls != EMBEDDINGS
     )
 
 
@@ -126,8 +127,9 @@ def minilm_relations(b: FeatureBatch) -> Tensor:
 
 def minilm_attention_values(b: FeatureBatch) -> Tensor:
     student, teacher = b.qkv()
-    return minilm_v1(*b.attentions(*b.minilm_layers), student["v"], teacher["v"], b.mask, b.relation_heads,
-                     b.settings.head_map)
+    return minilm_v1(
+        *b.attentions(*b.minilm_layers), student["v"], teacher["v"], b.mask, b.relation_heads, b.settings.head_map
+    )
 
 
 hidden_mse = per_pair(hidden.hidden_mse)

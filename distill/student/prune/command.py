@@ -111,8 +111,10 @@ class PruneConfig:
     cache_dir: str | None = option(None, help="importance cache; default $XDG_CACHE_HOME/distill/prune")
     device: str = option("cpu", help="device for the calibration pass only (e.g. cuda); pruning runs on cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", help="dtype the model is loaded, run and saved in (importance statistics are always float32); "
-        "auto = the checkpoint's own (float32 when it does not say)")
+        "auto",
+        help="dtype the model is loaded, run and saved in (importance statistics are always float32); "
+        "auto = the checkpoint's own (float32 when it does not say)",
+    )
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -191,8 +193,13 @@ def _write_output(
 
 
 # A pruned model is the whole directory, written to a temporary sibling and renamed into place when complete.
-OUTPUT = ownership.OutputKind("distill prune", ("*",), legacy=lambda d: (d / "prune_report.json").is_file(),
-                              done="prune_report.json", published=True)
+OUTPUT = ownership.OutputKind(
+    "distill prune",
+    ("*",),
+    legacy=lambda d: (d / "prune_report.json").is_file(),
+    done="prune_report.json",
+    published=True,
+)
 
 Config = PruneConfig
 
@@ -201,8 +208,14 @@ def run(cfg: PruneConfig) -> dict[str, Any]:
     """Writes the pruned (or sparsified) model, its tokenizer, ``prune_config.yaml`` and ``prune_report.json`` into
     ``cfg.output_dir``; returns the report."""
     require_model_dir(Path(cfg.model), "model")
-    with ownership.prepare(cfg.output_dir, OUTPUT, {"model": cfg.model}, resume=False, overwrite=False,
-                           remedy="refusing to overwrite it; choose another output_dir") as output:
+    with ownership.prepare(
+        cfg.output_dir,
+        OUTPUT,
+        {"model": cfg.model},
+        resume=False,
+        overwrite=False,
+        remedy="refusing to overwrite it; choose another output_dir",
+    ) as output:
         return _prune(cfg, output)
 
 

@@ -110,9 +110,10 @@ def test_special_tokens_bos_eos_and_the_chat_template(student_tok, teacher_tok):
     # Chat data: both read the student's rendering; the template's special tokens are single tokens in both.
     record = {"prompt": "What is 12 plus 7?", "completion": "The answer is 19."}
     example = tokenize_example(record, "prompt_completion", student_tok, 512, True)
-    columns = cross_columns(record, "prompt_completion", example, _counted(example), student_tok, teacher_tok, 512,
-                            "row 1")
-    (text, _), = segments(record, "prompt_completion", student_tok)[0]
+    columns = cross_columns(
+        record, "prompt_completion", example, _counted(example), student_tok, teacher_tok, 512, "row 1"
+    )
+    ((text, _),) = segments(record, "prompt_completion", student_tok)[0]
     _, s_off = encode(segments(record, "prompt_completion", student_tok), student_tok)
     _, t_off = encode(segments(record, "prompt_completion", student_tok), teacher_tok)
     pairs = list(zip(columns["align_student"], columns["align_teacher"]))
@@ -172,8 +173,10 @@ def test_gold_without_shared_strings_is_refused(student_tok):
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["\u03b1\u03b2\u03b3 \u03b4\u03b5\u03b6 \u03b7\u03b8"] * 10,
-                            trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[UNK]"], show_progress=False))
+    tok.train_from_iterator(
+        ["\u03b1\u03b2\u03b3 \u03b4\u03b5\u03b6 \u03b7\u03b8"] * 10,
+        trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[UNK]"], show_progress=False),
+    )
     greek = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
     with pytest.raises(ConfigError, match=r"loss\.cross_tokenizer: gold found no token whose text is the same"):
         match_vocabularies(student_tok, greek)

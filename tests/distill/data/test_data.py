@@ -105,9 +105,15 @@ def test_requested_format_needs_its_columns(tmp_path, tokenizer):
 
 # --- the tokenized cache ------------------------------------------------------------------------------------------
 
+
 def _chat(i):
-    return {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {i} + 1?"},
-                         {"role": "assistant", "content": f"The answer is {i + 1}."}]}
+    return {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"What is {i} + 1?"},
+            {"role": "assistant", "content": f"The answer is {i + 1}."},
+        ]
+    }
 
 
 def test_cache_matches_in_memory_tokenization_across_workers(tmp_path, tokenizer, monkeypatch):

@@ -39,8 +39,20 @@ def rank_main(data: str, cache: str, tokenizer_dir: str, report: str) -> None:
 def launch(tmp_path: Path, data: Path, tokenizer) -> list[dict]:
     tokenizer.save_pretrained(tmp_path / "tok")
     report = tmp_path / "report"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), __file__, str(data), str(tmp_path / "cache"), str(tmp_path / "tok"), str(report)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        __file__,
+        str(data),
+        str(tmp_path / "cache"),
+        str(tmp_path / "tok"),
+        str(report),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -19,16 +19,39 @@ PROBLEMS = [(a, b) for a in range(2, 8) for b in range(1, 3)]  # 12 records
 @pytest.fixture
 def data_file(tmp_path):
     path = tmp_path / "eval.jsonl"
-    path.write_text("".join(
-        json.dumps({"prompt": f"Ana has {a} pens and buys {b} more. How many?",
-                    "completion": f"{a} + {b} = {a + b}\nThe answer is {a + b}."}) + "\n" for a, b in PROBLEMS))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": f"Ana has {a} pens and buys {b} more. How many?",
+                    "completion": f"{a} + {b} = {a + b}\nThe answer is {a + b}.",
+                }
+            )
+            + "\n"
+            for a, b in PROBLEMS
+        )
+    )
     return path
 
 
 def test_command_writes_sane_json_and_prints_a_table(model_dirs, data_file, tmp_path, capsys):
     out = tmp_path / "figures.json"
-    code = cli(["eval", str(model_dirs["student"]), "--data", str(data_file), "--teacher", str(model_dirs["teacher"]),
-                "--max_new_tokens", "8", "--batch_size", "5", "--output", str(out)])
+    code = cli(
+        [
+            "eval",
+            str(model_dirs["student"]),
+            "--data",
+            str(data_file),
+            "--teacher",
+            str(model_dirs["teacher"]),
+            "--max_new_tokens",
+            "8",
+            "--batch_size",
+            "5",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     figures = json.loads(out.read_text())
     assert figures["records"] == len(PROBLEMS) == figures["scored"] == len(figures["samples"])
@@ -58,8 +81,10 @@ def test_accuracy_is_computed_from_the_generations(model_dirs, tmp_path):
     # split("\n"), not splitlines(): random tokens decode to bytes such as \x1e that splitlines() also breaks at
     first_lines = [t.strip().split("\n")[0].strip() for t in texts]
     assert all(first_lines), "the tiny model must generate some text for this test"
-    records = [{"prompt": p, "completion": "x", "label": line if i % 2 == 0 else line + " and more"}
-               for i, (p, line) in enumerate(zip(prompts, first_lines))]
+    records = [
+        {"prompt": p, "completion": "x", "label": line if i % 2 == 0 else line + " and more"}
+        for i, (p, line) in enumerate(zip(prompts, first_lines))
+    ]
     data = tmp_path / "own.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     # The whole (trimmed) first line is the answer, compared as text.
@@ -111,16 +136,20 @@ def test_generation_counts_tokens_and_restores_the_padding_side(model_dirs):
 
 
 def greedy_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    generations, _ = generate_batched(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts],
-                                      max_new_tokens, batch_size)
+    generations, _ = generate_batched(
+        model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens, batch_size
+    )
     return [g.text for g in generations]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--extractor.kind", "regex", "--extractor.regex", "(unclosed"], "does not compile"),
-    (["--extractor.kind", "guess"], "extractor.kind"),
-    (["--max_new_tokens", "0"], "max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--extractor.kind", "regex", "--extractor.regex", "(unclosed"], "does not compile"),
+        (["--extractor.kind", "guess"], "extractor.kind"),
+        (["--max_new_tokens", "0"], "max_new_tokens"),
+    ],
+)
 def test_bad_settings_exit_2(model_dirs, data_file, extra, message, capsys):
     assert cli(["eval", str(model_dirs["student"]), "--data", str(data_file), *extra]) == 2
     assert message in capsys.readouterr().err

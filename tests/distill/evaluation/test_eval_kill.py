@@ -16,23 +16,46 @@ TIMING = ("tokens_per_second", "seconds", "generation_seconds")
 
 
 def figures(path):
-    return {k: v for k, v in json.loads(path.read_text()).items()
-            if k not in TIMING and "second" not in k and "speedup" not in k}  # wall-clock figures differ per run
+    return {
+        k: v
+        for k, v in json.loads(path.read_text()).items()
+        if k not in TIMING and "second" not in k and "speedup" not in k
+    }  # wall-clock figures differ per run
 
 
 def test_kill_9_mid_run_and_mid_write_then_rerun(model_dirs, tmp_path):
     data = tmp_path / "eval.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"What is {a} plus {b}?", "completion": f"The answer is {a + b}."})
-                            + "\n" for a in range(2, 10) for b in range(1, 5)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is {a} plus {b}?", "completion": f"The answer is {a + b}."}) + "\n"
+            for a in range(2, 10)
+            for b in range(1, 5)
+        )
+    )
     out = tmp_path / "figures.json"
 
     def command(path):
-        return [sys.executable, "-m", "distill", "eval", str(model_dirs["student"]), "--data", str(data),
-                "--teacher", str(model_dirs["teacher"]), "--max_new_tokens", "8", "--batch_size", "4",
-                "--output", str(path)]
+        return [
+            sys.executable,
+            "-m",
+            "distill",
+            "eval",
+            str(model_dirs["student"]),
+            "--data",
+            str(data),
+            "--teacher",
+            str(model_dirs["teacher"]),
+            "--max_new_tokens",
+            "8",
+            "--batch_size",
+            "4",
+            "--output",
+            str(path),
+        ]
 
-    reference = subprocess.run(command(tmp_path / "reference.json"), env=ENV, capture_output=True, text=True,
-                               timeout=300)
+    reference = subprocess.run(
+        command(tmp_path / "reference.json"), env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
     start = time.monotonic()
     assert kill_9(command(out), ENV, until=lambda: time.monotonic() - start > 4)  # loading or measuring

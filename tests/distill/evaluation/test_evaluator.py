@@ -27,10 +27,15 @@ def full_logit_sums(student, teacher, batches, vocab: int) -> torch.Tensor:
             s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[positions]
             t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[positions]
             s, t = s.float()[:, :vocab], t.float()[:, :vocab]
-            sums += torch.tensor([per_token_divergence(s, t, "forward_kl").sum().item(),
-                                  (s.argmax(-1) == t.argmax(-1)).sum().item(),
-                                  F.cross_entropy(s, targets, reduction="sum").item(), targets.numel()],
-                                 dtype=torch.float64)
+            sums += torch.tensor(
+                [
+                    per_token_divergence(s, t, "forward_kl").sum().item(),
+                    (s.argmax(-1) == t.argmax(-1)).sum().item(),
+                    F.cross_entropy(s, targets, reduction="sum").item(),
+                    targets.numel(),
+                ],
+                dtype=torch.float64,
+            )
     return sums
 
 
@@ -89,10 +94,22 @@ def test_sharded_figures_with_padding_equal_one_process(pair):
     for rank in range(3):
         shards = shard_batches(len(dataset), 2, rank, 3)
         assert len(shards) == 2
-        token_metrics(student, teacher, batches(dataset, tokenizer, shards), vocab,
-                      reduce=lambda t: sums.append(t.clone()) or t, chunk_size=4)
+        token_metrics(
+            student,
+            teacher,
+            batches(dataset, tokenizer, shards),
+            vocab,
+            reduce=lambda t: sums.append(t.clone()) or t,
+            chunk_size=4,
+        )
     total = sum(sums)
     single = []
-    token_metrics(student, teacher, batches(dataset, tokenizer, shard_batches(len(dataset), 2, 0, 1)), vocab,
-                  reduce=lambda t: single.append(t.clone()) or t, chunk_size=4)
+    token_metrics(
+        student,
+        teacher,
+        batches(dataset, tokenizer, shard_batches(len(dataset), 2, 0, 1)),
+        vocab,
+        reduce=lambda t: single.append(t.clone()) or t,
+        chunk_size=4,
+    )
     torch.testing.assert_close(total, single[0], rtol=1e-6, atol=1e-6)

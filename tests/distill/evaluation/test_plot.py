@@ -22,15 +22,27 @@ def run_dir(model_dirs, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("plot")
     data = root / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus 2?", "completion": f"It is {i + 2}."}) + "\n"
-                            for i in range(24)))
-    cfg = from_dict(train.Config, {
-        "output_dir": str(root / "run"), "max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
-        "logging_steps": 1, "eval_steps": 2, "save_steps": 100, "report_to": ["none"],
-        "model": {"teacher": str(model_dirs["teacher"]), "student": str(model_dirs["student"])},
-        "data": {"train_file": str(data), "eval_fraction": 0.25},
-        "loss": {"terms": {"forward_kl": 0.5, "ce": 0.5}},
-    })
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is {i} plus 2?", "completion": f"It is {i + 2}."}) + "\n" for i in range(24)
+        )
+    )
+    cfg = from_dict(
+        train.Config,
+        {
+            "output_dir": str(root / "run"),
+            "max_steps": 4,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "eval_steps": 2,
+            "save_steps": 100,
+            "report_to": ["none"],
+            "model": {"teacher": str(model_dirs["teacher"]), "student": str(model_dirs["student"])},
+            "data": {"train_file": str(data), "eval_fraction": 0.25},
+            "loss": {"terms": {"forward_kl": 0.5, "ce": 0.5}},
+        },
+    )
     train.run(cfg)
     return root / "run"
 
@@ -61,8 +73,12 @@ def test_default_output_is_the_run_dir(run_dir):
 def test_resumed_and_torn_logs(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    lines = [{"step": 1, "train/ce": 3.0}, {"step": 2, "train/ce": 2.0}, {"step": 2, "train/ce": 1.5},  # resumed
-             {"step": 3, "train/ce": 1.0}]
+    lines = [
+        {"step": 1, "train/ce": 3.0},
+        {"step": 2, "train/ce": 2.0},
+        {"step": 2, "train/ce": 1.5},  # resumed
+        {"step": 3, "train/ce": 1.0},
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "train/c')
     assert read_metrics(run / "metrics.jsonl")["train/ce"] == [(1, 3.0), (2, 1.5), (3, 1.0)]
     assert [p.name for p in plot.run(plot.Config(run_dir=str(run)))] == ["train_terms.png"]

@@ -35,8 +35,14 @@ def test_figures_in_range_and_assisted_output_is_the_teachers_greedy_output(mode
     # ... and the plain run it compares with is the teacher's greedy output of the library's own generation loop.
     for prompt in prompts:
         plain = generate_tokens(teacher, [prompt], pad_token_id=pad, eos_token_ids=[eos], max_new_tokens=12)[0]
-        assisted = teacher.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=12,
-                                    pad_token_id=pad, eos_token_id=eos, assistant_model=student)[0, len(prompt):]
+        assisted = teacher.generate(
+            input_ids=torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=12,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            assistant_model=student,
+        )[0, len(prompt) :]
         assert assisted.tolist()[: len(plain.tokens)] == plain.tokens
 
 
@@ -59,9 +65,24 @@ def test_eval_command_reports_draft_figures(model_dirs, tmp_path, capsys):
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "completion": "some answer"}) + "\n" for p in PROMPTS))
     out = tmp_path / "figures.json"
-    code = cli(["eval", str(model_dirs["student"]), "--data", str(data), "--teacher", str(model_dirs["teacher"]),
-                "--max_new_tokens", "4", "--draft.num_prompts", "3", "--draft.max_new_tokens", "10",
-                "--output", str(out)])
+    code = cli(
+        [
+            "eval",
+            str(model_dirs["student"]),
+            "--data",
+            str(data),
+            "--teacher",
+            str(model_dirs["teacher"]),
+            "--max_new_tokens",
+            "4",
+            "--draft.num_prompts",
+            "3",
+            "--draft.max_new_tokens",
+            "10",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     figures = json.loads(out.read_text())
     assert figures["draft_prompts"] == 3
@@ -71,8 +92,22 @@ def test_eval_command_reports_draft_figures(model_dirs, tmp_path, capsys):
     assert "acceptance_rate" in table and "speedup" in table
     # Without a teacher, or with num_prompts 0, there are no draft figures.
     out2 = tmp_path / "no_draft.json"
-    cli(["eval", str(model_dirs["student"]), "--data", str(data), "--teacher", str(model_dirs["teacher"]),
-         "--max_new_tokens", "4", "--draft.num_prompts", "0", "--output", str(out2)])
+    cli(
+        [
+            "eval",
+            str(model_dirs["student"]),
+            "--data",
+            str(data),
+            "--teacher",
+            str(model_dirs["teacher"]),
+            "--max_new_tokens",
+            "4",
+            "--draft.num_prompts",
+            "0",
+            "--output",
+            str(out2),
+        ]
+    )
     assert "acceptance_rate" not in json.loads(out2.read_text())
 
 

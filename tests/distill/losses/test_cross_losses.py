@@ -68,8 +68,9 @@ def test_gold_reference_is_exact_on_matched_tokens_and_uld_on_the_rest(kind):
     rest_s = [i for i in range(VS) if i not in MATCH_S]
     rest_t = [i for i in range(VT) if i not in MATCH_T]
     zt_same[:, rest_t[: len(rest_s)]] = zs[:, rest_s].flip(1)
-    torch.testing.assert_close(cross_per_token_divergence(zs, zt_same, DivergenceSpec(kind), match),
-                               torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        cross_per_token_divergence(zs, zt_same, DivergenceSpec(kind), match), torch.zeros(4), atol=1e-5, rtol=0
+    )
 
 
 def _heads(hs=16, ht=24, bias=False, softcap=None):
@@ -81,10 +82,16 @@ def _heads(hs=16, ht=24, bias=False, softcap=None):
 
 
 @pytest.mark.parametrize("gold", [False, True], ids=["uld", "gold"])
-@pytest.mark.parametrize(("kind", "temperature", "chunk", "head"), [
-    ("forward_kl", 1.0, 3, "plain"), ("jsd", 2.0, 4, "bias"), ("reverse_kl", 0.7, 100, "softcap"),
-    ("skew_forward_kl", 1.0, 1, "plain"), ("tvd", 1.5, 5, "bias"),
-])
+@pytest.mark.parametrize(
+    ("kind", "temperature", "chunk", "head"),
+    [
+        ("forward_kl", 1.0, 3, "plain"),
+        ("jsd", 2.0, 4, "bias"),
+        ("reverse_kl", 0.7, 100, "softcap"),
+        ("skew_forward_kl", 1.0, 1, "plain"),
+        ("tvd", 1.5, 5, "bias"),
+    ],
+)
 def test_kernel_matches_reference_values_and_gradients(gold, kind, temperature, chunk, head):
     student, teacher = _heads(bias=head == "bias", softcap=5.0 if head == "softcap" else None)
     torch.manual_seed(3)
@@ -108,8 +115,12 @@ def test_kernel_matches_reference_values_and_gradients(gold, kind, temperature, 
     for a, b in zip(torch.autograd.grad(got * 1.7, params), expected):
         torch.testing.assert_close(a, b * 1.7, rtol=1e-4, atol=1e-5)
         assert a.shape[0] in (n, VS + 3)  # padding rows of the head get a zero gradient
-    assert torch.autograd.grad(
-        chunked_cross_divergence(h_s, student, h_t, teacher, spec, match), student.weight)[0][VS:].abs().sum() == 0
+    assert (
+        torch.autograd.grad(chunked_cross_divergence(h_s, student, h_t, teacher, spec, match), student.weight)[0][VS:]
+        .abs()
+        .sum()
+        == 0
+    )
 
 
 def test_gradient_is_the_finite_difference():
@@ -121,8 +132,9 @@ def test_gradient_is_the_finite_difference():
     spec = DivergenceSpec("jsd", beta=0.5, chunk_size=4)
     zs, zt = torch.randn(3, VS, dtype=torch.float64, requires_grad=True), torch.randn(3, VT, dtype=torch.float64)
     for m in (match, VocabMatch.none(VS, VT)):
-        assert torch.autograd.gradcheck(lambda z, m=m: cross_per_token_divergence(z, zt, spec, m).sum(), (zs,),
-                                        eps=1e-7)
+        assert torch.autograd.gradcheck(
+            lambda z, m=m: cross_per_token_divergence(z, zt, spec, m).sum(), (zs,), eps=1e-7
+        )
     student, teacher = _heads()
     h_s, h_t = torch.randn(6, 16, requires_grad=True), torch.randn(6, 24)
     grad = torch.autograd.grad(chunked_cross_divergence(h_s, student, h_t, teacher, spec, match), h_s)[0]

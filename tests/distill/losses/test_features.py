@@ -88,8 +88,10 @@ def ref_fsp_matrix(lower, upper, mask, b):
 
 
 def ref_fsp(s_low, s_up, t_low, t_up, mask):
-    per_sample = [((ref_fsp_matrix(s_low, s_up, mask, b) - ref_fsp_matrix(t_low, t_up, mask, b)) ** 2).sum()
-                  for b in range(len(mask))]
+    per_sample = [
+        ((ref_fsp_matrix(s_low, s_up, mask, b) - ref_fsp_matrix(t_low, t_up, mask, b)) ** 2).sum()
+        for b in range(len(mask))
+    ]
     return sum(per_sample) / len(per_sample)
 
 
@@ -100,8 +102,11 @@ def ref_attention(s, t, mask, kind):
             for i in real_tokens(mask, b):
                 if kind == "kl":
                     # 0 log 0 = 0: padded keys have zero probability on both sides.
-                    total += sum(t[b, h, i, j] * (t[b, h, i, j] / s[b, h, i, j]).log()
-                                 for j in range(s.shape[-1]) if t[b, h, i, j] > 0)
+                    total += sum(
+                        t[b, h, i, j] * (t[b, h, i, j] / s[b, h, i, j]).log()
+                        for j in range(s.shape[-1])
+                        if t[b, h, i, j] > 0
+                    )
                     count += 1
                 else:
                     for j in real_tokens(mask, b):
@@ -116,8 +121,8 @@ def ref_relation(s, t, mask, heads):
         tokens = real_tokens(mask, b)
         for h in range(heads):
             ws, wt = s.shape[-1] // heads, t.shape[-1] // heads  # each model's own relation-head width
-            xs = s[b, tokens, h * ws:(h + 1) * ws]
-            xt = t[b, tokens, h * wt:(h + 1) * wt]
+            xs = s[b, tokens, h * ws : (h + 1) * ws]
+            xt = t[b, tokens, h * wt : (h + 1) * wt]
             rs = torch.softmax(xs @ xs.T / math.sqrt(ws), -1)
             rt = torch.softmax(xt @ xt.T / math.sqrt(wt), -1)
             for i in range(len(tokens)):
@@ -163,10 +168,15 @@ def ref_similarity_preserving(s, t):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fn, reference", [
-    (hidden.hidden_mse, ref_mse), (hidden.hidden_cosine, ref_cosine), (hidden.hidden_nmse, ref_nmse),
-    (hidden.gram, ref_gram),
-])
+@pytest.mark.parametrize(
+    "fn, reference",
+    [
+        (hidden.hidden_mse, ref_mse),
+        (hidden.hidden_cosine, ref_cosine),
+        (hidden.hidden_nmse, ref_nmse),
+        (hidden.gram, ref_gram),
+    ],
+)
 def test_hidden_losses_match_reference(fn, reference):
     torch.manual_seed(0)
     assert_same_value_and_grad(fn, reference, torch.randn(3, 5, 6), torch.randn(3, 5, 6), MASK)
@@ -175,8 +185,9 @@ def test_hidden_losses_match_reference(fn, reference):
 def test_fsp_matches_reference():
     torch.manual_seed(1)
     s_low, s_up, t_low, t_up = (torch.randn(3, 5, 4) for _ in range(4))
-    assert_same_value_and_grad(lambda x, *r: hidden.fsp(x, *r), lambda x, *r: ref_fsp(x, *r),
-                               s_low, s_up, t_low, t_up, MASK)
+    assert_same_value_and_grad(
+        lambda x, *r: hidden.fsp(x, *r), lambda x, *r: ref_fsp(x, *r), s_low, s_up, t_low, t_up, MASK
+    )
 
 
 def attention_probs(batch: int, heads: int) -> torch.Tensor:
@@ -188,8 +199,13 @@ def attention_probs(batch: int, heads: int) -> torch.Tensor:
 def test_attention_transfer_matches_reference(kind):
     torch.manual_seed(2)
     student, teacher = attention_probs(3, 2), attention_probs(3, 2)
-    assert_same_value_and_grad(lambda s, t, m: attention_transfer(s, t, m, kind),
-                               lambda s, t, m: ref_attention(s, t, m, kind), student, teacher, MASK)
+    assert_same_value_and_grad(
+        lambda s, t, m: attention_transfer(s, t, m, kind),
+        lambda s, t, m: ref_attention(s, t, m, kind),
+        student,
+        teacher,
+        MASK,
+    )
 
 
 def test_attention_head_matching():
@@ -205,14 +221,19 @@ def test_attention_head_matching():
 def test_minilm_relation_matches_reference_with_different_widths():
     torch.manual_seed(4)
     student, teacher = torch.randn(3, 5, 8), torch.randn(3, 5, 12)  # 4 relation heads of width 2 and 3
-    assert_same_value_and_grad(lambda s, t, m: relation_kl(s, t, m, 4), lambda s, t, m: ref_relation(s, t, m, 4),
-                               student, teacher, MASK)
+    assert_same_value_and_grad(
+        lambda s, t, m: relation_kl(s, t, m, 4), lambda s, t, m: ref_relation(s, t, m, 4), student, teacher, MASK
+    )
 
 
-@pytest.mark.parametrize("fn, reference", [
-    (relations.rkd_distance, ref_rkd_distance), (relations.rkd_angle, ref_rkd_angle),
-    (relations.similarity_preserving, ref_similarity_preserving),
-])
+@pytest.mark.parametrize(
+    "fn, reference",
+    [
+        (relations.rkd_distance, ref_rkd_distance),
+        (relations.rkd_angle, ref_rkd_angle),
+        (relations.similarity_preserving, ref_similarity_preserving),
+    ],
+)
 def test_relation_losses_match_reference(fn, reference):
     torch.manual_seed(5)
     # Student and teacher widths differ on purpose: relations need no projector.
@@ -231,8 +252,10 @@ def test_pooling_uses_only_real_tokens():
     torch.testing.assert_close(pool(states, MASK, "cls"), states[:, 0])
 
 
-@pytest.mark.parametrize("fn", [hidden.hidden_mse, hidden.hidden_cosine, hidden.hidden_nmse, hidden.gram,
-                                lambda s, t, m: relation_kl(s, t, m, 2)])
+@pytest.mark.parametrize(
+    "fn",
+    [hidden.hidden_mse, hidden.hidden_cosine, hidden.hidden_nmse, hidden.gram, lambda s, t, m: relation_kl(s, t, m, 2)],
+)
 def test_padded_positions_do_not_count(fn):
     torch.manual_seed(7)
     student, teacher = torch.randn(3, 5, 6), torch.randn(3, 5, 6)
@@ -265,8 +288,14 @@ EXPECTED_PAIRS = {
 
 
 def tiny_config(layers: int, hidden: int, heads: int = 4) -> LlamaConfig:
-    return LlamaConfig(vocab_size=50, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=heads)
+    return LlamaConfig(
+        vocab_size=50,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+    )
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "last_k", "explicit"])
@@ -309,8 +338,9 @@ def test_layer_map_naming_a_missing_layer():
     with pytest.raises(ConfigError, match=r"layers\[0\] student: layer 3"):
         FeatureDistiller({"hidden_mse": 1.0}, settings, tiny_config(2, 16), tiny_config(6, 32))
     with pytest.raises(ConfigError, match="minilm_teacher_layer: layer 9"):
-        FeatureDistiller({"minilm_v2": 1.0}, FeatureSettings(minilm_teacher_layer=9), tiny_config(2, 16),
-                         tiny_config(6, 32))
+        FeatureDistiller(
+            {"minilm_v2": 1.0}, FeatureSettings(minilm_teacher_layer=9), tiny_config(2, 16), tiny_config(6, 32)
+        )
 
 
 def test_unknown_term_and_negative_weight():

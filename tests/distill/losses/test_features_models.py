@@ -32,8 +32,14 @@ def _one_thread():
 
 def tiny_bert(layers: int, hidden: int, heads: int, seed: int) -> BertModel:
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=2 * hidden, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+    )
     return BertModel(config, add_pooling_layer=False)
 
 
@@ -65,8 +71,9 @@ def test_attach_captures_qkv(arch, use_peft):
         targets = ["q_proj", "v_proj"] if arch == "llama" else ["query", "value"]
         # init_lora_weights=False makes the LoRA delta non-zero, so wrapper output != base layer output.
         student = get_peft_model(student, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
-    distiller = FeatureDistiller({"minilm_v2": 1.0}, FeatureSettings(minilm_student_layer=0, relation_heads=2),
-                                 student.config, teacher.config)
+    distiller = FeatureDistiller(
+        {"minilm_v2": 1.0}, FeatureSettings(minilm_student_layer=0, relation_heads=2), student.config, teacher.config
+    )
     distiller.attach(student, teacher)
     expected = {}
     for who, model, layer in (("student", plain_student, 0), ("teacher", teacher, 3)):
@@ -120,8 +127,7 @@ def test_attach_refuses_models_that_cannot_return_attentions():
 
 def test_relation_heads_must_divide_qkv_widths():
     student, teacher = model_pair("bert")
-    distiller = FeatureDistiller({"minilm_v2": 1.0}, FeatureSettings(relation_heads=3), student.config,
-                                 teacher.config)
+    distiller = FeatureDistiller({"minilm_v2": 1.0}, FeatureSettings(relation_heads=3), student.config, teacher.config)
     with pytest.raises(ConfigError, match="relation_heads: 3 does not divide the student's k width 32"):
         distiller.attach(student, teacher)
 
@@ -141,8 +147,12 @@ def test_every_term_runs_and_padding_does_not_count(arch):
     mask[2, 3:] = 0
 
     def losses(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        kwargs = {"input_ids": input_ids, "attention_mask": mask, "output_hidden_states": True,
-                  "output_attentions": True}
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "output_hidden_states": True,
+            "output_attentions": True,
+        }
         student_out = student(**kwargs)
         with torch.no_grad():
             teacher_out = teacher(**kwargs)
@@ -173,8 +183,14 @@ def test_short_training_run_feature_loss_falls(tokenizer):
     student = tiny_llama(len(tokenizer), hidden_size=32, num_layers=2, num_heads=2, seed=2)
     for model in (student, teacher):
         model.set_attn_implementation("eager")
-    weights = {"hidden_mse": 1.0, "hidden_cosine": 1.0, "attention_transfer": 1.0, "minilm_v2": 1.0,
-               "rkd_distance": 1.0, "similarity_preserving": 1.0}
+    weights = {
+        "hidden_mse": 1.0,
+        "hidden_cosine": 1.0,
+        "attention_transfer": 1.0,
+        "minilm_v2": 1.0,
+        "rkd_distance": 1.0,
+        "similarity_preserving": 1.0,
+    }
     distiller = FeatureDistiller(weights, FeatureSettings(relation_heads=2), student.config, teacher.config)
     distiller.attach(student, teacher)
     optimizer = torch.optim.AdamW([*student.parameters(), *distiller.parameters()], lr=3e-3)
@@ -205,9 +221,29 @@ def test_minilm_benchmark_reduced(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "result.json"
     # A data dir that does not exist selects the shipped fixture sentences, as in CI.
-    assert bench.main(["--steps", "8", "--batch-size", "8", "--max-length", "24", "--lr", "2e-4",
-                       "--data-dir", str(tmp_path / "absent"), "--log-every", "0", "--threads", "1",
-                       "--json", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--steps",
+                "8",
+                "--batch-size",
+                "8",
+                "--max-length",
+                "24",
+                "--lr",
+                "2e-4",
+                "--data-dir",
+                str(tmp_path / "absent"),
+                "--log-every",
+                "0",
+                "--threads",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["source"] == "tests/fixtures/feature_sentences.txt" and result["held_out"] == 20
     losses = [step["loss"] for step in result["history"]["feature+relation"]]

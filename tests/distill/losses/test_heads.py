@@ -27,15 +27,26 @@ from kd_core.config import ConfigError
 from kd_core.generation import generate_tokens
 
 V, H = 50, 32
-COMMON = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-              num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    vocab_size=V,
+    hidden_size=H,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 FAMILIES = {
     "gemma2": lambda: transformers.Gemma2Config(**COMMON, head_dim=16, final_logit_softcapping=2.0),
     "gemma3_text": lambda: transformers.Gemma3TextConfig(**COMMON, head_dim=16, final_logit_softcapping=2.0),
     "cohere": lambda: transformers.CohereConfig(**COMMON, logit_scale=4.0),
     "granite": lambda: transformers.GraniteConfig(**COMMON, logits_scaling=0.25),
-    "granitemoe": lambda: transformers.GraniteMoeConfig(**COMMON, logits_scaling=0.25, num_local_experts=2,
-                                                        num_experts_per_tok=1),
+    "granitemoe": lambda: transformers.GraniteMoeConfig(
+        **COMMON, logits_scaling=0.25, num_local_experts=2, num_experts_per_tok=1
+    ),
     "phi": lambda: transformers.PhiConfig(**COMMON),  # lm_head = nn.Linear(..., bias=True)
     "llama": lambda: transformers.LlamaConfig(**COMMON),
 }
@@ -74,8 +85,9 @@ def assert_same_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor
     for name in want:
         # fp32 sums in another order: tolerances relative to the largest entry (a head left out moves them by O(1))
         scale = want[name].abs().max().item()
-        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4 * scale + 1e-7,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            got[name], want[name], rtol=1e-3, atol=1e-4 * scale + 1e-7, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -127,11 +139,15 @@ def test_kernels_under_bf16_autocast(family):
     hidden = student.get_decoder()(input_ids=b["input_ids"]).last_hidden_state.reshape(-1, H).detach()
     t_hidden = teacher.get_decoder()(input_ids=b["input_ids"]).last_hidden_state.reshape(-1, H).detach()
     with torch.no_grad():
-        want = per_token_divergence(student(input_ids=b["input_ids"]).logits.reshape(-1, V),
-                                    teacher(input_ids=b["input_ids"]).logits.reshape(-1, V), "forward_kl").sum()
+        want = per_token_divergence(
+            student(input_ids=b["input_ids"]).logits.reshape(-1, V),
+            teacher(input_ids=b["input_ids"]).logits.reshape(-1, V),
+            "forward_kl",
+        ).sum()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = chunked_divergence(hidden, output_head(student), t_hidden, output_head(teacher), "forward_kl",
-                                 chunk_size=5)
+        got = chunked_divergence(
+            hidden, output_head(student), t_hidden, output_head(teacher), "forward_kl", chunk_size=5
+        )
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
 
 
@@ -191,9 +207,11 @@ def test_eval_metrics(family):
     tokens = int(positions.sum())
     assert metrics["tokens"] == tokens
     assert metrics["loss"] == pytest.approx(
-        F.cross_entropy(s_logits, target_labels(b["labels"], positions)).item(), rel=1e-5)
+        F.cross_entropy(s_logits, target_labels(b["labels"], positions)).item(), rel=1e-5
+    )
     assert metrics["kl"] == pytest.approx(
-        per_token_divergence(s_logits, t_logits, "forward_kl").mean().item(), rel=1e-4, abs=1e-6)
+        per_token_divergence(s_logits, t_logits, "forward_kl").mean().item(), rel=1e-4, abs=1e-6
+    )
     agreement = (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean().item()
     assert metrics["top1_agreement"] == pytest.approx(agreement)
 
@@ -204,14 +222,18 @@ def test_on_policy_log_probs(family):
     them (each through its chunked head) are the models' own."""
     student, teacher = build(family, 0), build(family, 1)
     prompt = batch()["input_ids"][0, :4].tolist()
-    sample = generate_tokens(student, [prompt], pad_token_id=0, eos_token_ids=[], max_new_tokens=5,
-                             temperature=0.0, top_p=1.0, top_k=0)[0]
+    sample = generate_tokens(
+        student, [prompt], pad_token_id=0, eos_token_ids=[], max_new_tokens=5, temperature=0.0, top_p=1.0, top_k=0
+    )[0]
     sequence = torch.tensor([prompt + sample.tokens])
     with torch.no_grad():
         logp = torch.log_softmax(student(input_ids=sequence).logits[0, len(prompt) - 1 : -1], -1)
     want = logp.gather(1, torch.tensor(sample.tokens)[:, None]).sum().item()
-    example = {"input_ids": prompt + sample.tokens, "labels": [IGNORE_INDEX] * len(prompt) + sample.tokens,
-               "sample_id": 0}
+    example = {
+        "input_ids": prompt + sample.tokens,
+        "labels": [IGNORE_INDEX] * len(prompt) + sample.tokens,
+        "sample_id": 0,
+    }
     assert sampled_logprob_sum(student, [example], pad_token_id=0) == pytest.approx(want, rel=1e-4, abs=1e-4)
 
     labels = sequence.clone()
@@ -222,8 +244,9 @@ def test_on_policy_log_probs(family):
     with OnlineTeacher(teacher, settings, zero3=False).targets(b) as targets:
         nll = targets.label_nll_sum(positions, target_labels(labels, positions), chunk_size=2)
     with torch.no_grad():
-        want_nll = F.cross_entropy(teacher(input_ids=sequence).logits[positions], target_labels(labels, positions),
-                                   reduction="sum")
+        want_nll = F.cross_entropy(
+            teacher(input_ids=sequence).logits[positions], target_labels(labels, positions), reduction="sum"
+        )
     assert nll == pytest.approx(want_nll.item(), rel=1e-5)
 
 
@@ -235,8 +258,9 @@ def test_plain_head_is_bit_identical_to_the_bare_weight():
     t_hidden = teacher.get_decoder()(input_ids=b["input_ids"]).last_hidden_state.reshape(-1, H).detach()
     s_w, t_w = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
     for temperature in (1.0, 2.0):
-        by_head = chunked_divergence(hidden, output_head(student), t_hidden, output_head(teacher), "jsd",
-                                     temperature=temperature, chunk_size=4)
+        by_head = chunked_divergence(
+            hidden, output_head(student), t_hidden, output_head(teacher), "jsd", temperature=temperature, chunk_size=4
+        )
         by_weight = chunked_divergence(hidden, s_w, t_hidden, t_w, "jsd", temperature=temperature, chunk_size=4)
         assert torch.equal(by_head, by_weight)
 
@@ -291,9 +315,24 @@ def test_commands_refuse_an_unreproducible_head(command, model_dirs, train_file,
     else:
         from distill.training.train import main
 
-        argv = ["--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--report_to", "[none]",
-                "--data.eval_fraction", "0", "--model.student", str(model_dirs["student"]), "--model.teacher",
-                str(model), "--data.train_file", str(data), "--loss.terms", "{forward_kl: 1}"]
+        argv = [
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--max_steps",
+            "1",
+            "--report_to",
+            "[none]",
+            "--data.eval_fraction",
+            "0",
+            "--model.student",
+            str(model_dirs["student"]),
+            "--model.teacher",
+            str(model),
+            "--data.train_file",
+            str(data),
+            "--loss.terms",
+            "{forward_kl: 1}",
+        ]
     before = tree_digest(tmp_path)
     capsys.readouterr()
     assert run_command(main, argv) == 2

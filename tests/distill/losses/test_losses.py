@@ -374,7 +374,9 @@ def test_cross_entropy_benchmark_script_runs_and_variants_agree() -> None:
     script = REPO_ROOT / "bench" / "ce_loss.py"
     proc = subprocess.run(
         [sys.executable, str(script), "--sizes", "50:8:20,70:16:9", "--chunk-size", "6", "--repeats", "1"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]  # the script asserts equal losses and gradients itself
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 50 ") or line.startswith("| 70 ")]

@@ -46,16 +46,20 @@ def test_one_default_chunk_size():
     defaults = {f.name: f.default for f in dataclasses.fields(PrecomputeConfig)}
     assert defaults["chunk_size"] == CHUNK_SIZE
     assert LossSettings(temperature=2.0, beta=0.25, skew=0.3, chunk_size=7).spec("jsd") == DivergenceSpec(
-        "jsd", temperature=2.0, beta=0.25, skew=0.3, chunk_size=7)
+        "jsd", temperature=2.0, beta=0.25, skew=0.3, chunk_size=7
+    )
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"kind": "kl"}, "kind: expected one of forward_kl"),
-    ({"kind": "jsd", "temperature": 0.0}, "temperature: expected > 0"),
-    ({"kind": "jsd", "beta": 1.5}, "beta: expected 0 <= beta <= 1"),
-    ({"kind": "jsd", "skew": -0.1}, "skew: expected 0 <= skew <= 1"),
-    ({"kind": "jsd", "chunk_size": 0}, "chunk_size: expected >= 1"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"kind": "kl"}, "kind: expected one of forward_kl"),
+        ({"kind": "jsd", "temperature": 0.0}, "temperature: expected > 0"),
+        ({"kind": "jsd", "beta": 1.5}, "beta: expected 0 <= beta <= 1"),
+        ({"kind": "jsd", "skew": -0.1}, "skew: expected 0 <= skew <= 1"),
+        ({"kind": "jsd", "chunk_size": 0}, "chunk_size: expected >= 1"),
+    ],
+)
 def test_spec_validates_its_fields(options, message):
     with pytest.raises(ValueError, match=message):
         DivergenceSpec(**options)
@@ -76,8 +80,10 @@ def test_spec_and_keywords_give_the_same_values(kind):
     t_hidden, t_head = torch.randn(9, 8), torch.randn(30, 8)
     options = {"temperature": 1.5, "beta": 0.3, "skew": 0.2, "chunk_size": 4}
     spec = DivergenceSpec(kind, **options)
-    assert torch.equal(chunked_divergence(hidden, head, t_hidden, t_head, spec),
-                       chunked_divergence(hidden, head, t_hidden, t_head, kind, **options))
+    assert torch.equal(
+        chunked_divergence(hidden, head, t_hidden, t_head, spec),
+        chunked_divergence(hidden, head, t_hidden, t_head, kind, **options),
+    )
     s, t = hidden @ head.t(), t_hidden @ t_head.t()
     assert torch.equal(per_token_divergence(s, t, spec), per_token_divergence(s, t, kind, **options))
     assert torch.equal(divergence(s, t, spec), divergence(s, t, kind, **options))

@@ -26,8 +26,13 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 
 
 def precompute_config(model_dirs, train_file, out, **overrides) -> PrecomputeConfig:
-    tree = {"teacher": str(model_dirs["teacher"]), "output_dir": str(out), "k": 16, "batch_size": 5,
-            "data": {"train_file": str(train_file), "eval_fraction": 0.0}}
+    tree = {
+        "teacher": str(model_dirs["teacher"]),
+        "output_dir": str(out),
+        "k": 16,
+        "batch_size": 5,
+        "data": {"train_file": str(train_file), "eval_fraction": 0.0},
+    }
     tree.update(overrides)
     return from_dict(PrecomputeConfig, tree)
 
@@ -87,8 +92,7 @@ def test_store_holds_the_teacher_topk(small_store, model_dirs, train_file, token
         batch = collate([example], tokenizer.pad_token_id)
         with torch.no_grad():
             hidden = teacher.model(input_ids=batch["input_ids"]).last_hidden_state
-        ids, values, tails = teacher_topk(hidden[target_positions(batch["labels"])],
-                                          teacher.lm_head.weight, 16, 1.0, 7)
+        ids, values, tails = teacher_topk(hidden[target_positions(batch["labels"])], teacher.lm_head.weight, 16, 1.0, 7)
         got_ids, got_logp, got_tail = store.sample(example["sample_id"])
         order = ids.argsort(dim=1)
         np.testing.assert_array_equal(got_ids, ids.gather(1, order).numpy())
@@ -153,8 +157,14 @@ def test_teacher_sharded_by_a_device_map_gives_the_same_store(small_store, model
 
     from distill.offline.precompute import _load_teacher
 
-    cfg = precompute_config(model_dirs, train_file, tmp_path / "sharded", teacher_device_map="auto",
-                            teacher_max_memory={"cpu": "600KB"}, teacher_offload_dir=str(tmp_path / "offload"))
+    cfg = precompute_config(
+        model_dirs,
+        train_file,
+        tmp_path / "sharded",
+        teacher_device_map="auto",
+        teacher_max_memory={"cpu": "600KB"},
+        teacher_offload_dir=str(tmp_path / "offload"),
+    )
     teacher = _load_teacher(cfg, torch.device("cpu"))
     assert has_offloaded_params(teacher.get_output_embeddings())  # the case the head is brought in batch by batch
     assert set(teacher.hf_device_map.values()) == {"cpu", "disk"}
@@ -173,9 +183,23 @@ def cli(args: list[str], launcher: list[str] | None = None) -> subprocess.Comple
 
 
 def precompute_args(model_dirs, train_file, out) -> list[str]:
-    return ["precompute", "--teacher", str(model_dirs["teacher"]), "--output_dir", str(out), "--k", "8",
-            "--batch_size", "3", "--segment_samples", "10", "--data.train_file", str(train_file),
-            "--data.eval_fraction", "0.1"]
+    return [
+        "precompute",
+        "--teacher",
+        str(model_dirs["teacher"]),
+        "--output_dir",
+        str(out),
+        "--k",
+        "8",
+        "--batch_size",
+        "3",
+        "--segment_samples",
+        "10",
+        "--data.train_file",
+        str(train_file),
+        "--data.eval_fraction",
+        "0.1",
+    ]
 
 
 @pytest.mark.slow
@@ -191,8 +215,22 @@ def test_two_process_precompute_resumes_a_one_process_store_identically(model_di
     assert kill_9(command, ENV, point=f"reserve:{names(2)[2]}")
     # `--cpu --num_processes 2` would start a single process in accelerate 1.15 (no MPI hostfile): torchrun it is.
     # A free port, not torchrun's default 29500, which a launch in the other pytest-xdist worker may hold.
-    launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m"]
+    launcher = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+    ]
     two = cli(precompute_args(model_dirs, train_file, tmp_path / "two"), launcher)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "keeping 2 of 5 committed segments, computing 3" in two.stderr
@@ -242,9 +280,23 @@ def test_shard_corrupted_in_place_is_refused_with_one_line(small_store, model_di
     shard.write_bytes(bytes(data))
     with pytest.raises(ConfigError, match=f"shard {shard} does not match its xxh3_128 checksum in store.json"):
         LogitStore(broken)
-    result = cli(["train", "--output_dir", str(tmp_path / "run"), "--report_to", "[none]",
-                  "--model.student", str(model_dirs["student"]), "--data.train_file", str(train_file),
-                  "--data.eval_fraction", "0", "--loss.teacher_store", str(broken)])
+    result = cli(
+        [
+            "train",
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--report_to",
+            "[none]",
+            "--model.student",
+            str(model_dirs["student"]),
+            "--data.train_file",
+            str(train_file),
+            "--data.eval_fraction",
+            "0",
+            "--loss.teacher_store",
+            str(broken),
+        ]
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"shard {shard} does not match" in errors[0]
@@ -366,8 +418,14 @@ def test_chunked_topk_in_bf16_follows_the_fp32_kernel():
 
 def train_config(model_dirs, train_file, out, store: Path | None, **overrides) -> TrainConfig:
     tree = {
-        "output_dir": str(out), "max_steps": 2, "per_device_train_batch_size": 6, "learning_rate": 1e-3,
-        "save_steps": 100, "eval_steps": None, "logging_steps": 1, "report_to": ["none"],
+        "output_dir": str(out),
+        "max_steps": 2,
+        "per_device_train_batch_size": 6,
+        "learning_rate": 1e-3,
+        "save_steps": 100,
+        "eval_steps": None,
+        "logging_steps": 1,
+        "report_to": ["none"],
         "model": {"student": str(model_dirs["student"])},
         "data": {"train_file": str(train_file), "eval_fraction": 0.0},
         "loss": {"terms": {"forward_kl": 0.7, "ce": 0.3}, "chunk_size": 5},
@@ -398,8 +456,9 @@ def test_training_refuses_a_mismatched_store(small_store, model_dirs, train_file
     with pytest.raises(ConfigError, match="at temperature 1.0, but loss.temperature is 2.0"):
         Distiller(train_config(model_dirs, train_file, tmp_path / "a", small_store, **{"loss.temperature": 2.0}))
     with pytest.raises(ConfigError, match="tokenizes differently"):
-        Distiller(train_config(model_dirs, train_file, tmp_path / "b", small_store,
-                                     **{"data.completion_only_loss": False}))
+        Distiller(
+            train_config(model_dirs, train_file, tmp_path / "b", small_store, **{"data.completion_only_loss": False})
+        )
     changed = tmp_path / "train_v2.jsonl"
     changed.write_text(train_file.read_text() + json.dumps({"prompt": "new", "completion": "row"}) + "\n")
     with pytest.raises(ConfigError, match=f"{meta}.*another dataset or version"):
@@ -409,14 +468,28 @@ def test_training_refuses_a_mismatched_store(small_store, model_dirs, train_file
     other = tmp_path / "other_student"
     tiny_llama(len(other_tok), hidden_size=32, num_layers=1).save_pretrained(other)
     other_tok.save_pretrained(other)
-    result = cli(["train", "--output_dir", str(tmp_path / "e"), "--report_to", "[none]", "--model.student", str(other),
-                  "--data.train_file", str(train_file), "--loss.teacher_store", str(small_store)])
+    result = cli(
+        [
+            "train",
+            "--output_dir",
+            str(tmp_path / "e"),
+            "--report_to",
+            "[none]",
+            "--model.student",
+            str(other),
+            "--data.train_file",
+            str(train_file),
+            "--loss.teacher_store",
+            str(small_store),
+        ]
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"{meta} was built with another vocabulary" in result.stderr
     assert not (tmp_path / "e" / "metrics.jsonl").exists()
     with pytest.raises(ConfigError, match="leave it unset with loss.teacher_store"):
-        train_config(model_dirs, train_file, tmp_path / "f", small_store,
-                     **{"model.teacher": str(model_dirs["teacher"])})
+        train_config(
+            model_dirs, train_file, tmp_path / "f", small_store, **{"model.teacher": str(model_dirs["teacher"])}
+        )
 
 
 @pytest.mark.slow
@@ -429,19 +502,51 @@ def test_sigterm_and_resume_from_the_store_is_exact(small_store, model_dirs, tra
     from kd_core.commands import EXIT_PREEMPTED
 
     def args(out: Path) -> list[str]:
-        return ["train", "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "3",
-                "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--logging_steps", "1",
-                "--eval_steps", "null", "--report_to", "[none]", "--model.student", str(model_dirs["student"]),
-                "--data.train_file", str(train_file), "--data.eval_fraction", "0", "--loss.teacher_store",
-                str(small_store), "--loss.terms", "{forward_kl: 0.7, ce: 0.3}", "--save_steps", "2",
-                "--save_total_limit", "null"]
+        return [
+            "train",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "6",
+            "--per_device_train_batch_size",
+            "3",
+            "--gradient_accumulation_steps",
+            "2",
+            "--learning_rate",
+            "1e-3",
+            "--logging_steps",
+            "1",
+            "--eval_steps",
+            "null",
+            "--report_to",
+            "[none]",
+            "--model.student",
+            str(model_dirs["student"]),
+            "--data.train_file",
+            str(train_file),
+            "--data.eval_fraction",
+            "0",
+            "--loss.teacher_store",
+            str(small_store),
+            "--loss.terms",
+            "{forward_kl: 0.7, ce: 0.3}",
+            "--save_steps",
+            "2",
+            "--save_total_limit",
+            "null",
+        ]
 
     from kd_core.config import parse_command_line
 
     train.run(parse_command_line(TrainConfig, args(tmp_path / "ref")[1:], "distill train"))  # in-process
     out = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, "-m", "distill", *args(out)], env=slowed_steps(ENV, 0.3),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "distill", *args(out)],
+        env=slowed_steps(ENV, 0.3),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (out / "checkpoint-2").exists():
         assert process.poll() is None and time.time() < deadline, "training ended before the first checkpoint"

@@ -20,9 +20,27 @@ SEGMENTS = 8  # 300 examples, 40 per segment
 
 
 def precompute_command(model_dirs, data, out, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "distill", "precompute", "--teacher", str(model_dirs["teacher"]),
-            "--output_dir", str(out), "--k", "8", "--batch_size", "3", "--segment_samples", "40",
-            "--data.train_file", str(data), "--data.eval_fraction", "0.0", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "distill",
+        "precompute",
+        "--teacher",
+        str(model_dirs["teacher"]),
+        "--output_dir",
+        str(out),
+        "--k",
+        "8",
+        "--batch_size",
+        "3",
+        "--segment_samples",
+        "40",
+        "--data.train_file",
+        str(data),
+        "--data.eval_fraction",
+        "0.0",
+        *extra,
+    ]
 
 
 def identities(out, numbers) -> dict[str, tuple[int, int]]:
@@ -51,8 +69,9 @@ def test_kill_9_at_several_points_then_rerun_keeps_committed_segments(model_dirs
         return {name: digest for name, digest in tree_digest(out).items() if name != ".kd_lock"}
 
     before = content()
-    other = subprocess.run(precompute_command(model_dirs, data, out, "--k", "4"), env=ENV, capture_output=True,
-                           text=True, timeout=300)
+    other = subprocess.run(
+        precompute_command(model_dirs, data, out, "--k", "4"), env=ENV, capture_output=True, text=True, timeout=300
+    )
     errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
     assert other.returncode == 2 and len(errors) == 1, other.stderr[-3000:]
     assert "holds a run with other settings (k)" in errors[0] and "--overwrite" in errors[0]
@@ -97,8 +116,13 @@ def test_resumed_run_computes_only_the_missing_segments(model_dirs, tmp_path):
     # --overwrite over a partial store of other settings removes its segments and starts again.
     partial = tmp_path / "partial"
     assert kill_9(precompute_command(model_dirs, data, partial), ENV, point=f"reserve:{names(2)[2]}")
-    fresh = subprocess.run([*precompute_command(model_dirs, data, partial, "--k", "4"), "--overwrite", "true"],
-                           env=ENV, capture_output=True, text=True, timeout=300)
+    fresh = subprocess.run(
+        [*precompute_command(model_dirs, data, partial, "--k", "4"), "--overwrite", "true"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "--overwrite: starting again" in fresh.stderr
     assert LogitStore(partial).k == 4

@@ -159,11 +159,23 @@ def test_bf16_checkpoint_is_pruned_in_bf16_with_float32_scores(tmp_path, tokeniz
     from safetensors.torch import load_file
 
     teacher_dir = tmp_path / "bf16"
-    tiny_llama(len(tokenizer), hidden_size=64, num_layers=3, intermediate_size=256).to(torch.bfloat16) \
-        .save_pretrained(teacher_dir)
+    tiny_llama(len(tokenizer), hidden_size=64, num_layers=3, intermediate_size=256).to(torch.bfloat16).save_pretrained(
+        teacher_dir
+    )
     tokenizer.save_pretrained(teacher_dir)
-    common = ["prune", "--model", str(teacher_dir), "--width.intermediate_size", "128", "--calibration.data",
-              str(calibration_file), "--calibration.min_tokens", "4", "--cache_dir", str(tmp_path / "cache")]
+    common = [
+        "prune",
+        "--model",
+        str(teacher_dir),
+        "--width.intermediate_size",
+        "128",
+        "--calibration.data",
+        str(calibration_file),
+        "--calibration.min_tokens",
+        "4",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     assert cli([*common, "--output-dir", str(tmp_path / "o")]) == 0
     capsys.readouterr()
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype="auto")

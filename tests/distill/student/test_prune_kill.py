@@ -16,15 +16,31 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 
 def test_kill_9_while_saving_then_rerun(tokenizer, tmp_path):
     teacher = tmp_path / "teacher"  # larger than the suite's tiny teacher: the save lasts long enough to land a kill
-    tiny_llama(len(tokenizer), hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
-               intermediate_size=1024).save_pretrained(teacher)
+    tiny_llama(
+        len(tokenizer), hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=1024
+    ).save_pretrained(teacher)
     tokenizer.save_pretrained(teacher)
     data = tmp_path / "cal.jsonl"
     data.write_text("".join(json.dumps({"text": f"The number {i} is followed by {i + 1}."}) + "\n" for i in range(32)))
     out, cache = tmp_path / "pruned", tmp_path / "cache"
-    command = [sys.executable, "-m", "distill", "prune", "--model", str(teacher), "--output-dir", str(out),
-               "--depth.num_layers", "3", "--width.intermediate_size", "512", "--calibration.data", str(data),
-               "--cache_dir", str(cache)]
+    command = [
+        sys.executable,
+        "-m",
+        "distill",
+        "prune",
+        "--model",
+        str(teacher),
+        "--output-dir",
+        str(out),
+        "--depth.num_layers",
+        "3",
+        "--width.intermediate_size",
+        "512",
+        "--calibration.data",
+        str(data),
+        "--cache_dir",
+        str(cache),
+    ]
     reference = subprocess.run(command, env=ENV, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = tree_digest(out)

@@ -56,11 +56,20 @@ def test_prune_the_gguf_by_depth_width_and_kv_groups(smollm2, smollm2_gguf, tmp_
 
     # The command on the .gguf path: same plan from the same calibration, a real directory that reloads.
     out = tmp_path / "pruned"
-    cfg = from_dict(PruneConfig, {
-        "model": str(smollm2_gguf), "output_dir": str(out), "cache_dir": str(tmp_path / "cache"),
-        "depth": {"num_layers": SHAPE["num_layers"]},
-        "width": {"intermediate_size": SHAPE["intermediate_size"], "num_attention_heads": SHAPE["num_attention_heads"]},
-        "calibration": {"data": str(FIXTURES / "real_text.jsonl"), "batch_size": 4, **CALIBRATION}})
+    cfg = from_dict(
+        PruneConfig,
+        {
+            "model": str(smollm2_gguf),
+            "output_dir": str(out),
+            "cache_dir": str(tmp_path / "cache"),
+            "depth": {"num_layers": SHAPE["num_layers"]},
+            "width": {
+                "intermediate_size": SHAPE["intermediate_size"],
+                "num_attention_heads": SHAPE["num_attention_heads"],
+            },
+            "calibration": {"data": str(FIXTURES / "real_text.jsonl"), "batch_size": 4, **CALIBRATION},
+        },
+    )
     report = prune(cfg)
     assert report["params_after"] == sum(p.numel() for p in pruned.parameters())
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -12,8 +12,13 @@ from distill.student.models import ModelSettings
 from distill.training.config import TrainConfig, training_config
 from kd_core.config import from_dict
 
-NESTED = {"teacher": ModelSettings, "eval_file": DataSettings, "eval_fraction": DataSettings,
-          "max_length": DataSettings, "packing": DataSettings}  # the flat parameters that set a section's field
+NESTED = {
+    "teacher": ModelSettings,
+    "eval_file": DataSettings,
+    "eval_fraction": DataSettings,
+    "max_length": DataSettings,
+    "packing": DataSettings,
+}  # the flat parameters that set a section's field
 
 
 def field_default(cls, name: str):
@@ -38,13 +43,33 @@ def test_every_parameter_is_keyword_only_with_the_configs_own_default():
 
 
 def test_builder_equals_the_config_tree_and_validates():
-    built = training_config(student="s", teacher="t", train_file="train.jsonl", output_dir="out",
-                            loss_terms={"forward_kl": 0.5, "ce": 0.5}, eval_fraction=0.0, max_length=64,
-                            resume="auto", max_steps=4, learning_rate=1e-3, per_device_train_batch_size=2,
-                            eval_steps=None, save_steps=2, report_to=("none",), seed=3)
+    built = training_config(
+        student="s",
+        teacher="t",
+        train_file="train.jsonl",
+        output_dir="out",
+        loss_terms={"forward_kl": 0.5, "ce": 0.5},
+        eval_fraction=0.0,
+        max_length=64,
+        resume="auto",
+        max_steps=4,
+        learning_rate=1e-3,
+        per_device_train_batch_size=2,
+        eval_steps=None,
+        save_steps=2,
+        report_to=("none",),
+        seed=3,
+    )
     tree = {
-        "output_dir": "out", "resume": "auto", "max_steps": 4, "learning_rate": 1e-3, "per_device_train_batch_size": 2,
-        "eval_steps": None, "save_steps": 2, "report_to": ["none"], "seed": 3,
+        "output_dir": "out",
+        "resume": "auto",
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "per_device_train_batch_size": 2,
+        "eval_steps": None,
+        "save_steps": 2,
+        "report_to": ["none"],
+        "seed": 3,
         "model": {"student": "s", "teacher": "t"},
         "data": {"train_file": "train.jsonl", "eval_fraction": 0.0, "max_length": 64},
         "loss": {"terms": {"forward_kl": 0.5, "ce": 0.5}},

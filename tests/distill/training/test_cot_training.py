@@ -15,10 +15,18 @@ from distill.losses.objective import LossSettings, StudentWithObjective, target_
 from kd_core.config import ConfigError
 from tests.conftest import REPO_ROOT, nested_config
 
-ROWS = [{"prompt": "Ann has 3 cats and gets 4 more. How many cats?", "rationale": "3 + 4 = 7. So the answer is 7.",
-         "label": "7"},
-        {"prompt": "Bo has 10 pens and loses 6. How many pens?", "rationale": "10 - 6 = 4. So the answer is 4.",
-         "label": "4"}]
+ROWS = [
+    {
+        "prompt": "Ann has 3 cats and gets 4 more. How many cats?",
+        "rationale": "3 + 4 = 7. So the answer is 7.",
+        "label": "7",
+    },
+    {
+        "prompt": "Bo has 10 pens and loses 6. How many pens?",
+        "rationale": "10 - 6 = 4. So the answer is 4.",
+        "label": "4",
+    },
+]
 for _row in ROWS:  # the columns `data-gen cot` writes: plain rationale SFT reads prompt/completion
     _row["completion"] = _row["rationale"]
 
@@ -51,8 +59,9 @@ def test_weighted_ce_equals_the_hand_computed_weighted_sum(tokenizer):
     per_token = F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], reduction="none", ignore_index=-100)
     expected = (per_token.sum(1) * batch["loss_weights"]).sum()
     assert torch.allclose(weighted["ce"], expected, rtol=1e-5)
-    ones = module(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                  loss_weights=torch.ones(len(data)))["ce"]
+    ones = module(batch["input_ids"], batch["attention_mask"], batch["labels"], loss_weights=torch.ones(len(data)))[
+        "ce"
+    ]
     assert torch.allclose(ones, per_token.sum(), rtol=1e-5)
     assert torch.allclose(ones, module(batch["input_ids"], batch["attention_mask"], batch["labels"])["ce"])
     assert int(target_positions(batch["labels"]).sum()) == int((batch["labels"][:, 1:] != -100).sum())
@@ -61,11 +70,19 @@ def test_weighted_ce_equals_the_hand_computed_weighted_sum(tokenizer):
 def train_config(tmp_path: Path, model_dirs, data_file: Path, name: str, **over):
     from distill.training.train import TrainConfig
 
-    tree = {"output_dir": str(tmp_path / name), "report_to": ["none"], "per_device_train_batch_size": 4,
-            "learning_rate": 1e-3, "max_steps": 1, "eval_steps": None, "save_steps": 1000, "seed": 3,
-            "model": {"student": str(model_dirs["student"])},
-            "data": {"train_file": str(data_file), "eval_fraction": 0.0, "step_by_step_label_weight": 0.25},
-            "loss": {"terms": {"ce": 1.0}}}
+    tree = {
+        "output_dir": str(tmp_path / name),
+        "report_to": ["none"],
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "max_steps": 1,
+        "eval_steps": None,
+        "save_steps": 1000,
+        "seed": 3,
+        "model": {"student": str(model_dirs["student"])},
+        "data": {"train_file": str(data_file), "eval_fraction": 0.0, "step_by_step_label_weight": 0.25},
+        "loss": {"terms": {"ce": 1.0}},
+    }
     return nested_config(TrainConfig, tree, **over)
 
 
@@ -75,8 +92,11 @@ def test_weighted_step_is_normalised_by_counted_tokens_whatever_the_split(tmp_pa
     data_file = tmp_path / "rows.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     whole = Distiller(train_config(tmp_path, model_dirs, data_file, "whole"))
-    split = Distiller(train_config(tmp_path, model_dirs, data_file, "split", per_device_train_batch_size=1,
-                                   gradient_accumulation_steps=4))
+    split = Distiller(
+        train_config(
+            tmp_path, model_dirs, data_file, "split", per_device_train_batch_size=1, gradient_accumulation_steps=4
+        )
+    )
     # The expected value from the definition: sum of weight x token CE over the step, / counted tokens.
     examples = [whole.train_set[i] for i in range(len(whole.train_set))]
     batch = collate(examples, whole.tokenizer.pad_token_id)
@@ -91,8 +111,13 @@ def test_weighted_step_is_normalised_by_counted_tokens_whatever_the_split(tmp_pa
 
 def test_step_by_step_refuses_logit_terms(tmp_path, model_dirs):
     with pytest.raises(ConfigError, match="step_by_step_label_weight"):
-        train_config(tmp_path, model_dirs, tmp_path / "x.jsonl", "x", **{
-            "model.teacher": str(model_dirs["teacher"]), "loss.terms": {"ce": 0.5, "forward_kl": 0.5}})
+        train_config(
+            tmp_path,
+            model_dirs,
+            tmp_path / "x.jsonl",
+            "x",
+            **{"model.teacher": str(model_dirs["teacher"]), "loss.terms": {"ce": 0.5, "forward_kl": 0.5}},
+        )
 
 
 def test_answer_accuracy_is_logged_and_computed_from_the_generations(tmp_path, model_dirs):
@@ -109,12 +134,24 @@ def test_answer_accuracy_is_logged_and_computed_from_the_generations(tmp_path, m
     data_file = tmp_path / "rows.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     held = tmp_path / "held.jsonl"
-    held.write_text("".join(json.dumps({"question": r["prompt"], "answer": "#### " + r["label"]}) + "\n"
-                            for r in ROWS))
-    cfg = train_config(tmp_path, model_dirs, data_file, "acc", **{
-        "data.step_by_step_label_weight": None, "max_steps": 20, "learning_rate": 1e-2, "warmup_steps": 0,
-        "lr_scheduler_type": "constant", "accuracy.file": str(held), "accuracy.max_new_tokens": 12,
-        "per_device_train_batch_size": 2, "logging_steps": 1})
+    held.write_text("".join(json.dumps({"question": r["prompt"], "answer": "#### " + r["label"]}) + "\n" for r in ROWS))
+    cfg = train_config(
+        tmp_path,
+        model_dirs,
+        data_file,
+        "acc",
+        **{
+            "data.step_by_step_label_weight": None,
+            "max_steps": 20,
+            "learning_rate": 1e-2,
+            "warmup_steps": 0,
+            "lr_scheduler_type": "constant",
+            "accuracy.file": str(held),
+            "accuracy.max_new_tokens": 12,
+            "per_device_train_batch_size": 2,
+            "logging_steps": 1,
+        },
+    )
     summary = run(cfg).summary
     metrics = [json.loads(line) for line in (tmp_path / "acc" / "metrics.jsonl").read_text().splitlines()]
     losses = [m["train/loss"] for m in metrics if "train/loss" in m]
@@ -128,8 +165,9 @@ def test_answer_accuracy_is_logged_and_computed_from_the_generations(tmp_path, m
     assert summary["final_eval"]["eval/answer_accuracy"] == exported["answer_accuracy"]
     assert metrics[-1]["eval/answer_accuracy"] == exported["answer_accuracy"]
     # The whole first generated line is the answer, compared as text; gold = the model's own line for question 0.
-    own = AccuracySettings(file=str(held), max_new_tokens=12,
-                           extractor=AnswerExtractor("regex", r"\A\s*(?P<answer>[^\n]+)", numeric=False))
+    own = AccuracySettings(
+        file=str(held), max_new_tokens=12, extractor=AnswerExtractor("regex", r"\A\s*(?P<answer>[^\n]+)", numeric=False)
+    )
     first_line = own_first_line(model, tok, pairs[0][0], own)
     assert first_line, "the trained model must generate some text for this test"
     own_pairs = [(pairs[0][0], first_line), (pairs[1][0], first_line + " and more")]
@@ -138,11 +176,16 @@ def test_answer_accuracy_is_logged_and_computed_from_the_generations(tmp_path, m
 
 def own_first_line(model, tokenizer, prompt: str, settings) -> str | None:
     """What ``settings``' extractor finds in the model's greedy answer to ``prompt`` alone (no batch padding)."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                        add_generation_prompt=True, return_dict=False)
-    out = model.generate(torch.tensor([list(ids)]), do_sample=False, max_new_tokens=settings.max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id)
-    text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True, return_dict=False
+    )
+    out = model.generate(
+        torch.tensor([list(ids)]),
+        do_sample=False,
+        max_new_tokens=settings.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
     return settings.extractor.extract(text)
 
 

@@ -43,9 +43,15 @@ def pair(tmp_path_factory):
 
 def _config(pair, out, mode, **overrides) -> TrainConfig:
     tree = {
-        "output_dir": str(out), "max_steps": 12, "per_device_train_batch_size": 16, "learning_rate": 1e-2,
+        "output_dir": str(out),
+        "max_steps": 12,
+        "per_device_train_batch_size": 16,
+        "learning_rate": 1e-2,
         "lr_scheduler_type": "constant",
-        "save_steps": 100, "eval_steps": None, "logging_steps": 1, "report_to": ["none"],
+        "save_steps": 100,
+        "eval_steps": None,
+        "logging_steps": 1,
+        "report_to": ["none"],
         "model": {"teacher": str(pair["teacher"]), "student": str(pair["student"])},
         "data": {"train_file": str(pair["data"]), "eval_fraction": 0.0},
         "loss": {"terms": {"forward_kl": 1.0}, "chunk_size": 7, "cross_tokenizer": mode},
@@ -73,8 +79,11 @@ def test_the_teacher_reads_its_own_tokens_and_the_step_matches_the_kernel(pair, 
     from distill.losses.head import output_head
     from distill.runtime import inner
 
-    distiller = Distiller(_config(pair, tmp_path / "one", "gold", per_device_train_batch_size=4,
-                                  **{"loss.terms": {"jsd": 1.0, "ce": 0.5}}))
+    distiller = Distiller(
+        _config(
+            pair, tmp_path / "one", "gold", per_device_train_batch_size=4, **{"loss.terms": {"jsd": 1.0, "ce": 0.5}}
+        )
+    )
     batches, _, _ = distiller.next_micro_batches()
     batch = batches[0]
     teacher_tok = AutoTokenizer.from_pretrained(pair["teacher"])
@@ -86,15 +95,24 @@ def test_the_teacher_reads_its_own_tokens_and_the_step_matches_the_kernel(pair, 
     assert distiller.teacher.model is None  # no token-by-token held-out figures across tokenizers
     student = inner(distiller.module).student
     with distiller.teacher_targets(batch) as targets:
-        terms = distiller.module(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher=targets,
-                                 loss_weights=batch["loss_weights"])
+        terms = distiller.module(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            teacher=targets,
+            loss_weights=batch["loss_weights"],
+        )
         rows, s_pos, t_pos = batch["cross_pairs"].unbind(1)
         with torch.no_grad():
             hidden = student.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             expected = chunked_cross_divergence(
-                hidden.last_hidden_state[rows, s_pos], output_head(student),
-                targets.outputs.last_hidden_state[rows, t_pos], targets.head, distiller.cfg.loss.spec("jsd"),
-                targets.match)
+                hidden.last_hidden_state[rows, s_pos],
+                output_head(student),
+                targets.outputs.last_hidden_state[rows, t_pos],
+                targets.head,
+                distiller.cfg.loss.spec("jsd"),
+                targets.match,
+            )
     torch.testing.assert_close(terms["jsd"].detach(), expected, rtol=1e-5, atol=1e-6)
     assert set(terms) == {"jsd", "ce"}
 
@@ -104,8 +122,13 @@ def test_the_teacher_tokenizer_may_live_elsewhere(pair, tmp_path):
 
     weights_only = tmp_path / "teacher_weights"
     shutil.copytree(pair["teacher"], weights_only, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
-    cfg = _config(pair, tmp_path / "elsewhere", "uld", max_steps=1,
-                  **{"model.teacher": str(weights_only), "model.teacher_tokenizer": str(pair["teacher"])})
+    cfg = _config(
+        pair,
+        tmp_path / "elsewhere",
+        "uld",
+        max_steps=1,
+        **{"model.teacher": str(weights_only), "model.teacher_tokenizer": str(pair["teacher"])},
+    )
     assert run(cfg).steps == 1
     with pytest.raises(ConfigError, match=r"model\.teacher_tokenizer: expected a tokenizer directory"):
         Distiller(_config(pair, tmp_path / "missing", "uld", **{"model.teacher_tokenizer": str(tmp_path / "no")}))
@@ -116,13 +139,16 @@ def test_without_cross_tokenizer_a_mismatch_is_still_refused(pair, tmp_path):
         Distiller(_config(pair, tmp_path / "refused", None))
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"loss.terms": {"forward_kl": 0.5, "jsd": 0.5}}, r"cross_tokenizer: expected exactly one logit divergence"),
-    ({"loss.terms": {"forward_kl": 1.0, "hidden_mse": 1.0}}, r"cross_tokenizer: feature terms"),
-    ({"data.packing": True}, r"data\.packing: not supported with loss\.cross_tokenizer"),
-    ({"on_policy.student_fraction": 0.5}, r"loss\.cross_tokenizer: on-policy training across tokenizers"),
-    ({"loss.cross_tokenizer": None, "model.teacher_tokenizer": "x"}, r"model\.teacher_tokenizer: only used with"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"loss.terms": {"forward_kl": 0.5, "jsd": 0.5}}, r"cross_tokenizer: expected exactly one logit divergence"),
+        ({"loss.terms": {"forward_kl": 1.0, "hidden_mse": 1.0}}, r"cross_tokenizer: feature terms"),
+        ({"data.packing": True}, r"data\.packing: not supported with loss\.cross_tokenizer"),
+        ({"on_policy.student_fraction": 0.5}, r"loss\.cross_tokenizer: on-policy training across tokenizers"),
+        ({"loss.cross_tokenizer": None, "model.teacher_tokenizer": "x"}, r"model\.teacher_tokenizer: only used with"),
+    ],
+)
 def test_what_is_not_supported_yet_is_refused_up_front(pair, tmp_path, overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         _config(pair, tmp_path / "x", "uld", **overrides)

@@ -35,25 +35,66 @@ FEATURE_TERMS = "{forward_kl: 1, hidden_mse: 0.5}"  # student (32 wide) narrower
 
 def train_args(model_dirs, train_file: Path, out: Path, *extra: str, terms: str = "{forward_kl: 0.7, ce: 0.3}"):
     return [
-        "--output_dir", str(out), "--max_steps", str(STEPS), "--learning_rate", "1e-3", "--logging_steps", "1",
-        "--eval_steps", "null", "--report_to", "[none]", "--per_device_train_batch_size", "4",
-        "--save_steps", "2", "--save_total_limit", "null", "--model.teacher", str(model_dirs["teacher"]),
-        "--model.student", str(model_dirs["student"]), "--data.train_file", str(train_file),
-        "--data.eval_fraction", "0", "--loss.terms", terms, "--loss.chunk_size", "7", *extra,
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(STEPS),
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "null",
+        "--report_to",
+        "[none]",
+        "--per_device_train_batch_size",
+        "4",
+        "--save_steps",
+        "2",
+        "--save_total_limit",
+        "null",
+        "--model.teacher",
+        str(model_dirs["teacher"]),
+        "--model.student",
+        str(model_dirs["student"]),
+        "--data.train_file",
+        str(train_file),
+        "--data.eval_fraction",
+        "0",
+        "--loss.terms",
+        terms,
+        "--loss.chunk_size",
+        "7",
+        *extra,
     ]
 
 
 def launch_command(config: str, args: list[str], *launcher_args: str) -> list[str]:
     return [
-        "accelerate", "launch", "--config_file", f"launch/{config}", "--num_processes", "2",
-        *launcher_args, "-m", "distill", "train", *args,
+        "accelerate",
+        "launch",
+        "--config_file",
+        f"launch/{config}",
+        "--num_processes",
+        "2",
+        *launcher_args,
+        "-m",
+        "distill",
+        "train",
+        *args,
     ]
 
 
 def run(config: str, args: list[str], *launcher_args: str) -> subprocess.CompletedProcess:
     port = ["--main_process_port", str(free_port())] if "--main_process_port" not in launcher_args else []
-    result = subprocess.run(launch_command(config, args, *port, *launcher_args), cwd=REPO_ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        launch_command(config, args, *port, *launcher_args),
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -61,14 +102,14 @@ def run(config: str, args: list[str], *launcher_args: str) -> subprocess.Complet
 def popen(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A background run whose stderr goes to ``log``: an unread pipe would fill up and block the ranks."""
     with open(log, "w") as stderr:
-        return subprocess.Popen(command, cwd=REPO_ROOT, env=env or ENV, stdout=subprocess.DEVNULL, stderr=stderr,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env or ENV, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+        )
 
 
 def start(config: str, args: list[str], log: Path) -> subprocess.Popen:
     """A run to be killed mid-way: each step is slowed (tests/slow_steps) so the kill lands before the run ends."""
-    return popen(launch_command(config, args, "--main_process_port", str(free_port())), log,
-                 env=slowed_steps(ENV, 0.3))
+    return popen(launch_command(config, args, "--main_process_port", str(free_port())), log, env=slowed_steps(ENV, 0.3))
 
 
 def kill_when(process: subprocess.Popen, path: Path, poll: float, log: Path) -> None:
@@ -114,8 +155,7 @@ def copy_checkpoint(source: Path, step: int, target: Path) -> None:
     """A run directory holding only ``checkpoint-<step>`` and the metrics logged up to it: a run stopped there."""
     target.mkdir()
     shutil.copytree(source / f"checkpoint-{step}", target / f"checkpoint-{step}")
-    kept = [line for line in (source / "metrics.jsonl").read_text().splitlines()
-            if json.loads(line)["step"] <= step]
+    kept = [line for line in (source / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
     (target / "metrics.jsonl").write_text("\n".join(kept) + "\n")
 
 
@@ -133,10 +173,15 @@ def test_zero2_kill_9_during_training_then_resume_is_exact(model_dirs, train_fil
     reference = tmp_path / "reference"
     run("zero2.yaml", train_args(model_dirs, train_file, reference))
     shards = sorted(p.name for p in (reference / "checkpoint-2" / "pytorch_model").iterdir())
-    assert shards == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                      "zero_pp_rank_1_mp_rank_00_optim_states.pt"], shards  # ZeRO-2: optimizer partitioned
+    assert shards == [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ], shards  # ZeRO-2: optimizer partitioned
     assert {p.name for p in (reference / "checkpoint-2").glob("random_states_*.pkl")} == {
-        "random_states_0.pkl", "random_states_1.pkl"}
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
 
     out = tmp_path / "killed"
     args = train_args(model_dirs, train_file, out, "--save_steps", "1")
@@ -151,8 +196,10 @@ def test_zero2_kill_9_during_training_then_resume_is_exact(model_dirs, train_fil
 @pytest.mark.slow
 def test_zero3_feature_loss_shards_teacher_and_student(zero3_reference):
     # The teacher is partitioned too: each of the 2 ranks holds about half of it, not a full copy.
-    held = re.findall(r"teacher sharded by ZeRO-3: this rank holds (\d+) of (\d+) parameters",
-                      (zero3_reference.parent / "launch.log").read_text())
+    held = re.findall(
+        r"teacher sharded by ZeRO-3: this rank holds (\d+) of (\d+) parameters",
+        (zero3_reference.parent / "launch.log").read_text(),
+    )
     assert len(held) == 2 and all(int(part) < 0.6 * int(total) for part, total in held), held
     checkpoint = zero3_reference / "checkpoint-4"
     names = sorted(p.name for p in (checkpoint / "pytorch_model").iterdir())
@@ -196,10 +243,18 @@ def test_two_nodes_on_loopback_resume_a_zero3_checkpoint_exactly(model_dirs, tra
     port = str(free_port())
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     nodes = [
-        popen(["bash", "launch/slurm_node.sh", *args], logs[rank], env={
-            **ENV, "SLURM_NNODES": "2", "SLURM_NODEID": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-            "PROCS_PER_NODE": "1",
-        })
+        popen(
+            ["bash", "launch/slurm_node.sh", *args],
+            logs[rank],
+            env={
+                **ENV,
+                "SLURM_NNODES": "2",
+                "SLURM_NODEID": str(rank),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "PROCS_PER_NODE": "1",
+            },
+        )
         for rank in (0, 1)
     ]
     for node in nodes:
@@ -216,8 +271,20 @@ def test_export_consolidates_zero3_shards(zero3_reference, tmp_path):
 
     target = tmp_path / "exported"
     result = subprocess.run(
-        [sys.executable, "-m", "distill", "export", "--checkpoint", str(zero3_reference / "checkpoint-4"),
-         "--output_dir", str(target)], env=ENV, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "distill",
+            "export",
+            "--checkpoint",
+            str(zero3_reference / "checkpoint-4"),
+            "--output_dir",
+            str(target),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(target)
@@ -227,8 +294,20 @@ def test_export_consolidates_zero3_shards(zero3_reference, tmp_path):
     for name, tensor in final.items():
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
     again = subprocess.run(
-        [sys.executable, "-m", "distill", "export", "--checkpoint", str(zero3_reference / "checkpoint-4"),
-         "--output_dir", str(target)], env=ENV, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "distill",
+            "export",
+            "--checkpoint",
+            str(zero3_reference / "checkpoint-4"),
+            "--output_dir",
+            str(target),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert again.returncode == 2 and "output_dir" in again.stderr  # never overwrites
 
@@ -240,10 +319,22 @@ def test_sigusr1_to_the_launcher_saves_on_every_rank_and_stops(model_dirs, train
     out = tmp_path / "preempted"
     args = train_args(model_dirs, train_file, out, "--max_steps", "400", "--save_steps", "1000")
     log = tmp_path / "node.log"
-    node = popen(["bash", "launch/slurm_node.sh", *args], log, env=slowed_steps({
-        **ENV, "SLURM_NNODES": "1", "SLURM_NODEID": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-        "PROCS_PER_NODE": "2", "ACCELERATE_CONFIG": "launch/zero2.yaml",
-    }, 0.05))
+    node = popen(
+        ["bash", "launch/slurm_node.sh", *args],
+        log,
+        env=slowed_steps(
+            {
+                **ENV,
+                "SLURM_NNODES": "1",
+                "SLURM_NODEID": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(free_port()),
+                "PROCS_PER_NODE": "2",
+                "ACCELERATE_CONFIG": "launch/zero2.yaml",
+            },
+            0.05,
+        ),
+    )
     deadline = time.time() + 400
     while not (out / "metrics.jsonl").exists():
         assert node.poll() is None and time.time() < deadline, log.read_text()[-3000:]
@@ -280,10 +371,13 @@ def test_sigterm_to_a_zero3_job_exits_75_requeues_and_resumes(model_dirs, train_
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     requeued = tmp_path / "requeued"
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
-                                  'export SLURM_NNODES=1 SLURM_NODEID=0\nexec "$@"\n')
-    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\nif [[ "$1" == show ]]; then echo 127.0.0.1; '
-                                      f'else echo "$@" >> {requeued}; fi\n')
+    (bin_dir / "srun").write_text(
+        '#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+        'export SLURM_NNODES=1 SLURM_NODEID=0\nexec "$@"\n'
+    )
+    (bin_dir / "scontrol").write_text(
+        f'#!/usr/bin/env bash\nif [[ "$1" == show ]]; then echo 127.0.0.1; else echo "$@" >> {requeued}; fi\n'
+    )
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
     # slurm.sbatch adds --output_dir "$OUTPUT_DIR" --resume auto
@@ -291,11 +385,19 @@ def test_sigterm_to_a_zero3_job_exits_75_requeues_and_resumes(model_dirs, train_
 
     def job_env(slow: float) -> dict[str, str]:
         job_id = slurm_job_id()
-        return slowed_steps({
-            **ENV, "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}", "OUTPUT_DIR": str(out), "SLURM_JOB_ID": str(job_id),
-            "SLURM_JOB_NODELIST": "localhost", "SLURM_GPUS_ON_NODE": "2", "ACCELERATE_CONFIG": "launch/zero3.yaml",
-            "PYTHON": sys.executable,
-        }, slow)
+        return slowed_steps(
+            {
+                **ENV,
+                "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}",
+                "OUTPUT_DIR": str(out),
+                "SLURM_JOB_ID": str(job_id),
+                "SLURM_JOB_NODELIST": "localhost",
+                "SLURM_GPUS_ON_NODE": "2",
+                "ACCELERATE_CONFIG": "launch/zero3.yaml",
+                "PYTHON": sys.executable,
+            },
+            slow,
+        )
 
     log = tmp_path / "job1.log"
     env = job_env(0.5)
@@ -318,8 +420,15 @@ def test_sigterm_to_a_zero3_job_exits_75_requeues_and_resumes(model_dirs, train_
 
     log = tmp_path / "job2.log"
     with open(log, "w") as stderr_file:
-        again = subprocess.run(["bash", "launch/slurm.sbatch", *args], cwd=REPO_ROOT, env=job_env(0),
-                               stdout=subprocess.DEVNULL, stderr=stderr_file, timeout=600, check=False)
+        again = subprocess.run(
+            ["bash", "launch/slurm.sbatch", *args],
+            cwd=REPO_ROOT,
+            env=job_env(0),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr_file,
+            timeout=600,
+            check=False,
+        )
     stderr = log.read_text()
     assert again.returncode == 0, stderr[-3000:]
     assert f"resumed from {out}/checkpoint-{step}" in stderr and (out / "final").is_dir()
@@ -345,8 +454,17 @@ def test_zero3_evaluates_an_eval_set_that_does_not_divide(model_dirs, train_file
 
     eval_file = write_jsonl(tmp_path / "eval.jsonl", addition_rows(5))
     out = tmp_path / "run"
-    args = train_args(model_dirs, train_file, out, "--eval_steps", "2", "--data.eval_file", str(eval_file),
-                      "--per_device_eval_batch_size", "2")
+    args = train_args(
+        model_dirs,
+        train_file,
+        out,
+        "--eval_steps",
+        "2",
+        "--data.eval_file",
+        str(eval_file),
+        "--per_device_eval_batch_size",
+        "2",
+    )
     command = launch_command("zero3.yaml", args, "--main_process_port", str(free_port()))
     result = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -371,6 +489,8 @@ def test_zero3_with_gradient_checkpointing_trains_like_zero3(model_dirs, train_f
     """model.gradient_checkpointing under ZeRO-3 (partitioned weights gathered again for the recomputation): the
     same losses and final weights as the run that keeps its activations."""
     out = tmp_path / "checkpointing"
-    run("zero3.yaml", train_args(model_dirs, train_file, out, "--model.gradient_checkpointing", "true",
-                                 terms=FEATURE_TERMS))
+    run(
+        "zero3.yaml",
+        train_args(model_dirs, train_file, out, "--model.gradient_checkpointing", "true", terms=FEATURE_TERMS),
+    )
     assert_same_run(zero3_reference, out)

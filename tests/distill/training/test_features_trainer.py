@@ -9,11 +9,34 @@ from tests.conftest import REPO_ROOT
 
 
 def run_args(model_dirs, train_file, out) -> list[str]:
-    return ["--config", str(REPO_ROOT / "configs" / "feature_distill.yaml"),
-            "--model.teacher", str(model_dirs["teacher"]), "--model.student", str(model_dirs["student"]),
-            "--data.train_file", str(train_file), "--data.eval_fraction", "0", "--output_dir", str(out),
-            "--max_steps", "3", "--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "4",
-            "--logging_steps", "1", "--report_to", "[none]", "--save_steps", "100", "--data.max_length", "32"]
+    return [
+        "--config",
+        str(REPO_ROOT / "configs" / "feature_distill.yaml"),
+        "--model.teacher",
+        str(model_dirs["teacher"]),
+        "--model.student",
+        str(model_dirs["student"]),
+        "--data.train_file",
+        str(train_file),
+        "--data.eval_fraction",
+        "0",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "3",
+        "--gradient_accumulation_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "[none]",
+        "--save_steps",
+        "100",
+        "--data.max_length",
+        "32",
+    ]
 
 
 def test_feature_config_trains_and_logs_each_term(model_dirs, train_file, tmp_path):

@@ -66,14 +66,34 @@ def test_missing_deepspeed_file_is_a_clear_error_before_training(model_dirs, tmp
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
     out = tmp_path / "run"
     result = subprocess.run(
-        ["accelerate", "launch", "--config_file", str(launch_config), "-m", "distill", "train",
-         "--output_dir", str(out), "--model.teacher", str(model_dirs["teacher"]),
-         "--model.student", str(model_dirs["student"]), "--data.train_file", str(data)],
-        cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+        [
+            "accelerate",
+            "launch",
+            "--config_file",
+            str(launch_config),
+            "-m",
+            "distill",
+            "train",
+            "--output_dir",
+            str(out),
+            "--model.teacher",
+            str(model_dirs["teacher"]),
+            "--model.student",
+            str(model_dirs["student"]),
+            "--data.train_file",
+            str(data),
+        ],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0
-    assert f"error: deepspeed_config_file: {tmp_path / 'missing_ds.json'} (named by the accelerate launch config) " \
-           "does not exist" in result.stderr, result.stderr[-3000:]
+    assert (
+        f"error: deepspeed_config_file: {tmp_path / 'missing_ds.json'} (named by the accelerate launch config) "
+        "does not exist" in result.stderr
+    ), result.stderr[-3000:]
     assert not out.exists()
 
 
@@ -82,8 +102,9 @@ def test_distill_export_is_registered():
     from kd_recipes.cli import DISTILL_COMMANDS
 
     assert callable(command_module(DISTILL_COMMANDS, "export").main)
-    help_text = subprocess.run([sys.executable, "-m", "distill", "export", "--help"], env=ENV,
-                               capture_output=True, text=True, timeout=120)
+    help_text = subprocess.run(
+        [sys.executable, "-m", "distill", "export", "--help"], env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert help_text.returncode == 0 and "--checkpoint" in help_text.stdout
 
 
@@ -97,15 +118,48 @@ def test_sigterm_to_the_single_process_launcher_reaches_the_trainer_and_exits_75
     from tests.conftest import slowed_steps
 
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "distill.training.launch", "--config_file", "launch/single.yaml", "-m",
-               "distill", "train", "--output_dir", str(out), "--max_steps", "40", "--per_device_train_batch_size", "4",
-               "--save_steps", "1000", "--eval_steps", "null", "--logging_steps", "1", "--report_to", "[none]",
-               "--model.teacher", str(model_dirs["teacher"]), "--model.student", str(model_dirs["student"]),
-               "--data.train_file", str(train_file), "--data.eval_fraction", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "distill.training.launch",
+        "--config_file",
+        "launch/single.yaml",
+        "-m",
+        "distill",
+        "train",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "40",
+        "--per_device_train_batch_size",
+        "4",
+        "--save_steps",
+        "1000",
+        "--eval_steps",
+        "null",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "[none]",
+        "--model.teacher",
+        str(model_dirs["teacher"]),
+        "--model.student",
+        str(model_dirs["student"]),
+        "--data.train_file",
+        str(train_file),
+        "--data.eval_fraction",
+        "0",
+    ]
     log = tmp_path / "launch.log"
     with open(log, "w") as stderr:
-        launcher = subprocess.Popen(command, cwd=REPO_ROOT, env=slowed_steps(ENV, 0.3), stdout=subprocess.DEVNULL,
-                                    stderr=stderr, start_new_session=True)
+        launcher = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env=slowed_steps(ENV, 0.3),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists():
         assert launcher.poll() is None and time.time() < deadline, log.read_text()[-3000:]
@@ -115,7 +169,8 @@ def test_sigterm_to_the_single_process_launcher_reaches_the_trainer_and_exits_75
     assert "the process saved a checkpoint: exit 75" in log.read_text()
     step = int((out / "latest").read_text().strip().split("-")[-1])
     assert 0 < step < 40 and not (out / "final").exists()
-    resumed = subprocess.run([*command, "--resume", "auto"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(
+        [*command, "--resume", "auto"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {out}/checkpoint-{step}" in resumed.stderr and (out / "final").is_dir()

@@ -27,8 +27,15 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 
 def config(model_dirs, train_file, out, on_policy=None, **overrides) -> TrainConfig:
     tree = {
-        "output_dir": str(out), "max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
-        "save_steps": 1, "save_total_limit": None, "eval_steps": None, "logging_steps": 1, "report_to": ["none"],
+        "output_dir": str(out),
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "save_steps": 1,
+        "save_total_limit": None,
+        "eval_steps": None,
+        "logging_steps": 1,
+        "report_to": ["none"],
         "model": {"teacher": str(model_dirs["teacher"]), "student": str(model_dirs["student"])},
         "data": {"train_file": str(train_file), "eval_fraction": 0.0},
         "loss": {"terms": {"reverse_kl": 1.0}},
@@ -40,21 +47,30 @@ def config(model_dirs, train_file, out, on_policy=None, **overrides) -> TrainCon
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl",
-                       [{"prompt": row["prompt"]} for row in addition_rows(48)])
+    return write_jsonl(
+        tmp_path_factory.mktemp("prompts") / "prompts.jsonl", [{"prompt": row["prompt"]} for row in addition_rows(48)]
+    )
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"student_fraction": 0.7, "teacher_fraction": 0.5}, r"on_policy: student_fraction \+ teacher_fraction: expected "
-                                                         r"at most 1, got 0.7 \+ 0.5"),
-    ({"max_new_tokens": 0}, "on_policy: max_new_tokens: expected >= 1, got 0"),
-    ({"temperature": -1}, r"on_policy: temperature: expected >= 0"),
-    ({"top_p": 0}, r"on_policy: top_p: expected a number in \(0, 1\], got 0"),
-    ({"top_k": -2}, r"on_policy: top_k: expected >= 0"),
-    ({"replay_ratio": 2}, r"on_policy: replay_ratio: expected a number in \[0, 1\], got 2"),
-    ({"generation_kwargs": {"min_pp": 0.1}},
-     "on_policy: generation_kwargs.min_pp: not a transformers GenerationConfig"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (
+            {"student_fraction": 0.7, "teacher_fraction": 0.5},
+            r"on_policy: student_fraction \+ teacher_fraction: expected "
+            r"at most 1, got 0.7 \+ 0.5",
+        ),
+        ({"max_new_tokens": 0}, "on_policy: max_new_tokens: expected >= 1, got 0"),
+        ({"temperature": -1}, r"on_policy: temperature: expected >= 0"),
+        ({"top_p": 0}, r"on_policy: top_p: expected a number in \(0, 1\], got 0"),
+        ({"top_k": -2}, r"on_policy: top_k: expected >= 0"),
+        ({"replay_ratio": 2}, r"on_policy: replay_ratio: expected a number in \[0, 1\], got 2"),
+        (
+            {"generation_kwargs": {"min_pp": 0.1}},
+            "on_policy: generation_kwargs.min_pp: not a transformers GenerationConfig",
+        ),
+    ],
+)
 def test_out_of_range_settings_are_refused_naming_the_field(settings, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(OnPolicySettings, settings, "on_policy")
@@ -63,16 +79,38 @@ def test_out_of_range_settings_are_refused_naming_the_field(settings, message):
 def test_prompts_only_data_with_off_policy_batches_exits_2_and_writes_nothing(model_dirs, prompts_file, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "distill", "train", "--output_dir", str(out), "--report_to", "[none]",
-         "--model.teacher", str(model_dirs["teacher"]), "--model.student", str(model_dirs["student"]),
-         "--data.train_file", str(prompts_file), "--loss.terms", "{reverse_kl: 1}",
-         "--on_policy.student_fraction", "0.5"],
-        cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "distill",
+            "train",
+            "--output_dir",
+            str(out),
+            "--report_to",
+            "[none]",
+            "--model.teacher",
+            str(model_dirs["teacher"]),
+            "--model.student",
+            str(model_dirs["student"]),
+            "--data.train_file",
+            str(prompts_file),
+            "--loss.terms",
+            "{reverse_kl: 1}",
+            "--on_policy.student_fraction",
+            "0.5",
+        ],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    assert (f"data.train_file: {prompts_file} row 0 is a prompt without a completion; prompts-only data needs every "
-            "micro-batch sampled (on_policy.student_fraction + teacher_fraction = 1, now 0.5 + 0.0)") in result.stderr
+    assert (
+        f"data.train_file: {prompts_file} row 0 is a prompt without a completion; prompts-only data needs every "
+        "micro-batch sampled (on_policy.student_fraction + teacher_fraction = 1, now 0.5 + 0.0)"
+    ) in result.stderr
     assert not out.exists()
 
 
@@ -80,11 +118,22 @@ def test_settings_that_cannot_train_on_samples_are_refused(model_dirs, train_fil
     with pytest.raises(ConfigError, match="loss.terms: on the student's own samples `ce` is off"):
         config(model_dirs, train_file, tmp_path, loss={"terms": {"ce": 1.0}})
     with pytest.raises(ConfigError, match="model.teacher: on-policy training .* needs a teacher"):
-        config(model_dirs, train_file, tmp_path, model={"student": str(model_dirs["student"])},
-               loss={"terms": {"ce": 1.0}}, on_policy={"student_fraction": 0.0, "teacher_fraction": 1.0})
+        config(
+            model_dirs,
+            train_file,
+            tmp_path,
+            model={"student": str(model_dirs["student"])},
+            loss={"terms": {"ce": 1.0}},
+            on_policy={"student_fraction": 0.0, "teacher_fraction": 1.0},
+        )
     with pytest.raises(ConfigError, match="loss.teacher_store: holds targets for the dataset's tokens only"):
-        config(model_dirs, train_file, tmp_path, model={"student": str(model_dirs["student"])},
-               loss={"terms": {"forward_kl": 1.0}, "teacher_store": str(tmp_path)})
+        config(
+            model_dirs,
+            train_file,
+            tmp_path,
+            model={"student": str(model_dirs["student"])},
+            loss={"terms": {"forward_kl": 1.0}, "teacher_store": str(tmp_path)},
+        )
 
 
 def test_prompt_shapes_give_the_generation_prompt(tokenizer):
@@ -104,8 +153,10 @@ def test_prompt_shapes_give_the_generation_prompt(tokenizer):
 
 
 def sampled_examples(sampler, model, tokenizer, prompts, source=STUDENT, max_length=64):
-    examples = [tokenize_example({"prompt": p}, "prompt", tokenizer, max_length, True) | {"sample_id": i}
-                for i, p in enumerate(prompts)]
+    examples = [
+        tokenize_example({"prompt": p}, "prompt", tokenizer, max_length, True) | {"sample_id": i}
+        for i, p in enumerate(prompts)
+    ]
     return sampler.sample(model, examples, tokenizer, max_length, source)
 
 
@@ -121,7 +172,7 @@ def test_samples_keep_the_prompt_end_after_eos_and_resume_from_the_saved_state(m
     for example, prompt in zip(built, prompts):
         prompt_ids = encode_prompt(tokenizer, prompt)
         assert example["input_ids"][: len(prompt_ids)] == prompt_ids
-        completion = example["input_ids"][len(prompt_ids):]
+        completion = example["input_ids"][len(prompt_ids) :]
         assert 1 <= len(completion) <= 20
         assert eos not in completion[:-1]  # cut right after the first EOS
         assert example["labels"] == [IGNORE_INDEX] * len(prompt_ids) + completion
@@ -133,7 +184,8 @@ def test_samples_keep_the_prompt_end_after_eos_and_resume_from_the_saved_state(m
         for example in built:
             logits = model(torch.tensor([example["input_ids"]])).logits[0, :-1]
             reference += torch.log_softmax(logits, -1)[torch.arange(len(logits)), example["input_ids"][1:]][
-                example["prompt_length"] - 1 :].tolist()
+                example["prompt_length"] - 1 :
+            ].tolist()
     assert stats["on_policy/student_logprob"] == pytest.approx(sum(reference) / len(reference), rel=1e-5)
 
     torch.manual_seed(0)
@@ -149,7 +201,8 @@ def test_samples_keep_the_prompt_end_after_eos_and_resume_from_the_saved_state(m
     assert [e["input_ids"] for e in second] != [e["input_ids"] for e in built]  # new samples each time
     other_rank = Sampler(settings, seed=3, rank=1, device=torch.device("cpu"))
     assert [e["input_ids"] for e in sampled_examples(other_rank, model, tokenizer, prompts)[0]] != [
-        e["input_ids"] for e in built]
+        e["input_ids"] for e in built
+    ]
 
 
 def test_draws_agree_across_ranks_and_replay_reuses_the_buffer():
@@ -168,20 +221,27 @@ def test_draws_agree_across_ranks_and_replay_reuses_the_buffer():
 
 
 def test_loss_on_a_sampled_batch_equals_the_direct_reverse_kl(model_dirs, prompts_file, tmp_path):
-    distiller = Distiller(config(model_dirs, prompts_file, tmp_path / "out", loss={"terms": {"reverse_kl": 1.0},
-                                                                                  "chunk_size": 5}))
+    distiller = Distiller(
+        config(model_dirs, prompts_file, tmp_path / "out", loss={"terms": {"reverse_kl": 1.0}, "chunk_size": 5})
+    )
     batches, sources, _ = distiller.next_micro_batches()
     batch = batches[0]
     assert sources == [STUDENT]
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()  # padding after EOS never counts
     with distiller.teacher_targets(batch) as teacher:
-        terms = distiller.module(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher=teacher,
-                                 loss_weights=batch["loss_weights"])
+        terms = distiller.module(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            teacher=teacher,
+            loss_weights=batch["loss_weights"],
+        )
     student, reference_teacher = distiller.module.student, distiller.teacher.model
     with torch.no_grad():
         s = F.log_softmax(student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1], -1)
-        t = F.log_softmax(reference_teacher(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1],
-                          -1)
+        t = F.log_softmax(
+            reference_teacher(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1], -1
+        )
     counted = batch["labels"][:, 1:] != IGNORE_INDEX
     reverse_kl = (s.exp() * (s - t)).sum(-1)[counted].sum()
     assert terms["reverse_kl"].item() == pytest.approx(reverse_kl.item(), rel=1e-4)
@@ -194,11 +254,37 @@ def logged(out):
 
 def train_command(model_dirs, data, out, *extra):
     return [
-        "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-        "--save_steps", "1", "--save_total_limit", "null", "--eval_steps", "null", "--logging_steps", "1",
-        "--report_to", "[none]", "--model.teacher", str(model_dirs["teacher"]),
-        "--model.student", str(model_dirs["student"]), "--data.train_file", str(data), "--data.eval_fraction", "0",
-        "--loss.terms", "{jsd: 1, ce: 0.2}", "--on_policy.max_new_tokens", "10", *extra,
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--save_steps",
+        "1",
+        "--save_total_limit",
+        "null",
+        "--eval_steps",
+        "null",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "[none]",
+        "--model.teacher",
+        str(model_dirs["teacher"]),
+        "--model.student",
+        str(model_dirs["student"]),
+        "--data.train_file",
+        str(data),
+        "--data.eval_fraction",
+        "0",
+        "--loss.terms",
+        "{jsd: 1, ce: 0.2}",
+        "--on_policy.max_new_tokens",
+        "10",
+        *extra,
     ]
 
 
@@ -218,12 +304,26 @@ def losses(out):
 def test_mixed_sources_with_replay_resume_exactly_after_kill_9(model_dirs, train_file, tmp_path):
     """Student samples, teacher samples, replayed samples and dataset completions in one run; killed with SIGKILL
     after its third checkpoint, resumed: the same losses at every step and the same weights."""
-    mixed = ("--on_policy.student_fraction", "0.5", "--on_policy.teacher_fraction", "0.25",
-             "--on_policy.replay_ratio", "0.7", "--gradient_accumulation_steps", "2")
+    mixed = (
+        "--on_policy.student_fraction",
+        "0.5",
+        "--on_policy.teacher_fraction",
+        "0.25",
+        "--on_policy.replay_ratio",
+        "0.7",
+        "--gradient_accumulation_steps",
+        "2",
+    )
     base = [sys.executable, "-m", "distill", "train"]
     reference = tmp_path / "reference"
-    done = subprocess.run([*base, *train_command(model_dirs, train_file, reference, *mixed)], cwd=REPO_ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [*base, *train_command(model_dirs, train_file, reference, *mixed)],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     state = torch.load(reference / "checkpoint-6" / "on_policy_rank_0.pt", weights_only=True)
     assert all(state["counts"][source] > 0 for source in (STUDENT, TEACHER, REPLAY, OFF_POLICY)), state["counts"]
@@ -231,8 +331,9 @@ def test_mixed_sources_with_replay_resume_exactly_after_kill_9(model_dirs, train
 
     out = tmp_path / "killed"
     command = [*base, *train_command(model_dirs, train_file, out, *mixed)]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=slowed_steps(ENV, 0.5), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=slowed_steps(ENV, 0.5), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     import time
 
     deadline = time.time() + 300
@@ -242,8 +343,9 @@ def test_mixed_sources_with_replay_resume_exactly_after_kill_9(model_dirs, train
     process.kill()
     process.wait()
     assert not (out / "final").exists()
-    resumed = subprocess.run([*command, "--resume", "auto"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(
+        [*command, "--resume", "auto"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {out}/checkpoint-" in resumed.stderr
     want, got = losses(reference), losses(out)
@@ -261,10 +363,29 @@ def test_zero3_two_ranks_sample_their_own_prompts_and_resume_exactly(model_dirs,
     import shutil
 
     def launch(out, *extra):
-        command = ["accelerate", "launch", "--config_file", "launch/zero3.yaml", "--num_processes", "2",
-                   "--main_process_port", str(free_port()), "-m", "distill", "train",
-                   *train_command(model_dirs, prompts_file, out, "--on_policy.student_fraction", "1",
-                                  "--loss.terms", "{reverse_kl: 1}", *extra)]
+        command = [
+            "accelerate",
+            "launch",
+            "--config_file",
+            "launch/zero3.yaml",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "distill",
+            "train",
+            *train_command(
+                model_dirs,
+                prompts_file,
+                out,
+                "--on_policy.student_fraction",
+                "1",
+                "--loss.terms",
+                "{reverse_kl: 1}",
+                *extra,
+            ),
+        ]
         result = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
         return result
@@ -278,8 +399,7 @@ def test_zero3_two_ranks_sample_their_own_prompts_and_resume_exactly(model_dirs,
     out.mkdir()
     shutil.copytree(reference / "checkpoint-3", out / "checkpoint-3")
     shutil.copy(reference / ".kd_owner.json", out / ".kd_owner.json")
-    (out / "metrics.jsonl").write_text("".join(
-        json.dumps(r) + "\n" for r in logged(reference) if r["step"] <= 3))
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged(reference) if r["step"] <= 3))
     launch(out, "--resume", "auto")
     want, got = losses(reference), losses(out)
     assert got.keys() == want.keys() == set(range(1, 7))
@@ -294,18 +414,49 @@ def test_shipped_config_trains_a_lora_student_on_its_own_samples(model_dirs, pro
     from distill.training.train import run
     from kd_core.config import parse_command_line
 
-    cfg = parse_command_line(TrainConfig, [
-        "--config", str(REPO_ROOT / "configs" / "on_policy_reverse_kl.yaml"), "--output_dir", str(tmp_path / "out"),
-        "--model.teacher", str(model_dirs["teacher"]), "--model.student", str(model_dirs["student"]),
-        "--data.train_file", str(prompts_file), "--max_steps", "3", "--per_device_train_batch_size", "4",
-        "--on_policy.max_new_tokens", "8", "--logging_steps", "1", "--report_to", "[none]", "--lora.enabled", "true",
-        "--lora.r", "4", "--learning_rate", "1e-2",
-    ], "distill train")
+    cfg = parse_command_line(
+        TrainConfig,
+        [
+            "--config",
+            str(REPO_ROOT / "configs" / "on_policy_reverse_kl.yaml"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--model.teacher",
+            str(model_dirs["teacher"]),
+            "--model.student",
+            str(model_dirs["student"]),
+            "--data.train_file",
+            str(prompts_file),
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            "--on_policy.max_new_tokens",
+            "8",
+            "--logging_steps",
+            "1",
+            "--report_to",
+            "[none]",
+            "--lora.enabled",
+            "true",
+            "--lora.r",
+            "4",
+            "--learning_rate",
+            "1e-2",
+        ],
+        "distill train",
+    )
     result = run(cfg)
     assert result.steps == 3
     rows = logged(tmp_path / "out")
-    for key in ("train/on_policy/sample_seconds", "train/on_policy/sampled_length", "train/step_seconds",
-                "train/on_policy/student_logprob", "train/on_policy/teacher_logprob", "train/reverse_kl"):
+    for key in (
+        "train/on_policy/sample_seconds",
+        "train/on_policy/sampled_length",
+        "train/step_seconds",
+        "train/on_policy/student_logprob",
+        "train/on_policy/teacher_logprob",
+        "train/reverse_kl",
+    ):
         assert all(key in r for r in rows if "train/loss" in r), key
     assert all(0 < r["train/on_policy/sampled_length"] <= 8 for r in rows if "train/loss" in r)
     assert (tmp_path / "out" / "final" / "adapter").is_dir()
@@ -316,8 +467,14 @@ def test_replay_saves_generation_for_the_same_number_of_on_policy_steps(model_di
     (the rest reuse buffered samples), fewer tokens are sampled and the replayed steps spend no time sampling."""
     runs = {}
     for ratio in (0.0, 0.5):
-        distiller = Distiller(config(model_dirs, prompts_file, tmp_path / f"r{ratio}",
-                                     on_policy={"replay_ratio": ratio, "replay_buffer_size": 8}))
+        distiller = Distiller(
+            config(
+                model_dirs,
+                prompts_file,
+                tmp_path / f"r{ratio}",
+                on_policy={"replay_ratio": ratio, "replay_buffer_size": 8},
+            )
+        )
         seconds = [distiller.training_step()["on_policy/sample_seconds"] for _ in range(6)]
         runs[ratio] = (dict(distiller.sampler.counts), seconds)
     plain, replayed = runs[0.0][0], runs[0.5][0]

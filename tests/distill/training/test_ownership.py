@@ -17,11 +17,35 @@ from tests.conftest import tree_digest
 
 
 def cli_args(model_dirs, train_file, out, *extra: str) -> list[str]:
-    return ["--output_dir", str(out), "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-            "--save_steps", "1", "--save_total_limit", "2", "--eval_steps", "null", "--logging_steps", "1",
-            "--report_to", "[none]", "--model.teacher", str(model_dirs["teacher"]),
-            "--model.student", str(model_dirs["student"]), "--data.train_file", str(train_file),
-            "--data.eval_fraction", "0", "--loss.terms", "{forward_kl: 0.7, ce: 0.3}", *extra]
+    return [
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--save_steps",
+        "1",
+        "--save_total_limit",
+        "2",
+        "--eval_steps",
+        "null",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "[none]",
+        "--model.teacher",
+        str(model_dirs["teacher"]),
+        "--model.student",
+        str(model_dirs["student"]),
+        "--data.train_file",
+        str(train_file),
+        "--data.eval_fraction",
+        "0",
+        "--loss.terms",
+        "{forward_kl: 0.7, ce: 0.3}",
+        *extra,
+    ]
 
 
 def metric_steps(out) -> list[int]:
@@ -38,14 +62,19 @@ def finished(model_dirs, train_file, tmp_path):
 
 
 def test_overwrite_output_dir_starts_a_clean_run_and_resume_auto_then_rewrites_nothing(
-        finished, model_dirs, train_file, capsys):
+    finished, model_dirs, train_file, capsys
+):
     """Issue 15, case 2: a shorter run with --overwrite_output_dir over a finished one used to keep the old run's
     higher-numbered checkpoints, delete its own, point `latest` at a missing directory and mix metrics; a later
     --resume auto then resumed the old run and exported its weights."""
     out = finished
     capsys.readouterr()
-    assert run_command(train_main, cli_args(model_dirs, train_file, out, "--max_steps", "2",
-                                            "--overwrite_output_dir", "true")) == 0
+    assert (
+        run_command(
+            train_main, cli_args(model_dirs, train_file, out, "--max_steps", "2", "--overwrite_output_dir", "true")
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert f"overwrite_output_dir: removed the previous run in {out}" in err and "checkpoint-4" in err
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
@@ -56,8 +85,7 @@ def test_overwrite_output_dir_starts_a_clean_run_and_resume_auto_then_rewrites_n
     assert marker["command"] == OUTPUT.command and marker["state"] == "finished"
 
     before = tree_digest(out)  # the same command again, as after a requeue: nothing to do, nothing rewritten
-    assert run_command(train_main, cli_args(model_dirs, train_file, out, "--max_steps", "2",
-                                            "--resume", "auto")) == 0
+    assert run_command(train_main, cli_args(model_dirs, train_file, out, "--max_steps", "2", "--resume", "auto")) == 0
     assert "holds a finished run (2 steps); nothing to do" in capsys.readouterr().err
     assert tree_digest(out) == before
 
@@ -70,8 +98,10 @@ def test_resume_auto_on_a_finished_run_rewrites_nothing(finished, model_dirs, tr
             (finished / ownership.MARKER).unlink()
             assert ownership.owner_of(finished, OUTPUT).command == OUTPUT.command
         before = tree_digest(finished)
-        assert run_command(train_main, cli_args(model_dirs, train_file, finished, "--max_steps", "4",
-                                                "--resume", "auto")) == 0
+        assert (
+            run_command(train_main, cli_args(model_dirs, train_file, finished, "--max_steps", "4", "--resume", "auto"))
+            == 0
+        )
         assert "holds a finished run (4 steps); nothing to do" in capsys.readouterr().err
         assert tree_digest(finished) == before
         assert json.loads((finished / "summary.json").read_text())["history"]
@@ -79,8 +109,9 @@ def test_resume_auto_on_a_finished_run_rewrites_nothing(finished, model_dirs, tr
 
 def test_resume_auto_with_more_steps_extends_a_finished_run(finished, model_dirs, train_file):
     """A finished run is finished for its own max_steps: asking for more continues from its last checkpoint."""
-    assert run_command(train_main, cli_args(model_dirs, train_file, finished, "--max_steps", "6",
-                                            "--resume", "auto")) == 0
+    assert (
+        run_command(train_main, cli_args(model_dirs, train_file, finished, "--max_steps", "6", "--resume", "auto")) == 0
+    )
     summary = json.loads((finished / "summary.json").read_text())
     assert summary["steps"] == 6
     assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6]  # every step, not only the extension's
@@ -92,15 +123,13 @@ def test_an_unfinished_run_of_an_earlier_version_still_resumes(model_dirs, train
     assert run_command(train_main, cli_args(model_dirs, train_file, out, "--max_steps", "2")) == 0
     for name in ("summary.json", ownership.MARKER):  # an earlier version's run, stopped after its second checkpoint
         (out / name).unlink()
-    assert run_command(train_main, cli_args(model_dirs, train_file, out, "--max_steps", "3",
-                                            "--resume", "auto")) == 0
+    assert run_command(train_main, cli_args(model_dirs, train_file, out, "--max_steps", "3", "--resume", "auto")) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert json.loads((out / ownership.MARKER).read_text())["command"] == OUTPUT.command
 
 
 @pytest.mark.parametrize("extra", [(), ("--overwrite_output_dir", "true"), ("--resume", "auto")])
-def test_foreign_and_other_commands_directories_are_refused_untouched(model_dirs, train_file, tmp_path, capsys,
-                                                                      extra):
+def test_foreign_and_other_commands_directories_are_refused_untouched(model_dirs, train_file, tmp_path, capsys, extra):
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -144,10 +173,29 @@ def test_resume_path_of_a_run_with_another_tokenizer_is_refused(model_dirs, trai
     train_tokenizer(corpus, vocab_size=300).save_pretrained(other)
 
     def args(student, out, *extra):
-        return ["--output_dir", str(out), "--per_device_train_batch_size", "4", "--save_steps", "1",
-                "--eval_steps", "null", "--report_to", "[none]", "--model.student", str(student),
-                "--data.train_file", str(train_file), "--data.eval_fraction", "0", "--loss.terms", "{ce: 1.0}",
-                "--max_steps", "2", *extra]
+        return [
+            "--output_dir",
+            str(out),
+            "--per_device_train_batch_size",
+            "4",
+            "--save_steps",
+            "1",
+            "--eval_steps",
+            "null",
+            "--report_to",
+            "[none]",
+            "--model.student",
+            str(student),
+            "--data.train_file",
+            str(train_file),
+            "--data.eval_fraction",
+            "0",
+            "--loss.terms",
+            "{ce: 1.0}",
+            "--max_steps",
+            "2",
+            *extra,
+        ]
 
     assert run_command(train_main, args(other, tmp_path / "theirs")) == 0
     capsys.readouterr()

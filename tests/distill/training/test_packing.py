@@ -7,38 +7,49 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.data.datasets import (
-    IGNORE_INDEX,
-    attention_weight,
-    collate,
-    collate_packed,
-    pack_rows,
-    packing_rows,
-    varlen_attention,
-)
+from distill.data.datasets import IGNORE_INDEX, collate
+from distill.data.packing import attention_weight, collate_packed, pack_rows, packing_rows, varlen_attention
 from distill.training.train import Distiller, TrainConfig
 from kd_core.config import ConfigError, from_dict
 
 
 def config(model_dirs, train_file, out, packing, terms, attention="sdpa") -> TrainConfig:
-    return from_dict(TrainConfig, {
-        "output_dir": str(out), "max_steps": 2, "per_device_train_batch_size": 6, "report_to": ["none"],
-        "eval_steps": None, "model": {"teacher": str(model_dirs["teacher"]), "student": str(model_dirs["student"]),
-                                      "attn_implementation": attention},
-        "data": {"train_file": str(train_file), "eval_fraction": 0.0, "packing": packing},
-        "loss": {"terms": terms, "chunk_size": 7},
-    })
+    return from_dict(
+        TrainConfig,
+        {
+            "output_dir": str(out),
+            "max_steps": 2,
+            "per_device_train_batch_size": 6,
+            "report_to": ["none"],
+            "eval_steps": None,
+            "model": {
+                "teacher": str(model_dirs["teacher"]),
+                "student": str(model_dirs["student"]),
+                "attn_implementation": attention,
+            },
+            "data": {"train_file": str(train_file), "eval_fraction": 0.0, "packing": packing},
+            "loss": {"terms": terms, "chunk_size": 7},
+        },
+    )
 
 
 def terms_and_grads(distiller, batch):
     module = distiller.module
     module.zero_grad()
     with distiller.teacher_targets(batch) as teacher:
-        terms = module(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher=teacher,
-                       loss_weights=batch["loss_weights"], position_ids=batch.get("position_ids"))
+        terms = module(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            teacher=teacher,
+            loss_weights=batch["loss_weights"],
+            position_ids=batch.get("position_ids"),
+        )
     sum(terms.values()).backward()
-    return ({k: v.item() for k, v in terms.items()},
-            {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    return (
+        {k: v.item() for k, v in terms.items()},
+        {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None},
+    )
 
 
 def test_first_fit_decreasing_rows_hold_every_example_once_within_capacity():
@@ -56,8 +67,9 @@ def test_rows_grow_past_max_length_only_where_padding_costs_more_than_attention(
 
     lengths = [284, 468, 256, 280]  # a GSM8K chat micro-batch: no two fit in one row of 512
     assert packing_rows(lengths, 512, None) == pack_rows(lengths, 512) == [[1], [0], [3], [2]]
-    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                          head_dim=64)
+    smollm2 = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64
+    )
     assert 1 / 3100 < attention_weight(smollm2) < 1 / 3000
     # A real model's matmuls dwarf attention at these lengths: two balanced rows (724 and 564 tokens, 1,448 cells)
     # instead of four padded to 468 (1,872 cells), and less attention than one row of 1,288.
@@ -70,8 +82,9 @@ def test_rows_grow_past_max_length_only_where_padding_costs_more_than_attention(
 # Each attention kernel that trains on CPU (flex_attention has no CPU backward in torch 2.13; it and flash run in
 # bench/gpu_check.sh): "one" row is the varlen layout (what flash_attention_* get), "several" rows rely on the
 # block-diagonal mask transformers builds from the position ids.
-@pytest.mark.parametrize(("attention", "rows"), [("sdpa", "one"), ("sdpa", "several"), ("eager", "one"),
-                                                 ("eager", "several")])
+@pytest.mark.parametrize(
+    ("attention", "rows"), [("sdpa", "one"), ("sdpa", "several"), ("eager", "one"), ("eager", "several")]
+)
 def test_packed_batch_gives_the_padded_batch_terms_and_gradients(model_dirs, train_file, tmp_path, attention, rows):
     terms = {"forward_kl": 0.5, "reverse_kl": 0.2, "ce": 0.3}
     padded_run = Distiller(config(model_dirs, train_file, tmp_path / "a", False, terms, attention))
@@ -112,8 +125,9 @@ def test_training_with_packing_runs_and_feature_terms_are_refused(model_dirs, tr
 def test_flash_attention_packs_into_one_unpadded_row():
     assert varlen_attention("flash_attention_2") and varlen_attention("flash_attention_3")
     assert not any(varlen_attention(name) for name in ("sdpa", "eager", "flex_attention"))
-    examples = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1)), "sample_id": n}
-                for n in (5, 9, 3)]
+    examples = [
+        {"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1)), "sample_id": n} for n in (5, 9, 3)
+    ]
     packed = collate_packed(examples, 0, 8, varlen=True)
     assert packed["input_ids"].shape == (1, 17) and packed["attention_mask"].all()
     assert packed["position_ids"][0].tolist() == list(range(5)) + list(range(9)) + list(range(3))

@@ -25,8 +25,15 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 
 def config(model_dirs, train_file, out, **overrides) -> TrainConfig:
     tree = {
-        "output_dir": str(out), "max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
-        "save_steps": 1, "save_total_limit": None, "eval_steps": None, "logging_steps": 1, "report_to": ["none"],
+        "output_dir": str(out),
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "save_steps": 1,
+        "save_total_limit": None,
+        "eval_steps": None,
+        "logging_steps": 1,
+        "report_to": ["none"],
         "model": {"teacher": str(model_dirs["teacher"]), "student": str(model_dirs["student"])},
         "data": {"train_file": str(train_file), "eval_fraction": 0.0},
         "loss": {"terms": {"forward_kl": 0.7, "ce": 0.3}},
@@ -40,13 +47,48 @@ def finished_run(model_dirs, train_file, tmp_path_factory):
     """Three steps in one process through launch/single.yaml, a checkpoint after each."""
     out = tmp_path_factory.mktemp("run") / "out"
     result = subprocess.run(
-        ["accelerate", "launch", "--config_file", "launch/single.yaml", "-m", "distill", "train",
-         "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-         "--save_steps", "1", "--save_total_limit", "null", "--eval_steps", "null", "--logging_steps", "1",
-         "--report_to", "[none]", "--model.teacher", str(model_dirs["teacher"]),
-         "--model.student", str(model_dirs["student"]), "--data.train_file", str(train_file),
-         "--data.eval_fraction", "0", "--loss.terms", "{forward_kl: 0.7, ce: 0.3}"],
-        cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+        [
+            "accelerate",
+            "launch",
+            "--config_file",
+            "launch/single.yaml",
+            "-m",
+            "distill",
+            "train",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "1e-3",
+            "--save_steps",
+            "1",
+            "--save_total_limit",
+            "null",
+            "--eval_steps",
+            "null",
+            "--logging_steps",
+            "1",
+            "--report_to",
+            "[none]",
+            "--model.teacher",
+            str(model_dirs["teacher"]),
+            "--model.student",
+            str(model_dirs["student"]),
+            "--data.train_file",
+            str(train_file),
+            "--data.eval_fraction",
+            "0",
+            "--loss.terms",
+            "{forward_kl: 0.7, ce: 0.3}",
+        ],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -56,15 +98,22 @@ def test_checkpoint_is_self_contained(finished_run):
     checkpoint = finished_run / "checkpoint-3"
     assert ckpt.validate(checkpoint) is None
     manifest = json.loads((checkpoint / ckpt.MANIFEST_FILE).read_text())["files"]
-    for name in ("config.yaml", "student/config.json", "student/tokenizer.json", "random_states_0.pkl",
-                 "model.safetensors", "optimizer.bin", "scheduler.bin", ckpt.STATE_FILE):
+    for name in (
+        "config.yaml",
+        "student/config.json",
+        "student/tokenizer.json",
+        "random_states_0.pkl",
+        "model.safetensors",
+        "optimizer.bin",
+        "scheduler.bin",
+        ckpt.STATE_FILE,
+    ):
         assert name in manifest, name
     state = ckpt.read_state(checkpoint)
     assert state["step"] == 3 and state["samples_consumed"] == 12 and state["world_size"] == 1
 
 
-def test_half_written_checkpoint_is_skipped_for_the_previous(finished_run, model_dirs, train_file, tmp_path,
-                                                             caplog):
+def test_half_written_checkpoint_is_skipped_for_the_previous(finished_run, model_dirs, train_file, tmp_path, caplog):
     import shutil
 
     out = tmp_path / "out"
@@ -91,12 +140,18 @@ def test_incompatible_checkpoint_names_what_differs(finished_run, model_dirs, tr
     tiny_llama(len(tokenizer), hidden_size=48, num_layers=2).save_pretrained(wider)
     tokenizer.save_pretrained(wider)
     checkpoint = finished_run / "checkpoint-2"
-    other_model = config(model_dirs, train_file, tmp_path / "a", resume=str(checkpoint),
-                         model={"teacher": str(model_dirs["teacher"]), "student": str(wider)})
+    other_model = config(
+        model_dirs,
+        train_file,
+        tmp_path / "a",
+        resume=str(checkpoint),
+        model={"teacher": str(model_dirs["teacher"]), "student": str(wider)},
+    )
     with pytest.raises(ConfigError, match=r"different student config \(.*hidden_size: checkpoint 32 vs now 48"):
         Distiller(other_model).resume()
-    other_loss = config(model_dirs, train_file, tmp_path / "b", resume=str(checkpoint),
-                        loss={"terms": {"reverse_kl": 1.0}})
+    other_loss = config(
+        model_dirs, train_file, tmp_path / "b", resume=str(checkpoint), loss={"terms": {"reverse_kl": 1.0}}
+    )
     with pytest.raises(ConfigError, match=r"different loss terms \(.*forward_kl: checkpoint 0.7 vs now None"):
         Distiller(other_loss).resume()
     with pytest.raises(ConfigError, match="resume: cannot use checkpoint .*not a directory"):
@@ -125,21 +180,62 @@ def test_export_of_a_single_process_checkpoint_matches_final(finished_run, tmp_p
     from transformers import AutoModelForCausalLM
 
     target = tmp_path / "exported"
-    result = subprocess.run([sys.executable, "-m", "distill", "export", "--checkpoint",
-                             str(finished_run / "checkpoint-3"), "--output-dir", str(target)],
-                            env=ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill",
+            "export",
+            "--checkpoint",
+            str(finished_run / "checkpoint-3"),
+            "--output-dir",
+            str(target),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     exported = AutoModelForCausalLM.from_pretrained(target).state_dict()
     for name, tensor in load_file(str(finished_run / "final" / "model.safetensors")).items():
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
-    half = subprocess.run([sys.executable, "-m", "distill", "export",
-                           "--checkpoint", str(finished_run / "checkpoint-3"),
-                           "--output-dir", str(tmp_path / "bf16"), "--dtype", "bfloat16"],
-                          env=ENV, capture_output=True, text=True, timeout=300)
+    half = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill",
+            "export",
+            "--checkpoint",
+            str(finished_run / "checkpoint-3"),
+            "--output-dir",
+            str(tmp_path / "bf16"),
+            "--dtype",
+            "bfloat16",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert half.returncode == 0, half.stderr[-3000:]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
-    bad = subprocess.run([sys.executable, "-m", "distill", "export", "--checkpoint", str(tmp_path / "missing"),
-                          "--output-dir", str(tmp_path / "y")], env=ENV, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill",
+            "export",
+            "--checkpoint",
+            str(tmp_path / "missing"),
+            "--output-dir",
+            str(tmp_path / "y"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "error: checkpoint: cannot use" in bad.stderr
     assert not (tmp_path / "y").exists()
 
@@ -152,14 +248,52 @@ def test_resume_with_more_processes_continues_at_the_same_sample(finished_run, m
     out.mkdir()
     shutil.copytree(finished_run / "checkpoint-2", out / "checkpoint-2")
     result = subprocess.run(
-        ["accelerate", "launch", "--config_file", "launch/ddp.yaml", "--num_processes", "2", "--main_process_port",
-         str(free_port()), "-m", "distill",
-         "train", "--output_dir", str(out), "--resume", "auto", "--max_steps", "3", "--per_device_train_batch_size",
-         "4", "--learning_rate", "1e-3", "--save_steps", "1", "--eval_steps", "null", "--logging_steps", "1",
-         "--report_to", "[none]", "--model.teacher", str(model_dirs["teacher"]),
-         "--model.student", str(model_dirs["student"]), "--data.train_file", str(train_file),
-         "--data.eval_fraction", "0", "--loss.terms", "{forward_kl: 0.7, ce: 0.3}"],
-        cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+        [
+            "accelerate",
+            "launch",
+            "--config_file",
+            "launch/ddp.yaml",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "distill",
+            "train",
+            "--output_dir",
+            str(out),
+            "--resume",
+            "auto",
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "1e-3",
+            "--save_steps",
+            "1",
+            "--eval_steps",
+            "null",
+            "--logging_steps",
+            "1",
+            "--report_to",
+            "[none]",
+            "--model.teacher",
+            str(model_dirs["teacher"]),
+            "--model.student",
+            str(model_dirs["student"]),
+            "--data.train_file",
+            str(train_file),
+            "--data.eval_fraction",
+            "0",
+            "--loss.terms",
+            "{forward_kl: 0.7, ce: 0.3}",
+        ],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming with 2 processes from a checkpoint written by 1: continuing at epoch 0, sample 8" in result.stderr
@@ -177,8 +311,9 @@ def test_export_of_a_lora_checkpoint_matches_the_trainers_export(model_dirs, tra
     from distill.training.export import export_checkpoint
 
     out = tmp_path / "lora_run"
-    cfg = config(model_dirs, train_file, out, max_steps=2, lora={"enabled": True, "r": 4, "alpha": 8},
-                 lora_export="both")
+    cfg = config(
+        model_dirs, train_file, out, max_steps=2, lora={"enabled": True, "r": 4, "alpha": 8}, lora_export="both"
+    )
     run(cfg)
     ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
     with torch.no_grad():
@@ -201,8 +336,9 @@ def flip_a_byte(path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_checkpoint_corrupted_in_place_is_skipped_and_the_resumed_run_is_exact(finished_run, model_dirs, train_file,
-                                                                               tmp_path, caplog):
+def test_checkpoint_corrupted_in_place_is_skipped_and_the_resumed_run_is_exact(
+    finished_run, model_dirs, train_file, tmp_path, caplog
+):
     import shutil
 
     out = tmp_path / "out"  # the run as it was when stopped after its third checkpoint
@@ -214,8 +350,10 @@ def test_checkpoint_corrupted_in_place_is_skipped_and_the_resumed_run_is_exact(f
     flip_a_byte(out / "checkpoint-3" / "model.safetensors")
     with caplog.at_level(logging.WARNING):
         assert ckpt.find_resume_checkpoint(out) == out / "checkpoint-2"
-    assert (f"skipping invalid checkpoint {out / 'checkpoint-3'}: model.safetensors does not match its xxh3_128 "
-            "hash in manifest.json") in caplog.text
+    assert (
+        f"skipping invalid checkpoint {out / 'checkpoint-3'}: model.safetensors does not match its xxh3_128 "
+        "hash in manifest.json"
+    ) in caplog.text
 
     bad = tmp_path / "bad-checkpoint-3"
     shutil.copytree(out / "checkpoint-3", bad)
@@ -227,25 +365,67 @@ def test_checkpoint_corrupted_in_place_is_skipped_and_the_resumed_run_is_exact(f
 
     # Named explicitly, by `--resume PATH` or `distill export`, the corrupt checkpoint is refused: one line, exit 2.
     train = subprocess.run(
-        [sys.executable, "-m", "distill", "train", "--output_dir", str(tmp_path / "other"), "--max_steps", "3",
-         "--report_to", "[none]", "--model.teacher", str(model_dirs["teacher"]),
-         "--model.student", str(model_dirs["student"]), "--data.train_file", str(train_file),
-         "--data.eval_fraction", "0", "--loss.terms", "{forward_kl: 0.7, ce: 0.3}", "--resume", str(bad)],
-        env=ENV, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "distill",
+            "train",
+            "--output_dir",
+            str(tmp_path / "other"),
+            "--max_steps",
+            "3",
+            "--report_to",
+            "[none]",
+            "--model.teacher",
+            str(model_dirs["teacher"]),
+            "--model.student",
+            str(model_dirs["student"]),
+            "--data.train_file",
+            str(train_file),
+            "--data.eval_fraction",
+            "0",
+            "--loss.terms",
+            "{forward_kl: 0.7, ce: 0.3}",
+            "--resume",
+            str(bad),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    export = subprocess.run([sys.executable, "-m", "distill", "export", "--checkpoint", str(bad), "--output-dir",
-                             str(tmp_path / "exported")], env=ENV, capture_output=True, text=True, timeout=300)
-    for result, prefix in ((train, f"error: resume: cannot use checkpoint {bad}"),
-                           (export, f"error: checkpoint: cannot use {bad}")):
+    export = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill",
+            "export",
+            "--checkpoint",
+            str(bad),
+            "--output-dir",
+            str(tmp_path / "exported"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    for result, prefix in (
+        (train, f"error: resume: cannot use checkpoint {bad}"),
+        (export, f"error: checkpoint: cannot use {bad}"),
+    ):
         assert result.returncode == 2, result.stderr[-3000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert errors == [f"{prefix}: model.safetensors does not match its xxh3_128 hash in manifest.json "
-                          "(corrupted in place; same size)"], result.stderr[-3000:]
+        assert errors == [
+            f"{prefix}: model.safetensors does not match its xxh3_128 hash in manifest.json "
+            "(corrupted in place; same size)"
+        ], result.stderr[-3000:]
     assert not (tmp_path / "exported").exists()
 
 
-def test_checkpoint_of_the_earlier_version_sizes_only_still_resumes(finished_run, model_dirs, train_file, tmp_path,
-                                                                    caplog):
+def test_checkpoint_of_the_earlier_version_sizes_only_still_resumes(
+    finished_run, model_dirs, train_file, tmp_path, caplog
+):
     import shutil
 
     out = tmp_path / "out"
@@ -273,8 +453,16 @@ def test_export_killed_with_sigkill_then_rerun_equals_an_uninterrupted_export(fi
     from tests.conftest import kill_9, tree_digest
 
     target = tmp_path / "exported"
-    command = [sys.executable, "-m", "distill", "export", "--checkpoint", str(finished_run / "checkpoint-3"),
-               "--output-dir", str(target)]
+    command = [
+        sys.executable,
+        "-m",
+        "distill",
+        "export",
+        "--checkpoint",
+        str(finished_run / "checkpoint-3"),
+        "--output-dir",
+        str(target),
+    ]
     reference = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = tree_digest(target)

@@ -74,10 +74,29 @@ def run_cli(args: list[str], launcher: list[str] | None = None, **kwargs) -> sub
 
 def cli_args(model_dirs, train_file, out, *extra: str) -> list[str]:
     return [
-        "--output_dir", str(out), "--max_steps", "3", "--learning_rate", "1e-3", "--logging_steps", "1",
-        "--eval_steps", "null", "--report_to", "[none]", "--model.teacher", str(model_dirs["teacher"]),
-        "--model.student", str(model_dirs["student"]), "--data.train_file", str(train_file),
-        "--data.eval_fraction", "0", "--loss.terms", "{forward_kl: 0.7, ce: 0.3}", *extra,
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "3",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "null",
+        "--report_to",
+        "[none]",
+        "--model.teacher",
+        str(model_dirs["teacher"]),
+        "--model.student",
+        str(model_dirs["student"]),
+        "--data.train_file",
+        str(train_file),
+        "--data.eval_fraction",
+        "0",
+        "--loss.terms",
+        "{forward_kl: 0.7, ce: 0.3}",
+        *extra,
     ]
 
 
@@ -92,8 +111,22 @@ def test_two_process_ddp_matches_one_process(model_dirs, train_file, tmp_path):
     # `--cpu` would pick accelerate's single-process launcher; `--multi_gpu` runs torchrun, which on a machine
     # without CUDA gives 2 CPU processes (gloo).
     # A free port, not torchrun's default 29500, which a launch in the other pytest-xdist worker may hold.
-    launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m"]
+    launcher = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+    ]
     ddp = run_cli(cli_args(model_dirs, train_file, tmp_path / "two", "--per_device_train_batch_size", "4"), launcher)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     state = json.loads((tmp_path / "two" / "checkpoint-3" / "trainer_state.json").read_text())
@@ -121,8 +154,13 @@ def test_sigterm_saves_and_resume_is_exact(model_dirs, train_file, tmp_path):
 
     out = tmp_path / "interrupted"
     args = cli_args(model_dirs, train_file, out, *steps, "--save_steps", "2", "--save_total_limit", "null")
-    process = subprocess.Popen([sys.executable, "-m", "distill", "train", *args], env=slowed_steps(ENV, 0.3),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "distill", "train", *args],
+        env=slowed_steps(ENV, 0.3),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (out / "checkpoint-2").exists():
         assert process.poll() is None and time.time() < deadline, "training ended before the first checkpoint"
@@ -153,13 +191,19 @@ def test_bad_input_exits_2_and_writes_nothing(model_dirs, train_file, tmp_path, 
     cases = [
         (cli_args(model_dirs, train_file, out), "exists and is not empty"),
         (cli_args(model_dirs, train_file, tmp_path / "x", "--max_step", "3"), "did you mean '--max_steps'"),
-        (cli_args(model_dirs, train_file, tmp_path / "x", "--learning_rate", "fast"),
-         "learning_rate: expected a number"),
+        (
+            cli_args(model_dirs, train_file, tmp_path / "x", "--learning_rate", "fast"),
+            "learning_rate: expected a number",
+        ),
         (cli_args(model_dirs, tmp_path / "missing.jsonl", tmp_path / "x"), "data.train_file: file not found"),
-        (cli_args(model_dirs, train_file, tmp_path / "x", "--model.teacher", str(tmp_path)),
-         "model.teacher: expected a model directory"),
-        (cli_args(model_dirs, train_file, tmp_path / "x", "--loss.terms", "{forward_kll: 1}"),
-         "did you mean 'forward_kl'"),
+        (
+            cli_args(model_dirs, train_file, tmp_path / "x", "--model.teacher", str(tmp_path)),
+            "model.teacher: expected a model directory",
+        ),
+        (
+            cli_args(model_dirs, train_file, tmp_path / "x", "--loss.terms", "{forward_kll: 1}"),
+            "did you mean 'forward_kl'",
+        ),
     ]
     # The first case runs as a real process (exit status, stderr); the rest go through the same `run_command`
     # entry point in-process, which is what turns a ConfigError into "error: ..." and status 2.

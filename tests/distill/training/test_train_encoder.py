@@ -31,9 +31,24 @@ def student_dir(minilm_dir, tmp_path_factory) -> Path:
     """The student the config documents: `distill prune` keeping teacher layers 1, 3 and 5."""
     out = tmp_path_factory.mktemp("minilm") / "student"
     result = subprocess.run(
-        [sys.executable, "-m", "distill", "prune", "--model", str(minilm_dir), "--output-dir", str(out),
-         "--depth.method", "explicit", "--depth.drop_layers", "[0, 2, 4]"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "distill",
+            "prune",
+            "--model",
+            str(minilm_dir),
+            "--output-dir",
+            str(out),
+            "--depth.method",
+            "explicit",
+            "--depth.drop_layers",
+            "[0, 2, 4]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -49,12 +64,35 @@ def sentences(tmp_path_factory) -> Path:
 
 def test_minilm_config_trains_an_encoder_student(minilm_dir, student_dir, sentences, tmp_path, capsys):
     out = tmp_path / "run"
-    status = run_command(train_main, [
-        "--config", str(CONFIG), "--model.teacher", str(minilm_dir), "--model.student", str(student_dir),
-        "--data.train_file", str(sentences), "--output_dir", str(out), "--max_steps", "12", "--eval_steps", "6",
-        "--logging_steps", "1", "--per_device_train_batch_size", "8", "--learning_rate", "2e-4",
-        "--data.eval_fraction", "0.25", "--report_to", "[none]",
-    ])
+    status = run_command(
+        train_main,
+        [
+            "--config",
+            str(CONFIG),
+            "--model.teacher",
+            str(minilm_dir),
+            "--model.student",
+            str(student_dir),
+            "--data.train_file",
+            str(sentences),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "12",
+            "--eval_steps",
+            "6",
+            "--logging_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "8",
+            "--learning_rate",
+            "2e-4",
+            "--data.eval_fraction",
+            "0.25",
+            "--report_to",
+            "[none]",
+        ],
+    )
     assert status == 0, capsys.readouterr().err[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/loss" in r]
@@ -74,11 +112,23 @@ def test_minilm_config_trains_an_encoder_student(minilm_dir, student_dir, senten
 
 
 def test_encoder_with_a_logit_term_is_refused(minilm_dir, student_dir, sentences, tmp_path, capsys):
-    status = run_command(train_main, [
-        "--config", str(CONFIG), "--model.teacher", str(minilm_dir), "--model.student", str(student_dir),
-        "--data.train_file", str(sentences), "--output_dir", str(tmp_path / "x"),
-        "--loss.terms", "{forward_kl: 1.0, hidden_mse: 1.0}",
-    ])
+    status = run_command(
+        train_main,
+        [
+            "--config",
+            str(CONFIG),
+            "--model.teacher",
+            str(minilm_dir),
+            "--model.student",
+            str(student_dir),
+            "--data.train_file",
+            str(sentences),
+            "--output_dir",
+            str(tmp_path / "x"),
+            "--loss.terms",
+            "{forward_kl: 1.0, hidden_mse: 1.0}",
+        ],
+    )
     assert status == 2
     assert "has no LM head" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

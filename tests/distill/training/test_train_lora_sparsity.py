@@ -28,8 +28,12 @@ def sparse_student(tmp_path_factory, model_dirs, tokenizer):
 
 def make_config(model_dirs, student, train_file, out, **extra) -> TrainConfig:
     tree = {
-        "output_dir": str(out), "max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
-        "eval_steps": None, "report_to": ["none"],
+        "output_dir": str(out),
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "eval_steps": None,
+        "report_to": ["none"],
         "model": {"teacher": str(model_dirs["teacher"]), "student": str(student)},
         "data": {"train_file": str(train_file), "eval_fraction": 0.0},
         "loss": {"terms": {"forward_kl": 1.0}},
