@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 from data_gen.config import TeacherConfig
 from kd_core.config import ConfigError
 from kd_core.generation import encode_prompt, generate_batched
+from kd_core.remote import FatalError, TransientError, openai_errors, resolve_api_key, split_query
 
 
 @dataclass
@@ -39,57 +39,6 @@ class Completion:
     input_tokens: int
     output_tokens: int
     first_token_s: float | None = None  # seconds from sending to the first token, when the answer was streamed
-
-
-class TransientError(Exception):
-    """A failure worth retrying: 429, 5xx, timeout, connection error, malformed answer."""
-
-    def __init__(self, reason: str, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-class FatalError(Exception):
-    """A failure that retrying cannot fix (bad request, wrong key, unknown model)."""
-
-
-def resolve_api_key(api_key_env: str | None) -> str:
-    """The key from the named environment variable; a dummy key when no variable is configured (no-auth server)."""
-    if api_key_env is None:
-        return "no-key"  # the openai client insists on a non-empty key even when the server ignores it
-    key = os.environ.get(api_key_env)
-    if not key:
-        raise ConfigError(
-            f"teacher.api_key_env: environment variable {api_key_env} is not set "
-            "(export it, or set teacher.api_key_env: null for a server without auth)"
-        )
-    return key
-
-
-def split_query(url: str | None) -> tuple[str | None, dict[str, str]]:
-    """``url`` without its query and fragment, and the query's parameters. The openai client (3.57) appends the
-    endpoint's path to the base URL as a string, so a query left in it (``/v1?api-key=K``) would end up before the
-    path; it goes to ``default_query`` instead, which sends it with every call. A fragment is never sent over HTTP."""
-    if not url or ("?" not in url and "#" not in url):
-        return url, {}
-    from urllib.parse import parse_qsl, urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(query="", fragment="")), dict(parse_qsl(parts.query, keep_blank_values=True))
-
-
-def _retry_after_seconds(headers: Any) -> float | None:
-    """Seconds from ``retry-after-ms`` or ``retry-after`` (numeric form; servers in practice send seconds)."""
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        value = headers.get(name) if headers is not None else None
-        if value is None:
-            continue
-        try:
-            return max(0.0, float(value) * scale)
-        except ValueError:
-            continue
-    return None
 
 
 CONNECTIONS_PER_CLIENT = 8
@@ -132,7 +81,6 @@ class ApiBackend:
     async def complete(
         self, messages: list[dict[str, str]], params: dict[str, Any], on_first_token: Callable[[], None] | None = None
     ) -> Completion:
-        openai = self._openai
         kwargs: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
@@ -148,7 +96,7 @@ class ApiBackend:
         self._next += 1
         started = time.monotonic()
         first_token_s = None
-        try:
+        with openai_errors():
             if self.stream:
                 text, finish_reason, usage, first_token_s = await self._stream(client, kwargs, started, on_first_token)
             else:
@@ -159,21 +107,6 @@ class ApiBackend:
                 # few fields we need ourselves, checking them.
                 response = await client.post("/chat/completions", body=kwargs, cast_to=dict)
                 text, finish_reason, usage = _read_answer(response)
-        except openai.APITimeoutError as err:  # subclass of APIConnectionError: test it first
-            raise TransientError("timeout", f"timed out: {err}") from None
-        except openai.APIConnectionError as err:
-            raise TransientError("connection", f"connection error: {err}") from None
-        except openai.APIStatusError as err:
-            retry_after = _retry_after_seconds(err.response.headers)
-            if err.status_code == 429:
-                raise TransientError("429", f"rate limited: {err.message}", retry_after) from None
-            if err.status_code >= 500 or err.status_code == 408:
-                raise TransientError(f"{err.status_code}", f"server error {err.status_code}", retry_after) from None
-            raise FatalError(f"teacher refused the request (HTTP {err.status_code}): {err.message}") from None
-        except (openai.APIResponseValidationError, ValueError) as err:  # json.JSONDecodeError is a ValueError
-            raise TransientError("malformed", f"malformed answer: {err}") from None
-        except openai.APIError as err:  # an {"error": ...} event in a stream (the other subclasses are caught above)
-            raise TransientError("stream_error", f"error event in the stream: {err.message}") from None
         input_tokens = usage.get("prompt_tokens") or estimate_tokens(messages)
         output_tokens = usage.get("completion_tokens") or estimate_text_tokens(text)
         return Completion(text, finish_reason, int(input_tokens), int(output_tokens), first_token_s)

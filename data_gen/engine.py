@@ -8,7 +8,7 @@ completion order, an async iterator) or :meth:`Engine.map` (results in request o
 2. otherwise reserves its worst-case cost against ``max_cost_usd`` (and stops cleanly when it would not fit),
    waits for the rate limiter (requests and tokens per minute, global ``Retry-After`` pauses) and a concurrency slot
    (an adaptive limit that halves on timeouts, 429/503/504 and signs of queueing at the server, and grows back while
-   answers come in time: :class:`data_gen.limiter.AdaptiveConcurrency`);
+   answers come in time: :class:`kd_core.limiter.AdaptiveConcurrency`);
 3. calls the backend, retrying transient failures with full-jitter exponential backoff; a request still failing
    after ``max_retries`` stops the run with :class:`EngineError` (everything already saved stays saved), whose
    message is scrubbed of the API key and of URL credentials (:meth:`Engine.scrub`) because servers echo them;
@@ -23,7 +23,6 @@ they filter out, which shows up in the progress bar and the summary.
 from __future__ import annotations
 
 import asyncio
-import random
 import signal
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -32,7 +31,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from data_gen.backends import ApiBackend, Completion, FatalError, LocalBackend, TransientError, estimate_tokens
+from data_gen.backends import ApiBackend, Completion, LocalBackend, estimate_tokens
 from data_gen.cache import AnswerCache, cache_key
 from data_gen.calls import (
     BudgetError,  # noqa: F401 (the driver and pipelines import it from here, with the rest of this vocabulary)
@@ -46,13 +45,10 @@ from data_gen.calls import (
     preflight,
 )
 from data_gen.config import TeacherConfig
-from data_gen.limiter import AdaptiveConcurrency, RateLimiter
 from kd_core.commands import INTERRUPTED
+from kd_core.limiter import AdaptiveConcurrency, RateLimiter
 from kd_core.redact import scrub, url_secrets
-
-# Transient failures that mean "too much in flight" and halve the adaptive concurrency limit. A 500, a cut body or
-# a refused connection says nothing about load.
-OVERLOAD_REASONS = frozenset({"timeout", "429", "503", "504", "408"})
+from kd_core.retry import Attempt, RetriesExhausted, RetryPolicy, call_with_retries
 
 
 class Engine:
@@ -304,41 +300,35 @@ class Engine:
         result.cost_usd += cost
         return completion
 
+    def _count_retry(self, reason: str) -> None:
+        self.stats.retries[reason] += 1
+
     async def _call_with_retries(self, request: Request, params: dict[str, Any], est_in: int) -> Completion:
-        last: TransientError | None = None
-        for attempt in range(self.cfg.max_retries + 1):
-            await self.limiter.acquire(est_in + params["max_tokens"])
-            async with self.concurrency.slot() as first_token:
-                sent = time.monotonic()
-                try:
-                    completion = await self.backend.complete(request.messages, params, first_token)
-                    self.limiter.settle(
-                        est_in + params["max_tokens"], completion.input_tokens + completion.output_tokens
-                    )
-                    self.concurrency.on_success(sent, completion.first_token_s)
-                    return completion
-                except FatalError as err:
-                    raise EngineError(self.scrub(f"request {request.id}: {err}")) from None
-                except TransientError as err:
-                    last = err
-                    self.stats.retries[err.reason] += 1
-                    if err.reason in OVERLOAD_REASONS:  # the server has more than it can answer in time
-                        self.concurrency.on_overload(sent)
-            if last.retry_after is not None:
-                # The server said when to come back: pause every worker, not only this one.
-                self.limiter.pause(last.retry_after)
-                delay = last.retry_after
-            else:
-                delay = random.uniform(0, min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2**attempt))
-            if attempt < self.cfg.max_retries:
-                await asyncio.sleep(delay)
-        where = self.cfg.base_url or "the OpenAI API"
-        raise EngineError(
-            self.scrub(
-                f"teacher at {where} failed request {request.id} {self.cfg.max_retries + 1} times "
-                f"(last: {last}); everything saved so far is kept, rerun to resume"
+        async def attempt(first_token) -> Attempt[Completion]:
+            completion = await self.backend.complete(request.messages, params, first_token)
+            used = completion.input_tokens + completion.output_tokens
+            return Attempt(completion, used, completion.first_token_s)
+
+        policy = RetryPolicy(self.cfg.max_retries, self.cfg.backoff_base_s, self.cfg.backoff_max_s)
+        try:
+            return await call_with_retries(
+                attempt,
+                policy=policy,
+                limiter=self.limiter,
+                concurrency=self.concurrency,
+                tokens=est_in + params["max_tokens"],
+                on_retry=self._count_retry,
             )
-        )
+        except RetriesExhausted as err:
+            if err.fatal:
+                raise EngineError(self.scrub(f"request {request.id}: {err}")) from None
+            where = self.cfg.base_url or "the OpenAI API"
+            raise EngineError(
+                self.scrub(
+                    f"teacher at {where} failed request {request.id} {self.cfg.max_retries + 1} times "
+                    f"(last: {err.last}); everything saved so far is kept, rerun to resume"
+                )
+            ) from None
 
     async def aclose(self) -> None:
         self.close_progress()

