@@ -68,7 +68,7 @@ class Distiller:
 
         set_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model, same_vocabulary=not cfg.loss.cross_tokenizer)
-        cross_tokenizer = setup.setup_cross_tokenizer(cfg, self.tokenizer)
+        self.cross_tokenizer = cross_tokenizer = setup.setup_cross_tokenizer(cfg, self.tokenizer)
         self.train_set, eval_set = setup.setup_data(cfg, self.tokenizer, acc.num_processes, cross_tokenizer)
         accuracy_pairs = load_accuracy_set(cfg.accuracy) if cfg.accuracy.file else []
         self.task = resolve_task(cfg.model)
