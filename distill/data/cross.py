@@ -70,6 +70,17 @@ def check_templates(student: PreTrainedTokenizerBase, teacher: PreTrainedTokeniz
         )
 
 
+def check_pair(
+    student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, fields: tuple[str, str], data_format: str
+) -> None:
+    """The two tokenizers of a cross-tokenizer run (``fields`` name where each came from): both give offsets and,
+    unless the data is plain text, they share the chat template (ConfigError otherwise, one line)."""
+    check_offsets(student, fields[0])
+    check_offsets(teacher, fields[1])
+    if data_format != "text":
+        check_templates(student, teacher, fields[1])
+
+
 def chat_messages(record: dict[str, Any], shape: str) -> list[dict[str, Any]]:
     """The conversation a record of a chat-rendered shape is: its messages, or its prompt as the user's turn (and
     its completion as the assistant's). Here, below the data layer, so that

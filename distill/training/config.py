@@ -128,10 +128,10 @@ class TrainConfig:
         from a store precomputed across tokenizers; unpacked."""
         if not self.loss.cross_tokenizer:
             raise ValueError("model.teacher_tokenizer: only used with loss.cross_tokenizer (uld or gold)")
-        if not self.model.teacher or not self.model.student:
+        if not (self.model.teacher or self.loss.teacher_store) or not self.model.student:
             raise ValueError(
-                "loss.cross_tokenizer: needs model.teacher and model.student (a student built from the "
-                "teacher's config shares its tokenizer)"
+                "loss.cross_tokenizer: needs model.student and model.teacher or a loss.teacher_store (a student "
+                "built from the teacher's config shares its tokenizer)"
             )
         if self.on_policy.teacher_fraction > 0:
             raise ValueError(

@@ -75,7 +75,7 @@ class Distiller:
         setup.check_task(cfg, self.task)
         models = setup.setup_models(cfg, self.task, self.tokenizer)
         self.masks, self.packing_weight, self.vocab_size = models.masks, models.packing_weight, models.vocab_size
-        store = setup.setup_store(cfg, self.tokenizer, self.vocab_size, self.train_set)
+        store = setup.setup_store(cfg, self.tokenizer, self.vocab_size, self.train_set, cross_tokenizer)
         module = setup.setup_objective(cfg, models)
         self.stream = BatchStream(
             len(self.train_set), cfg.per_device_train_batch_size, acc.num_processes, acc.process_index, cfg.seed
