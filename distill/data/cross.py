@@ -20,6 +20,10 @@ carried by the next token (``Ġworld``, ``▁world``) or dropped (WordPiece) cha
 counts; byte-fallback pieces of one character align only after the character's last byte; sequences truncated at
 different places align only where both still have the text.
 
+**Sampled completions** (on-policy, :func:`sampled_columns`): the prompt is the dataset's (the teacher's own tokens of
+its rendering, ``teacher_prompt_ids``); the student's sampled tokens are decoded after it with each token's character
+span and encoded by the teacher; offsets then count from the end of the prompt, and positions align by the same rule.
+
 **Matched tokens** (``gold``): :func:`match_vocabularies` pairs the ids whose text is the same in both vocabularies
 and unique within each (text = what the token adds after a plain letter, so ``Ġthe``, ``▁the`` and a WordPiece
 ``the`` are all `` the``); special tokens and partial UTF-8 byte pieces are never matched. When one tokenizer splits
@@ -221,7 +225,8 @@ def sampled_columns(
     """The teacher's ids and the aligned positions of a sampled example (on-policy): its prompt in the teacher's
     own tokens (``teacher_prompt_ids``, from the dataset's rendering, as off-policy), then the completion the
     student wrote, decoded to text (:func:`completion_offsets`) and encoded by the teacher after the prompt (as
-    the prompt/completion path encodes a completion), a final student EOS becoming the teacher's (zero-width).
+    the prompt/completion path encodes a completion), a final student EOS becoming the teacher's (zero-width; another
+    stop token is decoded as its text, which a teacher sharing the chat template reads as its own special token).
     Offsets count from the end of the prompt, which both sides have read at their last prompt position; positions
     align as :func:`align` says. A pure function of the example: a replayed or resumed sample gets the same."""
     ids, n_prompt = list(example["input_ids"]), example["prompt_length"]
@@ -241,7 +246,8 @@ def sampled_columns(
     # Relative lists: entry 0 is the last prompt position (it has read the whole prompt: offset 0).
     counted = [label != IGNORE_LABEL for label in example["labels"][n_prompt - 1 :]]
     student_pos, teacher_pos = [], []
-    if n_prompt and prompt:  # a prompt that is not there (cut to nothing) has no end both sides have read
+    # A prompt cut by max_length (either side) has no end both have read, and leaves no room for a completion.
+    if 0 < n_prompt < max_length and 0 < len(prompt) < max_length:
         student_pos, teacher_pos = align([(0, 0), *student_offsets], [(0, 0), *teacher_offsets], counted)
     return {
         "teacher_input_ids": prompt + teacher_ids,

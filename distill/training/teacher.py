@@ -3,7 +3,8 @@
 ``distill train`` learns from one :class:`TeacherSignal`. :class:`OnlineTeacher` is a frozen model run on each
 micro-batch (replicated, or partitioned by ZeRO-3: it gathers its own head for the logit kernels), on the
 student's tokens or, across tokenizers (``loss.cross_tokenizer``), on its own tokens of the same text;
-:class:`StoreTeacher` looks up ``distill precompute``'s top-k log-probabilities by sample id. ``targets(batch)``
+:class:`StoreTeacher` looks up ``distill precompute``'s top-k log-probabilities by sample id (across tokenizers,
+in the teacher's vocabulary at the aligned positions). ``targets(batch)``
 gives, inside a ``with`` block, the micro-batch's :class:`~distill.losses.objective.TeacherTargets`, which the
 objective asks for divergences without knowing where they come from.
 """

@@ -67,6 +67,9 @@ def test_a_sample_is_re_tokenized_for_the_teacher_with_its_positions_aligned(pai
     assert not inside & set(columns["align_student"])
     # A pure function of the sample: a replayed or resumed sample gets exactly these columns again.
     assert cross.sampled_columns(dict(sampled), student, teacher, 64) == columns
+    # A teacher prompt cut by max_length has not read the whole prompt: nothing aligns (no room for a completion).
+    cut = cross.sampled_columns({**sampled, cross.PROMPT_IDS: teacher_prompt[:6]}, student, teacher, 6)
+    assert cut["align_student"] == cut["align_teacher"] == [] and len(cut["teacher_input_ids"]) == 6
 
 
 @pytest.mark.parametrize("mode", ["uld", "gold"])
