@@ -578,7 +578,55 @@ def cross_other_chat_template(model_dirs, tmp_path):
     return _train_argv(model_dirs, tmp_path, "--model.teacher", str(teacher), "--loss.cross_tokenizer", "uld")
 
 
+ON_POLICY = ("--on_policy.student_fraction", "1.0", "--on_policy.max_new_tokens", "4")
+
+
+def cross_on_policy_slow_teacher_tokenizer(model_dirs, tmp_path):
+    return cross_slow_teacher_tokenizer(model_dirs, tmp_path) + list(ON_POLICY)
+
+
+def cross_on_policy_gold_no_shared_strings(model_dirs, tmp_path):
+    return cross_gold_no_shared_strings(model_dirs, tmp_path) + list(ON_POLICY)
+
+
+def cross_on_policy_other_chat_template(model_dirs, tmp_path):
+    return cross_other_chat_template(model_dirs, tmp_path) + list(ON_POLICY)
+
+
+def _last(argv: list[str], flag: str) -> int:
+    return len(argv) - 1 - argv[::-1].index(flag)
+
+
+def _cross_precompute_argv(argv: list[str], tmp_path: Path) -> list[str]:
+    """`distill precompute` across tokenizers for the teacher (and data) of a cross-tokenizer training argv."""
+    teacher, data = argv[_last(argv, "--model.teacher") + 1], argv[argv.index("--data.train_file") + 1]
+    student = argv[argv.index("--model.student") + 1]
+    return ["--teacher", teacher, "--student_tokenizer", student, "--data.train_file", data, "--data.eval_fraction",
+            "0", "--output_dir", str(tmp_path / "cross_store"), "--k", "4"]  # fmt: skip
+
+
+def cross_precompute_slow_teacher_tokenizer(model_dirs, tmp_path):
+    return _cross_precompute_argv(cross_slow_teacher_tokenizer(model_dirs, tmp_path), tmp_path)
+
+
+def cross_precompute_other_chat_template(model_dirs, tmp_path):
+    return _cross_precompute_argv(cross_other_chat_template(model_dirs, tmp_path), tmp_path)
+
+
+def cross_store_gold_no_shared_strings(model_dirs, tmp_path):
+    """A store precomputed across tokenizers from a teacher that shares no token text with the student, trained
+    with `gold`."""
+    from distill.offline.precompute import main as precompute
+
+    argv = cross_gold_no_shared_strings(model_dirs, tmp_path)
+    assert precompute(_cross_precompute_argv(argv, tmp_path)) == 0
+    teacher = _last(argv, "--model.teacher")  # the other teacher, after _train_argv's
+    return [*argv[:teacher], *argv[teacher + 2 :], "--model.teacher", "null", "--loss.teacher_store",
+            str(tmp_path / "cross_store")]  # fmt: skip
+
+
 TRAIN = "distill.training.train"
+PRECOMPUTE = "distill.offline.precompute"
 CASES = [
     (TRAIN, model_not_json, r"model\.student: .*config\.json is not valid JSON"),
     (TRAIN, model_no_weights, r"model\.student: .*broken_student has no weights \(expected \*\.safetensors"),
@@ -748,6 +796,12 @@ CASES = [
         r"vocabularies .*use uld",
     ),
     (TRAIN, cross_other_chat_template, r"model\.teacher: the teacher's chat template differs from the student's"),
+    (TRAIN, cross_on_policy_slow_teacher_tokenizer, r"model\.teacher: BertTokenizerLegacy is a slow \(Python\)"),
+    (TRAIN, cross_on_policy_gold_no_shared_strings, r"loss\.cross_tokenizer: gold found no token whose text"),
+    (TRAIN, cross_on_policy_other_chat_template, r"model\.teacher: the teacher's chat template differs"),
+    (PRECOMPUTE, cross_precompute_slow_teacher_tokenizer, r"teacher: BertTokenizerLegacy is a slow \(Python\)"),
+    (PRECOMPUTE, cross_precompute_other_chat_template, r"teacher: the teacher's chat template differs from the"),
+    (TRAIN, cross_store_gold_no_shared_strings, r"loss\.cross_tokenizer: gold found no token whose text"),
 ]
 
 

@@ -20,6 +20,10 @@ carried by the next token (``Ġworld``, ``▁world``) or dropped (WordPiece) cha
 counts; byte-fallback pieces of one character align only after the character's last byte; sequences truncated at
 different places align only where both still have the text.
 
+**Sampled completions** (on-policy, :func:`sampled_columns`): the prompt is the dataset's (the teacher's own tokens of
+its rendering, ``teacher_prompt_ids``); the student's sampled tokens are decoded after it with each token's character
+span and encoded by the teacher; offsets then count from the end of the prompt, and positions align by the same rule.
+
 **Matched tokens** (``gold``): :func:`match_vocabularies` pairs the ids whose text is the same in both vocabularies
 and unique within each (text = what the token adds after a plain letter, so ``Ġthe``, ``▁the`` and a WordPiece
 ``the`` are all `` the``); special tokens and partial UTF-8 byte pieces are never matched. When one tokenizer splits
@@ -41,7 +45,10 @@ CROSS_FEATURES = {
     "teacher_input_ids": ("list", "int32"),
     "align_student": ("list", "int32"),
     "align_teacher": ("list", "int32"),
+    "teacher_prompt_ids": ("list", "int32"),
 }
+IGNORE_LABEL = -100  # distill.data.datasets.IGNORE_INDEX (that module imports this one)
+PROMPT_IDS = "teacher_prompt_ids"  # the teacher's tokens of the prompt alone: what on-policy samples continue
 Segments = tuple[list[tuple[str, bool]], bool]  # [(text, add_special_tokens)], whether an EOS follows
 
 
@@ -67,6 +74,17 @@ def check_templates(student: PreTrainedTokenizerBase, teacher: PreTrainedTokeniz
         )
 
 
+def check_pair(
+    student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, fields: tuple[str, str], data_format: str
+) -> None:
+    """The two tokenizers of a cross-tokenizer run (``fields`` name where each came from): both give offsets and,
+    unless the data is plain text, they share the chat template (ConfigError otherwise, one line)."""
+    check_offsets(student, fields[0])
+    check_offsets(teacher, fields[1])
+    if data_format != "text":
+        check_templates(student, teacher, fields[1])
+
+
 def chat_messages(record: dict[str, Any], shape: str) -> list[dict[str, Any]]:
     """The conversation a record of a chat-rendered shape is: its messages, or its prompt as the user's turn (and
     its completion as the assistant's). Here, below the data layer, so that
@@ -90,6 +108,18 @@ def segments(record: dict[str, Any], shape: str, tokenizer: PreTrainedTokenizerB
     prompt_only = messages[-1]["role"] != "assistant"
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt_only)
     return [(text, False)], False
+
+
+def prompt_segments(record: dict[str, Any], shape: str, tokenizer: PreTrainedTokenizerBase) -> Segments | None:
+    """The pieces of the prompt a model is given to write the completion (what ``prompt_length`` counts, the chat
+    template's generation prompt included); None for ``text``, which has no prompt."""
+    if shape == "text":
+        return None
+    if shape == "prompt_completion":
+        return segments({"prompt": record["prompt"]}, "prompt", tokenizer)
+    if shape == "messages" and record["messages"][-1]["role"] == "assistant":
+        return segments({"messages": record["messages"][:-1]}, "messages", tokenizer)
+    return segments(record, shape, tokenizer)
 
 
 def encode(pieces: Segments, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[tuple[int, int]]]:
@@ -155,7 +185,76 @@ def cross_columns(
     teacher_ids, teacher_offsets = encode(pieces, teacher_tokenizer)
     teacher_ids, teacher_offsets = teacher_ids[:max_length], teacher_offsets[:max_length]
     student_pos, teacher_pos = align(offsets[:n], teacher_offsets, counted)
-    return {"teacher_input_ids": teacher_ids, "align_student": student_pos, "align_teacher": teacher_pos}
+    prompt = prompt_segments(record, shape, tokenizer)
+    teacher_prompt = encode(prompt, teacher_tokenizer)[0][:max_length] if prompt is not None else []
+    return {
+        "teacher_input_ids": teacher_ids,
+        "align_student": student_pos,
+        "align_teacher": teacher_pos,
+        PROMPT_IDS: teacher_prompt,
+    }
+
+
+def completion_offsets(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[int], completion: list[int]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The text of sampled ``completion`` tokens as they read after ``prompt`` (so a SentencePiece ``▁`` keeps its
+    space), and each token's character span in it. Decoded incrementally (tokenizers' ``DecodeStream``, one pass):
+    a piece of a UTF-8 character gets a zero-width span until the piece that completes the character."""
+    from tokenizers.decoders import DecodeStream
+
+    backend = tokenizer.backend_tokenizer
+    stream = DecodeStream(skip_special_tokens=False)
+    if prompt:
+        stream.step(backend, list(prompt))  # the context only: its text is not part of the completion
+    pieces, offsets, end = [], [], 0
+    for token in completion:
+        chunk = stream.step(backend, token) or ""
+        pieces.append(chunk)
+        offsets.append((end, end + len(chunk)))
+        end += len(chunk)
+    return "".join(pieces), offsets
+
+
+def sampled_columns(
+    example: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+) -> dict[str, list[int]]:
+    """The teacher's ids and the aligned positions of a sampled example (on-policy): its prompt in the teacher's
+    own tokens (``teacher_prompt_ids``, from the dataset's rendering, as off-policy), then the completion the
+    student wrote, decoded to text (:func:`completion_offsets`) and encoded by the teacher after the prompt (as
+    the prompt/completion path encodes a completion), a final student EOS becoming the teacher's (zero-width; another
+    stop token is decoded as its text, which a teacher sharing the chat template reads as its own special token).
+    Offsets count from the end of the prompt, which both sides have read at their last prompt position; positions
+    align as :func:`align` says. A pure function of the example: a replayed or resumed sample gets the same."""
+    ids, n_prompt = list(example["input_ids"]), example["prompt_length"]
+    completion = ids[n_prompt:]
+    eos = bool(completion) and completion[-1] == tokenizer.eos_token_id
+    text, student_offsets = completion_offsets(tokenizer, ids[:n_prompt], completion[:-1] if eos else completion)
+    encoded = teacher_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    teacher_ids, teacher_offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    if eos:
+        student_offsets.append((len(text), len(text)))
+        if teacher_tokenizer.eos_token_id is not None:
+            teacher_ids.append(teacher_tokenizer.eos_token_id)
+            teacher_offsets.append((len(text), len(text)))
+    prompt = list(example[PROMPT_IDS])
+    room = max(0, max_length - len(prompt))
+    teacher_ids, teacher_offsets = teacher_ids[:room], teacher_offsets[:room]
+    # Relative lists: entry 0 is the last prompt position (it has read the whole prompt: offset 0).
+    counted = [label != IGNORE_LABEL for label in example["labels"][n_prompt - 1 :]]
+    student_pos, teacher_pos = [], []
+    # A prompt cut by max_length (either side) has no end both have read, and leaves no room for a completion.
+    if 0 < n_prompt < max_length and 0 < len(prompt) < max_length:
+        student_pos, teacher_pos = align([(0, 0), *student_offsets], [(0, 0), *teacher_offsets], counted)
+    return {
+        "teacher_input_ids": prompt + teacher_ids,
+        "align_student": [n_prompt - 1 + i for i in student_pos],
+        "align_teacher": [len(prompt) - 1 + j for j in teacher_pos],
+        PROMPT_IDS: prompt,
+    }
 
 
 def token_texts(tokenizer: PreTrainedTokenizerBase) -> dict[int, str]:

@@ -119,6 +119,7 @@ def cache_key(path: Path, tokenizer, settings, teacher_tokenizer=None) -> str:
     }
     if teacher_tokenizer is not None:  # cross-tokenizer distillation: the teacher's tokens are cached too
         key["teacher"] = tokenizer_identity(teacher_tokenizer)
+        key["cross_columns"] = sorted(CROSS_FEATURES)  # a cache from before a column was added is rebuilt
     return checksum.bytes_hash(json.dumps(key, sort_keys=True).encode())
 
 

@@ -86,9 +86,8 @@ class LossSettings:
             self._check_cross_tokenizer()
 
     def _check_cross_tokenizer(self) -> None:
-        """One cross-tokenizer divergence, from an online teacher: the term names the exact part of `gold` (with
-        `uld` every kind would give the same value), and hidden states or a store in the teacher's vocabulary cannot
-        be compared position by position."""
+        """One cross-tokenizer divergence: the term names the exact part of `gold` (with `uld` every kind would give
+        the same value), and hidden states cannot be compared position by position."""
         if self.cross_tokenizer not in ("uld", "gold"):
             raise ValueError(f"cross_tokenizer: expected uld, gold or null, got {self.cross_tokenizer!r}")
         if len(self.logit_terms) != 1:
@@ -100,11 +99,6 @@ class LossSettings:
             raise ValueError(
                 f"cross_tokenizer: feature terms {sorted(self.feature_terms)} compare positions one to "
                 "one and cannot be used across tokenizers"
-            )
-        if self.teacher_store:
-            raise ValueError(
-                "cross_tokenizer: an offline store (loss.teacher_store) is not supported across "
-                "tokenizers yet; use an online model.teacher"
             )
 
     def spec(self, kind: str) -> DivergenceSpec:

@@ -23,8 +23,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.data.cross import check_pair
 from distill.data.datasets import DataSettings, build_datasets, collate
 from distill.data.tokenized import tokenizer_hash, vocab_hash
 from distill.losses.divergences import shared_vocab_size
@@ -38,6 +39,7 @@ from kd_core import checksum, ownership
 from kd_core.commands import EXIT_OK
 from kd_core.config import ConfigError, option, parse_command_line, save_config, section
 from kd_core.pretrained import is_gguf, load_causal_lm
+from kd_core.pretrained import load_tokenizer as load_pretrained_tokenizer
 
 logger = logging.getLogger("distill")
 
@@ -82,6 +84,12 @@ class PrecomputeConfig:
         False,
         help="Start again in an unfinished store made with other settings (its segments are removed); "
         "without it such a store is refused. An unfinished store with the same settings is always resumed.",
+    )
+    student_tokenizer: str = option(
+        "",
+        help="Across tokenizers (loss.cross_tokenizer): the student's model or tokenizer directory. The data is "
+        "tokenized as the student reads it and the store keeps the teacher's top-k in the teacher's own vocabulary "
+        "at the teacher positions aligned with the student's counted ones; empty = the teacher's tokenizer.",
     )
     data: DataSettings = section(DataSettings, help="Training data, exactly as `distill train` will read it.")
 
@@ -257,7 +265,8 @@ def _write_store(cfg: PrecomputeConfig, output: ownership.Output) -> Path:
     state = PartialState(cpu=not torch.cuda.is_available())
     state.wait_for_everyone()
     tokenizer = load_tokenizer(ModelSettings(teacher=cfg.teacher))
-    train_set, _ = build_datasets(cfg.data, tokenizer, cfg.seed)
+    student = student_tokenizer(cfg, tokenizer)
+    train_set, _ = build_datasets(cfg.data, student or tokenizer, cfg.seed, tokenizer if student else None)
     _require_completions(train_set, cfg.data.train_file)
     teacher = _load_teacher(cfg, state.device)
     head = output_head(teacher)  # refuses a family whose head cannot be reproduced, before anything is written
@@ -276,10 +285,12 @@ def _write_store(cfg: PrecomputeConfig, output: ownership.Output) -> Path:
     mine = todo[0][state.process_index :: state.num_processes]
     for number in tqdm(mine, desc="precompute segments", disable=not state.is_main_process):
         span = all_spans[number]
-        segments.write(out, number, span, codec, _span_targets(cfg, teacher, tokenizer, train_set, span, vocab))
+        targets = _span_targets(cfg, teacher, student or tokenizer, train_set, span, vocab)
+        segments.write(out, number, span, codec, targets)
     state.wait_for_everyone()  # every segment is committed
     if state.is_main_process:
-        _finish(cfg, output, tokenizer, codec, [segments.read_record(out, n) for n in range(len(all_spans))])
+        shards = [segments.read_record(out, n) for n in range(len(all_spans))]
+        _finish(cfg, output, tokenizer, codec, shards, student)
     state.wait_for_everyone()
     return out
 
@@ -315,7 +326,8 @@ def _claim(
 def _span_targets(
     cfg: PrecomputeConfig, teacher: PreTrainedModel, tokenizer, train_set, span: range, vocab: int
 ) -> Iterator[segments.Sample]:
-    """The teacher's top-k targets of the span's examples, one sample at a time, computed batch by batch."""
+    """The teacher's top-k targets of the span's examples, one sample at a time, computed batch by batch: at the
+    counted positions, or across tokenizers at the teacher's positions aligned with them (its own tokens)."""
     from accelerate.utils import align_module_device
 
     lm_head = teacher.get_output_embeddings()
@@ -323,29 +335,56 @@ def _span_targets(
         examples = [train_set[i] for i in range(start, min(start + cfg.batch_size, span.stop))]
         batch = collate(examples, tokenizer.pad_token_id)
         device = teacher.get_input_embeddings().weight.device  # a device map's first device
+        prefix = "teacher_" if "cross_pairs" in batch else ""  # across tokenizers: the teacher's own tokens
         hidden = teacher.get_decoder()(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
+            input_ids=batch[f"{prefix}input_ids"].to(device),
+            attention_mask=batch[f"{prefix}attention_mask"].to(device),
             use_cache=False,
         ).last_hidden_state
         # Offloaded by a device map (weights on the meta device), the head is brought in for the batch.
         with align_module_device(lm_head):
             head = output_head(teacher)  # the model's own head (bias, scale, soft-cap), brought in
             hidden = hidden.to(head.weight.device)
-            positions = target_positions(batch["labels"]).to(hidden.device)
+            selected, counts = _stored_rows(batch, hidden)
             ids, values, tails = (
-                t.cpu().numpy()
-                for t in teacher_topk(hidden[positions], head, cfg.k, cfg.temperature, cfg.chunk_size, vocab)
+                t.cpu().numpy() for t in teacher_topk(selected, head, cfg.k, cfg.temperature, cfg.chunk_size, vocab)
             )
         first = 0
-        for example, count in zip(examples, positions.sum(1).tolist()):
+        for example, count in zip(examples, counts):
             rows = slice(first, first + count)
             yield example["sample_id"], ls.sample_fingerprint(example), ids[rows], values[rows], tails[rows]
             first += count
 
 
+def _stored_rows(batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The teacher's hidden states whose top-k is stored, in the store's order (row-major), and how many per row:
+    at the counted positions, or at the teacher positions of the aligned pairs (in the student's order)."""
+    if "cross_pairs" in batch:
+        rows, _, teacher_positions = batch["cross_pairs"].to(hidden.device).unbind(1)
+        return hidden[rows, teacher_positions], torch.bincount(rows, minlength=hidden.shape[0]).tolist()
+    positions = target_positions(batch["labels"]).to(hidden.device)
+    return hidden[positions], positions.sum(1).tolist()
+
+
+def student_tokenizer(cfg: PrecomputeConfig, teacher_tokenizer) -> PreTrainedTokenizerBase | None:
+    """Across tokenizers, the student's tokenizer, checked with the teacher's as ``distill train`` checks them
+    (offsets, chat templates); None for a store in the teacher's tokenizer."""
+    if not cfg.student_tokenizer:
+        return None
+    student = load_pretrained_tokenizer(cfg.student_tokenizer, "student_tokenizer")
+    check_pair(student, teacher_tokenizer, ("student_tokenizer", "teacher"), cfg.data.format)
+    if student.pad_token_id is None:
+        student.pad_token = student.eos_token  # the collator needs an id; padded positions are masked anyway
+    return student
+
+
 def _finish(
-    cfg: PrecomputeConfig, output: ownership.Output, tokenizer, codec: ls.Codec, shards: list[dict[str, Any]]
+    cfg: PrecomputeConfig,
+    output: ownership.Output,
+    tokenizer,
+    codec: ls.Codec,
+    shards: list[dict[str, Any]],
+    student: PreTrainedTokenizerBase | None = None,
 ) -> None:
     """Main process, once every segment is committed: ``store.json`` (the store is trusted from then on)."""
     out = output.path
@@ -367,6 +406,13 @@ def _finish(
         "tokens": sum(s["tokens"] for s in shards),
         "shards": shards,
     }
+    if student is not None:  # across tokenizers: the student the positions were aligned for, and the teacher's
+        meta[ls.STUDENT_KEY] = {
+            "path": cfg.student_tokenizer,
+            "vocab_sha256": vocab_hash(student),
+            "tokenizer_sha256": tokenizer_hash(student),
+        }
+        tokenizer.save_pretrained(out / ls.TEACHER_TOKENIZER_DIR)  # training reads it from the store
     save_config(cfg, out / "precompute_config.yaml")
     ls.write_meta(out, meta)  # the store is complete (and trusted) from here on
     output.finish()

@@ -46,6 +46,9 @@ from kd_core.atomic import atomic_open, atomic_write_json
 from kd_core.config import ConfigError
 
 FORMAT = "distill-topk-v1"
+# A store precomputed across tokenizers (``distill precompute --student_tokenizer``) holds its teacher's tokenizer here
+TEACHER_TOKENIZER_DIR = "teacher_tokenizer"
+STUDENT_KEY = "student_tokenizer"  # store.json: the hashes of the student tokenizer such a store was aligned for
 META_FILE = "store.json"
 # Keys of a shard's entry in store.json (absent in stores written before checksums: those are checked on sizes only)
 DATA_HASH = f"data_{checksum.ALGORITHM}"
@@ -71,11 +74,14 @@ def file_hash(path: str | os.PathLike) -> str:
 
 
 def sample_fingerprint(example: dict[str, Any]) -> int:
-    """64-bit fingerprint of a tokenized example (ids and labels): catches a changed max_length, chat template or
-    masking even when the file itself is unchanged."""
+    """64-bit fingerprint of a tokenized example (ids and labels, and across tokenizers the teacher's ids and the
+    aligned positions): catches a changed max_length, chat template or masking even when the file is unchanged."""
     digest = hashlib.blake2b(digest_size=8)
     digest.update(np.asarray(example["input_ids"], dtype=np.int64).tobytes())
     digest.update(np.asarray(example["labels"], dtype=np.int64).tobytes())
+    for column in ("teacher_input_ids", "align_student", "align_teacher"):  # across tokenizers: the alignment too
+        if column in example:
+            digest.update(np.asarray(example[column], dtype=np.int64).tobytes())
     return int(np.frombuffer(digest.digest(), dtype=np.int64)[0])
 
 
@@ -306,10 +312,16 @@ class LogitStore:
             torch.from_numpy(ids).to(device), torch.from_numpy(logp).to(device), torch.from_numpy(log_tail).to(device)
         )
 
-    def check_compatible(self, tokenizer, vocab_size: int, temperature: float, train_file: str, examples) -> None:
+    def check_compatible(
+        self, tokenizer, vocab_size: int, temperature: float, train_file: str, examples, teacher_tokenizer=None
+    ) -> None:
         """ConfigError naming the store file and what differs, before any training: tokenizer, vocabulary,
-        temperature, dataset file, and every training example's tokens."""
+        temperature, dataset file, and every training example's tokens. ``teacher_tokenizer``: the store must
+        have been precomputed across tokenizers for this student (``tokenizer``), in that teacher's vocabulary
+        (``vocab_size``)."""
         meta_file, meta = self.path / META_FILE, self.meta
+        self._check_cross(tokenizer, teacher_tokenizer)
+        tokenizer = tokenizer if teacher_tokenizer is None else teacher_tokenizer  # the vocabulary stored
         if meta["vocab_sha256"] != vocab_hash(tokenizer):
             raise ConfigError(
                 f"{self.field}: {meta_file} was built with another vocabulary (teacher {meta['teacher']['path']}); "
@@ -349,6 +361,28 @@ class LogitStore:
                     f"{self.field}: training sample {sample_id} tokenizes differently than when {self.path} was built "
                     "(data.max_length, data.format or data.completion_only_loss changed?)"
                 )
+
+    def _check_cross(self, student, teacher_tokenizer) -> None:
+        """A store in the teacher's vocabulary only across tokenizers, for the student it was aligned with."""
+        meta_file, built_for = self.path / META_FILE, self.meta.get(STUDENT_KEY)
+        if teacher_tokenizer is None and built_for is not None:
+            raise ConfigError(
+                f"{self.field}: {meta_file} holds the teacher's top-k in its own vocabulary (precomputed across "
+                "tokenizers); train from it with loss.cross_tokenizer (uld or gold)"
+            )
+        if teacher_tokenizer is None:
+            return
+        if built_for is None:
+            raise ConfigError(
+                f"{self.field}: {meta_file} was not precomputed across tokenizers; with loss.cross_tokenizer "
+                "precompute the store with --student_tokenizer <the student>"
+            )
+        if (built_for["vocab_sha256"], built_for["tokenizer_sha256"]) != (vocab_hash(student), tokenizer_hash(student)):
+            raise ConfigError(
+                f"{self.field}: {meta_file} was aligned for another student tokenizer ({built_for['path']}); "
+                "its positions do not match this student's tokens: precompute it with --student_tokenizer "
+                "<this student>"
+            )
 
 
 def write_meta(directory: Path, meta: dict[str, Any]) -> None:

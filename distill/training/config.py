@@ -124,18 +124,19 @@ class TrainConfig:
             )
 
     def _check_cross_tokenizer(self) -> None:
-        """What cross-tokenizer distillation supports in this version: off-policy on dataset text, unpacked."""
+        """What cross-tokenizer distillation supports: off-policy on dataset text, on the student's samples, and
+        from a store precomputed across tokenizers; unpacked."""
         if not self.loss.cross_tokenizer:
             raise ValueError("model.teacher_tokenizer: only used with loss.cross_tokenizer (uld or gold)")
-        if not self.model.teacher or not self.model.student:
+        if not (self.model.teacher or self.loss.teacher_store) or not self.model.student:
             raise ValueError(
-                "loss.cross_tokenizer: needs model.teacher and model.student (a student built from the "
-                "teacher's config shares its tokenizer)"
+                "loss.cross_tokenizer: needs model.student and model.teacher or a loss.teacher_store (a student "
+                "built from the teacher's config shares its tokenizer)"
             )
-        if self.on_policy.enabled:
+        if self.on_policy.teacher_fraction > 0:
             raise ValueError(
-                "loss.cross_tokenizer: on-policy training across tokenizers is not supported yet; set "
-                "on_policy.student_fraction and teacher_fraction to 0"
+                "on_policy.teacher_fraction: the teacher samples in its own tokens, which the student cannot "
+                "train on token by token; across tokenizers only the student samples (on_policy.student_fraction)"
             )
         if self.data.packing:
             raise ValueError(

@@ -68,14 +68,14 @@ class Distiller:
 
         set_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model, same_vocabulary=not cfg.loss.cross_tokenizer)
-        cross_tokenizer = setup.setup_cross_tokenizer(cfg, self.tokenizer)
+        self.cross_tokenizer = cross_tokenizer = setup.setup_cross_tokenizer(cfg, self.tokenizer)
         self.train_set, eval_set = setup.setup_data(cfg, self.tokenizer, acc.num_processes, cross_tokenizer)
         accuracy_pairs = load_accuracy_set(cfg.accuracy) if cfg.accuracy.file else []
         self.task = resolve_task(cfg.model)
         setup.check_task(cfg, self.task)
         models = setup.setup_models(cfg, self.task, self.tokenizer)
         self.masks, self.packing_weight, self.vocab_size = models.masks, models.packing_weight, models.vocab_size
-        store = setup.setup_store(cfg, self.tokenizer, self.vocab_size, self.train_set)
+        store = setup.setup_store(cfg, self.tokenizer, self.vocab_size, self.train_set, cross_tokenizer)
         module = setup.setup_objective(cfg, models)
         self.stream = BatchStream(
             len(self.train_set), cfg.per_device_train_batch_size, acc.num_processes, acc.process_index, cfg.seed

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from distill.data.cross import PROMPT_IDS
 from distill.data.datasets import IGNORE_INDEX, collate
 from distill.losses.head import output_head
 from distill.losses.logprobs import chunked_token_logprobs
@@ -220,17 +221,18 @@ class Sampler:
         built = []
         for example, prompt, sample in zip(examples, prompts, samples):
             tokens = (prompt + sample.tokens)[:max_length]
-            built.append(
-                {
-                    "input_ids": tokens,
-                    "labels": [IGNORE_INDEX] * len(prompt) + tokens[len(prompt) :],
-                    "sample_id": example["sample_id"],
-                    # `ce` on the student's own samples teaches nothing; on the teacher's it is sequence-level KD.
-                    "loss_weight": 0.0 if source == STUDENT else example.get("loss_weight", 1.0),
-                    "prompt_length": len(prompt),
-                    "has_completion": True,
-                }
-            )
+            written = {
+                "input_ids": tokens,
+                "labels": [IGNORE_INDEX] * len(prompt) + tokens[len(prompt) :],
+                "sample_id": example["sample_id"],
+                # `ce` on the student's own samples teaches nothing; on the teacher's it is sequence-level KD.
+                "loss_weight": 0.0 if source == STUDENT else example.get("loss_weight", 1.0),
+                "prompt_length": len(prompt),
+                "has_completion": True,
+            }
+            if PROMPT_IDS in example:  # across tokenizers: the teacher's tokens of the prompt (replay, resume)
+                written[PROMPT_IDS] = example[PROMPT_IDS]
+            built.append(written)
         new_tokens = [len(b["input_ids"]) - b["prompt_length"] for b in built]
         self.counts[source] += 1
         self.counts["generated_tokens"] += sum(new_tokens)

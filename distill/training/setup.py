@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,7 +27,7 @@ from distill.losses.divergences import shared_vocab_size
 from distill.losses.head import output_head
 from distill.losses.objective import StudentWithObjective
 from distill.losses.registry import Need
-from distill.offline.store import LogitStore
+from distill.offline.store import TEACHER_TOKENIZER_DIR, LogitStore
 from distill.runtime import inner, register_external_parameter
 from distill.student.lora import apply_lora
 from distill.student.models import load_student, load_teacher
@@ -58,12 +59,18 @@ def setup_cross_tokenizer(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) 
     agree, and ``gold`` finds tokens to match. None without ``loss.cross_tokenizer``."""
     if not cfg.loss.cross_tokenizer:
         return None
-    field = "model.teacher_tokenizer" if cfg.model.teacher_tokenizer else "model.teacher"
-    teacher_tokenizer = load_pretrained_tokenizer(cfg.model.teacher_tokenizer or cfg.model.teacher, field)
-    cross.check_offsets(tokenizer, "model.student")
-    cross.check_offsets(teacher_tokenizer, field)
-    if cfg.data.format != "text":
-        cross.check_templates(tokenizer, teacher_tokenizer, field)
+    field, source = "model.teacher", cfg.model.teacher
+    if cfg.model.teacher_tokenizer:
+        field, source = "model.teacher_tokenizer", cfg.model.teacher_tokenizer
+    elif cfg.loss.teacher_store:  # a store precomputed across tokenizers keeps a copy of its teacher's tokenizer
+        field, source = "loss.teacher_store", str(Path(cfg.loss.teacher_store) / TEACHER_TOKENIZER_DIR)
+        if not Path(source).is_dir():
+            raise ConfigError(
+                f"loss.teacher_store: {cfg.loss.teacher_store} holds no {TEACHER_TOKENIZER_DIR}/: it was not "
+                "precomputed across tokenizers (distill precompute --student_tokenizer <the student>)"
+            )
+    teacher_tokenizer = load_pretrained_tokenizer(source, field)
+    cross.check_pair(tokenizer, teacher_tokenizer, ("model.student", field), cfg.data.format)
     if cfg.loss.cross_tokenizer == "uld":
         return CrossTokenizer(teacher_tokenizer, [], [])
     student_ids, teacher_ids = cross.match_vocabularies(tokenizer, teacher_tokenizer, "loss.cross_tokenizer")
@@ -81,6 +88,8 @@ def vocab_match(cross_tokenizer: CrossTokenizer, tokenizer: PreTrainedTokenizerB
     tokenizer has more tokens than its model's head."""
     teacher_tokenizer = cross_tokenizer.tokenizer
     for name, tok, model in (("student", tokenizer, models.student), ("teacher", teacher_tokenizer, models.teacher)):
+        if model is None:  # a store: precompute cropped the teacher's head to its tokenizer
+            continue
         rows = model.get_output_embeddings().weight.shape[0]
         if len(tok) > rows:
             raise ConfigError(
@@ -145,12 +154,20 @@ def setup_models(cfg: TrainConfig, task: str, tokenizer) -> Models:
     return Models(student, teacher, masks, packing_weight, vocab_size)
 
 
-def setup_store(cfg: TrainConfig, tokenizer, vocab_size: int, train_set: TokenizedDataset) -> LogitStore | None:
-    """Offline KD: the top-k teacher targets of ``distill precompute``, checked against this run up front."""
+def setup_store(
+    cfg: TrainConfig, tokenizer, vocab_size: int, train_set: TokenizedDataset, cross_tokenizer: CrossTokenizer | None
+) -> LogitStore | None:
+    """Offline KD: the top-k teacher targets of ``distill precompute``, checked against this run up front (across
+    tokenizers: in the teacher's vocabulary, aligned for this student)."""
     if not cfg.loss.teacher_store:
         return None
     store = LogitStore(cfg.loss.teacher_store)
-    store.check_compatible(tokenizer, vocab_size, cfg.loss.temperature, cfg.data.train_file, train_set)
+    teacher_tokenizer = None if cross_tokenizer is None else cross_tokenizer.tokenizer
+    if teacher_tokenizer is not None:
+        vocab_size = len(teacher_tokenizer)
+    store.check_compatible(
+        tokenizer, vocab_size, cfg.loss.temperature, cfg.data.train_file, train_set, teacher_tokenizer
+    )
     return store
 
 
@@ -211,5 +228,5 @@ def setup_teacher_signal(
     if teacher is not None:
         return OnlineTeacher.prepare(teacher, accelerator, cfg.loss, match)
     if store is not None:
-        return StoreTeacher(store, accelerator.device)
+        return StoreTeacher(store, accelerator.device, match)
     return None

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
+from distill.data import cross
 from distill.data.datasets import collate
 from distill.data.packing import collate_packed, varlen_attention
 from distill.losses.objective import TeacherTargets, step_token_scale, target_labels, target_positions
 from distill.runtime import inner
 from distill.training.on_policy import OFF_POLICY, REPLAY, STUDENT, unwrapped_for_generation
-from distill.training.teacher import TeacherSignal
+from distill.training.teacher import CrossTargets, TeacherSignal
 
 
 def next_micro_batches(run) -> tuple[list[dict[str, torch.Tensor]], list[str], list[dict[str, float]]]:
@@ -36,6 +37,13 @@ def next_micro_batches(run) -> tuple[list[dict[str, torch.Tensor]], list[str], l
                 examples, figures = run.sampler.replay(len(examples))
             elif source != OFF_POLICY:
                 examples, figures = sample(run, examples, source)
+            if source != OFF_POLICY and run.cross_tokenizer is not None:
+                # The teacher's tokens of each sample, recomputed from the sample alone (replayed and resumed
+                # samples get the same): the buffer and checkpoints keep the student's side only.
+                teacher_tokenizer, max_length = run.cross_tokenizer.tokenizer, cfg.data.max_length
+                examples = [
+                    {**e, **cross.sampled_columns(e, run.tokenizer, teacher_tokenizer, max_length)} for e in examples
+                ]
         pad = run.tokenizer.pad_token_id
         if cfg.data.packing:
             batch = collate_packed(
@@ -117,8 +125,8 @@ def training_step(run) -> dict[str, float]:
 def teacher_logprob(teacher, labels: torch.Tensor, chunk_size: int) -> list[tuple[float, int]]:
     """The teacher's summed log-probability of a micro-batch's sampled tokens and their count (logged on logging
     steps; it needs the teacher's logits, so nothing with feature terms only)."""
-    if teacher is None or getattr(teacher, "head", None) is None:
-        return []
+    if teacher is None or getattr(teacher, "head", None) is None or isinstance(teacher, CrossTargets):
+        return []  # across tokenizers the teacher scores its own tokens, not the student's labels
     positions = target_positions(labels)
     targets = target_labels(labels, positions)
     return [(-teacher.label_nll_sum(positions, targets, chunk_size), int(positions.sum()))]

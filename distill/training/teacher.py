@@ -3,7 +3,8 @@
 ``distill train`` learns from one :class:`TeacherSignal`. :class:`OnlineTeacher` is a frozen model run on each
 micro-batch (replicated, or partitioned by ZeRO-3: it gathers its own head for the logit kernels), on the
 student's tokens or, across tokenizers (``loss.cross_tokenizer``), on its own tokens of the same text;
-:class:`StoreTeacher` looks up ``distill precompute``'s top-k log-probabilities by sample id. ``targets(batch)``
+:class:`StoreTeacher` looks up ``distill precompute``'s top-k log-probabilities by sample id (across tokenizers,
+in the teacher's vocabulary at the aligned positions). ``targets(batch)``
 gives, inside a ``with`` block, the micro-batch's :class:`~distill.losses.objective.TeacherTargets`, which the
 objective asks for divergences without knowing where they come from.
 """
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
 from distill.losses.cross import VocabMatch, chunked_cross_divergence
+from distill.losses.cross_topk import chunked_cross_topk_divergence
 from distill.losses.divergences import chunked_cross_entropy_sum, chunked_divergence
 from distill.losses.head import OutputHead, output_head
 from distill.losses.kinds import DivergenceSpec
@@ -117,16 +119,45 @@ class CrossTargets:
         """See :meth:`distill.losses.objective.TeacherTargets.divergence` (cross-tokenizer kernel over the aligned
         pairs; ``student_hidden`` holds the counted ``positions`` in row-major order, so a pair's row in it is the
         number of counted positions before it)."""
-        rows, s_pos, t_pos = self.pairs.unbind(1)
-        counted = positions.reshape(-1)
-        flat = rows * positions.shape[1] + s_pos
-        if not bool(counted[flat].all()):
-            raise ValueError("cross_pairs: an aligned student position is not a counted position")
-        index = (counted.long().cumsum(0) - 1)[flat]
+        rows, _, t_pos = self.pairs.unbind(1)
         teacher_hidden = self.outputs.last_hidden_state[rows, t_pos]
-        return chunked_cross_divergence(
-            student_hidden.index_select(0, index), student_head, teacher_hidden, self.head, spec, self.match
-        )
+        aligned = student_hidden.index_select(0, aligned_rows(self.pairs, positions))
+        return chunked_cross_divergence(aligned, student_head, teacher_hidden, self.head, spec, self.match)
+
+
+def aligned_rows(pairs: Tensor, positions: Tensor) -> Tensor:
+    """Where each aligned pair's student position is among the counted ``positions [B, T]`` (row-major), i.e. its
+    row in ``hidden[positions]``; every aligned position must be a counted one."""
+    rows, s_pos, _ = pairs.unbind(1)
+    counted = positions.reshape(-1)
+    flat = rows * positions.shape[1] + s_pos
+    if not bool(counted[flat].all()):
+        raise ValueError("cross_pairs: an aligned student position is not a counted position")
+    return (counted.long().cumsum(0) - 1)[flat]
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossStoreTargets:
+    """A micro-batch's stored top-k rows in the teacher's vocabulary (``distill precompute --student_tokenizer``),
+    one per aligned pair in the order of ``pairs`` (:func:`distill.data.cross.collate_teacher`)."""
+
+    targets: TopKTargets
+    pairs: Tensor
+    match: VocabMatch
+    outputs: None = None
+
+    def divergence(
+        self,
+        student_hidden: Tensor,
+        student_head: OutputHead,
+        positions: Tensor,
+        spec: DivergenceSpec,
+        vocab_size: int,
+    ) -> Tensor:
+        """See :meth:`distill.losses.objective.TeacherTargets.divergence` (offline cross-tokenizer kernel,
+        :mod:`distill.losses.cross_topk`)."""
+        aligned = student_hidden.index_select(0, aligned_rows(self.pairs, positions))
+        return chunked_cross_topk_divergence(aligned, student_head, self.targets, spec, self.match)
 
 
 class OnlineTeacher(TeacherSignal):
@@ -196,11 +227,16 @@ class OnlineTeacher(TeacherSignal):
 class StoreTeacher(TeacherSignal):
     """Offline distillation: the batch's targets from a top-k store, looked up by sample id (no teacher model)."""
 
-    def __init__(self, store: LogitStore, device: torch.device) -> None:
+    def __init__(self, store: LogitStore, device: torch.device, match: VocabMatch | None = None) -> None:
         self.model = None
         self.store = store
         self.device = device
+        self.match = None if match is None else match.to(device)  # across tokenizers: a store in the teacher's
 
     @contextlib.contextmanager
-    def targets(self, batch: dict[str, Tensor]) -> Iterator[StoreTargets]:
-        yield StoreTargets(self.store.targets(batch["sample_ids"].tolist(), self.device))
+    def targets(self, batch: dict[str, Tensor]) -> Iterator[StoreTargets | CrossStoreTargets]:
+        targets = self.store.targets(batch["sample_ids"].tolist(), self.device)
+        if self.match is None:
+            yield StoreTargets(targets)
+        else:
+            yield CrossStoreTargets(targets, batch["cross_pairs"], self.match)

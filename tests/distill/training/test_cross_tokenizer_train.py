@@ -145,7 +145,7 @@ def test_without_cross_tokenizer_a_mismatch_is_still_refused(pair, tmp_path):
         ({"loss.terms": {"forward_kl": 0.5, "jsd": 0.5}}, r"cross_tokenizer: expected exactly one logit divergence"),
         ({"loss.terms": {"forward_kl": 1.0, "hidden_mse": 1.0}}, r"cross_tokenizer: feature terms"),
         ({"data.packing": True}, r"data\.packing: not supported with loss\.cross_tokenizer"),
-        ({"on_policy.student_fraction": 0.5}, r"loss\.cross_tokenizer: on-policy training across tokenizers"),
+        ({"on_policy.teacher_fraction": 0.5}, r"on_policy\.teacher_fraction: the teacher samples in its own"),
         ({"loss.cross_tokenizer": None, "model.teacher_tokenizer": "x"}, r"model\.teacher_tokenizer: only used with"),
     ],
 )
