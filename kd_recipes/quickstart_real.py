@@ -31,17 +31,8 @@ from typing import Any
 from kd_recipes import quickstart_real_stages as real
 from kd_recipes.quickstart_config import QuickstartConfig
 from kd_recipes.quickstart_stages import train_stage
+from kd_recipes.report_real import MODELS
 
-# The compared models, in report order: (name, directory under output_dir, what it is).
-MODELS = [
-    ("teacher", "teacher", "SmolLM2-135M-Instruct, the original teacher"),
-    ("teacher_corrected", "teacher_corrected/final", "teacher after correction (CE on the gold rows)"),
-    ("pruned", "student_init", "pruned teacher, before any training"),
-    ("gold", "students/gold/final", "pruned student, CE on the gold GSM8K rationales"),
-    ("teacher_text", "students/teacher_text/final", "pruned student, CE on the teacher's text"),
-    ("distilled", "students/distilled/final", "pruned student distilled from the corrected teacher (recipe)"),
-    ("on_policy", "students/on_policy/final", "the best of those three continued on-policy"),
-]
 STUDENTS = ("gold", "teacher_text", "distilled")
 
 

@@ -80,8 +80,7 @@ def train_stage(
     """``distill train`` in-process, resumable; skipped when the stage already finished. Returns ``final/``.
     ``batch_size`` (default ``cfg.batch_size``) is smaller only when the teacher kept fewer rationales than that;
     ``on_policy`` makes the student (or teacher) sample the completions; ``learning_rate`` defaults to
-    ``cfg.learning_rate``; ``eval_steps`` to a quarter of ``steps``. A ``teacher`` with ``ce`` alone is only used
-    for the held-out KL the run logs."""
+    ``cfg.learning_rate``; ``eval_steps`` to a quarter of ``steps``. A ``teacher`` with ``ce`` alone serves the eval."""
     from distill.training import train
     from distill.training.config import training_config
 

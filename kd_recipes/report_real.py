@@ -14,6 +14,17 @@ from typing import Any
 
 from kd_core.atomic import atomic_write_json, atomic_write_text
 
+# The compared models, in report order: (name, directory under output_dir, what it is).
+MODELS = [
+    ("teacher", "teacher", "SmolLM2-135M-Instruct, the original teacher"),
+    ("teacher_corrected", "teacher_corrected/final", "teacher after correction (CE on the gold rows)"),
+    ("pruned", "student_init", "pruned teacher, before any training"),
+    ("gold", "students/gold/final", "pruned student, CE on the gold GSM8K rationales"),
+    ("teacher_text", "students/teacher_text/final", "pruned student, CE on the teacher's text"),
+    ("distilled", "students/distilled/final", "pruned student distilled from the corrected teacher (recipe)"),
+    ("on_policy", "students/on_policy/final", "the best of those three continued on-policy"),
+]
+
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
@@ -96,8 +107,6 @@ def verdict(results: dict[str, dict[str, Any]], best: str) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    from kd_recipes.quickstart_real import MODELS
-
     results, cot, config = report["results"], report["cot"], report["config"]
     records = (results["teacher"]["gsm8k"]["tokens"], results["teacher"]["general"]["tokens"])
     lines = [
