@@ -75,6 +75,8 @@ OUTPUT = ownership.OutputKind(
         "data",
         "teacher_init",
         "teacher",
+        "teacher_corrected",
+        "answers",
         "cot",
         "student_init",
         "prune_cache",
@@ -161,6 +163,11 @@ class QuickstartResult:
 
 def run(cfg: QuickstartConfig) -> QuickstartResult:
     """Every stage of the module docstring (skipping finished ones, resuming an interrupted one) and the report."""
+    if cfg.real.teacher is not None:
+        from kd_recipes.quickstart_real_stages import check_shipped_sizes, teacher_gguf
+
+        teacher_gguf(cfg)  # a missing model package is refused before anything is written
+        check_shipped_sizes(cfg)
     try:
         return QuickstartResult(Path(cfg.output_dir), run_stages(cfg))
     except Stopped as stop:  # everything done is saved; rerunning the same command continues the stage
@@ -178,6 +185,10 @@ def _stages(cfg: QuickstartConfig, root: Path) -> dict[str, Any]:
     print(f"quickstart: writing to {root.resolve()}")
     timings = json.loads((root / "timings.json").read_text()) if (root / "timings.json").exists() else {}
     timed = _timer(root, timings)
+    if cfg.real.teacher is not None:
+        from kd_recipes.quickstart_real import stages
+
+        return stages(cfg, root, timed, timings)
     data = root / "data"
     teacher = _teacher(cfg, root, timed)
     print("quickstart: [3/8] teacher rationales (data-gen cot, local backend)")

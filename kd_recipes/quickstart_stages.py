@@ -73,11 +73,14 @@ def train_stage(
     batch_size: int | None = None,
     on_policy: OnPolicySettings | None = None,
     learning_rate: float | None = None,
+    max_length: int = 128,
+    eval_steps: int | None = None,
+    eval_batch_size: int = 64,
 ) -> Path:
     """``distill train`` in-process, resumable; skipped when the stage already finished. Returns ``final/``.
     ``batch_size`` (default ``cfg.batch_size``) is smaller only when the teacher kept fewer rationales than that;
     ``on_policy`` makes the student (or teacher) sample the completions; ``learning_rate`` defaults to
-    ``cfg.learning_rate``."""
+    ``cfg.learning_rate``; ``eval_steps`` to a quarter of ``steps``. A ``teacher`` with ``ce`` alone serves the eval."""
     from distill.training import train
     from distill.training.config import training_config
 
@@ -92,19 +95,19 @@ def train_stage(
         eval_file=str(eval_file),
         output_dir=str(out),
         loss_terms=terms,
-        max_length=128,
+        max_length=max_length,
         # Packed rows (no padding) wherever the terms allow: same loss, fewer tokens run.
         packing=not loss.feature_terms,
         resume="auto",  # a rerun after an interruption continues the stage from its last checkpoint
         max_steps=steps,
         per_device_train_batch_size=batch_size or cfg.batch_size,
-        per_device_eval_batch_size=64,
+        per_device_eval_batch_size=eval_batch_size,
         learning_rate=learning_rate or cfg.learning_rate,
         warmup_steps=max(1, steps // 20),
         lr_scheduler_type="cosine",
         save_steps=max(1, steps // 4),
         save_total_limit=1,
-        eval_steps=max(1, steps // 4),
+        eval_steps=eval_steps or max(1, steps // 4),
         logging_steps=max(1, steps // 50),
         seed=cfg.seed,
         report_to=("tensorboard",),
