@@ -96,7 +96,7 @@ class PromptScorer:
     ) -> None:
         import openai
 
-        # The HTTP client logs every request's URL at INFO (httpx2 2.16, under openai 3.60): with credentials in it.
+        # The HTTP client logs every request's URL at INFO (httpx2 2.16, under openai 3.57): with credentials in it.
         for name in ("httpx", "httpx2"):
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
         base_url, query = split_query(url)
