@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import numpy as np
+import torch
 from tqdm.auto import tqdm
 
+from distill.losses.objective import target_positions
 from distill.offline import segments
 from distill.offline.store import Codec, sample_fingerprint
 from kd_core.commands import Stopped
@@ -198,9 +199,8 @@ class _Run:
         """Scores one row and journals it; a failure is recorded (the first one wins) for the caller to report."""
         example = self.train_set[position]
         ids = list(example["input_ids"])
-        labels = np.asarray(example["labels"])
-        counted = np.zeros(len(ids), dtype=bool)  # as distill.losses.objective.target_positions: shifted by one
-        counted[:-1] = labels[1:] != -100
+        # The positions whose next token is counted: those the local teacher's hidden states are taken at.
+        counted = target_positions(torch.as_tensor([example["labels"]]))[0].numpy()
         where = f"row {position} (sample {example['sample_id']})"
         reservation = self.budget.reserve(len(ids), 1)
         if reservation is None:
