@@ -49,6 +49,7 @@ from kd_core.commands import INTERRUPTED
 from kd_core.limiter import AdaptiveConcurrency, RateLimiter
 from kd_core.redact import scrub, url_secrets
 from kd_core.retry import Attempt, RetriesExhausted, RetryPolicy, call_with_retries
+from kd_core.served_limits import Budget
 
 
 class Engine:
@@ -69,18 +70,18 @@ class Engine:
             adaptive=cfg.adaptive_concurrency and cfg.backend == "api",
             latency_factor=cfg.queue_latency_factor,
         )
-        self._reserved_usd = 0.0
         self._bar: tqdm | None = None
         self._started = time.time()
         self.rank, self.world = _process_rank()
         # Each process of a sharded run gets an equal share of the budget, so the total cap holds without a
         # cross-process lock on every call.
-        self.budget_usd = None if cfg.max_cost_usd is None else cfg.max_cost_usd / self.world
+        share = None if cfg.max_cost_usd is None else cfg.max_cost_usd / self.world
+        self.budget = Budget(cfg.price_input_per_m, cfg.price_output_per_m, share)
         self.secrets = teacher_secrets(cfg)
 
     # ---------------------------------------------------------------------------------------------- cost
     def cost(self, input_tokens: int, output_tokens: int) -> float:
-        return (input_tokens * self.cfg.price_input_per_m + output_tokens * self.cfg.price_output_per_m) / 1e6
+        return self.budget.cost(input_tokens, output_tokens)
 
     def params_for(self, request: Request) -> dict[str, Any]:
         d = self.cfg.decoding
@@ -274,22 +275,21 @@ class Engine:
             return Completion(hit.text, hit.finish_reason, hit.input_tokens, hit.output_tokens)
         result.cached = False
         est_in = estimate_tokens(request.messages)
-        reservation = self.cost(est_in, params["max_tokens"])
         if self.stopped is not None:
             return None
-        if self.budget_usd is not None and self.stats.cost_usd + self._reserved_usd + reservation > self.budget_usd:
+        reservation = self.budget.reserve(est_in, params["max_tokens"])
+        if reservation is None:
             self.stop("budget")
             return None
-        self._reserved_usd += reservation
         try:
             completion = await self._call_with_retries(request, params, est_in)
         finally:
-            self._reserved_usd -= reservation
+            self.budget.release(reservation)
         # The answer is paid for: persist it before anything can go wrong downstream.
         self.cache.put(
             key, completion.text, completion.finish_reason, completion.input_tokens, completion.output_tokens
         )
-        cost = self.cost(completion.input_tokens, completion.output_tokens)
+        cost = self.budget.charge(completion.input_tokens, completion.output_tokens)
         self.stats.calls += 1
         self.stats.input_tokens += completion.input_tokens
         self.stats.output_tokens += completion.output_tokens

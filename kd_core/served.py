@@ -15,6 +15,7 @@ tokenizes as the trainer's tokenizer does before any row is scored: the ids it i
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,6 +96,9 @@ class PromptScorer:
     ) -> None:
         import openai
 
+        # The HTTP client logs every request's URL at INFO (httpx2 2.16, under openai 3.57): with credentials in it.
+        for name in ("httpx", "httpx2"):
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
         base_url, query = split_query(url)
         self.model = model
         self.field = field

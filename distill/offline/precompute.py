@@ -16,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,99 +27,22 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.data.cross import check_pair
-from distill.data.datasets import DataSettings, build_datasets, collate
+from distill.data.datasets import build_datasets, collate
 from distill.data.tokenized import tokenizer_hash, vocab_hash
 from distill.losses.divergences import shared_vocab_size
 from distill.losses.head import OutputHead, as_head, output_head
-from distill.losses.kinds import CHUNK_SIZE
 from distill.losses.objective import target_positions
-from distill.offline import segments
+from distill.offline import segments, served
 from distill.offline import store as ls
+from distill.offline.precompute_config import PrecomputeConfig
 from distill.student.models import DTYPES, ModelSettings, load_teacher, load_tokenizer, require_model_dir
 from kd_core import checksum, ownership
-from kd_core.commands import EXIT_OK
-from kd_core.config import ConfigError, option, parse_command_line, save_config, section
+from kd_core.commands import EXIT_OK, Stopped, stop_code
+from kd_core.config import ConfigError, parse_command_line, save_config
 from kd_core.pretrained import is_gguf, load_causal_lm
 from kd_core.pretrained import load_tokenizer as load_pretrained_tokenizer
 
 logger = logging.getLogger("distill")
-
-
-DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
-
-
-@dataclasses.dataclass
-class PrecomputeConfig:
-    teacher: str = option(
-        "", help="Teacher model directory (anything AutoModelForCausalLM.from_pretrained loads) or .gguf file."
-    )
-    output_dir: str = option("", help="New (or empty) directory for the store.")
-    k: int = option(64, help="Token ids (and log-probabilities) kept per counted token.")
-    temperature: float = option(1.0, help="Softmax temperature of the stored log-probabilities (= loss.temperature).")
-    value_bits: int = option(8, help="Bits per stored log-probability (2..16): 8 keeps them within 0.03 nats.")
-    value_range: float = option(16.0, help="Log-probabilities below -value_range are stored as -value_range.")
-    batch_size: int = option(8, help="Sequences per teacher forward.")
-    chunk_size: int = option(CHUNK_SIZE, help="Tokens per chunk when projecting hidden states to logits.")
-    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto",
-        help="Teacher weights dtype; `auto` = bfloat16 on a CUDA GPU that supports it, else float32 (bf16 "
-        "matmuls are slow on most CPUs).",
-    )
-    teacher_device_map: str = option(
-        "",
-        help="Shard one teacher over this process's devices: `auto`, `balanced`, `balanced_low_0` or "
-        "`sequential` (transformers' device_map); empty = the whole teacher on this process's device.",
-    )
-    teacher_max_memory: dict[str, str] = option(
-        {}, help="With teacher_device_map: memory per device, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}."
-    )
-    teacher_offload_dir: str = option(
-        "", help="With teacher_device_map: directory for the weights that fit on no device (slow; disk offload)."
-    )
-    attn_implementation: Literal["sdpa", "eager"] = option("sdpa", help="Teacher attention kernel.")
-    seed: int = option(42, help="The training seed: it picks the held-out split, so it must match `distill train`.")
-    segment_samples: int = option(
-        1024, help="Examples per committed segment: a killed run loses at most one segment per process."
-    )
-    overwrite: bool = option(
-        False,
-        help="Start again in an unfinished store made with other settings (its segments are removed); "
-        "without it such a store is refused. An unfinished store with the same settings is always resumed.",
-    )
-    student_tokenizer: str = option(
-        "",
-        help="Across tokenizers (loss.cross_tokenizer): the student's model or tokenizer directory. The data is "
-        "tokenized as the student reads it and the store keeps the teacher's top-k in the teacher's own vocabulary "
-        "at the teacher positions aligned with the student's counted ones; empty = the teacher's tokenizer.",
-    )
-    data: DataSettings = section(DataSettings, help="Training data, exactly as `distill train` will read it.")
-
-    def __post_init__(self) -> None:
-        if not self.teacher:
-            raise ValueError("teacher: a teacher model directory is required")
-        if not self.output_dir:
-            raise ValueError("output_dir: a directory for the store is required")
-        if not self.data.train_file:
-            raise ValueError("data.train_file: a training dataset is required")
-        if self.k < 1:
-            raise ValueError(f"k: expected >= 1, got {self.k}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: expected > 0, got {self.temperature}")
-        if not 2 <= self.value_bits <= 16:
-            raise ValueError(f"value_bits: expected 2..16, got {self.value_bits}")
-        if self.value_range <= 0:
-            raise ValueError(f"value_range: expected > 0, got {self.value_range}")
-        if self.batch_size < 1 or self.chunk_size < 1:
-            raise ValueError("batch_size and chunk_size must be >= 1")
-        if self.segment_samples < 1:
-            raise ValueError(f"segment_samples: expected >= 1, got {self.segment_samples}")
-        if self.teacher_device_map not in DEVICE_MAPS:
-            raise ValueError(
-                f"teacher_device_map: expected one of {', '.join(map(repr, DEVICE_MAPS))}, got "
-                f"{self.teacher_device_map!r}"
-            )
-        if (self.teacher_max_memory or self.teacher_offload_dir) and not self.teacher_device_map:
-            raise ValueError("teacher_device_map: teacher_max_memory and teacher_offload_dir need a device map (auto)")
 
 
 @torch.no_grad()
@@ -186,21 +110,47 @@ def store_settings(cfg: PrecomputeConfig) -> dict[str, Any]:
     """What a resumed run must share with the run that committed the segments, recorded in the directory's marker:
     everything that changes a stored byte. Not the process count (segments do not depend on it), nor where the
     teacher's layers sit (``teacher_device_map``: a teacher that did not fit may be sharded on the rerun)."""
+    # How a served teacher is reached and paid (limits, budget, key) changes no byte either; its URL is recorded as
+    # host/model only, since the settings are saved in the directory's marker and may hold no credential.
     placement = ("output_dir", "overwrite", "teacher_device_map", "teacher_max_memory", "teacher_offload_dir")
+    placement += ("served", "teacher_api_key_env", "teacher_url")
     settings = {key: value for key, value in dataclasses.asdict(cfg).items() if key not in placement}
-    settings.update(
-        teacher_dtype=teacher_dtype(cfg),
-        teacher_identity=teacher_identity(cfg.teacher),
-        dataset_sha256=ls.file_hash(cfg.data.train_file),
-    )
+    settings["dataset_sha256"] = ls.file_hash(cfg.data.train_file)
+    if cfg.teacher_url:
+        settings["teacher_identity"] = {"served": served.served_identity(cfg.teacher_url, cfg.teacher_model)}
+    else:
+        settings.update(teacher_dtype=teacher_dtype(cfg), teacher_identity=teacher_identity(cfg.teacher))
     return settings
+
+
+def teacher_record(cfg: PrecomputeConfig) -> dict[str, Any]:
+    """The store's ``teacher`` entry: a local teacher's path, identity and dtype, or a served one's host/model."""
+    if cfg.teacher_url:
+        return {"path": served.served_identity(cfg.teacher_url, cfg.teacher_model), "served": cfg.teacher_model}
+    return {"path": str(cfg.teacher), **teacher_identity(cfg.teacher), "dtype": teacher_dtype(cfg)}
+
+
+def run_tokenizer(cfg: PrecomputeConfig):
+    """The tokenizer the rows are tokenized with: the local teacher's, or (served teacher) the student's."""
+    if not cfg.teacher_url:
+        return load_tokenizer(ModelSettings(teacher=cfg.teacher))
+    tokenizer = load_pretrained_tokenizer(cfg.student_tokenizer, "student_tokenizer")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as distill.student.models.load_tokenizer: collation needs an id
+    return tokenizer
 
 
 def run(cfg: PrecomputeConfig) -> Path:
     """Writes the store into ``cfg.output_dir`` (every process its segments, the main one ``store.json`` last);
     returns the store directory. The main process holds the directory's lock throughout (:mod:`kd_core.ownership`).
     """
-    require_model_dir(cfg.teacher, "teacher")
+    if cfg.teacher_url:
+        # One process drives a served teacher (its calls run concurrently); several would score every row twice.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("teacher_url: run a served teacher's precompute as one process (no accelerate launch)")
+        served.probe(cfg, run_tokenizer(cfg))  # before anything is written: reachable, same tokenizer, k answered
+    else:
+        require_model_dir(cfg.teacher, "teacher")
     if cfg.teacher_device_map and is_gguf(cfg.teacher):
         raise ConfigError(
             "teacher_device_map: a .gguf teacher is dequantized on one device; save it as a model "
@@ -264,14 +214,20 @@ def _write_store(cfg: PrecomputeConfig, output: ownership.Output) -> Path:
     # `--multi_gpu --num_processes N` (torchrun), as docs/offline.md shows.
     state = PartialState(cpu=not torch.cuda.is_available())
     state.wait_for_everyone()
-    tokenizer = load_tokenizer(ModelSettings(teacher=cfg.teacher))
-    student = student_tokenizer(cfg, tokenizer)
+    if cfg.teacher_url:
+        tokenizer, student = run_tokenizer(cfg), None
+    else:
+        tokenizer = load_tokenizer(ModelSettings(teacher=cfg.teacher))
+        student = student_tokenizer(cfg, tokenizer)
     train_set, _ = build_datasets(cfg.data, student or tokenizer, cfg.seed, tokenizer if student else None)
     _require_completions(train_set, cfg.data.train_file)
-    teacher = _load_teacher(cfg, state.device)
-    head = output_head(teacher)  # refuses a family whose head cannot be reproduced, before anything is written
-    head_rows = head.weight.shape[0]
-    vocab = shared_vocab_size(head_rows, head_rows, len(tokenizer))
+    if cfg.teacher_url:
+        teacher, vocab = None, len(tokenizer)  # the server's ids are checked against it row by row
+    else:
+        teacher = _load_teacher(cfg, state.device)
+        head = output_head(teacher)  # refuses a family whose head cannot be reproduced, before anything is written
+        head_rows = head.weight.shape[0]
+        vocab = shared_vocab_size(head_rows, head_rows, len(tokenizer))
     if cfg.k > vocab:
         raise ConfigError(f"k: {cfg.k} is larger than the vocabulary ({vocab} tokens)")
     codec = ls.Codec(vocab, cfg.k, cfg.value_bits, cfg.value_range)
@@ -283,10 +239,13 @@ def _write_store(cfg: PrecomputeConfig, output: ownership.Output) -> Path:
         todo[0] = _claim(cfg, output, train_set, all_spans, codec)
     broadcast_object_list(todo, from_process=0)
     mine = todo[0][state.process_index :: state.num_processes]
-    for number in tqdm(mine, desc="precompute segments", disable=not state.is_main_process):
-        span = all_spans[number]
-        targets = _span_targets(cfg, teacher, student or tokenizer, train_set, span, vocab)
-        segments.write(out, number, span, codec, targets)
+    if cfg.teacher_url:
+        served.write_segments(cfg, out, train_set, all_spans, mine, codec)
+    else:
+        for number in tqdm(mine, desc="precompute segments", disable=not state.is_main_process):
+            span = all_spans[number]
+            targets = _span_targets(cfg, teacher, student or tokenizer, train_set, span, vocab)
+            segments.write(out, number, span, codec, targets)
     state.wait_for_everyone()  # every segment is committed
     if state.is_main_process:
         shards = [segments.read_record(out, n) for n in range(len(all_spans))]
@@ -393,7 +352,7 @@ def _finish(
         "codec": dataclasses.asdict(codec),
         "record_bytes": codec.record_bytes,
         "temperature": cfg.temperature,
-        "teacher": {"path": str(cfg.teacher), **teacher_identity(cfg.teacher), "dtype": teacher_dtype(cfg)},
+        "teacher": teacher_record(cfg),
         "vocab_sha256": vocab_hash(tokenizer),
         "tokenizer_sha256": tokenizer_hash(tokenizer),
         "dataset": {
@@ -427,5 +386,9 @@ Config = PrecomputeConfig
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_command_line(PrecomputeConfig, argv, "distill precompute", __doc__)
-    run(cfg)
+    try:
+        run(cfg)
+    except Stopped as stop:  # a served teacher's budget or server stopped the run: resumable, nothing lost
+        print(stop.message, file=sys.stderr, flush=True)
+        return stop_code(stop.reason)
     return EXIT_OK

@@ -48,16 +48,27 @@ def spans(count: int, size: int) -> list[range]:
 def write(directory: Path, number: int, span: range, codec: Codec, samples: Iterable[Sample]) -> dict[str, Any]:
     """Encodes ``samples`` (the span's examples, in order) into segment ``number`` and commits it; returns its
     record. Memory stays one batch: records go to the data file as they come, only the index is kept."""
+    encoded = (
+        (sample_id, fingerprint, ids.shape[0], codec.encode(ids, logp, log_tail).tobytes())
+        for sample_id, fingerprint, ids, logp, log_tail in samples
+    )
+    return write_encoded(directory, number, span, codec, encoded)
+
+
+def write_encoded(
+    directory: Path, number: int, span: range, codec: Codec, rows: Iterable[tuple[int, int, int, bytes]]
+) -> dict[str, Any]:
+    """Commits segment ``number`` from already encoded samples (sample_id, fingerprint, tokens, record bytes), in
+    the span's order: a served teacher's rows arrive encoded in their journal (:mod:`distill.offline.served`)."""
     data_name, index_name, record_name = names(number)
     index: list[tuple[int, int, int, int]] = []
-    rows, digest = 0, checksum.hasher()
+    rows_written, digest = 0, checksum.hasher()
     with atomic_open(directory / data_name, "wb") as handle:
-        for sample_id, fingerprint, ids, logp, log_tail in samples:
-            data = codec.encode(ids, logp, log_tail).tobytes()
+        for sample_id, fingerprint, tokens, data in rows:
             handle.write(data)
             digest.update(data)
-            index.append((sample_id, rows, ids.shape[0], fingerprint))
-            rows += ids.shape[0]
+            index.append((sample_id, rows_written, tokens, fingerprint))
+            rows_written += tokens
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(index, dtype=np.int64).reshape(-1, 4))
     atomic_write_bytes(directory / index_name, buffer.getvalue())
@@ -67,8 +78,8 @@ def write(directory: Path, number: int, span: range, codec: Codec, samples: Iter
         "first": span.start,
         "stop": span.stop,
         "samples": len(index),
-        "tokens": rows,
-        "bytes": rows * codec.record_bytes,
+        "tokens": rows_written,
+        "bytes": rows_written * codec.record_bytes,
         DATA_HASH: digest.hexdigest(),
         INDEX_HASH: checksum.bytes_hash(buffer.getvalue()),
     }
