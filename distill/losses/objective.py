@@ -59,6 +59,12 @@ class LossSettings:
         help="Offline distillation: a store written by `distill precompute`; logit terms then use its top-k "
         "teacher log-probabilities (with a tail bucket) and no teacher is loaded (leave model.teacher unset).",
     )
+    served_topk: int = option(
+        20,
+        help="With a served teacher (model.teacher_url): the k most likely next tokens the server returns at each "
+        "position (its --max-logprobs must allow k); logit terms compare the k ids and the tail bucket, as with a "
+        "store.",
+    )
     cross_tokenizer: Literal["uld", "gold"] | None = option(
         None,
         help="Distil across tokenizers (the teacher reads the same text in its own tokens; the models are "
@@ -80,6 +86,8 @@ class LossSettings:
             raise ValueError(f"skew: expected a number in [0, 1), got {self.skew}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size: expected >= 1, got {self.chunk_size}")
+        if self.served_topk < 1:
+            raise ValueError(f"served_topk: expected >= 1, got {self.served_topk}")
         if self.teacher_store and self.feature_terms:
             raise ValueError(f"teacher_store: feature terms {sorted(self.feature_terms)} need an online teacher")
         if self.cross_tokenizer is not None:

@@ -20,6 +20,7 @@ from transformers import (
 from kd_core.config import ConfigError, option
 from kd_core.pretrained import check_gguf, is_gguf, load_causal_lm, load_config
 from kd_core.pretrained import load_tokenizer as load_pretrained_tokenizer
+from kd_core.redact import check_env_var_name, redact_urls
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The attention kernels transformers 5.24 dispatches to (modeling_utils.AttentionInterface, plus eager); which of
@@ -66,6 +67,26 @@ class ModelSettings:
         "use_reentrant=False) instead of keeping them: activation memory of one layer instead of all, for about "
         "one extra forward pass; works with LoRA and ZeRO-3. The teacher never keeps activations (no_grad).",
     )
+    teacher_url: str | None = option(
+        None,
+        help="A served teacher instead of teacher weights: the OpenAI-compatible base URL (vLLM, SGLang: ending in "
+        "/v1) whose prompt log-probabilities of each micro-batch's tokens are the targets (top loss.served_topk plus "
+        "the tail); the server must use the student's tokenizer (checked on a probe at start). Needs model.student.",
+    )
+    teacher_model: str | None = option(None, help="With teacher_url: the model name the server serves.")
+    teacher_api_key_env: str | None = option(
+        None, help="With teacher_url: the environment variable holding its API key; null for a server without auth."
+    )
+    teacher_concurrency: int = option(
+        32,
+        help="With teacher_url: most scoring requests in flight per process (an adaptive limit below it follows "
+        "the server's answers); one request per row of a micro-batch.",
+    )
+    teacher_max_retries: int = option(
+        6,
+        help="With teacher_url: retries of a failed scoring request (exponential backoff); then the run saves its "
+        "position and stops (exit 3), and --resume auto continues it once the server is back.",
+    )
     task: Literal["auto", "causal_lm", "encoder"] = option(
         "auto",
         help="`causal_lm` loads AutoModelForCausalLM (logit and feature losses); `encoder` loads AutoModel "
@@ -75,6 +96,26 @@ class ModelSettings:
     def __post_init__(self) -> None:
         if not self.teacher and not self.student:
             raise ValueError("teacher: a teacher (or, for plain fine-tuning, a student) model directory is required")
+        if self.teacher_url is not None:
+            self._check_served_teacher()
+        elif self.teacher_model is not None or self.teacher_api_key_env is not None:
+            raise ValueError("teacher_model: only used with teacher_url (a served teacher)")
+
+    def _check_served_teacher(self) -> None:
+        """A served teacher replaces the teacher's weights: a student must be given, and the server named."""
+        check_env_var_name("teacher_api_key_env", self.teacher_api_key_env)
+        if not self.teacher_url.startswith(("http://", "https://")):
+            raise ValueError(f"teacher_url: expected an http(s):// base URL, got {redact_urls(self.teacher_url)!r}")
+        if self.teacher:
+            raise ValueError("teacher: leave it unset with teacher_url (the server is the teacher)")
+        if not self.student:
+            raise ValueError("student: a served teacher (teacher_url) needs a student model directory or .gguf file")
+        if not self.teacher_model:
+            raise ValueError("teacher_model: the model name the server at teacher_url serves is required")
+        if self.teacher_concurrency < 1:
+            raise ValueError(f"teacher_concurrency: expected >= 1, got {self.teacher_concurrency}")
+        if self.teacher_max_retries < 0:
+            raise ValueError(f"teacher_max_retries: expected >= 0, got {self.teacher_max_retries}")
 
 
 TOKENIZER_FILES = (

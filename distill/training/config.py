@@ -90,7 +90,9 @@ class TrainConfig:
             raise ValueError("save_steps, logging_steps and eval_steps must be >= 1")
         if not self.data.train_file:
             raise ValueError("data.train_file: a training dataset is required")
-        if self.loss.needs_teacher and not self.model.teacher:
+        if self.model.teacher_url:
+            self._check_served_teacher()
+        elif self.loss.needs_teacher and not self.model.teacher:
             raise ValueError(f"model.teacher: loss terms {sorted(self.loss.terms)} need a teacher model")
         if self.loss.teacher_store and self.model.teacher:
             raise ValueError("model.teacher: leave it unset with loss.teacher_store (the store replaces the teacher)")
@@ -101,7 +103,7 @@ class TrainConfig:
                     "loss.teacher_store: holds targets for the dataset's tokens only; on-policy training "
                     "(on_policy.student_fraction / teacher_fraction) needs an online model.teacher"
                 )
-            if not self.model.teacher:
+            if not (self.model.teacher or self.model.teacher_url):
                 raise ValueError(
                     "model.teacher: on-policy training (on_policy.student_fraction / teacher_fraction) needs a teacher"
                 )
@@ -122,6 +124,31 @@ class TrainConfig:
             raise ValueError(
                 f"data.step_by_step_label_weight: trains with loss.terms {{ce: 1}} only, got {self.loss.terms}"
             )
+
+    def _check_served_teacher(self) -> None:
+        """What a served teacher gives: next-token top-k log-probabilities at temperature 1 of the student's own
+        tokens, row by row; so logit divergences only, unpacked rows, samples from the student only."""
+        if not self.loss.logit_terms:
+            raise ValueError(
+                f"model.teacher_url: a served teacher gives next-token log-probabilities for logit divergences; "
+                f"loss.terms has none ({self.loss.terms})"
+            )
+        loss, served = self.loss, "with a served teacher (model.teacher_url)"
+        refused = [
+            ("loss.terms", loss.feature_terms, f"feature terms {sorted(loss.feature_terms)} need hidden states"),
+            ("loss.teacher_store", loss.teacher_store, "the store replaces the teacher: use one or the other"),
+            ("loss.cross_tokenizer", loss.cross_tokenizer, "the server must use the student's tokenizer"),
+            ("loss.temperature", loss.temperature != 1.0, "expected 1 (the server's log-probabilities are at T=1)"),
+            ("data.packing", self.data.packing, "not supported (each row is scored as one sequence)"),
+            (
+                "on_policy.teacher_fraction",
+                self.on_policy.teacher_fraction > 0,
+                "expected 0 (the server scores the student's samples; it does not sample here)",
+            ),
+        ]
+        for name, value, why in refused:
+            if value:
+                raise ValueError(f"{name}: {served}, {why}")
 
     def _check_cross_tokenizer(self) -> None:
         """What cross-tokenizer distillation supports: off-policy on dataset text, on the student's samples, and

@@ -38,12 +38,14 @@ from distill.training.config import (
 from distill.training.export import export_run
 from distill.training.on_policy import Sampler
 from distill.training.runtime import make_accelerator
+from distill.training.served import ServedTeacher, TeacherLost
 from kd_core import ownership
 from kd_core.atomic import atomic_write_json
 from kd_core.commands import PREEMPTED, Stopped
 from kd_core.config import save_config, to_dict
 
 logger = logging.getLogger("distill")
+TEACHER_LOST = "teacher_lost"  # the ``stopped`` reason when the served teacher failed for good (exit 3)
 
 
 class Distiller:
@@ -69,6 +71,7 @@ class Distiller:
         set_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model, same_vocabulary=not cfg.loss.cross_tokenizer)
         self.cross_tokenizer = cross_tokenizer = setup.setup_cross_tokenizer(cfg, self.tokenizer)
+        served = setup.setup_served_teacher(cfg, acc, self.tokenizer)
         self.train_set, eval_set = setup.setup_data(cfg, self.tokenizer, acc.num_processes, cross_tokenizer)
         accuracy_pairs = load_accuracy_set(cfg.accuracy) if cfg.accuracy.file else []
         self.task = resolve_task(cfg.model)
@@ -86,7 +89,7 @@ class Distiller:
         self.zero3 = zero3_enabled(acc)
         setup.check_zero3(self.module, models, self.task, self.zero3)
         match = setup.vocab_match(cross_tokenizer, self.tokenizer, models) if cross_tokenizer is not None else None
-        self.teacher = setup.setup_teacher_signal(cfg, acc, models.teacher, store, match)
+        self.teacher = setup.setup_teacher_signal(cfg, acc, models.teacher, store, match, served)
         self.sampler = (
             Sampler(cfg.on_policy, cfg.seed, acc.process_index, acc.device) if cfg.on_policy.enabled else None
         )
@@ -118,6 +121,33 @@ class Distiller:
 
     def training_step(self) -> dict[str, float]:
         return step.training_step(self)
+
+    def guarded_step(self) -> dict[str, float]:
+        """:meth:`training_step`; when the served teacher is lost (:class:`TeacherLost`: every rank together, before
+        the step's first forward, so no weight has moved), the data and sampling positions go back to where the step
+        began, a checkpoint of them is saved and the run stops (exit 3): ``--resume auto`` redoes the step."""
+        if not isinstance(self.teacher, ServedTeacher):
+            return self.training_step()
+        consumed = self.stream.samples_consumed
+        sampling = self.sampler.state_dict() if self.sampler is not None else None
+        if sampling is not None:
+            sampling["buffer"] = list(sampling["buffer"])  # the live list grows during the step
+        try:
+            return self.training_step()
+        except TeacherLost as lost:
+            self.stream.samples_consumed = consumed
+            if sampling is not None:
+                self.sampler.load_state_dict(sampling)
+            if not (self.output_dir / f"{ckpt.PREFIX}{self.step}").exists():
+                self.save()
+            logger.error(
+                "%s; checkpoint-%d holds the position before the failed step: once the server is back, rerun "
+                "with --resume auto",
+                lost,
+                self.step,
+            )
+            self.accelerator.end_training()
+            raise Stopped(TEACHER_LOST, f"checkpoint saved at step {self.step}") from None
 
     def evaluate(self) -> dict[str, float]:
         teacher = self.teacher.model if self.teacher is not None else None
@@ -223,7 +253,7 @@ class Distiller:
         started = time.time()
         while self.step < self.total_steps:
             step_started = time.perf_counter()
-            values = self.training_step()
+            values = self.guarded_step()
             values["step_seconds"] = time.perf_counter() - step_started
             self.step += 1
             window.append(values)

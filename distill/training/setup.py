@@ -34,6 +34,7 @@ from distill.student.models import load_student, load_teacher
 from distill.student.sparsity import SparsityMasks
 from distill.training.config import TrainConfig, check_batch_fits
 from distill.training.on_policy import check_dataset
+from distill.training.served import ServedTeacher
 from distill.training.teacher import OnlineTeacher, StoreTeacher, TeacherSignal
 from kd_core.config import ConfigError
 from kd_core.pretrained import load_tokenizer as load_pretrained_tokenizer
@@ -99,6 +100,15 @@ def vocab_match(cross_tokenizer: CrossTokenizer, tokenizer: PreTrainedTokenizerB
     return VocabMatch.build(
         cross_tokenizer.student_ids, cross_tokenizer.teacher_ids, len(tokenizer), len(teacher_tokenizer)
     )
+
+
+def setup_served_teacher(cfg: TrainConfig, accelerator: Accelerator, tokenizer) -> ServedTeacher | None:
+    """The served teacher (``model.teacher_url``), its tokenizer checked on a probe before any weights load (so a
+    wrong or unreachable server costs seconds); None without one. Its ids must fall in the tokenizer (the vocabulary
+    the kernels crop both sides to, :func:`~distill.losses.divergences.shared_vocab_size`)."""
+    if not cfg.model.teacher_url:
+        return None
+    return ServedTeacher.connect(cfg, accelerator, tokenizer, len(tokenizer))
 
 
 def setup_data(
@@ -222,9 +232,13 @@ def setup_teacher_signal(
     teacher: nn.Module | None,
     store: LogitStore | None,
     match: VocabMatch | None = None,
+    served: ServedTeacher | None = None,
 ) -> TeacherSignal | None:
     """An online teacher (prepared for DeepSpeed where launched so; reading its own tokens when ``match`` is given),
-    the store, or None: no term learns from a teacher, and none is kept for eval."""
+    the served teacher (:func:`setup_served_teacher`), the store, or None: no term learns from a teacher, and none
+    is kept for eval."""
+    if served is not None:
+        return served
     if teacher is not None:
         return OnlineTeacher.prepare(teacher, accelerator, cfg.loss, match)
     if store is not None:

@@ -52,6 +52,8 @@ def next_micro_batches(run) -> tuple[list[dict[str, torch.Tensor]], list[str], l
         else:
             batch = collate(examples, pad)
         batches.append({k: v.to(run.accelerator.device) for k, v in batch.items()})
+        if run.teacher is not None:  # a served teacher scores it while the next micro-batches are sampled
+            run.teacher.prefetch(batches[-1])
         sources.append(source)
         stats.append(figures)
     return batches, sources, stats
@@ -78,6 +80,8 @@ def training_step(run) -> dict[str, float]:
     over ranks: each rank adds its share of the mean)."""
     acc, cfg, weights = run.accelerator, run.cfg, run.cfg.loss.terms
     micro_batches, sources, sampling = run.next_micro_batches()
+    # Every rank waits here for its served targets, and all learn together whether any rank lost the server.
+    logged: dict[str, float] = run.teacher.settle() if run.teacher is not None else {}
     token_scale = step_token_scale(
         [b["labels"] for b in micro_batches],
         lambda t: acc.reduce(t.to(acc.device), reduction="sum"),
@@ -85,7 +89,6 @@ def training_step(run) -> dict[str, float]:
         cfg.gradient_accumulation_steps,
     )
     share = 1.0 / (acc.num_processes * cfg.gradient_accumulation_steps)
-    logged: dict[str, float] = {}
     teacher_logprobs: list[tuple[float, int]] = []
     for batch, source in zip(micro_batches, sources):
         with acc.accumulate(run.module):

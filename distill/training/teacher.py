@@ -48,6 +48,14 @@ class TeacherSignal(abc.ABC):
     def targets(self, batch: dict[str, Tensor]) -> contextlib.AbstractContextManager[TeacherTargets | None]:
         """The teacher's side of one micro-batch, valid inside the ``with`` block; None when no term needs it."""
 
+    def prefetch(self, batch: dict[str, Tensor]) -> None:
+        """Starts fetching ``batch``'s targets in the background (a served teacher); nothing for the others."""
+        return None  # a model or a store has its targets at hand
+
+    def settle(self) -> dict[str, float]:
+        """Waits for what :meth:`prefetch` started, before the step's first forward; the step's figures of it."""
+        return {}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelTargets:

@@ -26,7 +26,8 @@ from kd_core.config import parse_command_line
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("accelerate", "DeepSpeed", "deepspeed"):  # per-file save messages drown the progress bar
+    # Per-file save messages and the served teacher's per-request lines (httpx2, openai 3.60's client) drown the bar.
+    for noisy in ("accelerate", "DeepSpeed", "deepspeed", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
