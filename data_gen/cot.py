@@ -314,7 +314,8 @@ class CotMethod(Method):
         self.order = {q["id"]: i for i, q in enumerate(self.questions)}
 
     def resume_keys(self) -> dict[str, Any]:
-        """Resume only a cot run with the same input, mode, seed and teacher."""
+        """Resume only a cot run with the same input, mode, seed and teacher, capturing the same log-probabilities
+        (records journaled without them would be missing from the store; absent = null, as earlier runs recorded)."""
         cfg = self.cfg
         return {
             "input_file": cfg.input_file,
@@ -322,6 +323,7 @@ class CotMethod(Method):
             "seed": cfg.seed,
             "k": cfg.k,
             "teacher.model": cfg.teacher.model,
+            "teacher.logprobs": cfg.teacher.logprobs,
         }
 
     def total(self) -> int:

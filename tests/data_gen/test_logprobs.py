@@ -243,3 +243,19 @@ def test_config_refusals(capsys):
         assert data_gen_main(extra + base) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(errors) == 1 and expected in errors[0], errors
+
+
+def test_capture_cannot_be_switched_on_in_a_run_made_without(model_dirs, tmp_path, capsys):
+    """Records journaled without log-probabilities would be missing from the store: such a directory is refused."""
+    server = ScriptedServer(no_logprobs).start()
+    try:
+        plain = cot_args(server, tmp_path, model_dirs["teacher"])
+        cut = plain.index("--teacher.logprobs")
+        assert data_gen_main(plain[:cut] + plain[cut + 4 :]) == 0
+        calls = server.total
+        capsys.readouterr()
+        assert data_gen_main(plain) == 2 and server.total == calls
+    finally:
+        server.stop()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and "teacher.logprobs" in errors[0], errors
