@@ -99,6 +99,8 @@ def test_captured_equal_the_local_model(captured, smollm2):
         prompt = prompt_ids(tokenizer, row["question"])
         assert hit.input_tokens == len(prompt)  # the server's prompt is the one rebuilt here
         assert got.token_ids.tolist() == row["completion_token_ids"] == got.ids[:, 0].tolist()
+        # A kept answer stopped: its end-of-turn token is one of the ids, streamed like the others, and trained on.
+        assert row["completion_token_ids"][-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
         assert tokenizer.decode(row["completion_token_ids"], skip_special_tokens=True).strip() == row["rationale"]
         with torch.no_grad():
             logits = model(torch.tensor([prompt + row["completion_token_ids"]])).logits[0].float()
