@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from data_gen.config import TeacherConfig
+from data_gen.logprobs import TokenLogprobs, parse_content, request_fields
 from kd_core.config import ConfigError
 from kd_core.generation import encode_prompt, generate_batched
 from kd_core.remote import FatalError, TransientError, openai_errors, resolve_api_key, split_query
@@ -39,6 +40,7 @@ class Completion:
     input_tokens: int
     output_tokens: int
     first_token_s: float | None = None  # seconds from sending to the first token, when the answer was streamed
+    logprobs: TokenLogprobs | None = None  # with teacher.logprobs: the generated ids and their top-K
 
 
 CONNECTIONS_PER_CLIENT = 8
@@ -92,13 +94,18 @@ class ApiBackend:
             kwargs["stop"] = params["stop"]
         if params.get("seed") is not None:
             kwargs["seed"] = params["seed"]
+        if params.get("logprobs"):
+            kwargs.update(request_fields(params["logprobs"]))
         client = self.clients[self._next % len(self.clients)]
         self._next += 1
         started = time.monotonic()
         first_token_s = None
+        content: list[Any] = []  # the answer's logprobs.content entries (every chunk's, when streamed)
         with openai_errors():
             if self.stream:
-                text, finish_reason, usage, first_token_s = await self._stream(client, kwargs, started, on_first_token)
+                text, finish_reason, usage, first_token_s = await self._stream(
+                    client, kwargs, started, on_first_token, content
+                )
             else:
                 # client.post is the openai client's documented way to call an endpoint with a ready body; auth,
                 # timeouts and status-code errors stay the client's. With cast_to=dict it skips the recursive
@@ -107,14 +114,22 @@ class ApiBackend:
                 # few fields we need ourselves, checking them.
                 response = await client.post("/chat/completions", body=kwargs, cast_to=dict)
                 text, finish_reason, usage = _read_answer(response)
+                content = ((response["choices"][0].get("logprobs") or {}).get("content")) or []
+        logprobs = parse_content(content, params["logprobs"]) if params.get("logprobs") else None
         input_tokens = usage.get("prompt_tokens") or estimate_tokens(messages)
         output_tokens = usage.get("completion_tokens") or estimate_text_tokens(text)
-        return Completion(text, finish_reason, int(input_tokens), int(output_tokens), first_token_s)
+        return Completion(text, finish_reason, int(input_tokens), int(output_tokens), first_token_s, logprobs)
 
     async def _stream(
-        self, client: Any, kwargs: dict[str, Any], started: float, on_first_token: Callable[[], None] | None
+        self,
+        client: Any,
+        kwargs: dict[str, Any],
+        started: float,
+        on_first_token: Callable[[], None] | None,
+        content: list[Any],
     ) -> tuple[str, str, dict[str, Any], float | None]:
-        """(text, finish_reason, usage, seconds to the first token) of a streamed answer.
+        """(text, finish_reason, usage, seconds to the first token) of a streamed answer; the chunks'
+        ``logprobs.content`` entries (asked for with teacher.logprobs) are appended to ``content``.
 
         Leaving this coroutine in any way (timeout, cancellation, error) closes the response, hence the connection:
         transformers serve 5.24 (starlette 1.10 listens for http.disconnect under uvicorn's ASGI 2.3) then cancels
@@ -134,13 +149,14 @@ class ApiBackend:
                     raise ValueError(f"stream chunk is not an object: {str(chunk)[:200]}")
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or ():
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
+                    content.extend((choice.get("logprobs") or {}).get("content") or ())
+                    delta = (choice.get("delta") or {}).get("content")
+                    if delta:
                         if first_token_s is None:  # the role-only first chunk says nothing about the queue
                             first_token_s = time.monotonic() - started
                             if on_first_token is not None:
                                 on_first_token()
-                        parts.append(content)
+                        parts.append(delta)
                     finish_reason = choice.get("finish_reason") or finish_reason
         if finish_reason is None:  # the stream ended without the final chunk: the connection was cut
             raise self._openai.APIConnectionError(

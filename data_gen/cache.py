@@ -4,7 +4,9 @@ Every answer the teacher produced is stored under a hash of everything that dete
 decoding parameters and the sample index. A rerun, or a pipeline whose code changed but whose prompts did not,
 gets the paid-for answer back instead of calling the teacher again. WAL mode lets several processes (shards under
 ``accelerate launch``) read and write the same file; each write is its own committed transaction, so a ``kill -9``
-loses at most the call in flight.
+loses at most the call in flight. With ``teacher.logprobs`` the answer's generated ids and their top-K
+log-probabilities are stored with it, in the same row (:class:`data_gen.logprobs.TokenLogprobs`' bytes): paid once,
+replayed by every rerun.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class CachedAnswer:
     input_tokens: int
     output_tokens: int
     created: float
+    logprobs: bytes | None = None
 
 
 class AnswerCache:
@@ -65,8 +68,11 @@ class AnswerCache:
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.execute(
                     "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT NOT NULL, finish_reason TEXT,"
-                    " input_tokens INTEGER, output_tokens INTEGER, created REAL)"
+                    " input_tokens INTEGER, output_tokens INTEGER, created REAL, logprobs BLOB)"
                 )
+                columns = {row[1] for row in self._db.execute("PRAGMA table_info(answers)")}
+                if "logprobs" not in columns:  # a cache of an earlier version: its answers keep a null
+                    self._db.execute("ALTER TABLE answers ADD COLUMN logprobs BLOB")
                 return
             except sqlite3.OperationalError as err:
                 if "locked" not in str(err) or attempt == 99:
@@ -76,15 +82,25 @@ class AnswerCache:
     def get(self, key: str) -> CachedAnswer | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT text, finish_reason, input_tokens, output_tokens, created FROM answers WHERE key = ?", (key,)
+                "SELECT text, finish_reason, input_tokens, output_tokens, created, logprobs FROM answers WHERE key = ?",
+                (key,),
             ).fetchone()
         return CachedAnswer(*row) if row else None
 
-    def put(self, key: str, text: str, finish_reason: str, input_tokens: int, output_tokens: int) -> None:
+    def put(
+        self,
+        key: str,
+        text: str,
+        finish_reason: str,
+        input_tokens: int,
+        output_tokens: int,
+        logprobs: bytes | None = None,
+    ) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)",
-                (key, text, finish_reason, input_tokens, output_tokens, time.time()),
+                "INSERT OR REPLACE INTO answers (key, text, finish_reason, input_tokens, output_tokens, created, "
+                "logprobs) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, text, finish_reason, input_tokens, output_tokens, time.time(), logprobs),
             )
 
     def __len__(self) -> int:

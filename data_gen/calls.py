@@ -73,6 +73,8 @@ class Result:
     params: dict[str, Any] = field(default_factory=dict)
     started: float = 0.0
     finished: float = 0.0
+    token_ids: list[int] | None = None  # with teacher.logprobs: the answer's generated ids
+    logprobs_key: str | None = None  # and the answer cache's key of its log-probabilities
 
     @property
     def ok(self) -> bool:

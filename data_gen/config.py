@@ -98,6 +98,17 @@ class TeacherConfig:
     batch_size: int = option(8, help="local backend: prompts per generate() call")
     device: str = option("cpu", help="local backend: torch device ('cuda' picks the process's local GPU)")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="local backend: weights dtype")
+    logprobs: int | None = option(
+        None,
+        help="api backend: capture the top-K log-probabilities of every generated token (vLLM/SGLang: tokens as "
+        "ids, K up to the server's --max-logprobs) into <output.dir>/teacher_store for `distill train "
+        "--loss.teacher_store`; null = off",
+    )
+    tokenizer: str | None = option(
+        None,
+        help="with logprobs: the teacher's tokenizer (a local model directory or .gguf), checked against the "
+        "server's before the first call; the store is written for it, so the student must share it",
+    )
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -122,6 +133,13 @@ class TeacherConfig:
             raise ValueError("price_input_per_m: expected >= 0")
         if self.batch_size < 1:
             raise ValueError("batch_size: expected >= 1")
+        if self.logprobs is not None:
+            if self.logprobs < 1:
+                raise ValueError("logprobs: expected K >= 1 (log-probabilities per generated token) or null")
+            if self.backend != "api":
+                raise ValueError("logprobs: captured from a served teacher; set backend: api (vLLM, SGLang)")
+            if not self.tokenizer:
+                raise ValueError("tokenizer: teacher.logprobs needs the teacher's tokenizer (a model dir or .gguf)")
         if self.backend == "api" and self.decoding.generation_kwargs:
             raise ValueError(
                 "decoding.generation_kwargs: transformers settings of the local backend; an API server "

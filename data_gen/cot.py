@@ -34,6 +34,7 @@ from data_gen.cot_prompts import PromptConfig, teacher_messages, template_hash
 from data_gen.driver import GenerationResult, Method
 from data_gen.engine import CallPlan, Engine, Request, Result
 from data_gen.journal import Journal
+from data_gen.logprobs import captured, completion_ids, logprobs_key
 from data_gen.output import dataset_card
 from kd_core import answers
 from kd_core.answers import AnswerExtractor, majority
@@ -157,6 +158,7 @@ class ChainOfThought:
                 "sample": result.request.sample,
                 "cached": result.cached,
                 "cost_usd": result.cost_usd,
+                **captured(result),
             }
         )
         return True
@@ -271,6 +273,7 @@ def to_rows(cfg: CotConfig, records: list[dict[str, Any]]) -> list[dict[str, Any
                         {"role": "user", "content": record["question"]},
                         {"role": "assistant", "content": kept["rationale"]},
                     ],
+                    **completion_ids(kept),
                     "provenance": {
                         "teacher": t.model,
                         "backend": t.backend,
@@ -283,6 +286,7 @@ def to_rows(cfg: CotConfig, records: list[dict[str, Any]]) -> list[dict[str, Any
                         "mode": cfg.mode,
                         "votes": record["votes"],
                         "recorded": record["recorded"],
+                        **logprobs_key(kept),
                     },
                 }
             )
@@ -310,7 +314,8 @@ class CotMethod(Method):
         self.order = {q["id"]: i for i, q in enumerate(self.questions)}
 
     def resume_keys(self) -> dict[str, Any]:
-        """Resume only a cot run with the same input, mode, seed and teacher."""
+        """Resume only a cot run with the same input, mode, seed and teacher, capturing the same log-probabilities
+        (records journaled without them would be missing from the store; absent = null, as earlier runs recorded)."""
         cfg = self.cfg
         return {
             "input_file": cfg.input_file,
@@ -318,6 +323,7 @@ class CotMethod(Method):
             "seed": cfg.seed,
             "k": cfg.k,
             "teacher.model": cfg.teacher.model,
+            "teacher.logprobs": cfg.teacher.logprobs,
         }
 
     def total(self) -> int:

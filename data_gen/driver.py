@@ -15,7 +15,9 @@ The driver owns everything around that, identically for every method:
 3. the engine (answer cache, limits, signal handlers: SIGINT/SIGTERM and the budget cap stop it cleanly), the
    journal (``journal.jsonl``, the resumable state) and the resolved ``config.yaml``;
 4. the final outputs, rebuilt from the journal however the run ended: ``data.jsonl``/``data.parquet``, the dataset
-   card ``README.md`` and, for a method with :meth:`Method.stats`, ``stats.json``;
+   card ``README.md``, for a method with :meth:`Method.stats`, ``stats.json``, and with ``teacher.logprobs`` the
+   store of the captured log-probabilities, ``teacher_store/`` (:mod:`data_gen.logprobs`, whose server check runs
+   before the first paid call);
 5. the ending: an :class:`~data_gen.engine.EngineError` becomes a one-line error (exit 2), a stopped engine a
    :class:`GenerationResult` with ``stopped`` set (exit :data:`~kd_core.commands.EXIT_STOPPED`, rerun to continue).
 """
@@ -30,10 +32,12 @@ from typing import Any
 from data_gen.config import OutputConfig, TeacherConfig
 from data_gen.engine import BudgetError, CallPlan, Engine, EngineError, build_engine, preflight
 from data_gen.journal import Journal
+from data_gen.logprobs import STORE_DIR, check_server, load_teacher_tokenizer, mark_vocabulary, write_store
 from data_gen.output import write_outputs
 from kd_core import ownership
 from kd_core.atomic import atomic_write_json
 from kd_core.config import ConfigError, save_config
+from kd_core.redact import scrub
 
 JOURNAL = "journal.jsonl"
 CONFIG = "config.yaml"
@@ -111,7 +115,7 @@ def output_kind(method: Method) -> ownership.OutputKind:
     def legacy(directory: Path) -> bool:
         return bool(method.legacy_keys) and all(_saved(directory, key) is not None for key in method.legacy_keys)
 
-    owned = (CONFIG, JOURNAL, "cache.sqlite*", "data.jsonl", "data.parquet", "README.md", STATS, ".*.tmp")
+    owned = (CONFIG, JOURNAL, "cache.sqlite*", "data.jsonl", "data.parquet", "README.md", STATS, STORE_DIR, ".*.tmp")
     return ownership.OutputKind(
         f"data-gen {method.name}",
         owned,
@@ -185,6 +189,7 @@ async def _generate(method: Method, prepared: ownership.Output) -> GenerationRes
         preflight(teacher, method.plan(remaining))
     except BudgetError as err:
         raise ConfigError(str(err)) from None
+    tokenizer = await _logprobs_tokenizer(teacher, probe=remaining > 0) if teacher.logprobs else None
     engine = build_engine(teacher, out, progress=output.progress)  # ConfigError on a missing API key
     if engine.rank == 0:
         prepared.claim()
@@ -210,6 +215,8 @@ async def _generate(method: Method, prepared: ownership.Output) -> GenerationRes
         # The data files hold every journaled record, however this run ended.
         records = method.records(journal)
         rows = method.rows(records)
+        if tokenizer is not None:  # the vocabulary of the captured ids: distill trains on them with that vocabulary
+            mark_vocabulary(rows, tokenizer)
         summary = method.summary(engine.summary(), records)
         result.records, result.rows = len(records), len(rows)
         result.stats = method.stats(records, rows)
@@ -217,6 +224,9 @@ async def _generate(method: Method, prepared: ownership.Output) -> GenerationRes
             result.files = write_outputs(rows, out, output.formats, method.card(records, rows, summary))
             if result.stats is not None:
                 atomic_write_json(out / STATS, result.stats)  # the quickstart trusts it as "stage done"
+            if tokenizer is not None:
+                store = write_store(out, rows, engine.cache, teacher, tokenizer, result.files)
+                print(f"teacher log-probabilities (top {teacher.logprobs}): {store}")
             print(summary)
             print(f"{method.done_line(records, rows)} in {out}")
         await engine.aclose()
@@ -228,3 +238,19 @@ async def _generate(method: Method, prepared: ownership.Output) -> GenerationRes
         print(f"stopped early ({engine.stopped}); rerun the same command to continue")
         result.stopped = engine.stopped
     return result
+
+
+async def _logprobs_tokenizer(teacher: TeacherConfig, probe: bool) -> Any:
+    """The teacher's tokenizer for the store; with ``probe`` (calls are left to make), once the server has passed
+    :func:`data_gen.logprobs.check_server`, before anything is created on disk. A finished run's rerun only rebuilds
+    the store from the cache: it needs no server."""
+    from data_gen.backends import ApiBackend
+    from data_gen.engine import teacher_secrets
+
+    if not probe:
+        return load_teacher_tokenizer(teacher.tokenizer)
+    backend = ApiBackend(teacher)  # ConfigError on a missing key, before any call
+    try:
+        return await check_server(teacher, backend, lambda text: scrub(text, teacher_secrets(teacher)))
+    finally:
+        await backend.aclose()

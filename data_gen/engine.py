@@ -45,6 +45,7 @@ from data_gen.calls import (
     preflight,
 )
 from data_gen.config import TeacherConfig
+from data_gen.logprobs import TokenLogprobs
 from kd_core.commands import INTERRUPTED
 from kd_core.limiter import AdaptiveConcurrency, RateLimiter
 from kd_core.redact import scrub, url_secrets
@@ -94,6 +95,8 @@ class Engine:
         }
         if d.generation_kwargs:  # only when set, so the cache keys of earlier runs stay valid
             params["generation_kwargs"] = d.generation_kwargs
+        if self.cfg.logprobs:  # likewise; and an answer cached without log-probabilities is never taken for one with
+            params["logprobs"] = self.cfg.logprobs
         params.update(request.decoding)
         return params
 
@@ -250,6 +253,8 @@ class Engine:
             if completion is None:
                 return None  # stopped before this call could be made
             result.text, result.finish_reason = completion.text, completion.finish_reason
+            if completion.logprobs is not None:  # the cached answer's key: where the store finds its log-probs
+                result.token_ids, result.logprobs_key = completion.logprobs.token_ids.tolist(), key
             if completion.finish_reason == "length":
                 self.stats.truncated += 1
             if parse is None:
@@ -272,7 +277,8 @@ class Engine:
         if hit is not None:
             self.stats.cached += 1
             result.cached = True
-            return Completion(hit.text, hit.finish_reason, hit.input_tokens, hit.output_tokens)
+            logprobs = TokenLogprobs.from_bytes(hit.logprobs) if hit.logprobs is not None else None
+            return Completion(hit.text, hit.finish_reason, hit.input_tokens, hit.output_tokens, logprobs=logprobs)
         result.cached = False
         est_in = estimate_tokens(request.messages)
         if self.stopped is not None:
@@ -286,8 +292,9 @@ class Engine:
         finally:
             self.budget.release(reservation)
         # The answer is paid for: persist it before anything can go wrong downstream.
+        logprobs = completion.logprobs.to_bytes() if completion.logprobs is not None else None
         self.cache.put(
-            key, completion.text, completion.finish_reason, completion.input_tokens, completion.output_tokens
+            key, completion.text, completion.finish_reason, completion.input_tokens, completion.output_tokens, logprobs
         )
         cost = self.budget.charge(completion.input_tokens, completion.output_tokens)
         self.stats.calls += 1

@@ -80,6 +80,13 @@ class SelfInstructConfig:
         for name in ("new_per_prompt", "prompts_per_round", "max_rounds", "max_instances"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1")
+        if self.teacher.logprobs is not None:
+            # A row's output is one parsed piece of an answer holding several instances: the answer's token ids do
+            # not delimit it, so its log-probabilities cannot be lined up with the row without re-tokenizing.
+            raise ValueError(
+                "teacher.logprobs: self-instruct rows are parts of the teacher's answers, not whole answers; "
+                "capture log-probabilities with data-gen cot, or score the data with distill precompute"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ seed tasks

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-Responder = Callable[[dict[str, Any]], "str | tuple[str, str] | ErrorReply"]
+Responder = Callable[[dict[str, Any]], "str | tuple[str, str] | ErrorReply | dict[str, Any]"]
 
 
 @dataclass
@@ -172,7 +172,8 @@ class ThreadedServer:
 
 
 class ScriptedServer(ThreadedServer):
-    """An OpenAI-compatible chat endpoint whose answers come from ``responder(body)`` (text, or (text, finish))."""
+    """An OpenAI-compatible chat endpoint whose answers come from ``responder(body)`` (text, or (text, finish), or a
+    whole answer body as a dict, sent as it is and never streamed)."""
 
     def __init__(self, responder: Responder, latency_s: float = 0.0) -> None:
         super().__init__()
@@ -205,6 +206,10 @@ class ScriptedServer(ThreadedServer):
                     if isinstance(answer, ErrorReply):
                         error = json.dumps({"error": {"message": answer.message}}).encode()
                         writer.write(http_response(answer.status, error))
+                        await writer.drain()
+                        continue
+                    if isinstance(answer, dict):
+                        writer.write(http_response(200, json.dumps(answer).encode()))
                         await writer.drain()
                         continue
                     text, finish = (answer, "stop") if isinstance(answer, str) else answer

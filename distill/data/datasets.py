@@ -14,6 +14,11 @@ offline teacher-logit store, reads the right rows whatever the shuffling, accumu
 ``prompt_length`` (the tokens a model is given to write the completion: the prompt with the chat template's
 generation prompt; None for ``text``) and ``has_completion`` (False for prompts only).
 
+A record written by ``data-gen`` with ``teacher.logprobs`` carries ``completion_token_ids`` (the teacher's ids as it
+generated them) and ``completion_vocab_sha256`` (their vocabulary): with a tokenizer of that vocabulary, those ids
+ARE the completion (the text is not re-tokenized), so the rows of the store captured with them line up with the
+counted tokens by construction; with another vocabulary the text is tokenized as usual.
+
 :func:`build_datasets` (training) reads the memory-mapped cache of :mod:`distill.data.tokenized`, which tokenizes
 each file once with the functions here; :func:`tokenize_records` tokenizes small sets in memory.
 """
@@ -31,6 +36,7 @@ from transformers import PreTrainedTokenizerBase
 from distill.data.cross import chat_messages, collate_teacher, cross_columns
 from kd_core.config import ConfigError, option
 from kd_core.records import iter_json_objects
+from kd_core.topk_store import vocab_hash
 
 IGNORE_INDEX = -100
 SHAPES = ("messages", "prompt_completion", "text", "prompt")
@@ -217,6 +223,8 @@ def tokenize_example(
         ids = ids[:max_length]
         return {"input_ids": ids, "labels": list(ids), "prompt_length": None, "has_completion": True}
 
+    if _generated_ids(record, shape, tokenizer) is not None:
+        return _generated_example(record, shape, tokenizer, max_length, completion_only)
     if tokenizer.chat_template is None and shape in ("prompt_completion", "prompt"):
         return _plain_prompt_example(record, shape, tokenizer, max_length, completion_only)
 
@@ -249,6 +257,51 @@ def tokenize_example(
         "prompt_length": min(len(prompt_ids), max_length),
         "has_completion": True,
     }
+
+
+_VOCABULARIES: dict[int, str] = {}  # id(tokenizer) -> vocab_hash: one hash per tokenizer and process, not per row
+
+
+def _generated_ids(record: dict[str, Any], shape: str, tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The record's ``completion_token_ids`` when they are in ``tokenizer``'s vocabulary (see the module docstring)."""
+    ids = record.get("completion_token_ids")
+    if ids is None or shape not in ("messages", "prompt_completion"):
+        return None
+    if id(tokenizer) not in _VOCABULARIES:
+        _VOCABULARIES[id(tokenizer)] = vocab_hash(tokenizer)
+    return ids if record.get("completion_vocab_sha256") == _VOCABULARIES[id(tokenizer)] else None
+
+
+def _generated_example(
+    record: dict[str, Any], shape: str, tokenizer: PreTrainedTokenizerBase, max_length: int, completion_only: bool
+) -> dict[str, Any]:
+    """The prompt tokenized as generation is given it, then the completion's own ids (end-of-turn token included,
+    as generated): the counted labels are exactly those ids unless ``max_length`` cuts them."""
+    completion = [int(t) for t in record["completion_token_ids"]]
+    if tokenizer.chat_template is None:
+        prompt_ids = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+    else:
+        prompt_ids = _template_ids(tokenizer, chat_messages(record, shape)[:-1], add_generation_prompt=True)
+    ids = (list(prompt_ids) + completion)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion)[:max_length]
+    return {
+        "input_ids": ids,
+        "labels": labels if completion_only else list(ids),
+        "prompt_length": min(len(prompt_ids), max_length),
+        "has_completion": True,
+    }
+
+
+def check_completion_ids(record: dict[str, Any], shape: str, vocab: int, where: str) -> None:
+    """ConfigError naming ``where`` unless ``completion_token_ids`` (when present) is a list of ids below ``vocab``
+    completing a prompt (a final assistant turn, or a completion)."""
+    ids = record.get("completion_token_ids")
+    if ids is None:
+        return
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+        raise ConfigError(f"{where}: field 'completion_token_ids': expected a non-empty list of token ids < {vocab}")
+    if shape == "messages" and record["messages"][-1].get("role") != "assistant":
+        raise ConfigError(f"{where}: field 'completion_token_ids': the messages end without an assistant turn")
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
@@ -296,6 +349,8 @@ def examples_of(
     w = settings.step_by_step_label_weight
     if w is None:
         check_record(record, shape, where, first if settings.format == "auto" else None)
+        if _generated_ids(record, shape, tokenizer) is not None:
+            check_completion_ids(record, shape, len(tokenizer), where)
         weighted = [(record, 1.0)]
     else:
         missing = [c for c in ("prompt", "rationale", "label") if not isinstance(record.get(c), str)]

@@ -22,7 +22,6 @@ A run's examples are never held in Python lists: the tokenized rows live in Arro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from kd_core import checksum
 from kd_core.atomic import atomic_write_json, atomic_write_text, publish_directory
 from kd_core.config import ConfigError
 from kd_core.records import check_data_path, iter_json_objects, open_dataset
+from kd_core.topk_store import tokenizer_hash, vocab_hash  # noqa: F401 (precompute and checkpoints import them here)
 
 logger = logging.getLogger(__name__)
 
@@ -65,23 +65,6 @@ def cache_root(cache_dir: str | None) -> Path:
     import datasets
 
     return Path(datasets.config.HF_DATASETS_CACHE) / "distill_kd"
-
-
-def vocab_hash(tokenizer) -> str:
-    """sha256 of the token -> id map (what the ids in the store mean)."""
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the vocabulary plus everything else that changes tokenization of chat data."""
-    extra = {
-        "vocab": vocab_hash(tokenizer),
-        "chat_template": tokenizer.chat_template,
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-        "class": type(tokenizer).__name__,
-    }
-    return hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()
 
 
 def tokenizer_identity(tokenizer) -> dict[str, Any]:
