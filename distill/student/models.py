@@ -17,10 +17,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from kd_core.config import ConfigError, option
+from kd_core.config import ConfigError, option, section
 from kd_core.pretrained import check_gguf, is_gguf, load_causal_lm, load_config
 from kd_core.pretrained import load_tokenizer as load_pretrained_tokenizer
 from kd_core.redact import check_env_var_name, redact_urls
+from kd_core.served_limits import ServedLimits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The attention kernels transformers 5.24 dispatches to (modeling_utils.AttentionInterface, plus eager); which of
@@ -77,15 +78,10 @@ class ModelSettings:
     teacher_api_key_env: str | None = option(
         None, help="With teacher_url: the environment variable holding its API key; null for a server without auth."
     )
-    teacher_concurrency: int = option(
-        32,
-        help="With teacher_url: most scoring requests in flight per process (an adaptive limit below it follows "
-        "the server's answers); one request per row of a micro-batch.",
-    )
-    teacher_max_retries: int = option(
-        6,
-        help="With teacher_url: retries of a failed scoring request (exponential backoff); then the run saves its "
-        "position and stops (exit 3), and --resume auto continues it once the server is back.",
+    teacher_served: ServedLimits = section(
+        ServedLimits,
+        help="With teacher_url: scoring calls in flight per process (adaptive), rate limits, retries (then the run "
+        "saves the position its step began from and stops, exit 3; --resume auto continues), prices and a budget.",
     )
     task: Literal["auto", "causal_lm", "encoder"] = option(
         "auto",
@@ -112,10 +108,6 @@ class ModelSettings:
             raise ValueError("student: a served teacher (teacher_url) needs a student model directory or .gguf file")
         if not self.teacher_model:
             raise ValueError("teacher_model: the model name the server at teacher_url serves is required")
-        if self.teacher_concurrency < 1:
-            raise ValueError(f"teacher_concurrency: expected >= 1, got {self.teacher_concurrency}")
-        if self.teacher_max_retries < 0:
-            raise ValueError(f"teacher_max_retries: expected >= 0, got {self.teacher_max_retries}")
 
 
 TOKENIZER_FILES = (

