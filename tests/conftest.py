@@ -21,6 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tokenized data caches (distill.data.tokenized) and datasets' own go to a test folder, not the user's ~/.cache; set
 # before anything imports datasets (it reads the variable once), and inherited by subprocesses (accelerate launch).
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(tempfile.gettempdir(), f"distill_kd_tests_{os.getuid()}"))
+# Converted GGUF configs and tokenizers (kd_core.pretrained) too; kept between sessions, so the real models'
+# tokenizers are converted once per machine, not once per test run.
+os.environ.setdefault("DISTILL_GGUF_CACHE", os.path.join(os.environ["HF_DATASETS_CACHE"], "gguf"))
 
 # Under pytest-xdist (the README's test command: two workers on a 2-core machine) each worker and the processes it
 # starts use one thread: torch's default, one per core, has the workers and their subprocesses fight over the cores.
