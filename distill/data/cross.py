@@ -30,6 +30,7 @@ student (the X-Token paper's GSM8K failure of GOLD); they go to the ULD part.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ CROSS_FEATURES = {
     "align_student": ("list", "int32"),
     "align_teacher": ("list", "int32"),
 }
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 Segments = tuple[list[tuple[str, bool]], bool]  # [(text, add_special_tokens)], whether an EOS follows
 
 
@@ -109,6 +111,17 @@ def encode(pieces: Segments, tokenizer: PreTrainedTokenizerBase) -> tuple[list[i
     return ids, offsets
 
 
+def teacher_encode(pieces: Segments, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[tuple[int, int]]]:
+    """:func:`encode` for the teacher, starting with the teacher's BOS (zero-width) when its tokenizer adds one and
+    the rendering does not: the student's chat template is encoded without special tokens and carries the student's
+    own BOS or none, and a model trained with a BOS on every sequence reads text without it badly (Gemma-3)."""
+    ids, offsets = encode(pieces, tokenizer)
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:1] != [bos] and tokenizer("a")["input_ids"][:1] == [bos]:
+        return [bos, *ids], [(0, 0), *offsets]
+    return ids, offsets
+
+
 def _prefix_positions(offsets: list[tuple[int, int]]) -> dict[int, int]:
     """For each prefix end, the position that has read exactly that prefix (see the module docstring)."""
     chosen: dict[int, int] = {}
@@ -152,7 +165,7 @@ def cross_columns(
             f"{where}: re-encoding the example's text with offsets gives other student tokens than the "
             "data layer's; it cannot be aligned with the teacher's tokens (loss.cross_tokenizer)"
         )
-    teacher_ids, teacher_offsets = encode(pieces, teacher_tokenizer)
+    teacher_ids, teacher_offsets = teacher_encode(pieces, teacher_tokenizer)
     teacher_ids, teacher_offsets = teacher_ids[:max_length], teacher_offsets[:max_length]
     student_pos, teacher_pos = align(offsets[:n], teacher_offsets, counted)
     return {"teacher_input_ids": teacher_ids, "align_student": student_pos, "align_teacher": teacher_pos}
@@ -165,6 +178,10 @@ def token_texts(tokenizer: PreTrainedTokenizerBase) -> dict[int, str]:
     backend = tokenizer.backend_tokenizer
     base = backend.decode([probe], skip_special_tokens=False)
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    # SentencePiece byte-fallback pieces (<0x31>) are left out: the tokenizer writes them only for characters it has
+    # no token for, and a whole ASCII one decodes like the character's own token ('1'), which would make both
+    # non-unique and leave every single-character token (digits, '=', '.') unmatched (Gemma-3).
+    special |= {i for i, t in enumerate(tokenizer.convert_ids_to_tokens(range(len(tokenizer)))) if _BYTE_PIECE.match(t)}
     decoded = backend.decode_batch([[probe, i] for i in range(len(tokenizer))], skip_special_tokens=False)
     texts = {}
     for i, text in enumerate(decoded):
@@ -184,8 +201,9 @@ def _unique(texts: dict[int, str]) -> dict[str, int]:
 
 
 def splits_digits(texts: dict[int, str]) -> bool:
-    """Whether a vocabulary writes every number digit by digit (no token holds two digits)."""
-    return not any(sum(c.isdigit() for c in text) > 1 for text in texts.values())
+    """Whether a vocabulary writes every number digit by digit (no token holds two ASCII digits: Gemma-3 splits
+    0-9 one by one yet has multi-digit tokens of other scripts, such as Bengali '২০', which GSM8K text never uses)."""
+    return not any(sum(c in "0123456789" for c in text) > 1 for text in texts.values())
 
 
 def match_vocabularies(
