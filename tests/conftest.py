@@ -234,22 +234,24 @@ def gemma3_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def gemma3(gemma3_gguf):
-    """(model, tokenizer) loaded once from the GGUF file: a plain float32 Gemma3ForCausalLM (about 80 s on 2 busy
-    cores; the tokenizer comes from the GGUF cache after its first conversion)."""
+def gemma3_dir(gemma3_gguf, tmp_path_factory) -> Path:
+    """The GGUF file loaded once (a plain float32 Gemma3ForCausalLM, about 80 s on 2 busy cores) and saved as a
+    Hugging Face directory, which loads in seconds. The loaded model is not kept: at 1 GB it would sit in memory
+    beside every training run of the session."""
     from kd_core.pretrained import load_causal_lm, load_tokenizer
 
-    return load_causal_lm(gemma3_gguf, "model"), load_tokenizer(gemma3_gguf, "model")
+    path = tmp_path_factory.mktemp("gemma3") / "model"
+    load_causal_lm(gemma3_gguf, "model").save_pretrained(path)
+    load_tokenizer(gemma3_gguf, "model").save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="session")
-def gemma3_dir(gemma3, tmp_path_factory) -> Path:
-    """The same model saved as a Hugging Face directory (loads in seconds: commands that run several times use it)."""
-    model, tokenizer = gemma3
-    path = tmp_path_factory.mktemp("gemma3") / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def gemma3_tokenizer(gemma3_gguf):
+    """Gemma-3's tokenizer from the GGUF file (converted once per machine, then read from the GGUF cache)."""
+    from kd_core.pretrained import load_tokenizer
+
+    return load_tokenizer(gemma3_gguf, "model")
 
 
 @contextlib.contextmanager
