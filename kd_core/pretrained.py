@@ -6,16 +6,31 @@ refuses ``save_pretrained`` on it; :func:`load_causal_lm` rebuilds it as an ordi
 the same weights, so pruning, training, saving and export treat it like any other. Files transformers cannot read
 (not GGUF, truncated, an architecture or quantization type it cannot dequantize) are a :class:`ConfigError` naming
 the file and what is supported, raised before any weight is read.
+
+Reading a GGUF header is slow for a large vocabulary (Gemma-3's 262,144 tokens: about 10 s to check the file, 10 s
+more for its config, 25 s to convert its tokenizer on 2 busy cores), and every command reads a model's config and
+tokenizer several times. So the config and the tokenizer of each file are converted once and saved, as ordinary
+Hugging Face files, in a cache directory (:func:`gguf_cache_root`: ``$DISTILL_GGUF_CACHE``, else
+``$XDG_CACHE_HOME/distill/gguf``, else ``~/.cache/distill/gguf``), under a key of the file's resolved path, size and
+modification time and the transformers version that converted it: a file replaced or touched, or a transformers
+upgrade, gets a new entry. An entry exists only for a file that passed :func:`check_gguf`. The weights are not
+cached (a float32 copy is 4x the file): each process dequantizes them once, in :func:`load_causal_lm`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from kd_core.atomic import publish_directory
 from kd_core.config import ConfigError
 
 GGUF_MAGIC = b"GGUF"
+CACHE_ENV = "DISTILL_GGUF_CACHE"
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -120,18 +135,68 @@ def _check_tensors(reader, architecture: str, path: Path, field: str) -> None:
 
 def load_config(path: str | Path, field: str = "model"):
     """The model config of a directory or a GGUF file (for a GGUF file: without its quantization marker, since what
-    this module loads is a plain model)."""
+    this module loads is a plain model; converted once, then read from the cache)."""
     from transformers import AutoConfig
 
     if not is_gguf(path):
         return AutoConfig.from_pretrained(str(path))
-    check_gguf(path, field)
-    path = Path(path)
+    return AutoConfig.from_pretrained(str(_cached(path, field, "config", _convert_config)))
+
+
+def _convert_config(path: Path, out: Path) -> None:
+    from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     _name_architecture(config)
-    return config
+    config.save_pretrained(out)
+
+
+def gguf_cache_root() -> Path:
+    """Where converted GGUF configs and tokenizers are kept (see the module's docstring)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distill" / "gguf"
+
+
+def gguf_cache_entry(path: str | Path) -> Path:
+    """The cache folder of one GGUF file as it is now (path, size, modification time, transformers version)."""
+    import transformers
+
+    path = Path(path).resolve()
+    stat = path.stat()
+    identity = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0transformers {transformers.__version__}"
+    return gguf_cache_root() / f"{path.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+def _cached(path: str | Path, field: str, part: str, convert) -> Path:
+    """The folder ``part`` of the file's cache entry, made by ``convert(path, folder)`` after :func:`check_gguf`
+    when absent. Two processes may convert at once (the ranks of one job): each fills a temporary folder and the
+    first to publish wins; the other's copy is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        check_gguf(path, field)  # the one-line error for a missing file or a directory
+    final = gguf_cache_entry(path) / part
+    if final.is_dir():  # published whole or not at all
+        return final
+    check_gguf(path, field)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{part}.", suffix=".tmp", dir=final.parent))
+    except OSError as err:
+        raise ConfigError(
+            f"{field}: cannot write the GGUF cache under {final.parent} ({err}); set {CACHE_ENV}"
+        ) from None
+    try:
+        convert(path, tmp)
+        publish_directory(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def _name_architecture(config) -> None:
@@ -143,14 +208,19 @@ def _name_architecture(config) -> None:
 
 
 def load_tokenizer(path: str | Path, field: str = "model"):
-    """The tokenizer of a model directory or a GGUF file (with the file's chat template and special tokens)."""
+    """The tokenizer of a model directory or a GGUF file (with the file's chat template and special tokens;
+    converted once, then read from the cache)."""
     from transformers import AutoTokenizer
 
     if is_gguf(path):
-        check_gguf(path, field)
-        path = Path(path)
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(_cached(path, field, "tokenizer", _convert_tokenizer)))
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def _convert_tokenizer(path: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(out)
 
 
 def load_causal_lm(path: str | Path, field: str = "model", dtype: Any = None, **kwargs: Any):
@@ -163,7 +233,7 @@ def load_causal_lm(path: str | Path, field: str = "model", dtype: Any = None, **
         if dtype is not None:  # unset keeps from_pretrained's own default
             kwargs["dtype"] = dtype
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    check_gguf(path, field)
+    load_config(path, field)  # checks the file once (a cached config: it was checked when converted)
     path = Path(path)
     dtype = dtype if dtype not in (None, "auto") else torch.float32
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **kwargs)

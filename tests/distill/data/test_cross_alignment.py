@@ -14,6 +14,7 @@ from distill.data.cross import (
     match_vocabularies,
     segments,
     splits_digits,
+    teacher_encode,
     token_texts,
 )
 from distill.data.datasets import IGNORE_INDEX, DataSettings, tokenize_example, tokenize_records
@@ -115,7 +116,8 @@ def test_special_tokens_bos_eos_and_the_chat_template(student_tok, teacher_tok):
     )
     ((text, _),) = segments(record, "prompt_completion", student_tok)[0]
     _, s_off = encode(segments(record, "prompt_completion", student_tok), student_tok)
-    _, t_off = encode(segments(record, "prompt_completion", student_tok), teacher_tok)
+    _, t_off = teacher_encode(segments(record, "prompt_completion", student_tok), teacher_tok)
+    assert columns["teacher_input_ids"][0] == teacher_tok.bos_token_id  # the rendering has none: the teacher's added
     pairs = list(zip(columns["align_student"], columns["align_teacher"]))
     first_target = min(k for k, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
     assert pairs[0][0] == first_target - 1  # the position after "<|assistant|>\n" predicts the answer's first token
