@@ -258,6 +258,7 @@ def arguments() -> argparse.Namespace:
         action="store_true",
         help="build the shared inputs and their evaluations under --root, then stop",
     )
+    parser.add_argument("--train_only", action="store_true", help="train the variants, evaluate nothing")
     parser.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -280,18 +281,24 @@ def main() -> None:
     variants = args.variants.split(",")
     if TEACHER_VARIANTS & set(variants):
         corrected_teacher(paths, root, args)
+    kept = json.loads((paths["student"] / "prune_report.json").read_text())["kept_layers"]
+    VARIANTS["kd_hidden"] += ["--loss.features.layers", json.dumps([[i, t] for i, t in enumerate(kept)])]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.train_only:  # runs side by side in several processes; a later run without the flag evaluates them
+        for seed in seeds:
+            for variant in (v for v in variants if v != "none"):
+                train(variant, f"{variant}_{args.steps}_seed{seed}{args.tag}", seed, paths, root, args)
+        return
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(paths["teacher"])
-    kept = json.loads((paths["student"] / "prune_report.json").read_text())["kept_layers"]
-    VARIANTS["kd_hidden"] += ["--loss.features.layers", json.dumps([[i, t] for i, t in enumerate(kept)])]
     teacher_figures = evaluate(paths["teacher"], paths, root / "eval_teacher.json", args, teacher=False)
     rows = [("teacher", teacher_figures, {}, 1.0)]
     pruned = evaluate(paths["student"], paths, root / "runs" / "none.eval.json", args)
     rows.append(("none", pruned, {}, greedy_agreement(pruned["samples"], teacher_figures["samples"], tokenizer)))
     if args.prepare_only:  # the shared inputs and evaluations exist: runs of several variants may now go side by side
         return
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in seeds:
         runs = {}
         for variant in (v for v in variants if v != "none"):
             name = f"{variant}_{args.steps}_seed{seed}{args.tag}"
