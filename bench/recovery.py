@@ -298,6 +298,11 @@ def main() -> None:
     rows.append(("none", pruned, {}, greedy_agreement(pruned["samples"], teacher_figures["samples"], tokenizer)))
     if args.prepare_only:  # the shared inputs and evaluations exist: runs of several variants may now go side by side
         return
+    if TEACHER_VARIANTS & set(variants):
+        corrected = corrected_teacher(paths, root, args)
+        figures = evaluate(corrected, paths, root / f"{corrected.parent.name}.eval.json", args)
+        agree = greedy_agreement(figures["samples"], teacher_figures["samples"], tokenizer)
+        rows.append(("teacher, corrected", figures, {}, agree))
     for seed in seeds:
         runs = {}
         for variant in (v for v in variants if v != "none"):
