@@ -1,30 +1,40 @@
 """Benchmark: recovering a pruned SmolLM2-135M-Instruct by distillation vs plain fine-tuning, on real GSM8K text.
 
-    python bench/recovery.py --root /tmp/recovery                      # every variant, 30 steps each
-    python bench/recovery.py --root /tmp/recovery --variants ce,kd_ce  # some of them
+    python bench/recovery.py --root /tmp/recovery                                  # every variant, 300 steps
+    python bench/recovery.py --root /tmp/recovery --variants ce,kd_ce_corrected --seeds 42,1,2
+    python bench/recovery.py --root /tmp/recovery --steps 30 --eval_steps 10       # the short 30-step figures
 
 The student is the teacher pruned to about half its parameters (``configs/prune/smollm2_half.yaml``: 16 of 30
 layers, MLP 1024, 70.8 M parameters). Every variant trains it from that same checkpoint with
 ``configs/smollm2_prune_distill.yaml`` and the variant's overrides (below) for the same optimizer steps on the same
 GSM8K train rationales (one pass over ``steps x batch`` records, completion tokens only), so steps and tokens are
-equal; only the loss terms, the teacher (the original model, or for ``kd_ce_corrected`` that model corrected first
-with ``configs/smollm2_teacher_correction.yaml``) and where said the learning rate differ. Each run is a fresh
-process (peak RSS = ``ru_maxrss`` of that process; seconds per step = the training loop's wall time over its steps,
-final save included).
+equal; only the loss terms, the teacher (the original model, or for ``kd_ce_corrected`` and ``on_policy`` that model
+corrected first with ``configs/smollm2_teacher_correction.yaml``) and where said the learning rate differ. Each run
+is a fresh process (peak RSS = ``ru_maxrss`` of that process; seconds per step = the mean of the loop's own
+``step_seconds``, evaluations excluded). ``--seeds`` repeats every variant per seed (the seed orders the records).
 
-Figures, all on held-out GSM8K test rationales (``--eval_records``, default 40) by ``distill eval --teacher`` with
-the original teacher: perplexity on the gold text, KL(teacher || student) and top-1 agreement per completion token,
-greedy agreement (the fraction of the teacher's greedy continuation, in tokens, that the student's greedy
-continuation reproduces before the first difference, averaged over prompts) and, from the student as the teacher's
-speculative-decoding draft, acceptance rate and speedup of the teacher's assisted greedy generation. The pruned
-model, the teacher (a Hugging Face copy of the GGUF file, made once), the corrected teacher and the top-k store are
-built under ``--root`` and reused by later runs.
+Figures, by ``distill eval --teacher`` with the original teacher:
+
+* on held-out GSM8K test rationales (``--eval_records``, default 40): perplexity on the gold text, KL(teacher ||
+  student), top-1 agreement and draft alpha (1 - TV, see ``distill eval``) per completion token, greedy agreement
+  (the fraction of the teacher's greedy continuation, in tokens, that the student's greedy continuation reproduces
+  before the first difference, averaged over prompts) and, from the student as the teacher's speculative-decoding
+  draft, acceptance rate and speedup of the teacher's assisted greedy generation;
+* on held-out general instructions (``--general_records`` of Self-Instruct's user-oriented set, which nothing here
+  trains on, answered greedily by the original teacher once): KL of the student to the teacher on the teacher's own
+  answers, i.e. how much of its general behaviour the student keeps.
+
+Every run also evaluates both sets against the original teacher every ``--eval_steps`` steps
+(``bench/recovery_parts.py``); ``curves_seed<S>.png`` draws KL and gold perplexity (and the general KL) of every
+variant against the training tokens seen, starting from the pruned model. The pruned model, the teacher (a Hugging
+Face copy of the GGUF file, made once), the corrected teacher, the general set and the top-k store are built under
+``--root`` and reused by later runs. The machine is 2 shared CPU cores here: times are noisy; the ratios within one
+run are what to read.
 
 Across tokenizers (``gold_gemma3``, ``uld_gemma3``): the same recipe with Gemma-3-270M base as the teacher
 (``loss.cross_tokenizer``; Gemma-3 has no chat template, so it reads the student's ChatML rendering of each row).
 Their figures are still measured against the original SmolLM2 teacher: perplexity of the gold text is the one that
 says whether the other family's teacher helped; KL and agreement say how far the student moved from its own origin.
-The machine is 2 shared CPU cores here: times are noisy; the ratios within one run are what to read.
 """
 
 from __future__ import annotations
@@ -32,7 +42,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -66,11 +75,20 @@ VARIANTS: dict[str, list[str]] = {
     "ce_lr1e-3": ["--loss.terms", "{ce: 1.0}", "--learning_rate", "1e-3"],
     # Minitron's teacher correction: the teacher first fine-tuned (CE) on the same rows, as the shipped config has it.
     "kd_ce_corrected": [],  # --model.teacher set in main
+    # The shipped recipe with a quarter of its micro-batches sampled by the student (GKD), JSD on them.
+    "on_policy": [
+        "--loss.terms",
+        "{jsd: 1.0, ce: 0.1}",
+        "--on_policy.student_fraction",
+        "0.25",
+        "--on_policy.max_new_tokens",
+        "96",
+    ],
     # Across tokenizers: the shipped loss from Gemma-3-270M base (another family, 262,144 SentencePiece tokens).
-    "gold_gemma3": ["--loss.cross_tokenizer", "gold"],  # --model.teacher set in main
+    "gold_gemma3": ["--loss.cross_tokenizer", "gold"],  # --model.teacher set in train
     "uld_gemma3": ["--loss.cross_tokenizer", "uld"],
 }
-TEACHER_VARIANTS = {"kd_ce_corrected"}  # distilled from the corrected teacher
+TEACHER_VARIANTS = {"kd_ce_corrected", "on_policy"}  # distilled from the corrected teacher
 GEMMA3_VARIANTS = {"gold_gemma3", "uld_gemma3"}  # distilled from Gemma-3-270M
 
 
@@ -127,18 +145,6 @@ def prepare(root: Path, steps: int, batch: int, eval_records: int, data: Path) -
     return paths
 
 
-def train_worker(argv: list[str], result: Path) -> None:
-    """``distill train`` in this process; its summary's step time and this process's peak RSS go to ``result``."""
-    from distill.training.train import main
-
-    main(argv)
-    out = Path(argv[argv.index("--output_dir") + 1])
-    summary = json.loads((out / "summary.json").read_text())
-    step_s = summary["train_seconds"] / summary["steps"]  # the loop, final save and export included
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
-    result.write_text(json.dumps({"seconds_per_step": step_s, "peak_rss_gib": peak}))
-
-
 def greedy_agreement(samples: list[dict], teacher_samples: list[dict], tokenizer) -> float:
     """Mean over prompts of the teacher continuation's share (tokens) reproduced before the first difference."""
     shares = []
@@ -150,122 +156,199 @@ def greedy_agreement(samples: list[dict], teacher_samples: list[dict], tokenizer
 
 
 def evaluate(model: Path, paths: dict[str, Path], out: Path, args, teacher: bool = True) -> dict:
+    """``distill eval`` of ``model`` on the GSM8K eval set (with the draft figures) and, when a teacher is given, its
+    KL on the general set (``general_*`` keys), made once per output file."""
     if not out.is_file():
-        extra = (
-            [
-                "--teacher",
-                str(paths["teacher"]),
-                "--draft.num_prompts",
-                str(args.draft_prompts),
-                "--draft.max_new_tokens",
-                str(args.max_new_tokens),
-            ]
-            if teacher
-            else []
+        extra = ["--teacher", str(paths["teacher"])] if teacher else []
+        draft = ["--draft.num_prompts", str(args.draft_prompts), "--draft.max_new_tokens", str(args.max_new_tokens)]
+        eval_command(
+            model,
+            paths["eval"],
+            out,
+            [*extra, *(draft if teacher else []), "--max_new_tokens", str(args.max_new_tokens)],
         )
-        sh(
-            "-m",
-            "distill",
-            "eval",
-            str(model),
-            "--data",
-            str(paths["eval"]),
-            "--max_new_tokens",
-            str(args.max_new_tokens),
-            "--max_length",
-            "256",
-            "--batch_size",
-            "8",
-            "--output",
-            str(out),
-            *extra,
-            log=out.with_suffix(".log"),
-        )
-    return json.loads(out.read_text())
+    figures = json.loads(out.read_text())
+    general = out.with_name(out.name.replace(".json", "") + ".general.json")
+    if teacher and not general.is_file():
+        # Token figures only: one generated token keeps the accuracy pass (meaningless here) nearly free.
+        eval_command(model, paths["general"], general, [*extra, "--draft.num_prompts", "0", "--max_new_tokens", "1"])
+    if teacher:
+        found = json.loads(general.read_text())
+        figures.update({f"general_{k}": found.get(k) for k in ("kl", "perplexity", "top1_agreement", "alpha")})
+    return figures
 
 
-def main() -> None:
+def eval_command(model: Path, data: Path, out: Path, extra: list[str]) -> None:
+    sh(
+        "-m",
+        "distill",
+        "eval",
+        str(model),
+        "--data",
+        str(data),
+        "--max_length",
+        "256",
+        "--batch_size",
+        "8",
+        "--output",
+        str(out),
+        *extra,
+        log=out.with_suffix(".log"),
+    )
+
+
+def train(variant: str, name: str, seed: int, paths: dict[str, Path], root: Path, args) -> dict:
+    """One variant's run for one seed (a fresh worker process), made once; its cost figures."""
+    run_dir = root / "runs" / name
+    result = root / "runs" / f"{name}.cost.json"
+    if result.is_file():
+        return json.loads(result.read_text())
+    overrides = list(VARIANTS[variant])
+    if variant == "offline_topk":
+        overrides += ["--loss.teacher_store", str(store(paths, root, args))]
+    teacher = corrected_teacher(paths, root, args) if variant in TEACHER_VARIANTS else paths["teacher"]
+    teacher = gemma3_teacher(root) if variant in GEMMA3_VARIANTS else teacher
+    spec = root / "runs" / f"{name}.spec.json"
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    sets = {"gsm8k": str(paths["eval"]), "general": str(paths["general"])}
+    spec.write_text(json.dumps({"teacher": str(paths["teacher"]), "sets": sets, "max_length": 256}))
+    began = time.perf_counter()
+    sh(
+        str(Path(__file__).resolve()),
+        "--worker",
+        str(result),
+        str(spec),
+        "--config",
+        str(CONFIG),
+        "--model.student",
+        str(paths["student"]),
+        "--model.teacher",
+        str(teacher),
+        "--data.train_file",
+        str(paths["train"]),
+        "--max_steps",
+        str(args.steps),
+        "--per_device_train_batch_size",
+        str(args.batch),
+        "--eval_steps",
+        str(args.eval_steps),
+        "--seed",
+        str(seed),
+        "--output_dir",
+        str(run_dir),
+        "--overwrite_output_dir",
+        *overrides,
+        *args.extra.split(),
+        log=root / "runs" / f"{name}.log",
+    )
+    print(f"trained {name} in {time.perf_counter() - began:.0f} s", flush=True)
+    return json.loads(result.read_text())
+
+
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="/tmp/recovery")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--seeds", default="42", help="comma-separated training seeds; every variant runs per seed")
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--eval_steps", type=int, default=50, help="steps between the curves' evaluations")
     parser.add_argument("--eval_records", type=int, default=40)
+    parser.add_argument("--general_records", type=int, default=40, help="held-out general instructions")
+    parser.add_argument("--general_new_tokens", type=int, default=128, help="longest teacher answer to them")
     parser.add_argument("--max_new_tokens", type=int, default=48, help="greedy tokens for agreement and drafting")
     parser.add_argument("--draft_prompts", type=int, default=8)
     parser.add_argument("--correction_steps", type=int, default=30, help="teacher-correction steps (kd_ce_corrected)")
     parser.add_argument("--correction_lr", type=float, default=5e-5, help="teacher-correction learning rate")
-    parser.add_argument("--extra", default="", help="overrides added to every training run, e.g. '--seed 1'")
+    parser.add_argument("--extra", default="", help="overrides added to every training run")
     parser.add_argument("--tag", default="", help="suffix of the run directories (to keep several searches)")
-    parser.add_argument("--data_dir", default=str(SHARED), help="folder of gsm8k_train.jsonl / gsm8k_test.jsonl")
+    parser.add_argument("--data_dir", default=str(SHARED), help="folder of the GSM8K and Self-Instruct files")
+    parser.add_argument(
+        "--prepare_only",
+        action="store_true",
+        help="build the shared inputs and their evaluations under --root, then stop",
+    )
+    parser.add_argument("--train_only", action="store_true", help="train the variants, evaluate nothing")
     parser.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = arguments()
     if args.worker:
-        train_worker(args.worker[1:], Path(args.worker[0]))
+        from recovery_parts import train_worker
+
+        train_worker(args.worker[2:], Path(args.worker[0]), Path(args.worker[1]))
         return
+    from recovery_parts import general_set
+
     root = Path(args.root)
     paths = prepare(root, args.steps, args.batch, args.eval_records, Path(args.data_dir))
+    general_file = root / f"general_{args.general_records}_{args.general_new_tokens}.jsonl"
+    paths["general"] = general_set(
+        paths["teacher"], Path(args.data_dir), general_file, args.general_records, args.general_new_tokens
+    )
+    variants = args.variants.split(",")
+    if TEACHER_VARIANTS & set(variants):
+        corrected_teacher(paths, root, args)
+    kept = json.loads((paths["student"] / "prune_report.json").read_text())["kept_layers"]
+    VARIANTS["kd_hidden"] += ["--loss.features.layers", json.dumps([[i, t] for i, t in enumerate(kept)])]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.train_only:  # runs side by side in several processes; a later run without the flag evaluates them
+        for seed in seeds:
+            for variant in (v for v in variants if v != "none"):
+                train(variant, f"{variant}_{args.steps}_seed{seed}{args.tag}", seed, paths, root, args)
+        return
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(paths["teacher"])
-    kept = json.loads((paths["student"] / "prune_report.json").read_text())["kept_layers"]
-    VARIANTS["kd_hidden"] += ["--loss.features.layers", json.dumps([[i, t] for i, t in enumerate(kept)])]
     teacher_figures = evaluate(paths["teacher"], paths, root / "eval_teacher.json", args, teacher=False)
     rows = [("teacher", teacher_figures, {}, 1.0)]
-    if TEACHER_VARIANTS & set(args.variants.split(",")):
+    pruned = evaluate(paths["student"], paths, root / "runs" / "none.eval.json", args)
+    rows.append(("none", pruned, {}, greedy_agreement(pruned["samples"], teacher_figures["samples"], tokenizer)))
+    if args.prepare_only:  # the shared inputs and evaluations exist: runs of several variants may now go side by side
+        return
+    if TEACHER_VARIANTS & set(variants):
         corrected = corrected_teacher(paths, root, args)
         figures = evaluate(corrected, paths, root / f"{corrected.parent.name}.eval.json", args)
-        rows.append(
-            (
-                "teacher, corrected",
-                figures,
-                {},
-                greedy_agreement(figures["samples"], teacher_figures["samples"], tokenizer),
+        agree = greedy_agreement(figures["samples"], teacher_figures["samples"], tokenizer)
+        rows.append(("teacher, corrected", figures, {}, agree))
+    for seed in seeds:
+        runs = {}
+        for variant in (v for v in variants if v != "none"):
+            name = f"{variant}_{args.steps}_seed{seed}{args.tag}"
+            cost = train(variant, name, seed, paths, root, args)
+            figures = evaluate(root / "runs" / name / "final", paths, root / "runs" / f"{name}.eval.json", args)
+            agree = greedy_agreement(figures["samples"], teacher_figures["samples"], tokenizer)
+            rows.append((name, figures, cost, agree))
+            runs[variant] = root / "runs" / name
+            print_table(rows)
+        if runs:
+            from distill.evaluation.plot import plot_curves
+
+            png = root / f"curves_{args.steps}_seed{seed}{args.tag}.png"
+            plot_curves(
+                runs, CURVES, png, f"Recovery of the pruned SmolLM2-135M, seed {seed}", start=pruned_start(pruned)
             )
-        )
-    for variant in args.variants.split(","):
-        name = variant + args.tag
-        run_dir = root / "runs" / name
-        model = paths["student"]
-        cost: dict = {}
-        if variant != "none":
-            result = root / "runs" / f"{name}.cost.json"
-            if not result.is_file():
-                overrides = list(VARIANTS[variant])
-                if variant == "offline_topk":
-                    overrides += ["--loss.teacher_store", str(store(paths, root, args))]
-                teacher = corrected_teacher(paths, root, args) if variant in TEACHER_VARIANTS else paths["teacher"]
-                teacher = gemma3_teacher(root) if variant in GEMMA3_VARIANTS else teacher
-                began = time.perf_counter()
-                sh(
-                    str(Path(__file__).resolve()),
-                    "--worker",
-                    str(result),
-                    "--config",
-                    str(CONFIG),
-                    "--model.student",
-                    str(paths["student"]),
-                    "--model.teacher",
-                    str(teacher),
-                    "--data.train_file",
-                    str(paths["train"]),
-                    "--max_steps",
-                    str(args.steps),
-                    "--per_device_train_batch_size",
-                    str(args.batch),
-                    "--output_dir",
-                    str(run_dir),
-                    "--overwrite_output_dir",
-                    *overrides,
-                    *args.extra.split(),
-                    log=root / "runs" / f"{name}.log",
-                )
-                print(f"trained {name} in {time.perf_counter() - began:.0f} s", flush=True)
-            cost = json.loads(result.read_text())
-            model = run_dir / "final"
-        figures = evaluate(model, paths, root / "runs" / f"{name}.eval.json", args)
-        rows.append((name, figures, cost, greedy_agreement(figures["samples"], teacher_figures["samples"], tokenizer)))
-        print_table(rows)
+            print(f"wrote {png}", flush=True)
+    print_targets(rows)
+
+
+# The curves: (metrics.jsonl key, panel title); every variant of a seed in one PNG.
+CURVES = [
+    ("eval/gsm8k_kl", "KL to the teacher, GSM8K (nats/token)"),
+    ("eval/gsm8k_perplexity", "gold perplexity, GSM8K"),
+    ("eval/general_kl", "KL to the teacher, general instructions"),
+]
+
+
+def pruned_start(pruned: dict) -> dict[str, float]:
+    """The pruned model's figures as every curve's point at 0 tokens (every variant starts from that checkpoint)."""
+    return {
+        "eval/gsm8k_kl": pruned["kl"],
+        "eval/gsm8k_perplexity": pruned["perplexity"],
+        "eval/general_kl": pruned["general_kl"],
+    }
 
 
 def corrected_teacher(paths: dict[str, Path], root: Path, args) -> Path:
@@ -339,19 +422,43 @@ def store(paths: dict[str, Path], root: Path, args) -> Path:
 
 def print_table(rows) -> None:
     print(
-        "| variant | perplexity | KL to teacher | top-1 agreement | greedy agreement | draft acceptance | "
-        "assisted speedup | s/step | peak RSS GiB |"
+        "| variant | perplexity | KL to teacher | general KL | top-1 agreement | alpha | greedy agreement | "
+        "draft acceptance | assisted speedup | s/step | peak RSS GiB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, f, cost, agree in rows:
 
         def cell(key, fmt="{:.3f}", f=f):  # this row's f, bound explicitly (ruff B023)
             return "-" if f.get(key) is None else fmt.format(f[key])
 
         print(
-            f"| {name} | {f['perplexity']:.2f} | {cell('kl')} | {cell('top1_agreement')} | {agree:.3f} | "
-            f"{cell('acceptance_rate')} | {cell('speedup', '{:.2f}x')} | "
+            f"| {name} | {f['perplexity']:.2f} | {cell('kl')} | {cell('general_kl')} | {cell('top1_agreement')} | "
+            f"{cell('alpha')} | {agree:.3f} | {cell('acceptance_rate')} | {cell('speedup', '{:.2f}x')} | "
             f"{cost.get('seconds_per_step', float('nan')):.2f} | {cost.get('peak_rss_gib', float('nan')):.2f} |",
+            flush=True,
+        )
+
+
+# The issue's targets: the recipe below CE by these fractions, on every seed.
+TARGETS = {"kl": 0.20, "perplexity": 0.05, "general_kl": 0.25}
+
+
+def print_targets(rows) -> None:
+    """For every seed with both a CE and a shipped-recipe row: the recipe's relative gain over CE on each target."""
+    by_name = {name: f for name, f, _, _ in rows}
+    for name, recipe in by_name.items():
+        if not name.startswith("kd_ce_corrected_"):
+            continue
+        ce = by_name.get("ce_" + name[len("kd_ce_corrected_") :])
+        if ce is None:
+            continue
+        gains = {k: 1 - recipe[k] / ce[k] for k in TARGETS if recipe.get(k) is not None and ce.get(k)}
+        print(
+            f"{name} vs CE: "
+            + ", ".join(
+                f"{k} {g:+.1%} (target >= {TARGETS[k]:.0%}: {'met' if g >= TARGETS[k] else 'missed'})"
+                for k, g in gains.items()
+            ),
             flush=True,
         )
 

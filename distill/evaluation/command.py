@@ -9,6 +9,10 @@ top-1 agreement, for any model directory on any dataset in the trainer's shapes.
 * **kl**, **top1_agreement**: KL(p_teacher || p_model) in nats per completion token at temperature 1 and the
   fraction of tokens where the argmaxes agree (``distill.evaluation.metrics.token_metrics``); the teacher must share the
   model's tokenizer.
+* **alpha**, **expected_tokens_per_round** (with a teacher, from the same pass, nothing generated): alpha = 1 - the
+  mean total variation distance between the teacher's and the model's next-token distributions, the expected share
+  of the model's draft tokens that speculative sampling accepts; and the tokens one draft round of ``draft.gamma``
+  tokens then yields, (1 - alpha^(gamma+1)) / (1 - alpha) (Leviathan et al. 2023; DistillSpec).
 * **tokens_per_second**: generated tokens over the wall time of the batched greedy generation.
 * **acceptance_rate**, **tokens_per_teacher_pass**, **speedup**, **assisted_equal** (with a teacher, the first
   ``draft.num_prompts`` prompts): the model as the draft of speculative decoding for the teacher, i.e. the teacher's
@@ -26,7 +30,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from distill.evaluation.speculative import DraftSettings
+from distill.evaluation.speculative import DraftSettings, expected_tokens_per_round
 from kd_core.answers import AnswerExtractor, gold_answer
 from kd_core.atomic import atomic_write_json, remove_temporaries
 from kd_core.commands import EXIT_OK
@@ -39,6 +43,7 @@ METRIC_NAMES = (
     "loss",
     "kl",
     "top1_agreement",
+    "alpha",
     "tokens_per_second",
     "acceptance_rate",
     "speedup",
@@ -141,8 +146,8 @@ def checked_tokenizer(cfg: EvalConfig):
 
 
 def token_figures(cfg: EvalConfig, records: list[dict[str, Any]], model, tokenizer, teacher) -> dict[str, Any]:
-    """Loss, perplexity, KL and top-1 agreement over the records' counted tokens, through the objective's chunked
-    kernels (its default ``loss.chunk_size``)."""
+    """Loss, perplexity, KL, top-1 agreement, alpha and the expected tokens per draft round over the records' counted
+    tokens, through the objective's chunked kernels (its default ``loss.chunk_size``)."""
     from distill.data.datasets import DataSettings, collate, tokenize_records
     from distill.evaluation.metrics import token_metrics
     from distill.losses.divergences import shared_vocab_size
@@ -165,12 +170,16 @@ def token_figures(cfg: EvalConfig, records: list[dict[str, Any]], model, tokeniz
         for j in range(0, size, batch_size)
     )
     tokens = token_metrics(model, teacher, batches, vocab, chunk_size=LossSettings().chunk_size)
+    alpha = tokens.get("alpha")
     return {
         "loss": tokens["loss"],
         "perplexity": math.exp(min(tokens["loss"], 50.0)),
         "tokens": tokens["tokens"],
         "kl": tokens.get("kl"),
         "top1_agreement": tokens.get("top1_agreement"),
+        "alpha": alpha,
+        "expected_tokens_per_round": None if alpha is None else expected_tokens_per_round(alpha, cfg.draft.gamma),
+        "draft_gamma": cfg.draft.gamma,
     }
 
 

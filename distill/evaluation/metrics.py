@@ -1,9 +1,12 @@
-"""Held-out figures of a student against its teacher: token KL, top-1 agreement, and the student's own loss.
+"""Held-out figures of a student against its teacher: token KL, top-1 agreement, draft alpha, and the student's own
+loss.
 
-All three are token-level over the counted (completion) tokens: ``kl`` is KL(p_teacher || p_student) at
-temperature 1 in nats per token, ``top1_agreement`` the fraction of tokens where both argmaxes agree, ``loss`` the
-student's cross-entropy on the labels. Sums are reduced across processes before dividing, so the figures do not
-depend on how the eval set is sharded.
+All are token-level over the counted (completion) tokens: ``kl`` is KL(p_teacher || p_student) at temperature 1 in
+nats per token, ``top1_agreement`` the fraction of tokens where both argmaxes agree, ``alpha`` one minus the mean
+total variation distance 0.5 * sum |p_teacher - p_student| (the expected share of the student's draft tokens that
+speculative sampling with the teacher accepts: Leviathan et al. 2023, DistillSpec), ``loss`` the student's
+cross-entropy on the labels. Sums are reduced across processes before dividing, so the figures do not depend on how
+the eval set is sharded.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def token_metrics(
     ``[tokens, vocab]`` logits ever exist. A batch whose labels are all ``-100`` counts nothing but still runs both
     models (and, under ZeRO-3, the collectives of their forwards and head gathers): how a rank with fewer eval rows
     keeps step with the others."""
-    sums = torch.zeros(4, dtype=torch.float64)  # kl, agreement, ce, tokens
+    sums = torch.zeros(5, dtype=torch.float64)  # kl, agreement, ce, tokens, total variation
     # Each model's own head (bias, scale, soft-cap: distill.losses.head), as model(...).logits computes it.
     student_head = output_head(student)
     teacher_head = output_head(teacher) if teacher is not None else None
@@ -67,6 +70,10 @@ def token_metrics(
                     student_hidden, s_head, teacher_hidden, t_head, "forward_kl", chunk_size=chunk_size
                 ).item()
                 sums[1] += top1_agreements(student_hidden, s_head, teacher_hidden, t_head, chunk_size)
+                # The registry's own TV row, through the same chunked kernel: no [tokens, vocab] tile beyond a chunk.
+                sums[4] += losses.chunked_divergence(
+                    student_hidden, s_head, teacher_hidden, t_head, "tvd", chunk_size=chunk_size
+                ).item()
         sums[3] += targets.numel()
     if reduce is not None:
         sums = reduce(sums)
@@ -75,6 +82,7 @@ def token_metrics(
     if teacher is not None:
         metrics["kl"] = sums[0].item() / tokens
         metrics["top1_agreement"] = sums[1].item() / tokens
+        metrics["alpha"] = 1.0 - sums[4].item() / tokens
     return metrics
 
 

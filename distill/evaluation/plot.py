@@ -104,6 +104,47 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None, title: s
     return written
 
 
+def plot_curves(
+    runs: dict[str, str | Path],
+    curves: list[tuple[str, str]],
+    path: str | Path,
+    title: str,
+    *,
+    x_key: str = "tokens_seen",
+    start: dict[str, float] | None = None,
+) -> Path:
+    """Several runs in one PNG: one panel per ``(metrics.jsonl key, panel title)`` of ``curves``, one line per run
+    (``runs``: label -> run directory), against ``x_key`` logged with the same evaluations (e.g. the training tokens
+    seen; runs that did not log it are drawn against the step). ``start``: values every run starts from (the common
+    checkpoint's figures), drawn at x = 0. A run missing a key is left out of that panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {label: read_metrics(Path(run) / METRICS_FILE) for label, run in runs.items()}
+    figure, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.6), squeeze=False)
+    for ax, (key, panel) in zip(axes.flat, curves):
+        for label, found in series.items():
+            if key not in found:
+                continue
+            x_at = dict(found.get(x_key, []))
+            points = [(x_at.get(step, step), value) for step, value in found[key]]
+            if start is not None and key in start:
+                points.insert(0, (0, start[key]))
+            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel(x_key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)
+
+
 Config = PlotConfig
 
 

@@ -17,6 +17,12 @@ alternates from prompt to prompt so that drift in the machine's speed does not f
 * **assisted_equal**: fraction of prompts whose assisted continuation equals the teacher's plain greedy one token
   for token. Greedy assisted decoding is lossless, so this is 1.0 up to float rounding between verifying several
   tokens in one pass and one at a time.
+
+Without generating anything, :func:`expected_tokens_per_round` turns the eval pass's ``alpha`` (one minus the mean
+total variation between the two models' next-token distributions, :mod:`distill.evaluation.metrics`) into the tokens
+one round of speculative *sampling* yields with ``gamma`` draft tokens (Leviathan et al. 2023, eq. 1; DistillSpec).
+It predicts sampling at temperature 1, where a draft token is accepted with probability min(1, p_teacher / p_draft);
+the measured figures above are greedy, where a token is accepted only when both argmaxes agree, so the two differ.
 """
 
 from __future__ import annotations
@@ -41,12 +47,28 @@ class DraftSettings:
         8, help="Prompts (the first ones with a prompt) generated plain and assisted; 0 = skip the draft-model figures."
     )
     max_new_tokens: int = option(64, help="Greedy tokens per prompt in both generations.")
+    gamma: int = option(
+        5, help="Draft tokens per round for the expected tokens per round predicted from alpha (no generation)."
+    )
 
     def __post_init__(self) -> None:
         if self.num_prompts < 0:
             raise ValueError(f"num_prompts: expected >= 0, got {self.num_prompts}")
+        if self.gamma < 1:
+            raise ValueError(f"gamma: expected >= 1, got {self.gamma}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
+
+
+def expected_tokens_per_round(alpha: float, gamma: int) -> float:
+    """Expected tokens one speculative round yields, the teacher's own token included: ``(1 - alpha**(gamma + 1)) /
+    (1 - alpha)``, each of the ``gamma`` draft tokens accepted with probability ``alpha`` independently (Leviathan et
+    al. 2023); ``gamma + 1`` at alpha = 1 (the limit), 1 at alpha = 0."""
+    if not -1e-6 <= alpha <= 1.0 + 1e-6 or gamma < 1:  # float sums may step just outside [0, 1]
+        raise ValueError(f"alpha: expected a number in [0, 1] and gamma >= 1, got {alpha} and {gamma}")
+    alpha = min(max(alpha, 0.0), 1.0)
+    # Summed as a geometric series: the closed form divides 0 by 0 at alpha = 1 and loses digits just below it.
+    return sum(alpha**i for i in range(gamma + 1))
 
 
 class ForwardCounter:

@@ -74,6 +74,26 @@ def test_chunked_figures_equal_full_logit_evaluation(pair, crop):
     assert alone == {"loss": got["loss"], "tokens": got["tokens"]}
 
 
+def test_alpha_equals_one_minus_the_mean_total_variation_of_full_logits(pair):
+    """alpha through the chunked kernel against a direct computation: both models' full softmax over the counted
+    tokens, 0.5 * sum |p_t - p_s| per token, averaged, subtracted from 1."""
+    student, teacher, tokenizer, dataset = pair
+    whole = shard_batches(len(dataset), 3, 0, 1)
+    distances, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches(dataset, tokenizer, whole):
+            positions = target_positions(batch["labels"])
+            s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[positions]
+            t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[positions]
+            distances += (0.5 * (s.float().softmax(-1) - t.float().softmax(-1)).abs().sum(-1)).sum().item()
+            count += s.shape[0]
+    got = token_metrics(student, teacher, batches(dataset, tokenizer, whole), len(tokenizer), chunk_size=4)
+    assert 0.0 < got["alpha"] < 1.0
+    assert got["alpha"] == pytest.approx(1.0 - distances / count, abs=1e-6)
+    itself = token_metrics(teacher, teacher, batches(dataset, tokenizer, whole), len(tokenizer), chunk_size=4)
+    assert itself["alpha"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_every_rank_gets_the_same_number_of_eval_batches():
     # 5 rows, batch 2, 2 ranks: rank 0 has rows 0, 2, 4 (2 batches), rank 1 rows 1, 3 (1 batch) plus 1 uncounted.
     assert shard_batches(5, 2, 0, 2) == [([0, 2], True), ([4], True)]

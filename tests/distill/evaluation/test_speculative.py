@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.evaluation.speculative import DraftSettings, draft_metrics
+from distill.evaluation.speculative import DraftSettings, draft_metrics, expected_tokens_per_round
 from kd_core.generation import encode_prompt, generate_tokens
 from kd_recipes.cli import distill_main as cli
 
@@ -116,3 +116,39 @@ def test_settings_are_validated():
         DraftSettings(num_prompts=-1)
     with pytest.raises(ValueError, match="max_new_tokens"):
         DraftSettings(max_new_tokens=0)
+    with pytest.raises(ValueError, match="gamma"):
+        DraftSettings(gamma=0)
+
+
+def test_expected_tokens_per_round_is_leviathans_closed_form():
+    for alpha in (0.0, 0.13, 0.5, 0.9, 0.999):
+        for gamma in (1, 3, 5, 8):
+            assert expected_tokens_per_round(alpha, gamma) == pytest.approx((1 - alpha ** (gamma + 1)) / (1 - alpha))
+    assert expected_tokens_per_round(1.0, 5) == 6.0  # the closed form's limit: every draft kept, plus one
+    assert expected_tokens_per_round(0.0, 5) == 1.0  # nothing kept: the teacher's own token only
+    assert expected_tokens_per_round(1.0 + 1e-9, 3) == 4.0  # float sums just above 1 are clamped, not refused
+    with pytest.raises(ValueError, match="alpha"):
+        expected_tokens_per_round(1.5, 3)
+    with pytest.raises(ValueError, match="gamma"):
+        expected_tokens_per_round(0.5, 0)
+
+
+def test_a_model_as_its_own_draft_has_alpha_one_and_gamma_plus_one_tokens_per_round(model_dirs, tmp_path):
+    """alpha comes from the eval pass alone (no draft prompts here): the teacher against itself has total variation
+    0 on every token, so alpha is 1 and a round of gamma drafts yields gamma + 1 tokens; a random student is below."""
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": "some answer"}) + "\n" for p in PROMPTS))
+    figures = {}
+    for name in ("teacher", "student"):
+        out = tmp_path / f"{name}.json"
+        argv = ["eval", str(model_dirs[name]), "--data", str(data), "--teacher", str(model_dirs["teacher"])]
+        argv += ["--max_new_tokens", "2", "--draft.num_prompts", "0", "--draft.gamma", "4", "--output", str(out)]
+        assert cli(argv) == 0
+        figures[name] = json.loads(out.read_text())
+    own = figures["teacher"]
+    assert own["alpha"] == pytest.approx(1.0, abs=1e-6)
+    assert own["expected_tokens_per_round"] == pytest.approx(5.0, abs=1e-5)
+    assert own["draft_gamma"] == 4 and "acceptance_rate" not in own  # nothing was generated for it
+    other = figures["student"]
+    assert 0.0 <= other["alpha"] < 0.99
+    assert 1.0 <= other["expected_tokens_per_round"] < own["expected_tokens_per_round"]

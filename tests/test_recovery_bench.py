@@ -1,0 +1,74 @@
+"""bench/recovery.py's parts on a tiny run: the worker's periodic evaluations against the original teacher (the
+recovery curves' points, with the training tokens seen), the curves PNG of several runs, and the general set."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from distill.evaluation.plot import plot_curves, read_metrics
+from tests.conftest import REPO_ROOT, addition_rows, write_jsonl
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+
+def run_worker(model_dirs, root, name: str, terms: str, teacher: str) -> dict:
+    """One bench worker process: 6 steps, an evaluation every 2, against the teacher of ``model_dirs``."""
+    spec = root / f"{name}.spec.json"
+    sets = {"gsm8k": str(write_jsonl(root / "eval.jsonl", addition_rows(5)))}
+    sets["general"] = str(write_jsonl(root / "general.jsonl", addition_rows(9)[4:]))
+    spec.write_text(json.dumps({"teacher": str(model_dirs["teacher"]), "sets": sets, "max_length": 64}))
+    result = root / f"{name}.cost.json"
+    argv = ["--model.student", str(model_dirs["student"]), "--model.teacher", teacher, "--max_steps", "6"]
+    argv += ["--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "1"]
+    argv += ["--eval_steps", "2", "--save_steps", "100", "--report_to", "[none]", "--loss.terms", terms]
+    argv += ["--data.train_file", str(write_jsonl(root / "train.jsonl", addition_rows(24))), "--data.eval_fraction"]
+    argv += ["0", "--output_dir", str(root / name)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO_ROOT / "bench" / "recovery.py"), "--worker", str(result), str(spec), *argv]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(result.read_text())
+
+
+def test_worker_evaluates_against_the_original_teacher_and_curves_draw_every_run(model_dirs, tmp_path):
+    # A CE run keeps no teacher for training, yet its curves still measure KL to the original teacher.
+    cost = run_worker(model_dirs, tmp_path, "ce", "{ce: 1.0}", str(model_dirs["teacher"]))
+    run_worker(model_dirs, tmp_path, "kd", "{forward_kl: 1.0, ce: 0.1}", str(model_dirs["teacher"]))
+    assert cost["seconds_per_step"] > 0 and cost["peak_rss_gib"] > 0
+    series = read_metrics(tmp_path / "ce" / "metrics.jsonl")
+    for key in ("eval/gsm8k_kl", "eval/gsm8k_perplexity", "eval/general_kl", "eval/general_alpha"):
+        assert [step for step, _ in series[key]] == [2, 4, 6], key  # every eval_steps and at the end
+    seen = [tokens for _, tokens in series["tokens_seen"]]
+    assert seen[0] > 0 and seen == sorted(seen) and len(set(seen)) == 3
+    kd = read_metrics(tmp_path / "kd" / "metrics.jsonl")
+    # Distilling moves the student towards the teacher faster than CE at the same steps on this tiny pair.
+    assert kd["eval/gsm8k_kl"][-1][1] < series["eval/gsm8k_kl"][0][1]
+    png = plot_curves(
+        {"CE": tmp_path / "ce", "KD": tmp_path / "kd"},
+        [("eval/gsm8k_kl", "KL"), ("eval/gsm8k_perplexity", "perplexity"), ("eval/general_kl", "general KL")],
+        tmp_path / "curves.png",
+        "tiny recovery",
+        start={"eval/gsm8k_kl": 9.0},
+    )
+    assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 10_000
+
+
+def test_general_set_holds_the_teachers_own_answers(model_dirs, tmp_path):
+    from recovery_parts import INSTRUCTIONS, general_set, instruction_prompt
+
+    rows = [
+        {"instruction": "Say hello.", "instances": [{"input": "", "output": "x"}]},
+        {"instruction": "Add the numbers.", "instances": [{"input": "2 and 3", "output": "5"}]},
+    ]
+    write_jsonl(tmp_path / INSTRUCTIONS, rows)
+    out = general_set(model_dirs["teacher"], tmp_path, tmp_path / "general.jsonl", 2, 8)
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["prompt"] for a in answers] == ["Say hello.", "Add the numbers.\n\n2 and 3"][: len(answers)]
+    assert answers and all(a["completion"] for a in answers)
+    assert instruction_prompt(rows[1]) == "Add the numbers.\n\n2 and 3"
+    before = out.read_text()
+    assert general_set(model_dirs["teacher"], tmp_path, out, 2, 8) == out and out.read_text() == before  # made once
