@@ -163,10 +163,10 @@ class QuickstartResult:
 
 def run(cfg: QuickstartConfig) -> QuickstartResult:
     """Every stage of the module docstring (skipping finished ones, resuming an interrupted one) and the report."""
-    if cfg.real.teacher is not None:
-        from kd_recipes.quickstart_real_stages import check_shipped_sizes, teacher_gguf
+    if cfg.real.enabled:
+        from kd_recipes.quickstart_real_stages import check_shipped_sizes, teacher_source
 
-        teacher_gguf(cfg)  # a missing model package is refused before anything is written
+        teacher_source(cfg)  # a missing model package or teacher file is refused before anything is written
         check_shipped_sizes(cfg)
     try:
         return QuickstartResult(Path(cfg.output_dir), run_stages(cfg))
@@ -185,7 +185,7 @@ def _stages(cfg: QuickstartConfig, root: Path) -> dict[str, Any]:
     print(f"quickstart: writing to {root.resolve()}")
     timings = json.loads((root / "timings.json").read_text()) if (root / "timings.json").exists() else {}
     timed = _timer(root, timings)
-    if cfg.real.teacher is not None:
+    if cfg.real.enabled:
         from kd_recipes.quickstart_real import stages
 
         return stages(cfg, root, timed, timings)

@@ -69,6 +69,12 @@ class RealModel:
         "synthetic problems. With a teacher, num_train/num_eval count GSM8K questions and the tiny-model fields "
         "(vocab_size, teacher_*, problem_*) are unused.",
     )
+    teacher_file: str | None = option(
+        None,
+        help="A GGUF file or Hugging Face model directory to use as the teacher instead of real.teacher's package "
+        "(for trying another causal LM with a chat template through the same stages; size student_layers and "
+        "student_intermediate_size to it). Set, it runs the real-model quickstart with real.teacher unused.",
+    )
     instructions_train: int = option(
         64, help="General instructions (Self-Instruct user-oriented) the teacher answers for the teacher-text student."
     )
@@ -89,7 +95,14 @@ class RealModel:
         12, help="Held-out perplexity and KL are logged every this many steps of each student (the curves)."
     )
 
+    @property
+    def enabled(self) -> bool:
+        """The real-model quickstart (a pretrained teacher) rather than the tiny one trained from scratch."""
+        return self.teacher is not None or self.teacher_file is not None
+
     def __post_init__(self) -> None:
+        if self.teacher_file is not None and not self.teacher_file.strip():
+            raise ValueError("teacher_file: expected a GGUF file or model directory, or null; got an empty path")
         if self.teacher is not None and self.teacher not in PRETRAINED:
             raise ValueError(f"teacher: expected one of {sorted(PRETRAINED)} or null, got {self.teacher!r}")
         for name in (
@@ -171,7 +184,7 @@ class QuickstartConfig:
             raise ValueError(f"cot_temperature: expected >= 0, got {self.cot_temperature}")
         if not self.loss_terms:
             raise ValueError("loss_terms: expected at least one term")
-        if self.real.teacher is None:
+        if not self.real.enabled:
             self._check_tiny()
 
     def _check_tiny(self) -> None:

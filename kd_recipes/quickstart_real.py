@@ -40,10 +40,10 @@ def stages(cfg: QuickstartConfig, root: Path, timed: Callable[..., Any], timings
     """Every stage of the module docstring; returns the report."""
     from kd_recipes.report_real import write_report
 
-    gguf = real.teacher_gguf(cfg)  # checked before the output directory too; a package removed since then
+    source = real.teacher_source(cfg)  # checked before the output directory too; a package removed since then
     data = root / "data"
     print("quickstart: [1/8] the teacher from its package, and the shipped data")
-    teacher = timed("teacher", real.make_teacher, gguf, root / "teacher")
+    teacher = timed("teacher", real.make_teacher, source, root / "teacher")
     timed("data", real.make_data, cfg, data)
     print("quickstart: [2/8] the teacher answering general instructions")
     timed("answers", real.make_answers, cfg, teacher, data, root / "answers")

@@ -20,8 +20,11 @@ from kd_recipes.quickstart_config import PRETRAINED, QuickstartConfig
 SHIPPED = Path(__file__).resolve().parent / "data"
 
 
-def teacher_gguf(cfg: QuickstartConfig) -> Path:
-    """The GGUF file of ``real.teacher``'s package; a missing package is one line saying how to install it."""
+def teacher_source(cfg: QuickstartConfig) -> Path:
+    """The teacher's weights: ``real.teacher_file`` when set, else the GGUF file of ``real.teacher``'s package. A
+    missing package or file is one line saying what to do."""
+    if cfg.real.teacher_file is not None:
+        return _teacher_file(Path(cfg.real.teacher_file))
     package = cfg.real.teacher
     if package is None:
         raise ConfigError("real.teacher: expected a pretrained teacher package")
@@ -36,15 +39,31 @@ def teacher_gguf(cfg: QuickstartConfig) -> Path:
     return path
 
 
-def make_teacher(gguf: Path, out: Path) -> Path:
-    """The teacher as a Hugging Face directory (dequantized float32), made once: every later stage loads it."""
+def _teacher_file(path: Path) -> Path:
+    from kd_core.pretrained import check_gguf, is_gguf
+
+    if is_gguf(path):
+        check_gguf(path, "real.teacher_file")  # missing, cut off, no weights, unknown architecture: one line now
+        return path
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise ConfigError(
+        f"real.teacher_file: expected a .gguf file or a Hugging Face model directory (with config.json), got {path}"
+    )
+
+
+def make_teacher(source: Path, out: Path) -> Path:
+    """The teacher as a Hugging Face directory in float32 (a GGUF file dequantized), made once: every later stage
+    loads it."""
+    import torch
+
     from kd_core.pretrained import load_causal_lm, load_tokenizer
 
     if (out / "config.json").exists():
         return out
     with atomic_directory(out) as tmp:
-        load_causal_lm(gguf, "real.teacher").save_pretrained(tmp)
-        load_tokenizer(gguf, "real.teacher").save_pretrained(tmp)
+        load_causal_lm(source, "real.teacher", dtype=torch.float32).save_pretrained(tmp)
+        load_tokenizer(source, "real.teacher").save_pretrained(tmp)
     return out
 
 

