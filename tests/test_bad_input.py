@@ -507,17 +507,6 @@ def replay_buffer_below_one_batch(model_dirs, tmp_path):
     )
 
 
-def eval_teacher_other_tokenizer(model_dirs, tmp_path):
-    from distill.student.tiny import tiny_llama, train_tokenizer
-
-    other = tmp_path / "other_teacher"
-    tokenizer = train_tokenizer(["entirely different words for another vocabulary"] * 30, vocab_size=280)
-    tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(other)
-    tokenizer.save_pretrained(other)
-    data = write_jsonl(tmp_path / "eval.jsonl", ROWS[:4])
-    return [str(model_dirs["student"]), "--data", str(data), "--teacher", str(other)]
-
-
 def hex_key_as_env_name(model_dirs, tmp_path):
     return [
         "--input_file",
@@ -781,7 +770,6 @@ CASES = [
         r"on_policy\.replay_buffer_size: 2 samples never hold one micro-batch "
         r"\(per_device_train_batch_size 4\)",
     ),
-    ("distill.evaluation.command", eval_teacher_other_tokenizer, r"teacher: .*other_teacher has a different tokenizer"),
     ("data_gen.cot", hex_key_as_env_name, r"teacher: api_key_env: expected the NAME of an environment variable"),
     (
         TRAIN,

@@ -7,8 +7,8 @@ top-1 agreement, for any model directory on any dataset in the trainer's shapes.
   ``#### 17`` included). Datasets without prompts (``text``) have no accuracy.
 * **perplexity**: ``exp`` of the model's mean cross-entropy over the counted (completion) tokens.
 * **kl**, **top1_agreement**: KL(p_teacher || p_model) in nats per completion token at temperature 1 and the
-  fraction of tokens where the argmaxes agree (``distill.evaluation.metrics.token_metrics``); the teacher must share the
-  model's tokenizer.
+  fraction of tokens where the argmaxes agree (``distill.evaluation.metrics.token_metrics``). A teacher with another
+  tokenizer has none of the one-vocabulary figures (kl, top1_agreement, alpha): ``teacher_token_figures`` says why.
 * **alpha**, **expected_tokens_per_round** (with a teacher, from the same pass, nothing generated): alpha = 1 - the
   mean total variation distance between the teacher's and the model's next-token distributions, the expected share
   of the model's draft tokens that speculative sampling accepts; and the tokens one draft round of ``draft.gamma``
@@ -17,7 +17,9 @@ top-1 agreement, for any model directory on any dataset in the trainer's shapes.
 * **acceptance_rate**, **tokens_per_teacher_pass**, **speedup**, **assisted_equal** (with a teacher, the first
   ``draft.num_prompts`` prompts): the model as the draft of speculative decoding for the teacher, i.e. the teacher's
   greedy generation with ``assistant_model=model`` against the teacher alone
-  (:mod:`distill.evaluation.speculative`). ``--draft.num_prompts 0`` skips them.
+  (:mod:`distill.evaluation.speculative`). ``--draft.num_prompts 0`` skips them. A teacher with another tokenizer
+  reads its prompts encoded by its own tokenizer and takes the model's drafts through transformers' universal
+  assisted generation (``draft_tokenizer`` says which).
 
 Shapes: ``messages``, ``prompt``/``completion``, ``text``, and GSM8K's ``question``/``answer`` (read as
 prompt/completion). The figures are printed as a table and written as JSON with ``--output``.
@@ -55,7 +57,9 @@ METRIC_NAMES = (
 class EvalConfig:
     model: str = option("", help="Model directory (Hugging Face format, with its tokenizer).", positional=True)
     data: str = option("", help="Dataset: .jsonl/.json/.parquet or a saved `datasets` folder, in a supported shape.")
-    teacher: str | None = option(None, help="Teacher directory (same tokenizer) for KL and top-1 agreement.")
+    teacher: str | None = option(
+        None, help="Teacher directory: KL and top-1 agreement (same tokenizer) and the model as its draft (any)."
+    )
     num_samples: int | None = option(None, help="Evaluate the first N records only; null = all.")
     max_new_tokens: int = option(96, help="Greedy generation length for accuracy and speed.")
     batch_size: int = option(32, help="Records per forward pass / per generate() call.")
@@ -134,15 +138,22 @@ def load_model(path: str | Path, device: str, field: str):
     return load_causal_lm(path, field).to(device).eval()
 
 
-def checked_tokenizer(cfg: EvalConfig):
-    """The model's tokenizer; a teacher with another tokenizer is refused (KL needs one vocabulary). Tokenizers are
-    compared before any weight loads: a 70B teacher takes minutes to load only to be refused."""
+CROSS_TOKENIZER_SKIP = (
+    "skipped: the teacher's tokenizer differs from the model's; kl, top1_agreement and alpha compare the two "
+    "next-token distributions over one vocabulary"
+)
+
+
+def checked_tokenizers(cfg: EvalConfig):
+    """The model's tokenizer and the teacher's when it differs (None when the two vocabularies are the same), read
+    before any weight loads: a bad teacher directory should fail in seconds, not after minutes of loading."""
     from kd_core.pretrained import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model, "model")
-    if cfg.teacher is not None and load_tokenizer(cfg.teacher, "teacher").get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"teacher: {cfg.teacher} has a different tokenizer from {cfg.model}; KL needs one vocabulary")
-    return tokenizer
+    if cfg.teacher is None:
+        return tokenizer, None
+    teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher")
+    return tokenizer, None if teacher_tokenizer.get_vocab() == tokenizer.get_vocab() else teacher_tokenizer
 
 
 def token_figures(cfg: EvalConfig, records: list[dict[str, Any]], model, tokenizer, teacher) -> dict[str, Any]:
@@ -220,7 +231,7 @@ def measure(cfg: EvalConfig) -> dict[str, Any]:
     require_model_dir(cfg.model, "model")  # both directories are checked before anything reads them
     if cfg.teacher is not None:
         require_model_dir(cfg.teacher, "teacher")
-    tokenizer = checked_tokenizer(cfg)
+    tokenizer, teacher_tokenizer = checked_tokenizers(cfg)
     records = [as_trainer_record(r) for r in load_records(cfg.data, "data")][: cfg.num_samples]
     model = load_model(cfg.model, cfg.device, "model")
     output_head(model)  # a family whose output head cannot be reproduced is refused before any work
@@ -232,20 +243,45 @@ def measure(cfg: EvalConfig) -> dict[str, Any]:
         "data": str(cfg.data),
         "records": len(records),
         "parameters": sum(p.numel() for p in model.parameters()),
-        **token_figures(cfg, records, model, tokenizer, teacher),
+        **token_figures(cfg, records, model, tokenizer, teacher if teacher_tokenizer is None else None),
     }
+    if teacher_tokenizer is not None:
+        results["teacher_token_figures"] = CROSS_TOKENIZER_SKIP
     generated = generation_figures(cfg, records, model, tokenizer)
     samples, prompts = generated.pop("samples"), generated.pop("prompts")
     results.update(generated)
     if teacher is not None and cfg.draft.num_prompts > 0 and prompts:
-        from distill.evaluation.speculative import draft_metrics
-
-        encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts[: cfg.draft.num_prompts]]
-        eos = tokenizer.eos_token_id
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        results.update(draft_metrics(model, teacher, encoded, cfg.draft.max_new_tokens, pad, eos))
+        results.update(draft_figures(cfg, prompts, model, teacher, tokenizer, teacher_tokenizer))
     results["samples"] = samples
     return results
+
+
+def draft_figures(cfg: EvalConfig, prompts: list, model, teacher, tokenizer, teacher_tokenizer) -> dict[str, Any]:
+    """The model as the teacher's draft on the first ``draft.num_prompts`` prompts, encoded by the teacher's tokenizer
+    (:mod:`distill.evaluation.speculative`); across tokenizers through universal assisted generation."""
+    from distill.evaluation.speculative import draft_metrics
+
+    own = teacher_tokenizer if teacher_tokenizer is not None else tokenizer
+    tok: dict[str, Any] = {}
+    # transformers 5.24 picks universal assisted generation by the configs' vocab_size alone: it refuses the two
+    # tokenizers when the sizes agree and demands them when they differ (a padded embedding, same tokenizer).
+    if model.config.vocab_size != teacher.config.vocab_size:
+        tok = {"tokenizer": own, "assistant_tokenizer": tokenizer}
+    elif teacher_tokenizer is not None:
+        return {
+            "draft_figures": "skipped: the tokenizers differ but both models have vocab_size "
+            f"{model.config.vocab_size}, which transformers {_version()} takes for one tokenizer"
+        }
+    encoded = [encode_prompt(own, prompt) for prompt in prompts[: cfg.draft.num_prompts]]
+    eos = own.eos_token_id
+    pad = own.pad_token_id if own.pad_token_id is not None else eos
+    return draft_metrics(model, teacher, encoded, cfg.draft.max_new_tokens, pad, eos, **tok)
+
+
+def _version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def format_table(rows: list[dict[str, Any]], names: list[str] | None = None) -> str:
@@ -275,6 +311,9 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         raise ConfigError(f"output: {output} already exists; choose another file")
     results = measure(cfg)
     print(format_table([results]))
+    for key in ("teacher_token_figures", "draft_figures"):
+        if key in results:
+            print(f"{key}: {results[key]}")
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         remove_temporaries(output)  # left by an eval killed while writing this file (the file itself is absent)

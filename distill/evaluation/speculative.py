@@ -7,16 +7,24 @@ prefix plus one token of its own; it adapts the draft length and confidence thre
 ``generation_config`` from call to call, so later prompts draft with what earlier ones learnt). The order of the two
 alternates from prompt to prompt so that drift in the machine's speed does not favour either. Figures:
 
-* **acceptance_rate**: draft tokens the teacher kept over draft tokens proposed. Counted with forward hooks (public
-  torch API, no transformers internals): every teacher forward pass of the assisted generation adds the drafts it
-  accepted plus one token of its own, so ``accepted = new tokens - teacher passes``; every student forward pass
-  proposes one draft token.
+* **acceptance_rate**: draft tokens the teacher kept over draft tokens proposed, both in the teacher's tokens. Counted
+  with forward pre-hooks (public torch API, no transformers internals): every teacher forward pass of the assisted
+  generation adds the drafts it accepted plus one token of its own, so ``accepted = new tokens - teacher passes``;
+  the drafts proposed are the positions the teacher scored that were neither prompt nor its own tokens (below).
 * **tokens_per_teacher_pass**: new tokens per teacher forward pass in the assisted generation (1.0 without a draft).
 * **speedup**: seconds of the plain greedy generations over seconds of the assisted ones (same prompts, same
   ``max_new_tokens``); above 1 the student makes the teacher faster.
 * **assisted_equal**: fraction of prompts whose assisted continuation equals the teacher's plain greedy one token
   for token. Greedy assisted decoding is lossless, so this is 1.0 up to float rounding between verifying several
   tokens in one pass and one at a time.
+
+**Across tokenizers** (``tokenizer`` and ``assistant_tokenizer`` given): transformers' universal assisted generation
+(5.24, ``AssistedCandidateGeneratorDifferentTokenizers`` at greedy): each round decodes the teacher's tokens to text,
+re-encodes it for the student, lets the student draft in its own vocabulary and re-encodes the draft for the teacher.
+Student passes then no longer count the teacher's candidates, so the drafts are counted where the teacher reads them:
+every position a teacher pass scores is a prompt token, a draft token or the teacher's own token of the previous pass
+fed back (its key/value cache holds the rest), so ``proposed = positions - prompt - (passes - 1)``; the same identity
+gives the student-pass count when the tokenizers agree (tested). Prompts are the teacher's token ids.
 
 Without generating anything, :func:`expected_tokens_per_round` turns the eval pass's ``alpha`` (one minus the mean
 total variation between the two models' next-token distributions, :mod:`distill.evaluation.metrics`) into the tokens
@@ -72,23 +80,28 @@ def expected_tokens_per_round(alpha: float, gamma: int) -> float:
 
 
 class ForwardCounter:
-    """Counts a module's forward calls (a forward hook) while active."""
+    """Counts a module's forward calls and the input positions they score (a forward pre-hook) while active;
+    ``positions`` is None once a call came without ``input_ids`` (embeddings only: positions unknown)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.calls = 0
-        self._handle = module.register_forward_hook(self._count)
+        self.positions: int | None = 0
+        self._handle = module.register_forward_pre_hook(self._count, with_kwargs=True)
 
-    def _count(self, *_: Any) -> None:
+    def _count(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.calls += 1
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.positions = None if ids is None or self.positions is None else self.positions + ids.shape[-1]
 
     def remove(self) -> None:
         self._handle.remove()
 
 
 def _greedy(
-    teacher: nn.Module, prompt: list[int], max_new_tokens: int, pad: int, eos: int, assistant: nn.Module | None
+    teacher: nn.Module, prompt: list[int], max_new_tokens: int, pad: int, eos: int, assistant: nn.Module | None, **tok
 ) -> tuple[list[int], float]:
-    """New tokens (uncut: what the rounds produced) and the wall seconds of one greedy ``generate``."""
+    """New tokens (uncut: what the rounds produced) and the wall seconds of one greedy ``generate``; ``tok`` holds
+    ``tokenizer`` and ``assistant_tokenizer`` for universal assisted generation, else nothing."""
     import torch
 
     device = next(teacher.parameters()).device
@@ -103,6 +116,7 @@ def _greedy(
             pad_token_id=pad,
             eos_token_id=eos,
             assistant_model=assistant,
+            **(tok if assistant is not None else {}),
         )
     return out[0, len(prompt) :].tolist(), time.perf_counter() - began
 
@@ -118,11 +132,15 @@ def draft_metrics(
     max_new_tokens: int,
     pad_token_id: int,
     eos_token_id: int,
+    tokenizer: Any = None,
+    assistant_tokenizer: Any = None,
 ) -> dict[str, Any]:
-    """The figures of the module docstring for ``student`` drafting for ``teacher`` (same tokenizer) on ``prompts``
-    (token ids from :func:`kd_core.generation.encode_prompt`)."""
+    """The figures of the module docstring for ``student`` drafting for ``teacher`` on ``prompts`` (the teacher's token
+    ids from :func:`kd_core.generation.encode_prompt`); ``tokenizer`` (the teacher's) and ``assistant_tokenizer`` (the
+    student's) when the two differ: universal assisted generation."""
+    tok = {"tokenizer": tokenizer, "assistant_tokenizer": assistant_tokenizer} if tokenizer is not None else {}
     plain_s = assisted_s = 0.0
-    new_tokens = teacher_passes = proposed = equal = 0
+    new_tokens = teacher_passes = proposed = student_passes = equal = 0
     for i, prompt in enumerate(prompts):
         runs = {}
         for assisted in (False, True) if i % 2 == 0 else (True, False):
@@ -131,23 +149,30 @@ def draft_metrics(
                 continue
             teacher_count, student_count = ForwardCounter(teacher), ForwardCounter(student)
             try:
-                runs[True] = _greedy(teacher, prompt, max_new_tokens, pad_token_id, eos_token_id, student)
+                runs[True] = _greedy(teacher, prompt, max_new_tokens, pad_token_id, eos_token_id, student, **tok)
             finally:
                 teacher_count.remove()
                 student_count.remove()
             new_tokens += len(runs[True][0])
             teacher_passes += teacher_count.calls
-            proposed += student_count.calls
+            student_passes += student_count.calls
+            if proposed is not None and teacher_count.positions is not None:
+                proposed += teacher_count.positions - len(prompt) - (teacher_count.calls - 1)
+            else:
+                proposed = None
         plain_s += runs[False][1]
         assisted_s += runs[True][1]
         equal += _cut(runs[False][0], eos_token_id) == _cut(runs[True][0], eos_token_id)
     accepted = new_tokens - teacher_passes
     return {
         "draft_prompts": len(prompts),
+        "draft_tokenizer": "teacher's and student's" if tok else "shared",
         "acceptance_rate": accepted / proposed if proposed else None,
         "tokens_per_teacher_pass": new_tokens / teacher_passes if teacher_passes else None,
         "speedup": plain_s / assisted_s if assisted_s > 0 else None,
         "plain_seconds": plain_s,
         "assisted_seconds": assisted_s,
         "assisted_equal": equal / len(prompts) if prompts else None,
+        "draft_tokens_proposed": proposed,
+        "student_passes": student_passes,
     }

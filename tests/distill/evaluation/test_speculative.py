@@ -32,6 +32,8 @@ def test_figures_in_range_and_assisted_output_is_the_teachers_greedy_output(mode
     assert 1.0 <= figures["tokens_per_teacher_pass"] <= 12
     assert figures["speedup"] > 0 and figures["plain_seconds"] > 0 and figures["assisted_seconds"] > 0
     assert figures["assisted_equal"] == 1.0  # greedy assisted decoding is lossless
+    # Drafts counted where the teacher reads them equal the student's passes when the two share a tokenizer.
+    assert figures["draft_tokens_proposed"] == figures["student_passes"] > 0
     # ... and the plain run it compares with is the teacher's greedy output of the library's own generation loop.
     for prompt in prompts:
         plain = generate_tokens(teacher, [prompt], pad_token_id=pad, eos_token_ids=[eos], max_new_tokens=12)[0]
