@@ -101,3 +101,25 @@ def test_eval_with_a_cross_tokenizer_teacher_skips_kl_and_reports_the_draft(cros
     assert figures["tokens_per_teacher_pass"] >= 1.0 and figures["assisted_equal"] == 1.0
     printed = capsys.readouterr().out
     assert "teacher_token_figures: skipped" in printed and "acceptance_rate" in printed
+
+
+def test_unlike_tokenizers_with_equal_vocab_sizes_skip_the_draft_with_a_reason(cross_dirs, tmp_path, capsys):
+    """transformers 5.24 takes equal ``vocab_size`` for one tokenizer and refuses the two tokenizers then: a student
+    whose embedding is padded to the teacher's size gets its draft figures skipped with the reason, not an error."""
+    from distill.student.tiny import tiny_llama
+
+    teacher_vocab = AutoModelForCausalLM.from_pretrained(cross_dirs["teacher"]).config.vocab_size
+    padded = tmp_path / "padded_student"
+    tiny_llama(teacher_vocab, hidden_size=32, num_layers=2).save_pretrained(padded)
+    AutoTokenizer.from_pretrained(cross_dirs["student"]).save_pretrained(padded)
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": "an answer"}) + "\n" for p in PROMPTS[:2]))
+    out = tmp_path / "figures.json"
+    argv = ["eval", str(padded), "--data", str(data), "--teacher", str(cross_dirs["teacher"]), "--max_new_tokens", "2"]
+    assert cli([*argv, "--draft.num_prompts", "1", "--output", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["draft_figures"].startswith(
+        f"skipped: the tokenizers differ but both models have vocab_size {teacher_vocab}"
+    )
+    assert "acceptance_rate" not in figures and figures["kl"] is None
+    assert "draft_figures: skipped" in capsys.readouterr().out
