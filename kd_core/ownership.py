@@ -36,6 +36,7 @@ process group forms, so the other ranks wait for it at the rendezvous, and the l
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -128,12 +129,59 @@ def check_writable(directory: str | Path, field: str) -> None:
         raise ConfigError(f"{field}: {directory} {what} (permission denied)")
 
 
-def differing(owner: Owner, settings: dict[str, Any]) -> list[str]:
+class Defaults(dict):
+    """The defaults of a config's fields, its sections as nested :class:`Defaults` (:func:`defaults_of`). Given to
+    :func:`prepare`, a setting recorded on one side only (a field added, or removed, since the run began: an upgrade
+    in the middle of a run) counts as unchanged when the other side holds the field's default. Dict-valued fields
+    (``loss.terms``) are plain values, compared whole."""
+
+
+_ABSENT = object()
+
+
+def defaults_of(cls: type) -> Defaults:
+    """:class:`Defaults` of the config dataclass ``cls``, as JSON would record them."""
+    out = Defaults()
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            out[f.name] = defaults_of(f.default_factory)  # a section: never built here (its checks may refuse)
+            continue
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        if dataclasses.is_dataclass(value):
+            out[f.name] = defaults_of(type(value))
+        else:
+            out[f.name] = json.loads(json.dumps(value, default=str))
+    return out
+
+
+def _same(then: Any, now: Any, default: Any) -> bool:
+    if isinstance(default, Defaults) and isinstance(then, dict) and isinstance(now, dict):
+        keys = set(then) | set(now)
+        return all(_same(then.get(k, _ABSENT), now.get(k, _ABSENT), default.get(k, _ABSENT)) for k in keys)
+    then = default if then is _ABSENT else then
+    now = default if now is _ABSENT else now
+    return then is not _ABSENT and now is not _ABSENT and then == now
+
+
+def changed(then: dict[str, Any], now: dict[str, Any], defaults: Defaults | None = None) -> list[str]:
+    """Top-level keys whose settings differ between a recorded ``then`` and ``now`` (see :class:`Defaults`)."""
+    now = json.loads(json.dumps(now))
+    base = defaults if defaults is not None else Defaults()
+    return sorted(
+        k for k in set(then) | set(now) if not _same(then.get(k, _ABSENT), now.get(k, _ABSENT), base.get(k, _ABSENT))
+    )
+
+
+def differing(owner: Owner, settings: dict[str, Any], defaults: Defaults | None = None) -> list[str]:
     """Keys of ``settings`` whose values differ from those recorded by ``owner`` (none when they are unknown)."""
     if owner.settings is None:
         return []
-    now = json.loads(json.dumps(settings))
-    return sorted(k for k in set(owner.settings) | set(now) if owner.settings.get(k) != now.get(k))
+    return changed(owner.settings, settings, defaults)
 
 
 def claim(directory: str | Path, command: str, settings: dict[str, Any] | None = None, finished: bool = False) -> None:
@@ -261,6 +309,7 @@ def prepare(
     remedy: str = "",
     check: Callable[[Owner], str | None] | None = None,
     lock: bool | None = None,
+    defaults: Defaults | None = None,
 ) -> Output:
     """Checks ``output_dir`` for a run of ``kind`` (the rules of the module docstring) and, with ``lock`` (the main
     process), creates it if absent and takes its lock, checking again under the lock. Raises one ConfigError.
@@ -268,11 +317,12 @@ def prepare(
     ``check(owner)`` is the command's own test of a directory it owns: a reason it cannot be resumed (replaced with
     ``overwrite``, else refused with ``remedy``), or None; it may raise ConfigError to refuse it outright.
     ``remedy`` ends the refusal of an own directory (e.g. "pass --resume auto to continue it"). ``lock`` defaults to
-    :func:`main_process`."""
+    :func:`main_process`. ``defaults``: the command config's :func:`defaults_of`, so that a field added by an upgrade
+    (at its default) does not stop an unfinished run from resuming."""
     path = Path(output_dir)
     lock = main_process() if lock is None else lock
     check_writable(path, field)
-    decide = functools.partial(_decide, path, kind, settings, resume, overwrite, field, remedy, check)
+    decide = functools.partial(_decide, path, kind, settings, resume, overwrite, field, remedy, check, defaults)
     if not lock:
         return Output(path, kind, settings, *decide())
     home = path.parent if kind.published else path  # the directory the lock file is in
@@ -308,6 +358,7 @@ def _decide(
     field: str,
     remedy: str,
     check: Callable[[Owner], str | None] | None,
+    defaults: Defaults | None = None,
 ) -> tuple[Owner | None, bool]:
     """(the owner, whether the run replaces its output) of an own or new directory; a ConfigError otherwise."""
     owner = owner_of(path, kind)
@@ -321,8 +372,9 @@ def _decide(
     problem = check(owner) if check is not None else None
     if problem is None and not resume:
         problem = "exists and is not empty"
-    if problem is None and differing(owner, settings):
-        problem = f"holds a run with other settings ({', '.join(differing(owner, settings))})"
+    different = differing(owner, settings, defaults) if problem is None else []
+    if different:
+        problem = f"holds a run with other settings ({', '.join(different)})"
     if problem is None or overwrite:
         return owner, problem is not None
     raise ConfigError(f"{field}: {path} {problem}" + (f"; {remedy}" if remedy else ""))

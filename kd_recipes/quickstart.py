@@ -109,14 +109,14 @@ def prepare_output_dir(cfg: QuickstartConfig) -> ownership.Output:
     writes is always refused (:mod:`kd_core.ownership`). The returned output holds the directory's lock: release
     it when the run ends."""
     root = Path(cfg.output_dir)
+    defaults = ownership.defaults_of(QuickstartConfig)  # a field added since a run began, at its default: no change
 
     def resumable(owner: ownership.Owner) -> str | None:
         if (root / REPORT).exists():
             return "holds a finished quickstart"
         if not (root / CONFIG).is_file():
             return "holds an unfinished quickstart without its config.yaml"
-        now = json.loads(json.dumps(_comparable(cfg)))
-        changed = sorted(k for k in set(_saved(root)) | set(now) if _saved(root).get(k) != now.get(k))
+        changed = ownership.changed(_saved(root), _comparable(cfg), defaults)
         return f"holds an unfinished quickstart with other settings ({', '.join(changed)})" if changed else None
 
     output = ownership.prepare(
@@ -127,6 +127,7 @@ def prepare_output_dir(cfg: QuickstartConfig) -> ownership.Output:
         overwrite=cfg.overwrite,
         check=resumable,
         remedy="pass --overwrite to replace it, or another --output_dir",
+        defaults=defaults,
     )
     try:
         if output.replace:

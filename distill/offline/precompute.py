@@ -178,6 +178,7 @@ def run(cfg: PrecomputeConfig) -> Path:
         overwrite=cfg.overwrite,
         check=refuse_a_finished_store,
         remedy="pass --overwrite to start again (its segments are removed) or choose a new directory",
+        defaults=ownership.defaults_of(PrecomputeConfig),
     )
     with output:
         return _write_store(cfg, output)

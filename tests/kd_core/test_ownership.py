@@ -168,3 +168,33 @@ def test_another_process_is_refused_naming_it_and_a_killed_holder_frees_the_dire
     with ownership.prepare(out, kind, {}, resume=True, overwrite=False) as output:
         assert output.resumed and not output.owner.finished
     assert not (out / LOCK).exists()
+
+
+def test_a_field_added_by_an_upgrade_does_not_stop_a_resume():
+    """A run recorded before a field existed resumes while the field holds its default; a non-default value, a
+    changed value, or an entry of a dict-valued field (a value compared whole, not a section) still differs."""
+    import dataclasses
+
+    from kd_core.config import option, section
+
+    @dataclasses.dataclass
+    class Inner:
+        old: int = option(1, help="h")
+        added: str | None = option(None, help="h")
+
+    @dataclasses.dataclass
+    class Config:
+        k: int = option(64, help="h")
+        terms: dict = option({"kl": 1.0}, help="h")
+        inner: Inner = section(Inner, help="h")
+        new_top: str = option("", help="h")
+
+    defaults = ownership.defaults_of(Config)
+    recorded = {"k": 64, "terms": {"kl": 1.0, "ce": 0.1}, "inner": {"old": 1}}  # before `added` and `new_top`
+    now = {"k": 64, "terms": {"kl": 1.0, "ce": 0.1}, "inner": {"old": 1, "added": None}, "new_top": ""}
+    assert ownership.changed(recorded, now, defaults) == []
+    assert ownership.changed(recorded, now) == ["inner", "new_top"]  # without defaults: as before
+    assert ownership.changed(recorded, {**now, "new_top": "x"}, defaults) == ["new_top"]
+    assert ownership.changed(recorded, {**now, "inner": {"old": 1, "added": "y"}}, defaults) == ["inner"]
+    assert ownership.changed({**recorded, "terms": {"ce": 0.1}}, now, defaults) == ["terms"]
+    assert ownership.changed({**recorded, "gone": 3}, now, defaults) == ["gone"]  # a removed field's setting
