@@ -10,10 +10,15 @@ and is charged what the server reports, so calls in flight together can never ov
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from kd_core.config import option
 from kd_core.limiter import AdaptiveConcurrency, RateLimiter
-from kd_core.retry import RetryPolicy
+from kd_core.retry import Attempt, RetryPolicy, call_with_retries
+from kd_core.served import PromptLogprobs, PromptScorer
+
+T = TypeVar("T")
 
 
 class Budget:
@@ -101,3 +106,43 @@ class ServedLimits:
 
     def budget(self) -> Budget:
         return Budget(self.price_input_per_m, self.price_output_per_m, self.max_cost_usd)
+
+
+class ServedCalls:
+    """The calls of one run to a served teacher under one :class:`ServedLimits`: a rate limiter, an adaptive
+    concurrency limit, the retry policy and the budget, shared by every call. A scoring call reserves its worst case
+    against the budget before it is sent, and is charged what the server reports."""
+
+    def __init__(self, limits: ServedLimits, on_retry: Callable[[str], None] = lambda reason: None) -> None:
+        self.policy, self.limiter = limits.retry_policy(), limits.rate_limiter()
+        self.concurrency, self.budget = limits.concurrency_limit(), limits.budget()
+        self.on_retry = on_retry
+
+    async def retrying(self, call: Callable[[Callable[[], None]], Awaitable[Attempt[T]]], tokens: int) -> T:
+        """:func:`kd_core.retry.call_with_retries` under these limits."""
+        return await call_with_retries(
+            call,
+            policy=self.policy,
+            limiter=self.limiter,
+            concurrency=self.concurrency,
+            tokens=tokens,
+            on_retry=self.on_retry,
+        )
+
+    async def score(self, scorer: PromptScorer, ids: list[int], k: int, where: str) -> PromptLogprobs | None:
+        """``scorer.score(ids, k, where)`` retried under the limits; None (nothing sent) when its worst case (the
+        prompt and one generated token) does not fit in the budget. RetriesExhausted when it fails for good."""
+        reservation = self.budget.reserve(len(ids), 1)
+        if reservation is None:
+            return None
+
+        async def attempt(_first_token: Callable[[], None]) -> Attempt[PromptLogprobs]:
+            answer = await scorer.score(ids, k, where)
+            return Attempt(answer, answer.prompt_tokens + 1)
+
+        try:
+            answer = await self.retrying(attempt, len(ids) + 1)
+        finally:
+            self.budget.release(reservation)
+        self.budget.charge(answer.prompt_tokens, 1)
+        return answer

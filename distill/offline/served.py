@@ -39,9 +39,9 @@ from distill.offline.store import Codec, sample_fingerprint
 from kd_core.commands import Stopped
 from kd_core.config import ConfigError
 from kd_core.redact import check_env_var_name, scrub, url_secrets
-from kd_core.retry import Attempt, RetriesExhausted, call_with_retries
+from kd_core.retry import Attempt, RetriesExhausted
 from kd_core.served import PROBE_TEXT, PromptScorer, check_tokenizer
-from kd_core.served_limits import ServedLimits
+from kd_core.served_limits import ServedCalls, ServedLimits
 
 logger = logging.getLogger("distill")
 
@@ -150,13 +150,7 @@ def probe(cfg: Any, tokenizer: Any) -> None:
             await check()
             return Attempt(None, 0)
 
-        await call_with_retries(
-            attempt,
-            policy=limits.retry_policy(),
-            limiter=limits.rate_limiter(),
-            concurrency=limits.concurrency_limit(),
-            tokens=0,
-        )
+        await ServedCalls(limits).retrying(attempt, tokens=0)
 
     try:
         asyncio.run(checked())
@@ -187,9 +181,7 @@ class _Run:
 
     def __init__(self, cfg: Any, train_set: Any, codec: Codec, vocab: int) -> None:
         self.cfg, self.train_set, self.codec, self.vocab = cfg, train_set, codec, vocab
-        limits: ServedLimits = cfg.served
-        self.policy, self.limiter = limits.retry_policy(), limits.rate_limiter()
-        self.concurrency, self.budget = limits.concurrency_limit(), limits.budget()
+        self.calls = ServedCalls(cfg.served)
         self.secrets = secrets(cfg)
         self.stopped: str | None = None  # 'budget' or 'teacher_unreachable': resumable
         self.failure: str | None = None  # a fatal answer: the one line to report
@@ -202,33 +194,16 @@ class _Run:
         # The positions whose next token is counted: those the local teacher's hidden states are taken at.
         counted = target_positions(torch.as_tensor([example["labels"]]))[0].numpy()
         where = f"row {position} (sample {example['sample_id']})"
-        reservation = self.budget.reserve(len(ids), 1)
-        if reservation is None:
+        try:
+            answer = await self.calls.score(scorer, ids, self.cfg.k, where)
+        except RetriesExhausted as err:
+            if not err.fatal:
+                self.stopped = self.stopped or "teacher_unreachable"
+            self.failure = self.failure or str(err)
+            return
+        if answer is None:
             self.stopped = self.stopped or "budget"
             return
-
-        async def attempt(first_token) -> Attempt[Any]:
-            answer = await scorer.score(ids, self.cfg.k, where)
-            return Attempt(answer, answer.prompt_tokens + 1)
-
-        try:
-            answer = await call_with_retries(
-                attempt,
-                policy=self.policy,
-                limiter=self.limiter,
-                concurrency=self.concurrency,
-                tokens=len(ids) + 1,
-            )
-        except RetriesExhausted as err:
-            if err.fatal:
-                self.failure = self.failure or str(err)
-            else:
-                self.stopped = self.stopped or "teacher_unreachable"
-                self.failure = self.failure or str(err)
-            return
-        finally:
-            self.budget.release(reservation)
-        self.budget.charge(answer.prompt_tokens, 1)
         rows = counted[:-1]
         top, logp, tail = answer.ids[rows], answer.logprobs[rows], answer.log_tail[rows]
         if top.size and int(top.max()) >= self.vocab:
@@ -295,7 +270,7 @@ def write_segments(cfg: Any, out: Path, train_set: Any, all_spans: list[range], 
     with tqdm(total=total, desc="precompute rows (served)", unit="row") as bar:
         asyncio.run(_score_segments(work, out, all_spans, todo, bar))
     kept = f"{work.received} rows received in this run are kept; rerun the same command to continue"
-    spent = f"${work.budget.spent_usd:.4f} spent"
+    spent = f"${work.calls.budget.spent_usd:.4f} spent"
     if work.stopped == "budget":
         raise Stopped("budget", f"stopped: served.max_cost_usd reached ({spent}); {kept}")
     teacher = served_identity(cfg.teacher_url, cfg.teacher_model)

@@ -9,7 +9,7 @@ top-k after ids ``0..t``, so the rows at the counted positions, in the trainer's
 Overlap: :meth:`ServedTeacher.prefetch` sends a micro-batch's rows, all at once, as soon as the step has built it, on
 an event loop in a thread of its own; the step goes on sampling the next micro-batches while they are scored, and
 :meth:`ServedTeacher.settle` waits for the rest before the first forward. Every call goes through
-:func:`kd_core.retry.call_with_retries` under one :class:`~kd_core.limiter.AdaptiveConcurrency`.
+:class:`kd_core.served_limits.ServedCalls` (retries, one adaptive concurrency limit and the budget, as precompute).
 
 A server that stays down: ``settle`` is where every rank learns whether every other rank got its targets (one
 all-reduce per optimizer step, on every rank), so all ranks stop together, before any forward of the step: nothing
@@ -37,9 +37,9 @@ from distill.losses.topk import TopKTargets
 from distill.training.teacher import StoreTargets, TeacherSignal
 from kd_core.config import ConfigError
 from kd_core.redact import redact_urls
-from kd_core.retry import Attempt, RetriesExhausted, call_with_retries
+from kd_core.retry import Attempt, RetriesExhausted
 from kd_core.served import PromptScorer, check_tokenizer
-from kd_core.served_limits import ServedLimits
+from kd_core.served_limits import ServedCalls, ServedLimits
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -71,11 +71,8 @@ class ServedTeacher(TeacherSignal):
         self.k = k
         self.vocab_size = vocab_size
         self.accelerator = accelerator
-        self.policy = limits.retry_policy()
-        self.limiter = limits.rate_limiter()
-        self.concurrency = limits.concurrency_limit()
-        self.budget = limits.budget()
         self.retries = 0
+        self.calls = ServedCalls(limits, on_retry=self._count_retry)
         self.pending: dict[int, concurrent.futures.Future] = {}
         self.loop = asyncio.new_event_loop()  # the openai client's connections live on this loop only
         self.thread = threading.Thread(target=self.loop.run_forever, name="served-teacher", daemon=True)
@@ -100,7 +97,7 @@ class ServedTeacher(TeacherSignal):
             return Attempt(None, 0)
 
         try:
-            teacher.run(teacher.retrying(probe, tokens=0))
+            teacher.run(teacher.calls.retrying(probe, tokens=0))
         except RetriesExhausted as err:
             raise ConfigError(f"{FIELD}: {redact_urls(m.teacher_url)} did not answer a probe: {err}") from None
         logger.info("served teacher %s (%s): tokenizer checked", redact_urls(m.teacher_url), m.teacher_model)
@@ -110,18 +107,8 @@ class ServedTeacher(TeacherSignal):
         """Runs ``coroutine`` on the teacher's loop and waits for it."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
-    async def retrying(self, call, tokens: int):
-        def count(_reason: str) -> None:
-            self.retries += 1
-
-        return await call_with_retries(
-            call,
-            policy=self.policy,
-            limiter=self.limiter,
-            concurrency=self.concurrency,
-            tokens=tokens,
-            on_retry=count,
-        )
+    def _count_retry(self, _reason: str) -> None:
+        self.retries += 1
 
     # -- scoring -----------------------------------------------------------------------------------------------
 
@@ -144,23 +131,13 @@ class ServedTeacher(TeacherSignal):
     async def score_row(self, sample_id: int, ids: list[int], counted: list[int]):
         where = f"{FIELD}: sample {sample_id}"
 
-        async def call(_first_token) -> Attempt:
-            answer = await self.scorer.score(ids, self.k, where)
-            return Attempt(answer, answer.prompt_tokens)
-
         if not counted:
             empty = np.empty((0, self.k), dtype=np.int64)
             return empty, empty.astype(np.float32), np.empty(0, dtype=np.float32)
-        # The worst case is reserved before the call and the real cost charged after: calls in flight together never
-        # overrun the cap. A spent budget fails the step like a lost server: saved, exit 3, resumable with a new cap.
-        reserved = self.budget.reserve(len(ids), 1)
-        if reserved is None:
-            raise RuntimeError(f"model.teacher_served.max_cost_usd ({self.budget.max_cost_usd}) is spent")
-        try:
-            answer = await self.retrying(call, tokens=len(ids))
-        finally:
-            self.budget.release(reserved)
-        self.budget.charge(answer.prompt_tokens, 1)
+        # A spent budget fails the step like a lost server: saved, exit 3, resumable with a new cap.
+        answer = await self.calls.score(self.scorer, ids, self.k, where)
+        if answer is None:
+            raise RuntimeError(f"model.teacher_served.max_cost_usd ({self.calls.budget.max_cost_usd}) is spent")
         picked = np.asarray(counted)
         top, logp, tail = answer.ids[picked], answer.logprobs[picked], answer.log_tail[picked]
         if top.size and int(top.max()) >= self.vocab_size:
