@@ -1,0 +1,158 @@
+"""``data-gen self-instruct`` with ``teacher.logprobs``: each input-first instance's output is found in its answer's
+generated ids, its rows of the captured log-probabilities become one store sample, output-first rows are kept out of
+the data files (and counted), and ``distill train``'s data layer lines the store up with the data. The teacher is
+:class:`data_gen.testing.ForcedTeacher`: scripted texts, the real log-probabilities of the tiny teacher model. The
+capture from a real vLLM serving SmolLM2 is in tests/data_gen/test_logprobs_vllm.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+
+import pytest
+import torch
+
+from data_gen.self_instruct_text import input_first_instances
+from data_gen.testing import ForcedTeacher
+from kd_recipes.cli import data_gen_main
+from tests.data_gen.test_self_instruct import WORDS, read_rows
+
+K = 4
+
+
+def script(body: dict) -> str:
+    """The same answer for the same prompt; outputs begin and end with multi-byte characters (byte pieces)."""
+    content = body["messages"][-1]["content"]
+    rng = random.Random(hashlib.sha256(content.encode()).hexdigest())
+    words = lambda n: " ".join(rng.sample(WORDS, n))  # noqa: E731
+    if content.startswith("We are collecting"):
+        return "\n".join(f"Task {9 + i}: Describe {words(9)}." for i in range(4))
+    if content.endswith("Classification:"):
+        return rng.choice([" Yes", "No."])
+    if "classification task. First" in content:
+        return f"Class label: {rng.choice(WORDS)}\nInput: {words(4)}\nClass label: other\nInput: {words(4)}"
+    return f"Example 1\nInput: <none>\nOutput: ✓ {words(5)}\nExample 2\nInput: {words(3)}\nOutput:  {words(4)} café\n"
+
+
+@pytest.fixture
+def forced(model_dirs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["teacher"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["teacher"])
+    bodies: list[dict] = []
+
+    def recorded(body: dict) -> str:
+        bodies.append(body)
+        return script(body)
+
+    teacher = ForcedTeacher(model, tokenizer, recorded)
+    teacher.bodies = bodies
+    server = teacher.serve()
+    yield teacher, server
+    server.stop()
+
+
+def si_args(server, out, tokenizer_dir, *extra: str) -> list[str]:
+    return [
+        "self-instruct",
+        "--target",
+        "4",
+        "--prompts_per_round",
+        "2",
+        "--teacher.model",
+        "forced",
+        "--teacher.base_url",
+        server.base_url,
+        "--teacher.api_key_env",
+        "null",
+        "--teacher.stream",
+        "false",
+        "--teacher.tokenizer",
+        str(tokenizer_dir),
+        "--output.dir",
+        str(out),
+        "--output.progress",
+        "false",
+        *extra,
+    ]
+
+
+def model_logprobs(teacher: ForcedTeacher, messages: list[dict], answer_ids: list[int]) -> torch.Tensor:
+    """The tiny teacher's log-probabilities before each answer token, computed here from the chat prompt."""
+    tok = teacher.tokenizer
+    prompt = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))["input_ids"]
+    with torch.no_grad():
+        logits = teacher.model(torch.tensor([list(prompt) + answer_ids])).logits[0, len(prompt) - 1 : -1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_captures_input_first_rows_and_keeps_the_others_out(forced, model_dirs, tmp_path, capsys):
+    from distill.data.datasets import DataSettings, tokenize_records
+    from distill.offline.store import LogitStore
+    from kd_core.records import iter_json_objects
+
+    teacher, server = forced
+    out = tmp_path / "si"
+    assert data_gen_main(si_args(server, out, model_dirs["teacher"], "--teacher.logprobs", str(K))) == 0
+    printed = capsys.readouterr().out
+    rows = read_rows(out)
+    stats = json.loads((out / "stats.json").read_text())
+    journal = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+    instances = [inst for record in journal for inst in record.get("instances", [])]
+    kept_out = [inst for inst in instances if "uncaptured" in inst]
+    assert rows and stats["rows"] == len(rows) and stats["kept_out"] == {"output_first": len(kept_out)}
+    assert kept_out and all(inst["uncaptured"] == "output_first" for inst in kept_out)  # still in the journal
+    assert f"{len(kept_out)} instances without captured log-probabilities kept out (output_first" in printed
+    tok = teacher.tokenizer
+    for row in rows:
+        assert not row["is_classification"] and row["completion_vocab_sha256"]
+        ids, (a, b) = row["completion_token_ids"], row["provenance"]["token_span"]
+        assert len(ids) == b - a and tok.decode(ids).strip() == row["output"]
+        assert row["output"].startswith("✓") or row["output"].endswith("café")
+    # Every row is a store sample whose counted tokens are the row's ids (distill train's own check).
+    data = out / "data.jsonl"
+    store = LogitStore(out / "teacher_store")
+    records = [record for _, _, record in iter_json_objects(data)]
+    examples = tokenize_records(records, tok, DataSettings(), str(data))
+    store.check_compatible(tok, len(tok), 1.0, str(data), examples)
+    assert len(examples.examples) == len(rows) == store.meta["samples"]
+    # Row t of a sample is the teacher's distribution before the t-th token, after the prompt and the answer so far.
+    from data_gen.cache import AnswerCache
+    from data_gen.logprobs import TokenLogprobs
+
+    prompts = {script(body).strip(): body["messages"] for body in teacher.bodies}
+    cache = AnswerCache(out / "cache.sqlite")
+    for example, row in zip(examples.examples, rows):
+        hit = cache.get(row["provenance"]["logprobs_key"])
+        answer = TokenLogprobs.from_bytes(hit.logprobs).token_ids.tolist()
+        a, b = row["provenance"]["token_span"]
+        assert answer[a:b] == row["completion_token_ids"]
+        expected = model_logprobs(teacher, prompts[hit.text.strip()], answer)
+        got_ids, got_logp, _ = store.sample(example["sample_id"])
+        for t, token in enumerate(row["completion_token_ids"]):
+            stored = float(got_logp[t][list(got_ids[t]).index(token)])
+            assert abs(stored - float(expected[a + t, token])) < 0.05, (row["id"], t)
+    cache.close()
+
+    # A rerun pays nothing and writes the same data and store.
+    calls = server.total
+    assert data_gen_main(si_args(server, out, model_dirs["teacher"], "--teacher.logprobs", str(K))) == 0
+    assert server.total == calls and read_rows(out) == rows  # finished: the store is rebuilt from the cache
+
+
+def test_capture_cannot_be_switched_on_in_a_run_made_without(forced, model_dirs, tmp_path, capsys):
+    _, server = forced
+    out = tmp_path / "si"
+    assert data_gen_main(si_args(server, out, model_dirs["teacher"])) == 0
+    rows = read_rows(out)
+    assert data_gen_main(si_args(server, out, model_dirs["teacher"], "--teacher.logprobs", str(K))) == 2
+    assert "teacher.logprobs: " in capsys.readouterr().err and read_rows(out) == rows
+
+
+def test_output_spans_of_input_first_answers():
+    text = "Sure.\nExample 1\nInput: <none>\nOutput:  a b \nExample 2:\nInput: x\nOutput:\tc\n\nExample 3\nInput: y"
+    found = input_first_instances(text)
+    assert [(i, o) for i, o, _ in found] == [("", "a b"), ("x", "c")]
+    assert [text[slice(*where)] for _, _, where in found] == ["a b", "c"]
