@@ -256,7 +256,8 @@ class ForcedTeacher:
     row ``t`` is the model's own distribution before token ``t``, the one a sampler at temperature 1 would have drawn
     it from, as vLLM's raw log-probabilities are. As vLLM 0.32 does, the sampled token takes the ``K``-th place when
     it is outside the top ``K``, tokens come as ``token_id:N`` and ``max_tokens`` cuts the answer (finish
-    ``length``). :meth:`completions` answers the echo that :func:`kd_core.served.check_tokenizer` sends."""
+    ``length``). The answer is one JSON body, never streamed: run the client with ``teacher.stream: false``.
+    :meth:`completions` answers the echo that :func:`kd_core.served.check_tokenizer` sends."""
 
     def __init__(self, model: Any, tokenizer: Any, script: Callable[[dict[str, Any]], str]) -> None:
         self.model, self.tokenizer, self.script = model.eval(), tokenizer, script
