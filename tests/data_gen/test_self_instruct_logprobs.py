@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -140,6 +144,23 @@ def test_captures_input_first_rows_and_keeps_the_others_out(forced, model_dirs, 
     calls = server.total
     assert data_gen_main(si_args(server, out, model_dirs["teacher"], "--teacher.logprobs", str(K))) == 0
     assert server.total == calls and read_rows(out) == rows  # finished: the store is rebuilt from the cache
+
+
+def test_distill_trains_a_step_from_the_store(forced, model_dirs, tmp_path):
+    """The student (same tokenizer as the tiny teacher) trains on the rows' ids with the store's rows as targets."""
+    _, server = forced
+    out = tmp_path / "si"
+    assert data_gen_main(si_args(server, out, model_dirs["teacher"], "--teacher.logprobs", str(K))) == 0
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "distill", "train", "--output_dir", str(run), "--report_to", "[none]"]
+    command += ["--model.student", str(model_dirs["student"]), "--data.train_file", str(out / "data.parquet")]
+    command += ["--data.eval_fraction", "0", "--loss.teacher_store", str(out / "teacher_store"), "--max_steps", "1"]
+    command += ["--per_device_train_batch_size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(metrics[-1]["train/loss"]) and metrics[-1]["step"] == 1
 
 
 def test_capture_cannot_be_switched_on_in_a_run_made_without(forced, model_dirs, tmp_path, capsys):
