@@ -379,10 +379,11 @@ class SelfInstructMethod(Method):
         self.seeds = load_seed_tasks(cfg.seed_tasks or PACKAGED_SEEDS)
 
     def resume_keys(self) -> dict[str, Any]:
-        """Resume only a run of the same teacher and seed, capturing the same log-probabilities (absent = null, as
-        earlier runs recorded)."""
+        """Resume only a run of the same teacher and seed, capturing the same log-probabilities (named only when
+        set: the ownership marker of a run begun before capture existed records no such key, and resumes)."""
         cfg = self.cfg
-        return {"seed": cfg.seed, "teacher.model": cfg.teacher.model, "teacher.logprobs": cfg.teacher.logprobs}
+        keys = {"seed": cfg.seed, "teacher.model": cfg.teacher.model}
+        return keys if cfg.teacher.logprobs is None else {**keys, "teacher.logprobs": cfg.teacher.logprobs}
 
     def total(self) -> int:
         return self.cfg.target

@@ -163,13 +163,20 @@ def test_distill_trains_a_step_from_the_store(forced, model_dirs, tmp_path):
     assert math.isfinite(metrics[-1]["train/loss"]) and metrics[-1]["step"] == 1
 
 
-def test_capture_cannot_be_switched_on_in_a_run_made_without(forced, model_dirs, tmp_path, capsys):
+def test_capture_cannot_be_switched_on_or_off_in_a_run(forced, model_dirs, tmp_path, capsys):
+    """Records journaled without log-probabilities would be missing from the store, and a run begun with them would
+    mix captured and plain rows: either switch is refused (exit 2, nothing rewritten)."""
     _, server = forced
-    out = tmp_path / "si"
-    assert data_gen_main(si_args(server, out, model_dirs["teacher"])) == 0
-    rows = read_rows(out)
-    assert data_gen_main(si_args(server, out, model_dirs["teacher"], "--teacher.logprobs", str(K))) == 2
-    assert "teacher.logprobs: " in capsys.readouterr().err and read_rows(out) == rows
+    plain, captured = tmp_path / "plain", tmp_path / "captured"
+    with_k = ("--teacher.logprobs", str(K))
+    assert data_gen_main(si_args(server, plain, model_dirs["teacher"], "--target", "2")) == 0
+    assert data_gen_main(si_args(server, captured, model_dirs["teacher"], "--target", "2", *with_k)) == 0
+    capsys.readouterr()
+    for out, switched in ((plain, with_k), (captured, ())):
+        rows = read_rows(out)
+        assert data_gen_main(si_args(server, out, model_dirs["teacher"], "--target", "4", *switched)) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(errors) == 1 and "teacher.logprobs" in errors[0] and read_rows(out) == rows, errors
 
 
 def test_output_spans_of_input_first_answers():
