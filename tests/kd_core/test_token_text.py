@@ -45,9 +45,10 @@ def test_multi_byte_characters_at_both_edges(smollm2_tokenizer):
 
 def test_an_edge_inside_a_token_with_other_text_has_no_tokens(smollm2_tokenizer):
     tok = smollm2_tokenizer
-    assert spell(tok, 'Output: "quoted words"\n', "quoted words")[3] is None  # ' "quoted' holds the quote
-    assert spell(tok, "Output: helpfulness\n", "helpful")[3] is None  # the word is one token, the span a part
-    assert spell(tok, "Output: a b\n", "a b")[3] is not None
+    assert spell(tok, 'Output:"quoted"\n', '"quoted"')[3] is None  # the first token, ':"', holds the colon
+    assert spell(tok, "Output: helpfulness\n", "helpfulnes")[3] is None  # the last token, 'ness', holds an 's'
+    ids, _, _, (a, b) = spell(tok, 'Output: "quoted words"\n', "quoted words")  # ' "' and '"' are tokens apart
+    assert tok.decode(ids[a:b]) == "quoted words"
     assert covering_tokens("ab", [(0, 1), (1, 2)], 1, 1) is None  # an empty span
 
 
