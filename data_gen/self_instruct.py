@@ -287,8 +287,9 @@ class SelfInstruct:
                 return
             if not await self.run_round(round_no):
                 return
-        self.engine.stop("max_rounds")
-        print(f"gave up after max_rounds={self.cfg.max_rounds} rounds with {len(self.kept_ids)} instructions")
+        if len(self.kept_ids) < self.cfg.target:  # the last round may be the one that reached it
+            self.engine.stop("max_rounds")
+            print(f"gave up after max_rounds={self.cfg.max_rounds} rounds with {len(self.kept_ids)} instructions")
 
 
 def capture_instances(
