@@ -184,3 +184,30 @@ def test_output_spans_of_input_first_answers():
     found = input_first_instances(text)
     assert [(i, o) for i, o, _ in found] == [("", "a b"), ("x", "c")]
     assert [text[slice(*where)] for _, _, where in found] == ["a b", "c"]
+
+
+def test_instances_found_in_a_real_tokenization(smollm2_tokenizer):
+    """On SmolLM2's tokenizer: the kept instances of an answer (a duplicate and an empty output dropped) are matched
+    to their own places in it; an output glued to 'Output:' (':"' is one token) is not delimited, the others are."""
+    from data_gen.calls import Request, Result
+    from data_gen.self_instruct import capture_instances
+    from data_gen.self_instruct_text import parse_instances, postprocess_instances
+
+    tok = smollm2_tokenizer
+    text = (
+        "Example 1\nInput: red\nOutput: warm\nExample 2\nInput: red\nOutput: warm\nExample 3\nInput: sky\nOutput:\n"
+        'Example 4\nInput: sea\nOutput:"blue"\nExample 5\nInput: snow\nOutput: 🙂 cold ✓'
+    )
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    answer = Result(Request("r", []), text, "stop", token_ids=ids, logprobs_key="key")
+    pairs = postprocess_instances("Name a colour's feeling.", parse_instances(text, "stop", False), 5)
+    assert [p["output"] for p in pairs] == ["warm", '"blue"', "🙂 cold ✓"]
+    captured = capture_instances(tok, answer, pairs, is_classification=False)
+    assert [c.get("uncaptured") for c in captured] == [None, "not_delimited", None]
+    for inst in (captured[0], captured[2]):
+        a, b = inst["token_span"]
+        assert inst["token_ids"] == ids[a:b] and tok.decode(ids[a:b]).strip() == inst["output"]
+    # The first 'warm', not the duplicate's: its tokens end before the second example.
+    assert len(tok.decode(ids[: captured[0]["token_span"][1]])) < text.index("Example 2")
+    assert ids[captured[2]["token_span"][1]] == ids[-1]  # the last output ends before the end of turn, without it
+    assert capture_instances(tok, answer, pairs, is_classification=True)[0]["uncaptured"] == "output_first"
