@@ -2,7 +2,8 @@
 generated ids, its rows of the captured log-probabilities become one store sample, output-first rows are kept out of
 the data files (and counted), and ``distill train``'s data layer lines the store up with the data. The teacher is
 :class:`data_gen.testing.ForcedTeacher`: scripted texts, the real log-probabilities of the tiny teacher model. The
-capture from a real vLLM serving SmolLM2 is in tests/data_gen/test_logprobs_vllm.py."""
+capture from a real vLLM serving SmolLM2 is in tests/data_gen/test_self_instruct_logprobs_vllm.py; instances are
+matched to their tokens on SmolLM2's real tokenizer at the end."""
 
 from __future__ import annotations
 
