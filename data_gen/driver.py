@@ -66,6 +66,9 @@ class Method:
     journal_required: bool = True
     # Top-level keys of config.yaml that tell the method's unmarked output of a version before ownership markers.
     legacy_keys: tuple[str, ...] = ()
+    # With teacher.logprobs: the teacher's tokenizer (set by the driver before generate), for a method that must
+    # find where its rows lie in an answer's generated ids.
+    teacher_tokenizer: Any = None
 
     def resume_keys(self) -> dict[str, Any]:
         """Dotted config keys (and their values now) that must equal the saved ``config.yaml``'s to resume."""
@@ -189,7 +192,7 @@ async def _generate(method: Method, prepared: ownership.Output) -> GenerationRes
         preflight(teacher, method.plan(remaining))
     except BudgetError as err:
         raise ConfigError(str(err)) from None
-    tokenizer = await _logprobs_tokenizer(teacher, probe=remaining > 0) if teacher.logprobs else None
+    tokenizer = method.teacher_tokenizer = await _logprobs_tokenizer(teacher, probe=remaining > 0)
     engine = build_engine(teacher, out, progress=output.progress)  # ConfigError on a missing API key
     if engine.rank == 0:
         prepared.claim()
@@ -243,10 +246,12 @@ async def _generate(method: Method, prepared: ownership.Output) -> GenerationRes
 async def _logprobs_tokenizer(teacher: TeacherConfig, probe: bool) -> Any:
     """The teacher's tokenizer for the store; with ``probe`` (calls are left to make), once the server has passed
     :func:`data_gen.logprobs.check_server`, before anything is created on disk. A finished run's rerun only rebuilds
-    the store from the cache: it needs no server."""
+    the store from the cache: it needs no server. None without ``teacher.logprobs``."""
     from data_gen.backends import ApiBackend
     from data_gen.engine import teacher_secrets
 
+    if not teacher.logprobs:
+        return None
     if not probe:
         return load_teacher_tokenizer(teacher.tokenizer)
     backend = ApiBackend(teacher)  # ConfigError on a missing key, before any call

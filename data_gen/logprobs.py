@@ -22,7 +22,9 @@ line up with the counted tokens by construction.
   the store is written for.
 * :func:`write_store` writes ``<output.dir>/teacher_store`` (:mod:`kd_core.topk_store`'s format, one sample per data
   row with ``completion_token_ids``, keyed by the row) at the end of every run, from the rows and the cache, as the
-  data files are: ``distill train --loss.teacher_store <output.dir>/teacher_store`` reads it.
+  data files are: ``distill train --loss.teacher_store <output.dir>/teacher_store`` reads it. A row that is one part
+  of an answer (a self-instruct instance, :func:`token_spans`) names its tokens' span in the answer
+  (``provenance.token_span``), and its sample holds those tokens' rows only.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ class TokenLogprobs:
         mass = np.exp(self.logprobs.astype(np.float64)).sum(axis=1)
         with np.errstate(divide="ignore"):
             return np.log(np.clip(1.0 - mass, 0.0, None)).astype(np.float32)
+
+    def part(self, start: int, stop: int) -> TokenLogprobs:
+        """Tokens ``start..stop-1`` and their rows."""
+        return TokenLogprobs(self.token_ids[start:stop], self.ids[start:stop], self.logprobs[start:stop])
 
     def to_bytes(self) -> bytes:
         """``n, k`` (int32) then the ids (int32) and log-probabilities (float32): 4 + 8 k bytes per token."""
@@ -155,6 +161,19 @@ def captured(result: Any) -> dict[str, Any]:
     return {"token_ids": result.token_ids, "logprobs_key": result.logprobs_key}
 
 
+def token_spans(
+    tokenizer: Any, text: str, token_ids: Sequence[int], spans: Sequence[tuple[int, int]]
+) -> list[tuple[int, int] | None]:
+    """For each character span of an answer's ``text``, the generated tokens ``[a, b)`` that spell it (edge
+    whitespace aside, :func:`kd_core.token_text.covering_tokens`), or None where the span does not fall on token
+    boundaries. The ids are decoded once; where their text differs from the server's before a span's end (a server
+    that detokenizes otherwise), that span is None too: a guessed position would train on the wrong tokens."""
+    from kd_core.token_text import completion_offsets, covering_tokens
+
+    decoded, offsets = completion_offsets(tokenizer, [], token_ids)
+    return [covering_tokens(decoded, offsets, s, e) if decoded[:e] == text[:e] else None for s, e in spans]
+
+
 def completion_ids(kept: dict[str, Any]) -> dict[str, Any]:
     """The data row's ``completion_token_ids`` (what ``distill train`` trains on instead of re-tokenizing the text,
     which a pipeline may have stripped): the answer's ids exactly as generated, end-of-turn token included."""
@@ -225,6 +244,9 @@ def write_store(
             if token_ids is None:
                 continue
             captured = _captured(row, cache, codec)
+            span = row["provenance"].get("token_span")
+            if span is not None:  # one instance of a self-instruct answer: its tokens' rows only
+                captured = captured.part(*span)
             if captured.token_ids.tolist() != list(token_ids):
                 raise ConfigError(f"{out}: record {row['id']}: its completion_token_ids differ from its cached answer")
             fingerprint = completion_fingerprint(token_ids)

@@ -11,6 +11,16 @@ The method, in rounds until ``target`` instructions are kept:
 4. *Instance generation.* Output-first for classification tasks (labels, then an input per label, so the labels
    stay balanced), input-first otherwise; post-processing drops empty, duplicate and degenerate instances.
 
+Log-probabilities (``teacher.logprobs: K``, :mod:`data_gen.logprobs`): a row is one instance of an answer holding
+several, so its ``completion_token_ids`` are the slice of the answer's generated ids that spells its output, found
+from the ids' character spans; the store holds that slice's rows and the row's provenance names the slice
+(``token_span``). The slice ends at the output's last token, with no end-of-turn: the teacher wrote the next
+instance there, so its distribution after the output predicts that, and a label it never gave cannot be a target.
+Only rows the captured distributions are right for are written, since ``distill train`` refuses a row missing from
+the store: output-first (classification) rows are not, their label being written before their input, and nor are
+outputs whose edges fall inside a token holding other text. Those instances stay in the journal (nothing paid is
+lost) and are counted by reason in ``stats.json`` and the done line.
+
 Resumability: each round's prompts depend only on the seed, the round number and the instructions kept in earlier
 rounds, and results are processed in request order, so a rerun replays every earlier round from the answer cache
 (free) and reaches the same state. Records are journaled only once their whole round is complete; a round cut short
@@ -23,6 +33,7 @@ import functools
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +44,7 @@ from data_gen.config import OutputConfig, TeacherConfig
 from data_gen.driver import GenerationResult, Method
 from data_gen.engine import CallPlan, Engine, Request, Result
 from data_gen.journal import Journal
+from data_gen.logprobs import token_spans
 from data_gen.output import dataset_card
 from data_gen.self_instruct_text import (
     TEMPLATE_HASH,
@@ -40,6 +52,7 @@ from data_gen.self_instruct_text import (
     classification_prompt,
     filter_reason,
     generation_prompt,
+    input_first_instances,
     instance_prompt,
     parse_instances,
     parse_instructions,
@@ -80,13 +93,6 @@ class SelfInstructConfig:
         for name in ("new_per_prompt", "prompts_per_round", "max_rounds", "max_instances"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1")
-        if self.teacher.logprobs is not None:
-            # A row's output is one parsed piece of an answer holding several instances: the answer's token ids do
-            # not delimit it, so its log-probabilities cannot be lined up with the row without re-tokenizing.
-            raise ValueError(
-                "teacher.logprobs: self-instruct rows are parts of the teacher's answers, not whole answers; "
-                "capture log-probabilities with data-gen cot, or score the data with distill precompute"
-            )
 
 
 # ------------------------------------------------------------------------------------------------ seed tasks
@@ -120,10 +126,18 @@ def load_seed_tasks(path: str | Path) -> list[dict[str, Any]]:
 class SelfInstruct:
     """The round loop; ``state`` is the journal plus the replayed rounds (see the module docstring)."""
 
-    def __init__(self, cfg: SelfInstructConfig, engine: Engine, seeds: list[dict[str, Any]], journal: Journal) -> None:
+    def __init__(
+        self,
+        cfg: SelfInstructConfig,
+        engine: Engine,
+        seeds: list[dict[str, Any]],
+        journal: Journal,
+        tokenizer: Any = None,
+    ) -> None:
         from data_gen.rouge import NoveltyIndex
 
         self.cfg = cfg
+        self.tokenizer = tokenizer  # with teacher.logprobs: the teacher's, to find each output's tokens
         self.engine = engine
         self.seeds = seeds
         self.journal = journal
@@ -258,6 +272,9 @@ class SelfInstruct:
                 "instances": pairs,
                 "provenance": self._provenance(round_no, [gen, label, inst]),
             }
+            if inst.token_ids is not None:
+                record["instances"] = capture_instances(self.tokenizer, inst, pairs, is_cls)
+                record["provenance"]["logprobs_key"] = inst.logprobs_key
             if len(self.kept_ids) >= self.cfg.target:
                 break
             self.kept_ids.append(cid)
@@ -270,28 +287,69 @@ class SelfInstruct:
                 return
             if not await self.run_round(round_no):
                 return
-        self.engine.stop("max_rounds")
-        print(f"gave up after max_rounds={self.cfg.max_rounds} rounds with {len(self.kept_ids)} instructions")
+        if len(self.kept_ids) < self.cfg.target:  # the last round may be the one that reached it
+            self.engine.stop("max_rounds")
+            print(f"gave up after max_rounds={self.cfg.max_rounds} rounds with {len(self.kept_ids)} instructions")
 
 
-def to_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per instance, with chat ``messages`` and instruction/input/output columns."""
+def capture_instances(
+    tokenizer: Any, answer: Result, pairs: list[dict[str, str]], is_classification: bool
+) -> list[dict[str, Any]]:
+    """``pairs`` (kept instances of ``answer``, which has captured log-probabilities), each with the span of the
+    answer's generated tokens that spell its output (``token_span``) and those ids (``token_ids``), or the reason it
+    has none (``uncaptured``): ``output_first`` (a classification label is written before its input, so its
+    distribution is not conditioned on the input the row gives the student) or ``not_delimited`` (the output does not
+    begin and end on token boundaries)."""
+    if is_classification:
+        return [{**pair, "uncaptured": "output_first"} for pair in pairs]
+    found = input_first_instances(answer.text)
+    # Kept pairs are parsed pairs in order, minus some: each is the first unused parsed one with its input and output.
+    where, used = [], set()
+    for pair in pairs:
+        k = next(k for k, (i, o, _) in enumerate(found) if k not in used and (i, o) == (pair["input"], pair["output"]))
+        used.add(k)
+        where.append(found[k][2])
+    ids = answer.token_ids
+    captured = []
+    for pair, span in zip(pairs, token_spans(tokenizer, answer.text, ids, where)):
+        if span is None:
+            captured.append({**pair, "uncaptured": "not_delimited"})
+        else:
+            captured.append({**pair, "token_span": list(span), "token_ids": ids[span[0] : span[1]]})
+    return captured
+
+
+def to_rows(records: list[dict[str, Any]], captured_only: bool = False) -> list[dict[str, Any]]:
+    """One row per instance, with chat ``messages`` and instruction/input/output columns. With ``captured_only``
+    (teacher.logprobs), only instances with captured tokens, each with its ``completion_token_ids`` and, in its
+    provenance, the ``token_span`` of its answer's log-probabilities; the others stay in the journal only (see the
+    module docstring)."""
     rows = []
     for record in records:
         for j, inst in enumerate(record["instances"]):
+            if captured_only and "token_span" not in inst:
+                continue
             prompt = record["instruction"] + (f"\n\n{inst['input']}" if inst["input"] else "")
-            rows.append(
-                {
-                    "id": f"{record['id']}-{j}",
-                    "instruction": record["instruction"],
-                    "input": inst["input"],
-                    "output": inst["output"],
-                    "is_classification": record["is_classification"],
-                    "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": inst["output"]}],
-                    "provenance": record["provenance"],
-                }
-            )
+            row = {
+                "id": f"{record['id']}-{j}",
+                "instruction": record["instruction"],
+                "input": inst["input"],
+                "output": inst["output"],
+                "is_classification": record["is_classification"],
+                "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": inst["output"]}],
+                "provenance": record["provenance"],
+            }
+            if captured_only:
+                row["completion_token_ids"] = inst["token_ids"]
+                row["provenance"] = {**record["provenance"], "token_span": inst["token_span"]}
+            rows.append(row)
     return rows
+
+
+def kept_out(records: list[dict[str, Any]]) -> dict[str, int]:
+    """Instances without captured tokens, by reason (see :func:`capture_instances`)."""
+    reasons = Counter(inst["uncaptured"] for record in records for inst in record["instances"] if "uncaptured" in inst)
+    return dict(sorted(reasons.items()))
 
 
 def estimate_plan(cfg: SelfInstructConfig, seeds: list[dict[str, Any]], remaining: int) -> list[CallPlan]:
@@ -322,8 +380,11 @@ class SelfInstructMethod(Method):
         self.seeds = load_seed_tasks(cfg.seed_tasks or PACKAGED_SEEDS)
 
     def resume_keys(self) -> dict[str, Any]:
-        """Resume only a run of the same teacher and seed."""
-        return {"seed": self.cfg.seed, "teacher.model": self.cfg.teacher.model}
+        """Resume only a run of the same teacher and seed, capturing the same log-probabilities (named only when
+        set: the ownership marker of a run begun before capture existed records no such key, and resumes)."""
+        cfg = self.cfg
+        keys = {"seed": cfg.seed, "teacher.model": cfg.teacher.model}
+        return keys if cfg.teacher.logprobs is None else {**keys, "teacher.logprobs": cfg.teacher.logprobs}
 
     def total(self) -> int:
         return self.cfg.target
@@ -332,7 +393,7 @@ class SelfInstructMethod(Method):
         return estimate_plan(self.cfg, self.seeds, remaining)
 
     async def generate(self, engine: Engine, journal: Journal) -> None:
-        await SelfInstruct(self.cfg, engine, self.seeds, journal).run()
+        await SelfInstruct(self.cfg, engine, self.seeds, journal, self.teacher_tokenizer).run()
 
     def records(self, journal: Journal) -> list[dict[str, Any]]:
         # Journal order is the order instructions were kept (replayed rounds append nothing), so the data files
@@ -340,7 +401,13 @@ class SelfInstructMethod(Method):
         return list(journal.records.values())[: self.cfg.target]
 
     def rows(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return to_rows(records)
+        return to_rows(records, captured_only=self.cfg.teacher.logprobs is not None)
+
+    def stats(self, records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """With teacher.logprobs: the instances kept out of the data files, by reason; otherwise none."""
+        if self.cfg.teacher.logprobs is None:
+            return None
+        return {"instructions": len(records), "rows": len(rows), "kept_out": kept_out(records)}
 
     def card(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], summary: str) -> str:
         return dataset_card(
@@ -354,7 +421,12 @@ class SelfInstructMethod(Method):
         )
 
     def done_line(self, records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
-        return f"{len(records)} instructions ({len(rows)} rows)"
+        line = f"{len(records)} instructions ({len(rows)} rows)"
+        out = kept_out(records) if self.cfg.teacher.logprobs is not None else {}
+        if out:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in out.items())
+            line += f"; {sum(out.values())} instances without captured log-probabilities kept out ({reasons})"
+        return line
 
 
 Config = SelfInstructConfig

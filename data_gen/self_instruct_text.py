@@ -152,20 +152,33 @@ def parse_instances(text: str, finish_reason: str, is_classification: bool) -> l
             if sep:
                 pairs.append({"input": _clean_input(rest), "output": label.strip()})
     else:
-        chunks = re.split(r"(?:^|\n)\s*Example\s*\d+\s*:?", text, flags=re.IGNORECASE)[1:]
-        if not chunks and "Output:" in text:
-            chunks = [text]
-        pairs = []
-        for chunk in chunks:
-            head, sep, output = chunk.partition("Output:")
-            if sep:
-                _, _, given = head.partition("Input:")
-                pairs.append({"input": _clean_input(given), "output": output.strip()})
+        pairs = [{"input": given, "output": output} for given, output, _ in input_first_instances(text)]
     if finish_reason == "length" and pairs:
         pairs = pairs[:-1]  # the last one may be cut mid-sentence
     if not pairs:
         raise ParseError("no_instances")
     return pairs
+
+
+EXAMPLE_SPLIT = re.compile(r"(?:^|\n)\s*Example\s*\d+\s*:?", re.IGNORECASE)
+
+
+def input_first_instances(text: str) -> list[tuple[str, str, tuple[int, int]]]:
+    """(input, output, where) of every input-first example in an answer, cut short or not: ``text[slice(*where)]``
+    is the output (stripped), which is how captured log-probabilities find its tokens (:mod:`data_gen.logprobs`)."""
+    heads = list(EXAMPLE_SPLIT.finditer(text))
+    if heads:
+        chunks = [(m.end(), nxt.start()) for m, nxt in zip(heads, heads[1:])] + [(heads[-1].end(), len(text))]
+    else:
+        chunks = [(0, len(text))] if "Output:" in text else []
+    found = []
+    for begin, end in chunks:
+        head, sep, output = text[begin:end].partition("Output:")
+        if sep:
+            _, _, given = head.partition("Input:")
+            start = begin + len(head) + len(sep) + len(output) - len(output.lstrip())
+            found.append((_clean_input(given), output.strip(), (start, start + len(output.strip()))))
+    return found
 
 
 def postprocess_instances(instruction: str, pairs: list[dict[str, str]], limit: int) -> list[dict[str, str]]:

@@ -6,7 +6,10 @@ pieces it shares with the fault proxy (:mod:`data_gen.fault_proxy`).
   counts every request by the hash of its messages and by its ``Authorization`` header, and answers an HTTP error
   where the function returns an :class:`ErrorReply`. Used by the tests for deterministic
   pipeline logic and by ``bench/generation.py`` for throughput (run it in another process with
-  ``python -m data_gen.testing --latency 0.2``).
+  ``python -m data_gen.testing --latency 0.2``). Given a second function, it answers ``POST /v1/completions`` too.
+* :class:`ForcedTeacher` puts a real (tiny) causal LM behind a scripted answer: the text is the script's, and the
+  log-probabilities of its tokens are the model's own, as vLLM reports them for an answer it sampled, so
+  ``teacher.logprobs`` runs in seconds without a vLLM (the real one is in tests/data_gen/test_logprobs_vllm.py).
 
 Both servers are plain asyncio HTTP/1.1 on 127.0.0.1 running in a background thread (:class:`ThreadedServer`), so
 a test can start them in-process.
@@ -175,9 +178,10 @@ class ScriptedServer(ThreadedServer):
     """An OpenAI-compatible chat endpoint whose answers come from ``responder(body)`` (text, or (text, finish), or a
     whole answer body as a dict, sent as it is and never streamed)."""
 
-    def __init__(self, responder: Responder, latency_s: float = 0.0) -> None:
+    def __init__(self, responder: Responder, latency_s: float = 0.0, completions: Responder | None = None) -> None:
         super().__init__()
         self.responder = responder
+        self.completions = completions  # POST /v1/completions: a dict (the answer) or an ErrorReply; None = 404
         self.latency_s = latency_s
         self.counts: Counter[str] = Counter()  # requests per messages-hash
         self.authorizations: Counter[str] = Counter()  # chat requests per Authorization header ('' = none sent)
@@ -220,6 +224,14 @@ class ScriptedServer(ThreadedServer):
                     else:
                         payload = chat_completion_body(body.get("model", "scripted"), text, finish, prompt_tokens)
                         writer.write(http_response(200, json.dumps(payload).encode()))
+                elif method == "POST" and path.endswith("/completions") and self.completions is not None:
+                    answer = self.completions(json.loads(raw))
+                    status, payload = (
+                        (answer.status, {"error": {"message": answer.message}})
+                        if isinstance(answer, ErrorReply)
+                        else (200, answer)
+                    )
+                    writer.write(http_response(status, json.dumps(payload).encode()))
                 else:
                     writer.write(http_response(404, b'{"error":"not found"}'))
                 await writer.drain()
@@ -230,6 +242,72 @@ class ScriptedServer(ThreadedServer):
         finally:
             self._writers.discard(writer)
             writer.close()
+
+
+def _token_name(token: int) -> str:
+    """A token as ``return_tokens_as_token_ids`` makes vLLM and SGLang write it."""
+    return f"token_id:{token}"
+
+
+class ForcedTeacher:
+    """A real causal LM answering with scripted texts: ``script(body)`` gives the text, the model the log-probabilities.
+
+    The model is run over the chat prompt (its tokenizer's template) and the text's tokens plus EOS (teacher forcing):
+    row ``t`` is the model's own distribution before token ``t``, the one a sampler at temperature 1 would have drawn
+    it from, as vLLM's raw log-probabilities are. As vLLM 0.32 does, the sampled token takes the ``K``-th place when
+    it is outside the top ``K``, tokens come as ``token_id:N`` and ``max_tokens`` cuts the answer (finish
+    ``length``). The answer is one JSON body, never streamed: run the client with ``teacher.stream: false``.
+    :meth:`completions` answers the echo that :func:`kd_core.served.check_tokenizer` sends."""
+
+    def __init__(self, model: Any, tokenizer: Any, script: Callable[[dict[str, Any]], str]) -> None:
+        self.model, self.tokenizer, self.script = model.eval(), tokenizer, script
+
+    def chat(self, body: dict[str, Any]) -> str | dict[str, Any]:
+        text = self.script(body)
+        if not body.get("logprobs"):
+            return text
+        import torch
+
+        tok = self.tokenizer
+        prompt = tok(tok.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=False))
+        prompt_ids = list(prompt["input_ids"])
+        ids = list(tok(text, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
+        finish = "stop"
+        if len(ids) > body.get("max_tokens", len(ids)):
+            ids, finish = ids[: body["max_tokens"]], "length"
+        text = tok.decode(ids, skip_special_tokens=True)
+        with torch.no_grad():
+            logits = self.model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        k = int(body.get("top_logprobs") or 1)
+        content = []
+        for t, token in enumerate(ids):
+            top = logp[t].topk(k).indices.tolist()
+            if token not in top:
+                top[-1] = token
+            entries = [{"token": _token_name(i), "logprob": float(logp[t, i])} for i in top]
+            content.append({"token": _token_name(token), "logprob": float(logp[t, token]), "top_logprobs": entries})
+        body_out = chat_completion_body(body.get("model", "forced"), text, finish, len(prompt_ids))
+        body_out["choices"][0]["logprobs"] = {"content": content}
+        body_out["usage"]["completion_tokens"] = len(ids)
+        return body_out
+
+    def completions(self, body: dict[str, Any]) -> dict[str, Any] | ErrorReply:
+        """An echoed prompt's token ids plus one generated token (the tokenizer check); nothing else."""
+        if not (body.get("echo") and isinstance(body.get("prompt"), str)):
+            return ErrorReply(400, "this test server only echoes text prompts")
+        import torch
+
+        ids = list(self.tokenizer(body["prompt"])["input_ids"])
+        with torch.no_grad():
+            ids.append(int(self.model(torch.tensor([ids])).logits[0, -1].argmax()))
+        choice = {"index": 0, "text": body["prompt"], "finish_reason": "length"}
+        choice["logprobs"] = {"tokens": [_token_name(i) for i in ids]}
+        return {"choices": [choice], "usage": {"prompt_tokens": len(ids) - 1, "completion_tokens": 1}}
+
+    def serve(self) -> ScriptedServer:
+        """A started :class:`ScriptedServer` answering chat completions and echoes from this teacher."""
+        return ScriptedServer(self.chat, completions=self.completions).start()
 
 
 def echo_responder(body: dict[str, Any]) -> str:

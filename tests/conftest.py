@@ -208,6 +208,14 @@ def smollm2(smollm2_gguf):
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    """SmolLM2's tokenizer alone (no model loaded), for tests of token texts and offsets."""
+    from kd_core.pretrained import load_tokenizer
+
+    return load_tokenizer(smollm2_gguf, "model")
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(smollm2, tmp_path_factory) -> Path:
     """The same model saved as a Hugging Face directory (for `transformers serve`)."""
     model, tokenizer = smollm2

@@ -41,6 +41,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kd_core.config import ConfigError
+from kd_core.token_text import completion_offsets
 
 CROSS_FEATURES = {
     "teacher_input_ids": ("list", "int32"),
@@ -206,27 +207,6 @@ def cross_columns(
         "align_teacher": teacher_pos,
         PROMPT_IDS: teacher_prompt,
     }
-
-
-def completion_offsets(
-    tokenizer: PreTrainedTokenizerBase, prompt: list[int], completion: list[int]
-) -> tuple[str, list[tuple[int, int]]]:
-    """The text of sampled ``completion`` tokens as they read after ``prompt`` (so a SentencePiece ``▁`` keeps its
-    space), and each token's character span in it. Decoded incrementally (tokenizers' ``DecodeStream``, one pass):
-    a piece of a UTF-8 character gets a zero-width span until the piece that completes the character."""
-    from tokenizers.decoders import DecodeStream
-
-    backend = tokenizer.backend_tokenizer
-    stream = DecodeStream(skip_special_tokens=False)
-    if prompt:
-        stream.step(backend, list(prompt))  # the context only: its text is not part of the completion
-    pieces, offsets, end = [], [], 0
-    for token in completion:
-        chunk = stream.step(backend, token) or ""
-        pieces.append(chunk)
-        offsets.append((end, end + len(chunk)))
-        end += len(chunk)
-    return "".join(pieces), offsets
 
 
 def sampled_columns(

@@ -231,7 +231,6 @@ def test_captured_store_lines_up_and_refuses_a_cut_record(tokenizer, tmp_path):
 def test_config_refusals(capsys):
     base = ["--teacher.model", "m", "--output.dir", "unused", "--teacher.api_key_env", "null"]
     for extra, expected in (
-        (["self-instruct", "--teacher.logprobs", "3", "--teacher.tokenizer", "t"], "self-instruct rows are parts"),
         (["cot", "--input_file", "q.jsonl", "--teacher.logprobs", "3"], "tokenizer: teacher.logprobs needs"),
         (["cot", "--input_file", "q.jsonl", "--teacher.logprobs", "0", "--teacher.tokenizer", "t"], "expected K >= 1"),
         (

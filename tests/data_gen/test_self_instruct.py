@@ -302,6 +302,12 @@ def test_bad_inputs_exit_2_with_a_clear_message(server, tmp_path, capsys, monkey
     assert code == 2 and "failed request" in capsys.readouterr().err and server.total == 0
 
 
+def test_the_target_reached_in_the_last_round_is_a_finished_run(server, tmp_path, capsys):
+    assert data_gen_main(args(server, tmp_path / "one", "--target", "4", "--max_rounds", "1")) == 0
+    assert "gave up" not in capsys.readouterr().out
+    assert len({row["instruction"] for row in read_rows(tmp_path / "one")}) == 4
+
+
 def test_a_teacher_that_never_lists_tasks_gives_up_after_max_rounds(tmp_path, capsys):
     server = ScriptedServer(lambda body: "I cannot help with that.").start()
     try:
