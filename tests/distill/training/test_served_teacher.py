@@ -426,6 +426,8 @@ def test_two_processes_train_as_one_and_stop_together_when_the_server_is_lost(
     double = {**single, "output_dir": str(tmp_path / "double"), "per_device_train_batch_size": 2}
     done = launch(double)
     assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((tmp_path / "double" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2  # really two processes, 2 rows each
     assert_same_run(tmp_path / "single", tmp_path / "double", steps=3)
     losses = [json.loads(line).get("train/loss") for line in open(tmp_path / "double" / "metrics.jsonl")]
     assert all(loss is None or math.isfinite(loss) for loss in losses)
