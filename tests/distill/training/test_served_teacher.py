@@ -371,7 +371,7 @@ def test_the_next_steps_dataset_batches_are_scored_while_this_one_trains(vllm_sm
     assert runs[True][1]["served/retries"] == 0 and runs[True][1]["reverse_kl"] > 0
     ahead, plain = (runs[key][0].module.student.state_dict() for key in (True, False))
     for name, tensor in plain.items():
-        torch.testing.assert_close(ahead[name], tensor, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(ahead[name], tensor, rtol=0, atol=1e-5, msg=name)
 
 
 @pytest.mark.slow
