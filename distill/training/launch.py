@@ -6,6 +6,8 @@ except for the exit status once the ranks have stopped:
 * **75** (kd_core.commands.EXIT_PREEMPTED) when every rank of this machine ended with 75, i.e. saved a checkpoint
   on SIGTERM/SIGUSR1: rerun with ``--resume auto``. That holds whether the launcher itself was signalled (as Slurm
   does) or the ranks were;
+* **3** (kd_core.commands.EXIT_STOPPED) when every rank ended with 3: the served teacher was lost and every rank
+  stopped together after saving the position of the failed step (distill.training.loop.Distiller.guarded_step);
 * 128 + the signal number when the launcher was signalled and the ranks did not all save (killed after the
   shutdown timeout, crashed, or not started yet), the shell's convention;
 * 1 when a rank failed, 0 when all succeeded, a single process's own exit code under the simple launcher.
@@ -40,7 +42,7 @@ import tempfile
 from pathlib import Path
 
 from distill.training.runtime import LAUNCH_STATUS_ENV
-from kd_core.commands import EXIT_PREEMPTED
+from kd_core.commands import EXIT_PREEMPTED, EXIT_STOPPED
 
 
 def ranks_exit_code(status_dir: Path) -> int | None:
@@ -95,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + int(stop.sigval)
         except ChildFailedError as failed:
             codes = {failure.exitcode for failure in failed.failures.values()}
-            if codes == {EXIT_PREEMPTED} and ranks_exit_code(status_dir) == EXIT_PREEMPTED:
-                print(f"distill launch: every rank saved a checkpoint: exit {EXIT_PREEMPTED}", file=sys.stderr)
-                return EXIT_PREEMPTED
+            for saved in (EXIT_PREEMPTED, EXIT_STOPPED):  # a stop signal; a served teacher lost (all ranks at once)
+                if codes == {saved} and ranks_exit_code(status_dir) == saved:
+                    print(f"distill launch: every rank saved a checkpoint: exit {saved}", file=sys.stderr)
+                    return saved
             print(f"distill launch: {failed}", file=sys.stderr)
             return 1
         except subprocess.CalledProcessError as failed:  # the simple (single-process) launcher

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -124,20 +126,29 @@ class Distiller:
 
     def guarded_step(self) -> dict[str, float]:
         """:meth:`training_step`; when the served teacher is lost (:class:`TeacherLost`: every rank together, before
-        the step's first forward, so no weight has moved), the data and sampling positions go back to where the step
-        began, a checkpoint of them is saved and the run stops (exit 3): ``--resume auto`` redoes the step."""
+        the same micro-batch's forward, so no optimizer step has happened), the step's partial gradients are dropped,
+        the data and sampling positions, accelerate's micro-step count and the random generators go back to where the
+        step began, a checkpoint of them is saved and the run stops (exit 3): ``--resume auto`` redoes the step."""
         if not isinstance(self.teacher, ServedTeacher):
             return self.training_step()
         consumed = self.stream.samples_consumed
         sampling = self.sampler.state_dict() if self.sampler is not None else None
         if sampling is not None:
             sampling["buffer"] = list(sampling["buffer"])  # the live list grows during the step
+        # accelerate 1.15 saves its micro-step count with the state and counts syncs from it on resume: saved in
+        # mid-step, the resumed run would step the optimizer after the wrong micro-batch.
+        micro_step, generators = self.accelerator.step, random_states()
         try:
             return self.training_step()
         except TeacherLost as lost:
             self.stream.samples_consumed = consumed
             if sampling is not None:
                 self.sampler.load_state_dict(sampling)
+            # A checkpoint holds no gradients (deepspeed 0.19.8 saves weights, fp32 partitions and optimizer
+            # moments; torch, parameters and optimizer state): the stop below drops what ZeRO accumulated.
+            self.module.zero_grad()  # to None (torch 2.13; DeepSpeed's engine takes no argument)
+            self.accelerator.step = micro_step
+            set_random_states(generators)  # the forwards already run drew dropout masks
             if not (self.output_dir / f"{ckpt.PREFIX}{self.step}").exists():
                 self.save()
             logger.error(
@@ -316,6 +327,20 @@ class Distiller:
             if ownership.held(self.output_dir) is not None:
                 ownership.held(self.output_dir).release()
         return summary
+
+
+def random_states() -> dict[str, Any]:
+    """The generators accelerate saves with a checkpoint (Python, NumPy, torch and CUDA)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_random_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

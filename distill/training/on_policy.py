@@ -177,6 +177,24 @@ class Sampler:
         self.counts[OFF_POLICY] += 1
         return OFF_POLICY
 
+    def upcoming(self, count: int) -> list[str | None]:
+        """What :meth:`draw` will answer for the next ``count`` micro-batches, as far as it is certain now (the draws
+        generator is copied, not moved): ``OFF_POLICY`` where the dataset's completions will be used, None where the
+        micro-batch is sampled; after a draw that may replay (a replay draws its indices from the same generator,
+        as many as the buffer then holds) nothing more is certain."""
+        s, draws = self.settings, torch.Generator()
+        draws.set_state(self.draws.get_state())
+        sources: list[str | None] = []
+        while len(sources) < count:
+            u = torch.rand((), generator=draws).item()
+            if u >= s.student_fraction + s.teacher_fraction:
+                sources.append(OFF_POLICY)
+                continue
+            sources.append(None)
+            if u < s.student_fraction and torch.rand((), generator=draws).item() < s.replay_ratio:
+                break
+        return sources + [None] * (count - len(sources))
+
     # -- sampling ----------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager

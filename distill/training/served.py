@@ -8,12 +8,17 @@ top-k after ids ``0..t``, so the rows at the counted positions, in the trainer's
 
 Overlap: :meth:`ServedTeacher.prefetch` sends a micro-batch's rows, all at once, as soon as the step has built it, on
 an event loop in a thread of its own; the step goes on sampling the next micro-batches while they are scored, and
-:meth:`ServedTeacher.settle` waits for the rest before the first forward. Every call goes through
+:meth:`ServedTeacher.settle` waits, before each micro-batch's forward, for that micro-batch only: the later ones are
+scored while the earlier ones run forward and backward. Where the next step's micro-batches are known for certain
+(the dataset's own completions: the data stream fixes them), :meth:`ServedTeacher.speculate` sends them while this
+step trains, and the next step's :meth:`~ServedTeacher.prefetch` takes the answer of an identical micro-batch (same
+samples, same ids) instead of asking again; nothing moves the data position. Every call goes through
 :class:`kd_core.served_limits.ServedCalls` (retries, one adaptive concurrency limit and the budget, as precompute).
 
-A server that stays down: ``settle`` is where every rank learns whether every other rank got its targets (one
-all-reduce per optimizer step, on every rank), so all ranks stop together, before any forward of the step: nothing
-of the step has touched the weights, and the trainer saves the position the step started from
+A server that stays down: ``settle`` is where every rank learns whether every other rank got the micro-batch's
+targets (one all-reduce per micro-batch, on every rank: every rank has the step's number of micro-batches), so all
+ranks stop together, before the same forward: no optimizer step has happened in the step (it comes at its last
+micro-batch), and the trainer drops the step's partial gradients and saves the position the step started from
 (:class:`TeacherLost`, :meth:`distill.training.loop.Distiller.guarded_step`).
 """
 
@@ -54,10 +59,14 @@ class TeacherLost(Exception):
     """A rank's scoring failed for good (after its retries); raised on every rank by :meth:`ServedTeacher.settle`."""
 
 
+Rows = list[tuple[int, list[int], list[int]]]  # per row: sample id, ids to send, counted positions (batch_rows)
+
+
 class ServedTeacher(TeacherSignal):
     """The teacher behind ``url``; ``k`` log-probabilities per position, ids checked against ``vocab_size``."""
 
     model = None  # no weights here: held-out teacher figures need a local model
+    speculates = True
 
     def __init__(
         self,
@@ -73,7 +82,9 @@ class ServedTeacher(TeacherSignal):
         self.accelerator = accelerator
         self.retries = 0
         self.calls = ServedCalls(limits, on_retry=self._count_retry)
-        self.pending: dict[int, concurrent.futures.Future] = {}
+        self.pending: dict[int, concurrent.futures.Future] = {}  # this step's micro-batches, by input_ids tensor
+        self.speculative: dict[tuple, concurrent.futures.Future] = {}  # the next step's, by their rows
+        self.waited = 0.0  # seconds settle waited since the last figures()
         self.loop = asyncio.new_event_loop()  # the openai client's connections live on this loop only
         self.thread = threading.Thread(target=self.loop.run_forever, name="served-teacher", daemon=True)
         self.thread.start()
@@ -113,11 +124,23 @@ class ServedTeacher(TeacherSignal):
     # -- scoring -----------------------------------------------------------------------------------------------
 
     def prefetch(self, batch: dict[str, Tensor]) -> None:
-        """Starts scoring ``batch``'s rows (all in parallel) in the background."""
+        """Starts scoring ``batch``'s rows (all in parallel) in the background, or takes the speculative answer of
+        the same rows (one that failed is asked again: the server may be back)."""
         rows = batch_rows(batch)
-        self.pending[id(batch["input_ids"])] = asyncio.run_coroutine_threadsafe(self.score_rows(rows), self.loop)
+        future = self.speculative.pop(row_key(rows), None)
+        if future is None or (future.done() and future.exception() is not None):
+            future = asyncio.run_coroutine_threadsafe(self.score_rows(rows), self.loop)
+        self.pending[id(batch["input_ids"])] = future
 
-    async def score_rows(self, rows: list[tuple[int, list[int], list[int]]]) -> TopKTargets:
+    def speculate(self, batches: list[dict[str, Tensor]]) -> None:
+        """Starts scoring micro-batches a later step will build; the ones the previous call started and no step
+        took are dropped (they were paid for: the caller sends only micro-batches that are certain)."""
+        self.speculative = {}
+        for batch in batches:
+            rows = batch_rows(batch)
+            self.speculative[row_key(rows)] = asyncio.run_coroutine_threadsafe(self.score_rows(rows), self.loop)
+
+    async def score_rows(self, rows: Rows) -> TopKTargets:
         """The targets of ``rows`` ((sample id, ids to send, counted positions)), concatenated in row order."""
         answers = await asyncio.gather(*(self.score_row(*row) for row in rows), return_exceptions=True)
         failed = next((a for a in answers if isinstance(a, BaseException)), None)
@@ -147,23 +170,26 @@ class ServedTeacher(TeacherSignal):
             )
         return top, logp, tail
 
-    def settle(self) -> dict[str, float]:
-        """Waits for every prefetched micro-batch of the step; raises :class:`TeacherLost` on every rank when any
-        rank's scoring failed (one all-reduce, made by every rank once per step). Returns the step's figures:
-        seconds the step waited here, retries so far (this rank's share of the all-rank mean)."""
+    def settle(self, batch: dict[str, Tensor]) -> None:
+        """Waits for ``batch``'s targets (prefetched) before its forward; raises :class:`TeacherLost` on every rank
+        when any rank's scoring of its micro-batch failed (one all-reduce, made by every rank once per
+        micro-batch)."""
         began = time.perf_counter()
-        failure = None
-        for future in self.pending.values():
-            error = future.exception()
-            failure = failure or error
-        waited = time.perf_counter() - began
+        future = self.pending.get(id(batch["input_ids"]))
+        failure = future.exception() if future is not None else None
+        self.waited += time.perf_counter() - began
         acc = self.accelerator
         flag = torch.tensor([0.0 if failure is None else 1.0], device=acc.device)
         if acc.reduce(flag, "sum").item() > 0:
             self.pending.clear()
             reason = f"failed: {failure}" if failure is not None else "was lost by another process"
             raise TeacherLost(redact_urls(f"{FIELD}: the served teacher {reason}"))
-        processes = acc.num_processes
+
+    def figures(self) -> dict[str, float]:
+        """The step's figures (this rank's share of the all-rank mean): seconds its forwards waited for the server,
+        retries so far."""
+        processes = self.accelerator.num_processes
+        waited, self.waited = self.waited, 0.0
         return {"served/wait_seconds": waited / processes, "served/retries": self.retries / processes}
 
     @contextlib.contextmanager
@@ -177,7 +203,12 @@ class ServedTeacher(TeacherSignal):
         yield StoreTargets(TopKTargets(targets.ids.to(device), targets.logp.to(device), targets.log_tail.to(device)))
 
 
-def batch_rows(batch: dict[str, Tensor]) -> list[tuple[int, list[int], list[int]]]:
+def row_key(rows: Rows) -> tuple:
+    """What identifies a micro-batch's request: the server's answer depends on the ids sent (and k) only."""
+    return tuple((sample_id, tuple(ids), tuple(counted)) for sample_id, ids, counted in rows)
+
+
+def batch_rows(batch: dict[str, Tensor]) -> Rows:
     """Per row of a right-padded micro-batch: its sample id, the ids to score (up to the last counted label: row
     ``t`` of the answer needs ids ``0..t + 1``) and the counted positions (those whose next token is a label)."""
     positions = target_positions(batch["labels"]).cpu()

@@ -44,19 +44,36 @@ def next_micro_batches(run) -> tuple[list[dict[str, torch.Tensor]], list[str], l
                 examples = [
                     {**e, **cross.sampled_columns(e, run.tokenizer, teacher_tokenizer, max_length)} for e in examples
                 ]
-        pad = run.tokenizer.pad_token_id
-        if cfg.data.packing:
-            batch = collate_packed(
-                examples, pad, cfg.data.max_length, run.packing_weight, varlen_attention(cfg.model.attn_implementation)
-            )
-        else:
-            batch = collate(examples, pad)
-        batches.append({k: v.to(run.accelerator.device) for k, v in batch.items()})
+        batches.append({k: v.to(run.accelerator.device) for k, v in build_batch(run, examples).items()})
         if run.teacher is not None:  # a served teacher scores it while the next micro-batches are sampled
             run.teacher.prefetch(batches[-1])
         sources.append(source)
         stats.append(figures)
     return batches, sources, stats
+
+
+def build_batch(run, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """A micro-batch's tensors, on the CPU."""
+    cfg, pad = run.cfg, run.tokenizer.pad_token_id
+    if cfg.data.packing:
+        attention = varlen_attention(cfg.model.attn_implementation)
+        return collate_packed(examples, pad, cfg.data.max_length, run.packing_weight, attention)
+    return collate(examples, pad)
+
+
+def upcoming_batches(run) -> list[dict[str, torch.Tensor]]:
+    """The next step's micro-batches that are certain before this step trains: those of the dataset's own
+    completions (:meth:`~distill.training.on_policy.Sampler.upcoming`), as the next step will build them from the
+    data stream (peeked: the position does not move); none when this step is the last."""
+    count = run.cfg.gradient_accumulation_steps
+    if run.step + 1 >= run.total_steps:
+        return []
+    sources = run.sampler.upcoming(count) if run.sampler is not None else [OFF_POLICY] * count
+    return [
+        build_batch(run, [run.train_set[i] for i in run.stream.peek_indices(ahead)])
+        for ahead, source in enumerate(sources)
+        if source == OFF_POLICY
+    ]
 
 
 def sample(run, examples: list[dict[str, Any]], source: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -80,8 +97,9 @@ def training_step(run) -> dict[str, float]:
     over ranks: each rank adds its share of the mean)."""
     acc, cfg, weights = run.accelerator, run.cfg, run.cfg.loss.terms
     micro_batches, sources, sampling = run.next_micro_batches()
-    # Every rank waits here for its served targets, and all learn together whether any rank lost the server.
-    logged: dict[str, float] = run.teacher.settle() if run.teacher is not None else {}
+    if run.teacher is not None and run.teacher.speculates:  # scored while this step trains
+        run.teacher.speculate(upcoming_batches(run))
+    logged: dict[str, float] = {}
     token_scale = step_token_scale(
         [b["labels"] for b in micro_batches],
         lambda t: acc.reduce(t.to(acc.device), reduction="sum"),
@@ -91,6 +109,8 @@ def training_step(run) -> dict[str, float]:
     share = 1.0 / (acc.num_processes * cfg.gradient_accumulation_steps)
     teacher_logprobs: list[tuple[float, int]] = []
     for batch, source in zip(micro_batches, sources):
+        if run.teacher is not None:  # every rank waits for this micro-batch's served targets; all learn together
+            run.teacher.settle(batch)  # whether any rank lost the server, before the same forward
         with acc.accumulate(run.module):
             with run.teacher_targets(batch) as teacher:
                 terms = run.module(
@@ -119,6 +139,8 @@ def training_step(run) -> dict[str, float]:
         logged["loss"] = logged.get("loss", 0.0) + loss.detach().item() / (
             acc.num_processes * cfg.gradient_accumulation_steps
         )
+    if run.teacher is not None:
+        logged.update(run.teacher.figures())
     if run.sampler is not None:  # every rank has the same sources, so the same keys
         logged.update(on_policy_figures(sources, sampling, teacher_logprobs, acc.num_processes))
     totals = acc.reduce(torch.tensor(list(logged.values()), dtype=torch.float64, device=acc.device), "sum")

@@ -43,6 +43,7 @@ class TeacherSignal(abc.ABC):
     """Where the teacher's side of every micro-batch comes from."""
 
     model: nn.Module | None  # the plain teacher model, for held-out metrics; None for a store
+    speculates = False  # whether :meth:`speculate` wants the next step's micro-batches (building them costs time)
 
     @abc.abstractmethod
     def targets(self, batch: dict[str, Tensor]) -> contextlib.AbstractContextManager[TeacherTargets | None]:
@@ -52,8 +53,16 @@ class TeacherSignal(abc.ABC):
         """Starts fetching ``batch``'s targets in the background (a served teacher); nothing for the others."""
         return None  # a model or a store has its targets at hand
 
-    def settle(self) -> dict[str, float]:
-        """Waits for what :meth:`prefetch` started, before the step's first forward; the step's figures of it."""
+    def speculate(self, batches: list[dict[str, Tensor]]) -> None:
+        """Starts fetching micro-batches the next step will build, while this one trains (a served teacher)."""
+        return None
+
+    def settle(self, batch: dict[str, Tensor]) -> None:
+        """Waits for what :meth:`prefetch` started for ``batch``, before its forward."""
+        return None
+
+    def figures(self) -> dict[str, float]:
+        """The step's figures of the waiting."""
         return {}
 
 

@@ -216,3 +216,26 @@ def test_batch_stream_draws_each_epoch_permutation_once(monkeypatch):
                 start = step * 4 + rank * 2
                 assert seen[rank][2 * epoch + step] == order[start : start + 2]
     assert len(draws) == 4  # each of two streams: once per epoch
+
+
+def test_peeked_indices_are_the_ones_later_micro_batches_take_and_the_position_stays(monkeypatch):
+    """A served teacher scores the next step's micro-batches early: peek_indices(ahead) is what next_indices returns
+    ``ahead`` calls later, across epoch boundaries, without moving the position or redrawing a permutation."""
+    import torch
+
+    from distill.data import batching
+
+    draws = []
+    real = torch.randperm
+    monkeypatch.setattr(batching.torch, "randperm", lambda *a, **k: draws.append(a) or real(*a, **k))
+    for rank in (0, 1):
+        stream = batching.BatchStream(11, 2, 2, rank, seed=5)  # 2 micro-batches an epoch, 3 samples dropped
+        for _ in range(7):
+            at = stream.samples_consumed
+            peeked = [stream.peek_indices(ahead) for ahead in range(3)]
+            assert stream.samples_consumed == at
+            twin = batching.BatchStream(11, 2, 2, rank, seed=5, samples_consumed=at)
+            assert peeked == [twin.next_indices() for _ in range(3)]
+            assert stream.next_indices() == peeked[0]
+    # per rank: the stream draws epochs 0-4 once each (two kept, so no look ahead redraws one); each twin its 2 epochs
+    assert len(draws) == 2 * (5 + 7 * 2)

@@ -220,6 +220,31 @@ def test_draws_agree_across_ranks_and_replay_reuses_the_buffer():
     assert len(picked) == 4 and stats["on_policy/sample_seconds"] == 0.0
 
 
+@pytest.mark.parametrize("replay_ratio", [0.0, 0.5])
+def test_upcoming_sources_are_certain_and_leave_the_draws_alone(replay_ratio):
+    """What Sampler.upcoming calls off-policy is what draw then answers; a sampled one is None; after a draw that
+    may replay (its indices come from the same generator) nothing is promised; the draws themselves do not move."""
+    settings = OnPolicySettings(student_fraction=0.4, teacher_fraction=0.0, replay_ratio=replay_ratio)
+    sampler = Sampler(settings, seed=2, rank=0, device=torch.device("cpu"))
+    sampler.remember([{"input_ids": [1, 2, 3], "prompt_length": 2, "sample_id": i} for i in range(8)])
+    promised = 0
+    for _ in range(60):
+        twin = Sampler(settings, seed=2, rank=0, device=torch.device("cpu"))
+        twin.load_state_dict(sampler.state_dict())
+        upcoming = sampler.upcoming(3)
+        assert twin.draws.get_state().equal(sampler.draws.get_state())
+        actual = []
+        for _ in range(3):
+            actual.append(sampler.draw(4))
+            if actual[-1] == REPLAY:
+                sampler.replay(4)
+        exact = [OFF_POLICY if got == OFF_POLICY else None for got in actual]
+        assert all(said is None or said == want for said, want in zip(upcoming, exact))  # never wrong
+        assert upcoming == exact or replay_ratio > 0  # and complete where nothing replays
+        promised += upcoming.count(OFF_POLICY)
+    assert promised > 60  # about 0.6 x 180 without replay, fewer with it
+
+
 def test_loss_on_a_sampled_batch_equals_the_direct_reverse_kl(model_dirs, prompts_file, tmp_path):
     distiller = Distiller(
         config(model_dirs, prompts_file, tmp_path / "out", loss={"terms": {"reverse_kl": 1.0}, "chunk_size": 5})

