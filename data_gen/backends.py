@@ -259,7 +259,11 @@ class LocalBackend:
             pending = await self._gather()
             groups: dict[str, list[tuple[list[int], dict[str, Any], asyncio.Future[Completion]]]] = {}
             for item in pending:
-                groups.setdefault(json.dumps(item[1], sort_keys=True), []).append(item)
+                # Calls that differ only in their seed share a batch, seeded with its first call's seed: a local
+                # answer depends on its batch's other rows anyway (one generator draws for all), and the cache
+                # keeps it; cot's samples 0 and 1 of a question carry seeds 0 and 1 and would halve every batch.
+                unseeded = {k: v for k, v in item[1].items() if k != "seed"}
+                groups.setdefault(json.dumps(unseeded, sort_keys=True), []).append(item)
             for items in groups.values():
                 items.sort(key=lambda item: len(item[0]))  # length bucketing
                 for start in range(0, len(items), self.batch_size):

@@ -389,18 +389,20 @@ def test_local_backend_batches_fill_beyond_concurrency(model_dirs, tmp_path):
 
 
 def test_local_backend_waits_for_callers_a_few_turns_behind(model_dirs, tmp_path):
-    """Calls that arrive a few milliseconds apart (callers still writing the previous answer) share one batch: the
-    worker once took only what was queued in the first event-loop turn, and generated 1 row, then the other 7."""
+    """Calls that arrive a few milliseconds apart (callers still writing the previous answer) and differ only in
+    their seed share one batch: the worker once took only what was queued in the first event-loop turn (1 row, then
+    the other 7), and split calls by seed."""
     cfg = teacher(str(model_dirs["teacher"]), None, backend="local", batch_size=8, concurrency=8)
     backend = LocalBackend(cfg)
     sizes: list[int] = []
     generate = backend._generate
     backend._generate = lambda prompts, params: sizes.append(len(prompts)) or generate(prompts, params)
-    params = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 2}
+    params = {"temperature": 0.7, "top_p": 1.0, "max_tokens": 2}
 
     async def caller(i: int):
         await asyncio.sleep(0.003 * i)  # as a caller busy with its previous answer
-        return await backend.complete([{"role": "user", "content": f"word {i}"}], params)
+        seeded = {**params, "seed": i % 2}  # cot's samples 0 and 1 carry seeds 0 and 1: one batch still
+        return await backend.complete([{"role": "user", "content": f"word {i}"}], seeded)
 
     async def main():
         return await asyncio.gather(*(caller(i) for i in range(8)))
