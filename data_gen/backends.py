@@ -242,16 +242,16 @@ class LocalBackend:
         the journal) to send their next call; a batch cut off at the first turn ran with a third of its rows (5 of 16
         in the real quickstart's ``data-gen cot``) for the seconds a generation takes."""
         assert self._queue is not None
+        loop = asyncio.get_running_loop()
         pending = [await self._queue.get()]
-        deadline = asyncio.get_running_loop().time() + BATCH_WAIT_S
+        deadline = loop.time() + BATCH_WAIT_S
         while True:
             while not self._queue.empty():
                 pending.append(self._queue.get_nowait())
-            if len(pending) >= self.batch_size or asyncio.get_running_loop().time() >= deadline:
+            if len(pending) >= self.batch_size or loop.time() >= deadline:
                 return pending
-            before = len(pending)
             await asyncio.sleep(BATCH_WINDOW_S)
-            if self._queue.qsize() == 0 and len(pending) == before:
+            if self._queue.empty():
                 return pending  # nobody else is about to call
 
     async def _work(self) -> None:
