@@ -161,6 +161,10 @@ def parse_instances(text: str, finish_reason: str, is_classification: bool) -> l
 
 
 EXAMPLE_SPLIT = re.compile(r"(?:^|\n)\s*Example\s*\d+\s*:?", re.IGNORECASE)
+# A line that opens another field ends an output: a model that writes a second 'Output:' (SmolLM2 wrote
+# 'spam\nOutput: not spam') or a new 'Input:' without an 'Example N' head has started another answer. The first output
+# is kept, as Self-Instruct's own parser does.
+NEXT_FIELD = re.compile(r"\n[ \t]*(?:Input|Output)[ \t]*:", re.IGNORECASE)
 
 
 def input_first_instances(text: str) -> list[tuple[str, str, tuple[int, int]]]:
@@ -175,6 +179,7 @@ def input_first_instances(text: str) -> list[tuple[str, str, tuple[int, int]]]:
     for begin, end in chunks:
         head, sep, output = text[begin:end].partition("Output:")
         if sep:
+            output = NEXT_FIELD.split(output, maxsplit=1)[0]
             _, _, given = head.partition("Input:")
             start = begin + len(head) + len(sep) + len(output) - len(output.lstrip())
             found.append((_clean_input(given), output.strip(), (start, start + len(output.strip()))))

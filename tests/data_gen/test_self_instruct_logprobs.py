@@ -187,6 +187,17 @@ def test_output_spans_of_input_first_answers():
     assert [text[slice(*where)] for _, _, where in found] == ["a b", "c"]
 
 
+def test_an_output_ends_where_another_field_begins():
+    """A second 'Output:' (as SmolLM2 wrote) or an 'Input:' without an 'Example N' head starts another answer: the
+    first output is kept, and its span still points at it."""
+    text = "Example 1\nInput: win cash\nOutput: spam\n Output: not spam\nExample 2\nInput: hi\nOutput: ham\nInput: x"
+    found = input_first_instances(text)
+    assert [(i, o) for i, o, _ in found] == [("win cash", "spam"), ("hi", "ham")]
+    assert [text[slice(*where)] for _, _, where in found] == ["spam", "ham"]
+    multi = "Example 1\nInput: a\nOutput: line one\nline two: more\nExample 2\nInput: b\nOutput: c"
+    assert [o for _, o, _ in input_first_instances(multi)] == ["line one\nline two: more", "c"]  # not a field
+
+
 def test_instances_found_in_a_real_tokenization(smollm2_tokenizer):
     """On SmolLM2's tokenizer: the kept instances of an answer (a duplicate and an empty output dropped) are matched
     to their own places in it; an output glued to 'Output:' (':"' is one token) is not delimited, the others are."""
