@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from distill.evaluation.plot import plot_curves, read_metrics
+from distill.evaluation.plot import plot_curves, read_metrics, wide_range
 from tests.conftest import REPO_ROOT, addition_rows, write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -55,6 +55,11 @@ def test_worker_evaluates_against_the_original_teacher_and_curves_draw_every_run
         start={"eval/gsm8k_kl": 9.0},
     )
     assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 10_000
+
+
+def test_a_panel_spanning_more_than_tenfold_is_drawn_on_a_log_scale():
+    assert wide_range([189.4, 5.0, 3.1])  # the untrained start against trained students' perplexities
+    assert not wide_range([3.9, 1.4, 1.2]) and not wide_range([]) and not wide_range([0.0, 5.0])
 
 
 def test_general_set_holds_the_teachers_own_answers(model_dirs, tmp_path):

@@ -125,6 +125,7 @@ def plot_curves(
     series = {label: read_metrics(Path(run) / METRICS_FILE) for label, run in runs.items()}
     figure, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.6), squeeze=False)
     for ax, (key, panel) in zip(axes.flat, curves):
+        drawn = []
         for label, found in series.items():
             if key not in found:
                 continue
@@ -133,6 +134,9 @@ def plot_curves(
             if start is not None and key in start:
                 points.insert(0, (0, start[key]))
             ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+            drawn += [value for _, value in points]
+        if wide_range(drawn):
+            ax.set_yscale("log")  # an untrained start (perplexity 189) would flatten every trained point
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel(x_key.replace("_", " "))
         ax.grid(alpha=0.3)
@@ -143,6 +147,11 @@ def plot_curves(
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return Path(path)
+
+
+def wide_range(values: list[float]) -> bool:
+    """Whether a panel's values are all positive and span more than a factor of 10: drawn on a log scale."""
+    return bool(values) and min(values) > 0 and max(values) > 10 * min(values)
 
 
 Config = PlotConfig
