@@ -75,6 +75,8 @@ VARIANTS: dict[str, list[str]] = {
     "ce_lr1e-3": ["--loss.terms", "{ce: 1.0}", "--learning_rate", "1e-3"],
     # Minitron's teacher correction: the teacher first fine-tuned (CE) on the same rows, as the shipped config has it.
     "kd_ce_corrected": [],  # --model.teacher set in main
+    # The shipped recipe with CE weighted as much as the KL (the 30-step search's lever for gold perplexity).
+    "kd_ce05_corrected": ["--loss.terms", "{forward_kl: 0.5, ce: 0.5}"],
     # The shipped recipe with a quarter of its micro-batches sampled by the student (GKD), JSD on them.
     "on_policy": [
         "--loss.terms",
@@ -88,7 +90,7 @@ VARIANTS: dict[str, list[str]] = {
     "gold_gemma3": ["--loss.cross_tokenizer", "gold"],  # --model.teacher set in train
     "uld_gemma3": ["--loss.cross_tokenizer", "uld"],
 }
-TEACHER_VARIANTS = {"kd_ce_corrected", "on_policy"}  # distilled from the corrected teacher
+TEACHER_VARIANTS = {"kd_ce_corrected", "kd_ce05_corrected", "on_policy"}  # distilled from the corrected teacher
 GEMMA3_VARIANTS = {"gold_gemma3", "uld_gemma3"}  # distilled from Gemma-3-270M
 
 
@@ -225,7 +227,7 @@ def train(variant: str, name: str, seed: int, paths: dict[str, Path], root: Path
         "--model.teacher",
         str(teacher),
         "--data.train_file",
-        str(paths["train"]),
+        str(paths["distill_train"]),
         "--max_steps",
         str(args.steps),
         "--per_device_train_batch_size",
@@ -260,6 +262,14 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--draft_prompts", type=int, default=8)
     parser.add_argument("--correction_steps", type=int, default=30, help="teacher-correction steps (kd_ce_corrected)")
     parser.add_argument("--correction_lr", type=float, default=5e-5, help="teacher-correction learning rate")
+    parser.add_argument(
+        "--general_train",
+        type=int,
+        default=0,
+        help="of the steps x batch training rows, this many are general instructions with human-written outputs "
+        "(Self-Instruct's seed tasks, then its user-oriented set past the held-out ones), the rest GSM8K; every "
+        "variant trains on the same rows; run names get _general<N>",
+    )
     parser.add_argument("--extra", default="", help="overrides added to every training run")
     parser.add_argument("--tag", default="", help="suffix of the run directories (to keep several searches)")
     parser.add_argument("--data_dir", default=str(SHARED), help="folder of the GSM8K and Self-Instruct files")
@@ -288,6 +298,9 @@ def main() -> None:
     paths["general"] = general_set(
         paths["teacher"], Path(args.data_dir), general_file, args.general_records, args.general_new_tokens
     )
+    paths["distill_train"] = mixed_train(paths, root, args)
+    if args.general_train:
+        args.tag = f"_general{args.general_train}{args.tag}"
     variants = args.variants.split(",")
     if TEACHER_VARIANTS & set(variants):
         corrected_teacher(paths, root, args)
@@ -349,6 +362,22 @@ def pruned_start(pruned: dict) -> dict[str, float]:
         "eval/gsm8k_perplexity": pruned["perplexity"],
         "eval/general_kl": pruned["general_kl"],
     }
+
+
+def mixed_train(paths: dict[str, Path], root: Path, args) -> Path:
+    """The students' training file: the GSM8K rows, or with ``--general_train N`` the first ``steps x batch - N`` of
+    them and N general rows (the order is the seed's shuffle), made once. Teacher correction and the top-k store
+    keep the GSM8K file: only the students' data changes."""
+    if not args.general_train:
+        return paths["train"]
+    from recovery_parts import general_train_rows
+
+    out = root / f"train_{args.steps * args.batch}_general{args.general_train}.jsonl"
+    if not out.is_file():
+        task = paths["train"].read_text().splitlines()[: args.steps * args.batch - args.general_train]
+        general = general_train_rows(Path(args.data_dir), args.general_train, args.general_records)
+        out.write_text("".join(line + "\n" for line in task) + "".join(json.dumps(r) + "\n" for r in general))
+    return out
 
 
 def corrected_teacher(paths: dict[str, Path], root: Path, args) -> Path:
@@ -439,17 +468,20 @@ def print_table(rows) -> None:
         )
 
 
-# The issue's targets: the recipe below CE by these fractions, on every seed.
+# The issue's targets: the recipe below CE by these fractions, on every seed; the recipes judged against them.
 TARGETS = {"kl": 0.20, "perplexity": 0.05, "general_kl": 0.25}
+RECIPES = ("kd_ce_corrected_", "kd_ce05_corrected_")
 
 
 def print_targets(rows) -> None:
-    """For every seed with both a CE and a shipped-recipe row: the recipe's relative gain over CE on each target."""
+    """For every seed with both a CE and a recipe row (same steps, data and tag): the recipe's relative gain over CE
+    on each target."""
     by_name = {name: f for name, f, _, _ in rows}
     for name, recipe in by_name.items():
-        if not name.startswith("kd_ce_corrected_"):
+        prefix = next((p for p in RECIPES if name.startswith(p)), None)
+        if prefix is None:
             continue
-        ce = by_name.get("ce_" + name[len("kd_ce_corrected_") :])
+        ce = by_name.get("ce_" + name[len(prefix) :])
         if ce is None:
             continue
         gains = {k: 1 - recipe[k] / ce[k] for k in TARGETS if recipe.get(k) is not None and ce.get(k)}

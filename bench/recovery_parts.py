@@ -1,5 +1,6 @@
-"""Parts of ``bench/recovery.py``: the held-out general-instruction set answered by the original teacher, and the
-training worker that evaluates each run against that teacher every ``eval_steps`` (the recovery curves).
+"""Parts of ``bench/recovery.py``: the held-out general-instruction set answered by the original teacher, the
+general rows some runs train on, and the training worker that evaluates each run against that teacher every
+``eval_steps`` (the recovery curves).
 
 The trainer's own periodic eval compares the student with the teacher it learns from; for the corrected-teacher
 recipe that is not the original model, and the CE student keeps no teacher at all. The worker therefore wraps the
@@ -45,6 +46,23 @@ def general_set(teacher_dir: Path, data: Path, out: Path, records: int, max_new_
     lines = [json.dumps({"prompt": p, "completion": a.text}) + "\n" for p, a in zip(prompts, answers) if a.text]
     atomic_write_text(out, "".join(lines))
     return out
+
+
+SEED_TASKS = "self_instruct_seed_tasks.jsonl"
+
+
+def general_train_rows(data: Path, count: int, held_out: int) -> list[dict]:
+    """``count`` general-instruction rows with their human-written outputs (prompt/completion), for training: the
+    175 Self-Instruct seed tasks first, then the user-oriented instructions after the first ``held_out`` (the
+    general eval set of :func:`general_set`, which therefore stays unseen). Never the teacher's text, so CE and
+    distillation train on the same rows and differ only in their targets."""
+    rows = [json.loads(line) for line in (data / SEED_TASKS).read_text().splitlines()]
+    rows += [json.loads(line) for line in (data / INSTRUCTIONS).read_text().splitlines()[held_out:]]
+    pairs = [(instruction_prompt(r), ((r.get("instances") or [{}])[0].get("output") or "").strip()) for r in rows]
+    pairs = [(prompt, answer) for prompt, answer in pairs if answer]
+    if len(pairs) < count:
+        raise SystemExit(f"--general_train: {count} rows asked, {len(pairs)} general rows with an output exist")
+    return [{"prompt": prompt, "completion": answer} for prompt, answer in pairs[:count]]
 
 
 def recovery_distiller(spec: dict):

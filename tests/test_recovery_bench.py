@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from distill.evaluation.plot import plot_curves, read_metrics, wide_range
 from tests.conftest import REPO_ROOT, addition_rows, write_jsonl
 
@@ -77,3 +79,17 @@ def test_general_set_holds_the_teachers_own_answers(model_dirs, tmp_path):
     assert instruction_prompt(rows[1]) == "Add the numbers.\n\n2 and 3"
     before = out.read_text()
     assert general_set(model_dirs["teacher"], tmp_path, out, 2, 8) == out and out.read_text() == before  # made once
+
+
+def test_general_training_rows_are_human_written_and_skip_the_held_out_set(tmp_path):
+    from recovery_parts import INSTRUCTIONS, SEED_TASKS, general_train_rows
+
+    def task(name: str, output: str) -> dict:
+        return {"instruction": name, "instances": [{"input": "", "output": output}]}
+
+    write_jsonl(tmp_path / SEED_TASKS, [task("seed a", "A"), task("seed b", "")])  # no output: unusable
+    write_jsonl(tmp_path / INSTRUCTIONS, [task("held out 1", "x"), task("held out 2", "y"), task("user c", "C")])
+    rows = general_train_rows(tmp_path, 2, held_out=2)
+    assert rows == [{"prompt": "seed a", "completion": "A"}, {"prompt": "user c", "completion": "C"}]
+    with pytest.raises(SystemExit, match="--general_train: 3 rows asked, 2 general rows with an output exist"):
+        general_train_rows(tmp_path, 3, held_out=2)
