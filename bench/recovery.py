@@ -77,6 +77,9 @@ VARIANTS: dict[str, list[str]] = {
     "kd_ce_corrected": [],  # --model.teacher set in main
     # The shipped recipe with CE weighted as much as the KL (the 30-step search's lever for gold perplexity).
     "kd_ce05_corrected": ["--loss.terms", "{forward_kl: 0.5, ce: 0.5}"],
+    # The same with CE on the task rows only: general rows (--general_train) learn the teacher's distribution alone,
+    # not their human-written answers (their `ce_weight` field is 0, read through data.ce_weight_field).
+    "kd_taskce05_corrected": ["--loss.terms", "{forward_kl: 0.5, ce: 0.5}", "--data.ce_weight_field", "ce_weight"],
     # The shipped recipe with a quarter of its micro-batches sampled by the student (GKD), JSD on them.
     "on_policy": [
         "--loss.terms",
@@ -90,7 +93,8 @@ VARIANTS: dict[str, list[str]] = {
     "gold_gemma3": ["--loss.cross_tokenizer", "gold"],  # --model.teacher set in train
     "uld_gemma3": ["--loss.cross_tokenizer", "uld"],
 }
-TEACHER_VARIANTS = {"kd_ce_corrected", "kd_ce05_corrected", "on_policy"}  # distilled from the corrected teacher
+# Distilled from the corrected teacher.
+TEACHER_VARIANTS = {"kd_ce_corrected", "kd_ce05_corrected", "kd_taskce05_corrected", "on_policy"}
 GEMMA3_VARIANTS = {"gold_gemma3", "uld_gemma3"}  # distilled from Gemma-3-270M
 
 
@@ -366,8 +370,9 @@ def pruned_start(pruned: dict) -> dict[str, float]:
 
 def mixed_train(paths: dict[str, Path], root: Path, args) -> Path:
     """The students' training file: the GSM8K rows, or with ``--general_train N`` the first ``steps x batch - N`` of
-    them and N general rows (the order is the seed's shuffle), made once. Teacher correction and the top-k store
-    keep the GSM8K file: only the students' data changes."""
+    them and N general rows (the order is the seed's shuffle), made once. General rows carry ``ce_weight: 0``, which
+    only a variant that names the field (``data.ce_weight_field``) reads. Teacher correction and the top-k store keep
+    the GSM8K file: only the students' data changes."""
     if not args.general_train:
         return paths["train"]
     from recovery_parts import general_train_rows
@@ -376,7 +381,8 @@ def mixed_train(paths: dict[str, Path], root: Path, args) -> Path:
     if not out.is_file():
         task = paths["train"].read_text().splitlines()[: args.steps * args.batch - args.general_train]
         general = general_train_rows(Path(args.data_dir), args.general_train, args.general_records)
-        out.write_text("".join(line + "\n" for line in task) + "".join(json.dumps(r) + "\n" for r in general))
+        general = [json.dumps({**row, "ce_weight": 0.0}) + "\n" for row in general]
+        out.write_text("".join(line + "\n" for line in task) + "".join(general))
     return out
 
 
@@ -470,7 +476,7 @@ def print_table(rows) -> None:
 
 # The issue's targets: the recipe below CE by these fractions, on every seed; the recipes judged against them.
 TARGETS = {"kl": 0.20, "perplexity": 0.05, "general_kl": 0.25}
-RECIPES = ("kd_ce_corrected_", "kd_ce05_corrected_")
+RECIPES = ("kd_ce_corrected_", "kd_ce05_corrected_", "kd_taskce05_corrected_")
 
 
 def print_targets(rows) -> None:

@@ -26,7 +26,6 @@ each file once with the functions here; :func:`tokenize_records` tokenizes small
 from __future__ import annotations
 
 import dataclasses
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +33,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from distill.data.cross import chat_messages, collate_teacher, cross_columns
+from distill.data.records import check_completion_ids, check_record, detect_shape, row_ce_weight
 from kd_core.config import ConfigError, option
 from kd_core.records import iter_json_objects
 from kd_core.topk_store import vocab_hash
@@ -73,6 +73,13 @@ class DataSettings:
         "`data-gen cot`) become two examples, '[label] ' + prompt -> label with loss weight w and '[rationale] ' + "
         "prompt -> rationale with weight 1 - w; null = plain training on the detected shape.",
     )
+    ce_weight_field: str | None = option(
+        None,
+        help="Name of a numeric record field (>= 0) that multiplies that row's `ce` weight; rows without it weigh "
+        "1. The teacher's terms are not weighted, so 0 makes a row a distillation-only row: e.g. general text "
+        "mixed into task data, whose human-written answers should not pull the student away from the teacher. "
+        "null: every row 1.",
+    )
     cache_dir: str | None = option(
         None,
         help="Where each data file is tokenized once (memory-mapped Arrow files, keyed by the file's content, "
@@ -92,86 +99,12 @@ class DataSettings:
             raise ValueError(
                 f"step_by_step_label_weight: expected a number in [0, 1] or null, got {self.step_by_step_label_weight}"
             )
+        if self.ce_weight_field is not None and not self.ce_weight_field.strip():
+            raise ValueError("ce_weight_field: expected a field name or null, got an empty string")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction: expected a number in [0, 1), got {self.eval_fraction}")
         if self.max_length < 2:
             raise ValueError(f"max_length: expected at least 2, got {self.max_length}")
-
-
-ROLES = ("system", "user", "assistant", "tool")
-NEEDED = {
-    "messages": ["messages"],
-    "prompt_completion": ["prompt", "completion"],
-    "text": ["text"],
-    "prompt": ["prompt"],
-}
-
-
-def detect_shape(record: dict[str, Any], requested: str, source: str) -> str:
-    if requested != "auto":
-        missing = [c for c in NEEDED[requested] if c not in record]
-        if missing:
-            raise ConfigError(f"{source}: format {requested!r} needs column(s) {missing}; found {sorted(record)}")
-        return requested
-    # A null column is one this row does not have: tables (parquet, or JSON lines whose rows differ) fill them in.
-    present = {key for key, value in record.items() if value is not None}
-    if "messages" in present:
-        return "messages"
-    if "prompt" in present and "completion" in present:
-        return "prompt_completion"
-    if "text" in present:
-        return "text"
-    if "prompt" in present:
-        return "prompt"
-    raise ConfigError(
-        f"{source}: no usable column; expected `messages`, `prompt` and `completion`, `text`, or `prompt` alone, "
-        f"found {sorted(record)}"
-    )
-
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
-
-
-def check_record(record: dict[str, Any], shape: str, where: str, first: str | None = None) -> None:
-    """Raises ConfigError naming ``where`` (``file:line``, or ``file: row N``) and the field when a record does not
-    have the types its shape needs: a list of {role, content} messages with known roles, or string
-    prompt/completion/text. ``first`` (where the shape was detected) makes a row of another shape an error of its
-    own: it names this row, its shape and the one expected."""
-
-    def fail(problem: str) -> typing.NoReturn:
-        raise ConfigError(f"{where}: {problem}")
-
-    if first is not None:
-        own = detect_shape(record, "auto", where)
-        if own != shape:
-            fail(
-                f"this row has the {own!r} shape (columns {NEEDED[own]}), but the data's shape is {shape!r}, "
-                f"detected from its first row ({first}): expected column(s) {NEEDED[shape]} in every row"
-            )
-    if shape == "messages":
-        messages = record.get("messages")
-        if not isinstance(messages, list) or not messages:
-            fail(f"field 'messages': expected a non-empty list of {{role, content}} messages, got {_kind(messages)}")
-        for turn, message in enumerate(messages):
-            field = f"messages[{turn}]"
-            if not isinstance(message, dict):
-                fail(f"field '{field}': expected a {{role, content}} message, got {_kind(message)}")
-            for key in ("role", "content"):
-                if message.get(key) is None:
-                    fail(f"field '{field}': the message has no '{key}' (expected {{role, content}})")
-            if not isinstance(message["role"], str):
-                fail(f"field '{field}.role': expected a string, got {_kind(message['role'])}")
-            if message["role"] not in ROLES:
-                # A misspelt role ("assitant") would otherwise be rendered by the chat template as some other turn
-                # (or dropped) and train silently on the wrong targets.
-                fail(f"field '{field}.role': unknown role {message['role']!r}; expected one of {', '.join(ROLES)}")
-            if not isinstance(message["content"], (str, list)):
-                fail(f"field '{field}.content': expected text, got {_kind(message['content'])}")
-        return
-    for key in NEEDED[shape]:
-        if not isinstance(record.get(key), str):
-            fail(f"field '{key}': expected a string, got {_kind(record.get(key))}")
 
 
 def _has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -292,18 +225,6 @@ def _generated_example(
     }
 
 
-def check_completion_ids(record: dict[str, Any], shape: str, vocab: int, where: str) -> None:
-    """ConfigError naming ``where`` unless ``completion_token_ids`` (when present) is a list of ids below ``vocab``
-    completing a prompt (a final assistant turn, or a completion)."""
-    ids = record.get("completion_token_ids")
-    if ids is None:
-        return
-    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-        raise ConfigError(f"{where}: field 'completion_token_ids': expected a non-empty list of token ids < {vocab}")
-    if shape == "messages" and record["messages"][-1].get("role") != "assistant":
-        raise ConfigError(f"{where}: field 'completion_token_ids': the messages end without an assistant turn")
-
-
 class TokenizedDataset(torch.utils.data.Dataset):
     """A list of tokenized examples, each with its ``sample_id`` (row in the source file): small in-memory sets
     (the eval command, tests). Training data is :class:`distill.data.tokenized.ArrowExamples`."""
@@ -363,6 +284,9 @@ def examples_of(
             ({"prompt": "[label] " + record["prompt"], "completion": record["label"]}, w),
             ({"prompt": "[rationale] " + record["prompt"], "completion": record["rationale"]}, 1.0 - w),
         ]
+    if settings.ce_weight_field is not None:
+        scale = row_ce_weight(record, settings.ce_weight_field, where)
+        weighted = [(one, weight * scale) for one, weight in weighted]
     examples = []
     for one, weight in weighted:
         example = tokenize_example(one, shape, tokenizer, settings.max_length, settings.completion_only_loss)

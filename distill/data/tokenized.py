@@ -9,8 +9,8 @@ A run's examples are never held in Python lists: the tokenized rows live in Arro
   Clusters usually point ``HF_DATASETS_CACHE`` at a large shared disk already. Delete the folder to clear it.
 * **Key**: a hash of the data file's bytes, the tokenizer (vocabulary, chat template, special tokens, its full
   tokenization pipeline), the settings that change tokens (format, max_length, completion_only_loss,
-  step_by_step_label_weight) and the versions of transformers, tokenizers and datasets. Eval split, max_samples and
-  seed are applied afterwards as index arrays, so changing them reuses the cache.
+  step_by_step_label_weight, ce_weight_field) and the versions of transformers, tokenizers and datasets. Eval split,
+  max_samples and seed are applied afterwards as index arrays, so changing them reuses the cache.
 * **Building**: ``datasets.Dataset.map`` with ``num_proc`` worker processes over chunks of the file (byte ranges of
   a JSON lines file, so every bad row is still named ``file:line``), written to a hidden temporary folder and
   renamed into place when complete: a killed build leaves nothing that is mistaken for a cache, and two jobs
@@ -98,6 +98,7 @@ def cache_key(path: Path, tokenizer, settings, teacher_tokenizer=None) -> str:
         "max_length": settings.max_length,
         "completion_only_loss": settings.completion_only_loss,
         "step_by_step_label_weight": settings.step_by_step_label_weight,
+        "ce_weight_field": settings.ce_weight_field,
         "libraries": [transformers.__version__, tokenizers.__version__, datasets.__version__],
     }
     if teacher_tokenizer is not None:  # cross-tokenizer distillation: the teacher's tokens are cached too

@@ -125,6 +125,12 @@ class TrainConfig:
                 f"data.step_by_step_label_weight: trains with loss.terms {{ce: 1}} only, got {self.loss.terms}"
             )
 
+        if self.data.ce_weight_field is not None and self.loss.terms.get("ce", 0) <= 0:
+            raise ValueError(
+                f"data.ce_weight_field: weights the `ce` term of each row, but loss.terms has no `ce` "
+                f"({self.loss.terms})"
+            )
+
     def _check_served_teacher(self) -> None:
         """What a served teacher gives: next-token top-k log-probabilities at temperature 1 of the student's own
         tokens, row by row; so logit divergences only, unpacked rows, samples from the student only."""
