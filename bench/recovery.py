@@ -24,6 +24,11 @@ Figures, by ``distill eval --teacher`` with the original teacher:
   trains on, answered greedily by the original teacher once): KL of the student to the teacher on the teacher's own
   answers, i.e. how much of its general behaviour the student keeps.
 
+With ``--general_train N`` (300 in docs/benchmarks.md's second try), N of the training rows are general
+instructions with human-written outputs instead of GSM8K rows (Self-Instruct's 175 seed tasks, then user-oriented
+instructions past the held-out ones): CE learns their text, ``kd_taskce05_corrected`` only the teacher's distribution
+on them (``data.ce_weight_field``).
+
 Every run also evaluates both sets against the original teacher every ``--eval_steps`` steps
 (``bench/recovery_parts.py``); ``curves_seed<S>.png`` draws KL and gold perplexity (and the general KL) of every
 variant against the training tokens seen, starting from the pruned model. The pruned model, the teacher (a Hugging

@@ -44,7 +44,9 @@ from kd_core.topk_store import tokenizer_hash, vocab_hash  # noqa: F401 (precomp
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the tokenization code changes what it writes
+# Bump when the tokenization code changes what it writes. 2: the teacher's own BOS in the cross-tokenizer columns
+# (e069dcf changed them without a bump, so caches written before it kept teacher ids without the BOS).
+CACHE_VERSION = 2
 META = "meta.json"
 CHUNK_ROWS = 1000  # rows per map batch: bounds each worker's Python memory (a few MB of lists)
 MAX_PROCESSES = 32

@@ -48,7 +48,8 @@ def test_a_sample_is_re_tokenized_for_the_teacher_with_its_positions_aligned(pai
     columns = cross.sampled_columns(sampled, student, teacher, 64)
     teacher_prompt = list(example[cross.PROMPT_IDS])
     assert teacher_prompt and columns["teacher_input_ids"][: len(teacher_prompt)] == teacher_prompt
-    assert teacher.decode(teacher_prompt) == student.decode(prompt)  # the same rendered prompt, other tokens
+    # The same rendered prompt in the teacher's tokens, after the teacher's own BOS.
+    assert teacher_prompt[0] == teacher.bos_token_id and teacher.decode(teacher_prompt[1:]) == student.decode(prompt)
     after = columns["teacher_input_ids"][len(teacher_prompt) :]
     assert after[-1] == teacher.eos_token_id
     assert teacher.decode(after[:-1]).strip() == student.decode(written[:-1]).strip()

@@ -89,7 +89,9 @@ def test_the_teacher_reads_its_own_tokens_and_the_step_matches_the_kernel(pair, 
     teacher_tok = AutoTokenizer.from_pretrained(pair["teacher"])
     first = batch["teacher_input_ids"][0][batch["teacher_attention_mask"][0] == 1].tolist()
     own = batch["input_ids"][0][batch["attention_mask"][0] == 1].tolist()
-    assert teacher_tok.decode(first) == distiller.tokenizer.decode(own)  # the same rendered chat text
+    # The teacher reads the same rendered chat text in its own tokens, after its own BOS (the student's has none).
+    assert first[0] == teacher_tok.bos_token_id and own[0] != distiller.tokenizer.bos_token_id
+    assert teacher_tok.decode(first[1:]) == distiller.tokenizer.decode(own)
     assert first != own and max(first) < len(teacher_tok)
     assert len(batch["cross_pairs"]) > 4 * 3
     assert distiller.teacher.model is None  # no token-by-token held-out figures across tokenizers
