@@ -19,10 +19,14 @@ from pathlib import Path
 INSTRUCTIONS = "self_instruct_user_oriented_instructions.jsonl"
 
 
+def first_instance(row: dict) -> dict:
+    """A Self-Instruct task's first instance (input/output), or an empty one when it lists none."""
+    return (row.get("instances") or [{}])[0]
+
+
 def instruction_prompt(row: dict) -> str:
     """The user turn of a Self-Instruct user-oriented task: its instruction, then its first instance's input."""
-    instances = row.get("instances") or [{}]
-    given = (instances[0].get("input") or "").strip()
+    given = (first_instance(row).get("input") or "").strip()
     return row["instruction"].strip() + (f"\n\n{given}" if given else "")
 
 
@@ -58,7 +62,7 @@ def general_train_rows(data: Path, count: int, held_out: int) -> list[dict]:
     distillation train on the same rows and differ only in their targets."""
     rows = [json.loads(line) for line in (data / SEED_TASKS).read_text().splitlines()]
     rows += [json.loads(line) for line in (data / INSTRUCTIONS).read_text().splitlines()[held_out:]]
-    pairs = [(instruction_prompt(r), ((r.get("instances") or [{}])[0].get("output") or "").strip()) for r in rows]
+    pairs = [(instruction_prompt(r), (first_instance(r).get("output") or "").strip()) for r in rows]
     pairs = [(prompt, answer) for prompt, answer in pairs if answer]
     if len(pairs) < count:
         raise SystemExit(f"--general_train: {count} rows asked, {len(pairs)} general rows with an output exist")
