@@ -219,12 +219,22 @@ class Distiller:
         logger.info("resumed from %s at step %d", path, self.step)
 
     # Signals and logs
-    def install_signal_handlers(self) -> None:
+    @contextlib.contextmanager
+    def stop_signals(self):
+        """While the loop runs, SIGTERM and SIGUSR1 (a scheduler's preemption notice) ask every rank to save and
+        stop; the previous handlers come back when it ends. A process that trains in-process and carries on (the
+        quickstarts, a notebook) stays killable, and the workers it forks later (``datasets.map`` with ``num_proc``
+        terminates its pool with SIGTERM) do not inherit a handler that swallows the signal and hang."""
+
         def request_stop(signum, _frame) -> None:
             self.stop_signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, request_stop)
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def stop_requested(self) -> bool:
         """Whether any rank received a stop signal (all ranks must agree to save together)."""
@@ -240,7 +250,7 @@ class Distiller:
 
     # The loop
     def start(self) -> None:
-        """Resume, claim the directory, save the resolved config, start trackers and signal handlers."""
+        """Resume, claim the directory, save the resolved config, start trackers."""
         acc, cfg = self.accelerator, self.cfg
         self.resume()
         if acc.is_main_process:
@@ -248,7 +258,6 @@ class Distiller:
             save_config(cfg, self.output_dir / "config.yaml")
         acc.wait_for_everyone()
         acc.init_trackers("distill", config=_flat(to_dict(cfg)))
-        self.install_signal_handlers()
         inner(self.module).student.train()
 
     def train(self) -> dict[str, Any]:
@@ -256,35 +265,36 @@ class Distiller:
         :class:`Stopped` (``PREEMPTED``) once every rank saved after a stop signal."""
         cfg = self.cfg
         self.start()
-        bar = tqdm(
-            total=self.total_steps, initial=self.step, desc="distill", disable=not self.accelerator.is_main_process
-        )
-        history: list[dict[str, float]] = []
-        window: list[dict[str, float]] = []
-        started = time.time()
-        while self.step < self.total_steps:
-            step_started = time.perf_counter()
-            values = self.guarded_step()
-            values["step_seconds"] = time.perf_counter() - step_started
-            self.step += 1
-            window.append(values)
-            bar.update(1)
-            bar.set_postfix(self.progress(values))
-            if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
-                history.append({"step": self.step, **self.log_window(window)})
-                window = []
-            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
-                self.log(self.evaluate())
-            stop = self.stop_requested()
-            if self.step % cfg.save_steps == 0 or stop:
-                self.save()
-            if stop:
-                bar.close()
-                logger.warning("stop signal received: checkpoint saved at step %d; exiting", self.step)
-                self.accelerator.end_training()
-                raise Stopped(PREEMPTED, f"checkpoint saved at step {self.step}")
-        bar.close()
-        return self.finish(history, started)
+        with self.stop_signals():
+            bar = tqdm(
+                total=self.total_steps, initial=self.step, desc="distill", disable=not self.accelerator.is_main_process
+            )
+            history: list[dict[str, float]] = []
+            window: list[dict[str, float]] = []
+            started = time.time()
+            while self.step < self.total_steps:
+                step_started = time.perf_counter()
+                values = self.guarded_step()
+                values["step_seconds"] = time.perf_counter() - step_started
+                self.step += 1
+                window.append(values)
+                bar.update(1)
+                bar.set_postfix(self.progress(values))
+                if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                    history.append({"step": self.step, **self.log_window(window)})
+                    window = []
+                if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
+                    self.log(self.evaluate())
+                stop = self.stop_requested()
+                if self.step % cfg.save_steps == 0 or stop:
+                    self.save()
+                if stop:
+                    bar.close()
+                    logger.warning("stop signal received: checkpoint saved at step %d; exiting", self.step)
+                    self.accelerator.end_training()
+                    raise Stopped(PREEMPTED, f"checkpoint saved at step {self.step}")
+            bar.close()
+            return self.finish(history, started)
 
     def progress(self, values: dict[str, float]) -> dict[str, str]:
         """The progress bar's figures for a step."""

@@ -184,6 +184,30 @@ def test_sigterm_saves_and_resume_is_exact(model_dirs, train_file, tmp_path):
         assert (got[name] - ref_weights[name]).abs().max().item() <= 1e-6, name
 
 
+def test_an_in_process_run_hands_the_stop_signals_back(model_dirs, train_file, tmp_path, monkeypatch):
+    """SIGTERM during an in-process run still stops it at a checkpoint, and after it (stopped or finished) SIGTERM
+    and SIGUSR1 have their previous handlers again. The trainer's flag-setting handler used to stay installed: a
+    ``datasets.map`` pool forked later inherited it, ignored the pool's SIGTERM, and the caller hung."""
+    from kd_core.commands import PREEMPTED
+
+    signals = (signal.SIGTERM, signal.SIGUSR1)
+    before = [signal.getsignal(sig) for sig in signals]
+    step = Distiller.training_step
+
+    def preempted_step(self):
+        if self.step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: the step still completes
+        return step(self)
+
+    monkeypatch.setattr(Distiller, "training_step", preempted_step)
+    stopped = run(config(model_dirs, train_file, tmp_path / "stopped"))
+    assert stopped.stopped == PREEMPTED and stopped.steps == 1 and (tmp_path / "stopped" / "checkpoint-1").is_dir()
+    assert [signal.getsignal(sig) for sig in signals] == before
+    monkeypatch.setattr(Distiller, "training_step", step)
+    finished = run(config(model_dirs, train_file, tmp_path / "finished", max_steps=1))
+    assert finished.summary is not None and [signal.getsignal(sig) for sig in signals] == before
+
+
 def test_bad_input_exits_2_and_writes_nothing(model_dirs, train_file, tmp_path, capsys):
     out = tmp_path / "existing"
     out.mkdir()
