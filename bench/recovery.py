@@ -27,7 +27,10 @@ Figures, by ``distill eval --teacher`` with the original teacher:
 With ``--general_train N`` (300 in docs/benchmarks.md's second try), N of the training rows are general
 instructions with human-written outputs instead of GSM8K rows (Self-Instruct's 175 seed tasks, then user-oriented
 instructions past the held-out ones): CE learns their text, ``kd_taskce05_corrected`` only the teacher's distribution
-on them (``data.ce_weight_field``).
+on them (``data.ce_weight_field``). ``seqkd_taskce05_corrected`` (the third try) is that recipe on the same prompts
+with the general answers written by the original teacher (greedy, ``--general_new_tokens`` at most, made once):
+sequence-level KD data, as ``data-gen`` would make it, under the same token-level loss. CE keeps the human answers:
+it is the plain fine-tuning that distillation has to beat.
 
 Every run also evaluates both sets against the original teacher every ``--eval_steps`` steps
 (``bench/recovery_parts.py``); ``curves_seed<S>.png`` draws KL and gold perplexity (and the general KL) of every
@@ -85,6 +88,16 @@ VARIANTS: dict[str, list[str]] = {
     # The same with CE on the task rows only: general rows (--general_train) learn the teacher's distribution alone,
     # not their human-written answers (their `ce_weight` field is 0, read through data.ce_weight_field).
     "kd_taskce05_corrected": ["--loss.terms", "{forward_kl: 0.5, ce: 0.5}", "--data.ce_weight_field", "ce_weight"],
+    # The same loss on rows whose general answers the original teacher wrote (sequence-level KD, as data-gen makes
+    # them) instead of the human-written ones: the student matches the teacher's distribution on its own kind of text.
+    "seqkd_taskce05_corrected": [
+        "--loss.terms",
+        "{forward_kl: 0.5, ce: 0.5}",
+        "--data.ce_weight_field",
+        "ce_weight",
+    ],
+    # Ablation: CE on those teacher-written rows (plain fine-tuning on sequence-level KD data), no token-level KL.
+    "ce_teachertext": ["--loss.terms", "{ce: 1.0}"],
     # The shipped recipe with a quarter of its micro-batches sampled by the student (GKD), JSD on them.
     "on_policy": [
         "--loss.terms",
@@ -99,7 +112,15 @@ VARIANTS: dict[str, list[str]] = {
     "uld_gemma3": ["--loss.cross_tokenizer", "uld"],
 }
 # Distilled from the corrected teacher.
-TEACHER_VARIANTS = {"kd_ce_corrected", "kd_ce05_corrected", "kd_taskce05_corrected", "on_policy"}
+TEACHER_VARIANTS = {
+    "kd_ce_corrected",
+    "kd_ce05_corrected",
+    "kd_taskce05_corrected",
+    "seqkd_taskce05_corrected",
+    "on_policy",
+}
+# Their general rows answered by the original teacher.
+TEACHER_TEXT_VARIANTS = {"seqkd_taskce05_corrected", "ce_teachertext"}
 GEMMA3_VARIANTS = {"gold_gemma3", "uld_gemma3"}  # distilled from Gemma-3-270M
 
 
@@ -222,6 +243,7 @@ def train(variant: str, name: str, seed: int, paths: dict[str, Path], root: Path
     spec = root / "runs" / f"{name}.spec.json"
     spec.parent.mkdir(parents=True, exist_ok=True)
     sets = {"gsm8k": str(paths["eval"]), "general": str(paths["general"])}
+    data = paths["teacher_text_train"] if variant in TEACHER_TEXT_VARIANTS else paths["distill_train"]
     spec.write_text(json.dumps({"teacher": str(paths["teacher"]), "sets": sets, "max_length": 256}))
     began = time.perf_counter()
     sh(
@@ -236,7 +258,7 @@ def train(variant: str, name: str, seed: int, paths: dict[str, Path], root: Path
         "--model.teacher",
         str(teacher),
         "--data.train_file",
-        str(paths["distill_train"]),
+        str(data),
         "--max_steps",
         str(args.steps),
         "--per_device_train_batch_size",
@@ -308,9 +330,11 @@ def main() -> None:
         paths["teacher"], Path(args.data_dir), general_file, args.general_records, args.general_new_tokens
     )
     paths["distill_train"] = mixed_train(paths, root, args)
+    variants = args.variants.split(",")
+    if TEACHER_TEXT_VARIANTS & set(variants):
+        paths["teacher_text_train"] = mixed_train(paths, root, args, teacher_text=True)
     if args.general_train:
         args.tag = f"_general{args.general_train}{args.tag}"
-    variants = args.variants.split(",")
     if TEACHER_VARIANTS & set(variants):
         corrected_teacher(paths, root, args)
     kept = json.loads((paths["student"] / "prune_report.json").read_text())["kept_layers"]
@@ -373,19 +397,25 @@ def pruned_start(pruned: dict) -> dict[str, float]:
     }
 
 
-def mixed_train(paths: dict[str, Path], root: Path, args) -> Path:
+def mixed_train(paths: dict[str, Path], root: Path, args, teacher_text: bool = False) -> Path:
     """The students' training file: the GSM8K rows, or with ``--general_train N`` the first ``steps x batch - N`` of
     them and N general rows (the order is the seed's shuffle), made once. General rows carry ``ce_weight: 0``, which
-    only a variant that names the field (``data.ce_weight_field``) reads. Teacher correction and the top-k store keep
-    the GSM8K file: only the students' data changes."""
+    only a variant that names the field (``data.ce_weight_field``) reads; with ``teacher_text`` their answers are the
+    original teacher's greedy ones (``--general_new_tokens`` at most, as the held-out set's). Teacher correction and
+    the top-k store keep the GSM8K file: only the students' data changes."""
     if not args.general_train:
+        if teacher_text:
+            raise SystemExit("the seqkd_ variants answer the general rows: give --general_train N")
         return paths["train"]
-    from recovery_parts import general_train_rows
+    from recovery_parts import general_train_rows, with_teacher_text
 
-    out = root / f"train_{args.steps * args.batch}_general{args.general_train}.jsonl"
+    suffix = f"_teacher{args.general_new_tokens}" if teacher_text else ""
+    out = root / f"train_{args.steps * args.batch}_general{args.general_train}{suffix}.jsonl"
     if not out.is_file():
         task = paths["train"].read_text().splitlines()[: args.steps * args.batch - args.general_train]
         general = general_train_rows(Path(args.data_dir), args.general_train, args.general_records)
+        if teacher_text:
+            general = with_teacher_text(general, paths["teacher"], args.general_new_tokens)
         general = [json.dumps({**row, "ce_weight": 0.0}) + "\n" for row in general]
         out.write_text("".join(line + "\n" for line in task) + "".join(general))
     return out
@@ -481,7 +511,7 @@ def print_table(rows) -> None:
 
 # The issue's targets: the recipe below CE by these fractions, on every seed; the recipes judged against them.
 TARGETS = {"kl": 0.20, "perplexity": 0.05, "general_kl": 0.25}
-RECIPES = ("kd_ce_corrected_", "kd_ce05_corrected_", "kd_taskce05_corrected_")
+RECIPES = ("kd_ce_corrected_", "kd_ce05_corrected_", "kd_taskce05_corrected_", "seqkd_taskce05_corrected_")
 
 
 def print_targets(rows) -> None:

@@ -37,19 +37,27 @@ def general_set(teacher_dir: Path, data: Path, out: Path, records: int, max_new_
     if out.is_file():
         return out
     from kd_core.atomic import atomic_write_text
-    from kd_core.generation import encode_prompt, generate_batched
-    from kd_core.pretrained import load_causal_lm, load_tokenizer
 
     rows = [json.loads(line) for line in (data / INSTRUCTIONS).read_text().splitlines()[:records]]
     prompts = [instruction_prompt(r) for r in rows]
+    answers = teacher_answers(teacher_dir, prompts, max_new_tokens)
+    lines = [json.dumps({"prompt": p, "completion": a}) + "\n" for p, a in zip(prompts, answers) if a]
+    atomic_write_text(out, "".join(lines))
+    return out
+
+
+def teacher_answers(teacher_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The teacher's greedy answer to each prompt (chat template, the product's one generation routine); an empty
+    string where it stopped at once."""
+    from kd_core.generation import encode_prompt, generate_batched
+    from kd_core.pretrained import load_causal_lm, load_tokenizer
+
     tokenizer = load_tokenizer(teacher_dir, "teacher")
     teacher = load_causal_lm(teacher_dir, "teacher").eval()
     answers, _ = generate_batched(
         teacher, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens, batch_size=8
     )
-    lines = [json.dumps({"prompt": p, "completion": a.text}) + "\n" for p, a in zip(prompts, answers) if a.text]
-    atomic_write_text(out, "".join(lines))
-    return out
+    return [a.text for a in answers]
 
 
 SEED_TASKS = "self_instruct_seed_tasks.jsonl"
@@ -67,6 +75,13 @@ def general_train_rows(data: Path, count: int, held_out: int) -> list[dict]:
     if len(pairs) < count:
         raise SystemExit(f"--general_train: {count} rows asked, {len(pairs)} general rows with an output exist")
     return [{"prompt": prompt, "completion": answer} for prompt, answer in pairs[:count]]
+
+
+def with_teacher_text(rows: list[dict], teacher_dir: Path, max_new_tokens: int) -> list[dict]:
+    """``rows`` with each completion replaced by the teacher's own greedy answer to its prompt (sequence-level KD,
+    what ``data-gen`` makes from a teacher), the human-written one kept where the teacher answered nothing."""
+    answers = teacher_answers(teacher_dir, [r["prompt"] for r in rows], max_new_tokens)
+    return [{**row, "completion": answer or row["completion"]} for row, answer in zip(rows, answers)]
 
 
 def recovery_distiller(spec: dict):

@@ -93,3 +93,15 @@ def test_general_training_rows_are_human_written_and_skip_the_held_out_set(tmp_p
     assert rows == [{"prompt": "seed a", "completion": "A"}, {"prompt": "user c", "completion": "C"}]
     with pytest.raises(SystemExit, match="--general_train: 3 rows asked, 2 general rows with an output exist"):
         general_train_rows(tmp_path, 3, held_out=2)
+
+
+def test_teacher_text_rows_carry_the_teachers_greedy_answers(model_dirs, tmp_path):
+    from recovery_parts import teacher_answers, with_teacher_text
+
+    rows = [{"prompt": "1+2=", "completion": "human one", "ce_weight": 0.0}, {"prompt": "3+4=", "completion": "two"}]
+    answers = teacher_answers(model_dirs["teacher"], [r["prompt"] for r in rows], 6)
+    rewritten = with_teacher_text(rows, model_dirs["teacher"], 6)
+    # Each completion is the teacher's own answer (the human one only where the teacher said nothing); other
+    # fields stay, so the row's CE weight still reaches data.ce_weight_field.
+    assert [r["completion"] for r in rewritten] == [a or r["completion"] for a, r in zip(answers, rows)]
+    assert any(answers) and rewritten[0]["ce_weight"] == 0.0 and [r["prompt"] for r in rewritten] == ["1+2=", "3+4="]
