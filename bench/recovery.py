@@ -63,6 +63,8 @@ CORRECTION_CONFIG = REPO / "configs" / "smollm2_teacher_correction.yaml"
 PRUNE_CONFIG = REPO / "configs" / "prune" / "smollm2_half.yaml"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Forward KL 0.5 + CE 0.5 with CE on the task rows only (general rows carry `ce_weight: 0`); two variants use it.
+TASK_CE05 = ["--loss.terms", "{forward_kl: 0.5, ce: 0.5}", "--data.ce_weight_field", "ce_weight"]
 # Overrides of the shipped config per variant. The teacher is the original model except for TEACHER_VARIANTS;
 # "kd_ce" is the shipped loss from the original teacher, "kd_ce_corrected" the shipped recipe (config as is).
 VARIANTS: dict[str, list[str]] = {
@@ -87,15 +89,10 @@ VARIANTS: dict[str, list[str]] = {
     "kd_ce05_corrected": ["--loss.terms", "{forward_kl: 0.5, ce: 0.5}"],
     # The same with CE on the task rows only: general rows (--general_train) learn the teacher's distribution alone,
     # not their human-written answers (their `ce_weight` field is 0, read through data.ce_weight_field).
-    "kd_taskce05_corrected": ["--loss.terms", "{forward_kl: 0.5, ce: 0.5}", "--data.ce_weight_field", "ce_weight"],
+    "kd_taskce05_corrected": TASK_CE05,
     # The same loss on rows whose general answers the original teacher wrote (sequence-level KD, as data-gen makes
     # them) instead of the human-written ones: the student matches the teacher's distribution on its own kind of text.
-    "seqkd_taskce05_corrected": [
-        "--loss.terms",
-        "{forward_kl: 0.5, ce: 0.5}",
-        "--data.ce_weight_field",
-        "ce_weight",
-    ],
+    "seqkd_taskce05_corrected": TASK_CE05,
     # Ablation: CE on those teacher-written rows (plain fine-tuning on sequence-level KD data), no token-level KL.
     "ce_teachertext": ["--loss.terms", "{ce: 1.0}"],
     # The shipped recipe with a quarter of its micro-batches sampled by the student (GKD), JSD on them.
@@ -405,7 +402,9 @@ def mixed_train(paths: dict[str, Path], root: Path, args, teacher_text: bool = F
     the top-k store keep the GSM8K file: only the students' data changes."""
     if not args.general_train:
         if teacher_text:
-            raise SystemExit("the seqkd_ variants answer the general rows: give --general_train N")
+            raise SystemExit(
+                f"{', '.join(sorted(TEACHER_TEXT_VARIANTS))} rewrite the general rows: give --general_train N"
+            )
         return paths["train"]
     from recovery_parts import general_train_rows, with_teacher_text
 
