@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -39,6 +40,36 @@ FIXTURES = REPO_ROOT / "tests" / "fixtures"
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER") and "torch" in sys.modules:  # imported before OMP_NUM_THREADS was set
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    # The Ctrl-C tests send SIGINT to the commands they start. A suite started in the background by a shell without
+    # job control (`pytest ... &` in a script) has SIGINT ignored, and an ignored signal stays ignored across exec:
+    # those commands would never see it and the tests would hang. They need it delivered, whoever started them.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# What a subprocess inherits from the worker that starts it: an ignored signal stays ignored across exec.
+WATCHED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_left_as_found():
+    """A test must leave the process's signal handlers as it found them. An xdist worker runs hundreds of tests: a
+    handler one of them leaves installed (or SIGINT left ignored) changes what every later test's subprocesses
+    inherit, and the Ctrl-C and SIGTERM tests that land on that worker afterwards hang. The handlers are put back
+    and the test that changed them fails its teardown, named."""
+    before = {sig: signal.getsignal(sig) for sig in WATCHED_SIGNALS}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a blocked signal stays blocked across exec too
+    yield
+    after = {sig: signal.getsignal(sig) for sig in WATCHED_SIGNALS}
+    changed = [sig for sig, handler in before.items() if after[sig] != handler]
+    for sig in changed:
+        if before[sig] is not None:  # None: installed outside Python, nothing to put back
+            signal.signal(sig, before[sig])
+    newly_blocked = signal.pthread_sigmask(signal.SIG_SETMASK, blocked) - blocked
+    assert not changed, "the test left signal handlers changed: " + ", ".join(
+        f"{sig.name} {before[sig]!r} -> {after[sig]!r}" for sig in changed
+    )
+    assert not newly_blocked, f"the test left {', '.join(sig.name for sig in newly_blocked)} blocked"
 
 
 def slowed_steps(env: dict[str, str], seconds: float) -> dict[str, str]:
