@@ -67,6 +67,8 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Forward KL 0.5 + CE 0.5 with CE on the task rows only (general rows carry `ce_weight: 0`); two variants use it.
 TASK_CE05 = ["--loss.terms", "{forward_kl: 0.5, ce: 0.5}", "--data.ce_weight_field", "ce_weight"]
+# A quarter of the micro-batches completed by the student (96 tokens) and scored by the teacher; two variants use it.
+STUDENT_QUARTER = ["--on_policy.student_fraction", "0.25", "--on_policy.max_new_tokens", "96"]
 # Overrides of the shipped config per variant. The teacher is the original model except for TEACHER_VARIANTS;
 # "kd_ce" is the shipped loss from the original teacher, "kd_ce_corrected" the shipped recipe (config as is).
 VARIANTS: dict[str, list[str]] = {
@@ -98,23 +100,10 @@ VARIANTS: dict[str, list[str]] = {
     # Ablation: CE on those teacher-written rows (plain fine-tuning on sequence-level KD data), no token-level KL.
     "ce_teachertext": ["--loss.terms", "{ce: 1.0}"],
     # The shipped recipe with a quarter of its micro-batches sampled by the student (GKD), JSD on them.
-    "on_policy": [
-        "--loss.terms",
-        "{jsd: 1.0, ce: 0.1}",
-        "--on_policy.student_fraction",
-        "0.25",
-        "--on_policy.max_new_tokens",
-        "96",
-    ],
+    "on_policy": ["--loss.terms", "{jsd: 1.0, ce: 0.1}", *STUDENT_QUARTER],
     # The third try's recipe and rows with a quarter of the micro-batches sampled by the student (GKD's mix), the
     # general prompts included: forward KL 0.5 from the corrected teacher on its own samples (CE is off on them).
-    "onpolicy_seqkd_taskce05_corrected": [
-        *TASK_CE05,
-        "--on_policy.student_fraction",
-        "0.25",
-        "--on_policy.max_new_tokens",
-        "96",
-    ],
+    "onpolicy_seqkd_taskce05_corrected": [*TASK_CE05, *STUDENT_QUARTER],
     # Across tokenizers: the shipped loss from Gemma-3-270M base (another family, 262,144 SentencePiece tokens).
     "gold_gemma3": ["--loss.cross_tokenizer", "gold"],  # --model.teacher set in train
     "uld_gemma3": ["--loss.cross_tokenizer", "uld"],
