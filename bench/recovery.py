@@ -104,6 +104,15 @@ VARIANTS: dict[str, list[str]] = {
     # The third try's recipe and rows with a quarter of the micro-batches sampled by the student (GKD's mix), the
     # general prompts included: forward KL 0.5 from the corrected teacher on its own samples (CE is off on them).
     "onpolicy_seqkd_taskce05_corrected": [*TASK_CE05, *STUDENT_QUARTER],
+    # The fifth try: the third try's rows with CE on the teacher-written general answers too (sequence-level KD),
+    # and the weights moving from the teacher to the labels over the run (loss.terms_at_end): KL 0.7 + CE 0.3 at
+    # the first step, KL 0.3 + CE 0.7 at the last.
+    "sched_seqkd_corrected": [
+        "--loss.terms",
+        "{forward_kl: 0.7, ce: 0.3}",
+        "--loss.terms_at_end",
+        "{forward_kl: 0.3, ce: 0.7}",
+    ],
     # Across tokenizers: the shipped loss from Gemma-3-270M base (another family, 262,144 SentencePiece tokens).
     "gold_gemma3": ["--loss.cross_tokenizer", "gold"],  # --model.teacher set in train
     "uld_gemma3": ["--loss.cross_tokenizer", "uld"],
@@ -115,10 +124,16 @@ TEACHER_VARIANTS = {
     "kd_taskce05_corrected",
     "seqkd_taskce05_corrected",
     "onpolicy_seqkd_taskce05_corrected",
+    "sched_seqkd_corrected",
     "on_policy",
 }
 # Their general rows answered by the original teacher.
-TEACHER_TEXT_VARIANTS = {"seqkd_taskce05_corrected", "onpolicy_seqkd_taskce05_corrected", "ce_teachertext"}
+TEACHER_TEXT_VARIANTS = {
+    "seqkd_taskce05_corrected",
+    "onpolicy_seqkd_taskce05_corrected",
+    "sched_seqkd_corrected",
+    "ce_teachertext",
+}
 GEMMA3_VARIANTS = {"gold_gemma3", "uld_gemma3"}  # distilled from Gemma-3-270M
 
 
@@ -518,6 +533,7 @@ RECIPES = (
     "kd_taskce05_corrected_",
     "seqkd_taskce05_corrected_",
     "onpolicy_seqkd_taskce05_corrected_",
+    "sched_seqkd_corrected_",
     "on_policy_",
 )
 

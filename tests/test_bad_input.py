@@ -139,6 +139,10 @@ def inf_loss_weight(model_dirs, tmp_path):
     return _train_argv(model_dirs, tmp_path, "--loss.terms", "{forward_kl: .inf, ce: 0.3}")
 
 
+def schedule_missing_term(model_dirs, tmp_path):
+    return _train_argv(model_dirs, tmp_path, "--loss.terms_at_end", "{ce: 1.0}")
+
+
 def nan_temperature(model_dirs, tmp_path):
     return _train_argv(model_dirs, tmp_path, "--loss.temperature", "NaN")
 
@@ -652,6 +656,11 @@ CASES = [
     (TRAIN, nan_learning_rate, r"learning_rate: expected a finite number, got 'nan'"),
     (TRAIN, inf_loss_weight, r"loss\.terms\.forward_kl: expected a finite number, got inf"),
     (TRAIN, nan_temperature, r"loss\.temperature: expected a finite number"),
+    (
+        TRAIN,
+        schedule_missing_term,
+        r"loss: terms_at_end: expected a weight for each of loss\.terms \['ce', 'forward_kl'\], got \['ce'\]",
+    ),
     (TRAIN, duplicate_yaml_key, r"run\.yaml:4: duplicate key 'learning_rate' \(first given on line 2\)"),
     (TRAIN, overrides_zero_layers, r"model\.student_overrides\.num_hidden_layers: expected a positive integer"),
     (TRAIN, overrides_heads_not_dividing, r"model\.student_overrides\.num_attention_heads: .*must divide hidden_size"),

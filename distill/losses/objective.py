@@ -19,6 +19,7 @@ tokenizers, on its own with the aligned pairs; or a top-k store's targets; see :
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
@@ -44,6 +45,12 @@ class LossSettings:
         "cross-entropy on labels (Hinton's alpha is {kind: alpha, ce: 1 - alpha}); feature/relation terms: "
         + ", ".join(FEATURE_TERMS)
         + ".",
+    )
+    terms_at_end: dict[str, float] | None = option(
+        None,
+        help="A weight schedule: the weights of loss.terms at the last optimizer step, reached linearly from "
+        "loss.terms over the run (e.g. {forward_kl: 0.3, ce: 0.7} from {forward_kl: 0.7, ce: 0.3} moves weight from "
+        "the teacher to the labels as training goes on); the same terms as loss.terms. null: constant weights.",
     )
     temperature: float = option(1.0, help="Softmax temperature for logit divergences; the result is scaled by T**2.")
     beta: float = option(0.5, help="Interpolation of the generalized JSD (0 = forward KL, 1 = reverse KL).")
@@ -78,6 +85,8 @@ class LossSettings:
         check_weights(self.terms)  # the one validation of loss.terms, against distill.losses.registry
         if not any(w > 0 for w in self.terms.values()):
             raise ValueError("terms: at least one loss term needs a positive weight")
+        if self.terms_at_end is not None:
+            self._check_schedule()
         if self.temperature <= 0:
             raise ValueError(f"temperature: expected > 0, got {self.temperature}")
         if not 0.0 <= self.beta <= 1.0:
@@ -92,6 +101,35 @@ class LossSettings:
             raise ValueError(f"teacher_store: feature terms {sorted(self.feature_terms)} need an online teacher")
         if self.cross_tokenizer is not None:
             self._check_cross_tokenizer()
+
+    def _check_schedule(self) -> None:
+        """The schedule reweights the terms loss.terms computes: the same names, each >= 0, and none that starts at
+        0 (a term with weight 0 is never computed, so it could not be switched on later)."""
+        end = self.terms_at_end
+        if not isinstance(end, dict) or set(end) != set(self.terms):
+            raise ValueError(
+                f"terms_at_end: expected a weight for each of loss.terms {sorted(self.terms)}, got "
+                f"{sorted(end) if isinstance(end, dict) else end!r}"
+            )
+        for name, weight in end.items():
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, (int, float))
+                or not math.isfinite(weight)
+                or weight < 0
+            ):
+                raise ValueError(f"terms_at_end: {name}: expected a number >= 0, got {weight!r}")
+            if weight > 0 and self.terms[name] <= 0:
+                raise ValueError(f"terms_at_end: {name} has weight 0 in loss.terms, so it is never computed")
+
+    def weights_at(self, step: int, total_steps: int) -> dict[str, float]:
+        """The terms' weights at optimizer step ``step`` (0-based) of ``total_steps``: loss.terms, or with
+        terms_at_end the linear path from loss.terms (first step) to terms_at_end (last step). A function of the
+        step alone, so a resumed run weights every step as the uninterrupted run did."""
+        if self.terms_at_end is None:
+            return dict(self.terms)
+        progress = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
+        return {k: w + (self.terms_at_end[k] - w) * progress for k, w in self.terms.items()}
 
     def _check_cross_tokenizer(self) -> None:
         """One cross-tokenizer divergence: the term names the exact part of `gold` (with `uld` every kind would give

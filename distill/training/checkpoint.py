@@ -326,7 +326,7 @@ def logged_history(metrics_file: Path, step: int) -> list[dict[str, Any]]:
 
 def check_compatible(state: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """A checkpoint's trainer state against the run about to resume from it: the same student config and loss
-    terms, else one ConfigError naming what differs (at most five keys)."""
+    terms and weight schedule, else one ConfigError naming what differs (at most five keys)."""
     for key in ("student_config", "loss_terms"):
         if state[key] != current[key]:
             differing = sorted(
@@ -336,6 +336,12 @@ def check_compatible(state: dict[str, Any], current: dict[str, Any], path: Path)
                 f"{k}: checkpoint {state[key].get(k)!r} vs now {current[key].get(k)!r}" for k in differing[:5]
             )
             raise ConfigError(f"resume: checkpoint {path} has a different {key.replace('_', ' ')} ({details})")
+    schedule = state.get("loss_terms_at_end")  # absent from checkpoints written before the schedule: none
+    if schedule != current.get("loss_terms_at_end"):
+        raise ConfigError(
+            f"resume: checkpoint {path} has a different loss.terms_at_end (checkpoint {schedule!r} vs now "
+            f"{current.get('loss_terms_at_end')!r})"
+        )
 
 
 def load_for_resume(

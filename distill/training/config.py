@@ -180,7 +180,10 @@ class TrainConfig:
 
 def ownership_settings(cfg: TrainConfig) -> dict[str, Any]:
     """What a run in ``output_dir`` must share with its earlier part to resume there (the marker's settings)."""
-    return {"loss.terms": cfg.loss.terms, "model.student": cfg.model.student, "lora.enabled": cfg.lora.enabled}
+    settings = {"loss.terms": cfg.loss.terms, "model.student": cfg.model.student, "lora.enabled": cfg.lora.enabled}
+    if cfg.loss.terms_at_end is not None:  # only when set: runs from before the schedule resume as they did
+        settings["loss.terms_at_end"] = cfg.loss.terms_at_end
+    return settings
 
 
 def _is_training_run(directory: Path) -> bool:

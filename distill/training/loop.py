@@ -174,6 +174,7 @@ class Distiller:
             "world_size": self.accelerator.num_processes,
             "student_config": inner(self.module).student.config.to_diff_dict(),
             "loss_terms": self.cfg.loss.terms,
+            "loss_terms_at_end": self.cfg.loss.terms_at_end,
             "train_file": self.cfg.data.train_file,
         }
 

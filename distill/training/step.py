@@ -95,7 +95,8 @@ def teacher_targets(
 def training_step(run) -> dict[str, float]:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the step's term values (summed
     over ranks: each rank adds its share of the mean)."""
-    acc, cfg, weights = run.accelerator, run.cfg, run.cfg.loss.terms
+    acc, cfg = run.accelerator, run.cfg
+    weights = cfg.loss.weights_at(run.step, run.total_steps)
     micro_batches, sources, sampling = run.next_micro_batches()
     if run.teacher is not None and run.teacher.speculates:  # scored while this step trains
         run.teacher.speculate(upcoming_batches(run))
@@ -139,6 +140,8 @@ def training_step(run) -> dict[str, float]:
         logged["loss"] = logged.get("loss", 0.0) + loss.detach().item() / (
             acc.num_processes * cfg.gradient_accumulation_steps
         )
+    if cfg.loss.terms_at_end is not None:  # the schedule's weights, for the logs and train_terms.png
+        logged.update({f"weight/{k}": w / acc.num_processes for k, w in weights.items()})
     if run.teacher is not None:
         logged.update(run.teacher.figures())
     if run.sampler is not None:  # every rank has the same sources, so the same keys
