@@ -10,8 +10,9 @@ import pytest
 from safetensors.torch import load_file
 
 from distill.losses.objective import LossSettings
-from kd_core.config import ConfigError, from_dict
+from kd_core.config import ConfigError
 from kd_core.ownership import MARKER
+from tests.distill.training.test_resume import config as resume_config
 
 START = {"forward_kl": 0.8, "ce": 0.2}
 END = {"forward_kl": 0.2, "ce": 0.8}
@@ -46,24 +47,8 @@ def test_a_term_cannot_start_at_zero():
 
 
 def config(model_dirs, train_file, out, **overrides):
-    from distill.training.train import TrainConfig
-
-    tree = {
-        "output_dir": str(out),
-        "max_steps": 3,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1e-3,
-        "save_steps": 1,
-        "save_total_limit": None,
-        "eval_steps": None,
-        "logging_steps": 1,
-        "report_to": ["none"],
-        "model": {"teacher": str(model_dirs["teacher"]), "student": str(model_dirs["student"])},
-        "data": {"train_file": str(train_file), "eval_fraction": 0.0},
-        "loss": {"terms": START, "terms_at_end": END},
-    }
-    tree.update(overrides)
-    return from_dict(TrainConfig, tree)
+    """test_resume's three-step run (a checkpoint after each step) with the schedule unless ``loss`` is given."""
+    return resume_config(model_dirs, train_file, out, **{"loss": {"terms": START, "terms_at_end": END}, **overrides})
 
 
 def logged(out) -> list[dict]:
