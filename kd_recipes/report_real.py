@@ -51,29 +51,15 @@ def curves(root: Path, runs: dict[str, dict[str, Any]], tokens_per_step: dict[st
 def curves_plot(points: dict[str, list], path: Path) -> Path:
     """Held-out GSM8K perplexity and KL to the corrected teacher against training tokens seen, every student in
     one PNG (two panels)."""
-    import matplotlib
+    from distill.evaluation.plot import draw_lines
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, rows in points.items():
-        tokens = [r[0] for r in rows]
-        left.plot(tokens, [r[1] for r in rows], marker="o", label=name)
-        kl = [(r[0], r[2]) for r in rows if r[2] is not None]
-        right.plot([t for t, _ in kl], [v for _, v in kl], marker="o", label=name)
-    left.set_ylabel("held-out GSM8K perplexity (gold text)")
-    left.set_yscale("log")
-    right.set_ylabel("held-out GSM8K KL to the corrected teacher (nats/token)")
-    for ax in (left, right):
-        ax.set_xlabel("training tokens seen")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    figure.suptitle("Recovery of the pruned student")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    perplexity = {name: [(r[0], r[1]) for r in rows] for name, rows in points.items()}
+    kl = {name: [(r[0], r[2]) for r in rows if r[2] is not None] for name, rows in points.items()}
+    panels = [
+        ("held-out GSM8K perplexity (gold text)", perplexity),
+        ("held-out GSM8K KL to the corrected teacher (nats/token)", kl),
+    ]
+    return draw_lines(panels, path, "Recovery of the pruned student", "training tokens seen")
 
 
 def _row(name: str, what: str, r: dict[str, Any]) -> str:

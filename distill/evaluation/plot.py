@@ -117,28 +117,41 @@ def plot_curves(
     (``runs``: label -> run directory), against ``x_key`` logged with the same evaluations (e.g. the training tokens
     seen; runs that did not log it are drawn against the step). ``start``: values every run starts from (the common
     checkpoint's figures), drawn at x = 0. A run missing a key is left out of that panel."""
+    series = {label: read_metrics(Path(run) / METRICS_FILE) for label, run in runs.items()}
+    panels = []
+    for key, panel in curves:
+        lines = {}
+        for label, found in series.items():
+            if key not in found:
+                continue
+            x_at = dict(found.get(x_key, []))
+            lines[label] = [(x_at.get(step, step), value) for step, value in found[key]]
+            if start is not None and key in start:
+                lines[label].insert(0, (0, start[key]))
+        panels.append((panel, lines))
+    return draw_lines(panels, path, title, x_key.replace("_", " "))
+
+
+def draw_lines(
+    panels: list[tuple[str, dict[str, list[tuple[float, float]]]]], path: str | Path, title: str, x_label: str
+) -> Path:
+    """One PNG, one panel per ``(panel title, {label: [(x, y), ...]})``, one line per label; a panel whose values
+    span more than a factor of 10 is drawn on a log scale. The one drawing routine of every comparison plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {label: read_metrics(Path(run) / METRICS_FILE) for label, run in runs.items()}
-    figure, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.6), squeeze=False)
-    for ax, (key, panel) in zip(axes.flat, curves):
-        drawn = []
-        for label, found in series.items():
-            if key not in found:
-                continue
-            x_at = dict(found.get(x_key, []))
-            points = [(x_at.get(step, step), value) for step, value in found[key]]
-            if start is not None and key in start:
-                points.insert(0, (0, start[key]))
-            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
-            drawn += [value for _, value in points]
-        if wide_range(drawn):
+    labels = list(dict.fromkeys(label for _, lines in panels for label in lines))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, (panel, lines) in zip(axes.flat, panels):
+        for label, points in lines.items():
+            if points:  # one colour per label in every panel, whichever labels a panel lacks
+                ax.plot(*zip(*points), marker="o", markersize=3, label=label, color=f"C{labels.index(label) % 10}")
+        if wide_range([y for points in lines.values() for _, y in points]):
             ax.set_yscale("log")  # an untrained start (perplexity 189) would flatten every trained point
         ax.set_title(panel, fontsize=10)
-        ax.set_xlabel(x_key.replace("_", " "))
+        ax.set_xlabel(x_label)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     figure.suptitle(title)

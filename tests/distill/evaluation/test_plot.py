@@ -91,3 +91,26 @@ def test_bad_input_exits_2(tmp_path, capsys):
     assert cli(["plot", str(tmp_path)]) == 2
     assert "metrics.jsonl:2 is not valid JSON" in capsys.readouterr().err
     assert cli(["plot"]) == 2
+
+
+def test_comparison_lines_keep_their_colour_in_every_panel(tmp_path, monkeypatch):
+    """A run missing from one panel (the on-policy run logs no perplexity here) must not shift the others' colours."""
+    from matplotlib.axes import Axes
+
+    drawn, original = [], Axes.plot
+
+    def spy(self, *args, **kwargs):
+        drawn.append((self.get_title() or len(drawn), kwargs["label"], kwargs["color"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    panels = [
+        ("perplexity", {"on_policy": [], "gold": [(0, 189.0), (10, 4.0)], "kd": [(0, 189.0), (10, 3.5)]}),
+        ("KL", {"on_policy": [(10, 0.9)], "gold": [(0, 3.9), (10, 1.4)], "kd": [(0, 3.9), (10, 1.0)]}),
+    ]
+    png = plot.draw_lines(panels, tmp_path / "lines.png", "comparison", "tokens seen")
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    colours = {}
+    for _, label, colour in drawn:
+        assert colours.setdefault(label, colour) == colour, (label, drawn)
+    assert len(set(colours.values())) == 3 and len(drawn) == 5  # an empty line is not drawn
