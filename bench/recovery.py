@@ -36,7 +36,8 @@ general prompts included) and scored by the corrected teacher: forward KL on the
 
 Every run also evaluates both sets against the original teacher every ``--eval_steps`` steps
 (``bench/recovery_parts.py``); ``curves_seed<S>.png`` draws KL and gold perplexity (and the general KL) of every
-variant against the training tokens seen, starting from the pruned model. The pruned model, the teacher (a Hugging
+variant finished under ``--root`` for that seed (this invocation's and earlier ones') against the training tokens
+seen, starting from the pruned model. The pruned model, the teacher (a Hugging
 Face copy of the GGUF file, made once), the corrected teacher, the general set and the top-k store are built under
 ``--root`` and reused by later runs. The machine is 2 shared CPU cores here: times are noisy; the ratios within one
 run are what to read.
@@ -242,6 +243,17 @@ def eval_command(model: Path, data: Path, out: Path, extra: list[str]) -> None:
     )
 
 
+def finished_runs(root: Path, steps: int, seed: int, tag: str) -> dict[str, Path]:
+    """Every variant's finished run (its cost file written) of this length, seed and tag under ``root``, whichever
+    invocation trained it, in VARIANTS order: the curves compare a new variant with those run before it."""
+    runs = {}
+    for variant in VARIANTS:
+        name = f"{variant}_{steps}_seed{seed}{tag}"
+        if (root / "runs" / f"{name}.cost.json").is_file() and (root / "runs" / name).is_dir():
+            runs[variant] = root / "runs" / name
+    return runs
+
+
 def train(variant: str, name: str, seed: int, paths: dict[str, Path], root: Path, args) -> dict:
     """One variant's run for one seed (a fresh worker process), made once; its cost figures."""
     run_dir = root / "runs" / name
@@ -386,8 +398,9 @@ def main() -> None:
             from distill.evaluation.plot import plot_curves
 
             png = root / f"curves_{args.steps}_seed{seed}{args.tag}.png"
+            drawn = finished_runs(root, args.steps, seed, args.tag)  # this invocation's and earlier ones'
             plot_curves(
-                runs, CURVES, png, f"Recovery of the pruned SmolLM2-135M, seed {seed}", start=pruned_start(pruned)
+                drawn, CURVES, png, f"Recovery of the pruned SmolLM2-135M, seed {seed}", start=pruned_start(pruned)
             )
             print(f"wrote {png}", flush=True)
     print_targets(rows)

@@ -105,3 +105,22 @@ def test_teacher_text_rows_carry_the_teachers_greedy_answers(model_dirs, tmp_pat
     # fields stay, so the row's CE weight still reaches data.ce_weight_field.
     assert [r["completion"] for r in rewritten] == [a or r["completion"] for a, r in zip(answers, rows)]
     assert any(answers) and rewritten[0]["ce_weight"] == 0.0 and [r["prompt"] for r in rewritten] == ["1+2=", "3+4="]
+
+
+def test_curves_draw_every_finished_run_of_the_seed_whichever_invocation_trained_it(tmp_path):
+    import recovery
+
+    runs = tmp_path / "runs"
+    for name, finished in [
+        ("sched_seqkd_corrected_300_seed42_general300", True),  # this invocation
+        ("ce_300_seed42_general300", True),  # an earlier one
+        ("seqkd_taskce05_corrected_300_seed42_general300", False),  # killed: no cost file
+        ("ce_300_seed1_general300", True),  # another seed
+        ("ce_300_seed42", True),  # another tag
+    ]:
+        (runs / name).mkdir(parents=True)
+        if finished:
+            (runs / f"{name}.cost.json").write_text("{}")
+    found = recovery.finished_runs(tmp_path, 300, 42, "_general300")
+    assert list(found) == ["ce", "sched_seqkd_corrected"]  # in VARIANTS order
+    assert found["ce"] == runs / "ce_300_seed42_general300"
