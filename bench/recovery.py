@@ -37,9 +37,9 @@ general prompts included) and scored by the corrected teacher: forward KL on the
 Every run also evaluates both sets against the original teacher every ``--eval_steps`` steps
 (``bench/recovery_parts.py``); ``curves_seed<S>.png`` draws KL and gold perplexity (and the general KL) of every
 variant finished under ``--root`` for that seed (this invocation's and earlier ones') against the training tokens
-seen, starting from the pruned model. The pruned model, the teacher (a Hugging
-Face copy of the GGUF file, made once), the corrected teacher, the general set and the top-k store are built under
-``--root`` and reused by later runs. The machine is 2 shared CPU cores here: times are noisy; the ratios within one
+seen, starting from the pruned model. The pruned model, the teacher (a Hugging Face copy of the GGUF file, made
+once), the corrected teacher, the general set and the top-k store are built under ``--root`` and reused by later
+runs. The machine is 2 shared CPU cores here: times are noisy; the ratios within one
 run are what to read.
 
 Across tokenizers (``gold_gemma3``, ``uld_gemma3``): the same recipe with Gemma-3-270M base as the teacher
@@ -243,12 +243,17 @@ def eval_command(model: Path, data: Path, out: Path, extra: list[str]) -> None:
     )
 
 
+def run_name(variant: str, steps: int, seed: int, tag: str) -> str:
+    """The directory name under ``root/runs`` of one variant's run."""
+    return f"{variant}_{steps}_seed{seed}{tag}"
+
+
 def finished_runs(root: Path, steps: int, seed: int, tag: str) -> dict[str, Path]:
     """Every variant's finished run (its cost file written) of this length, seed and tag under ``root``, whichever
     invocation trained it, in VARIANTS order: the curves compare a new variant with those run before it."""
     runs = {}
     for variant in VARIANTS:
-        name = f"{variant}_{steps}_seed{seed}{tag}"
+        name = run_name(variant, steps, seed, tag)
         if (root / "runs" / f"{name}.cost.json").is_file() and (root / "runs" / name).is_dir():
             runs[variant] = root / "runs" / name
     return runs
@@ -368,7 +373,7 @@ def main() -> None:
     if args.train_only:  # runs side by side in several processes; a later run without the flag evaluates them
         for seed in seeds:
             for variant in (v for v in variants if v != "none"):
-                train(variant, f"{variant}_{args.steps}_seed{seed}{args.tag}", seed, paths, root, args)
+                train(variant, run_name(variant, args.steps, seed, args.tag), seed, paths, root, args)
         return
     from transformers import AutoTokenizer
 
@@ -384,23 +389,22 @@ def main() -> None:
         figures = evaluate(corrected, paths, root / f"{corrected.parent.name}.eval.json", args)
         agree = greedy_agreement(figures["samples"], teacher_figures["samples"], tokenizer)
         rows.append(("teacher, corrected", figures, {}, agree))
+    trained = [v for v in variants if v != "none"]
     for seed in seeds:
-        runs = {}
-        for variant in (v for v in variants if v != "none"):
-            name = f"{variant}_{args.steps}_seed{seed}{args.tag}"
+        for variant in trained:
+            name = run_name(variant, args.steps, seed, args.tag)
             cost = train(variant, name, seed, paths, root, args)
             figures = evaluate(root / "runs" / name / "final", paths, root / "runs" / f"{name}.eval.json", args)
             agree = greedy_agreement(figures["samples"], teacher_figures["samples"], tokenizer)
             rows.append((name, figures, cost, agree))
-            runs[variant] = root / "runs" / name
             print_table(rows)
-        if runs:
+        if trained:
             from distill.evaluation.plot import plot_curves
 
             png = root / f"curves_{args.steps}_seed{seed}{args.tag}.png"
-            drawn = finished_runs(root, args.steps, seed, args.tag)  # this invocation's and earlier ones'
+            runs = finished_runs(root, args.steps, seed, args.tag)  # this invocation's and earlier ones'
             plot_curves(
-                drawn, CURVES, png, f"Recovery of the pruned SmolLM2-135M, seed {seed}", start=pruned_start(pruned)
+                runs, CURVES, png, f"Recovery of the pruned SmolLM2-135M, seed {seed}", start=pruned_start(pruned)
             )
             print(f"wrote {png}", flush=True)
     print_targets(rows)

@@ -100,7 +100,7 @@ def test_comparison_lines_keep_their_colour_in_every_panel(tmp_path, monkeypatch
     drawn, original = [], Axes.plot
 
     def spy(self, *args, **kwargs):
-        drawn.append((self.get_title() or len(drawn), kwargs["label"], kwargs["color"]))
+        drawn.append((kwargs["label"], kwargs["color"]))
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Axes, "plot", spy)
@@ -111,6 +111,6 @@ def test_comparison_lines_keep_their_colour_in_every_panel(tmp_path, monkeypatch
     png = plot.draw_lines(panels, tmp_path / "lines.png", "comparison", "tokens seen")
     assert png.read_bytes().startswith(PNG_MAGIC)
     colours = {}
-    for _, label, colour in drawn:
+    for label, colour in drawn:
         assert colours.setdefault(label, colour) == colour, (label, drawn)
     assert len(set(colours.values())) == 3 and len(drawn) == 5  # an empty line is not drawn
